@@ -1,0 +1,3 @@
+from email_service.cli import main
+
+raise SystemExit(main())

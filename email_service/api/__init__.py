@@ -1,0 +1,1 @@
+"""The HTTP side: Connexion app factory, authentication, errors, limits."""

@@ -1,0 +1,86 @@
+"""The Connexion application: spec-first routing, validation, auth, limits and error shape."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from connexion import FlaskApp
+from connexion.datastructures import MediaTypeDict
+from connexion.middleware import MiddlewarePosition
+from connexion.options import SwaggerUIOptions
+from connexion.validators import VALIDATOR_MAP
+
+from email_service.api import errors
+from email_service.api.auth import RUNTIME_SCOPE_KEY, TokenVerifier
+from email_service.api.body_limit import BodyLimitMiddleware
+from email_service.api.rate_limit import RateLimitMiddleware, UserRateLimiter, rules_from_spec
+from email_service.api.resolver import TagResolver, handler_path
+from email_service.api.scope import ScopeValuesMiddleware
+from email_service.api.validation import SafeJSONRequestBodyValidator
+from email_service.runtime import Runtime
+
+SPEC_PATH = Path(__file__).resolve().parent.parent / "spec" / "openapi.yaml"
+RUNTIME_KEY = "email_service"
+HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
+
+
+@cache
+def load_spec() -> dict[str, Any]:
+    with SPEC_PATH.open(encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _allowed_methods_finder(spec: dict[str, Any]) -> Any:
+    routes = []
+    for path, item in spec["paths"].items():
+        pattern = re.compile("^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)) + "$")
+        routes.append((pattern, sorted(m.upper() for m in HTTP_METHODS if m in item)))
+
+    def allowed(path: str) -> list[str]:
+        for pattern, methods in routes:
+            if pattern.match(path):
+                return methods
+        return []
+
+    return allowed
+
+
+def create_app(runtime: Runtime) -> FlaskApp:
+    settings = runtime.settings
+    spec = load_spec()
+    app = FlaskApp(
+        __name__,
+        specification_dir=str(SPEC_PATH.parent),
+        validator_map={
+            "body": MediaTypeDict({**VALIDATOR_MAP["body"], "*/*json": SafeJSONRequestBodyValidator}),
+        },
+        swagger_ui_options=SwaggerUIOptions(swagger_ui_path="/docs"),
+    )
+    # Service errors raised in handlers must reach Connexion's error handlers, not Flask's 500 page.
+    app.app.config["PROPAGATE_EXCEPTIONS"] = True
+    app.app.extensions[RUNTIME_KEY] = runtime
+    app.add_api(
+        spec,
+        resolver=TagResolver(),
+        pythonic_params=True,
+        strict_validation=True,
+        validate_responses=settings.validate_responses,
+    )
+    limiter = None
+    if settings.rate_limits_enabled:
+        limiter = UserRateLimiter(rules_from_spec(spec, handler_path), settings.redis_url)
+    app.add_middleware(
+        ScopeValuesMiddleware,
+        position=MiddlewarePosition.BEFORE_EXCEPTION,
+        values={RUNTIME_SCOPE_KEY: TokenVerifier.from_settings(settings)},
+    )
+    app.add_middleware(
+        BodyLimitMiddleware, position=MiddlewarePosition.BEFORE_ROUTING, max_bytes=settings.max_body_bytes
+    )
+    app.add_middleware(RateLimitMiddleware, position=MiddlewarePosition.BEFORE_VALIDATION, limiter=limiter)
+    errors.install(app, _allowed_methods_finder(spec))
+    return app

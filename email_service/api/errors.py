@@ -1,0 +1,113 @@
+"""Every error the API returns is the seed's ``ErrorResponse``, never problem+json or a trace."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from connexion.exceptions import ProblemException
+from connexion.lifecycle import ConnexionRequest, ConnexionResponse
+from starlette.exceptions import HTTPException
+
+from email_service.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+TITLES = {
+    400: ("Bad request", "VALIDATION_ERROR"),
+    401: ("Unauthorized", "UNAUTHORIZED"),
+    403: ("Forbidden", "FORBIDDEN"),
+    404: ("Not found", "NOT_FOUND"),
+    405: ("Method not allowed", "METHOD_NOT_ALLOWED"),
+    406: ("Not acceptable", "NOT_ACCEPTABLE"),
+    409: ("Conflict", "CONFLICT"),
+    413: ("Payload too large", "PAYLOAD_TOO_LARGE"),
+    415: ("Unsupported media type", "UNSUPPORTED_MEDIA_TYPE"),
+    429: ("Rate limit exceeded", "RATE_LIMITED"),
+    500: ("Internal server error", "INTERNAL_ERROR"),
+    501: ("Not implemented", "NOT_IMPLEMENTED"),
+    503: ("Service unavailable", "DEPENDENCY_UNAVAILABLE"),
+}
+RATE_LIMIT_HEADERS_KEY = "email_service.rate_limit_headers"
+UNAUTHORIZED_MESSAGE = "Missing or invalid authentication credentials"
+
+
+class RateLimitExceeded(Exception):
+    def __init__(self, message: str, headers: Mapping[str, str]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers)
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    error: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> ConnexionResponse:
+    title, default_code = TITLES.get(status, ("Error", "ERROR"))
+    body = {
+        "error": error or title,
+        "message": message,
+        "code": code or default_code,
+        "timestamp": int(time.time() * 1000),
+    }
+    return ConnexionResponse(
+        status_code=status,
+        body=json.dumps(body),
+        content_type="application/json",
+        headers=dict(headers or {}),
+    )
+
+
+def _rate_headers(request: ConnexionRequest) -> dict[str, str]:
+    return dict(request.scope.get("extensions", {}).get(RATE_LIMIT_HEADERS_KEY, {}))
+
+
+def install(app: object, allowed_methods: Callable[[str], list[str]]) -> None:
+    """Register the handlers on a Connexion app; ``allowed_methods(path)`` feeds the 405 Allow header."""
+
+    def service_error(request: ConnexionRequest, exc: ServiceError) -> ConnexionResponse:
+        return error_response(exc.status, exc.message, error=exc.error, code=exc.code, headers=_rate_headers(request))
+
+    def rate_limited(request: ConnexionRequest, exc: RateLimitExceeded) -> ConnexionResponse:
+        return error_response(429, exc.message, headers=exc.headers)
+
+    def problem(request: ConnexionRequest, exc: ProblemException) -> ConnexionResponse:
+        return _from_status(request, exc.status, exc.detail, dict(exc.headers or {}))
+
+    def http_error(request: ConnexionRequest, exc: HTTPException) -> ConnexionResponse:
+        return _from_status(request, exc.status_code, exc.detail, dict(exc.headers or {}))
+
+    def _from_status(request: ConnexionRequest, status: int, detail: object, headers: dict) -> ConnexionResponse:
+        headers.update(_rate_headers(request))
+        if status == 401:
+            message = UNAUTHORIZED_MESSAGE
+        elif status == 404:
+            message = f"No resource at {request.url.path}"
+        elif status == 405:
+            methods = allowed_methods(request.url.path)
+            headers["Allow"] = ", ".join(methods)
+            message = f"{request.method} is not allowed here; allowed: {', '.join(methods)}"
+        elif status >= 500:
+            message = "The service could not complete the request"
+        else:
+            message = str(detail) if detail else TITLES.get(status, ("Error",))[0]
+        return error_response(status, message, headers=headers)
+
+    def unexpected(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+        if isinstance(exc, UnicodeDecodeError):
+            return error_response(400, "Request body is not valid UTF-8", headers=_rate_headers(request))
+        # The trace goes to the log only; it must not reach the client.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "The service could not complete the request")
+
+    app.add_error_handler(ServiceError, service_error)
+    app.add_error_handler(RateLimitExceeded, rate_limited)
+    app.add_error_handler(ProblemException, problem)
+    app.add_error_handler(HTTPException, http_error)
+    app.add_error_handler(Exception, unexpected)

@@ -1,0 +1,188 @@
+"""The ``email-service`` command: serve, worker, migrate, token, rotate-keys, keygen."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+
+from cryptography.fernet import Fernet
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from email_service import __version__, embedded, migrate
+from email_service.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("email_service")
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message is one line for the operator."""
+
+
+def _where(database_url: str) -> str:
+    url = make_url(database_url)
+    return f"{url.host or url.query.get('host', 'local socket')}:{url.port or 5432}/{url.database}"
+
+
+def _migrate(settings: Settings) -> None:
+    try:
+        migrate.upgrade(settings.database_url, settings.db_app_role)
+    except OperationalError as exc:
+        first_line = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise StartupError(f"cannot reach PostgreSQL at {_where(settings.database_url)}: {first_line}") from None
+
+
+def _worker_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=settings.database_url or "",
+        REDIS_URL=settings.redis_url or "",
+        JWT_SECRET=settings.jwt_secret,
+        CREDENTIAL_KEYS=",".join(settings.credential_keys),
+        EMAIL_SERVICE_DATA_DIR=str(settings.data_dir),
+    )
+    return env
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from email_service.api.app import create_app
+    from email_service.runtime import Runtime
+
+    embedded_default = settings.embedded_postgres or settings.embedded_redis
+    with embedded.services(settings) as resolved:
+        if embedded_default or args.migrate:
+            _migrate(resolved)
+        worker = None
+        if embedded_default and args.embedded_worker:
+            # The embedded default is one command: the API and one worker beside it.
+            worker = subprocess.Popen([sys.executable, "-m", "email_service", "worker"], env=_worker_env(resolved))
+        runtime = Runtime.build(resolved)
+        try:
+            uvicorn.run(
+                create_app(runtime),
+                host=args.host,
+                port=args.port,
+                lifespan="on",
+                log_level=resolved.log_level.lower(),
+                proxy_headers=True,
+            )
+        finally:
+            if worker is not None:
+                worker.terminate()
+                try:
+                    worker.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+            runtime.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from email_service.queue.worker import run_worker
+
+    with embedded.services(settings) as resolved:
+        run_worker(resolved, burst=args.burst)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    with embedded.services(settings) as resolved:
+        _migrate(resolved)
+    print("migrations applied")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    from email_service.api.auth import TokenVerifier
+
+    try:
+        tenant_id, user_id = uuid.UUID(args.tenant_id), uuid.UUID(args.user_id)
+    except ValueError:
+        raise StartupError("--tenant-id and --user-id must be UUIDs") from None
+    if args.ttl < 1:
+        raise StartupError("--ttl must be at least 1 second")
+    print(TokenVerifier.from_settings(settings).issue(tenant_id, user_id, args.ttl, time.time()))
+    return 0
+
+
+def cmd_rotate_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from email_service.runtime import Runtime
+    from email_service.services.accounts import rotate_credentials
+
+    with embedded.services(settings) as resolved:
+        runtime = Runtime.build(resolved)
+        try:
+            changed = rotate_credentials(runtime.db, runtime.cipher)
+        finally:
+            runtime.close()
+    print(f"re-encrypted {changed} credentials under the newest key")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace, settings: Settings | None) -> int:
+    print(Fernet.generate_key().decode())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="email-service",
+        description="Multi-tenant REST service for email accounts (IMAP, POP3, SMTP). "
+        "Configuration comes from the environment; see the README.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the API (and, on the embedded default, a worker)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=5000)
+    serve.add_argument("--migrate", action="store_true", help="apply migrations first (always on the embedded default)")
+    serve.add_argument(
+        "--no-embedded-worker",
+        dest="embedded_worker",
+        action="store_false",
+        help="on the embedded default, do not start a worker beside the API",
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    worker = commands.add_parser("worker", help="run an RQ worker for the service's queues")
+    worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    worker.set_defaults(handler=cmd_worker)
+
+    commands.add_parser("migrate", help="apply database migrations").set_defaults(handler=cmd_migrate)
+
+    token = commands.add_parser("token", help="print a signed JWT for local use")
+    token.add_argument("--tenant-id", required=True)
+    token.add_argument("--user-id", required=True)
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
+    token.set_defaults(handler=cmd_token)
+
+    commands.add_parser(
+        "rotate-keys", help="re-encrypt every stored credential under the newest CREDENTIAL_KEYS key"
+    ).set_defaults(handler=cmd_rotate_keys)
+    commands.add_parser("keygen", help="print a new key for CREDENTIAL_KEYS").set_defaults(
+        handler=cmd_keygen, needs_settings=False
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings() if getattr(args, "needs_settings", True) else None
+        if settings is not None:
+            logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return args.handler(args, settings)
+    except (ConfigError, StartupError) as exc:
+        print(f"email-service: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

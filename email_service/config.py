@@ -1,0 +1,182 @@
+"""Settings read from the environment, validated once at start-up.
+
+A missing or malformed setting raises ``ConfigError`` with one line that names the variable;
+the command line prints that line and exits instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from cryptography.fernet import Fernet
+
+MIN_JWT_SECRET_BYTES = 32
+_ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message is one line meant for the operator."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str | None
+    redis_url: str | None
+    jwt_secret: str
+    jwt_issuer: str | None
+    jwt_audience: str | None
+    credential_keys: tuple[str, ...]
+    db_app_role: str = "email_service_app"
+    minio_endpoint: str | None = None
+    minio_access_key: str | None = None
+    minio_secret_key: str | None = None
+    minio_bucket: str = "email-service"
+    minio_secure: bool = True
+    max_body_bytes: int = 1024 * 1024
+    rate_limits_enabled: bool = True
+    validate_responses: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def embedded_postgres(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def embedded_redis(self) -> bool:
+        return self.redis_url is None
+
+    def with_urls(self, database_url: str, redis_url: str) -> Settings:
+        return replace(self, database_url=database_url, redis_url=redis_url)
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, not {raw!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    scheme = raw.split("://", 1)[0] if "://" in raw else ""
+    if scheme not in schemes:
+        raise ConfigError(f"{name} must be a URL starting with one of {', '.join(s + '://' for s in schemes)}")
+    return raw
+
+
+def parse_credential_keys(raw: str, name: str = "CREDENTIAL_KEYS") -> tuple[str, ...]:
+    """Comma-separated Fernet keys, newest first: the first encrypts, all decrypt."""
+    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    if not keys:
+        raise ConfigError(f"{name} must hold at least one key")
+    for position, key in enumerate(keys, start=1):
+        try:
+            Fernet(key.encode())
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"{name}: key {position} is not a Fernet key (32 url-safe base64 bytes; "
+                "make one with `email-service keygen`)"
+            ) from None
+    return keys
+
+
+def _local_secrets(data_dir: Path) -> dict[str, str]:
+    """Secrets for the embedded default, made once and kept in the data directory (mode 0600)."""
+    path = data_dir / "secrets.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise ConfigError(f"{path} is unreadable; remove it to make new local secrets") from None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    made = {"JWT_SECRET": secrets.token_urlsafe(48), "CREDENTIAL_KEYS": Fernet.generate_key().decode()}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(made, handle)
+    return made
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    data_dir = Path(env.get("EMAIL_SERVICE_DATA_DIR") or "./var").resolve()
+    database_url = _url(env, "DATABASE_URL", ("postgresql", "postgresql+psycopg", "postgres"))
+    redis_url = _url(env, "REDIS_URL", ("redis", "rediss", "unix"))
+
+    jwt_secret = env.get("JWT_SECRET", "")
+    credential_raw = env.get("CREDENTIAL_KEYS", "")
+    if database_url is None and (not jwt_secret or not credential_raw):
+        # The embedded default must run with no configuration at all, so it keeps its own secrets.
+        local = _local_secrets(data_dir)
+        jwt_secret = jwt_secret or local["JWT_SECRET"]
+        credential_raw = credential_raw or local["CREDENTIAL_KEYS"]
+    if not jwt_secret:
+        raise ConfigError("JWT_SECRET is required when DATABASE_URL is set")
+    if len(jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+        raise ConfigError(f"JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long")
+    if not credential_raw:
+        raise ConfigError("CREDENTIAL_KEYS is required when DATABASE_URL is set")
+
+    role = env.get("DATABASE_APP_ROLE", "email_service_app")
+    if not _ROLE_NAME.match(role):
+        raise ConfigError("DATABASE_APP_ROLE must be a lower-case SQL identifier")
+    log_level = env.get("EMAIL_SERVICE_LOG_LEVEL", "INFO").upper()
+    if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError("EMAIL_SERVICE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+
+    minio_endpoint = env.get("MINIO_ENDPOINT") or None
+    minio_access = env.get("MINIO_ACCESS_KEY") or None
+    minio_secret = env.get("MINIO_SECRET_KEY") or None
+    if minio_endpoint and not (minio_access and minio_secret):
+        raise ConfigError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
+    if minio_endpoint and "://" in minio_endpoint:
+        raise ConfigError("MINIO_ENDPOINT is host:port without a scheme (set MINIO_SECURE for TLS)")
+    bucket = env.get("MINIO_BUCKET") or "email-service"
+    if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket):
+        raise ConfigError("MINIO_BUCKET must be 3-63 characters of a-z, 0-9, '.' and '-'")
+
+    return Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        redis_url=redis_url,
+        jwt_secret=jwt_secret,
+        jwt_issuer=env.get("JWT_ISSUER") or None,
+        jwt_audience=env.get("JWT_AUDIENCE") or None,
+        credential_keys=parse_credential_keys(credential_raw),
+        db_app_role=role,
+        minio_endpoint=minio_endpoint,
+        minio_access_key=minio_access,
+        minio_secret_key=minio_secret,
+        minio_bucket=bucket,
+        minio_secure=_bool(env, "MINIO_SECURE", True),
+        max_body_bytes=_int(env, "EMAIL_SERVICE_MAX_BODY_BYTES", 1024 * 1024),
+        rate_limits_enabled=_bool(env, "EMAIL_SERVICE_RATE_LIMITS", True),
+        validate_responses=_bool(env, "EMAIL_SERVICE_VALIDATE_RESPONSES", False),
+        log_level=log_level,
+    )

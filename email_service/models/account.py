@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import Boolean, DateTime, Integer, LargeBinary, Text, Uuid, func
+from sqlalchemy.orm import Mapped, mapped_column
+
+from email_service.models.base import Base
+
+
+class Account(Base):
+    """A user's mail account. Passwords are Fernet tokens, never plaintext."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    account_name: Mapped[str] = mapped_column(Text, nullable=False)
+    email_address: Mapped[str] = mapped_column(Text, nullable=False)
+    protocol: Mapped[str] = mapped_column(Text, nullable=False)
+    hostname: Mapped[str] = mapped_column(Text, nullable=False)
+    port: Mapped[int] = mapped_column(Integer, nullable=False)
+    encryption: Mapped[str] = mapped_column(Text, nullable=False)
+    username: Mapped[str] = mapped_column(Text, nullable=False)
+    password_encrypted: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    smtp_hostname: Mapped[str | None] = mapped_column(Text)
+    smtp_port: Mapped[int | None] = mapped_column(Integer)
+    smtp_encryption: Mapped[str | None] = mapped_column(Text)
+    smtp_username: Mapped[str | None] = mapped_column(Text)
+    smtp_password_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    is_sync_enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    sync_interval: Mapped[int] = mapped_column(Integer, nullable=False, default=300)
+    last_sync_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    is_syncing: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    is_enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,35 @@
+"""The long-lived collaborators of one API process: database, cipher, Redis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis import Redis
+
+from email_service.config import Settings
+from email_service.crypto import CredentialCipher
+from email_service.db import Database
+from email_service.queue.connection import redis_from_url
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    cipher: CredentialCipher
+    redis: Redis
+
+    @classmethod
+    def build(cls, settings: Settings) -> Runtime:
+        if settings.database_url is None or settings.redis_url is None:
+            raise ValueError("Runtime.build needs resolved DATABASE_URL and REDIS_URL")
+        return cls(
+            settings=settings,
+            db=Database(settings.database_url, settings.db_app_role),
+            cipher=CredentialCipher(settings.credential_keys),
+            redis=redis_from_url(settings.redis_url, timeout=2.0),
+        )
+
+    def close(self) -> None:
+        self.db.dispose()
+        self.redis.close()

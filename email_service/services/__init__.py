@@ -1,0 +1,1 @@
+"""Service functions: what a request does, between the HTTP handlers and the models."""

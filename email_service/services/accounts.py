@@ -1,0 +1,160 @@
+"""Account management: validation beyond the schema, encryption of credentials, tenancy."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cuid2 import Cuid
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from email_service.crypto import CredentialCipher
+from email_service.db import Database
+from email_service.errors import BadRequestError, ConflictError, NotFoundError
+from email_service.models import Account
+from email_service.tenancy import Principal
+
+_new_id = Cuid().generate
+UNIQUE_EMAIL_INDEX = "accounts_tenant_email_live"
+IMMUTABLE_FIELDS = {"emailAddress": "email_address", "protocol": "protocol"}
+# API field -> column, for fields a client may set directly.
+PLAIN_FIELDS = {
+    "accountName": "account_name",
+    "hostname": "hostname",
+    "port": "port",
+    "encryption": "encryption",
+    "username": "username",
+    "isSyncEnabled": "is_sync_enabled",
+    "syncInterval": "sync_interval",
+    "isEnabled": "is_enabled",
+    "smtpHostname": "smtp_hostname",
+    "smtpPort": "smtp_port",
+    "smtpEncryption": "smtp_encryption",
+    "smtpUsername": "smtp_username",
+}
+SECRET_FIELDS = {"password": "password_encrypted", "smtpPassword": "smtp_password_encrypted"}
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Account]
+    total: int
+
+
+def normalize_email(address: str) -> str:
+    try:
+        return validate_email(address, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        message = f"emailAddress is not a valid email address: {exc}"
+        raise BadRequestError(message, code="INVALID_EMAIL_FORMAT") from None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _apply(account: Account, body: Mapping[str, Any], cipher: CredentialCipher) -> None:
+    for field, column in PLAIN_FIELDS.items():
+        if field in body:
+            setattr(account, column, body[field])
+    for field, column in SECRET_FIELDS.items():
+        if field in body:
+            setattr(account, column, cipher.encrypt(body[field]))
+
+
+def create_account(db: Database, cipher: CredentialCipher, principal: Principal, body: Mapping[str, Any]) -> Account:
+    account = Account(
+        id=_new_id(),
+        tenant_id=principal.tenant_id,
+        user_id=principal.user_id,
+        email_address=normalize_email(body["emailAddress"]),
+        protocol=body.get("protocol", "imap"),
+        is_sync_enabled=body.get("isSyncEnabled", True),
+        sync_interval=body.get("syncInterval", 300),
+        is_enabled=True,
+        is_syncing=False,
+        created_at=_now(),
+    )
+    account.updated_at = account.created_at
+    _apply(account, body, cipher)
+    try:
+        with db.tenant_session(principal) as session:
+            session.add(account)
+    except IntegrityError as exc:
+        if UNIQUE_EMAIL_INDEX in str(exc.orig):
+            raise ConflictError("Email address already registered", code="EMAIL_DUPLICATE") from None
+        raise
+    return account
+
+
+def _owned(session: Any, account_id: str) -> Account:
+    # RLS already limits rows to the principal; the WHERE clause only adds the id and liveness.
+    account = session.scalars(
+        select(Account).where(Account.id == account_id, Account.deleted_at.is_(None)).with_for_update()
+    ).one_or_none()
+    if account is None:
+        raise NotFoundError(f"Account with ID '{account_id}' does not exist", code="ACCOUNT_NOT_FOUND")
+    return account
+
+
+def list_accounts(db: Database, principal: Principal, limit: int, offset: int) -> Page:
+    with db.tenant_session(principal) as session:
+        live = Account.deleted_at.is_(None)
+        total = session.scalar(select(func.count()).select_from(Account).where(live)) or 0
+        items = list(
+            session.scalars(
+                select(Account).where(live).order_by(Account.created_at, Account.id).limit(limit).offset(offset)
+            )
+        )
+    return Page(items=items, total=total)
+
+
+def get_account(db: Database, principal: Principal, account_id: str) -> Account:
+    with db.tenant_session(principal) as session:
+        return _owned(session, account_id)
+
+
+def update_account(
+    db: Database, cipher: CredentialCipher, principal: Principal, account_id: str, body: Mapping[str, Any]
+) -> Account:
+    with db.tenant_session(principal) as session:
+        account = _owned(session, account_id)
+        for field, column in IMMUTABLE_FIELDS.items():
+            if field not in body:
+                continue
+            current = getattr(account, column)
+            given = body[field]
+            same = isinstance(given, str) and (
+                given.casefold() == current.casefold() if field == "emailAddress" else given == current
+            )
+            if not same:
+                message = f"{field} cannot be changed; create a new account instead"
+                raise BadRequestError(message, code="IMMUTABLE_FIELD")
+        _apply(account, body, cipher)
+        account.updated_at = _now()
+        return account
+
+
+def delete_account(db: Database, principal: Principal, account_id: str) -> None:
+    with db.tenant_session(principal) as session:
+        account = _owned(session, account_id)
+        account.deleted_at = _now()
+        account.updated_at = account.deleted_at
+        account.is_sync_enabled = False
+
+
+def rotate_credentials(db: Database, cipher: CredentialCipher, batch_size: int = 500) -> int:
+    """Re-encrypt every stored credential under the newest key; returns how many changed."""
+    changed = 0
+    with db.maintenance_session() as session:
+        for account in session.scalars(select(Account).execution_options(yield_per=batch_size)):
+            for column in SECRET_FIELDS.values():
+                token = getattr(account, column)
+                if token is not None and cipher.needs_rotation(token):
+                    setattr(account, column, cipher.rotate(token))
+                    changed += 1
+    return changed
