@@ -1,0 +1,149 @@
+"""Helpers shared by the tests: users with tokens, request bodies, error-shape checks, child services."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from cryptography.fernet import Fernet
+
+from email_service.api.auth import TokenVerifier
+from email_service.config import Settings
+from email_service.db import sqlalchemy_url
+from email_service.tenancy import Principal
+
+JWT_SECRET = "test-secret-" + "x" * 40
+CREDENTIAL_KEY = Fernet.generate_key().decode()
+
+
+def base_settings(data_dir: Path, **overrides: object) -> Settings:
+    values: dict = dict(
+        data_dir=data_dir,
+        database_url=None,
+        redis_url=None,
+        jwt_secret=JWT_SECRET,
+        jwt_issuer=None,
+        jwt_audience=None,
+        credential_keys=(CREDENTIAL_KEY,),
+        validate_responses=True,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+def libpq_url(url: str) -> str:
+    return sqlalchemy_url(url).replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+class User:
+    """A tenant's user with a valid token; ``headers`` authenticate as them."""
+
+    def __init__(self, verifier: TokenVerifier, tenant_id: uuid.UUID | None = None) -> None:
+        self.principal = Principal(tenant_id=tenant_id or uuid.uuid4(), user_id=uuid.uuid4())
+        self.token = verifier.issue(self.principal.tenant_id, self.principal.user_id, 3600, time.time())
+        self.headers = {"Authorization": f"Bearer {self.token}"}
+
+    def colleague(self, verifier: TokenVerifier) -> User:
+        """Another user of the same tenant."""
+        return User(verifier, self.principal.tenant_id)
+
+
+def account_body(**overrides: object) -> dict:
+    body = {
+        "accountName": "Work Email",
+        "emailAddress": f"user-{uuid.uuid4().hex[:10]}@example.com",
+        "protocol": "imap",
+        "hostname": "imap.example.com",
+        "port": 993,
+        "encryption": "tls",
+        "username": "user@example.com",
+        "password": "correct horse battery staple",
+        "isSyncEnabled": True,
+        "syncInterval": 300,
+    }
+    body.update(overrides)
+    return body
+
+
+def assert_error_shape(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) <= {"error", "message", "code", "timestamp"}
+    assert isinstance(body["error"], str) and body["error"]
+    assert isinstance(body["message"], str) and body["message"]
+    assert isinstance(body["timestamp"], int) and abs(body["timestamp"] - time.time() * 1000) < 60_000
+    assert "Traceback" not in response.text
+    if code is not None:
+        assert body["code"] == code
+    return body
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServiceProcess:
+    """``email-service serve`` in a child process, as an operator would start it."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = cwd / f"serve-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "email_service", "serve", "--port", str(self.port), *args],
+            env=env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_healthy(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"service exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"service not healthy after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def service_env(settings: Settings | None, **extra: str) -> dict[str, str]:
+    """A clean environment for a child service: only what it is meant to see."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "JWT_", "CREDENTIAL_"))}
+    if settings is not None:
+        env.update(
+            DATABASE_URL=settings.database_url,
+            REDIS_URL=settings.redis_url,
+            JWT_SECRET=settings.jwt_secret,
+            CREDENTIAL_KEYS=",".join(settings.credential_keys),
+        )
+    env.update(extra)
+    return env

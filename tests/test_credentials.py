@@ -1,0 +1,99 @@
+"""Mail passwords: encrypted at rest, never shown, logged or echoed; keys rotate."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from cryptography.fernet import Fernet
+from helpers import account_body
+from sqlalchemy import text
+
+from email_service.crypto import CredentialCipher, CredentialError
+from email_service.runtime import Runtime
+from email_service.services.accounts import rotate_credentials
+
+PASSWORD = "Sup3r-secret-imap-pass"
+SMTP_PASSWORD = "another-smtp-secret"
+
+
+def stored(runtime, user, account_id):
+    with runtime.db.tenant_session(user.principal) as session:
+        return session.execute(
+            text(
+                "SELECT password_encrypted, smtp_password_encrypted, accounts::text AS whole FROM accounts"
+                " WHERE id = :id"
+            ),
+            {"id": account_id},
+        ).one()
+
+
+def test_database_holds_only_ciphertext_that_decrypts_to_the_password(client, user, runtime, caplog):
+    caplog.set_level(logging.DEBUG)
+    body = account_body(password=PASSWORD, smtpHostname="smtp.example.com", smtpPassword=SMTP_PASSWORD)
+    response = client.post("/api/accounts", json=body, headers=user.headers)
+    assert response.status_code == 201
+    row = stored(runtime, user, response.json()["id"])
+    assert PASSWORD not in row.whole and PASSWORD.encode() not in bytes(row.password_encrypted)
+    assert SMTP_PASSWORD.encode() not in bytes(row.smtp_password_encrypted)
+    assert runtime.cipher.decrypt(row.password_encrypted) == PASSWORD
+    assert runtime.cipher.decrypt(row.smtp_password_encrypted) == SMTP_PASSWORD
+    for secret in (PASSWORD, SMTP_PASSWORD):
+        assert secret not in response.text
+        assert secret not in caplog.text
+
+
+def test_password_update_reencrypts(client, user, runtime):
+    account = client.post("/api/accounts", json=account_body(password=PASSWORD), headers=user.headers).json()
+    before = stored(runtime, user, account["id"]).password_encrypted
+    response = client.put(f"/api/accounts/{account['id']}", json={"password": "a-new-password"}, headers=user.headers)
+    assert response.status_code == 200 and "a-new-password" not in response.text
+    after = stored(runtime, user, account["id"]).password_encrypted
+    assert after != before and runtime.cipher.decrypt(after) == "a-new-password"
+
+
+@pytest.mark.parametrize("password", ["short", "has\nnewline-inside"])
+def test_rejected_passwords_are_not_echoed_or_logged(client, user, caplog, password):
+    caplog.set_level(logging.DEBUG)
+    response = client.post("/api/accounts", json=account_body(password=password), headers=user.headers)
+    assert response.status_code == 400
+    assert "password" in response.json()["message"]
+    assert password not in response.text and password not in caplog.text
+
+
+def test_tampered_ciphertext_does_not_decrypt():
+    cipher = CredentialCipher((Fernet.generate_key().decode(),))
+    token = bytearray(cipher.encrypt(PASSWORD))
+    token[-5] ^= 1
+    with pytest.raises(CredentialError):
+        cipher.decrypt(bytes(token))
+    with pytest.raises(CredentialError):
+        CredentialCipher((Fernet.generate_key().decode(),)).decrypt(cipher.encrypt(PASSWORD))
+
+
+def test_rotation_reencrypts_every_credential_under_the_newest_key(client, make_user, runtime, settings_with):
+    users = [make_user(), make_user()]
+    ids = []
+    for u in users:
+        body = account_body(password=PASSWORD, smtpHostname="smtp.example.com", smtpPassword=SMTP_PASSWORD)
+        ids.append(client.post("/api/accounts", json=body, headers=u.headers).json()["id"])
+    old_key = runtime.settings.credential_keys[0]
+    new_key = Fernet.generate_key().decode()
+    rotated = Runtime.build(settings_with(credential_keys=(new_key, old_key)))
+    try:
+        # Before rotation both keys still read everything.
+        assert rotated.cipher.decrypt(stored(runtime, users[0], ids[0]).password_encrypted) == PASSWORD
+        changed = rotate_credentials(rotated.db, rotated.cipher)
+        assert changed >= 4
+        only_new = CredentialCipher((new_key,))
+        for u, account_id in zip(users, ids, strict=True):
+            row = stored(runtime, u, account_id)
+            assert only_new.decrypt(row.password_encrypted) == PASSWORD
+            assert only_new.decrypt(row.smtp_password_encrypted) == SMTP_PASSWORD
+            with pytest.raises(CredentialError):
+                CredentialCipher((old_key,)).decrypt(row.password_encrypted)
+        assert rotate_credentials(rotated.db, rotated.cipher) == 0
+        # Put the suite's key back in front for the tests that follow.
+        rotate_credentials(runtime.db, CredentialCipher((old_key, new_key)))
+    finally:
+        rotated.close()
