@@ -9,10 +9,12 @@ from typing import Any
 
 import yaml
 from connexion import FlaskApp
+from connexion import context as connexion_context
 from connexion.datastructures import MediaTypeDict
 from connexion.middleware import MiddlewarePosition
 from connexion.options import SwaggerUIOptions
 from connexion.validators import VALIDATOR_MAP
+from flask import abort
 
 from email_service.api import errors
 from email_service.api.auth import RUNTIME_SCOPE_KEY, TokenVerifier
@@ -49,6 +51,17 @@ def _allowed_methods_finder(spec: dict[str, Any]) -> Any:
     return allowed
 
 
+def _require_routed_operation() -> None:
+    """404 for a request Flask would route but Connexion's router did not (odd bytes in a path).
+
+    Such a request reached Flask without its operation context, so its handler cannot run.
+    """
+    try:
+        connexion_context.operation.operation_id  # noqa: B018 - touching it is the check
+    except RuntimeError:
+        abort(404)
+
+
 def create_app(runtime: Runtime) -> FlaskApp:
     settings = runtime.settings
     spec = load_spec()
@@ -63,6 +76,7 @@ def create_app(runtime: Runtime) -> FlaskApp:
     # Service errors raised in handlers must reach Connexion's error handlers, not Flask's 500 page.
     app.app.config["PROPAGATE_EXCEPTIONS"] = True
     app.app.extensions[RUNTIME_KEY] = runtime
+    app.app.before_request(_require_routed_operation)
     app.add_api(
         spec,
         resolver=TagResolver(),

@@ -10,8 +10,21 @@ import json
 from typing import Any
 
 from connexion.exceptions import BadRequestProblem
+from connexion.json_schema import Draft4RequestValidator
 from connexion.validators import JSONRequestBodyValidator
-from jsonschema import ValidationError
+from jsonschema import Draft4Validator, ValidationError
+from jsonschema.validators import extend
+
+from email_service.errors import BadRequestError
+
+
+def _reject_read_only(validator: Any, read_only: bool, instance: Any, schema: dict) -> Any:
+    # OpenAPI's readOnly: the property may appear in responses but never in a request.
+    if read_only:
+        yield ValidationError("is read-only")
+
+
+RequestValidator = extend(Draft4RequestValidator, {"readOnly": _reject_read_only})
 
 
 def describe(error: ValidationError) -> str:
@@ -36,6 +49,10 @@ def describe(error: ValidationError) -> str:
 
 
 class SafeJSONRequestBodyValidator(JSONRequestBodyValidator):
+    @property
+    def _validator(self) -> Any:
+        return RequestValidator(self._schema, format_checker=Draft4Validator.FORMAT_CHECKER)
+
     async def _parse(self, stream: Any, scope: Any) -> Any:
         raw = b"".join([chunk async for chunk in stream])
         try:
@@ -55,4 +72,7 @@ class SafeJSONRequestBodyValidator(JSONRequestBodyValidator):
         try:
             return self._validator.validate(body)
         except ValidationError as exc:
+            if exc.validator == "readOnly":
+                field = ".".join(str(part) for part in exc.absolute_path)
+                raise BadRequestError(f"{field} cannot be changed", code="IMMUTABLE_FIELD") from None
             raise BadRequestProblem(detail=describe(exc)) from None

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cuid2 import Cuid
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from email_service.addresses import InvalidAddress, normalize
 from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.errors import BadRequestError, ConflictError, NotFoundError
@@ -20,7 +20,6 @@ from email_service.tenancy import Principal
 
 _new_id = Cuid().generate
 UNIQUE_EMAIL_INDEX = "accounts_tenant_email_live"
-IMMUTABLE_FIELDS = {"emailAddress": "email_address", "protocol": "protocol"}
 # API field -> column, for fields a client may set directly.
 PLAIN_FIELDS = {
     "accountName": "account_name",
@@ -47,8 +46,8 @@ class Page:
 
 def normalize_email(address: str) -> str:
     try:
-        return validate_email(address, check_deliverability=False).normalized
-    except EmailNotValidError as exc:
+        return normalize(address)
+    except InvalidAddress as exc:
         message = f"emailAddress is not a valid email address: {exc}"
         raise BadRequestError(message, code="INVALID_EMAIL_FORMAT") from None
 
@@ -123,17 +122,6 @@ def update_account(
 ) -> Account:
     with db.tenant_session(principal) as session:
         account = _owned(session, account_id)
-        for field, column in IMMUTABLE_FIELDS.items():
-            if field not in body:
-                continue
-            current = getattr(account, column)
-            given = body[field]
-            same = isinstance(given, str) and (
-                given.casefold() == current.casefold() if field == "emailAddress" else given == current
-            )
-            if not same:
-                message = f"{field} cannot be changed; create a new account instead"
-                raise BadRequestError(message, code="IMMUTABLE_FIELD")
         _apply(account, body, cipher)
         account.updated_at = _now()
         return account
