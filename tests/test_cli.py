@@ -1,0 +1,101 @@
+"""The command line: its commands, tokens, key rotation, and one clear line for bad settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+
+import jwt
+import pytest
+from cryptography.fernet import Fernet
+from helpers import JWT_SECRET, account_body, service_env
+from sqlalchemy import text
+
+from email_service.crypto import CredentialCipher
+
+
+def run(env: dict, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "email_service", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_lists_the_commands():
+    result = run(service_env(None), "--help")
+    assert result.returncode == 0
+    for command in ("serve", "worker", "migrate", "token", "rotate-keys", "keygen"):
+        assert command in result.stdout
+
+
+GOOD = {
+    "DATABASE_URL": "postgresql://u@127.0.0.1:1/db",
+    "JWT_SECRET": JWT_SECRET,
+    "CREDENTIAL_KEYS": Fernet.generate_key().decode(),
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "mentions"),
+    [
+        ({"DATABASE_URL": "mysql://u@h/db"}, "DATABASE_URL"),
+        ({"REDIS_URL": "memcached://h"}, "REDIS_URL"),
+        ({"JWT_SECRET": ""}, "JWT_SECRET"),
+        ({"JWT_SECRET": "short"}, "JWT_SECRET"),
+        ({"CREDENTIAL_KEYS": ""}, "CREDENTIAL_KEYS"),
+        ({"CREDENTIAL_KEYS": "not-a-key-at-all"}, "CREDENTIAL_KEYS"),
+        ({"EMAIL_SERVICE_MAX_BODY_BYTES": "lots"}, "EMAIL_SERVICE_MAX_BODY_BYTES"),
+        ({"EMAIL_SERVICE_RATE_LIMITS": "maybe"}, "EMAIL_SERVICE_RATE_LIMITS"),
+        ({"MINIO_ENDPOINT": "minio:9000"}, "MINIO_ACCESS_KEY"),
+        ({"MINIO_BUCKET": "X"}, "MINIO_BUCKET"),
+    ],
+)
+def test_bad_settings_stop_start_up_with_one_clear_line(tmp_path, change, mentions):
+    result = run(service_env(None, **{**GOOD, **change}), "serve", "--port", "1", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("email-service: error:") and mentions in lines[0]
+    assert "Traceback" not in result.stderr
+    if "not-a-key" in str(change):
+        assert "not-a-key-at-all" not in result.stderr
+
+
+def test_unreachable_database_is_one_clear_line(tmp_path):
+    result = run(service_env(None, **GOOD, REDIS_URL="redis://127.0.0.1:1"), "migrate", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("email-service: error: cannot reach PostgreSQL at 127.0.0.1:1/db")
+    assert "Traceback" not in result.stderr
+
+
+def test_token_prints_a_jwt_the_service_accepts(backing):
+    tenant, user = uuid.uuid4(), uuid.uuid4()
+    result = run(service_env(backing), "token", "--tenant-id", str(tenant), "--user-id", str(user), "--ttl", "120")
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), JWT_SECRET, algorithms=["HS256"])
+    assert claims["sub"] == str(user) and claims["tenant_id"] == str(tenant)
+    assert 100 < claims["exp"] - time.time() <= 121
+    bad = run(service_env(backing), "token", "--tenant-id", "acme", "--user-id", str(user))
+    assert bad.returncode == 2 and "UUID" in bad.stderr
+
+
+def test_keygen_prints_a_usable_key():
+    key = run(service_env(None), "keygen").stdout.strip()
+    assert CredentialCipher((key,)).decrypt(CredentialCipher((key,)).encrypt("x")) == "x"
+
+
+def test_rotate_keys_command_reencrypts_under_the_newest_key(backing, client, user, runtime):
+    account = client.post("/api/accounts", json=account_body(password="rotate-me-please"), headers=user.headers)
+    old = backing.credential_keys[0]
+    new = Fernet.generate_key().decode()
+    result = run(service_env(backing, CREDENTIAL_KEYS=f"{new},{old}"), "rotate-keys")
+    assert result.returncode == 0, result.stderr
+    assert "re-encrypted" in result.stdout and "rotate-me-please" not in result.stdout + result.stderr
+    with runtime.db.tenant_session(user.principal) as session:
+        token = session.execute(
+            text("SELECT password_encrypted FROM accounts WHERE id = :id"), {"id": account.json()["id"]}
+        ).scalar_one()
+    assert CredentialCipher((new,)).decrypt(token) == "rotate-me-please"
+    # Back under the suite's key for the tests that follow.
+    assert run(service_env(backing, CREDENTIAL_KEYS=f"{old},{new}"), "rotate-keys").returncode == 0
