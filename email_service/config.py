@@ -6,6 +6,8 @@ the command line prints that line and exits instead of showing a traceback.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -39,6 +41,10 @@ class Settings:
     minio_secret_key: str | None = None
     minio_bucket: str = "email-service"
     minio_secure: bool = True
+    minio_region: str | None = None
+    public_url: str = "http://127.0.0.1:5000"
+    storage_signing_key: str = ""
+    ca_file: Path | None = None
     max_body_bytes: int = 1024 * 1024
     rate_limits_enabled: bool = True
     validate_responses: bool = False
@@ -123,6 +129,28 @@ def _local_secrets(data_dir: Path) -> dict[str, str]:
     return made
 
 
+def _derived_key(secret: str, purpose: str) -> str:
+    """A key for one purpose derived from another secret, so one secret does not sign two things."""
+    return hmac.new(secret.encode(), purpose.encode(), hashlib.sha256).hexdigest()
+
+
+def _public_url(env: Mapping[str, str]) -> str:
+    raw = (env.get("EMAIL_SERVICE_PUBLIC_URL") or "http://127.0.0.1:5000").rstrip("/")
+    if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", raw):
+        raise ConfigError("EMAIL_SERVICE_PUBLIC_URL must be an http(s) URL such as https://mail-api.example.com")
+    return raw
+
+
+def _ca_file(env: Mapping[str, str]) -> Path | None:
+    raw = env.get("EMAIL_SERVICE_CA_FILE")
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigError(f"EMAIL_SERVICE_CA_FILE does not name a readable file: {raw}")
+    return path
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     data_dir = Path(env.get("EMAIL_SERVICE_DATA_DIR") or "./var").resolve()
@@ -175,6 +203,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         minio_secret_key=minio_secret,
         minio_bucket=bucket,
         minio_secure=_bool(env, "MINIO_SECURE", True),
+        minio_region=env.get("MINIO_REGION") or None,
+        public_url=_public_url(env),
+        storage_signing_key=env.get("EMAIL_SERVICE_STORAGE_KEY") or _derived_key(jwt_secret, "storage-links"),
+        ca_file=_ca_file(env),
         max_body_bytes=_int(env, "EMAIL_SERVICE_MAX_BODY_BYTES", 1024 * 1024),
         rate_limits_enabled=_bool(env, "EMAIL_SERVICE_RATE_LIMITS", True),
         validate_responses=_bool(env, "EMAIL_SERVICE_VALIDATE_RESPONSES", False),
