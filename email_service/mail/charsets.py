@@ -1,0 +1,115 @@
+"""Decoding bytes whose declared charset may be missing, wrong or made up."""
+
+from __future__ import annotations
+
+import codecs
+
+# Labels senders use for something else in practice (the WHATWG Encoding Standard makes the same
+# substitutions): Latin-1 mail is almost always Windows-1252, GB2312 mail often uses GBK/GB18030
+# characters, and Korean mail labelled KS C 5601 is CP949.
+_SUPERSETS = {
+    "ascii": "utf-8",
+    "us-ascii": "utf-8",
+    "iso-8859-1": "cp1252",
+    "iso8859-1": "cp1252",
+    "latin1": "cp1252",
+    "latin-1": "cp1252",
+    "iso-8859-9": "cp1254",
+    "iso-8859-11": "cp874",
+    "tis-620": "cp874",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "x-gbk": "gb18030",
+    "ks_c_5601-1987": "cp949",
+    "euc-kr": "cp949",
+    "shift_jis": "cp932",
+    "shift-jis": "cp932",
+    "x-sjis": "cp932",
+    "big5": "big5hkscs",
+    "utf8": "utf-8",
+    "x-unicode20utf8": "utf-8",
+    "unicode-1-1-utf-8": "utf-8",
+}
+
+# Labels that name no charset at all: the bytes are whatever the sender's machine used.
+_UNKNOWN = {"unknown-8bit", "x-unknown", "unknown", "default", "8bit", "x-user-defined", ""}
+
+
+def resolve(label: str | None) -> str | None:
+    """The Python codec for a MIME charset label, or None when it names no usable text codec."""
+    if not label:
+        return None
+    name = label.strip().strip("\"'").lower()
+    # RFC 2231 lets a charset carry a language suffix ("utf-8*en").
+    name = name.split("*", 1)[0]
+    if name in _UNKNOWN:
+        return None
+    name = _SUPERSETS.get(name, name)
+    try:
+        info = codecs.lookup(name)
+    except (LookupError, ValueError, TypeError):  # ValueError: a NUL in the label
+        return None
+    # codecs.lookup also knows bytes-to-bytes codecs (base64, zlib, rot13); they are not charsets.
+    if not getattr(info, "_is_text_encoding", True):
+        return None
+    return info.name
+
+
+def decode_bytes(data: bytes, label: str | None, defects: list[str] | None = None, where: str = "") -> str:
+    """Decode ``data`` as text, best effort, never raising.
+
+    The declared charset is tried first; when it is unknown or the bytes do not fit it, UTF-8 and
+    then Windows-1252 are tried, which between them cover nearly all mislabelled mail. Anything
+    left over is replaced with U+FFFD. Problems are appended to ``defects``.
+    """
+    prefix = f"{where}: " if where else ""
+    codec = resolve(label)
+    if label and codec is None and label.strip().lower() not in _UNKNOWN and defects is not None:
+        defects.append(f"{prefix}unknown charset {label.strip()[:60]!r}")
+    if codec is not None:
+        try:
+            return data.decode(codec)
+        except (UnicodeError, LookupError, ValueError, TypeError):
+            if defects is not None:
+                defects.append(f"{prefix}bytes not valid in declared charset {label!r}")
+    for fallback in ("utf-8", "cp1252"):
+        if fallback == codec:
+            continue
+        try:
+            return data.decode(fallback)
+        except UnicodeError:
+            continue
+    if codec is not None:
+        try:
+            return data.decode(codec, errors="replace")
+        except (UnicodeError, LookupError, ValueError, TypeError):
+            pass
+    return data.decode("utf-8", errors="replace")
+
+
+def fix_surrogates(text: str) -> str:
+    """Turn surrogate-escaped raw bytes (as the email parser leaves 8-bit header bytes) into text.
+
+    Runs of escaped bytes are decoded as UTF-8 when valid (modern clients send raw UTF-8 headers),
+    otherwise as Windows-1252. Any other lone surrogate becomes U+FFFD so the result can be
+    encoded to UTF-8 and JSON.
+    """
+    if not any("\ud800" <= ch <= "\udfff" for ch in text):
+        return text
+    out: list[str] = []
+    run = bytearray()
+
+    def flush() -> None:
+        if run:
+            out.append(decode_bytes(bytes(run), None))
+            run.clear()
+
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            run.append(code - 0xDC00)
+            continue
+        flush()
+        out.append("\ufffd" if 0xD800 <= code <= 0xDFFF else ch)
+    flush()
+    return "".join(out)

@@ -1,0 +1,208 @@
+"""Header decoding: RFC 2047 words with bad charsets, 8-bit bytes, addresses, message ids, dates."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import unicodedata
+from datetime import UTC, datetime
+from email import quoprimime
+from email.errors import HeaderParseError
+from email.header import decode_header
+from email.headerregistry import Address
+from email.policy import EmailPolicy
+from email.utils import getaddresses, parsedate_to_datetime
+
+from email_service.mail.charsets import decode_bytes, fix_surrogates, resolve
+
+LONG_HEADER = 32768
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
+_MSG_ID = re.compile(r"<([^<>]*)>")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_WHITESPACE = re.compile(r"\s+")
+# Reply/forward markers in the languages mail clients commonly localise them to.
+_REPLY_PREFIX = re.compile(
+    r"^\s*(?:(?:re|fwd?|aw|wg|sv|vs|tr|antw|rif|res|enc|odp|ref|r\u00e9f)\s*(?:\[\d+\]|\(\d+\))?\s*[:\uff1a]"
+    r"|(?:\u56de\u590d|\u56de\u8986|\u7b54\u590d|\u8f6c\u53d1|\u8f49\u5bc4)\s*[:\uff1a]"
+    r"|\[[^\]]{1,40}\])\s*",
+    re.IGNORECASE,
+)
+_DOMAIN_FORBIDDEN = set(' \t<>()[]\\,;:@"')
+
+
+def _decode_word_payload(encoding: str, payload: str) -> bytes | None:
+    try:
+        if encoding in "bB":
+            return base64.b64decode(payload + "=" * (-len(payload) % 4))
+        return quoprimime.header_decode(payload).encode("latin-1")
+    except (binascii.Error, ValueError, UnicodeError):
+        return None
+
+
+def _repair_encoded_words(value: str, defects: list[str], name: str) -> str:
+    """Re-encode RFC 2047 words whose charset is unknown or wrong as UTF-8, so decoding succeeds.
+
+    The standard parser turns such words into U+FFFD; guessing UTF-8 then Windows-1252 recovers
+    the text in the usual cases (a typo in the label, Latin-1 labelled as ASCII).
+    """
+
+    def fix(match: re.Match[str]) -> str:
+        label, encoding, payload = match.group(1), match.group(2), match.group(3)
+        data = _decode_word_payload(encoding, payload)
+        if data is None:
+            return match.group(0)
+        codec = resolve(label)
+        if codec is not None:
+            try:
+                data.decode(codec)
+            except (UnicodeError, LookupError, ValueError, TypeError):
+                pass
+            else:
+                return match.group(0) if codec == label.lower() else f"=?{codec}?{encoding}?{payload}?="
+        text = decode_bytes(data, label, defects, name)
+        return "=?utf-8?b?" + base64.b64encode(text.encode("utf-8")).decode("ascii") + "?="
+
+    if "=?" not in value:
+        return value
+    return _ENCODED_WORD.sub(fix, value)
+
+
+def clean_text(value: str) -> str:
+    """Text safe to store and JSON-encode: no raw bytes, no lone surrogates, no control characters."""
+    return _CONTROL.sub(" ", fix_surrogates(value)).replace("\t", " ")
+
+
+def header_object(policy: EmailPolicy, name: str, raw: str, defects: list[str]) -> object | None:
+    """The modern (``policy.default``) header object for a raw value, or None if it cannot be built.
+
+    When the structured parser for a header crashes (the stdlib has IndexError bugs on inputs
+    such as ``<a@``), the value is parsed as unstructured text instead, which only decodes
+    RFC 2047 words and cannot fail the same way.
+    """
+    prepared = _repair_encoded_words(fix_surrogates(raw), defects, name)
+    if len(prepared) > LONG_HEADER:
+        # The modern parser is quadratic in the number of encoded words; a value this long is
+        # decoded the old, linear way (and its addresses parsed by the compat32 parser).
+        defects.append(f"{name}: header longer than {LONG_HEADER} characters")
+        return _decode_plainly(prepared, defects, name)
+    try:
+        header = policy.header_fetch_parse(name, prepared)
+    except Exception:  # noqa: BLE001 - the stdlib header parser has crash bugs on hostile input
+        defects.append(f"{name}: header could not be parsed")
+        try:
+            header = policy.header_fetch_parse("X-Unparsed", prepared)
+        except Exception:  # noqa: BLE001 - as above; fall back to the raw text
+            return None
+    defects.extend(f"{name}: {describe_defect(d)}" for d in getattr(header, "defects", ()))
+    return header
+
+
+def _decode_plainly(value: str, defects: list[str], name: str) -> str:
+    value = "".join(value.splitlines())
+    try:
+        chunks = decode_header(value)
+    except (HeaderParseError, ValueError, LookupError, IndexError):
+        return value
+    return "".join(
+        chunk if isinstance(chunk, str) else decode_bytes(chunk, charset, defects, name) for chunk, charset in chunks
+    )
+
+
+def fold_whitespace(value: str) -> str:
+    return _WHITESPACE.sub(" ", value).strip()
+
+
+def describe_defect(defect: object) -> str:
+    """``ClassName: detail`` for an ``email.errors`` defect."""
+    detail = str(defect)
+    kind = type(defect).__name__
+    return f"{kind}: {detail}" if detail and detail != kind else kind
+
+
+def _valid_domain(domain: str) -> bool:
+    if domain.startswith("[") and domain.endswith("]"):
+        return len(domain) > 2
+    labels = domain.split(".")
+    return all(labels) and not any(ch in _DOMAIN_FORBIDDEN or ord(ch) < 32 for ch in domain)
+
+
+def _candidates(header: object | None) -> list[tuple[str, str, str]]:
+    if header is None:
+        return []
+    parsed = getattr(header, "addresses", None)
+    if parsed is not None:
+        return [(a.display_name or "", a.username or "", a.domain or "") for a in parsed]
+    # A header the modern parser could not handle: the lenient compat32 address parser instead.
+    try:
+        pairs = getaddresses([str(header)])
+    except (ValueError, IndexError, TypeError, AttributeError, RecursionError):
+        return []
+    found = []
+    for display, spec in pairs:
+        local, at, domain = spec.rpartition("@")
+        if at:
+            found.append((display, local, domain))
+    return found
+
+
+def addresses(header: object | None) -> list[tuple[str, str]]:
+    """(display name, addr-spec) pairs from an address header; invalid addresses are left out.
+
+    The domain is lower-cased (domains are case-insensitive, local parts are not) so the same
+    mailbox compares equal wherever it appears.
+    """
+    found: list[tuple[str, str]] = []
+    for display, raw_username, raw_domain in _candidates(header):
+        username = fix_surrogates(raw_username)
+        domain = fix_surrogates(raw_domain).strip().rstrip(".").lower()
+        if not username or not domain or not _valid_domain(domain) or _CONTROL.search(username):
+            continue
+        try:
+            spec = Address(username=username, domain=domain).addr_spec
+        except (ValueError, TypeError):
+            continue
+        found.append((fold_whitespace(clean_text(display)), spec))
+    return found
+
+
+def message_ids(value: str) -> list[str]:
+    """Message ids in ``<id>`` form, in order, without duplicates.
+
+    Folding can leave whitespace inside the brackets and some clients omit the brackets
+    altogether; both are normalised so ids compare equal across a thread.
+    """
+    ids: list[str] = []
+    found = [_WHITESPACE.sub("", m) for m in _MSG_ID.findall(value)]
+    if not found:
+        found = [tok.strip("<>") for tok in re.split(r"[\s,]+", value) if "@" in tok]
+    for token in found:
+        token = clean_text(token).replace(" ", "")
+        if token and f"<{token}>" not in ids:
+            ids.append(f"<{token}>")
+    return ids
+
+
+def parse_date(value: str) -> datetime | None:
+    """An aware datetime, or None when the value is not a date. Unknown zones (-0000) count as UTC."""
+    if not value.strip():
+        return None
+    try:
+        parsed = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed is None:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def base_subject(subject: str) -> str:
+    """The subject without Re:/Fwd:/[list] prefixes, case-folded, for grouping a thread."""
+    text = unicodedata.normalize("NFC", fold_whitespace(subject))
+    previous = None
+    while previous != text:
+        previous = text
+        text = _REPLY_PREFIX.sub("", text, count=1)
+    return text.casefold()

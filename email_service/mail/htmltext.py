@@ -1,0 +1,259 @@
+"""HTML bodies: sanitising for display (nh3) and deriving plain text (html.parser)."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from urllib.parse import unquote
+
+import nh3
+
+# Markup an email legitimately uses for layout and emphasis. Forms, frames, media, <base>,
+# <meta> and <link> are dropped: they can submit data, load active content or redirect.
+_TAGS = set(nh3.ALLOWED_TAGS) | {"font", "tfoot", "u", "big"}
+# Removed together with their content: code, style sheets (page-wide CSS can restyle the host
+# application) and document chrome whose text is not part of the message.
+_CONTENT_TAGS = {"script", "style", "title", "template", "noscript", "iframe", "object", "embed", "head"}
+_LAYOUT = {"align", "valign", "width", "height", "bgcolor", "border", "cellpadding", "cellspacing", "dir", "style"}
+_ATTRIBUTES: dict[str, set[str]] = {tag: set(attrs) for tag, attrs in nh3.ALLOWED_ATTRIBUTES.items()}
+_ATTRIBUTES["*"] = {"title", "lang", "dir", "style", "align"}
+_ATTRIBUTES["a"] = _ATTRIBUTES.get("a", set()) | {"href", "name", "title"}
+_ATTRIBUTES["img"] = _ATTRIBUTES.get("img", set()) | {"src", "alt", "width", "height", "border"}
+_ATTRIBUTES["font"] = {"color", "face", "size"}
+for _tag in ("table", "tr", "td", "th", "tbody", "thead", "tfoot", "col", "colgroup", "div", "p"):
+    _ATTRIBUTES[_tag] = _ATTRIBUTES.get(_tag, set()) | _LAYOUT
+_ATTRIBUTES["td"] |= {"colspan", "rowspan", "nowrap"}
+_ATTRIBUTES["th"] |= {"colspan", "rowspan", "nowrap"}
+_URL_SCHEMES = {"http", "https", "mailto", "cid"}
+# CSS properties that change appearance only. Anything that takes a url() (background,
+# list-style-image, border-image, content) or can overlay the host page (position, z-index)
+# is left out.
+_STYLE_PROPERTIES = {
+    "color",
+    "background-color",
+    "font",
+    "font-family",
+    "font-size",
+    "font-style",
+    "font-weight",
+    "font-variant",
+    "line-height",
+    "letter-spacing",
+    "word-spacing",
+    "text-align",
+    "text-decoration",
+    "text-indent",
+    "text-transform",
+    "vertical-align",
+    "white-space",
+    "direction",
+    "margin",
+    "margin-top",
+    "margin-right",
+    "margin-bottom",
+    "margin-left",
+    "padding",
+    "padding-top",
+    "padding-right",
+    "padding-bottom",
+    "padding-left",
+    "border",
+    "border-top",
+    "border-right",
+    "border-bottom",
+    "border-left",
+    "border-color",
+    "border-style",
+    "border-width",
+    "border-collapse",
+    "border-spacing",
+    "border-radius",
+    "width",
+    "min-width",
+    "max-width",
+    "height",
+    "min-height",
+    "max-height",
+    "display",
+    "float",
+    "clear",
+    "table-layout",
+}
+_UNSAFE_CSS = re.compile(r"url\s*\(|expression\s*\(|\\|@import|javascript:", re.IGNORECASE)
+
+
+def _filter_attribute(tag: str, attribute: str, value: str) -> str | None:
+    if attribute == "style":
+        # Drop whole declarations that could fetch or run something, whatever the property.
+        kept = [decl for decl in value.split(";") if decl.strip() and not _UNSAFE_CSS.search(decl)]
+        return "; ".join(d.strip() for d in kept) or None
+    return value
+
+
+_DISPLAY_CLEANER = nh3.Cleaner(
+    tags=_TAGS,
+    clean_content_tags=_CONTENT_TAGS,
+    attributes=_ATTRIBUTES,
+    attribute_filter=_filter_attribute,
+    url_schemes=_URL_SCHEMES,
+    url_relative="deny",
+    filter_style_properties=_STYLE_PROPERTIES,
+    link_rel="noopener noreferrer",
+)
+# For text extraction only structure matters; nh3 (html5ever) first turns tag soup into a
+# well-formed tree so the text pass below never gets stuck inside an unclosed element.
+_TEXT_CLEANER = nh3.Cleaner(tags=_TAGS, clean_content_tags=_CONTENT_TAGS, attributes={}, url_schemes=set())
+
+
+def sanitize_html(html: str) -> str:
+    """HTML safe to show: no scripts, event handlers, active URLs or page-wide CSS."""
+    return _DISPLAY_CLEANER.clean(html)
+
+
+_BLOCK = {
+    "address", "article", "aside", "blockquote", "center", "dd", "details", "div", "dl", "dt",
+    "figcaption", "figure", "footer", "h1", "h2", "h3", "h4", "h5", "h6", "header", "hgroup",
+    "hr", "nav", "ol", "p", "pre", "section", "summary", "table", "tbody", "tfoot", "thead",
+    "tr", "ul", "caption",
+}  # fmt: skip
+_PARAGRAPH = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "pre", "table", "ul", "ol", "dl", "hr"}
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.pending = 0  # line breaks owed before the next text; block edges merge, not add up
+        self.pre = 0
+        # Only reached with raw (unsanitised) HTML: html.parser treats script/style as CDATA, so
+        # their end tags are found reliably; an unclosed <title> ends at <body>.
+        self.skipping: str | None = None
+
+    def _break(self, count: int) -> None:
+        self.pending = max(self.pending, count)
+
+    def _emit(self, text: str) -> None:
+        if self.pending and self.parts:
+            self.parts.append("\n" * self.pending)
+        self.pending = 0
+        self.parts.append(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("script", "style", "title"):
+            self.skipping = tag
+        elif tag == "body":
+            self.skipping = None
+        if tag == "br":
+            # Consecutive <br>s are deliberate blank lines, so they add up.
+            self._emit("\n")
+        elif tag == "li":
+            self._break(1)
+            self._emit("- ")
+        elif tag in ("td", "th"):
+            self._emit("\t")
+        elif tag in _BLOCK:
+            self._break(2 if tag in _PARAGRAPH else 1)
+        if tag == "pre":
+            self.pre += 1
+        elif tag == "img":
+            alt = dict(attrs).get("alt")
+            if alt:
+                self._emit(f" {alt} ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == self.skipping:
+            self.skipping = None
+        if tag == "pre":
+            self.pre = max(0, self.pre - 1)
+        if tag in _BLOCK or tag == "li":
+            self._break(2 if tag in _PARAGRAPH else 1)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+
+    def handle_data(self, data: str) -> None:
+        if self.skipping:
+            return
+        # Outside <pre>, source line breaks and indentation are not visible text.
+        text = data if self.pre else re.sub(r"[ \t\r\n\f]+", " ", data)
+        if text.strip() or (text and not self.pending):
+            self._emit(text)
+
+
+def _tidy(text: str) -> str:
+    lines = []
+    for line in text.replace("\xa0", " ").split("\n"):
+        # Table cells become tab-separated; collapse the empty cells layout tables are full of.
+        line = re.sub(r"[ \t]*\t[ \t]*", "\t", line).rstrip(" \t")
+        line = re.sub(r"\t+", "\t", line).lstrip("\t")
+        # Collapsed source whitespace leaves at most one leading space outside <pre>.
+        lines.append(line[1:] if line.startswith(" ") and not line.startswith("  ") else line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
+
+
+class _CidCollector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.cids: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name in ("src", "href", "background") and value and value[:4].lower() == "cid:":
+                # RFC 2392: a cid URL is the Content-ID, percent-encoded, without brackets.
+                self.cids.add(unquote(value[4:]).strip().strip("<>").lower())
+
+
+def referenced_cids(html: str) -> set[str]:
+    """Content-IDs (lower-case, no brackets) that ``cid:`` URLs in the HTML point at."""
+    collector = _CidCollector()
+    collector.feed(html)
+    collector.close()
+    return collector.cids
+
+
+# Elements that never nest in practice or that HTML closes implicitly; they do not add depth.
+_FLAT = {
+    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr",
+    "p", "li", "td", "th", "tr", "dt", "dd", "option",
+}  # fmt: skip
+
+
+class _DepthMeter(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=False)
+        self.depth = 0
+        self.deepest = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in _FLAT:
+            self.depth += 1
+            self.deepest = max(self.deepest, self.depth)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        pass
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag not in _FLAT:
+            self.depth = max(0, self.depth - 1)
+
+
+def nesting_depth(html: str) -> int:
+    """How deeply elements nest. The HTML5 tree builder behind nh3 slows down quadratically with
+    depth, so hostile markup (tens of thousands of nested <div>s) is measured first, linearly."""
+    meter = _DepthMeter()
+    meter.feed(html)
+    meter.close()
+    return meter.deepest
+
+
+def html_to_text(html: str, *, sanitized: bool = False) -> str:
+    """Readable plain text from HTML: tags stripped, scripts/styles dropped, line breaks kept.
+
+    ``sanitized=True`` says the HTML is ``sanitize_html`` output (well-formed, nothing to drop),
+    which saves a second pass. Markup that is neither is only safe here when not too deep (see
+    ``nesting_depth``); html.parser alone copes with any depth but keeps <title> text.
+    """
+    extractor = _TextExtractor()
+    extractor.feed(html if sanitized else _TEXT_CLEANER.clean(html))
+    extractor.close()
+    return _tidy("".join(extractor.parts))
