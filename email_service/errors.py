@@ -25,6 +25,12 @@ class BadRequestError(ServiceError):
     code = "VALIDATION_ERROR"
 
 
+class ForbiddenError(ServiceError):
+    status = 403
+    error = "Forbidden"
+    code = "FORBIDDEN"
+
+
 class NotFoundError(ServiceError):
     status = 404
     error = "Not found"

@@ -31,6 +31,7 @@ def base_settings(data_dir: Path, **overrides: object) -> Settings:
         jwt_issuer=None,
         jwt_audience=None,
         credential_keys=(CREDENTIAL_KEY,),
+        storage_signing_key="test-storage-links-" + "k" * 32,
         validate_responses=True,
     )
     values.update(overrides)

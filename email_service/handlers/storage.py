@@ -1,9 +1,25 @@
 from __future__ import annotations
 
-from typing import Any
+from flask import Response
 
-from email_service.handlers.unavailable import unavailable
+from email_service.handlers import runtime
+from email_service.services import stored_objects
+from email_service.storage.disposition import content_disposition
 
 
-def get_stored_object(**_params: Any) -> None:
-    unavailable("get_stored_object")
+def get_stored_object(
+    key: str, expires: int, signature: str, filename: str | None = None, type_: str | None = None
+) -> Response:
+    linked = stored_objects.open_linked_object(
+        runtime().objects, key=key, expires=expires, signature=signature, filename=filename, content_type=type_
+    )
+    reader = linked.reader
+    # Streamed chunk by chunk: an attachment never sits whole in memory.
+    response = Response(iter(reader), status=200, content_type=linked.content_type, direct_passthrough=True)
+    response.headers["Content-Length"] = str(reader.size)
+    response.headers["Content-Disposition"] = content_disposition(linked.filename)
+    # The bytes are users' content served from the API's origin: never let a browser run them.
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = "sandbox"
+    response.call_on_close(reader.close)
+    return response
