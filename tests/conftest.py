@@ -20,6 +20,8 @@ from email_service.config import Settings
 from email_service.queue.connection import redis_from_url
 from email_service.runtime import Runtime
 
+pytest_plugins = ["mailservers"]
+
 
 @pytest.fixture(scope="session")
 def backing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
