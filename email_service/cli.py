@@ -47,6 +47,7 @@ def _worker_env(settings: Settings) -> dict[str, str]:
         JWT_SECRET=settings.jwt_secret,
         CREDENTIAL_KEYS=",".join(settings.credential_keys),
         EMAIL_SERVICE_DATA_DIR=str(settings.data_dir),
+        EMAIL_SERVICE_STORAGE_KEY=settings.storage_signing_key,
     )
     return env
 
@@ -97,7 +98,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from email_service.queue.worker import run_worker
 
     with embedded.services(settings) as resolved:
-        run_worker(resolved, burst=args.burst)
+        run_worker(resolved, burst=args.burst, schedule=args.schedule)
     return 0
 
 
@@ -163,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run an RQ worker for the service's queues")
     worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    worker.add_argument(
+        "--no-scheduler",
+        dest="schedule",
+        action="store_false",
+        help="do not run the automatic-sync scheduler beside this worker",
+    )
     worker.set_defaults(handler=cmd_worker)
 
     commands.add_parser("migrate", help="apply database migrations").set_defaults(handler=cmd_migrate)

@@ -2,5 +2,6 @@
 
 from email_service.models.account import Account
 from email_service.models.base import Base
+from email_service.models.mail import Attachment, Folder, Message
 
-__all__ = ["Account", "Base"]
+__all__ = ["Account", "Attachment", "Base", "Folder", "Message"]

@@ -1,0 +1,1 @@
+"""Mail protocol clients (IMAP, POP3) with verified TLS and bounded waits."""

@@ -1,0 +1,263 @@
+"""IMAP client used by sync.
+
+This uses the standard library's ``imaplib``, not ``imaplib2``. imaplib2 3.6 takes no
+``ssl.SSLContext``: without ``ca_certs`` it verifies nothing, with it it checks the chain but not
+the host name, and its ``starttls()`` was seen to hang until the server's timeout. A service that
+logs in with users' passwords must verify chain and host name on every connection and must not
+hang, and ``imaplib`` does both (an ``SSLContext`` for implicit TLS and STARTTLS, and a socket
+timeout on every read).
+"""
+
+from __future__ import annotations
+
+import imaplib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from email_service.protocols.errors import AuthenticationFailed, MailServerError, describe
+from email_service.protocols.session import MailSession
+from email_service.protocols.tls import client_context
+
+_STATUS_ITEM = re.compile(rb"(MESSAGES|UIDNEXT|UIDVALIDITY|UNSEEN|HIGHESTMODSEQ) (\d+)")
+_UID = re.compile(rb"\bUID (\d+)")
+_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
+_MODSEQ = re.compile(rb"\bMODSEQ \((\d+)\)")
+_INTERNALDATE = re.compile(rb'\bINTERNALDATE "([^"]+)"')
+_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
+
+
+@dataclass(frozen=True)
+class MailboxState:
+    uidvalidity: int
+    uidnext: int | None
+    highestmodseq: int | None
+    messages: int
+    unseen: int | None = None
+
+
+@dataclass(frozen=True)
+class FetchedMessage:
+    uid: int
+    flags: tuple[str, ...]
+    internaldate: datetime | None
+    modseq: int | None
+    raw: bytes
+
+
+def quote(name: str) -> str:
+    """A mailbox name as an IMAP quoted string (names may hold spaces, quotes, backslashes)."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def uid_set(uids: Sequence[int]) -> str:
+    """Compact sequence set ("1:5,9,12:13") so a large batch stays a short command."""
+    ordered = sorted(set(uids))
+    parts: list[str] = []
+    start = prev = ordered[0]
+    for uid in ordered[1:]:
+        if uid == prev + 1:
+            prev = uid
+            continue
+        parts.append(f"{start}:{prev}" if start != prev else str(start))
+        start = prev = uid
+    parts.append(f"{start}:{prev}" if start != prev else str(start))
+    return ",".join(parts)
+
+
+class ImapSession(MailSession):
+    """One logged-in connection; every failure surfaces as ``MailServerError`` with a readable message."""
+
+    capabilities: frozenset[str] = frozenset()
+
+    def _open(self) -> None:
+        context = client_context(self.ca_file)
+        if self.encryption == "tls":
+            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(self.host, self.port, ssl_context=context, timeout=self.timeout)
+        else:
+            conn = imaplib.IMAP4(self.host, self.port, timeout=self.timeout)
+            if self.encryption == "starttls":
+                if "STARTTLS" not in conn.capabilities:
+                    raise MailServerError(f"{self.host}:{self.port} does not offer STARTTLS")
+                conn.starttls(ssl_context=context)
+        self._conn = conn
+        try:
+            conn.login(self.username, self._password)
+        except imaplib.IMAP4.error:
+            raise AuthenticationFailed(f"authentication failed for {self.username} at {self.host}") from None
+        typ, data = conn.capability()
+        self.capabilities = frozenset(data[0].decode().upper().split()) if typ == "OK" and data else frozenset()
+        if "CONDSTORE" in self.capabilities:
+            conn.enable("CONDSTORE")
+
+    def _quit(self, conn: imaplib.IMAP4) -> None:
+        conn.logout()
+
+    @property
+    def condstore(self) -> bool:
+        return "CONDSTORE" in self.capabilities
+
+    def _call(self, command: str, *args: str) -> list:
+        conn = self.conn
+        try:
+            if command == "UID":
+                typ, data = conn.uid(*args)
+            else:
+                # imaplib has no public call for LIST ... RETURN (...); its generic command path is used.
+                typ, data = conn._simple_command(command, *args)
+                typ, data = conn._untagged_response(typ, data, command)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
+            raise describe(exc, self.host, self.port) from None
+        if typ != "OK":
+            detail = data[0].decode("utf-8", "replace") if data and isinstance(data[0], bytes) else typ
+            raise MailServerError(f"{self.host} refused {command} {' '.join(args[:1])}: {detail}")
+        return data
+
+    def list_folders(self) -> list[bytes]:
+        """Raw LIST lines; with SPECIAL-USE the server adds RFC 6154 attributes."""
+        if "SPECIAL-USE" in self.capabilities:
+            lines = self._call("LIST", '""', '"*"', "RETURN", "(SPECIAL-USE)")
+        else:
+            lines = self._call("LIST", '""', '"*"')
+        return _join_literals(lines)
+
+    def status(self, name: str) -> MailboxState:
+        items = "(MESSAGES UIDNEXT UIDVALIDITY UNSEEN" + (" HIGHESTMODSEQ)" if self.condstore else ")")
+        data = self._call("STATUS", quote(name), items)
+        values = {key.decode(): int(value) for key, value in _STATUS_ITEM.findall(b" ".join(_flatten(data)))}
+        return MailboxState(
+            uidvalidity=values["UIDVALIDITY"],
+            uidnext=values.get("UIDNEXT"),
+            highestmodseq=values.get("HIGHESTMODSEQ"),
+            messages=values.get("MESSAGES", 0),
+            unseen=values.get("UNSEEN"),
+        )
+
+    def examine(self, name: str) -> MailboxState:
+        """Open a folder read-only, so syncing never changes what other clients see (\\Recent, \\Seen)."""
+        conn = self.conn
+        try:
+            typ, data = conn.select(quote(name), readonly=True)
+        except Exception as exc:  # noqa: BLE001
+            raise describe(exc, self.host, self.port) from None
+        if typ != "OK":
+            raise MailServerError(f"{self.host} cannot open folder {name}")
+        codes = conn.untagged_responses
+
+        def code(key: str) -> int | None:
+            values = codes.get(key)
+            return int(values[-1]) if values and values[-1] is not None else None
+
+        return MailboxState(
+            uidvalidity=code("UIDVALIDITY") or 0,
+            uidnext=code("UIDNEXT"),
+            highestmodseq=code("HIGHESTMODSEQ"),
+            messages=int(data[0]) if data and data[0] else 0,
+        )
+
+    def search_uids(self, criteria: str = "ALL") -> list[int]:
+        data = self._call("UID", "SEARCH", criteria)
+        return sorted(int(uid) for uid in b" ".join(d for d in data if d).split())
+
+    def uids_from(self, first_uid: int) -> list[int]:
+        # "n:*" also matches the highest UID when every UID is below n (RFC 3501), hence the filter.
+        return [uid for uid in self.search_uids(f"UID {first_uid}:*") if uid >= first_uid]
+
+    def sizes(self, uids: Sequence[int]) -> dict[int, int]:
+        if not uids:
+            return {}
+        result = {}
+        for line in _flatten(self._call("UID", "FETCH", uid_set(uids), "(UID RFC822.SIZE)")):
+            uid, size = _UID.search(line), _SIZE.search(line)
+            if uid and size:
+                result[int(uid.group(1))] = int(size.group(1))
+        return result
+
+    def fetch_messages(self, uids: Sequence[int]) -> Iterator[FetchedMessage]:
+        """Whole messages, without setting \\Seen (BODY.PEEK)."""
+        if not uids:
+            return
+        items = "(UID FLAGS INTERNALDATE BODY.PEEK[]" + (" MODSEQ)" if self.condstore else ")")
+        data = self._call("UID", "FETCH", uid_set(uids), items)
+        for meta, raw in _fetch_records(data):
+            uid = _UID.search(meta)
+            if uid is None:
+                continue
+            date = _INTERNALDATE.search(meta)
+            modseq = _MODSEQ.search(meta)
+            yield FetchedMessage(
+                uid=int(uid.group(1)),
+                flags=_parse_flags(meta),
+                internaldate=_internaldate(date.group(1)) if date else None,
+                modseq=int(modseq.group(1)) if modseq else None,
+                raw=raw,
+            )
+
+    def flags(self, uids: str, changed_since: int | None = None) -> dict[int, tuple[tuple[str, ...], int | None]]:
+        """UID -> (flags, modseq) for ``uids`` (a sequence set), only those changed since a MODSEQ if given."""
+        items = "(UID FLAGS)"
+        if changed_since is not None:
+            items += f" (CHANGEDSINCE {changed_since})"
+        result = {}
+        for line in _flatten(self._call("UID", "FETCH", uids, items)):
+            uid = _UID.search(line)
+            if uid:
+                modseq = _MODSEQ.search(line)
+                result[int(uid.group(1))] = (_parse_flags(line), int(modseq.group(1)) if modseq else None)
+        return result
+
+
+def _flatten(data: list) -> list[bytes]:
+    out = []
+    for item in data:
+        if isinstance(item, tuple):
+            out.extend(part for part in item if isinstance(part, bytes))
+        elif isinstance(item, bytes):
+            out.append(item)
+    return out
+
+
+def _join_literals(data: list) -> list[bytes]:
+    """LIST lines whose mailbox name came as a literal, put back into one line each."""
+    lines = []
+    for item in data:
+        if isinstance(item, tuple):
+            head, literal = item[0], item[1]
+            lines.append(re.sub(rb"\{\d+\}$", b"", head) + b'"' + literal.replace(b'"', b'\\"') + b'"')
+        elif isinstance(item, bytes) and item:
+            lines.append(item)
+    return lines
+
+
+def _fetch_records(data: list) -> Iterator[tuple[bytes, bytes]]:
+    """(everything but the literal, the literal) per FETCH response.
+
+    imaplib hands a FETCH with a literal as (prefix, literal) followed by the rest of the line,
+    so items that follow the body (UID, MODSEQ on some servers) sit in the next element.
+    """
+    pending: tuple[bytes, bytes] | None = None
+    for item in data:
+        if isinstance(item, tuple):
+            if pending:
+                yield pending
+            pending = (item[0], item[1])
+        elif isinstance(item, bytes) and pending is not None:
+            yield pending[0] + b" " + item, pending[1]
+            pending = None
+    if pending:
+        yield pending
+
+
+def _parse_flags(line: bytes) -> tuple[str, ...]:
+    found = _FLAGS.search(line)
+    if not found:
+        return ()
+    return tuple(flag.decode("utf-8", "replace") for flag in found.group(1).split())
+
+
+def _internaldate(value: bytes) -> datetime | None:
+    try:
+        return datetime.strptime(value.decode(), "%d-%b-%Y %H:%M:%S %z")
+    except ValueError:
+        return None

@@ -1,0 +1,50 @@
+"""POP3 client used by sync: UIDL to tell what is new, RETR to download, never DELE."""
+
+from __future__ import annotations
+
+import poplib
+
+from email_service.protocols.errors import AuthenticationFailed, describe
+from email_service.protocols.session import MailSession
+from email_service.protocols.tls import client_context
+
+
+class Pop3Session(MailSession):
+    def _open(self) -> None:
+        context = client_context(self.ca_file)
+        if self.encryption == "tls":
+            conn: poplib.POP3 = poplib.POP3_SSL(self.host, self.port, context=context, timeout=self.timeout)
+        else:
+            conn = poplib.POP3(self.host, self.port, timeout=self.timeout)
+            if self.encryption == "starttls":
+                conn.stls(context=context)
+        self._conn = conn
+        try:
+            conn.user(self.username)
+            conn.pass_(self._password)
+        except poplib.error_proto:
+            raise AuthenticationFailed(f"authentication failed for {self.username} at {self.host}") from None
+
+    def _quit(self, conn: poplib.POP3) -> None:
+        # QUIT without DELE leaves every message on the server.
+        conn.quit()
+
+    def uidls(self) -> dict[str, int]:
+        """UIDL -> message number for every message in the maildrop."""
+        try:
+            _, lines, _ = self.conn.uidl()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
+            raise describe(exc, self.host, self.port) from None
+        result = {}
+        for line in lines:
+            number, _, uidl = line.decode("utf-8", "replace").partition(" ")
+            result[uidl.strip()] = int(number)
+        return result
+
+    def retrieve(self, number: int) -> bytes:
+        try:
+            _, lines, _ = self.conn.retr(number)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
+            raise describe(exc, self.host, self.port) from None
+        # poplib strips line ends and un-stuffs leading dots; put the CRLFs back.
+        return b"\r\n".join(lines) + b"\r\n"

@@ -1,0 +1,109 @@
+"""Job functions RQ runs. A job flows: queue -> mail protocol code (sync) -> models."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from rq import get_current_job
+
+from email_service.crypto import CredentialError
+from email_service.protocols.errors import MailServerError
+from email_service.protocols.imap import ImapSession
+from email_service.protocols.pop3 import Pop3Session
+from email_service.queue.context import job_runtime
+from email_service.queue.locks import AccountLock
+from email_service.runtime import Runtime
+from email_service.sync.accounts import SyncTarget, load_target, mark_syncing
+from email_service.sync.imap_sync import ImapSync
+from email_service.sync.pop3_sync import Pop3Sync
+from email_service.sync.result import SyncResult
+from email_service.sync.store import MailStore
+from email_service.tenancy import Principal
+
+log = logging.getLogger(__name__)
+
+
+class TaskFailed(Exception):
+    """A failure whose message is meant for the user (it is what the status API shows)."""
+
+
+class JobProgress:
+    """Writes progress to the job's meta, at most twice a second, so polling sees it move."""
+
+    def __init__(self) -> None:
+        self.job = get_current_job()
+        self._last = 0.0
+        self._value = -1
+
+    def __call__(self, percent: int) -> None:
+        percent = max(0, min(100, percent))
+        now = time.monotonic()
+        if self.job is None or percent == self._value or (now - self._last < 0.5 and percent < 100):
+            return
+        self._value, self._last = percent, now
+        self.job.meta["progress"] = percent
+        self.job.save_meta()
+
+    def failed(self, message: str) -> TaskFailed:
+        """Record ``message`` as the task's error and return the exception to raise."""
+        if self.job is not None:
+            self.job.meta["error"] = message
+            self.job.save_meta()
+        return TaskFailed(message)
+
+
+def sync_account(
+    account_id: str, tenant_id: str, user_id: str, force: bool = False, folders: list[str] | None = None
+) -> dict:
+    runtime = job_runtime()
+    principal = Principal(uuid.UUID(tenant_id), uuid.UUID(user_id))
+    progress = JobProgress()
+    lock = AccountLock(runtime.redis, account_id)
+    if not lock.acquire():
+        raise progress.failed("another sync of this account is already running")
+    try:
+        try:
+            target = load_target(runtime.db, runtime.cipher, principal, account_id)
+        except CredentialError:
+            raise progress.failed("the stored password cannot be decrypted; set the account's password again") from None
+        if target is None:
+            raise progress.failed("the account no longer exists or is disabled")
+        mark_syncing(runtime.db, principal, account_id, True)
+        succeeded = False
+        try:
+            result = _run_sync(runtime, principal, target, progress, force=force, folders=folders)
+            succeeded = True
+        except MailServerError as exc:
+            raise progress.failed(str(exc)) from None
+        finally:
+            mark_syncing(runtime.db, principal, account_id, False, succeeded=succeeded)
+        log.info("synced account %s: %s", account_id, result.as_dict())
+        return result.as_dict()
+    finally:
+        lock.release()
+
+
+def _run_sync(
+    runtime: Runtime,
+    principal: Principal,
+    target: SyncTarget,
+    progress: JobProgress,
+    *,
+    force: bool,
+    folders: list[str] | None,
+) -> SyncResult:
+    store = MailStore(runtime.db, runtime.objects, principal, target.id)
+    session_type = ImapSession if target.protocol == "imap" else Pop3Session
+    with session_type(
+        target.hostname,
+        target.port,
+        target.encryption,
+        target.username,
+        target.password,
+        ca_file=runtime.settings.ca_file,
+    ) as session:
+        if target.protocol == "imap":
+            return ImapSync(store, session, progress, force=force, only_folders=folders).run()
+        return Pop3Sync(store, session, progress).run()

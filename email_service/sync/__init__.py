@@ -1,0 +1,1 @@
+"""Mailbox sync: mail protocol code feeding the models, run by queue jobs."""
