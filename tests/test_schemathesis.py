@@ -15,7 +15,21 @@ from schemathesis.config import SchemathesisConfig
 from email_service.api.app import create_app
 from email_service.runtime import Runtime
 
-IMPLEMENTED = ["healthCheck", "listAccounts", "createAccount", "getAccount", "updateAccount", "deleteAccount"]
+IMPLEMENTED = [
+    "healthCheck",
+    "listAccounts",
+    "createAccount",
+    "getAccount",
+    "updateAccount",
+    "deleteAccount",
+    "listFolders",
+    "listMessages",
+    "getMessage",
+    "downloadAttachment",
+    "syncAccount",
+    "getSyncStatus",
+    "getStoredObject",
+]
 CONFIG = SchemathesisConfig.from_dict(
     {
         "generation": {"mode": "all", "max-examples": 60},

@@ -67,8 +67,11 @@ class SafeJSONRequestBodyValidator(JSONRequestBodyValidator):
             raise BadRequestProblem(detail=f"Request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
 
     def _validate(self, body: Any) -> dict | None:
-        if not self._nullable and body is None:
-            raise BadRequestProblem(detail="Request body must not be empty")
+        if body is None:
+            # An optional body (syncAccount's) may be left out; a required one may not.
+            if self._required and not self._nullable:
+                raise BadRequestProblem(detail="Request body must not be empty")
+            return None
         try:
             return self._validator.validate(body)
         except ValidationError as exc:

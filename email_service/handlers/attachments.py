@@ -1,9 +1,30 @@
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
 
-from email_service.handlers.unavailable import unavailable
+from flask import Response
+
+from email_service.handlers import principal, runtime
+from email_service.services import mail as service
+from email_service.storage import ObjectReader
+from email_service.storage.disposition import content_disposition
 
 
-def download_attachment(**_params: Any) -> None:
-    unavailable("download_attachment")
+def _chunks(reader: ObjectReader) -> Iterator[bytes]:
+    with reader:
+        yield from reader
+
+
+def download_attachment(account_id: str, attachment_id: str) -> Response:
+    rt = runtime()
+    attachment = service.get_attachment(rt.db, principal(), account_id, attachment_id)
+    reader = rt.objects.open(attachment.object_key)
+    # Streamed chunk by chunk: a large attachment is never held whole in memory.
+    return Response(
+        _chunks(reader),
+        headers={
+            "Content-Type": attachment.mime_type,
+            "Content-Length": str(reader.size),
+            "Content-Disposition": content_disposition(attachment.filename),
+        },
+    )

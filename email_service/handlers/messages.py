@@ -1,16 +1,100 @@
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+from email_service.handlers import principal, runtime
 from email_service.handlers.unavailable import unavailable
+from email_service.handlers.views import ms
+from email_service.models import Attachment, Message
+from email_service.services import mail as service
+from email_service.storage import ObjectStore
+
+# The spec's Message.from is a required email; mail without a usable From still has to be listed.
+UNKNOWN_SENDER = "unknown@unknown.invalid"
+DOWNLOAD_LINK_LIFETIME = timedelta(hours=1)
 
 
-def list_messages(**_params: Any) -> None:
-    unavailable("list_messages")
+def _addresses(values: list[str]) -> list[str]:
+    return [value for value in values if "@" in value]
 
 
-def get_message(**_params: Any) -> None:
-    unavailable("get_message")
+def message_view(message: Message) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "accountId": message.account_id,
+        "folderId": message.folder_id,
+        "from": message.from_address if "@" in message.from_address else UNKNOWN_SENDER,
+        "to": _addresses(message.to_addresses),
+        "cc": _addresses(message.cc_addresses),
+        "bcc": _addresses(message.bcc_addresses),
+        "subject": message.subject,
+        "preview": message.preview[:200],
+        "isRead": message.is_read,
+        "isStarred": message.is_starred,
+        "isSpam": message.is_spam,
+        "isDeleted": message.is_deleted,
+        "attachmentCount": message.attachment_count,
+        "receivedAt": ms(message.received_at),
+        "createdAt": ms(message.created_at),
+        "updatedAt": ms(message.updated_at),
+    }
+
+
+def attachment_view(attachment: Attachment, objects: ObjectStore) -> dict[str, Any]:
+    return {
+        "id": attachment.id,
+        "messageId": attachment.message_id,
+        "filename": attachment.filename,
+        "mimeType": attachment.mime_type,
+        "size": attachment.size,
+        "contentId": attachment.content_id,
+        "isInline": attachment.is_inline,
+        "downloadUrl": objects.presigned_url(
+            attachment.object_key,
+            DOWNLOAD_LINK_LIFETIME,
+            filename=attachment.filename,
+            content_type=attachment.mime_type,
+        ),
+    }
+
+
+def list_messages(
+    account_id: str,
+    folder_id: str,
+    limit: int = 50,
+    offset: int = 0,
+    sort: str = "receivedAt:desc",
+    filter_: str = "all",
+) -> tuple[dict, int]:
+    page = service.list_messages(
+        runtime().db,
+        principal(),
+        account_id,
+        folder_id,
+        limit=limit,
+        offset=min(offset, 2**62),
+        sort=sort,
+        filter_=filter_,
+    )
+    return {
+        "messages": [message_view(m) for m in page.items],
+        "pagination": {"total": page.total, "limit": limit, "offset": offset},
+    }, 200
+
+
+def get_message(account_id: str, message_id: str) -> tuple[dict, int]:
+    rt = runtime()
+    detail = service.get_message(rt.db, principal(), account_id, message_id)
+    message = detail.message
+    return {
+        **message_view(message),
+        "body": message.body_text,
+        "bodyHtml": message.body_html,
+        "headers": message.headers,
+        "attachments": [attachment_view(a, rt.objects) for a in detail.attachments],
+        "conversationId": message.conversation_id,
+    }, 200
 
 
 def update_message(**_params: Any) -> None:

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cuid2 import Cuid
+from redis import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -16,6 +18,7 @@ from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.errors import BadRequestError, ConflictError, NotFoundError
 from email_service.models import Account
+from email_service.queue.locks import locked_accounts
 from email_service.tenancy import Principal
 
 _new_id = Cuid().generate
@@ -133,6 +136,18 @@ def delete_account(db: Database, principal: Principal, account_id: str) -> None:
         account.deleted_at = _now()
         account.updated_at = account.deleted_at
         account.is_sync_enabled = False
+
+
+def syncing(redis: Redis, accounts: list[Account]) -> set[str]:
+    """Ids of the accounts a sync is running for right now.
+
+    The sync lock in Redis is the truth: it expires when a crashed worker stops renewing it,
+    whereas the row's flag would stay set forever. If Redis cannot answer, the row decides.
+    """
+    try:
+        return locked_accounts(redis, [a.id for a in accounts if a.is_syncing])
+    except RedisError:
+        return {a.id for a in accounts if a.is_syncing}
 
 
 def rotate_credentials(db: Database, cipher: CredentialCipher, batch_size: int = 500) -> int:

@@ -1,0 +1,557 @@
+"""Mailbox sync against a real Dovecot, run by a real RQ worker process on the real Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from helpers import assert_error_shape, free_port, service_env
+from mailservers import make_tls_files
+from messages import (
+    ATTACHMENT_NAME,
+    attachments_message,
+    html_message,
+    international_message,
+    malformed_message,
+    plain_message,
+    realistic_mix,
+    thread,
+    to_bytes,
+)
+from sqlalchemy import text
+
+from email_service.queue.locks import AccountLock
+from email_service.queue.scheduler import SyncScheduler
+from email_service.sync.accounts import due_for_sync
+
+
+@pytest.fixture(scope="session")
+def worker(backing, dovecot, tmp_path_factory):
+    """`email-service worker` as its own process, trusting the test servers' CA."""
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = service_env(
+        backing,
+        EMAIL_SERVICE_CA_FILE=str(dovecot.ca_file),
+        EMAIL_SERVICE_DATA_DIR=str(backing.data_dir),
+        EMAIL_SERVICE_STORAGE_KEY=backing.storage_signing_key,
+    )
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "email_service", "worker", "--no-scheduler"], env=env, stdout=log, stderr=log
+        )
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def imap_account(dovecot, mail_user, **overrides) -> dict:
+    body = {
+        "accountName": "Test IMAP",
+        "emailAddress": f"{mail_user.name}@example.com",
+        "protocol": "imap",
+        "hostname": dovecot.host,
+        "port": dovecot.imaps_port,
+        "encryption": "tls",
+        "username": mail_user.name,
+        "password": mail_user.password,
+        "isSyncEnabled": False,
+    }
+    body.update(overrides)
+    return body
+
+
+def create_account(client, user, body) -> str:
+    response = client.post("/api/accounts", json=body, headers=user.headers)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def run_sync(client, user, account_id, body=None, timeout=120) -> tuple[dict, list[int]]:
+    """Start a sync and poll it to the end; returns the final status and every progress value seen."""
+    started = client.post(f"/api/sync/{account_id}", json=body or {}, headers=user.headers)
+    assert started.status_code == 202, started.text
+    task_id = started.json()["taskId"]
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get(f"/api/sync/task/{task_id}", headers=user.headers).json()
+        seen.append(status["progress"])
+        if status["status"] in ("success", "failure"):
+            return status, seen
+        time.sleep(0.05)
+    raise AssertionError(f"sync did not finish in {timeout}s: {status}")
+
+
+def folders_by_name(client, user, account_id) -> dict[str, dict]:
+    response = client.get(f"/api/{account_id}/folders", headers=user.headers)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["total"] == len(body["folders"])
+    return {f["name"]: f for f in body["folders"]}
+
+
+def messages(client, user, account_id, folder_id, **query) -> dict:
+    response = client.get(f"/api/{account_id}/folders/{folder_id}/messages", params=query, headers=user.headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.fixture
+def synced(client, user, dovecot, mail_user, worker):
+    """A mailbox with folders and varied mail, synced once."""
+    for folder in ("Projects", "Projects/2026", "Archiv/Größe"):
+        dovecot.create_folder(mail_user, folder)
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Plain one")), flags=["\\Seen"])
+    dovecot.append(mail_user, "INBOX", to_bytes(html_message()))
+    dovecot.append(mail_user, "INBOX", to_bytes(attachments_message()), flags=["\\Flagged"])
+    dovecot.append(mail_user, "INBOX", to_bytes(international_message()))
+    for message in thread(3):
+        dovecot.append(mail_user, "Projects", to_bytes(message))
+    dovecot.append(mail_user, "Sent", to_bytes(plain_message("Sent by me")), flags=["\\Seen"])
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    status, progress = run_sync(client, user, account_id)
+    return account_id, status, progress
+
+
+def test_initial_sync_brings_folders_with_types_hierarchy_and_counts(client, user, synced):
+    account_id, status, _ = synced
+    assert status["status"] == "success", status
+    assert status["progress"] == 100
+    assert status["result"]["messagesAdded"] == 8 and status["result"]["errors"] == []
+    folders = folders_by_name(client, user, account_id)
+    # "Archiv" only exists as the parent of "Archiv/Größe" (\Noselect): listed, nothing to sync.
+    assert status["result"]["foldersSync"] == len(folders) - 1 and "syncedAt" not in folders["Archiv"]
+    types = {name: f["type"] for name, f in folders.items()}
+    assert types["INBOX"] == "inbox" and types["Sent"] == "sent" and types["Drafts"] == "drafts"
+    assert types["Junk"] == "spam" and types["Trash"] == "trash" and types["Projects"] == "custom"
+    assert folders["INBOX"]["displayName"] == "Inbox"
+    nested = folders["Projects/2026"]
+    assert nested["displayName"] == "2026" and nested["parentId"] == folders["Projects"]["id"]
+    assert folders["Projects"]["parentId"] is None
+    umlaut = next(f for f in folders.values() if f["displayName"] == "Größe")
+    assert umlaut["name"] != "Archiv/Größe"  # the raw name stays modified UTF-7, as on the server
+    assert umlaut["parentId"] == folders["Archiv"]["id"]
+    inbox = folders["INBOX"]
+    assert inbox["messageCount"] == 4 and inbox["unreadCount"] == 3 and inbox["syncedAt"] > 0
+    account = client.get(f"/api/accounts/{account_id}", headers=user.headers).json()
+    assert account["lastSyncAt"] is not None and account["isSyncing"] is False
+
+
+def test_message_details_attachments_and_sanitised_html(client, user, synced):
+    account_id, _, _ = synced
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    listed = {m["subject"]: m for m in messages(client, user, account_id, inbox["id"])["messages"]}
+    with_files = client.get(
+        f"/api/{account_id}/messages/{listed['Photos and the contract']['id']}", headers=user.headers
+    )
+    detail = with_files.json()
+    assert detail["isStarred"] is True and detail["isRead"] is False and detail["attachmentCount"] == 3
+    by_name = {a["filename"]: a for a in detail["attachments"]}
+    assert set(by_name) == {ATTACHMENT_NAME, "notes.txt", "logo.png"}
+    assert by_name["logo.png"]["isInline"] is True and by_name["logo.png"]["contentId"] == "logo-1@example.com"
+    pdf = by_name[ATTACHMENT_NAME]
+    assert pdf["isInline"] is False and pdf["mimeType"] == "application/pdf"
+    expected = b"%PDF-1.4\n" + bytes(range(256)) * 8 + b"\n%%EOF\n"
+    assert pdf["size"] == len(expected)
+    download = client.get(f"/api/{account_id}/attachments/{pdf['id']}/download", headers=user.headers)
+    assert download.status_code == 200 and download.content == expected
+    assert download.headers["content-type"] == "application/pdf"
+    assert "filename*=UTF-8''" in download.headers["content-disposition"]
+    link = urlsplit(pdf["downloadUrl"])
+    presigned = client.get(f"{link.path}?{link.query}")
+    assert presigned.status_code == 200 and presigned.content == expected
+
+    html = client.get(f"/api/{account_id}/messages/{listed['Your invoice']['id']}", headers=user.headers).json()
+    assert html["bodyHtml"] and "<script" not in html["bodyHtml"].lower()
+    assert "onclick" not in html["bodyHtml"].lower() and "javascript:" not in html["bodyHtml"].lower()
+    assert "invoice" in html["body"].lower() and len(html["preview"]) <= 200
+
+    international = next(m for s, m in listed.items() if s.startswith("Grüße aus Zürich"))
+    assert international["subject"] == "Grüße aus Zürich – 東京の会議 📅"
+
+
+def test_replies_share_a_conversation(client, user, synced):
+    account_id, _, _ = synced
+    projects = folders_by_name(client, user, account_id)["Projects"]
+    ids = [m["id"] for m in messages(client, user, account_id, projects["id"])["messages"]]
+    conversations = {
+        client.get(f"/api/{account_id}/messages/{i}", headers=user.headers).json()["conversationId"] for i in ids
+    }
+    assert len(ids) == 3 and len(conversations) == 1 and None not in conversations
+
+
+def test_incremental_sync_fetches_new_mail_flag_changes_and_expunges(client, user, dovecot, mail_user, synced):
+    account_id, _, _ = synced
+    unchanged, _ = run_sync(client, user, account_id)
+    assert unchanged["status"] == "success"
+    assert {k: unchanged["result"][k] for k in ("messagesAdded", "messagesUpdated", "messagesRemoved")} == {
+        "messagesAdded": 0,
+        "messagesUpdated": 0,
+        "messagesRemoved": 0,
+    }
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Arrived later")))
+    with dovecot.imap(mail_user) as other:
+        other.select("INBOX")
+        _, data = other.uid("SEARCH", "HEADER", "Subject", '"Plain one"')
+        plain_uid = data[0].decode()
+        _, data = other.uid("SEARCH", "HEADER", "Subject", '"Your invoice"')
+        invoice_uid = data[0].decode()
+        other.uid("STORE", plain_uid, "-FLAGS", "(\\Seen)")
+        other.uid("STORE", invoice_uid, "+FLAGS", "(\\Seen \\Flagged)")
+        _, data = other.uid("SEARCH", "HEADER", "Subject", '"Photos"')
+        other.uid("STORE", data[0].decode(), "+FLAGS", "(\\Deleted)")
+        other.expunge()
+    status, _ = run_sync(client, user, account_id)
+    result = status["result"]
+    assert (result["messagesAdded"], result["messagesUpdated"], result["messagesRemoved"]) == (1, 2, 1), result
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    listed = {m["subject"]: m for m in messages(client, user, account_id, inbox["id"])["messages"]}
+    assert "Photos and the contract" not in listed and "Arrived later" in listed
+    assert listed["Plain one"]["isRead"] is False
+    assert listed["Your invoice"]["isRead"] is True and listed["Your invoice"]["isStarred"] is True
+    assert inbox["messageCount"] == 4 and inbox["unreadCount"] == 3
+
+
+def test_uidvalidity_change_rebuilds_the_folder(client, user, dovecot, mail_user, synced):
+    account_id, _, _ = synced
+    before = folders_by_name(client, user, account_id)["Projects"]
+    dovecot.recreate_folder(mail_user, "Projects")
+    dovecot.append(mail_user, "Projects", to_bytes(plain_message("After the rebuild")))
+    status, _ = run_sync(client, user, account_id)
+    assert status["result"]["messagesRemoved"] == 3 and status["result"]["messagesAdded"] == 1
+    after = folders_by_name(client, user, account_id)["Projects"]
+    assert after["id"] == before["id"]
+    subjects = [m["subject"] for m in messages(client, user, account_id, after["id"])["messages"]]
+    assert subjects == ["After the rebuild"]
+
+
+def test_sort_filter_and_pages(client, user, dovecot, mail_user, worker):
+    base = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
+    senders = ["carol@example.com", "alice@example.com", "eve@example.com", "bob@example.com", "dave@example.com"]
+    for i, sender in enumerate(senders):
+        dovecot.append(
+            mail_user,
+            "INBOX",
+            to_bytes(plain_message(f"Message {i}", sender=sender)),
+            flags=["\\Seen"] if i % 2 == 0 else [],
+            internaldate=base + dt.timedelta(hours=i),
+        )
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    inbox = folders_by_name(client, user, account_id)["INBOX"]["id"]
+
+    def subjects(**query):
+        return [m["subject"] for m in messages(client, user, account_id, inbox, **query)["messages"]]
+
+    assert subjects() == [f"Message {i}" for i in (4, 3, 2, 1, 0)]
+    assert subjects(sort="receivedAt:asc") == [f"Message {i}" for i in range(5)]
+    assert subjects(sort="from:asc") == ["Message 1", "Message 3", "Message 0", "Message 4", "Message 2"]
+    assert subjects(sort="from:desc") == ["Message 2", "Message 4", "Message 0", "Message 3", "Message 1"]
+    assert subjects(filter="read") == ["Message 4", "Message 2", "Message 0"]
+    assert subjects(filter="unread") == ["Message 3", "Message 1"]
+    page = messages(client, user, account_id, inbox, limit=2, offset=1)
+    assert [m["subject"] for m in page["messages"]] == ["Message 3", "Message 2"]
+    assert page["pagination"] == {"total": 5, "limit": 2, "offset": 1}
+    assert messages(client, user, account_id, inbox, filter="unread", limit=1)["pagination"]["total"] == 2
+
+
+def test_malformed_message_is_stored_and_the_rest_syncs(client, user, dovecot, mail_user, worker):
+    dovecot.append(mail_user, "INBOX", malformed_message())
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Fine")))
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    status, _ = run_sync(client, user, account_id)
+    assert status["status"] == "success" and status["result"]["messagesAdded"] == 2
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    for message in messages(client, user, account_id, inbox["id"])["messages"]:
+        assert client.get(f"/api/{account_id}/messages/{message['id']}", headers=user.headers).status_code == 200
+
+
+def test_a_broken_folder_is_reported_and_does_not_stop_the_others(client, user, dovecot, mail_user, worker):
+    dovecot.create_folder(mail_user, "Broken")
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Still synced")))
+    # The mail processes run as nobody: a folder they cannot read fails on the server alone.
+    broken = dovecot.maildir(mail_user) / "Broken"
+    broken.chmod(0o000)
+    try:
+        account_id = create_account(client, user, imap_account(dovecot, mail_user))
+        status, _ = run_sync(client, user, account_id)
+    finally:
+        broken.chmod(0o700)
+    assert status["status"] == "success", status
+    assert any("Broken" in error for error in status["result"]["errors"]), status["result"]
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    assert [m["subject"] for m in messages(client, user, account_id, inbox["id"])["messages"]] == ["Still synced"]
+
+
+def test_starttls_and_plain_imap(client, user, dovecot, mail_user, worker):
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Over STARTTLS")))
+    body = imap_account(dovecot, mail_user, port=dovecot.imap_port, encryption="starttls")
+    account_id = create_account(client, user, body)
+    assert run_sync(client, user, account_id)[0]["result"]["messagesAdded"] == 1
+
+
+def test_progress_moves_and_is_syncing_tells_the_truth(client, user, dovecot, mail_user, worker):
+    dovecot.append_many(mail_user, "INBOX", list(realistic_mix(400, seed=3)))
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    started = client.post(f"/api/sync/{account_id}", json={}, headers=user.headers).json()
+    again = client.post(f"/api/sync/{account_id}", json={}, headers=user.headers).json()
+    assert again["taskId"] == started["taskId"]  # one sync per account at a time
+    seen_syncing = False
+    progress = []
+    while True:
+        status = client.get(f"/api/sync/task/{started['taskId']}", headers=user.headers).json()
+        progress.append(status["progress"])
+        if status["status"] == "started":
+            seen_syncing |= client.get(f"/api/accounts/{account_id}", headers=user.headers).json()["isSyncing"]
+        if status["status"] in ("success", "failure"):
+            break
+        time.sleep(0.05)
+    assert status["status"] == "success" and status["result"]["messagesAdded"] == 400
+    assert any(0 < p < 100 for p in progress), progress
+    assert progress == sorted(progress)
+    assert seen_syncing
+    assert client.get(f"/api/accounts/{account_id}", headers=user.headers).json()["isSyncing"] is False
+
+
+def test_pop3_downloads_each_message_once_and_deletes_nothing(client, user, dovecot, mail_user, worker):
+    for i in range(3):
+        dovecot.append(mail_user, "INBOX", to_bytes(plain_message(f"POP {i}")))
+    body = imap_account(dovecot, mail_user, protocol="pop3", port=dovecot.pop3s_port)
+    account_id = create_account(client, user, body)
+    first, _ = run_sync(client, user, account_id)
+    assert first["status"] == "success" and first["result"]["messagesAdded"] == 3
+    assert run_sync(client, user, account_id)[0]["result"]["messagesAdded"] == 0
+    dovecot.append(mail_user, "INBOX", to_bytes(attachments_message("POP with files")))
+    third, _ = run_sync(client, user, account_id)
+    assert third["result"]["messagesAdded"] == 1
+    folders = client.get(f"/api/{account_id}/folders", headers=user.headers).json()["folders"]
+    assert [(f["name"], f["type"]) for f in folders] == [("INBOX", "inbox")]
+    listed = messages(client, user, account_id, folders[0]["id"])
+    assert sorted(m["subject"] for m in listed["messages"]) == ["POP 0", "POP 1", "POP 2", "POP with files"]
+    pop = dovecot.pop3(mail_user)
+    try:
+        assert pop.stat()[0] == 4
+    finally:
+        pop.quit()
+    stls = create_account(
+        client,
+        user,
+        imap_account(
+            dovecot,
+            mail_user,
+            protocol="pop3",
+            port=dovecot.pop3_port,
+            encryption="starttls",
+            emailAddress=f"stls-{mail_user.name}@example.com",
+        ),
+    )
+    assert run_sync(client, user, stls)[0]["result"]["messagesAdded"] == 4
+
+
+def test_wrong_password_fails_in_words(client, user, dovecot, mail_user, worker):
+    account_id = create_account(client, user, imap_account(dovecot, mail_user, password="definitely-wrong"))
+    status, _ = run_sync(client, user, account_id)
+    assert status["status"] == "failure"
+    assert status["error"].startswith("authentication failed") and "definitely-wrong" not in status["error"]
+    account = client.get(f"/api/accounts/{account_id}", headers=user.headers).json()
+    assert account["lastSyncAt"] is None and account["isSyncing"] is False
+
+
+def test_unreachable_server_fails_in_words(client, user, dovecot, mail_user, worker):
+    port = free_port()
+    account_id = create_account(client, user, imap_account(dovecot, mail_user, port=port))
+    status, _ = run_sync(client, user, account_id)
+    assert status["status"] == "failure" and status["error"] == f"connection refused by localhost:{port}"
+
+
+@pytest.fixture
+def untrusted_tls_server(tmp_path):
+    """A TLS listener whose certificate comes from a CA the worker does not trust."""
+    context = make_tls_files(tmp_path).server_context()
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(b"* OK untrusted\r\n")
+            except (ssl.SSLError, OSError):
+                pass
+
+    thread_ = threading.Thread(target=serve, daemon=True)
+    thread_.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread_.join()
+    listener.close()
+
+
+def test_untrusted_certificate_fails_in_words(client, user, dovecot, mail_user, worker, untrusted_tls_server):
+    account_id = create_account(client, user, imap_account(dovecot, mail_user, port=untrusted_tls_server))
+    status, _ = run_sync(client, user, account_id)
+    assert status["status"] == "failure" and "certificate verify failed" in status["error"]
+
+
+class CuttingProxy:
+    """A TCP relay that drops the connection after ``limit`` bytes from the server, once armed."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.limit: int | None = None
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # the listener was closed
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            limit = self.limit
+            threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, limit), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while chunk := source.recv(65536):
+                if limit is not None and sent + len(chunk) > limit:
+                    break
+                sink.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        time.sleep(0.3)  # let the accept loop see the stop before its socket goes
+        self.listener.close()
+
+
+def test_server_gone_mid_sync_then_next_sync_is_exact(client, user, dovecot, mail_user, worker):
+    mail = list(realistic_mix(300, seed=7))
+    uids = dovecot.append_many(mail_user, "INBOX", mail)
+    proxy = CuttingProxy(dovecot.imaps_port)
+    try:
+        account_id = create_account(client, user, imap_account(dovecot, mail_user, port=proxy.port))
+        # Past the first batches of bodies (a batch is at most 8 MB), well before the end.
+        proxy.limit = int(sum(len(raw) for raw in mail) * 0.75)
+        broken, _ = run_sync(client, user, account_id)
+        assert broken["status"] == "failure" and "localhost" in broken["error"], broken
+        inbox = folders_by_name(client, user, account_id)["INBOX"]
+        partial = messages(client, user, account_id, inbox["id"], limit=500)["pagination"]["total"]
+        assert 0 < partial < len(uids)
+        proxy.limit = None
+        healed, _ = run_sync(client, user, account_id)
+    finally:
+        proxy.close()
+    assert healed["status"] == "success" and healed["result"]["messagesAdded"] == len(uids) - partial
+    listed = messages(client, user, account_id, inbox["id"], limit=500)
+    assert listed["pagination"]["total"] == len(uids)
+    assert len({m["subject"] for m in listed["messages"]}) == len(uids)
+
+
+def test_tasks_folders_messages_and_attachments_are_invisible_to_others(client, user, synced, make_user, verifier):
+    account_id, _, _ = synced
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    message = next(m for m in messages(client, user, account_id, inbox["id"])["messages"] if m["attachmentCount"])
+    attachment = client.get(f"/api/{account_id}/messages/{message['id']}", headers=user.headers).json()["attachments"][
+        0
+    ]
+    task = client.post(f"/api/sync/{account_id}", json={}, headers=user.headers).json()["taskId"]
+    for stranger in (user.colleague(verifier), make_user()):
+        for path in (
+            f"/api/{account_id}/folders",
+            f"/api/{account_id}/folders/{inbox['id']}/messages",
+            f"/api/{account_id}/messages/{message['id']}",
+            f"/api/{account_id}/attachments/{attachment['id']}/download",
+            f"/api/sync/task/{task}",
+        ):
+            assert_error_shape(client.get(path, headers=stranger.headers), 404)
+        assert_error_shape(client.post(f"/api/sync/{account_id}", json={}, headers=stranger.headers), 404)
+
+
+def test_a_crashed_sync_does_not_hold_its_account_forever(runtime):
+    lock = AccountLock(runtime.redis, "crash-test", ttl=1)
+    assert lock.acquire()
+    lock._stop.set()  # the heartbeat dies with its worker
+    assert not AccountLock(runtime.redis, "crash-test", ttl=1).acquire()
+    time.sleep(1.5)
+    successor = AccountLock(runtime.redis, "crash-test", ttl=1)
+    assert successor.acquire()
+    successor.release()
+
+
+def test_scheduler_syncs_due_accounts_and_skips_disabled_ones(client, runtime, dovecot, make_user, worker):
+    owner = make_user()
+    enabled_user, disabled_user = dovecot.add_user(), dovecot.add_user()
+    dovecot.append(enabled_user, "INBOX", to_bytes(plain_message("Scheduled")))
+    enabled = create_account(client, owner, imap_account(dovecot, enabled_user, isSyncEnabled=True, syncInterval=60))
+    disabled = create_account(client, owner, imap_account(dovecot, disabled_user, isSyncEnabled=False))
+    scheduler = SyncScheduler(runtime.db, runtime.redis, f"test-{os.getpid()}")
+    runtime.redis.delete("email_service:scheduler-leader")
+    scheduler.run_once()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        account = client.get(f"/api/accounts/{enabled}", headers=owner.headers).json()
+        if account["lastSyncAt"]:
+            break
+        time.sleep(0.2)
+    assert account["lastSyncAt"], "the scheduler did not sync the due account"
+    assert client.get(f"/api/accounts/{disabled}", headers=owner.headers).json()["lastSyncAt"] is None
+    # Synced just now: not due again until its interval has passed.
+    due = {a.id for a in due_for_sync(runtime.db)}
+    assert enabled not in due and disabled not in due
+    client.put(f"/api/accounts/{enabled}", json={"isSyncEnabled": False}, headers=owner.headers)
+    with runtime.db.maintenance_session() as session:
+        session.execute(
+            text("UPDATE accounts SET last_sync_at = now() - interval '1 day' WHERE id = :id"), {"id": enabled}
+        )
+    assert enabled not in {a.id for a in due_for_sync(runtime.db)}
+
+
+def test_worker_runs_the_scheduler_beside_it(backing, dovecot, tmp_path):
+    env = service_env(backing, EMAIL_SERVICE_CA_FILE=str(dovecot.ca_file), EMAIL_SERVICE_DATA_DIR=str(backing.data_dir))
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "email_service", "worker"], env=env, stdout=out, stderr=out)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and "sync scheduler started" not in log.read_text():
+                time.sleep(0.2)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    assert "sync scheduler started" in Path(log).read_text()
