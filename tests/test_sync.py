@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -30,9 +31,20 @@ from messages import (
 )
 from sqlalchemy import text
 
+from email_service.api.app import create_app
 from email_service.queue.locks import AccountLock
 from email_service.queue.scheduler import SyncScheduler
+from email_service.runtime import Runtime
 from email_service.sync.accounts import due_for_sync
+
+
+@pytest.fixture(scope="module")
+def client(backing):
+    """Polling a task every 50 ms would trip the per-user limits, which have tests of their own."""
+    runtime = Runtime.build(replace(backing, rate_limits_enabled=False))
+    with create_app(runtime).test_client() as test_client:
+        yield test_client
+    runtime.close()
 
 
 @pytest.fixture(scope="session")
