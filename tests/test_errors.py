@@ -106,7 +106,6 @@ SEND = {"accountId": "a1", "to": ["x@example.com"], "subject": "s", "body": "b"}
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [
-        ("patch", "/api/acc1/messages/m1", {"isRead": True}),
         ("post", "/api/compose/send", SEND),
         ("post", "/api/compose/draft", SEND),
     ],

@@ -29,6 +29,7 @@ IMPLEMENTED = [
     "syncAccount",
     "getSyncStatus",
     "getStoredObject",
+    "updateMessage",
 ]
 CONFIG = SchemathesisConfig.from_dict(
     {

@@ -4,10 +4,10 @@ from datetime import timedelta
 from typing import Any
 
 from email_service.handlers import principal, runtime
-from email_service.handlers.unavailable import unavailable
 from email_service.handlers.views import ms
 from email_service.models import Attachment, Message
 from email_service.services import mail as service
+from email_service.services import messages as message_changes
 from email_service.storage import ObjectStore
 
 # The spec's Message.from is a required email; mail without a usable From still has to be listed.
@@ -34,6 +34,7 @@ def message_view(message: Message) -> dict[str, Any]:
         "isStarred": message.is_starred,
         "isSpam": message.is_spam,
         "isDeleted": message.is_deleted,
+        "labels": list(message.keywords),
         "attachmentCount": message.attachment_count,
         "receivedAt": ms(message.received_at),
         "createdAt": ms(message.created_at),
@@ -83,19 +84,24 @@ def list_messages(
     }, 200
 
 
-def get_message(account_id: str, message_id: str) -> tuple[dict, int]:
-    rt = runtime()
-    detail = service.get_message(rt.db, principal(), account_id, message_id)
+def detail_view(detail: service.MessageDetail, objects: ObjectStore) -> dict[str, Any]:
     message = detail.message
     return {
         **message_view(message),
         "body": message.body_text,
         "bodyHtml": message.body_html,
         "headers": message.headers,
-        "attachments": [attachment_view(a, rt.objects) for a in detail.attachments],
+        "attachments": [attachment_view(a, objects) for a in detail.attachments],
         "conversationId": message.conversation_id,
-    }, 200
+    }
 
 
-def update_message(**_params: Any) -> None:
-    unavailable("update_message")
+def get_message(account_id: str, message_id: str) -> tuple[dict, int]:
+    rt = runtime()
+    return detail_view(service.get_message(rt.db, principal(), account_id, message_id), rt.objects), 200
+
+
+def update_message(account_id: str, message_id: str, body: dict[str, Any]) -> tuple[dict, int]:
+    rt = runtime()
+    detail = message_changes.update_message(rt, principal(), account_id, message_id, body)
+    return detail_view(detail, rt.objects), 200

@@ -69,6 +69,7 @@ class Message(Base):
     size: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     attachment_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     raw_object_key: Mapped[str | None] = mapped_column(Text)
+    writeback_pending: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 

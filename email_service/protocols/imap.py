@@ -156,6 +156,49 @@ class ImapSession(MailSession):
             messages=int(data[0]) if data and data[0] else 0,
         )
 
+    def select(self, name: str) -> MailboxState:
+        """Open a folder read-write, for writing changes back."""
+        conn = self.conn
+        try:
+            typ, data = conn.select(quote(name))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
+            raise describe(exc, self.host, self.port) from None
+        if typ != "OK":
+            raise MailServerError(f"{self.host} cannot open folder {name}")
+        uidvalidity = conn.untagged_responses.get("UIDVALIDITY", [None])[-1]
+        return MailboxState(
+            uidvalidity=int(uidvalidity or 0),
+            uidnext=None,
+            highestmodseq=None,
+            messages=int(data[0]) if data and data[0] else 0,
+        )
+
+    def store(self, uid: int, *, add: Sequence[str] = (), remove: Sequence[str] = ()) -> None:
+        """Add and remove flags on one message, leaving every other flag as it is."""
+        if add:
+            self._call("UID", "STORE", str(uid), "+FLAGS.SILENT", f"({' '.join(add)})")
+        if remove:
+            self._call("UID", "STORE", str(uid), "-FLAGS.SILENT", f"({' '.join(remove)})")
+
+    def move(self, uid: int, target: str) -> int | None:
+        """Move one message (from the selected folder); returns its UID in ``target`` when the server says."""
+        if "MOVE" in self.capabilities:
+            self._call("UID", "MOVE", str(uid), quote(target))
+        else:
+            self._call("UID", "COPY", str(uid), quote(target))
+            self.store(uid, add=["\\Deleted"])
+            if "UIDPLUS" in self.capabilities:
+                self._call("UID", "EXPUNGE", str(uid))
+            else:
+                self._call("EXPUNGE")
+        # RFC 4315: the new UID arrives as [COPYUID uidvalidity old new], untagged with MOVE.
+        codes = self.conn.untagged_responses.pop("COPYUID", None) or []
+        for code in reversed(codes):
+            parts = code.split() if isinstance(code, bytes) else []
+            if len(parts) == 3 and parts[2].isdigit():
+                return int(parts[2])
+        return None
+
     def search_uids(self, criteria: str = "ALL") -> list[int]:
         data = self._call("UID", "SEARCH", criteria)
         return sorted(int(uid) for uid in b" ".join(d for d in data if d).split())

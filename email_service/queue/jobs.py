@@ -20,6 +20,7 @@ from email_service.sync.imap_sync import ImapSync
 from email_service.sync.pop3_sync import Pop3Sync
 from email_service.sync.result import SyncResult
 from email_service.sync.store import MailStore
+from email_service.sync.writeback import load_pending, write_back
 from email_service.tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -107,3 +108,41 @@ def _run_sync(
         if target.protocol == "imap":
             return ImapSync(store, session, progress, force=force, only_folders=folders).run()
         return Pop3Sync(store, session, progress).run()
+
+
+class AccountBusy(Exception):
+    """A sync holds the account; RQ retries the job later."""
+
+
+def writeback_message(account_id: str, tenant_id: str, user_id: str, message_id: str) -> dict:
+    """Write one message's changed flags (and spam moves) to its IMAP server."""
+    runtime = job_runtime()
+    principal = Principal(uuid.UUID(tenant_id), uuid.UUID(user_id))
+    progress = JobProgress()
+    lock = AccountLock(runtime.redis, account_id)
+    if not lock.acquire():
+        # Not a failure: the retry policy brings the job back once the sync is done.
+        progress.failed("waiting for a running sync of this account to finish")
+        raise AccountBusy(account_id)
+    try:
+        target = load_target(runtime.db, runtime.cipher, principal, account_id)
+        change = load_pending(runtime.db, principal, message_id) if target is not None else None
+        if target is None or change is None or target.protocol != "imap":
+            return {"result": "nothing to write"}
+        try:
+            with ImapSession(
+                target.hostname,
+                target.port,
+                target.encryption,
+                target.username,
+                target.password,
+                ca_file=runtime.settings.ca_file,
+            ) as session:
+                outcome = write_back(runtime.db, principal, session, change)
+        except MailServerError as exc:
+            # Recorded for the status API; raised again so the retry policy tries later.
+            progress.failed(str(exc))
+            raise
+        return {"result": outcome}
+    finally:
+        lock.release()

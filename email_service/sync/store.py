@@ -270,7 +270,12 @@ class MailStore:
                     Message.is_deleted,
                     Message.is_spam,
                     Message.keywords,
-                ).where(Message.folder_id == folder.id, Message.uid.in_(list(changes)))
+                ).where(
+                    Message.folder_id == folder.id,
+                    Message.uid.in_(list(changes)),
+                    # A change made through the API and not yet on the server wins over the server's flags.
+                    Message.writeback_pending.is_(False),
+                )
             ).all()
             for row in current:
                 flags, modseq = changes[row.uid]

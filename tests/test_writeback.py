@@ -1,0 +1,165 @@
+"""Changes made through the API reach the IMAP server, seen by an independent client."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from helpers import assert_error_shape
+from mailservers import quote_mailbox
+from messages import plain_message, to_bytes
+from syncing import create_account, folders_by_name, imap_account, messages, run_sync
+
+from email_service.protocols.imap import ImapSession
+from email_service.queue.locks import AccountLock
+from email_service.sync.imap_sync import ImapSync
+from email_service.sync.store import MailStore
+
+SUBJECT = "Write me back"
+
+
+@pytest.fixture
+def client(sync_client):
+    return sync_client
+
+
+def server_flags(dovecot, mail_user, folder: str, subject: str = SUBJECT) -> set[str] | None:
+    """The message's flags as another IMAP client sees them; None when it is not in ``folder``."""
+    with dovecot.imap(mail_user) as other:
+        other.select(quote_mailbox(folder), readonly=True)
+        _, found = other.uid("SEARCH", "HEADER", "Subject", f'"{subject}"')
+        uids = found[0].split()
+        if not uids:
+            return None
+        _, data = other.uid("FETCH", uids[0].decode(), "(FLAGS)")
+    return set(re.search(rb"FLAGS \(([^)]*)\)", data[0]).group(1).decode().split())
+
+
+def eventually(check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def message(client, user, dovecot, mail_user, worker):
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message(SUBJECT)))
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    found = messages(client, user, account_id, inbox["id"])["messages"][0]
+    return account_id, found["id"]
+
+
+def patch(client, user, account_id, message_id, body):
+    response = client.patch(f"/api/{account_id}/messages/{message_id}", json=body, headers=user.headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_read_and_starred_reach_the_server_and_sync_keeps_them(client, user, dovecot, mail_user, message):
+    account_id, message_id = message
+    changed = patch(client, user, account_id, message_id, {"isRead": True, "isStarred": True})
+    assert changed["isRead"] is True and changed["isStarred"] is True  # at once, before the server knows
+    assert eventually(lambda: {"\\Seen", "\\Flagged"} <= (server_flags(dovecot, mail_user, "INBOX") or set()))
+    status, _ = run_sync(client, user, account_id)
+    assert status["result"]["messagesUpdated"] == 0
+    detail = client.get(f"/api/{account_id}/messages/{message_id}", headers=user.headers).json()
+    assert detail["isRead"] is True and detail["isStarred"] is True
+    assert folders_by_name(client, user, account_id)["INBOX"]["unreadCount"] == 0
+
+    patch(client, user, account_id, message_id, {"isRead": False})
+    assert eventually(lambda: "\\Seen" not in (server_flags(dovecot, mail_user, "INBOX") or {"\\Seen"}))
+    assert "\\Flagged" in server_flags(dovecot, mail_user, "INBOX")
+
+
+def test_labels_become_keywords(client, user, dovecot, mail_user, message):
+    account_id, message_id = message
+    changed = patch(client, user, account_id, message_id, {"labels": ["work", "2026-q1"]})
+    assert sorted(changed["labels"]) == ["2026-q1", "work"]
+    assert eventually(lambda: {"work", "2026-q1"} <= (server_flags(dovecot, mail_user, "INBOX") or set()))
+    patch(client, user, account_id, message_id, {"labels": ["work"]})
+    assert eventually(lambda: "2026-q1" not in (server_flags(dovecot, mail_user, "INBOX") or {"2026-q1"}))
+    assert "work" in server_flags(dovecot, mail_user, "INBOX")
+
+
+def test_labels_with_imap_special_characters_are_refused(client, user, message):
+    account_id, message_id = message
+    for label in ("two words", "paren(", "star*", 'quote"'):
+        response = client.patch(
+            f"/api/{account_id}/messages/{message_id}", json={"labels": [label]}, headers=user.headers
+        )
+        assert_error_shape(response, 400)
+
+
+def test_spam_moves_to_the_spam_folder_and_back(client, user, dovecot, mail_user, message):
+    account_id, message_id = message
+    folders = folders_by_name(client, user, account_id)
+    assert patch(client, user, account_id, message_id, {"isSpam": True})["isSpam"] is True
+    assert eventually(lambda: server_flags(dovecot, mail_user, "Junk") is not None)
+    assert server_flags(dovecot, mail_user, "INBOX") is None
+    moved = eventually(
+        lambda: (
+            client.get(f"/api/{account_id}/messages/{message_id}", headers=user.headers).json()["folderId"]
+            == folders["Junk"]["id"]
+        )
+    )
+    assert moved
+    assert patch(client, user, account_id, message_id, {"isSpam": False})["isSpam"] is False
+    assert eventually(lambda: server_flags(dovecot, mail_user, "INBOX") is not None)
+    assert server_flags(dovecot, mail_user, "Junk") is None
+    status, _ = run_sync(client, user, account_id)
+    inbox = messages(client, user, account_id, folders["INBOX"]["id"])["messages"]
+    junk = messages(client, user, account_id, folders["Junk"]["id"])["messages"]
+    assert [m["subject"] for m in inbox] == [SUBJECT] and junk == []
+    assert status["result"]["messagesAdded"] == 0
+
+
+def test_a_sync_before_the_write_back_does_not_undo_the_change(client, user, dovecot, mail_user, message, runtime):
+    account_id, message_id = message
+    # Hold the account as a running sync would: the write-back job has to wait and retry.
+    blocker = AccountLock(runtime.redis, account_id, ttl=30)
+    assert blocker.acquire()
+    try:
+        patch(client, user, account_id, message_id, {"isRead": True})
+        time.sleep(1)
+        assert "\\Seen" not in server_flags(dovecot, mail_user, "INBOX")
+        with ImapSession(
+            dovecot.host, dovecot.imaps_port, "tls", mail_user.name, mail_user.password, ca_file=dovecot.ca_file
+        ) as session:
+            store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
+            result = ImapSync(store, session, lambda _: None, force=True).run()
+        assert result.messages_updated == 0
+        assert client.get(f"/api/{account_id}/messages/{message_id}", headers=user.headers).json()["isRead"] is True
+    finally:
+        blocker.release()
+    # The job's retry comes back after the lock is gone and finishes the change.
+    assert eventually(lambda: "\\Seen" in (server_flags(dovecot, mail_user, "INBOX") or set()), timeout=60)
+
+
+def test_pop3_changes_stay_local(client, user, dovecot, mail_user, worker):
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message(SUBJECT)))
+    account_id = create_account(
+        client, user, imap_account(dovecot, mail_user, protocol="pop3", port=dovecot.pop3s_port)
+    )
+    run_sync(client, user, account_id)
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    message_id = messages(client, user, account_id, inbox["id"])["messages"][0]["id"]
+    assert patch(client, user, account_id, message_id, {"isRead": True, "isStarred": True})["isStarred"] is True
+    run_sync(client, user, account_id)
+    detail = client.get(f"/api/{account_id}/messages/{message_id}", headers=user.headers).json()
+    assert detail["isRead"] is True and detail["isStarred"] is True
+
+
+def test_other_users_cannot_change_a_message(client, user, make_user, verifier, message):
+    account_id, message_id = message
+    for stranger in (user.colleague(verifier), make_user()):
+        response = client.patch(
+            f"/api/{account_id}/messages/{message_id}", json={"isRead": True}, headers=stranger.headers
+        )
+        assert_error_shape(response, 404)
+    assert client.get(f"/api/{account_id}/messages/{message_id}", headers=user.headers).json()["isRead"] is False
