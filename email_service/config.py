@@ -46,6 +46,7 @@ class Settings:
     storage_signing_key: str = ""
     ca_file: Path | None = None
     max_body_bytes: int = 1024 * 1024
+    max_upload_bytes: int = 25 * 1024 * 1024
     rate_limits_enabled: bool = True
     validate_responses: bool = False
     log_level: str = "INFO"
@@ -208,6 +209,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         storage_signing_key=env.get("EMAIL_SERVICE_STORAGE_KEY") or _derived_key(jwt_secret, "storage-links"),
         ca_file=_ca_file(env),
         max_body_bytes=_int(env, "EMAIL_SERVICE_MAX_BODY_BYTES", 1024 * 1024),
+        max_upload_bytes=_int(env, "EMAIL_SERVICE_MAX_UPLOAD_BYTES", 25 * 1024 * 1024),
         rate_limits_enabled=_bool(env, "EMAIL_SERVICE_RATE_LIMITS", True),
         validate_responses=_bool(env, "EMAIL_SERVICE_VALIDATE_RESPONSES", False),
         log_level=log_level,

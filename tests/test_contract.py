@@ -39,7 +39,7 @@ def test_every_operation_resolves_to_a_handler_function():
         for key, op in item.items()
         if isinstance(op, dict) and "operationId" in op
     ]
-    assert len(operations) == 16
+    assert operations
     for operation in operations:
         module_name, _, function_name = handler_path(operation).rpartition(".")
         function = getattr(importlib.import_module(module_name), function_name)

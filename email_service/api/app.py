@@ -51,6 +51,15 @@ def _allowed_methods_finder(spec: dict[str, Any]) -> Any:
     return allowed
 
 
+def _operation(spec: dict[str, Any], operation_id: str) -> dict[str, Any]:
+    return next(
+        op
+        for item in spec["paths"].values()
+        for op in item.values()
+        if isinstance(op, dict) and op.get("operationId") == operation_id
+    )
+
+
 def _require_routed_operation() -> None:
     """404 for a request Flask would route but Connexion's router did not (odd bytes in a path).
 
@@ -93,7 +102,10 @@ def create_app(runtime: Runtime) -> FlaskApp:
         values={RUNTIME_SCOPE_KEY: TokenVerifier.from_settings(settings)},
     )
     app.add_middleware(
-        BodyLimitMiddleware, position=MiddlewarePosition.BEFORE_ROUTING, max_bytes=settings.max_body_bytes
+        BodyLimitMiddleware,
+        position=MiddlewarePosition.BEFORE_SECURITY,
+        max_bytes=settings.max_body_bytes,
+        per_operation={handler_path(_operation(spec, "uploadAttachment")): settings.max_upload_bytes},
     )
     app.add_middleware(RateLimitMiddleware, position=MiddlewarePosition.BEFORE_VALIDATION, limiter=limiter)
     errors.install(app, _allowed_methods_finder(spec))

@@ -3,9 +3,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from flask import Response
+from werkzeug.datastructures import FileStorage
 
 from email_service.handlers import principal, runtime
+from email_service.handlers.messages import attachment_view
 from email_service.services import mail as service
+from email_service.services import uploads
 from email_service.storage import ObjectReader
 from email_service.storage.disposition import content_disposition
 
@@ -28,3 +31,9 @@ def download_attachment(account_id: str, attachment_id: str) -> Response:
             "Content-Disposition": content_disposition(attachment.filename),
         },
     )
+
+
+def upload_attachment(account_id: str, file: FileStorage) -> tuple[dict, int]:
+    rt = runtime()
+    attachment = uploads.store_upload(rt, principal(), account_id, file.stream, file.filename, file.mimetype)
+    return attachment_view(attachment, rt.objects), 201

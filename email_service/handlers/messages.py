@@ -43,9 +43,8 @@ def message_view(message: Message) -> dict[str, Any]:
 
 
 def attachment_view(attachment: Attachment, objects: ObjectStore) -> dict[str, Any]:
-    return {
+    view = {
         "id": attachment.id,
-        "messageId": attachment.message_id,
         "filename": attachment.filename,
         "mimeType": attachment.mime_type,
         "size": attachment.size,
@@ -58,6 +57,9 @@ def attachment_view(attachment: Attachment, objects: ObjectStore) -> dict[str, A
             content_type=attachment.mime_type,
         ),
     }
+    if attachment.message_id is not None:  # an upload belongs to no message yet
+        view["messageId"] = attachment.message_id
+    return view
 
 
 def list_messages(

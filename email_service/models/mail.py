@@ -81,7 +81,7 @@ class Attachment(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
     user_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
     account_id: Mapped[str] = mapped_column(Text, ForeignKey("accounts.id"), nullable=False)
-    message_id: Mapped[str] = mapped_column(Text, ForeignKey("messages.id", ondelete="CASCADE"), nullable=False)
+    message_id: Mapped[str | None] = mapped_column(Text, ForeignKey("messages.id", ondelete="CASCADE"))
     filename: Mapped[str] = mapped_column(Text, nullable=False)
     mime_type: Mapped[str] = mapped_column(Text, nullable=False)
     size: Mapped[int] = mapped_column(BigInteger, nullable=False)

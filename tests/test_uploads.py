@@ -1,0 +1,71 @@
+"""Uploading attachments for compose: streamed to storage, limited in size, owned by their uploader."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+from urllib.parse import urlsplit
+
+import pytest
+from helpers import account_body, assert_error_shape
+from sqlalchemy import text
+
+from email_service.api.app import create_app
+from email_service.runtime import Runtime
+
+
+@pytest.fixture
+def account_id(client, user):
+    response = client.post("/api/accounts", json=account_body(), headers=user.headers)
+    return response.json()["id"]
+
+
+def upload(client, user, account_id, name, data, content_type="application/pdf"):
+    return client.post(
+        f"/api/{account_id}/attachments", files={"file": (name, data, content_type)}, headers=user.headers
+    )
+
+
+def test_an_upload_becomes_an_attachment_whose_bytes_come_back(client, user, account_id):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    response = upload(client, user, account_id, "Prüfbericht 2026.pdf", data)
+    assert response.status_code == 201, response.text
+    attachment = response.json()
+    assert attachment["filename"] == "Prüfbericht 2026.pdf" and attachment["mimeType"] == "application/pdf"
+    assert attachment["size"] == len(data) and attachment["isInline"] is False and "messageId" not in attachment
+    link = urlsplit(attachment["downloadUrl"])
+    fetched = client.get(f"{link.path}?{link.query}")
+    assert fetched.status_code == 200
+    assert hashlib.sha256(fetched.content).digest() == hashlib.sha256(data).digest()
+
+
+def test_names_lose_paths_and_odd_types_become_octet_stream(client, user, account_id):
+    attachment = upload(client, user, account_id, "../../etc/passwd", b"x", "not a type").json()
+    assert attachment["filename"] == "passwd" and attachment["mimeType"] == "application/octet-stream"
+
+
+def test_uploads_above_the_limit_are_413_and_store_nothing(backing, user, account_id, runtime):
+    small = Runtime.build(replace(backing, max_upload_bytes=1024, rate_limits_enabled=False))
+    try:
+        with create_app(small).test_client() as client:
+            response = upload(client, user, account_id, "big.bin", b"\0" * 4096)
+            assert_error_shape(response, 413, "PAYLOAD_TOO_LARGE")
+            assert upload(client, user, account_id, "small.bin", b"\0" * 100).status_code == 201
+    finally:
+        small.close()
+    with runtime.db.tenant_session(user.principal) as session:
+        names = session.execute(text("SELECT filename FROM attachments WHERE account_id = :a"), {"a": account_id})
+        assert [n for (n,) in names] == ["small.bin"]
+
+
+def test_an_upload_needs_a_file_and_an_owned_account(client, user, account_id, make_user, verifier):
+    wrong_field = client.post(
+        f"/api/{account_id}/attachments", files={"other": ("x.txt", b"x", "text/plain")}, headers=user.headers
+    )
+    assert_error_shape(wrong_field, 400)
+    not_multipart = client.post(f"/api/{account_id}/attachments", data={"file": "x"}, headers=user.headers)
+    assert_error_shape(not_multipart, 415)
+    for stranger in (user.colleague(verifier), make_user()):
+        assert_error_shape(upload(client, stranger, account_id, "x.pdf", b"%PDF"), 404)
+    assert_error_shape(upload(client, user, "no-such-account", "x.pdf", b"%PDF"), 404)
