@@ -1,1 +1,1 @@
-"""Mail protocol clients (IMAP, POP3) with verified TLS and bounded waits."""
+"""Mail protocol clients (IMAP, POP3, SMTP) with verified TLS and bounded waits."""

@@ -1,0 +1,259 @@
+"""SMTP delivery through the account's own submission server.
+
+Failures are split by what a retry can achieve: ``TemporaryDeliveryError`` (4xx replies, broken
+or refused connections, timeouts) is worth retrying; ``PermanentDeliveryError`` (5xx replies,
+bad credentials, certificates that do not verify, missing STARTTLS) is not. A timeout after the
+message data was sent is reported as temporary although the server may have accepted the
+message: SMTP cannot tell, and a rare duplicate is better than mail silently lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import smtplib
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import idna
+
+from email_service.protocols.errors import AuthenticationFailed, MailServerError, describe
+from email_service.protocols.session import MailSession
+from email_service.protocols.tls import client_context
+
+log = logging.getLogger(__name__)
+
+_REFUSED: dict[type[smtplib.SMTPResponseException], str] = {
+    smtplib.SMTPConnectError: "refused the connection",
+    smtplib.SMTPHeloError: "refused the greeting",
+    smtplib.SMTPSenderRefused: "refused the sender",
+}
+
+
+class TemporaryDeliveryError(MailServerError):
+    """Worth retrying later: the server said 4xx, or could not be reached or answered in time."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PermanentDeliveryError(MailServerError):
+    """Retrying will not help; ``str()`` carries the server's reply when there was one."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SmtpAuthenticationFailed(PermanentDeliveryError, AuthenticationFailed):
+    """The server refused the account's credentials (so the account needs new ones)."""
+
+
+@dataclass
+class SendOutcome:
+    # Recipients the server refused while it accepted others: address -> (code, reply text).
+    # 4xx codes here may succeed on a later attempt for those recipients alone.
+    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+def _text(reply: bytes | str) -> str:
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    # smtplib joins multi-line replies with "\n"; one line reads better in an error message.
+    return " ".join(text.split())
+
+
+def _envelope_address(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError("envelope address must not contain line breaks")
+    local, at, domain = value.rpartition("@")
+    if not at or domain.isascii():
+        return value
+    try:
+        return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+    except idna.IDNAError as exc:
+        raise ValueError(f"invalid domain in envelope address {value!r}: {exc}") from None
+
+
+class SmtpSession(MailSession):
+    """One connection to a submission server, logged in when credentials are given and AUTH is offered.
+
+    ``helo_name`` is what EHLO announces; by default the connection's local address as an address
+    literal, which avoids ``socket.getfqdn()`` (an unbounded DNS lookup) and does not leak host names.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        encryption: str,
+        username: str,
+        password: str,
+        *,
+        ca_file: Path | None = None,
+        timeout: float = 60.0,
+        helo_name: str | None = None,
+    ) -> None:
+        super().__init__(host, port, encryption, username, password, ca_file=ca_file, timeout=timeout)
+        self.helo_name = helo_name
+
+    # ---- connection
+
+    def _open(self) -> None:
+        try:
+            self._connect()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one classified, readable error
+            raise self._classify(exc) from None
+
+    def _connect(self) -> None:
+        if self.encryption not in ("tls", "starttls", "none"):
+            raise PermanentDeliveryError(f"unknown SMTP encryption {self.encryption!r}")
+        context = client_context(self.ca_file)
+        # A placeholder local_hostname, replaced once connected: without one smtplib calls
+        # socket.getfqdn(), a DNS lookup no socket timeout bounds. The constructor connects,
+        # reads the greeting and raises SMTPConnectError on anything but 220.
+        args = (self.host, self.port, "localhost")
+        if self.encryption == "tls":
+            conn: smtplib.SMTP = smtplib.SMTP_SSL(*args, timeout=self.timeout, context=context)
+        else:
+            conn = smtplib.SMTP(*args, timeout=self.timeout)
+        self._conn = conn
+        conn.local_hostname = self.helo_name or _address_literal(conn.sock)
+        conn.ehlo_or_helo_if_needed()
+        if self.encryption == "starttls":
+            # No fallback to plain text: a missing STARTTLS may be an attacker stripping it.
+            if not conn.has_extn("starttls"):
+                raise PermanentDeliveryError(f"{self.host}:{self.port} does not offer STARTTLS")
+            conn.starttls(context=context)
+            conn.ehlo()
+        if self.username and self._password and conn.has_extn("auth"):
+            self._login(conn)
+
+    def _login(self, conn: smtplib.SMTP) -> None:
+        try:
+            if self.username.isascii() and self._password.isascii():
+                conn.login(self.username, self._password)
+            else:
+                self._login_utf8(conn)
+        except smtplib.SMTPAuthenticationError as exc:
+            where = f"authentication failed for {self.username} at {self.host}"
+            if 400 <= exc.smtp_code < 500:
+                raise TemporaryDeliveryError(
+                    f"{where}, temporarily: {self._scrub(exc.smtp_code, exc.smtp_error)}", exc.smtp_code
+                ) from None
+            raise SmtpAuthenticationFailed(
+                f"{where}: {self._scrub(exc.smtp_code, exc.smtp_error)}", exc.smtp_code
+            ) from None
+        except (smtplib.SMTPResponseException, smtplib.SMTPServerDisconnected):
+            raise
+        except smtplib.SMTPException:  # "no suitable method", or AUTH not really supported
+            raise PermanentDeliveryError(
+                f"{self.host} offers no authentication method this service supports "
+                f"({conn.esmtp_features.get('auth', '').strip()})"
+            ) from None
+
+    def _login_utf8(self, conn: smtplib.SMTP) -> None:
+        # smtplib encodes credentials as ASCII; RFC 4616 PLAIN carries UTF-8, so send it ourselves.
+        if "PLAIN" not in conn.esmtp_features.get("auth", "").upper().split():
+            raise smtplib.SMTPException("non-ASCII credentials need AUTH PLAIN")
+        token = b"\0" + self.username.encode() + b"\0" + self._password.encode()
+        code, reply = conn.docmd("AUTH", "PLAIN " + base64.b64encode(token).decode("ascii"))
+        if code == 334:  # the server ignored the initial response and asks for it
+            code, reply = conn.docmd(base64.b64encode(token).decode("ascii"))
+        if code not in (235, 503):
+            raise smtplib.SMTPAuthenticationError(code, reply)
+
+    def _quit(self, conn: smtplib.SMTP) -> None:
+        try:
+            conn.quit()
+        finally:
+            conn.close()
+
+    # ---- sending
+
+    def send(self, envelope_from: str, recipients: list[str], data: bytes) -> SendOutcome:
+        """Send ``data`` (CRLF lines, 7bit, e.g. from ``compose.build.wire_bytes``) to ``recipients``.
+
+        Returns the recipients the server refused while it accepted others. Raises
+        ``PermanentDeliveryError`` when all were refused (``TemporaryDeliveryError`` if a retry
+        could still reach one) and for the other failures described in the module docstring.
+        """
+        sender = _envelope_address(envelope_from)
+        targets = list(dict.fromkeys(_envelope_address(r) for r in recipients))
+        if not targets:
+            raise ValueError("no recipients")
+        conn = self.conn
+        try:
+            refused = conn.sendmail(sender, targets, data)
+        except smtplib.SMTPRecipientsRefused as exc:
+            raise self._all_refused(exc.recipients) from None
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one classified, readable error
+            raise self._classify(exc) from None
+        outcome = SendOutcome({rcpt: (code, _text(reply)) for rcpt, (code, reply) in refused.items()})
+        log.debug(
+            "smtp %s:%s accepted a message of %d bytes for %d of %d recipients",
+            self.host,
+            self.port,
+            len(data),
+            len(targets) - len(outcome.refused),
+            len(targets),
+        )
+        return outcome
+
+    def _all_refused(self, refusals: dict[str, tuple[int, bytes]]) -> MailServerError:
+        details = "; ".join(f"{rcpt}: {code} {_text(reply)}" for rcpt, (code, reply) in refusals.items())
+        message = f"{self.host} refused every recipient ({details})"
+        codes = [code for code, _ in refusals.values()]
+        # Any 4xx (greylisting, 421 closing) means a later attempt may still deliver to someone.
+        if any(400 <= code < 500 for code in codes):
+            return TemporaryDeliveryError(message, min(codes))
+        return PermanentDeliveryError(message, codes[0] if codes else None)
+
+    # ---- errors
+
+    def _scrub(self, code: int, reply: bytes | str) -> str:
+        # Servers have no business echoing credentials, but a reply is shown to users and logged.
+        text = f"{code} {_text(reply)}"
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+    def _classify(self, exc: BaseException) -> MailServerError:
+        where = f"{self.host}:{self.port}"
+        if isinstance(exc, MailServerError):
+            return exc
+        if isinstance(exc, smtplib.SMTPResponseException):
+            code = exc.smtp_code
+            text = f"{self.host} {_REFUSED.get(type(exc), 'refused the message')}: {self._scrub(code, exc.smtp_error)}"
+            if 500 <= code < 600:
+                return PermanentDeliveryError(text, code)
+            return TemporaryDeliveryError(text, code)
+        if isinstance(exc, smtplib.SMTPServerDisconnected):
+            # smtplib turns a read timeout or reset into this; the cause says which.
+            if isinstance(exc.__context__, OSError):
+                return TemporaryDeliveryError(str(describe(exc.__context__, self.host, self.port)))
+            return TemporaryDeliveryError(f"connection to {where} was lost")
+        if isinstance(exc, smtplib.SMTPNotSupportedError):
+            return PermanentDeliveryError(f"{where} does not support a required extension: {exc}")
+        if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError):
+            return TemporaryDeliveryError(f"connection to {where} was lost during the TLS handshake")
+        if isinstance(exc, ssl.SSLError):
+            # Certificates and protocol mismatches stay as they are until someone changes them.
+            return PermanentDeliveryError(str(describe(exc, self.host, self.port)))
+        if isinstance(exc, smtplib.SMTPException):
+            return PermanentDeliveryError(f"{where} broke the SMTP protocol: {exc}")
+        if isinstance(exc, OSError | EOFError):
+            return TemporaryDeliveryError(str(describe(exc, self.host, self.port)))
+        if isinstance(exc, ValueError | UnicodeError):
+            return PermanentDeliveryError(f"cannot send through {where}: {exc}")
+        return TemporaryDeliveryError(str(describe(exc, self.host, self.port)))
+
+
+def _address_literal(sock: Any) -> str:
+    try:
+        address = sock.getsockname()[0]
+    except (OSError, AttributeError, IndexError):
+        return "localhost"
+    return f"[IPv6:{address}]" if ":" in address else f"[{address}]"

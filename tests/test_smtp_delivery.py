@@ -1,0 +1,291 @@
+"""SmtpSession against real aiosmtpd servers: TLS modes, AUTH, and how failures are classified."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from datetime import UTC, datetime
+from email import message_from_bytes, policy
+from pathlib import Path
+
+import pytest
+from mailservers import LOOPBACK, SmtpServer, free_port, make_tls_files
+
+from email_service.compose.build import build_message, new_message_id, wire_bytes
+from email_service.protocols.errors import AuthenticationFailed, MailServerError
+from email_service.protocols.smtp import (
+    PermanentDeliveryError,
+    SendOutcome,
+    SmtpSession,
+    TemporaryDeliveryError,
+)
+
+SENDER = "alice@example.com"
+
+
+def message_bytes(to: list[str], subject: str = "Hello from the service") -> bytes:
+    msg = build_message(
+        from_address=SENDER,
+        from_name="Alice Exämple",
+        to=to,
+        cc=[],
+        reply_to=None,
+        subject=subject,
+        body="Hi,\n.\nA line with a lone dot above, and ünïcödé.\n",
+        is_html=False,
+        attachments=[],
+        message_id=new_message_id("example.com"),
+        date=datetime.now(UTC),
+        in_reply_to=None,
+    )
+    return wire_bytes(msg)
+
+
+def session(server: SmtpServer, *, password: str | None = None, **kwargs: object) -> SmtpSession:
+    options: dict = {"ca_file": Path(server.ca_file), "timeout": 10}
+    options.update(kwargs)
+    host = server.host if server.encryption != "none" else server.ip
+    return SmtpSession(
+        host,
+        server.port,
+        server.encryption,
+        server.username,
+        server.password if password is None else password,
+        **options,
+    )
+
+
+def connect(smtp: SmtpSession) -> None:
+    with smtp:
+        pass
+
+
+def test_starttls_with_auth_delivers_exactly_the_wire_bytes(smtp_server) -> None:
+    server = smtp_server("starttls")
+    data = message_bytes(["bob@example.org"])
+    with session(server) as smtp:
+        # Bcc recipients travel in the envelope only.
+        outcome = smtp.send(SENDER, ["bob@example.org", "hidden@example.net", "bob@example.org"], data)
+    assert outcome == SendOutcome(refused={})
+    [received] = server.messages
+    assert received.data == data
+    assert received.mail_from == SENDER
+    assert received.rcpt_tos == ["bob@example.org", "hidden@example.net"]
+    assert received.tls and received.auth_login == server.username
+    assert b"hidden" not in received.data
+    assert message_from_bytes(received.data, policy=policy.default)["Subject"] == "Hello from the service"
+
+
+def test_one_session_sends_several_messages(smtp_server) -> None:
+    server = smtp_server("starttls")
+    with session(server) as smtp:
+        for i in range(3):
+            smtp.send(SENDER, ["bob@example.org"], message_bytes(["bob@example.org"], f"message {i}"))
+    assert len(server.messages) == 3
+
+
+def test_implicit_tls_with_auth(smtp_server) -> None:
+    server = smtp_server("tls")
+    data = message_bytes(["bob@example.org"])
+    with session(server) as smtp:
+        smtp.send(SENDER, ["bob@example.org"], data)
+    [received] = server.wait_for(1)
+    assert received.data == data and received.tls and received.auth_login == server.username
+
+
+def test_plain_mode_with_and_without_credentials(smtp_server) -> None:
+    server = smtp_server("none")
+    data = message_bytes(["bob@example.org"])
+    with session(server) as smtp:
+        smtp.send(SENDER, ["bob@example.org", "carol@example.org"], data)
+    with session(server, password="") as smtp:
+        smtp.send(SENDER, ["bob@example.org"], data)
+    first, second = server.messages
+    assert first.data == data and not first.tls and first.auth_login == server.username
+    assert first.rcpt_tos == ["bob@example.org", "carol@example.org"]
+    assert second.auth_login is None
+
+
+def test_non_ascii_password_is_sent_as_utf8(smtp_server) -> None:
+    server = smtp_server("starttls", password="pässwörd-ß-€")
+    with session(server) as smtp:
+        smtp.send(SENDER, ["bob@example.org"], message_bytes(["bob@example.org"]))
+    assert server.messages[0].auth_login == server.username
+
+
+def test_idn_envelope_domains_are_sent_as_a_labels(smtp_server) -> None:
+    server = smtp_server("starttls")
+    with session(server) as smtp:
+        smtp.send("zoe@exämple.net", ["bob@bücher.example"], message_bytes(["bob@bücher.example"]))
+    assert server.messages[0].mail_from == "zoe@xn--exmple-cua.net"
+    assert server.messages[0].rcpt_tos == ["bob@xn--bcher-kva.example"]
+
+
+@pytest.mark.parametrize("encryption", ["starttls", "tls"])
+def test_wrong_password_is_permanent(smtp_server, encryption: str) -> None:
+    server = smtp_server(encryption)
+    with pytest.raises(PermanentDeliveryError) as failure, session(server, password="wrong-secret"):
+        pass
+    message = str(failure.value)
+    assert message.startswith(f"authentication failed for {server.username} at {server.host}")
+    assert "535" in message
+    assert "wrong-secret" not in message and server.password not in message
+    assert isinstance(failure.value, AuthenticationFailed)
+    assert failure.value.code == 535
+
+
+def test_451_is_temporary_and_a_retry_succeeds(smtp_server) -> None:
+    server = smtp_server("starttls", temp_failures=2)
+    data = message_bytes(["bob@example.org"])
+    with session(server) as smtp:
+        with pytest.raises(TemporaryDeliveryError, match=r"451 4\.7\.1 Temporary failure") as failure:
+            smtp.send(SENDER, ["bob@example.org"], data)
+        assert failure.value.code == 451
+    # A new session, as a retrying job would open.
+    with session(server) as smtp, pytest.raises(TemporaryDeliveryError):
+        smtp.send(SENDER, ["bob@example.org"], data)
+    assert server.messages == []
+    with session(server) as smtp:
+        assert smtp.send(SENDER, ["bob@example.org"], data).refused == {}
+    assert server.attempts == 3 and [m.data for m in server.messages] == [data]
+
+
+@pytest.mark.parametrize("fail_at", ["mail", "rcpt"])
+def test_451_at_mail_or_rcpt_is_temporary(smtp_server, fail_at: str) -> None:
+    server = smtp_server("tls", temp_failures=1, fail_at=fail_at)
+    data = message_bytes(["bob@example.org"])
+    with session(server) as smtp:
+        with pytest.raises(TemporaryDeliveryError, match="451"):
+            smtp.send(SENDER, ["bob@example.org"], data)
+        # The failed transaction was reset; the same session can go on.
+        smtp.send(SENDER, ["bob@example.org"], data)
+    assert len(server.messages) == 1
+
+
+@pytest.mark.parametrize("fail_at", ["mail", "rcpt", "data"])
+def test_550_is_permanent_with_the_server_reply(smtp_server, fail_at: str) -> None:
+    server = smtp_server("starttls", reject=True, fail_at=fail_at)
+    with session(server) as smtp, pytest.raises(PermanentDeliveryError) as failure:
+        smtp.send(SENDER, ["bob@example.org"], message_bytes(["bob@example.org"]))
+    assert "550 5.7.1 Message rejected by test server" in str(failure.value)
+    assert failure.value.code == 550
+    assert server.password not in str(failure.value)
+    assert server.messages == []
+
+
+def test_partial_refusal_is_reported(smtp_server) -> None:
+    server = smtp_server("starttls", unknown_recipients=["nobody@example.org", "ghost@example.org"])
+    data = message_bytes(["bob@example.org", "nobody@example.org"])
+    with session(server) as smtp:
+        outcome = smtp.send(SENDER, ["bob@example.org", "nobody@example.org", "ghost@example.org"], data)
+    assert outcome.refused == {
+        "nobody@example.org": (550, "5.1.1 No such user here"),
+        "ghost@example.org": (550, "5.1.1 No such user here"),
+    }
+    [received] = server.messages
+    assert received.rcpt_tos == ["bob@example.org"] and received.data == data
+
+
+def test_all_recipients_refused_is_permanent(smtp_server) -> None:
+    server = smtp_server("starttls", unknown_recipients=["nobody@example.org"])
+    with session(server) as smtp, pytest.raises(PermanentDeliveryError) as failure:
+        smtp.send(SENDER, ["nobody@example.org"], message_bytes(["nobody@example.org"]))
+    assert "nobody@example.org: 550 5.1.1 No such user here" in str(failure.value)
+    assert server.messages == []
+
+
+def test_untrusted_certificate_is_permanent(smtp_server, tmp_path: Path) -> None:
+    other_ca = Path(make_tls_files(tmp_path).ca_file)
+    for encryption in ("starttls", "tls"):
+        server = smtp_server(encryption)
+        for ca_file in (None, other_ca):  # the system store, and a CA that signed something else
+            with pytest.raises(PermanentDeliveryError, match="certificate verify failed") as failure:
+                connect(session(server, ca_file=ca_file))
+            assert f"{server.host}:{server.port}" in str(failure.value)
+    assert server.attempts == 0
+
+
+def test_starttls_not_offered_is_permanent_and_nothing_is_sent_in_clear(smtp_server) -> None:
+    server = smtp_server("none")
+    with pytest.raises(PermanentDeliveryError, match="does not offer STARTTLS"):
+        connect(SmtpSession(server.host, server.port, "starttls", server.username, server.password, timeout=10))
+    assert server.attempts == 0
+
+
+def test_implicit_tls_against_a_plain_server_is_permanent(smtp_server) -> None:
+    server = smtp_server("none")
+    with pytest.raises(PermanentDeliveryError, match="TLS"):
+        connect(SmtpSession(server.host, server.port, "tls", server.username, server.password, timeout=5))
+
+
+def test_connection_refused_is_temporary_with_readable_text() -> None:
+    port = free_port()
+    with pytest.raises(TemporaryDeliveryError) as failure:
+        connect(SmtpSession("localhost", port, "starttls", "user", "secret", timeout=5))
+    assert str(failure.value) == f"connection refused by localhost:{port}"
+
+
+def test_unknown_host_is_temporary() -> None:
+    with pytest.raises(TemporaryDeliveryError, match="host not found"):
+        connect(SmtpSession("no-such-host.invalid", 587, "starttls", "user", "secret", timeout=5))
+
+
+def test_a_silent_server_times_out_as_temporary() -> None:
+    # Accepts the TCP connection (the kernel does, from the backlog) but never greets.
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with pytest.raises(TemporaryDeliveryError, match="did not answer in time"):
+            connect(SmtpSession(LOOPBACK, port, "none", "user", "secret", timeout=0.5))
+
+
+def test_a_server_that_hangs_up_is_temporary() -> None:
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def greet_and_hang_up() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"220 hello\r\n")
+                conn.recv(1024)  # EHLO
+
+        thread = threading.Thread(target=greet_and_hang_up, daemon=True)
+        thread.start()
+        with pytest.raises(TemporaryDeliveryError, match="was lost"):
+            connect(SmtpSession(LOOPBACK, port, "none", "user", "secret", timeout=5))
+        thread.join(5)
+
+
+def test_greeting_with_554_is_permanent() -> None:
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def refuse() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"554 5.7.1 No service for you\r\n")
+                conn.recv(1024)
+
+        thread = threading.Thread(target=refuse, daemon=True)
+        thread.start()
+        with pytest.raises(PermanentDeliveryError, match="554 5.7.1 No service for you"):
+            connect(SmtpSession(LOOPBACK, port, "none", "user", "secret", timeout=5))
+        thread.join(5)
+
+
+def test_send_outside_the_session_and_bad_arguments(smtp_server) -> None:
+    server = smtp_server("starttls")
+    smtp = session(server)
+    with pytest.raises(MailServerError, match="not connected"):
+        smtp.send(SENDER, ["bob@example.org"], b"x\r\n")
+    with session(server) as smtp:
+        with pytest.raises(ValueError, match="line breaks"):
+            smtp.send(SENDER, ["bob@example.org\r\nRCPT TO:<evil@example.com>"], b"x\r\n")
+        with pytest.raises(ValueError, match="no recipients"):
+            smtp.send(SENDER, [], b"x\r\n")
+    assert server.messages == []
