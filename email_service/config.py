@@ -47,6 +47,8 @@ class Settings:
     ca_file: Path | None = None
     max_body_bytes: int = 1024 * 1024
     max_upload_bytes: int = 25 * 1024 * 1024
+    max_message_bytes: int = 25 * 1024 * 1024
+    send_retry_base_seconds: int = 30
     rate_limits_enabled: bool = True
     validate_responses: bool = False
     log_level: str = "INFO"
@@ -210,6 +212,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ca_file=_ca_file(env),
         max_body_bytes=_int(env, "EMAIL_SERVICE_MAX_BODY_BYTES", 1024 * 1024),
         max_upload_bytes=_int(env, "EMAIL_SERVICE_MAX_UPLOAD_BYTES", 25 * 1024 * 1024),
+        max_message_bytes=_int(env, "EMAIL_SERVICE_MAX_MESSAGE_BYTES", 25 * 1024 * 1024),
+        send_retry_base_seconds=_int(env, "EMAIL_SERVICE_SEND_RETRY_BASE_SECONDS", 30),
         rate_limits_enabled=_bool(env, "EMAIL_SERVICE_RATE_LIMITS", True),
         validate_responses=_bool(env, "EMAIL_SERVICE_VALIDATE_RESPONSES", False),
         log_level=log_level,

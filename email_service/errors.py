@@ -43,12 +43,6 @@ class ConflictError(ServiceError):
     code = "CONFLICT"
 
 
-class NotImplementedYetError(ServiceError):
-    status = 501
-    error = "Not implemented"
-    code = "NOT_IMPLEMENTED"
-
-
 class DependencyUnavailableError(ServiceError):
     status = 503
     error = "Service unavailable"

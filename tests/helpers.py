@@ -32,6 +32,7 @@ def base_settings(data_dir: Path, **overrides: object) -> Settings:
         jwt_audience=None,
         credential_keys=(CREDENTIAL_KEY,),
         storage_signing_key="test-storage-links-" + "k" * 32,
+        send_retry_base_seconds=1,
         validate_responses=True,
     )
     values.update(overrides)

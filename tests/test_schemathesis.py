@@ -1,4 +1,4 @@
-"""Property-based contract tests: every implemented operation, positive and negative data, all checks."""
+"""Property-based contract tests: every operation, positive and negative data, all checks."""
 
 from __future__ import annotations
 
@@ -15,22 +15,6 @@ from schemathesis.config import SchemathesisConfig
 from email_service.api.app import create_app
 from email_service.runtime import Runtime
 
-IMPLEMENTED = [
-    "healthCheck",
-    "listAccounts",
-    "createAccount",
-    "getAccount",
-    "updateAccount",
-    "deleteAccount",
-    "listFolders",
-    "listMessages",
-    "getMessage",
-    "downloadAttachment",
-    "syncAccount",
-    "getSyncStatus",
-    "getStoredObject",
-    "updateMessage",
-]
 CONFIG = SchemathesisConfig.from_dict(
     {
         "generation": {"mode": "all", "max-examples": 60},
@@ -38,6 +22,7 @@ CONFIG = SchemathesisConfig.from_dict(
         "checks": {"enabled": True},
     }
 )
+ACCOUNT_OPERATIONS = ["listAccounts", "createAccount", "getAccount", "updateAccount", "deleteAccount"]
 FUZZ_SETTINGS = hypothesis.settings(deadline=None, suppress_health_check=list(HealthCheck), max_examples=60)
 
 
@@ -59,19 +44,20 @@ def fuzz_user(verifier) -> User:
     return User(verifier)
 
 
-schema = schemathesis.pytest.from_fixture("api_schema").include(operation_id=IMPLEMENTED)
+schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
 @FUZZ_SETTINGS
-def test_every_implemented_operation_honours_the_contract(case, fuzz_user):
+def test_every_operation_honours_the_contract(case, fuzz_user):
     case.call_and_validate(headers=fuzz_user.headers)
 
 
 def test_sequences_of_calls_follow_the_links_and_reach_real_resources(api_schema, verifier):
     """Create, read, update, delete in generated orders; each operation must succeed at least once."""
     statuses: dict[str, set[int]] = defaultdict(set)
-    base = api_schema.include(operation_id=IMPLEMENTED).as_state_machine()
+    # The links the spec declares start at createAccount, so journeys run over the account operations.
+    base = api_schema.include(operation_id=ACCOUNT_OPERATIONS).as_state_machine()
 
     class Journeys(base):
         def setup(self):
@@ -85,5 +71,5 @@ def test_sequences_of_calls_follow_the_links_and_reach_real_resources(api_schema
             statuses[case.operation.definition.raw["operationId"]].add(response.status_code)
 
     Journeys.run(settings=hypothesis.settings(FUZZ_SETTINGS, max_examples=40, stateful_step_count=8))
-    for operation in ("createAccount", "getAccount", "updateAccount", "deleteAccount", "listAccounts"):
+    for operation in ACCOUNT_OPERATIONS:
         assert any(200 <= s < 300 for s in statuses[operation]), (operation, statuses[operation])

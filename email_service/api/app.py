@@ -14,7 +14,7 @@ from connexion.datastructures import MediaTypeDict
 from connexion.middleware import MiddlewarePosition
 from connexion.options import SwaggerUIOptions
 from connexion.validators import VALIDATOR_MAP
-from flask import abort
+from flask import abort, request
 
 from email_service.api import errors
 from email_service.api.auth import RUNTIME_SCOPE_KEY, TokenVerifier
@@ -61,13 +61,17 @@ def _operation(spec: dict[str, Any], operation_id: str) -> dict[str, Any]:
 
 
 def _require_routed_operation() -> None:
-    """404 for a request Flask would route but Connexion's router did not (odd bytes in a path).
+    """404 for a path that can name nothing.
 
-    Such a request reached Flask without its operation context, so its handler cannot run.
+    A request Flask would route but Connexion's router did not (odd bytes in a path) reached
+    Flask without its operation context, so its handler cannot run.
     """
     try:
         connexion_context.operation.operation_id  # noqa: B018 - touching it is the check
     except RuntimeError:
+        abort(404)
+    # PostgreSQL text cannot hold NUL, so no stored id has one: such a path names nothing.
+    if any("\x00" in str(value) for value in (request.view_args or {}).values()):
         abort(404)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from connexion.exceptions import ProblemException
 from connexion.lifecycle import ConnexionRequest, ConnexionResponse
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from email_service.errors import ServiceError
 
@@ -27,7 +28,6 @@ TITLES = {
     415: ("Unsupported media type", "UNSUPPORTED_MEDIA_TYPE"),
     429: ("Rate limit exceeded", "RATE_LIMITED"),
     500: ("Internal server error", "INTERNAL_ERROR"),
-    501: ("Not implemented", "NOT_IMPLEMENTED"),
     503: ("Service unavailable", "DEPENDENCY_UNAVAILABLE"),
 }
 RATE_LIMIT_HEADERS_KEY = "email_service.rate_limit_headers"
@@ -99,13 +99,19 @@ def install(app: object, allowed_methods: Callable[[str], list[str]]) -> None:
             message = str(detail) if detail else TITLES.get(status, ("Error",))[0]
         return error_response(status, message, headers=headers)
 
+    def malformed_body(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+        message = (
+            "Request body is not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "Malformed multipart body"
+        )
+        return error_response(400, message, headers=_rate_headers(request))
+
     def unexpected(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
-        if isinstance(exc, UnicodeDecodeError):
-            return error_response(400, "Request body is not valid UTF-8", headers=_rate_headers(request))
         # The trace goes to the log only; it must not reach the client.
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "The service could not complete the request")
 
+    app.add_error_handler(UnicodeDecodeError, malformed_body)
+    app.add_error_handler(MultiPartException, malformed_body)
     app.add_error_handler(ServiceError, service_error)
     app.add_error_handler(RateLimitExceeded, rate_limited)
     app.add_error_handler(ProblemException, problem)

@@ -2,12 +2,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from email_service.handlers.unavailable import unavailable
+from email_service.handlers import principal, runtime
+from email_service.handlers.views import ms
+from email_service.services import compose as service
 
 
-def send_email(**_params: Any) -> None:
-    unavailable("send_email")
+def send_email(body: dict[str, Any]) -> tuple[dict, int]:
+    composed = service.compose(runtime(), principal(), body, draft=False)
+    return {"taskId": composed.task_id, "status": "pending", "messageId": composed.message.id}, 202
 
 
-def save_draft(**_params: Any) -> None:
-    unavailable("save_draft")
+def save_draft(body: dict[str, Any]) -> tuple[dict, int]:
+    composed = service.compose(runtime(), principal(), body, draft=True)
+    message = composed.message
+    return {"draftId": message.id, "accountId": message.account_id, "createdAt": ms(message.created_at)}, 201

@@ -35,6 +35,7 @@ def message_view(message: Message) -> dict[str, Any]:
         "isSpam": message.is_spam,
         "isDeleted": message.is_deleted,
         "labels": list(message.keywords),
+        "deliveryStatus": message.delivery_status,
         "attachmentCount": message.attachment_count,
         "receivedAt": ms(message.received_at),
         "createdAt": ms(message.created_at),

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from email_service.protocols.errors import AuthenticationFailed, MailServerError, describe
+from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError, describe
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
 
@@ -198,6 +198,27 @@ class ImapSession(MailSession):
             if len(parts) == 3 and parts[2].isdigit():
                 return int(parts[2])
         return None
+
+    def ensure_folder(self, name: str) -> None:
+        """Create a folder unless it exists (an existing one makes CREATE fail, which is fine here)."""
+        try:
+            self._call("CREATE", quote(name))
+        except ConnectionFailed:
+            raise
+        except MailServerError:
+            pass
+
+    def append(self, name: str, data: bytes, flags: Sequence[str], date: datetime) -> tuple[int, int] | None:
+        """APPEND a message; returns (UIDVALIDITY, UID) when the server reports them (RFC 4315 APPENDUID)."""
+        conn = self.conn
+        try:
+            typ, response = conn.append(quote(name), f"({' '.join(flags)})", imaplib.Time2Internaldate(date), data)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
+            raise describe(exc, self.host, self.port) from None
+        if typ != "OK":
+            raise MailServerError(f"{self.host} refused to store the message in {name}")
+        found = re.search(rb"APPENDUID (\d+) (\d+)", response[0] or b"") if response else None
+        return (int(found.group(1)), int(found.group(2))) if found else None
 
     def search_uids(self, criteria: str = "ALL") -> list[int]:
         data = self._call("UID", "SEARCH", criteria)
