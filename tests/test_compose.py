@@ -185,6 +185,8 @@ def test_bad_sends_are_refused_before_queueing(client, user, mailbox, make_user,
     assert_error_shape(send(client, user, account_id, inReplyTo="nope"), 404, "MESSAGE_NOT_FOUND")
     for stranger in (user.colleague(verifier), make_user()):
         assert_error_shape(send(client, stranger, account_id), 404)
+        draft = {"accountId": account_id, "to": ["bob@example.org"], "subject": "Mine?", "body": "x"}
+        assert_error_shape(client.post("/api/compose/draft", json=draft, headers=stranger.headers), 404)
         upload = client.post(f"/api/{account_id}/attachments", files={"file": ("x", b"x")}, headers=user.headers)
         own = create_account(
             client,
