@@ -173,6 +173,11 @@ class ImapSession(MailSession):
             messages=int(data[0]) if data and data[0] else 0,
         )
 
+    @property
+    def gmail(self) -> bool:
+        """Gmail's IMAP extensions (it files sent mail in Sent itself)."""
+        return "X-GM-EXT-1" in self.capabilities
+
     def store(self, uid: int, *, add: Sequence[str] = (), remove: Sequence[str] = ()) -> None:
         """Add and remove flags on one message, leaving every other flag as it is."""
         if add:

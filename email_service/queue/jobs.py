@@ -257,7 +257,7 @@ def _file_copy(
             target.password,
             ca_file=runtime.settings.ca_file,
         ) as session:
-            if "X-GM-EXT-1" in session.capabilities:
+            if session.gmail:
                 return "filed by the server itself"  # Gmail keeps its own copy of what it sends
             session.ensure_folder(message.folder_name)
             appended = session.append(message.folder_name, message.data, flags, message.date)
