@@ -23,20 +23,25 @@ def client(sync_client):
     return sync_client
 
 
-@pytest.fixture
-def mailbox(client, user, dovecot, mail_user, smtp_server, worker):
-    """An IMAP account with SMTP settings, synced once (so its folders are known)."""
-    smtp = smtp_server("starttls")
-    body = imap_account(
+def smtp_account(dovecot, mail_user, smtp, **overrides) -> dict:
+    """An IMAP account on Dovecot that sends through ``smtp`` (STARTTLS with AUTH)."""
+    return imap_account(
         dovecot,
         mail_user,
-        accountName="Alice Älvsjö",
         smtpHostname=dovecot.host,
         smtpPort=smtp.port,
         smtpEncryption="starttls",
         smtpUsername=smtp.username,
         smtpPassword=smtp.password,
+        **overrides,
     )
+
+
+@pytest.fixture
+def mailbox(client, user, dovecot, mail_user, smtp_server, worker):
+    """An IMAP account with SMTP settings, synced once (so its folders are known)."""
+    smtp = smtp_server("starttls")
+    body = smtp_account(dovecot, mail_user, smtp, accountName="Alice Älvsjö")
     dovecot.append(mail_user, "INBOX", to_bytes(attachments_message("Files to forward")))
     account_id = create_account(client, user, body)
     assert run_sync(client, user, account_id)[0]["status"] == "success"
@@ -235,19 +240,7 @@ def test_a_message_above_the_size_limit_is_413(backing, user, mailbox):
 
 def test_temporary_failures_are_retried_until_delivered_once(client, user, dovecot, mail_user, smtp_server, worker):
     smtp = smtp_server("starttls", temp_failures=2)
-    account_id = create_account(
-        client,
-        user,
-        imap_account(
-            dovecot,
-            mail_user,
-            smtpHostname=dovecot.host,
-            smtpPort=smtp.port,
-            smtpEncryption="starttls",
-            smtpUsername=smtp.username,
-            smtpPassword=smtp.password,
-        ),
-    )
+    account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
     response = send(client, user, account_id, subject="Try again")
     status = wait_task(client, user, response.json()["taskId"], timeout=90)
     assert status["status"] == "success", status
@@ -256,19 +249,7 @@ def test_temporary_failures_are_retried_until_delivered_once(client, user, dovec
 
 def test_permanent_failure_fails_at_once_with_the_servers_reply(client, user, dovecot, mail_user, smtp_server, worker):
     smtp = smtp_server("starttls", reject=True)
-    account_id = create_account(
-        client,
-        user,
-        imap_account(
-            dovecot,
-            mail_user,
-            smtpHostname=dovecot.host,
-            smtpPort=smtp.port,
-            smtpEncryption="starttls",
-            smtpUsername=smtp.username,
-            smtpPassword=smtp.password,
-        ),
-    )
+    account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
     response = send(client, user, account_id, subject="Rejected")
     status = wait_task(client, user, response.json()["taskId"])
     assert status["status"] == "failure" and "550" in status["error"]

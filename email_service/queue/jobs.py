@@ -10,8 +10,6 @@ from rq import get_current_job
 
 from email_service.crypto import CredentialError
 from email_service.protocols.errors import MailServerError
-from email_service.protocols.imap import ImapSession
-from email_service.protocols.pop3 import Pop3Session
 from email_service.protocols.smtp import PermanentDeliveryError, SmtpSession
 from email_service.queue.context import job_runtime
 from email_service.queue.locks import AccountLock
@@ -98,15 +96,7 @@ def _run_sync(
     folders: list[str] | None,
 ) -> SyncResult:
     store = MailStore(runtime.db, runtime.objects, principal, target.id)
-    session_type = ImapSession if target.protocol == "imap" else Pop3Session
-    with session_type(
-        target.hostname,
-        target.port,
-        target.encryption,
-        target.username,
-        target.password,
-        ca_file=runtime.settings.ca_file,
-    ) as session:
+    with target.session(runtime.settings.ca_file) as session:
         if target.protocol == "imap":
             return ImapSync(store, session, progress, force=force, only_folders=folders).run()
         return Pop3Sync(store, session, progress).run()
@@ -132,14 +122,7 @@ def writeback_message(account_id: str, tenant_id: str, user_id: str, message_id:
         if target is None or change is None or target.protocol != "imap":
             return {"result": "nothing to write"}
         try:
-            with ImapSession(
-                target.hostname,
-                target.port,
-                target.encryption,
-                target.username,
-                target.password,
-                ca_file=runtime.settings.ca_file,
-            ) as session:
+            with target.session(runtime.settings.ca_file) as session:
                 outcome = write_back(runtime.db, principal, session, change)
         except MailServerError as exc:
             # Recorded for the status API; raised again so the retry policy tries later.
@@ -249,14 +232,7 @@ def _file_copy(
         return "kept here only (POP3 has no server folders)"
     lock = _wait_for_lock(runtime, account_id)
     try:
-        with ImapSession(
-            target.hostname,
-            target.port,
-            target.encryption,
-            target.username,
-            target.password,
-            ca_file=runtime.settings.ca_file,
-        ) as session:
+        with target.session(runtime.settings.ca_file) as session:
             if session.gmail:
                 return "filed by the server itself"  # Gmail keeps its own copy of what it sends
             session.ensure_folder(message.folder_name)
