@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import random
 from datetime import UTC, datetime, timedelta, timezone
+from email import policy as email_policy
 from email.message import EmailMessage
+from email.parser import BytesParser
 from email.policy import SMTP
 
 import pytest
+from messages import attachments_message, malformed_message, realistic_mix, to_bytes
 
-from email_service.mail.parse import ParsedMessage, parse_message
+from email_service.mail import parse as parse_module
+from email_service.mail.parse import PREVIEW_LENGTH, ParsedMessage, _preview, parse_message
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
 
@@ -613,3 +617,37 @@ def test_hostile_sizes_stay_fast_and_bounded():
     parsed = parse_message(many)
     assert len(parsed.attachments) < 1000
     assert any("too many parts" in d for d in parsed.defects)
+
+
+# --- the fast paths give the standard library's results -------------------------------------------
+
+
+def test_fast_parser_and_header_cache_match_the_stdlib(monkeypatch):
+    rng = random.Random(99)
+    samples = [*realistic_mix(40, seed=21), to_bytes(attachments_message()), malformed_message()]
+    for raw in list(samples[:10]):
+        samples.append(raw[: rng.randrange(len(raw))])
+        damaged = bytearray(raw)
+        for _ in range(20):
+            damaged[rng.randrange(len(damaged))] = rng.choice(b'-\r\n=?:<>"\xc3')
+        samples.append(bytes(damaged))
+    odd_headers = [
+        "Date: Tue, 2 Jan 24 10:30 -0000\r\nResent-Date: 31 Feb 2024 25:00:00 +9999",
+        "Date:\r\nX-Empty:\r\nSubject: \t tabs\x0b and \x1c separators  ",
+        "Date: Mon, 01 Jan 2024 00:00:60 GMT (comment)\r\nReceived: from a\r\n by b; Mon, 1 Jan 2024",
+        "Subject: plain =? not a word ?= \x00\r\nX-Tag: caf\xe9\r\nKeywords: a, b,  c",
+    ]
+    samples += [f"From: a@example.com\r\n{headers}\r\n\r\nbody".encode("latin-1") for headers in odd_headers]
+    fast = [parse_message(raw) for raw in samples]
+    assert [parse_message(raw) for raw in samples] == fast  # now answered from the header cache
+    monkeypatch.setattr(parse_module, "PARSE_POLICY", email_policy.default)
+    monkeypatch.setattr(parse_module, "parse_bytes", lambda raw, chosen: BytesParser(policy=chosen).parsebytes(raw))
+    assert [parse_message(raw) for raw in samples] == fast
+
+
+def test_preview_of_a_prefix_equals_preview_of_the_whole():
+    rng = random.Random(7)
+    pieces = ["word", " ", "\n", "\t", "\u2003", "\x1c", "é", "  ", "\r\n", "x" * 300, "\u3000", ""]
+    for _ in range(500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 400)))
+        assert _preview(text) == " ".join(text.split())[:PREVIEW_LENGTH]

@@ -27,7 +27,7 @@ from werkzeug.http import parse_options_header
 
 from email_service.api.app import create_app
 from email_service.runtime import Runtime
-from email_service.storage import ObjectNotFound, ObjectStore, object_store
+from email_service.storage import ObjectNotFound, ObjectStore, filesystem, object_store
 from email_service.storage.disposition import content_disposition
 from email_service.storage.filesystem import FilesystemStore
 from email_service.storage.minio_store import MinioStore
@@ -415,6 +415,74 @@ def test_filesystem_store_keeps_keys_that_s3_allows(filesystem_store, prefix):
     for name in ("name with spaces", "ünïcødé", "semi;colon&amp=", "..dots..", "%2e%2e"):
         filesystem_store.put_bytes(prefix + name, name.encode(), "text/plain")
         assert _read_all(filesystem_store, prefix + name) == name.encode()
+
+
+def test_filesystem_put_many_round_trips_and_leaves_no_temporary_files(filesystem_store, prefix, monkeypatch):
+    monkeypatch.setattr(filesystem, "_OPEN_AT_ONCE", 3)  # several groups of temp files
+    objects = [(f"{prefix}{n}/object", bytes([n]) * n * 1000, f"application/x-{n}") for n in range(8)]
+    objects.append((prefix + "empty", b"", "text/plain"))
+    objects.append((prefix + "big", random.Random(3).randbytes(LARGE // 4), "application/octet-stream"))
+    filesystem_store.put_many(objects)
+    for key, data, content_type in objects:
+        with filesystem_store.open(key) as reader:
+            assert (b"".join(reader), reader.content_type, reader.size) == (data, content_type, len(data))
+    filesystem_store.put_many([(prefix + "empty", b"replaced", "text/html")])
+    assert _read_all(filesystem_store, prefix + "empty") == b"replaced"
+    filesystem_store.put_many([])
+    assert list((filesystem_store.root / "tmp").iterdir()) == []
+
+
+def test_filesystem_put_many_makes_bytes_durable_before_publishing_them(filesystem_store, prefix, monkeypatch):
+    synced: list[str] = []
+    published: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def replace(source: str, target: os.PathLike) -> None:
+        # The temp file's bytes were synced before it is renamed into place.
+        assert source in synced
+        published.append((source, str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    filesystem_store.put_many([(prefix + "a/one", b"1", "text/plain"), (prefix + "b/two", b"2", "text/plain")])
+    assert len(published) == 2
+    # ... and the directories holding the new names afterwards, so the renames are durable too.
+    directories = {os.path.dirname(target) for _source, target in published}
+    assert directories <= set(synced[-len(directories) :])
+
+
+def test_filesystem_put_many_checks_everything_before_writing(filesystem_store, prefix):
+    good = (prefix + "fine", b"x", "text/plain")
+    for bad in ((prefix + "../escape", b"x", "text/plain"), (prefix + "long-type", b"x", "x/" + "y" * 5000)):
+        with pytest.raises(ValueError):
+            filesystem_store.put_many([good, bad])
+        with pytest.raises(ObjectNotFound):
+            filesystem_store.open(good[0])
+    assert list((filesystem_store.root / "tmp").iterdir()) == []
+
+
+def test_filesystem_put_many_that_fails_leaves_no_temporary_files(filesystem_store, prefix, monkeypatch):
+    real_fsync = os.fsync
+    calls = []
+
+    def failing_fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space"):
+        filesystem_store.put_many([(f"{prefix}{n}", b"data", "text/plain") for n in range(5)])
+    assert list((filesystem_store.root / "tmp").iterdir()) == []
+    for n in range(5):  # nothing of the failed group was published
+        with pytest.raises(ObjectNotFound):
+            filesystem_store.open(f"{prefix}{n}")
 
 
 # --- the service's /storage/objects route -------------------------------------------------------

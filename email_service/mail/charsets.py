@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import re
 
 # Labels senders use for something else in practice (the WHATWG Encoding Standard makes the same
 # substitutions): Latin-1 mail is almost always Windows-1252, GB2312 mail often uses GBK/GB18030
@@ -30,6 +31,8 @@ _SUPERSETS = {
     "x-unicode20utf8": "utf-8",
     "unicode-1-1-utf-8": "utf-8",
 }
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Labels that name no charset at all: the bytes are whatever the sender's machine used.
 _UNKNOWN = {"unknown-8bit", "x-unknown", "unknown", "default", "8bit", "x-user-defined", ""}
@@ -94,7 +97,7 @@ def fix_surrogates(text: str) -> str:
     otherwise as Windows-1252. Any other lone surrogate becomes U+FFFD so the result can be
     encoded to UTF-8 and JSON.
     """
-    if not any("\ud800" <= ch <= "\udfff" for ch in text):
+    if _SURROGATE.search(text) is None:
         return text
     out: list[str] = []
     run = bytearray()

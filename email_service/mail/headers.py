@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import unicodedata
 from datetime import UTC, datetime
 from email import quoprimime
 from email.errors import HeaderParseError
 from email.header import decode_header
-from email.headerregistry import Address
+from email.headerregistry import Address, BaseHeader, DateHeader, HeaderRegistry, UnstructuredHeader
 from email.policy import EmailPolicy
-from email.utils import getaddresses, parsedate_to_datetime
+from email.utils import format_datetime, getaddresses, parsedate_to_datetime
 
 from email_service.mail.charsets import decode_bytes, fix_surrogates, resolve
 
@@ -29,6 +30,74 @@ _REPLY_PREFIX = re.compile(
     re.IGNORECASE,
 )
 _DOMAIN_FORBIDDEN = set(' \t<>()[]\\,;:@"')
+
+
+class _HeaderClasses(HeaderRegistry):
+    """The standard registry, minus building a new class for every header it parses.
+
+    ``HeaderRegistry.__getitem__`` calls ``type()`` on each lookup; the class only depends on
+    which specialised parser the name maps to, so one per parser is made and kept.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[type, type] = {}
+        self._plain: dict[type, bool] = {}
+
+    def parses_as_date(self, name: str) -> bool:
+        """Whether the header is parsed by ``DateHeader.parse`` (Date, Resent-Date)."""
+        cls = self.registry.get(name.lower(), self.default_class)
+        return issubclass(cls, DateHeader) and cls.parse.__func__ is DateHeader.parse.__func__  # type: ignore[attr-defined]
+
+    def parses_as_unstructured(self, name: str) -> bool:
+        """Whether the header is parsed by ``UnstructuredHeader.parse`` (everything unnamed, Subject)."""
+        cls = self.registry.get(name.lower(), self.default_class)
+        plain = self._plain.get(cls)
+        if plain is None:
+            plain = self._plain[cls] = (
+                issubclass(cls, UnstructuredHeader)
+                and cls.parse.__func__ is UnstructuredHeader.parse.__func__  # type: ignore[attr-defined]
+                and cls.value_parser is UnstructuredHeader.value_parser
+            )
+        return plain
+
+    def __getitem__(self, name: str) -> type:
+        cls = self.registry.get(name.lower(), self.default_class)
+        made = self._made.get(cls)
+        if made is None:
+            made = self._made[cls] = type("_" + cls.__name__, (cls, self.base_class), {})
+        return made
+
+
+# Enough for the values that repeat (Content-Type, Content-Transfer-Encoding, MIME-Version) to
+# stay while each message's own ones (Date, Message-ID, Subject) come and go.
+_PARSED_CACHE_ENTRIES = 256
+_PARSED_MAX_CHARS = 2048
+
+
+class ParsePolicy(EmailPolicy):
+    """``policy.default`` whose parsed headers are remembered.
+
+    With ``policy.default`` every ``Message.get()`` parses the header again through the header
+    registry, and the feed parser and the MIME walk ask each part for its Content-Type several
+    times; most values (Content-Type, Content-Transfer-Encoding, MIME-Version) also repeat from
+    message to message. Header objects are immutable, so one parsed from the same name and value
+    is handed out again: the results are the ones ``policy.default`` gives, computed once.
+    """
+
+    def header_fetch_parse(self, name: str, value: str) -> BaseHeader:  # type: ignore[override]
+        # Header objects (str subclasses) and very long values go the ordinary way.
+        if type(value) is not str or len(value) > _PARSED_MAX_CHARS:
+            return super().header_fetch_parse(name, value)
+        return _parsed_header(self, name, value)
+
+
+@functools.lru_cache(maxsize=_PARSED_CACHE_ENTRIES)
+def _parsed_header(policy: EmailPolicy, name: str, value: str) -> BaseHeader:
+    return EmailPolicy.header_fetch_parse(policy, name, value)
+
+
+PARSE_POLICY = ParsePolicy(header_factory=_HeaderClasses())
 
 
 def _decode_word_payload(encoding: str, payload: str) -> bytes | None:
@@ -86,6 +155,11 @@ def header_object(policy: EmailPolicy, name: str, raw: str, defects: list[str]) 
         # decoded the old, linear way (and its addresses parsed by the compat32 parser).
         defects.append(f"{name}: header longer than {LONG_HEADER} characters")
         return _decode_plainly(prepared, defects, name)
+    text = _plain_unstructured(policy, name, prepared)
+    if text is None:
+        text = _plain_date(policy, name, prepared)
+    if text is not None:
+        return text
     try:
         header = policy.header_fetch_parse(name, prepared)
     except Exception:  # noqa: BLE001 - the stdlib header parser has crash bugs on hostile input
@@ -96,6 +170,41 @@ def header_object(policy: EmailPolicy, name: str, raw: str, defects: list[str]) 
             return None
     defects.extend(f"{name}: {describe_defect(d)}" for d in getattr(header, "defects", ()))
     return header
+
+
+def _plain_unstructured(policy: EmailPolicy, name: str, value: str) -> str | None:
+    """``str()`` of the header object, when that is the value itself; else None.
+
+    An unstructured header (Received, X-..., Subject) without RFC 2047 words is split by the
+    parser into runs of white space and of other characters, which join back to the value once
+    line breaks are removed (as ``header_fetch_parse`` does), and such a header object carries
+    no defects (they stay in its parse tree). Real mail has many such headers; building a parse
+    tree for each only to join it back was a large part of parsing a message.
+    """
+    if "=?" in value:
+        return None
+    factory = getattr(policy, "header_factory", None)
+    if not isinstance(factory, _HeaderClasses) or not factory.parses_as_unstructured(name):
+        return None
+    return value.replace("\r", "").replace("\n", "")
+
+
+def _plain_date(policy: EmailPolicy, name: str, value: str) -> str | None:
+    """``str()`` of a date header object whose value parses as a date; else None.
+
+    ``DateHeader.parse`` shows such a date as ``format_datetime`` writes it and records no
+    defect; everything else (no value, no date) is left to it.
+    """
+    factory = getattr(policy, "header_factory", None)
+    if not isinstance(factory, _HeaderClasses) or not factory.parses_as_date(name):
+        return None
+    value = value.replace("\r", "").replace("\n", "")
+    if not value:
+        return None
+    try:
+        return format_datetime(parsedate_to_datetime(value))
+    except Exception:  # noqa: BLE001 - whatever it is, the header registry reports it its own way
+        return None
 
 
 def _decode_plainly(value: str, defects: list[str], name: str) -> str:

@@ -17,12 +17,12 @@ from datetime import datetime
 from email import policy as email_policy
 from email.generator import BytesGenerator
 from email.message import Message
-from email.parser import BytesParser
 from email.policy import EmailPolicy
 from typing import TypeVar
 
 from email_service.mail.charsets import decode_bytes
 from email_service.mail.headers import (
+    PARSE_POLICY,
     addresses,
     base_subject,
     clean_text,
@@ -33,6 +33,7 @@ from email_service.mail.headers import (
     parse_date,
 )
 from email_service.mail.htmltext import html_to_text, nesting_depth, referenced_cids, sanitize_html
+from email_service.mail.mimetree import parse_bytes
 
 PREVIEW_LENGTH = 200
 # Bounds against hostile nesting and part counts; real mail stays far below both.
@@ -117,6 +118,8 @@ class _Walker:
         self.defects = defects
         self.parts_seen = 0
         self.visited: list[tuple[str, Message]] = []
+        # By id(): the parts live in the message tree for as long as the walker is used.
+        self._content_types: dict[int, str] = {}
 
     def guard(self, what: str, action: Callable[[], T], default: T) -> T:
         try:
@@ -126,7 +129,13 @@ class _Walker:
             return default
 
     def content_type(self, part: Message) -> str:
-        return self.guard("Content-Type", part.get_content_type, "text/plain").lower()
+        # Asked several times per part (walk, alternative, attachment); the answer cannot change.
+        known = self._content_types.get(id(part))
+        if known is None:
+            known = self._content_types[id(part)] = self.guard(
+                "Content-Type", part.get_content_type, "text/plain"
+            ).lower()
+        return known
 
     def walk(self, part: Message, depth: int = 0) -> _Bodies:
         self.parts_seen += 1
@@ -289,7 +298,20 @@ def _serialize(message: Message) -> bytes:
     return buffer.getvalue()
 
 
-def _attachment(part: Message, index: int, walker: _Walker, cids: set[str]) -> ParsedAttachment:
+class _ReferencedCids:
+    """The Content-IDs the HTML body refers to, found only if an attachment has a Content-ID to look up."""
+
+    def __init__(self, html: str | None) -> None:
+        self._html = html
+        self._cids: set[str] | None = None
+
+    def __contains__(self, content_id: str) -> bool:
+        if self._cids is None:
+            self._cids = referenced_cids(self._html) if self._html else set()
+        return content_id in self._cids
+
+
+def _attachment(part: Message, index: int, walker: _Walker, cids: _ReferencedCids) -> ParsedAttachment:
     mime_type = walker.content_type(part)
     name: str | None = None
     if mime_type.startswith("message/"):
@@ -362,7 +384,17 @@ def _sha1(text: str) -> str:
 
 
 def _preview(text: str) -> str:
-    return " ".join(text.split())[:PREVIEW_LENGTH]
+    """The first PREVIEW_LENGTH characters of the text with whitespace runs collapsed.
+
+    Collapsing a prefix of the text gives a prefix of the collapsed whole (a word cut at the end
+    is a prefix of that word), so only as much of a long body is split as the preview needs.
+    """
+    size = 4 * PREVIEW_LENGTH
+    while True:
+        collapsed = " ".join(text[:size].split())
+        if len(collapsed) >= PREVIEW_LENGTH or size >= len(text):
+            return collapsed[:PREVIEW_LENGTH]
+        size *= 4
 
 
 def _dedupe(defects: list[str]) -> list[str]:
@@ -379,8 +411,8 @@ def _parse(raw: bytes) -> ParsedMessage:
     defects: list[str] = []
     if not raw.strip():
         defects.append("empty message")
-    policy = email_policy.default
-    msg = BytesParser(policy=policy).parsebytes(raw)
+    policy = PARSE_POLICY
+    msg = parse_bytes(raw, policy)
     headers, parsed = _headers(msg, policy, defects)
 
     subject_entry = _first(parsed, "subject", defects)
@@ -418,7 +450,8 @@ def _parse(raw: bytes) -> ParsedMessage:
     html = "\n".join(bodies.html) if bodies.html else None
     html_body = None
     text_body = "\n".join(t.strip("\n") for t in bodies.plain).strip("\n")
-    if html is not None and nesting_depth(html) > _MAX_HTML_DEPTH:
+    # Each level of nesting needs a start tag, so HTML with few "<" cannot be too deep.
+    if html is not None and html.count("<") > _MAX_HTML_DEPTH and nesting_depth(html) > _MAX_HTML_DEPTH:
         defects.append("HTML nested too deeply; only its text is kept")
         if not text_body.strip():
             text_body = html_to_text(html, sanitized=True)
@@ -426,7 +459,7 @@ def _parse(raw: bytes) -> ParsedMessage:
         html_body = sanitize_html(html).strip()
         if not text_body.strip():
             text_body = html_to_text(html_body, sanitized=True)
-    cids = referenced_cids(html_body) if html_body else set()
+    cids = _ReferencedCids(html_body)
     attachments = [_attachment(part, i, walker, cids) for i, part in enumerate(bodies.attachments, start=1)]
     walker.part_defects()
 

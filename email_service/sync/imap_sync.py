@@ -13,9 +13,13 @@ When a folder changed, one UID SEARCH ALL tells both what is new and what was ex
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
 
 from email_service.mail.folders import display_name, folder_type, parent_name, parse_list_line
+from email_service.mail.parse import parse_message
+from email_service.mail.parse_pool import ParseJob, ParsePool
 from email_service.models import Folder
 from email_service.protocols.errors import ConnectionFailed, MailServerError
 from email_service.protocols.imap import ImapSession
@@ -24,8 +28,17 @@ from email_service.sync.store import IncomingMessage, MailStore, RemoteFolder
 
 log = logging.getLogger(__name__)
 NOT_SELECTABLE = {"\\noselect", "\\nonexistent"}
-BATCH_BYTES = 8 * 1024 * 1024
+# Up to three batches are held at once (one being fetched, one parsed, one written), so a
+# batch is kept smaller than when each was fetched and stored in turn.
+BATCH_BYTES = 4 * 1024 * 1024
 BATCH_MESSAGES = 200
+FIRST_BATCH_MESSAGES = 32
+# Below this many new messages a folder is parsed in the job's own process: starting workers
+# would cost more than it saves.
+POOL_MIN_MESSAGES = 64
+# One writer: on two cores a second one (a second PostgreSQL backend) did not pay for the batch
+# of memory it holds; more may on bigger machines.
+WRITER_THREADS = 1
 
 
 def remote_folders(lines: Iterable[bytes]) -> list[RemoteFolder]:
@@ -49,14 +62,18 @@ def remote_folders(lines: Iterable[bytes]) -> list[RemoteFolder]:
 
 
 def batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterable[list[int]]:
-    """Groups of UIDs small enough to hold in memory at once; a huge message goes alone."""
+    """Groups of UIDs small enough to hold in memory at once; a huge message goes alone.
+
+    The first group is small, so that parsing and writing start while the rest is fetched.
+    """
     batch: list[int] = []
     total = 0
+    limit = FIRST_BATCH_MESSAGES
     for uid in uids:
         size = sizes.get(uid, 0)
-        if batch and (total + size > BATCH_BYTES or len(batch) >= BATCH_MESSAGES):
+        if batch and (total + size > BATCH_BYTES or len(batch) >= limit):
             yield batch
-            batch, total = [], 0
+            batch, total, limit = [], 0, BATCH_MESSAGES
         batch.append(uid)
         total += size
     if batch:
@@ -77,8 +94,17 @@ class ImapSync:
         self.force = force
         self.only = set(only_folders or ())
         self.result = SyncResult()
+        self._pool: ParsePool | None = None
+        self._pool_tried = False
 
     def run(self) -> SyncResult:
+        try:
+            return self._run()
+        finally:
+            if self._pool is not None:
+                self._pool.close()
+
+    def _run(self) -> SyncResult:
         self.progress(1)
         folders, removed = self.store.reconcile_folders(remote_folders(self.session.list_folders()))
         self.result.messages_removed += removed
@@ -144,18 +170,112 @@ class ImapSync:
             message_count=mailbox.messages,
         )
 
+    def _parse_pool(self, count: int) -> ParsePool | None:
+        """The job's parse pool, started the first time a folder has enough new mail to pay for it."""
+        if self._pool is None and not self._pool_tried and count >= POOL_MIN_MESSAGES:
+            self._pool_tried = True
+            self._pool = ParsePool.start()
+        return self._pool
+
     def _fetch_new(self, folder: Folder, uids: list[int], progress: ProgressCallback) -> None:
         if not uids:
             return
         sizes = self.session.sizes(uids)
-        done = 0
-        for batch in batches(uids, sizes):
-            incoming = [
-                IncomingMessage(raw=m.raw, uid=m.uid, flags=m.flags, internaldate=m.internaldate, modseq=m.modseq)
-                for m in self.session.fetch_messages(batch)
-            ]
-            added, errors = self.store.add_messages(folder, incoming)
-            self.result.messages_added += len(added)
-            self.result.errors += errors
-            done += len(batch)
-            progress(done / len(uids))
+        pool = self._parse_pool(len(uids))
+        # A pipeline: this thread fetches, the pool parses, a writer thread stores. While one
+        # batch is written the next is parsed and the one after fetched.
+        writer = _BatchWriter(self.store, folder, self.result, lambda done: progress(done / len(uids)))
+        try:
+            for batch in batches(uids, sizes):
+                incoming = [
+                    IncomingMessage(raw=m.raw, uid=m.uid, flags=m.flags, internaldate=m.internaldate, modseq=m.modseq)
+                    for m in self.session.fetch_messages(batch)
+                ]
+                writer.put(incoming, pool.parse([item.raw for item in incoming]) if pool is not None else None)
+        except BaseException:
+            # What was fetched before the failure is still stored: a sync cut off half way loses nothing.
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - the first failure is the one to report
+                log.exception("storing the batches fetched before a failure failed too")
+            raise
+        writer.close()
+
+
+class _BatchWriter:
+    """Stores fetched batches from threads of their own, while the fetching thread goes on.
+
+    Writing a batch is mostly waiting (for PostgreSQL, for fsync), time in which the next batch
+    is fetched and parsed. With several writers, batches commit independently and may finish
+    out of order (a UID stored is simply not fetched again); errors are reported in batch order
+    all the same. At most one batch waits here besides those being written, which bounds memory.
+    A writer's failure stops the sync: the next ``put`` or ``close`` raises it.
+    """
+
+    def __init__(
+        self,
+        store: MailStore,
+        folder: Folder,
+        result: SyncResult,
+        progress: Callable[[int], None],
+        threads: int = WRITER_THREADS,
+    ) -> None:
+        self.store, self.folder, self.result, self.progress = store, folder, result, progress
+        self._queue: queue.Queue[tuple[int, list[IncomingMessage], ParseJob | None] | None] = queue.Queue(maxsize=1)
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._reported = False
+        self._done = 0
+        self._batches = 0
+        self._errors: dict[int, list[str]] = {}
+        self._threads = [
+            threading.Thread(target=self._run, name=f"sync-writer-{n}", daemon=True) for n in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def put(self, incoming: list[IncomingMessage], job: ParseJob | None) -> None:
+        """Queue a batch; raises the writers' failure instead once there is one."""
+        item = (self._batches, incoming, job)
+        self._batches += 1
+        while True:
+            self._raise_error()
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue  # the writers are busy (or failed: checked above)
+
+    def close(self) -> None:
+        """Wait until every queued batch is stored; raises a writer's failure if not reported yet."""
+        for _thread in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+        for sequence in sorted(self._errors):
+            self.result.errors += self._errors[sequence]
+        self._errors.clear()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None and not self._reported:
+            self._reported = True
+            raise self._error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so put() never blocks for good; nothing more is stored
+            sequence, incoming, job = item
+            try:
+                parsed = job.result() if job is not None else [parse_message(m.raw) for m in incoming]
+                added, errors = self.store.add_parsed(self.folder, incoming, parsed)
+                with self._lock:
+                    self.result.messages_added += len(added)
+                    self._errors[sequence] = errors
+                    self._done += len(incoming)
+                    self.progress(self._done)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the fetching thread
+                with self._lock:
+                    if self._error is None:
+                        self._error = exc

@@ -1,0 +1,197 @@
+"""MailStore.add_messages against the real database and object store: rows, objects, failures."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from messages import attachments_message, plain_message, realistic_mix, to_bytes
+from sqlalchemy import select
+
+from email_service.mail.parse import parse_message
+from email_service.models import Attachment, Message
+from email_service.services.accounts import create_account
+from email_service.storage import ObjectNotFound
+from email_service.sync.store import IncomingMessage, MailStore, RemoteFolder
+from email_service.tenancy import Principal
+
+INBOX = RemoteFolder(name="INBOX", display_name="Inbox", type="inbox", delimiter=None, parent_name=None, attributes=())
+
+
+@dataclass
+class Mailbox:
+    store: MailStore
+    folder: object
+
+
+def mailbox(runtime, objects=None) -> Mailbox:
+    principal = Principal(uuid.uuid4(), uuid.uuid4())
+    account = create_account(
+        runtime.db,
+        runtime.cipher,
+        principal,
+        {
+            "accountName": "store test",
+            "emailAddress": f"{uuid.uuid4().hex[:12]}@example.com",
+            "protocol": "imap",
+            "hostname": "imap.example.com",
+            "port": 993,
+            "encryption": "tls",
+            "username": "someone",
+            "password": "secret",
+            "isSyncEnabled": False,
+        },
+    )
+    store = MailStore(runtime.db, objects or runtime.objects, principal, account.id)
+    folders, _ = store.reconcile_folders([INBOX])
+    return Mailbox(store, folders["INBOX"])
+
+
+def incoming(raws: list[bytes], first_uid: int = 1) -> list[IncomingMessage]:
+    return [IncomingMessage(raw=raw, uid=first_uid + n, flags=("\\Seen",)) for n, raw in enumerate(raws)]
+
+
+def stored(box: Mailbox) -> tuple[list, list]:
+    with box.store.db.tenant_session(box.store.principal) as session:
+        messages = session.execute(select(Message).where(Message.folder_id == box.folder.id).order_by(Message.uid))
+        messages = [row[0] for row in messages]
+        ids = [m.id for m in messages]
+        attachments = list(session.scalars(select(Attachment).where(Attachment.message_id.in_(ids))))
+    return messages, attachments
+
+
+def read(objects, key: str) -> bytes:
+    with objects.open(key) as reader:
+        return b"".join(reader)
+
+
+def test_rows_and_objects_match_the_parse(runtime):
+    box = mailbox(runtime)
+    raws = [*realistic_mix(30, seed=8), to_bytes(attachments_message())]
+    added, errors = box.store.add_messages(box.folder, incoming(raws))
+    assert (added, errors) == (list(range(1, len(raws) + 1)), [])
+    messages, attachments = stored(box)
+    assert len(messages) == len(raws)
+    by_message = {}
+    for attachment in attachments:
+        by_message.setdefault(attachment.message_id, []).append(attachment)
+    for message, raw in zip(messages, raws, strict=True):
+        parsed = parse_message(raw)
+        assert (message.subject, message.body_text, message.preview) == (
+            parsed.subject,
+            parsed.text_body,
+            parsed.preview,
+        )
+        assert (message.is_read, message.size, message.attachment_count) == (True, len(raw), len(parsed.attachments))
+        assert read(runtime.objects, message.raw_object_key) == raw
+        mine = sorted(by_message.get(message.id, []), key=lambda a: a.filename)
+        expected = sorted(parsed.attachments, key=lambda a: a.filename)
+        assert [(a.filename, a.mime_type, a.size) for a in mine] == [
+            (a.filename, a.mime_type, a.size) for a in expected
+        ]
+        for row, part in zip(mine, expected, strict=True):
+            assert read(runtime.objects, row.object_key) == part.data
+
+
+def test_messages_stored_before_are_refused_and_leave_no_objects(runtime, monkeypatch):
+    box = mailbox(runtime)
+    raws = [to_bytes(plain_message(f"one {n}")) for n in range(3)]
+    assert box.store.add_messages(box.folder, incoming(raws))[0] == [1, 2, 3]
+    written = []
+    real_put_many = runtime.objects.put_many
+
+    def recording(objects):
+        written.extend(key for key, _data, _type in objects)
+        real_put_many(objects)
+
+    monkeypatch.setattr(runtime.objects, "put_many", recording)
+    again = incoming([*raws, to_bytes(plain_message("new"))])
+    assert box.store.add_messages(box.folder, again)[0] == [4]
+    messages, _ = stored(box)
+    assert [m.uid for m in messages] == [1, 2, 3, 4]
+    kept = {messages[-1].raw_object_key}
+    for key in written:
+        if key in kept:
+            continue
+        with pytest.raises(ObjectNotFound):
+            runtime.objects.open(key)
+
+
+class OneAtATime:
+    """An object store without put_many (as the MinIO backend), optionally failing some objects."""
+
+    def __init__(self, inner, fail_type: str | None = None) -> None:
+        self.inner, self.fail_type = inner, fail_type
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        if content_type == self.fail_type:
+            raise OSError("the store refused it")
+        self.inner.put_bytes(key, data, content_type)
+
+    def open(self, key):
+        return self.inner.open(key)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+
+def test_a_store_without_batch_writes_and_a_failing_object(runtime):
+    box = mailbox(runtime, OneAtATime(runtime.objects, fail_type="application/pdf"))
+    raws = [
+        to_bytes(plain_message("plain")),
+        to_bytes(attachments_message("with a pdf")),
+        to_bytes(plain_message("after")),
+    ]
+    added, errors = box.store.add_messages(box.folder, incoming(raws))
+    assert added == [1, 3]
+    assert errors == ["Inbox: message UID 2 could not be stored (OSError)"]
+    assert [m.subject for m in stored(box)[0]] == ["plain", "after"]
+
+
+def test_a_failed_batch_write_falls_back_to_one_message_at_a_time(runtime, monkeypatch):
+    box = mailbox(runtime)
+    calls = []
+
+    def failing_put_many(objects):
+        calls.append(len(objects))
+        raise OSError("disk trouble")
+
+    monkeypatch.setattr(runtime.objects, "put_many", failing_put_many)
+    raws = [to_bytes(plain_message(f"m{n}")) for n in range(4)]
+    added, errors = box.store.add_messages(box.folder, incoming(raws))
+    assert calls and (added, errors) == ([1, 2, 3, 4], [])
+    messages, _ = stored(box)
+    assert [read(runtime.objects, m.raw_object_key) for m in messages] == raws
+
+
+def test_a_content_type_the_store_refuses_costs_only_its_message(runtime):
+    long_type = "application/x-" + "y" * 5000
+    odd = (
+        "From: a@example.com\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+        "Content-Type: text/plain\r\n\r\nbody\r\n--B\r\nContent-Type: " + long_type + "\r\n\r\ndata\r\n--B--\r\n"
+    ).encode()
+    box = mailbox(runtime)
+    added, errors = box.store.add_messages(box.folder, incoming([to_bytes(plain_message("fine")), odd]))
+    assert added == [1]
+    assert errors == ["Inbox: message UID 2 could not be stored (ValueError)"]
+
+
+def test_ids_are_cuids_and_a_forked_process_draws_its_own_randomness():
+    from cuid2 import Cuid
+
+    from email_service.sync import store as store_module
+
+    ids = [store_module.new_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids) and all(Cuid.is_cuid(i) and len(i) == 24 for i in ids)
+    generator = store_module._BufferedSystemRandom()
+    generator.random()  # the buffer now holds bytes read ahead
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports what it would draw next
+        os.write(write, generator.randbytes(64))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 64) != generator.randbytes(64)
+    assert 0 <= generator.random() < 1 and 0 <= generator.getrandbits(70) < 2**70
