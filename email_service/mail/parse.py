@@ -1,8 +1,10 @@
 """Parse a raw RFC 5322 message into the fields the service stores and shows.
 
-Built on the standard ``email`` package with ``policy.default``. Mail from the wild is often
-broken, so ``parse_message`` never raises: whatever it cannot make sense of is reported in
-``ParsedMessage.defects`` and the rest is returned best effort.
+Built on the standard ``email`` package with ``policy.default`` semantics: the message tree is
+the one ``BytesParser`` builds (built faster, see ``mimetree``) and headers are the header
+registry's (each distinct one parsed once, see ``headers.ParsePolicy``). Mail from the wild is
+often broken, so ``parse_message`` never raises: whatever it cannot make sense of is reported
+in ``ParsedMessage.defects`` and the rest is returned best effort.
 """
 
 from __future__ import annotations
