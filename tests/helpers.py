@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 from cryptography.fernet import Fernet
 
 from email_service.api.auth import TokenVerifier
@@ -149,3 +151,33 @@ def service_env(settings: Settings | None, **extra: str) -> dict[str, str]:
         )
     env.update(extra)
     return env
+
+
+def ensure_debian_packages(needed: tuple[str, ...], packages: tuple[str, ...]) -> None:
+    """Install Debian ``packages`` with apt-get unless every path in ``needed`` exists already."""
+    if all(os.path.exists(path) for path in needed):
+        return
+    if os.geteuid() != 0:
+        pytest.fail(f"{needed[0]} is missing and installing it needs root: apt-get install {' '.join(packages)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # Parallel pytest sessions on one machine would otherwise fight over apt's locks.
+    with open("/tmp/email-service-apt-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if all(os.path.exists(path) for path in needed):
+            return
+        policy = subprocess.run(
+            ["apt-cache", "policy", *packages], capture_output=True, text=True, env=env, check=False
+        )
+        if policy.returncode != 0 or "Candidate: (none)" in policy.stdout or "Candidate:" not in policy.stdout:
+            # A fresh machine has no package lists yet.
+            _run_apt(["apt-get", "update"], env)
+        _run_apt(["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=600", *packages], env)
+    missing = [path for path in needed if not os.path.exists(path)]
+    if missing:
+        pytest.fail(f"apt-get installed {packages} but {missing} are still missing")
+
+
+def _run_apt(argv: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import fcntl
 import imaplib
 import ipaddress
 import os
@@ -41,6 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from helpers import ensure_debian_packages
 
 LOCALHOST = "localhost"
 LOOPBACK = "127.0.0.1"
@@ -202,40 +202,9 @@ DOVECOT_PACKAGES = ("dovecot-imapd", "dovecot-pop3d")
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Junk": "\\Junk", "Trash": "\\Trash"}
 
 
-def _dovecot_installed() -> bool:
-    return all(os.path.exists(path) for path in DOVECOT_NEEDED)
-
-
 def ensure_dovecot_installed() -> None:
     """Install Dovecot's IMAP and POP3 servers with apt-get unless they are there already."""
-    if _dovecot_installed():
-        return
-    if os.geteuid() != 0:
-        pytest.fail(f"Dovecot is not installed and installing needs root: apt-get install {' '.join(DOVECOT_PACKAGES)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # Parallel pytest sessions on one machine would otherwise fight over apt's locks.
-    with open("/tmp/email-service-dovecot-install.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _dovecot_installed():
-            return
-        policy = subprocess.run(
-            ["apt-cache", "policy", *DOVECOT_PACKAGES], capture_output=True, text=True, env=env, check=False
-        )
-        if policy.returncode != 0 or "Candidate: (none)" in policy.stdout or "Candidate:" not in policy.stdout:
-            # A fresh machine has no package lists yet.
-            _run_apt(["apt-get", "update"], env)
-        _run_apt(
-            ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=600", *DOVECOT_PACKAGES],
-            env,
-        )
-    if not _dovecot_installed():
-        pytest.fail(f"apt-get installed {DOVECOT_PACKAGES} but {DOVECOT_NEEDED} are still missing")
-
-
-def _run_apt(argv: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    ensure_debian_packages(DOVECOT_NEEDED, DOVECOT_PACKAGES)
 
 
 @dataclass(frozen=True)
