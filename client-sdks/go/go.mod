@@ -1,0 +1,6 @@
+module github.com/metabuilder/email-service-client
+
+go 1.23
+
+require (
+)
