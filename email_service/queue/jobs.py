@@ -58,9 +58,21 @@ class JobProgress:
 def sync_account(
     account_id: str, tenant_id: str, user_id: str, force: bool = False, folders: list[str] | None = None
 ) -> dict:
-    runtime = job_runtime()
-    principal = Principal(uuid.UUID(tenant_id), uuid.UUID(user_id))
+    """Sync one account. RQ retries it only when its worker died mid-run, never after it failed."""
     progress = JobProgress()
+    _count_attempt(progress)
+    try:
+        return _sync_account(progress, account_id, Principal(uuid.UUID(tenant_id), uuid.UUID(user_id)), force, folders)
+    except Exception:
+        # The user has been told why; running the same failure again would only repeat it.
+        _no_more_retries(progress)
+        raise
+
+
+def _sync_account(
+    progress: JobProgress, account_id: str, principal: Principal, force: bool, folders: list[str] | None
+) -> dict:
+    runtime = job_runtime()
     lock = AccountLock(runtime.redis, account_id)
     if not lock.acquire():
         raise progress.failed("another sync of this account is already running")
@@ -147,10 +159,14 @@ def _retries_left(progress: JobProgress) -> bool:
     return bool(progress.job is not None and progress.job.retries_left)
 
 
-def _give_up(progress: JobProgress, message: str) -> TaskFailed:
+def _no_more_retries(progress: JobProgress) -> None:
     # The worker reads retries_left from this very job object when the exception arrives.
     if progress.job is not None:
         progress.job.retries_left = 0
+
+
+def _give_up(progress: JobProgress, message: str) -> TaskFailed:
+    _no_more_retries(progress)
     return progress.failed(message)
 
 

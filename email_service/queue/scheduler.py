@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from email_service.db import Database
-from email_service.queue import jobs, tasks
+from email_service.queue import tasks
 from email_service.sync.accounts import due_for_sync
 
 log = logging.getLogger(__name__)
@@ -51,17 +51,7 @@ class SyncScheduler:
             return 0
         enqueued = 0
         for account in due_for_sync(self.db):
-            _, status = tasks.enqueue_once(
-                self.redis,
-                "sync",
-                "sync",
-                account.principal,
-                account.id,
-                jobs.sync_account,
-                account.id,
-                str(account.principal.tenant_id),
-                str(account.principal.user_id),
-            )
+            _, status = tasks.enqueue_sync(self.redis, account.principal, account.id)
             enqueued += status == "pending"
         return enqueued
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
-from rq import Queue
+from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from email_service.queue.jobs import sync_account
 from email_service.tenancy import Principal
 
 TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -81,6 +82,7 @@ def enqueue_once(
     function: Callable[..., Any],
     *args: Any,
     timeout: int = 3600,
+    retry: Retry | None = None,
 ) -> tuple[str, str]:
     """Enqueue ``function`` unless a task of this kind is already pending or running for the account."""
     key = ACTIVE_KEY.format(kind=kind, account_id=account_id)
@@ -93,6 +95,7 @@ def enqueue_once(
         function,
         *args,
         job_timeout=timeout,
+        retry=retry,
         result_ttl=RESULT_TTL,
         failure_ttl=RESULT_TTL,
         meta={
@@ -105,3 +108,34 @@ def enqueue_once(
     )
     redis.set(key, job.id, ex=timeout)
     return job.id, "pending"
+
+
+# A sync whose worker dies (killed, OOM, lost host) is requeued by RQ once the worker's heartbeat
+# lapses; the sync commits as it goes, so the next run carries on where it stopped. A sync that ran
+# and failed is not retried: sync_account clears the retries then.
+ABANDONED_SYNC_RETRIES = 3
+
+
+def enqueue_sync(
+    redis: Redis,
+    principal: Principal,
+    account_id: str,
+    *,
+    force: bool = False,
+    folders: list[str] | None = None,
+) -> tuple[str, str]:
+    """Start a sync of the account unless one is pending or running; returns (task id, status)."""
+    return enqueue_once(
+        redis,
+        "sync",
+        "sync",
+        principal,
+        account_id,
+        sync_account,
+        account_id,
+        str(principal.tenant_id),
+        str(principal.user_id),
+        force,
+        folders,
+        retry=Retry(max=ABANDONED_SYNC_RETRIES),
+    )

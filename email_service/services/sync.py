@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from email_service.errors import NotFoundError
-from email_service.queue import jobs, tasks
+from email_service.queue import tasks
 from email_service.runtime import Runtime
 from email_service.services.accounts import get_account
 from email_service.tenancy import Principal
@@ -13,19 +13,7 @@ def start_sync(
     runtime: Runtime, principal: Principal, account_id: str, *, force: bool, folders: list[str] | None
 ) -> tuple[str, str]:
     get_account(runtime.db, principal, account_id)  # 404 unless the caller owns a live account
-    return tasks.enqueue_once(
-        runtime.redis,
-        "sync",
-        "sync",
-        principal,
-        account_id,
-        jobs.sync_account,
-        account_id,
-        str(principal.tenant_id),
-        str(principal.user_id),
-        force,
-        folders,
-    )
+    return tasks.enqueue_sync(runtime.redis, principal, account_id, force=force, folders=folders)
 
 
 def task_status(runtime: Runtime, principal: Principal, task_id: str) -> tasks.TaskView:
