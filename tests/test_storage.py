@@ -1,6 +1,6 @@
 """Object storage: both backends pass the same tests, against real servers and real HTTP.
 
-The MinIO backend talks to a real S3-compatible server (s3rver, see ``s3server.py``) that checks
+The MinIO backend talks to a real S3-compatible server (ministack, see ``s3server.py``) that checks
 presigned signatures and expiry; the filesystem backend's links are fetched from the service's own
 ``/storage/objects`` route through the Connexion test client.
 """
@@ -31,8 +31,6 @@ from email_service.storage import ObjectNotFound, ObjectStore, filesystem, objec
 from email_service.storage.disposition import content_disposition
 from email_service.storage.filesystem import FilesystemStore
 from email_service.storage.minio_store import MinioStore
-
-pytest_plugins = ["s3server"]
 
 LINK_KEY = "storage-link-test-key-" + "k" * 32
 BUCKET = "email-service-test"

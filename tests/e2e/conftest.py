@@ -1,0 +1,126 @@
+"""The service as deployed: `email-service serve` and `email-service worker` as separate processes.
+
+They run against real PostgreSQL, Redis, the S3 server, Dovecot and aiosmtpd, with nothing of the
+service in this process. The tests reach them only through the generated Python SDK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import email_service_client as sdk
+import psutil
+import pytest
+from helpers import ServiceProcess, service_env
+
+
+class WorkerProcess:
+    """`email-service worker` as its own process, writing to the deployment's worker log."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "email_service", "worker"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        """SIGKILL the worker and everything it started, as a lost machine or container would.
+
+        RQ runs each job in a work horse with a session of its own, so the whole tree is collected
+        first: killing the worker's process group alone would leave the job running.
+        """
+        tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGKILL)
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, f"still running after SIGKILL: {alive}"
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+
+
+@dataclass
+class Deployment:
+    api: ServiceProcess
+    env: dict[str, str]
+    directory: Path
+    workers: list[WorkerProcess]
+
+    @property
+    def worker(self) -> WorkerProcess:
+        return self.workers[-1]
+
+    def start_worker(self) -> WorkerProcess:
+        worker = WorkerProcess(self.env, self.directory / "worker.log")
+        self.workers.append(worker)
+        return worker
+
+    def mint_token(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> str:
+        """A token from `email-service token`, the way an operator makes one."""
+        done = subprocess.run(
+            [sys.executable, "-m", "email_service", "token", "--tenant-id", str(tenant_id), "--user-id", str(user_id)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def client(self, token: str) -> sdk.ApiClient:
+        configuration = sdk.Configuration(host=self.api.url, access_token=token)
+        return sdk.ApiClient(configuration)
+
+    def logs(self) -> str:
+        worker_log = self.directory / "worker.log"
+        return self.api.log()[-6000:] + "\n--- worker ---\n" + (worker_log.read_text(errors="replace")[-6000:])
+
+
+@pytest.fixture(scope="module")
+def deployment(backing, dovecot, s3_server, tmp_path_factory) -> Iterator[Deployment]:
+    directory = tmp_path_factory.mktemp("deployment")
+    env = service_env(
+        backing,
+        EMAIL_SERVICE_CA_FILE=str(dovecot.ca_file),
+        EMAIL_SERVICE_DATA_DIR=str(directory),
+        EMAIL_SERVICE_VALIDATE_RESPONSES="true",
+        EMAIL_SERVICE_SEND_RETRY_BASE_SECONDS="1",
+        MINIO_ENDPOINT=s3_server.endpoint,
+        MINIO_ACCESS_KEY=s3_server.access_key,
+        MINIO_SECRET_KEY=s3_server.secret_key,
+        MINIO_REGION=s3_server.region,
+        MINIO_SECURE="false",
+        MINIO_BUCKET=f"e2e-{uuid.uuid4().hex[:12]}",
+    )
+    api = ServiceProcess(env, directory, "--migrate")
+    deployment = Deployment(api, env, directory, [])
+    try:
+        api.wait_healthy()
+        deployment.start_worker()
+        yield deployment
+    finally:
+        for worker in deployment.workers:
+            worker.stop()
+        assert api.stop() == 0, api.log()[-4000:]

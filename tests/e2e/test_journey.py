@@ -1,0 +1,391 @@
+"""A user's whole journey through the deployed service, driven only by the generated Python SDK.
+
+The steps run in order and share one mailbox, as a person's session would: what one step leaves
+(an account, a synced message, a sent reply) is what the next one works on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+
+import email_service_client as sdk
+import httpx
+import pytest
+from email_service_client.exceptions import ApiException
+from mailservers import SmtpServer, _Behaviour
+from messages import attachments_message, plain_message, to_bytes
+
+INBOX_FILLER = 1200  # enough that the first sync takes several progress reports
+CRASH_MAILBOX = 3000  # enough that a sync is still running when its worker is killed
+REPORT = ("Report Q3 – final.pdf", "application/pdf", b"%PDF-1.4\n" + bytes(range(256)) * 64 + b"\n%%EOF\n")
+UPLOAD = ("minutes.csv", "text/csv", b"item,owner\r\nbudget,alice\r\nhiring,bob\r\n")
+
+
+@dataclass
+class Journey:
+    """What the steps learn and hand on."""
+
+    tenant: uuid.UUID = field(default_factory=uuid.uuid4)
+    user: uuid.UUID = field(default_factory=uuid.uuid4)
+    api: sdk.ApiClient | None = None
+    imap_account: str = ""
+    pop3_account: str = ""
+    folders: dict[str, sdk.Folder] = field(default_factory=dict)
+    original: sdk.MessageDetail | None = None
+    task_ids: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def journey() -> Journey:
+    return Journey()
+
+
+@pytest.fixture(scope="module")
+def imap_user(dovecot):
+    """A Dovecot user with a message carrying attachments, a thread and enough filler to page through."""
+    user = dovecot.add_user()
+    dovecot.append(
+        user,
+        "INBOX",
+        to_bytes(
+            attachments_message(
+                "Board pack",
+                message_id="<board-pack@example.com>",
+                attachments=[REPORT, ("notes.txt", "text/plain", b"n\r\n")],
+            )
+        ),
+        internaldate=time.time() + 3600,  # newest, so it heads the default order
+    )
+    dovecot.append_many(
+        user, "INBOX", (to_bytes(plain_message(f"Filler {i:04d}", f"Body {i}\n")) for i in range(INBOX_FILLER))
+    )
+    dovecot.create_folder(user, "Archive")
+    dovecot.append_many(user, "Archive", (to_bytes(plain_message(f"Archived {i}")) for i in range(3)))
+    return user
+
+
+@pytest.fixture(scope="module")
+def pop3_user(dovecot):
+    user = dovecot.add_user()
+    dovecot.append_many(user, "INBOX", (to_bytes(plain_message(f"Pop {i}")) for i in range(3)))
+    return user
+
+
+@pytest.fixture(scope="module")
+def smtp(mail_tls):
+    """An aiosmtpd server for the whole journey (the function-scoped factory would stop it between steps)."""
+    server = SmtpServer(
+        mail_tls, "starttls", auth_required=True, username="smtp-e2e", password=uuid.uuid4().hex, behaviour=_Behaviour()
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def _accounts(api: sdk.ApiClient) -> sdk.AccountsApi:
+    return sdk.AccountsApi(api)
+
+
+def _wait_task(api: sdk.ApiClient, task_id: str, timeout: float = 120, every: float = 1.3) -> tuple[object, list[int]]:
+    """Poll a task to its end; every poll stays under the per-user limit of 50 a minute."""
+    sync = sdk.SyncApi(api)
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = sync.get_sync_status(task_id)
+        seen.append(status.progress)
+        if status.status in ("success", "failure"):
+            return status, seen
+        time.sleep(every)
+    raise AssertionError(f"task {task_id} did not finish in {timeout}s: {status}")
+
+
+def _all_messages(api: sdk.ApiClient, account_id: str, folder_id: str, page: int = 500) -> list[sdk.Message]:
+    found: list[sdk.Message] = []
+    while True:
+        listed = sdk.MessagesApi(api).list_messages(account_id, folder_id, limit=page, offset=len(found))
+        found.extend(listed.messages)
+        if len(found) >= listed.pagination.total or not listed.messages:
+            return found
+
+
+def _folders(api: sdk.ApiClient, account_id: str) -> dict[str, sdk.Folder]:
+    return {folder.name: folder for folder in sdk.FoldersApi(api).list_folders(account_id).folders}
+
+
+def _wait_for(condition, timeout: float = 60, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not true after {timeout}s: {condition.__doc__ or condition}")
+
+
+def _server_flags(dovecot, user, folder: str, subject: str) -> set[str]:
+    with dovecot.imap(user) as client:
+        client.select(f'"{folder}"', readonly=True)
+        _, data = client.uid("SEARCH", "SUBJECT", f'"{subject}"')
+        uids = data[0].split()
+        if not uids:
+            return set()
+        _, fetched = client.uid("FETCH", uids[0], "(FLAGS)")
+        return set(fetched[0].decode().split("FLAGS (", 1)[1].split(")", 1)[0].split())
+
+
+def test_1_a_token_from_the_cli_creates_imap_and_pop3_accounts(
+    deployment, journey, dovecot, imap_user, pop3_user, smtp
+):
+    journey.api = deployment.client(deployment.mint_token(journey.tenant, journey.user))
+    accounts = _accounts(journey.api)
+    imap = accounts.create_account(
+        sdk.CreateAccountRequest(
+            account_name="Work",
+            email_address=f"{imap_user.name}@example.com",
+            protocol="imap",
+            hostname=dovecot.host,
+            port=dovecot.imaps_port,
+            encryption="tls",
+            username=imap_user.name,
+            password=imap_user.password,
+            is_sync_enabled=False,
+            smtp_hostname=smtp.host,
+            smtp_port=smtp.port,
+            smtp_encryption="starttls",
+            smtp_username=smtp.username,
+            smtp_password=smtp.password,
+        )
+    )
+    pop3 = accounts.create_account(
+        sdk.CreateAccountRequest(
+            account_name="Old mailbox",
+            email_address=f"{pop3_user.name}@example.com",
+            protocol="pop3",
+            hostname=dovecot.host,
+            port=dovecot.pop3s_port,
+            encryption="tls",
+            username=pop3_user.name,
+            password=pop3_user.password,
+            is_sync_enabled=False,
+        )
+    )
+    journey.imap_account, journey.pop3_account = imap.id, pop3.id
+    assert str(imap.tenant_id) == str(journey.tenant) and imap.protocol == "imap" and imap.smtp_port == smtp.port
+    listed = accounts.list_accounts()
+    assert {a.id for a in listed.accounts} == {imap.id, pop3.id}
+    # The password went in and never comes back out, in any field.
+    raw = accounts.get_account_with_http_info(imap.id).raw_data.decode()
+    assert imap_user.password not in raw and smtp.password not in raw
+
+
+def test_2_sync_progress_folders_paging_and_an_attachment_byte_identical(journey, imap_user):
+    api = journey.api
+    started = sdk.SyncApi(api).sync_account(journey.imap_account)
+    assert started.status in ("pending", "started")
+    journey.task_ids.append(started.task_id)
+    status, progress = _wait_task(api, started.task_id, every=0.4)
+    assert status.status == "success", status.error
+    assert progress == sorted(progress), f"progress went backwards: {progress}"
+    assert any(0 < p < 100 for p in progress), f"no progress between start and end was seen: {progress}"
+    assert status.progress == 100 and status.result["messagesAdded"] == INBOX_FILLER + 1 + 3
+
+    journey.folders = folders = _folders(api, journey.imap_account)
+    assert {"INBOX", "Archive", "Sent", "Drafts"} <= set(folders)
+    assert folders["INBOX"].message_count == INBOX_FILLER + 1 and folders["INBOX"].type == "inbox"
+    assert folders["Archive"].message_count == 3
+
+    messages = sdk.MessagesApi(api)
+    first = messages.list_messages(journey.imap_account, folders["INBOX"].id, limit=50)
+    second = messages.list_messages(journey.imap_account, folders["INBOX"].id, limit=50, offset=50)
+    assert first.pagination.total == INBOX_FILLER + 1 and len(first.messages) == len(second.messages) == 50
+    assert not {m.id for m in first.messages} & {m.id for m in second.messages}
+    everything = _all_messages(api, journey.imap_account, folders["INBOX"].id)
+    assert len({m.id for m in everything}) == INBOX_FILLER + 1
+
+    summary = first.messages[0]
+    assert summary.subject == "Board pack" and summary.attachment_count >= 2 and not summary.is_read
+    journey.original = detail = messages.get_message(journey.imap_account, summary.id)
+    report = next(a for a in detail.attachments if a.filename == REPORT[0])
+    assert report.mime_type == REPORT[1] and report.size == len(REPORT[2])
+
+    by_link = httpx.get(report.download_url, timeout=30)
+    assert by_link.status_code == 200
+    by_operation = sdk.AttachmentsApi(api).download_attachment(journey.imap_account, report.id)
+    assert hashlib.sha256(by_link.content).digest() == hashlib.sha256(REPORT[2]).digest()
+    assert bytes(by_operation) == REPORT[2]
+
+    # The POP3 account syncs its inbox too.
+    pop3_task = sdk.SyncApi(api).sync_account(journey.pop3_account)
+    status, _ = _wait_task(api, pop3_task.task_id)
+    assert status.status == "success", status.error
+    inbox = _folders(api, journey.pop3_account)["INBOX"]
+    assert sorted(m.subject for m in _all_messages(api, journey.pop3_account, inbox.id)) == ["Pop 0", "Pop 1", "Pop 2"]
+
+
+def test_3_read_and_starred_reach_the_imap_server(journey, dovecot, imap_user):
+    updated = sdk.MessagesApi(journey.api).update_message(
+        journey.imap_account, journey.original.id, sdk.UpdateMessageRequest(is_read=True, is_starred=True)
+    )
+    assert updated.is_read and updated.is_starred
+
+    def flags_on_server():
+        """\\Seen and \\Flagged set on the server"""
+        return {"\\Seen", "\\Flagged"} <= _server_flags(dovecot, imap_user, "INBOX", "Board pack")
+
+    _wait_for(flags_on_server)
+
+
+def test_4_a_reply_with_an_upload_is_threaded_and_filed_once_in_sent(journey, smtp):
+    api = journey.api
+    uploaded = sdk.AttachmentsApi(api).upload_attachment(journey.imap_account, (UPLOAD[0], UPLOAD[2]))
+    assert uploaded.filename == UPLOAD[0] and uploaded.size == len(UPLOAD[2])
+    sent = sdk.ComposeApi(api).send_email(
+        sdk.SendEmailRequest(
+            account_id=journey.imap_account,
+            to=["alice@example.com"],
+            subject="Re: Board pack",
+            body="Minutes attached.",
+            attachment_ids=[uploaded.id],
+            in_reply_to=journey.original.id,
+        )
+    )
+    status, _ = _wait_task(api, sent.task_id)
+    assert status.status == "success", status.error
+
+    received = smtp.wait_for(1)[0]
+    arrived = message_from_bytes(received.data, policy=policy.default)
+    assert received.rcpt_tos == ["alice@example.com"] and received.tls
+    assert arrived["In-Reply-To"] == "<board-pack@example.com>"
+    assert arrived["References"].split()[-1] == "<board-pack@example.com>"
+    part = next(p for p in arrived.iter_attachments() if p.get_filename() == UPLOAD[0])
+    assert part.get_payload(decode=True) == UPLOAD[2]
+
+    resync = sdk.SyncApi(api).sync_account(journey.imap_account)
+    assert _wait_task(api, resync.task_id)[0].status == "success"
+    sent_folder = _folders(api, journey.imap_account)["Sent"]
+    copies = [m for m in _all_messages(api, journey.imap_account, sent_folder.id) if m.subject == "Re: Board pack"]
+    assert len(copies) == 1 and copies[0].delivery_status == "sent"
+
+
+def test_5_a_draft_is_saved_here_and_on_the_server(journey, dovecot, imap_user):
+    api = journey.api
+    draft = sdk.ComposeApi(api).save_draft(
+        sdk.SendEmailRequest(
+            account_id=journey.imap_account,
+            to=["bob@example.org"],
+            subject="Unfinished thoughts",
+            body="To be continued",
+        )
+    )
+    assert draft.account_id == journey.imap_account
+    drafts = _folders(api, journey.imap_account)["Drafts"]
+    subjects = [m.subject for m in _all_messages(api, journey.imap_account, drafts.id)]
+    assert subjects.count("Unfinished thoughts") == 1
+
+    def draft_on_server():
+        """the draft is in the server's Drafts with \\Draft"""
+        return "\\Draft" in _server_flags(dovecot, imap_user, "Drafts", "Unfinished thoughts")
+
+    _wait_for(draft_on_server)
+
+
+def test_6_another_tenant_sees_nothing_and_limits_answer_429(deployment, journey):
+    stranger = deployment.client(deployment.mint_token(uuid.uuid4(), uuid.uuid4()))
+    report = next(a for a in journey.original.attachments if a.filename == REPORT[0])
+    attempts = [
+        lambda: sdk.AccountsApi(stranger).get_account(journey.imap_account),
+        lambda: sdk.FoldersApi(stranger).list_folders(journey.imap_account),
+        lambda: sdk.MessagesApi(stranger).get_message(journey.imap_account, journey.original.id),
+        lambda: sdk.MessagesApi(stranger).update_message(
+            journey.imap_account, journey.original.id, sdk.UpdateMessageRequest(is_read=False)
+        ),
+        lambda: sdk.AttachmentsApi(stranger).download_attachment(journey.imap_account, report.id),
+        lambda: sdk.SyncApi(stranger).sync_account(journey.imap_account),
+        lambda: sdk.SyncApi(stranger).get_sync_status(journey.task_ids[0]),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ApiException) as refused:
+            attempt()
+        assert refused.value.status == 404, refused.value.body
+    assert sdk.AccountsApi(stranger).list_accounts().accounts == []
+    # The owner's message is as it was: the stranger's PATCH changed nothing.
+    assert sdk.MessagesApi(journey.api).get_message(journey.imap_account, journey.original.id).is_read
+
+    # Creating accounts is limited to 10 a minute per user; the 11th is refused with the limit's headers.
+    accounts = sdk.AccountsApi(stranger)
+    statuses = []
+    for i in range(11):
+        body = sdk.CreateAccountRequest(
+            account_name=f"A{i}",
+            email_address=f"a{i}@example.com",
+            protocol="imap",
+            hostname="imap.example.com",
+            port=993,
+            encryption="tls",
+            username=f"a{i}",
+            password=f"password-{i}",
+            is_sync_enabled=False,
+        )
+        try:
+            statuses.append(accounts.create_account_with_http_info(body).status_code)
+        except ApiException as exc:
+            statuses.append(exc.status)
+            limited = exc
+    assert statuses == [201] * 10 + [429]
+    assert limited.headers["X-RateLimit-Limit"] == "10" and limited.headers["X-RateLimit-Remaining"] == "0"
+    assert int(limited.headers["Retry-After"]) >= 1
+    assert sdk.ErrorResponse.from_json(limited.body).code == "RATE_LIMITED"
+
+
+def test_7_a_sync_whose_worker_is_killed_completes_on_another_exactly(deployment, journey, dovecot):
+    api = journey.api
+    user = dovecot.add_user()
+    subjects = [f"Bulk {i:05d}" for i in range(CRASH_MAILBOX)]
+    dovecot.append_many(user, "INBOX", (to_bytes(plain_message(s, f"{s}\n" * 40)) for s in subjects))
+    account = _accounts(api).create_account(
+        sdk.CreateAccountRequest(
+            account_name="Big",
+            email_address=f"{user.name}@example.com",
+            protocol="imap",
+            hostname=dovecot.host,
+            port=dovecot.imaps_port,
+            encryption="tls",
+            username=user.name,
+            password=user.password,
+            is_sync_enabled=False,
+        )
+    )
+    task = sdk.SyncApi(api).sync_account(account.id)
+
+    def stored() -> int:
+        inbox = _folders(api, account.id).get("INBOX")
+        if inbox is None:
+            return 0
+        return sdk.MessagesApi(api).list_messages(account.id, inbox.id, limit=1).pagination.total
+
+    def half_way():
+        """the sync has stored some messages but not all"""
+        status = sdk.SyncApi(api).get_sync_status(task.task_id)
+        assert status.status in ("pending", "started"), f"sync ended before the kill: {status}"
+        return 0 < stored() < CRASH_MAILBOX
+
+    _wait_for(half_way, timeout=120, every=0.5)
+    deployment.worker.kill()
+    stored_at_kill = stored()
+    assert stored_at_kill < CRASH_MAILBOX
+    assert sdk.SyncApi(api).get_sync_status(task.task_id).status == "started"
+
+    deployment.start_worker()
+    # RQ notices the lost worker once its heartbeat lapses, then the same task runs again.
+    status, _ = _wait_task(api, task.task_id, timeout=300, every=2)
+    assert status.status == "success", f"{status}\n{deployment.logs()}"
+
+    inbox = _folders(api, account.id)["INBOX"]
+    synced = [m.subject for m in _all_messages(api, account.id, inbox.id)]
+    assert inbox.message_count == CRASH_MAILBOX
+    assert sorted(synced) == subjects, f"{len(synced)} stored, {len(set(synced))} distinct, {stored_at_kill} at kill"
