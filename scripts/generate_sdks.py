@@ -3,7 +3,7 @@
 
 The languages, generators and package settings come from the spec's ``x-sdk-generation``.
 ``--check`` generates into a temporary directory and fails when the committed SDKs differ.
-Needs ``openapi-generator-cli`` (PyPI; it bundles the generator jar) and a Java runtime (17+).
+Needs ``openapi-generator-cli`` (PyPI; it bundles the generator jar), a Java runtime (17+) and gofmt.
 """
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ def _command() -> list[str]:
         raise SystemExit(
             "java not found: openapi-generator needs a Java runtime (apt-get install default-jre-headless)"
         )
+    if shutil.which("gofmt") is None:
+        raise SystemExit("gofmt not found: the Go SDK is formatted with it (apt-get install golang-go)")
     return [found]
 
 
@@ -105,6 +107,7 @@ def generate(out_dir: Path, spec_path: Path = SPEC) -> None:
     """Write every SDK under ``out_dir/<language>``, replacing what was there."""
     command = _command()
     for language, arguments in sdk_targets(spec_path):
+        generator = arguments[arguments.index("--generator-name") + 1]
         with tempfile.TemporaryDirectory() as scratch:
             target = Path(scratch) / language
             argv = [*command, "generate", "--input-spec", str(spec_path), "--output", str(target), *arguments]
@@ -114,6 +117,9 @@ def generate(out_dir: Path, spec_path: Path = SPEC) -> None:
             if done.returncode != 0:
                 sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
                 raise SystemExit(f"openapi-generator failed for {language}")
+            if generator == "go":
+                # The generator's Go is not gofmt-clean; Go users and their linters expect it to be.
+                subprocess.run(["gofmt", "-w", str(target)], check=True)
             final = out_dir / language
             if final.exists():
                 shutil.rmtree(final)

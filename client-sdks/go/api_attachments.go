@@ -1,7 +1,7 @@
 /*
 Email Service API
 
-Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation) 
+Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation)
 
 API version: 1.0.0
 */
@@ -16,18 +16,17 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"strings"
 	"os"
+	"strings"
 )
-
 
 // AttachmentsAPIService AttachmentsAPI service
 type AttachmentsAPIService service
 
 type ApiDownloadAttachmentRequest struct {
-	ctx context.Context
-	ApiService *AttachmentsAPIService
-	accountId string
+	ctx          context.Context
+	ApiService   *AttachmentsAPIService
+	accountId    string
 	attachmentId string
 }
 
@@ -42,29 +41,29 @@ Download attachment bytes, streamed, with the attachment's own Content-Type and 
 Content-Disposition carrying its filename. The attachment's `downloadUrl` (in message
 details) is a presigned link to the same bytes that expires in 1 hour.
 
-
- @param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
- @param accountId
- @param attachmentId
- @return ApiDownloadAttachmentRequest
+	@param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
+	@param accountId
+	@param attachmentId
+	@return ApiDownloadAttachmentRequest
 */
 func (a *AttachmentsAPIService) DownloadAttachment(ctx context.Context, accountId string, attachmentId string) ApiDownloadAttachmentRequest {
 	return ApiDownloadAttachmentRequest{
-		ApiService: a,
-		ctx: ctx,
-		accountId: accountId,
+		ApiService:   a,
+		ctx:          ctx,
+		accountId:    accountId,
 		attachmentId: attachmentId,
 	}
 }
 
 // Execute executes the request
-//  @return *os.File
+//
+//	@return *os.File
 func (a *AttachmentsAPIService) DownloadAttachmentExecute(r ApiDownloadAttachmentRequest) (*os.File, *http.Response, error) {
 	var (
-		localVarHTTPMethod   = http.MethodGet
-		localVarPostBody     interface{}
-		formFiles            []formFile
-		localVarReturnValue  *os.File
+		localVarHTTPMethod  = http.MethodGet
+		localVarPostBody    interface{}
+		formFiles           []formFile
+		localVarReturnValue *os.File
 	)
 
 	localBasePath, err := a.client.cfg.ServerURLWithContext(r.ctx, "AttachmentsAPIService.DownloadAttachment")
@@ -140,8 +139,8 @@ func (a *AttachmentsAPIService) DownloadAttachmentExecute(r ApiDownloadAttachmen
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 401 {
@@ -151,8 +150,8 @@ func (a *AttachmentsAPIService) DownloadAttachmentExecute(r ApiDownloadAttachmen
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 404 {
@@ -162,8 +161,8 @@ func (a *AttachmentsAPIService) DownloadAttachmentExecute(r ApiDownloadAttachmen
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 429 {
@@ -173,8 +172,8 @@ func (a *AttachmentsAPIService) DownloadAttachmentExecute(r ApiDownloadAttachmen
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 500 {
@@ -184,8 +183,8 @@ func (a *AttachmentsAPIService) DownloadAttachmentExecute(r ApiDownloadAttachmen
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 		}
 		return localVarReturnValue, localVarHTTPResponse, newErr
 	}
@@ -203,10 +202,10 @@ func (a *AttachmentsAPIService) DownloadAttachmentExecute(r ApiDownloadAttachmen
 }
 
 type ApiUploadAttachmentRequest struct {
-	ctx context.Context
+	ctx        context.Context
 	ApiService *AttachmentsAPIService
-	accountId string
-	file *os.File
+	accountId  string
+	file       *os.File
 }
 
 // The file; its name and type come from the part&#39;s headers
@@ -227,27 +226,27 @@ Stores one file (multipart/form-data, field `file`) and answers with an Attachme
 storage, never held whole in memory; files above the configured limit (25 MB by default)
 answer 413. Attachments of received messages can be sent on by their ids too.
 
-
- @param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
- @param accountId
- @return ApiUploadAttachmentRequest
+	@param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
+	@param accountId
+	@return ApiUploadAttachmentRequest
 */
 func (a *AttachmentsAPIService) UploadAttachment(ctx context.Context, accountId string) ApiUploadAttachmentRequest {
 	return ApiUploadAttachmentRequest{
 		ApiService: a,
-		ctx: ctx,
-		accountId: accountId,
+		ctx:        ctx,
+		accountId:  accountId,
 	}
 }
 
 // Execute executes the request
-//  @return Attachment
+//
+//	@return Attachment
 func (a *AttachmentsAPIService) UploadAttachmentExecute(r ApiUploadAttachmentRequest) (*Attachment, *http.Response, error) {
 	var (
-		localVarHTTPMethod   = http.MethodPost
-		localVarPostBody     interface{}
-		formFiles            []formFile
-		localVarReturnValue  *Attachment
+		localVarHTTPMethod  = http.MethodPost
+		localVarPostBody    interface{}
+		formFiles           []formFile
+		localVarReturnValue *Attachment
 	)
 
 	localBasePath, err := a.client.cfg.ServerURLWithContext(r.ctx, "AttachmentsAPIService.UploadAttachment")
@@ -283,8 +282,8 @@ func (a *AttachmentsAPIService) UploadAttachmentExecute(r ApiUploadAttachmentReq
 		localVarHeaderParams["Accept"] = localVarHTTPHeaderAccept
 	}
 	var fileLocalVarFormFileName string
-	var fileLocalVarFileName     string
-	var fileLocalVarFileBytes    []byte
+	var fileLocalVarFileName string
+	var fileLocalVarFileBytes []byte
 
 	fileLocalVarFormFileName = "file"
 	fileLocalVarFile := r.file
@@ -340,8 +339,8 @@ func (a *AttachmentsAPIService) UploadAttachmentExecute(r ApiUploadAttachmentReq
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 401 {
@@ -351,8 +350,8 @@ func (a *AttachmentsAPIService) UploadAttachmentExecute(r ApiUploadAttachmentReq
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 404 {
@@ -362,8 +361,8 @@ func (a *AttachmentsAPIService) UploadAttachmentExecute(r ApiUploadAttachmentReq
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 413 {
@@ -373,8 +372,8 @@ func (a *AttachmentsAPIService) UploadAttachmentExecute(r ApiUploadAttachmentReq
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 415 {
@@ -384,8 +383,8 @@ func (a *AttachmentsAPIService) UploadAttachmentExecute(r ApiUploadAttachmentReq
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 429 {
@@ -395,8 +394,8 @@ func (a *AttachmentsAPIService) UploadAttachmentExecute(r ApiUploadAttachmentReq
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 500 {
@@ -406,8 +405,8 @@ func (a *AttachmentsAPIService) UploadAttachmentExecute(r ApiUploadAttachmentReq
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 		}
 		return localVarReturnValue, localVarHTTPResponse, newErr
 	}

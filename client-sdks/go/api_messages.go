@@ -1,7 +1,7 @@
 /*
 Email Service API
 
-Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation) 
+Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation)
 
 API version: 1.0.0
 */
@@ -19,15 +19,14 @@ import (
 	"strings"
 )
 
-
 // MessagesAPIService MessagesAPI service
 type MessagesAPIService service
 
 type ApiGetMessageRequest struct {
-	ctx context.Context
+	ctx        context.Context
 	ApiService *MessagesAPIService
-	accountId string
-	messageId string
+	accountId  string
+	messageId  string
 }
 
 func (r ApiGetMessageRequest) Execute() (*MessageDetail, *http.Response, error) {
@@ -39,28 +38,29 @@ GetMessage Get message details
 
 Retrieve full message content including body and attachments
 
- @param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
- @param accountId
- @param messageId
- @return ApiGetMessageRequest
+	@param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
+	@param accountId
+	@param messageId
+	@return ApiGetMessageRequest
 */
 func (a *MessagesAPIService) GetMessage(ctx context.Context, accountId string, messageId string) ApiGetMessageRequest {
 	return ApiGetMessageRequest{
 		ApiService: a,
-		ctx: ctx,
-		accountId: accountId,
-		messageId: messageId,
+		ctx:        ctx,
+		accountId:  accountId,
+		messageId:  messageId,
 	}
 }
 
 // Execute executes the request
-//  @return MessageDetail
+//
+//	@return MessageDetail
 func (a *MessagesAPIService) GetMessageExecute(r ApiGetMessageRequest) (*MessageDetail, *http.Response, error) {
 	var (
-		localVarHTTPMethod   = http.MethodGet
-		localVarPostBody     interface{}
-		formFiles            []formFile
-		localVarReturnValue  *MessageDetail
+		localVarHTTPMethod  = http.MethodGet
+		localVarPostBody    interface{}
+		formFiles           []formFile
+		localVarReturnValue *MessageDetail
 	)
 
 	localBasePath, err := a.client.cfg.ServerURLWithContext(r.ctx, "MessagesAPIService.GetMessage")
@@ -136,8 +136,8 @@ func (a *MessagesAPIService) GetMessageExecute(r ApiGetMessageRequest) (*Message
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 401 {
@@ -147,8 +147,8 @@ func (a *MessagesAPIService) GetMessageExecute(r ApiGetMessageRequest) (*Message
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 404 {
@@ -158,8 +158,8 @@ func (a *MessagesAPIService) GetMessageExecute(r ApiGetMessageRequest) (*Message
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 429 {
@@ -169,8 +169,8 @@ func (a *MessagesAPIService) GetMessageExecute(r ApiGetMessageRequest) (*Message
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 500 {
@@ -180,8 +180,8 @@ func (a *MessagesAPIService) GetMessageExecute(r ApiGetMessageRequest) (*Message
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 		}
 		return localVarReturnValue, localVarHTTPResponse, newErr
 	}
@@ -199,14 +199,14 @@ func (a *MessagesAPIService) GetMessageExecute(r ApiGetMessageRequest) (*Message
 }
 
 type ApiListMessagesRequest struct {
-	ctx context.Context
+	ctx        context.Context
 	ApiService *MessagesAPIService
-	accountId string
-	folderId string
-	limit *int32
-	offset *int32
-	sort *string
-	filter *string
+	accountId  string
+	folderId   string
+	limit      *int32
+	offset     *int32
+	sort       *string
+	filter     *string
 }
 
 func (r ApiListMessagesRequest) Limit(limit int32) ApiListMessagesRequest {
@@ -240,28 +240,29 @@ ListMessages List messages in folder
 
 Retrieve paginated list of messages from a specific folder
 
- @param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
- @param accountId
- @param folderId
- @return ApiListMessagesRequest
+	@param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
+	@param accountId
+	@param folderId
+	@return ApiListMessagesRequest
 */
 func (a *MessagesAPIService) ListMessages(ctx context.Context, accountId string, folderId string) ApiListMessagesRequest {
 	return ApiListMessagesRequest{
 		ApiService: a,
-		ctx: ctx,
-		accountId: accountId,
-		folderId: folderId,
+		ctx:        ctx,
+		accountId:  accountId,
+		folderId:   folderId,
 	}
 }
 
 // Execute executes the request
-//  @return ListMessages200Response
+//
+//	@return ListMessages200Response
 func (a *MessagesAPIService) ListMessagesExecute(r ApiListMessagesRequest) (*ListMessages200Response, *http.Response, error) {
 	var (
-		localVarHTTPMethod   = http.MethodGet
-		localVarPostBody     interface{}
-		formFiles            []formFile
-		localVarReturnValue  *ListMessages200Response
+		localVarHTTPMethod  = http.MethodGet
+		localVarPostBody    interface{}
+		formFiles           []formFile
+		localVarReturnValue *ListMessages200Response
 	)
 
 	localBasePath, err := a.client.cfg.ServerURLWithContext(r.ctx, "MessagesAPIService.ListMessages")
@@ -365,8 +366,8 @@ func (a *MessagesAPIService) ListMessagesExecute(r ApiListMessagesRequest) (*Lis
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 401 {
@@ -376,8 +377,8 @@ func (a *MessagesAPIService) ListMessagesExecute(r ApiListMessagesRequest) (*Lis
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 404 {
@@ -387,8 +388,8 @@ func (a *MessagesAPIService) ListMessagesExecute(r ApiListMessagesRequest) (*Lis
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 429 {
@@ -398,8 +399,8 @@ func (a *MessagesAPIService) ListMessagesExecute(r ApiListMessagesRequest) (*Lis
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 500 {
@@ -409,8 +410,8 @@ func (a *MessagesAPIService) ListMessagesExecute(r ApiListMessagesRequest) (*Lis
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 		}
 		return localVarReturnValue, localVarHTTPResponse, newErr
 	}
@@ -428,10 +429,10 @@ func (a *MessagesAPIService) ListMessagesExecute(r ApiListMessagesRequest) (*Lis
 }
 
 type ApiUpdateMessageRequest struct {
-	ctx context.Context
-	ApiService *MessagesAPIService
-	accountId string
-	messageId string
+	ctx                  context.Context
+	ApiService           *MessagesAPIService
+	accountId            string
+	messageId            string
 	updateMessageRequest *UpdateMessageRequest
 }
 
@@ -453,29 +454,29 @@ background job writes it to the mail server (IMAP: `isRead` -> `\Seen`, `isStarr
 retried if the server cannot be reached, and a sync in between does not undo it. POP3 has no
 flags or folders on the server, so for POP3 accounts these stay local state only.
 
-
- @param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
- @param accountId
- @param messageId
- @return ApiUpdateMessageRequest
+	@param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
+	@param accountId
+	@param messageId
+	@return ApiUpdateMessageRequest
 */
 func (a *MessagesAPIService) UpdateMessage(ctx context.Context, accountId string, messageId string) ApiUpdateMessageRequest {
 	return ApiUpdateMessageRequest{
 		ApiService: a,
-		ctx: ctx,
-		accountId: accountId,
-		messageId: messageId,
+		ctx:        ctx,
+		accountId:  accountId,
+		messageId:  messageId,
 	}
 }
 
 // Execute executes the request
-//  @return MessageDetail
+//
+//	@return MessageDetail
 func (a *MessagesAPIService) UpdateMessageExecute(r ApiUpdateMessageRequest) (*MessageDetail, *http.Response, error) {
 	var (
-		localVarHTTPMethod   = http.MethodPatch
-		localVarPostBody     interface{}
-		formFiles            []formFile
-		localVarReturnValue  *MessageDetail
+		localVarHTTPMethod  = http.MethodPatch
+		localVarPostBody    interface{}
+		formFiles           []formFile
+		localVarReturnValue *MessageDetail
 	)
 
 	localBasePath, err := a.client.cfg.ServerURLWithContext(r.ctx, "MessagesAPIService.UpdateMessage")
@@ -556,8 +557,8 @@ func (a *MessagesAPIService) UpdateMessageExecute(r ApiUpdateMessageRequest) (*M
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 401 {
@@ -567,8 +568,8 @@ func (a *MessagesAPIService) UpdateMessageExecute(r ApiUpdateMessageRequest) (*M
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 404 {
@@ -578,8 +579,8 @@ func (a *MessagesAPIService) UpdateMessageExecute(r ApiUpdateMessageRequest) (*M
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 413 {
@@ -589,8 +590,8 @@ func (a *MessagesAPIService) UpdateMessageExecute(r ApiUpdateMessageRequest) (*M
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 415 {
@@ -600,8 +601,8 @@ func (a *MessagesAPIService) UpdateMessageExecute(r ApiUpdateMessageRequest) (*M
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 429 {
@@ -611,8 +612,8 @@ func (a *MessagesAPIService) UpdateMessageExecute(r ApiUpdateMessageRequest) (*M
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 500 {
@@ -622,8 +623,8 @@ func (a *MessagesAPIService) UpdateMessageExecute(r ApiUpdateMessageRequest) (*M
 				newErr.error = err.Error()
 				return localVarReturnValue, localVarHTTPResponse, newErr
 			}
-					newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
-					newErr.model = v
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
 		}
 		return localVarReturnValue, localVarHTTPResponse, newErr
 	}

@@ -1,7 +1,7 @@
 /*
 Email Service API
 
-Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation) 
+Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation)
 
 API version: 1.0.0
 */
@@ -19,27 +19,27 @@ var _ MappedNullable = &Account{}
 
 // Account struct for Account
 type Account struct {
-	Id *string `json:"id,omitempty"`
-	TenantId *string `json:"tenantId,omitempty"`
-	UserId *string `json:"userId,omitempty"`
-	AccountName *string `json:"accountName,omitempty"`
-	EmailAddress *string `json:"emailAddress,omitempty"`
-	Protocol *string `json:"protocol,omitempty"`
-	Hostname *string `json:"hostname,omitempty"`
-	Port *int32 `json:"port,omitempty"`
-	Encryption *string `json:"encryption,omitempty"`
-	IsSyncEnabled *bool `json:"isSyncEnabled,omitempty"`
-	SyncInterval *int32 `json:"syncInterval,omitempty"`
-	LastSyncAt NullableInt64 `json:"lastSyncAt,omitempty"`
-	IsSyncing *bool `json:"isSyncing,omitempty"`
-	IsEnabled *bool `json:"isEnabled,omitempty"`
-	CreatedAt *int64 `json:"createdAt,omitempty"`
-	UpdatedAt *int64 `json:"updatedAt,omitempty"`
+	Id            *string       `json:"id,omitempty"`
+	TenantId      *string       `json:"tenantId,omitempty"`
+	UserId        *string       `json:"userId,omitempty"`
+	AccountName   *string       `json:"accountName,omitempty"`
+	EmailAddress  *string       `json:"emailAddress,omitempty"`
+	Protocol      *string       `json:"protocol,omitempty"`
+	Hostname      *string       `json:"hostname,omitempty"`
+	Port          *int32        `json:"port,omitempty"`
+	Encryption    *string       `json:"encryption,omitempty"`
+	IsSyncEnabled *bool         `json:"isSyncEnabled,omitempty"`
+	SyncInterval  *int32        `json:"syncInterval,omitempty"`
+	LastSyncAt    NullableInt64 `json:"lastSyncAt,omitempty"`
+	IsSyncing     *bool         `json:"isSyncing,omitempty"`
+	IsEnabled     *bool         `json:"isEnabled,omitempty"`
+	CreatedAt     *int64        `json:"createdAt,omitempty"`
+	UpdatedAt     *int64        `json:"updatedAt,omitempty"`
 	// Authentication username (password not returned)
 	Username *string `json:"username,omitempty"`
 	// SMTP server for sending (null when not configured)
-	SmtpHostname NullableString `json:"smtpHostname,omitempty"`
-	SmtpPort NullableInt32 `json:"smtpPort,omitempty"`
+	SmtpHostname   NullableString `json:"smtpHostname,omitempty"`
+	SmtpPort       NullableInt32  `json:"smtpPort,omitempty"`
 	SmtpEncryption NullableString `json:"smtpEncryption,omitempty"`
 	// SMTP login (password not returned)
 	SmtpUsername NullableString `json:"smtpUsername,omitempty"`
@@ -446,6 +446,7 @@ func (o *Account) HasLastSyncAt() bool {
 func (o *Account) SetLastSyncAt(v int64) {
 	o.LastSyncAt.Set(&v)
 }
+
 // SetLastSyncAtNil sets the value for LastSyncAt to be an explicit nil
 func (o *Account) SetLastSyncAtNil() {
 	o.LastSyncAt.Set(nil)
@@ -648,6 +649,7 @@ func (o *Account) HasSmtpHostname() bool {
 func (o *Account) SetSmtpHostname(v string) {
 	o.SmtpHostname.Set(&v)
 }
+
 // SetSmtpHostnameNil sets the value for SmtpHostname to be an explicit nil
 func (o *Account) SetSmtpHostnameNil() {
 	o.SmtpHostname.Set(nil)
@@ -690,6 +692,7 @@ func (o *Account) HasSmtpPort() bool {
 func (o *Account) SetSmtpPort(v int32) {
 	o.SmtpPort.Set(&v)
 }
+
 // SetSmtpPortNil sets the value for SmtpPort to be an explicit nil
 func (o *Account) SetSmtpPortNil() {
 	o.SmtpPort.Set(nil)
@@ -732,6 +735,7 @@ func (o *Account) HasSmtpEncryption() bool {
 func (o *Account) SetSmtpEncryption(v string) {
 	o.SmtpEncryption.Set(&v)
 }
+
 // SetSmtpEncryptionNil sets the value for SmtpEncryption to be an explicit nil
 func (o *Account) SetSmtpEncryptionNil() {
 	o.SmtpEncryption.Set(nil)
@@ -774,6 +778,7 @@ func (o *Account) HasSmtpUsername() bool {
 func (o *Account) SetSmtpUsername(v string) {
 	o.SmtpUsername.Set(&v)
 }
+
 // SetSmtpUsernameNil sets the value for SmtpUsername to be an explicit nil
 func (o *Account) SetSmtpUsernameNil() {
 	o.SmtpUsername.Set(nil)
@@ -785,7 +790,7 @@ func (o *Account) UnsetSmtpUsername() {
 }
 
 func (o Account) MarshalJSON() ([]byte, error) {
-	toSerialize,err := o.ToMap()
+	toSerialize, err := o.ToMap()
 	if err != nil {
 		return []byte{}, err
 	}
@@ -895,5 +900,3 @@ func (v *NullableAccount) UnmarshalJSON(src []byte) error {
 	v.isSet = true
 	return json.Unmarshal(src, &v.value)
 }
-
-

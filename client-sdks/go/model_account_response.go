@@ -1,7 +1,7 @@
 /*
 Email Service API
 
-Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation) 
+Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation)
 
 API version: 1.0.0
 */
@@ -11,8 +11,8 @@ API version: 1.0.0
 package emailserviceclient
 
 import (
-	"encoding/json"
 	"bytes"
+	"encoding/json"
 	"fmt"
 )
 
@@ -56,8 +56,8 @@ type AccountResponse struct {
 	// Last update timestamp (ms)
 	UpdatedAt int64 `json:"updatedAt"`
 	// SMTP server for sending (null when not configured)
-	SmtpHostname NullableString `json:"smtpHostname,omitempty"`
-	SmtpPort NullableInt32 `json:"smtpPort,omitempty"`
+	SmtpHostname   NullableString `json:"smtpHostname,omitempty"`
+	SmtpPort       NullableInt32  `json:"smtpPort,omitempty"`
 	SmtpEncryption NullableString `json:"smtpEncryption,omitempty"`
 	// SMTP login (password not returned)
 	SmtpUsername NullableString `json:"smtpUsername,omitempty"`
@@ -436,6 +436,7 @@ func (o *AccountResponse) HasLastSyncAt() bool {
 func (o *AccountResponse) SetLastSyncAt(v int64) {
 	o.LastSyncAt.Set(&v)
 }
+
 // SetLastSyncAtNil sets the value for LastSyncAt to be an explicit nil
 func (o *AccountResponse) SetLastSyncAtNil() {
 	o.LastSyncAt.Set(nil)
@@ -582,6 +583,7 @@ func (o *AccountResponse) HasSmtpHostname() bool {
 func (o *AccountResponse) SetSmtpHostname(v string) {
 	o.SmtpHostname.Set(&v)
 }
+
 // SetSmtpHostnameNil sets the value for SmtpHostname to be an explicit nil
 func (o *AccountResponse) SetSmtpHostnameNil() {
 	o.SmtpHostname.Set(nil)
@@ -624,6 +626,7 @@ func (o *AccountResponse) HasSmtpPort() bool {
 func (o *AccountResponse) SetSmtpPort(v int32) {
 	o.SmtpPort.Set(&v)
 }
+
 // SetSmtpPortNil sets the value for SmtpPort to be an explicit nil
 func (o *AccountResponse) SetSmtpPortNil() {
 	o.SmtpPort.Set(nil)
@@ -666,6 +669,7 @@ func (o *AccountResponse) HasSmtpEncryption() bool {
 func (o *AccountResponse) SetSmtpEncryption(v string) {
 	o.SmtpEncryption.Set(&v)
 }
+
 // SetSmtpEncryptionNil sets the value for SmtpEncryption to be an explicit nil
 func (o *AccountResponse) SetSmtpEncryptionNil() {
 	o.SmtpEncryption.Set(nil)
@@ -708,6 +712,7 @@ func (o *AccountResponse) HasSmtpUsername() bool {
 func (o *AccountResponse) SetSmtpUsername(v string) {
 	o.SmtpUsername.Set(&v)
 }
+
 // SetSmtpUsernameNil sets the value for SmtpUsername to be an explicit nil
 func (o *AccountResponse) SetSmtpUsernameNil() {
 	o.SmtpUsername.Set(nil)
@@ -719,7 +724,7 @@ func (o *AccountResponse) UnsetSmtpUsername() {
 }
 
 func (o AccountResponse) MarshalJSON() ([]byte, error) {
-	toSerialize,err := o.ToMap()
+	toSerialize, err := o.ToMap()
 	if err != nil {
 		return []byte{}, err
 	}
@@ -792,10 +797,10 @@ func (o *AccountResponse) UnmarshalJSON(data []byte) (err error) {
 	err = json.Unmarshal(data, &allProperties)
 
 	if err != nil {
-		return err;
+		return err
 	}
 
-	for _, requiredProperty := range(requiredProperties) {
+	for _, requiredProperty := range requiredProperties {
 		if _, exists := allProperties[requiredProperty]; !exists {
 			return fmt.Errorf("no value given for required property %v", requiredProperty)
 		}
@@ -851,5 +856,3 @@ func (v *NullableAccountResponse) UnmarshalJSON(src []byte) error {
 	v.isSet = true
 	return json.Unmarshal(src, &v.value)
 }
-
-

@@ -1,7 +1,7 @@
 /*
 Email Service API
 
-Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation) 
+Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation)
 
 API version: 1.0.0
 */
@@ -11,8 +11,8 @@ API version: 1.0.0
 package emailserviceclient
 
 import (
-	"encoding/json"
 	"bytes"
+	"encoding/json"
 	"fmt"
 )
 
@@ -22,25 +22,25 @@ var _ MappedNullable = &Message{}
 // Message struct for Message
 type Message struct {
 	// Unique message ID
-	Id string `json:"id"`
+	Id        string `json:"id"`
 	AccountId string `json:"accountId"`
-	FolderId string `json:"folderId"`
+	FolderId  string `json:"folderId"`
 	// Sender address; a message without a usable From shows unknown@unknown.invalid
-	From string `json:"from"`
-	To []string `json:"to"`
-	Cc []string `json:"cc,omitempty"`
-	Bcc []string `json:"bcc,omitempty"`
-	Subject string `json:"subject"`
+	From    string   `json:"from"`
+	To      []string `json:"to"`
+	Cc      []string `json:"cc,omitempty"`
+	Bcc     []string `json:"bcc,omitempty"`
+	Subject string   `json:"subject"`
 	// First 200 chars of body for UI preview
-	Preview *string `json:"preview,omitempty"`
-	IsRead bool `json:"isRead"`
-	IsStarred *bool `json:"isStarred,omitempty"`
-	IsSpam *bool `json:"isSpam,omitempty"`
-	IsDeleted *bool `json:"isDeleted,omitempty"`
-	AttachmentCount *int32 `json:"attachmentCount,omitempty"`
-	ReceivedAt int64 `json:"receivedAt"`
-	CreatedAt *int64 `json:"createdAt,omitempty"`
-	UpdatedAt *int64 `json:"updatedAt,omitempty"`
+	Preview         *string `json:"preview,omitempty"`
+	IsRead          bool    `json:"isRead"`
+	IsStarred       *bool   `json:"isStarred,omitempty"`
+	IsSpam          *bool   `json:"isSpam,omitempty"`
+	IsDeleted       *bool   `json:"isDeleted,omitempty"`
+	AttachmentCount *int32  `json:"attachmentCount,omitempty"`
+	ReceivedAt      int64   `json:"receivedAt"`
+	CreatedAt       *int64  `json:"createdAt,omitempty"`
+	UpdatedAt       *int64  `json:"updatedAt,omitempty"`
 	// Custom labels (IMAP keywords)
 	Labels []string `json:"labels,omitempty"`
 	// For mail written through this API: queued, sent or failed (sendEmail), or draft (saveDraft); null for mail from the server
@@ -618,6 +618,7 @@ func (o *Message) HasDeliveryStatus() bool {
 func (o *Message) SetDeliveryStatus(v string) {
 	o.DeliveryStatus.Set(&v)
 }
+
 // SetDeliveryStatusNil sets the value for DeliveryStatus to be an explicit nil
 func (o *Message) SetDeliveryStatusNil() {
 	o.DeliveryStatus.Set(nil)
@@ -629,7 +630,7 @@ func (o *Message) UnsetDeliveryStatus() {
 }
 
 func (o Message) MarshalJSON() ([]byte, error) {
-	toSerialize,err := o.ToMap()
+	toSerialize, err := o.ToMap()
 	if err != nil {
 		return []byte{}, err
 	}
@@ -702,10 +703,10 @@ func (o *Message) UnmarshalJSON(data []byte) (err error) {
 	err = json.Unmarshal(data, &allProperties)
 
 	if err != nil {
-		return err;
+		return err
 	}
 
-	for _, requiredProperty := range(requiredProperties) {
+	for _, requiredProperty := range requiredProperties {
 		if _, exists := allProperties[requiredProperty]; !exists {
 			return fmt.Errorf("no value given for required property %v", requiredProperty)
 		}
@@ -761,5 +762,3 @@ func (v *NullableMessage) UnmarshalJSON(src []byte) error {
 	v.isSet = true
 	return json.Unmarshal(src, &v.value)
 }
-
-

@@ -1,7 +1,7 @@
 /*
 Email Service API
 
-Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation) 
+Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation)
 
 API version: 1.0.0
 */
@@ -11,8 +11,8 @@ API version: 1.0.0
 package emailserviceclient
 
 import (
-	"encoding/json"
 	"bytes"
+	"encoding/json"
 	"fmt"
 )
 
@@ -22,25 +22,25 @@ var _ MappedNullable = &MessageDetail{}
 // MessageDetail struct for MessageDetail
 type MessageDetail struct {
 	// Unique message ID
-	Id string `json:"id"`
+	Id        string `json:"id"`
 	AccountId string `json:"accountId"`
-	FolderId string `json:"folderId"`
+	FolderId  string `json:"folderId"`
 	// Sender address; a message without a usable From shows unknown@unknown.invalid
-	From string `json:"from"`
-	To []string `json:"to"`
-	Cc []string `json:"cc,omitempty"`
-	Bcc []string `json:"bcc,omitempty"`
-	Subject string `json:"subject"`
+	From    string   `json:"from"`
+	To      []string `json:"to"`
+	Cc      []string `json:"cc,omitempty"`
+	Bcc     []string `json:"bcc,omitempty"`
+	Subject string   `json:"subject"`
 	// First 200 chars of body for UI preview
-	Preview *string `json:"preview,omitempty"`
-	IsRead bool `json:"isRead"`
-	IsStarred *bool `json:"isStarred,omitempty"`
-	IsSpam *bool `json:"isSpam,omitempty"`
-	IsDeleted *bool `json:"isDeleted,omitempty"`
-	AttachmentCount *int32 `json:"attachmentCount,omitempty"`
-	ReceivedAt int64 `json:"receivedAt"`
-	CreatedAt *int64 `json:"createdAt,omitempty"`
-	UpdatedAt *int64 `json:"updatedAt,omitempty"`
+	Preview         *string `json:"preview,omitempty"`
+	IsRead          bool    `json:"isRead"`
+	IsStarred       *bool   `json:"isStarred,omitempty"`
+	IsSpam          *bool   `json:"isSpam,omitempty"`
+	IsDeleted       *bool   `json:"isDeleted,omitempty"`
+	AttachmentCount *int32  `json:"attachmentCount,omitempty"`
+	ReceivedAt      int64   `json:"receivedAt"`
+	CreatedAt       *int64  `json:"createdAt,omitempty"`
+	UpdatedAt       *int64  `json:"updatedAt,omitempty"`
 	// Custom labels (IMAP keywords)
 	Labels []string `json:"labels,omitempty"`
 	// For mail written through this API: queued, sent or failed (sendEmail), or draft (saveDraft); null for mail from the server
@@ -50,8 +50,8 @@ type MessageDetail struct {
 	// HTML version of body
 	BodyHtml NullableString `json:"bodyHtml,omitempty"`
 	// Raw email headers
-	Headers *map[string]string `json:"headers,omitempty"`
-	Attachments []Attachment `json:"attachments,omitempty"`
+	Headers     *map[string]string `json:"headers,omitempty"`
+	Attachments []Attachment       `json:"attachments,omitempty"`
 	// Thread/conversation ID for grouping replies
 	ConversationId NullableString `json:"conversationId,omitempty"`
 }
@@ -627,6 +627,7 @@ func (o *MessageDetail) HasDeliveryStatus() bool {
 func (o *MessageDetail) SetDeliveryStatus(v string) {
 	o.DeliveryStatus.Set(&v)
 }
+
 // SetDeliveryStatusNil sets the value for DeliveryStatus to be an explicit nil
 func (o *MessageDetail) SetDeliveryStatusNil() {
 	o.DeliveryStatus.Set(nil)
@@ -701,6 +702,7 @@ func (o *MessageDetail) HasBodyHtml() bool {
 func (o *MessageDetail) SetBodyHtml(v string) {
 	o.BodyHtml.Set(&v)
 }
+
 // SetBodyHtmlNil sets the value for BodyHtml to be an explicit nil
 func (o *MessageDetail) SetBodyHtmlNil() {
 	o.BodyHtml.Set(nil)
@@ -807,6 +809,7 @@ func (o *MessageDetail) HasConversationId() bool {
 func (o *MessageDetail) SetConversationId(v string) {
 	o.ConversationId.Set(&v)
 }
+
 // SetConversationIdNil sets the value for ConversationId to be an explicit nil
 func (o *MessageDetail) SetConversationIdNil() {
 	o.ConversationId.Set(nil)
@@ -818,7 +821,7 @@ func (o *MessageDetail) UnsetConversationId() {
 }
 
 func (o MessageDetail) MarshalJSON() ([]byte, error) {
-	toSerialize,err := o.ToMap()
+	toSerialize, err := o.ToMap()
 	if err != nil {
 		return []byte{}, err
 	}
@@ -906,10 +909,10 @@ func (o *MessageDetail) UnmarshalJSON(data []byte) (err error) {
 	err = json.Unmarshal(data, &allProperties)
 
 	if err != nil {
-		return err;
+		return err
 	}
 
-	for _, requiredProperty := range(requiredProperties) {
+	for _, requiredProperty := range requiredProperties {
 		if _, exists := allProperties[requiredProperty]; !exists {
 			return fmt.Errorf("no value given for required property %v", requiredProperty)
 		}
@@ -965,5 +968,3 @@ func (v *NullableMessageDetail) UnmarshalJSON(src []byte) error {
 	v.isSet = true
 	return json.Unmarshal(src, &v.value)
 }
-
-

@@ -1,7 +1,7 @@
 /*
 Email Service API
 
-Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation) 
+Production-grade REST API for email account management with IMAP/SMTP support.  **Features:** - Multi-tenant architecture with row-level ACL - JWT & header-based authentication - Rate limiting per user via Redis (see `x-rate-limits`; 50 req/min for endpoints not listed there) - Credential encryption: mail passwords are stored with authenticated, reversible encryption   (Fernet: AES-128-CBC + HMAC-SHA256) under keys from the service's environment, with key rotation.   A one-way hash could not log in to an IMAP/POP3/SMTP server. Passwords are never returned or logged. - IMAP account management & message operations - SMTP send capabilities - Folder & message browsing - Attachment download with presigned URLs - Background jobs for sync/send operations run on RQ (Redis Queue); a task id is an RQ job id  **Errors:** every error, including request validation errors, unknown routes (404), wrong methods (405), oversized bodies (413), unsupported media types (415), rate limits (429) and internal errors (500), is an `ErrorResponse` JSON object.  **Phase 8 API Documentation (Complete Stack)** - Phase 7 (Completed): Flask API with PostgreSQL persistence - Phase 8 (This Document): OpenAPI specification + SDK generation  **Server Requirements:** - Python 3.9+ - PostgreSQL 13+ - Redis 6+ (rate limiting & Celery broker) - Node.js 18+ (for SDK generation)
 
 API version: 1.0.0
 */
@@ -20,15 +20,15 @@ var _ MappedNullable = &UpdateAccountRequest{}
 // UpdateAccountRequest struct for UpdateAccountRequest
 type UpdateAccountRequest struct {
 	AccountName *string `json:"accountName,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
-	Hostname *string `json:"hostname,omitempty" validate:"regexp=^[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62})(\\.[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62}))*\\.?$"`
-	Port *int32 `json:"port,omitempty"`
-	Encryption *string `json:"encryption,omitempty"`
-	Username *string `json:"username,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
+	Hostname    *string `json:"hostname,omitempty" validate:"regexp=^[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62})(\\.[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62}))*\\.?$"`
+	Port        *int32  `json:"port,omitempty"`
+	Encryption  *string `json:"encryption,omitempty"`
+	Username    *string `json:"username,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
 	// If provided, will be re-encrypted
-	Password *string `json:"password,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
-	IsSyncEnabled *bool `json:"isSyncEnabled,omitempty"`
-	SyncInterval *int32 `json:"syncInterval,omitempty"`
-	IsEnabled *bool `json:"isEnabled,omitempty"`
+	Password      *string `json:"password,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
+	IsSyncEnabled *bool   `json:"isSyncEnabled,omitempty"`
+	SyncInterval  *int32  `json:"syncInterval,omitempty"`
+	IsEnabled     *bool   `json:"isEnabled,omitempty"`
 	// SMTP server for sending. Without it the account cannot send mail.
 	SmtpHostname *string `json:"smtpHostname,omitempty" validate:"regexp=^[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62})(\\.[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62}))*\\.?$"`
 	// SMTP port (465 implicit TLS, 587 STARTTLS). Default 587.
@@ -575,7 +575,7 @@ func (o *UpdateAccountRequest) SetProtocol(v string) {
 }
 
 func (o UpdateAccountRequest) MarshalJSON() ([]byte, error) {
-	toSerialize,err := o.ToMap()
+	toSerialize, err := o.ToMap()
 	if err != nil {
 		return []byte{}, err
 	}
@@ -670,5 +670,3 @@ func (v *NullableUpdateAccountRequest) UnmarshalJSON(src []byte) error {
 	v.isSet = true
 	return json.Unmarshal(src, &v.value)
 }
-
-

@@ -11,10 +11,10 @@ package emailserviceclient
 
 import (
 	"context"
+	openapiclient "github.com/metabuilder/email-service-client"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"testing"
-	openapiclient "github.com/metabuilder/email-service-client"
 )
 
 func Test_emailserviceclient_AccountsAPIService(t *testing.T) {
@@ -24,7 +24,7 @@ func Test_emailserviceclient_AccountsAPIService(t *testing.T) {
 
 	t.Run("Test AccountsAPIService CreateAccount", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		resp, httpRes, err := apiClient.AccountsAPI.CreateAccount(context.Background()).Execute()
 
@@ -36,7 +36,7 @@ func Test_emailserviceclient_AccountsAPIService(t *testing.T) {
 
 	t.Run("Test AccountsAPIService DeleteAccount", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		var accountId string
 
@@ -49,7 +49,7 @@ func Test_emailserviceclient_AccountsAPIService(t *testing.T) {
 
 	t.Run("Test AccountsAPIService GetAccount", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		var accountId string
 
@@ -63,7 +63,7 @@ func Test_emailserviceclient_AccountsAPIService(t *testing.T) {
 
 	t.Run("Test AccountsAPIService ListAccounts", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		resp, httpRes, err := apiClient.AccountsAPI.ListAccounts(context.Background()).Execute()
 
@@ -75,7 +75,7 @@ func Test_emailserviceclient_AccountsAPIService(t *testing.T) {
 
 	t.Run("Test AccountsAPIService UpdateAccount", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		var accountId string
 

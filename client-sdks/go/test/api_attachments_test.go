@@ -11,10 +11,10 @@ package emailserviceclient
 
 import (
 	"context"
+	openapiclient "github.com/metabuilder/email-service-client"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"testing"
-	openapiclient "github.com/metabuilder/email-service-client"
 )
 
 func Test_emailserviceclient_AttachmentsAPIService(t *testing.T) {
@@ -24,7 +24,7 @@ func Test_emailserviceclient_AttachmentsAPIService(t *testing.T) {
 
 	t.Run("Test AttachmentsAPIService DownloadAttachment", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		var accountId string
 		var attachmentId string
@@ -39,7 +39,7 @@ func Test_emailserviceclient_AttachmentsAPIService(t *testing.T) {
 
 	t.Run("Test AttachmentsAPIService UploadAttachment", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		var accountId string
 

@@ -11,10 +11,10 @@ package emailserviceclient
 
 import (
 	"context"
+	openapiclient "github.com/metabuilder/email-service-client"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"testing"
-	openapiclient "github.com/metabuilder/email-service-client"
 )
 
 func Test_emailserviceclient_ComposeAPIService(t *testing.T) {
@@ -24,7 +24,7 @@ func Test_emailserviceclient_ComposeAPIService(t *testing.T) {
 
 	t.Run("Test ComposeAPIService SaveDraft", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		resp, httpRes, err := apiClient.ComposeAPI.SaveDraft(context.Background()).Execute()
 
@@ -36,7 +36,7 @@ func Test_emailserviceclient_ComposeAPIService(t *testing.T) {
 
 	t.Run("Test ComposeAPIService SendEmail", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		resp, httpRes, err := apiClient.ComposeAPI.SendEmail(context.Background()).Execute()
 

@@ -11,10 +11,10 @@ package emailserviceclient
 
 import (
 	"context"
+	openapiclient "github.com/metabuilder/email-service-client"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"testing"
-	openapiclient "github.com/metabuilder/email-service-client"
 )
 
 func Test_emailserviceclient_MessagesAPIService(t *testing.T) {
@@ -24,7 +24,7 @@ func Test_emailserviceclient_MessagesAPIService(t *testing.T) {
 
 	t.Run("Test MessagesAPIService GetMessage", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		var accountId string
 		var messageId string
@@ -39,7 +39,7 @@ func Test_emailserviceclient_MessagesAPIService(t *testing.T) {
 
 	t.Run("Test MessagesAPIService ListMessages", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		var accountId string
 		var folderId string
@@ -54,7 +54,7 @@ func Test_emailserviceclient_MessagesAPIService(t *testing.T) {
 
 	t.Run("Test MessagesAPIService UpdateMessage", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		var accountId string
 		var messageId string

@@ -11,10 +11,10 @@ package emailserviceclient
 
 import (
 	"context"
+	openapiclient "github.com/metabuilder/email-service-client"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"testing"
-	openapiclient "github.com/metabuilder/email-service-client"
 )
 
 func Test_emailserviceclient_SyncAPIService(t *testing.T) {
@@ -24,7 +24,7 @@ func Test_emailserviceclient_SyncAPIService(t *testing.T) {
 
 	t.Run("Test SyncAPIService GetSyncStatus", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		var taskId string
 
@@ -38,7 +38,7 @@ func Test_emailserviceclient_SyncAPIService(t *testing.T) {
 
 	t.Run("Test SyncAPIService SyncAccount", func(t *testing.T) {
 
-		t.Skip("skip test")  // remove to run test
+		t.Skip("skip test") // remove to run test
 
 		var accountId string
 
