@@ -138,6 +138,15 @@ def _server_flags(dovecot, user, folder: str, subject: str) -> set[str]:
         return set(fetched[0].decode().split("FLAGS (", 1)[1].split(")", 1)[0].split())
 
 
+def test_0_the_running_service_serves_its_interactive_docs_and_spec(deployment):
+    page = httpx.get(deployment.api.url + "/docs/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "swagger-ui" in page.text
+    spec = httpx.get(deployment.api.url + "/openapi.json", timeout=30).json()
+    assert spec["info"]["title"] == "Email Service API"
+    assert spec["paths"]["/api/accounts"]["get"]["operationId"] == "listAccounts"
+
+
 def test_1_a_token_from_the_cli_creates_imap_and_pop3_accounts(
     deployment, journey, dovecot, imap_user, pop3_user, smtp
 ):
