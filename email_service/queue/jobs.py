@@ -31,17 +31,21 @@ class TaskFailed(Exception):
 
 
 class JobProgress:
-    """Writes progress to the job's meta, at most twice a second, so polling sees it move."""
+    """Writes progress to the job's meta, at most twice a second, so polling sees it move.
+
+    Progress never goes back: a job resumed after its worker died starts counting from zero
+    again, but the task keeps showing what was already reached until the new run passes it.
+    """
 
     def __init__(self) -> None:
         self.job = get_current_job()
         self._last = 0.0
-        self._value = -1
+        self._value = int(self.job.meta.get("progress", 0)) if self.job is not None else 0
 
     def __call__(self, percent: int) -> None:
         percent = max(0, min(100, percent))
         now = time.monotonic()
-        if self.job is None or percent == self._value or (now - self._last < 0.5 and percent < 100):
+        if self.job is None or percent <= self._value or (now - self._last < 0.5 and percent < 100):
             return
         self._value, self._last = percent, now
         self.job.meta["progress"] = percent

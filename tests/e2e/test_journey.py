@@ -86,6 +86,21 @@ def smtp(mail_tls):
     server.stop()
 
 
+def _dovecot_account(dovecot, user, protocol: str, **fields) -> sdk.CreateAccountRequest:
+    """An account for a Dovecot user over implicit TLS, synced only when asked."""
+    return sdk.CreateAccountRequest(
+        email_address=f"{user.name}@example.com",
+        protocol=protocol,
+        hostname=dovecot.host,
+        port=dovecot.imaps_port if protocol == "imap" else dovecot.pop3s_port,
+        encryption="tls",
+        username=user.name,
+        password=user.password,
+        is_sync_enabled=False,
+        **fields,
+    )
+
+
 def _accounts(api: sdk.ApiClient) -> sdk.AccountsApi:
     return sdk.AccountsApi(api)
 
@@ -153,16 +168,11 @@ def test_1_a_token_from_the_cli_creates_imap_and_pop3_accounts(
     journey.api = deployment.client(deployment.mint_token(journey.tenant, journey.user))
     accounts = _accounts(journey.api)
     imap = accounts.create_account(
-        sdk.CreateAccountRequest(
+        _dovecot_account(
+            dovecot,
+            imap_user,
+            "imap",
             account_name="Work",
-            email_address=f"{imap_user.name}@example.com",
-            protocol="imap",
-            hostname=dovecot.host,
-            port=dovecot.imaps_port,
-            encryption="tls",
-            username=imap_user.name,
-            password=imap_user.password,
-            is_sync_enabled=False,
             smtp_hostname=smtp.host,
             smtp_port=smtp.port,
             smtp_encryption="starttls",
@@ -170,19 +180,7 @@ def test_1_a_token_from_the_cli_creates_imap_and_pop3_accounts(
             smtp_password=smtp.password,
         )
     )
-    pop3 = accounts.create_account(
-        sdk.CreateAccountRequest(
-            account_name="Old mailbox",
-            email_address=f"{pop3_user.name}@example.com",
-            protocol="pop3",
-            hostname=dovecot.host,
-            port=dovecot.pop3s_port,
-            encryption="tls",
-            username=pop3_user.name,
-            password=pop3_user.password,
-            is_sync_enabled=False,
-        )
-    )
+    pop3 = accounts.create_account(_dovecot_account(dovecot, pop3_user, "pop3", account_name="Old mailbox"))
     journey.imap_account, journey.pop3_account = imap.id, pop3.id
     assert str(imap.tenant_id) == str(journey.tenant) and imap.protocol == "imap" and imap.smtp_port == smtp.port
     listed = accounts.list_accounts()
@@ -356,19 +354,7 @@ def test_7_a_sync_whose_worker_is_killed_completes_on_another_exactly(deployment
     user = dovecot.add_user()
     subjects = [f"Bulk {i:05d}" for i in range(CRASH_MAILBOX)]
     dovecot.append_many(user, "INBOX", (to_bytes(plain_message(s, f"{s}\n" * 40)) for s in subjects))
-    account = _accounts(api).create_account(
-        sdk.CreateAccountRequest(
-            account_name="Big",
-            email_address=f"{user.name}@example.com",
-            protocol="imap",
-            hostname=dovecot.host,
-            port=dovecot.imaps_port,
-            encryption="tls",
-            username=user.name,
-            password=user.password,
-            is_sync_enabled=False,
-        )
-    )
+    account = _accounts(api).create_account(_dovecot_account(dovecot, user, "imap", account_name="Big"))
     task = sdk.SyncApi(api).sync_account(account.id)
 
     def stored() -> int:
@@ -387,12 +373,14 @@ def test_7_a_sync_whose_worker_is_killed_completes_on_another_exactly(deployment
     deployment.worker.kill()
     stored_at_kill = stored()
     assert stored_at_kill < CRASH_MAILBOX
-    assert sdk.SyncApi(api).get_sync_status(task.task_id).status == "started"
+    at_kill = sdk.SyncApi(api).get_sync_status(task.task_id)
+    assert at_kill.status == "started"
 
     deployment.start_worker()
     # RQ notices the lost worker once its heartbeat lapses, then the same task runs again.
-    status, _ = _wait_task(api, task.task_id, timeout=300, every=2)
+    status, progress = _wait_task(api, task.task_id, timeout=300, every=2)
     assert status.status == "success", f"{status}\n{deployment.logs()}"
+    assert progress == sorted(progress) and progress[0] >= at_kill.progress, (at_kill.progress, progress)
 
     inbox = _folders(api, account.id)["INBOX"]
     synced = [m.subject for m in _all_messages(api, account.id, inbox.id)]
