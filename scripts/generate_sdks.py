@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -40,12 +41,30 @@ def _generator(template: str) -> str:
     return GENERATORS[name]
 
 
-def _properties(language: str, package_name: str, version: str) -> dict[str, str]:
+@dataclass(frozen=True)
+class Sdk:
+    language: str  # the directory under client-sdks/
+    generator: str  # openapi-generator's name for it
+    properties: dict[str, str]  # its --additional-properties
+    repository: tuple[str, str]  # (user, repository) the generated README and Go module name
+
+    def arguments(self) -> list[str]:
+        return [
+            "--generator-name",
+            self.generator,
+            "--additional-properties",
+            ",".join(f"{key}={value}" for key, value in self.properties.items()),
+            "--git-user-id",
+            self.repository[0],
+            "--git-repo-id",
+            self.repository[1],
+        ]
+
+
+def _properties(language: str, scope: str, bare: str, version: str) -> dict[str, str]:
     """Each generator's own settings for the spec's one package name and version."""
-    bare = package_name.rsplit("/", 1)[-1]  # "@metabuilder/email-service-client" -> "email-service-client"
-    scope = package_name[1:].split("/", 1)[0] if package_name.startswith("@") else ""
     if language == "typescript":
-        return {"npmName": package_name, "npmVersion": version, "supportsES6": "true"}
+        return {"npmName": f"@{scope}/{bare}" if scope else bare, "npmVersion": version, "supportsES6": "true"}
     if language == "python":
         return {
             "packageName": bare.replace("-", "_"),
@@ -57,34 +76,22 @@ def _properties(language: str, package_name: str, version: str) -> dict[str, str
     raise SystemExit(f"x-sdk-generation: no settings known for language {language!r}")
 
 
-def _repository(package_name: str) -> list[str]:
-    """Where the generated READMEs and the Go module say the SDK lives: the npm scope and name."""
-    bare = package_name.rsplit("/", 1)[-1]
-    scope = package_name[1:].split("/", 1)[0] if package_name.startswith("@") else bare
-    return ["--git-user-id", scope, "--git-repo-id", bare]
-
-
-def sdk_targets(spec_path: Path = SPEC) -> list[tuple[str, list[str]]]:
-    """(language, generator arguments) for every SDK the spec asks for."""
+def sdk_targets(spec_path: Path = SPEC) -> list[Sdk]:
+    """Every SDK the spec's x-sdk-generation asks for."""
     config = yaml.safe_load(spec_path.read_text())["x-sdk-generation"]
     extra = config.get("additionalProperties", {})
     package_name, version = extra["packageName"], str(extra["packageVersion"])
-    targets = []
-    for language in config["languages"]:
-        properties = _properties(language, package_name, version)
-        targets.append(
-            (
-                language,
-                [
-                    "--generator-name",
-                    _generator(config["templates"][language]),
-                    "--additional-properties",
-                    ",".join(f"{k}={v}" for k, v in properties.items()),
-                    *_repository(package_name),
-                ],
-            )
+    # "@metabuilder/email-service-client" -> scope "metabuilder", bare name "email-service-client"
+    scope, _, bare = package_name.lstrip("@").rpartition("/")
+    return [
+        Sdk(
+            language,
+            _generator(config["templates"][language]),
+            _properties(language, scope, bare, version),
+            (scope or bare, bare),
         )
-    return targets
+        for language in config["languages"]
+    ]
 
 
 def _command() -> list[str]:
@@ -106,21 +113,20 @@ def _command() -> list[str]:
 def generate(out_dir: Path, spec_path: Path = SPEC) -> None:
     """Write every SDK under ``out_dir/<language>``, replacing what was there."""
     command = _command()
-    for language, arguments in sdk_targets(spec_path):
-        generator = arguments[arguments.index("--generator-name") + 1]
+    for sdk in sdk_targets(spec_path):
         with tempfile.TemporaryDirectory() as scratch:
-            target = Path(scratch) / language
-            argv = [*command, "generate", "--input-spec", str(spec_path), "--output", str(target), *arguments]
+            target = Path(scratch) / sdk.language
+            argv = [*command, "generate", "--input-spec", str(spec_path), "--output", str(target), *sdk.arguments()]
             # JAVA_TOOL_OPTIONS is what the bundled launcher passes on to the JVM.
             env = dict(os.environ, JAVA_TOOL_OPTIONS="-Xmx512m -Xshare:auto")
             done = subprocess.run(argv, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
-                raise SystemExit(f"openapi-generator failed for {language}")
-            if generator == "go":
+                raise SystemExit(f"openapi-generator failed for {sdk.language}")
+            if sdk.generator == "go":
                 # The generator's Go is not gofmt-clean; Go users and their linters expect it to be.
                 subprocess.run(["gofmt", "-w", str(target)], check=True)
-            final = out_dir / language
+            final = out_dir / sdk.language
             if final.exists():
                 shutil.rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -161,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         fresh = Path(scratch)
         generate(fresh)
         stale = {}
-        for language, _ in sdk_targets():
-            committed = args.out / language
-            stale[language] = differences(committed, fresh / language) if committed.is_dir() else ["(missing)"]
+        for sdk in sdk_targets():
+            committed = args.out / sdk.language
+            stale[sdk.language] = differences(committed, fresh / sdk.language) if committed.is_dir() else ["(missing)"]
     stale = {lang: paths for lang, paths in stale.items() if paths}
     if stale:
         for language, paths in stale.items():
