@@ -28,6 +28,7 @@ from messages import (
     thread,
     to_bytes,
 )
+from rq.job import Job
 from sqlalchemy import text
 from syncing import create_account, folders_by_name, imap_account, messages, run_sync
 
@@ -293,13 +294,18 @@ def test_pop3_downloads_each_message_once_and_deletes_nothing(client, user, dove
     assert run_sync(client, user, stls)[0]["result"]["messagesAdded"] == 4
 
 
-def test_wrong_password_fails_in_words(client, user, dovecot, mail_user, worker):
+def test_wrong_password_fails_in_words(client, runtime, user, dovecot, mail_user, worker):
     account_id = create_account(client, user, imap_account(dovecot, mail_user, password="definitely-wrong"))
     status, _ = run_sync(client, user, account_id)
     assert status["status"] == "failure"
     assert status["error"].startswith("authentication failed") and "definitely-wrong" not in status["error"]
     account = client.get(f"/api/accounts/{account_id}", headers=user.headers).json()
     assert account["lastSyncAt"] is None and account["isSyncing"] is False
+    # Retries are kept for a worker that dies mid-sync; a sync that failed is not run again.
+    time.sleep(1.5)
+    again = client.get(f"/api/sync/task/{status['taskId']}", headers=user.headers).json()
+    assert again["status"] == "failure" and again["error"] == status["error"]
+    assert Job.fetch(status["taskId"], connection=runtime.redis).meta["attempts"] == 1
 
 
 def test_unreachable_server_fails_in_words(client, user, dovecot, mail_user, worker):
