@@ -40,7 +40,8 @@ class WorkerProcess:
         RQ runs each job in a work horse with a session of its own, so the whole tree is collected
         first: killing the worker's process group alone would leave the job running.
         """
-        tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        worker = psutil.Process(self.proc.pid)
+        tree = [worker, *worker.children(recursive=True)]
         for process in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.send_signal(signal.SIGKILL)
@@ -94,8 +95,8 @@ class Deployment:
         return sdk.ApiClient(configuration)
 
     def logs(self) -> str:
-        worker_log = self.directory / "worker.log"
-        return self.api.log()[-6000:] + "\n--- worker ---\n" + (worker_log.read_text(errors="replace")[-6000:])
+        """The tails of the API's and the workers' logs, for failure messages."""
+        return self.api.log()[-6000:] + "\n--- workers ---\n" + self.worker.log_path.read_text(errors="replace")[-6000:]
 
 
 @pytest.fixture(scope="module")
