@@ -49,6 +49,17 @@ class Settings:
     max_upload_bytes: int = 25 * 1024 * 1024
     max_message_bytes: int = 25 * 1024 * 1024
     send_retry_base_seconds: int = 30
+    # Background work: worker processes per `worker` command, and how many jobs of one tenant may
+    # be queued or running at once across all workers (so one tenant cannot take every worker).
+    worker_processes: int = 4
+    tenant_concurrency: int = 2
+    scheduler_seconds: float = 15.0
+    # Per-protocol socket timeouts (connect and each read); the wait for the reply to the end of
+    # a message's data follows RFC 5321 4.5.3.2 (10 minutes), since that reply decides whether
+    # the message was accepted.
+    imap_timeout_seconds: int = 60
+    smtp_timeout_seconds: int = 60
+    smtp_data_timeout_seconds: int = 600
     rate_limits_enabled: bool = True
     validate_responses: bool = False
     log_level: str = "INFO"
@@ -214,6 +225,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_upload_bytes=_int(env, "EMAIL_SERVICE_MAX_UPLOAD_BYTES", 25 * 1024 * 1024),
         max_message_bytes=_int(env, "EMAIL_SERVICE_MAX_MESSAGE_BYTES", 25 * 1024 * 1024),
         send_retry_base_seconds=_int(env, "EMAIL_SERVICE_SEND_RETRY_BASE_SECONDS", 30),
+        worker_processes=_int(env, "EMAIL_SERVICE_WORKER_PROCESSES", 4),
+        tenant_concurrency=_int(env, "EMAIL_SERVICE_TENANT_CONCURRENCY", 2),
+        scheduler_seconds=_int(env, "EMAIL_SERVICE_SCHEDULER_SECONDS", 15),
+        imap_timeout_seconds=_int(env, "EMAIL_SERVICE_IMAP_TIMEOUT_SECONDS", 60),
+        smtp_timeout_seconds=_int(env, "EMAIL_SERVICE_SMTP_TIMEOUT_SECONDS", 60),
+        smtp_data_timeout_seconds=_int(env, "EMAIL_SERVICE_SMTP_DATA_TIMEOUT_SECONDS", 600),
         rate_limits_enabled=_bool(env, "EMAIL_SERVICE_RATE_LIMITS", True),
         validate_responses=_bool(env, "EMAIL_SERVICE_VALIDATE_RESPONSES", False),
         log_level=log_level,

@@ -12,6 +12,7 @@ Fixtures (registered through ``pytest_plugins = ["mailservers"]`` in conftest.py
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime as dt
@@ -626,6 +627,7 @@ class _Behaviour:
     reject: bool = False
     fail_at: FailStage = "data"
     unknown_recipients: set[str] = field(default_factory=set)
+    silent_after_data: float = 0.0  # seconds to say nothing after the final dot (then accept)
 
 
 class SmtpServer:
@@ -634,7 +636,8 @@ class SmtpServer:
     ``temp_failures``: the first N transactions (counted at MAIL FROM) answer
     ``451 4.7.1`` at ``fail_at``, later ones succeed. ``reject``: every transaction answers
     ``550 5.7.1`` at ``fail_at``. ``unknown_recipients``: these addresses get ``550 5.1.1`` at
-    RCPT TO (partial failures). All of these can also be changed while the server runs.
+    RCPT TO (partial failures). ``silent_after_data``: seconds of silence after the final dot
+    before the (accepting) reply. All of these can also be changed while the server runs.
     """
 
     host = LOCALHOST
@@ -684,6 +687,14 @@ class SmtpServer:
     @property
     def unknown_recipients(self) -> set[str]:
         return self._behaviour.unknown_recipients
+
+    @property
+    def silent_after_data(self) -> float:
+        return self._behaviour.silent_after_data
+
+    @silent_after_data.setter
+    def silent_after_data(self, value: float) -> None:
+        self._behaviour.silent_after_data = value
 
     def start(self) -> None:
         from aiosmtpd.controller import Controller
@@ -811,13 +822,17 @@ class _SmtpHandler:
                 tls=server.transport.get_extra_info("ssl_object") is not None,
             )
         )
+        if self.server._behaviour.silent_after_data:
+            # Stored, and the reply that would say so is late (or never arrives): the client cannot know.
+            await asyncio.sleep(self.server._behaviour.silent_after_data)
         return "250 2.0.0 Message accepted"
 
 
 @pytest.fixture
 def smtp_server(mail_tls: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
     """Factory: ``smtp_server("starttls" | "tls" | "none", auth_required=..., temp_failures=N,
-    reject=False, fail_at="data", unknown_recipients=())``; every server stops after the test.
+    reject=False, fail_at="data", unknown_recipients=(), silent_after_data=0)``; every server
+    stops after the test.
 
     ``auth_required`` defaults to True with TLS and False for "none" (where AUTH is still offered).
     """
@@ -833,6 +848,7 @@ def smtp_server(mail_tls: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
         unknown_recipients: Iterable[str] = (),
         username: str = "smtp-user",
         password: str | None = None,
+        silent_after_data: float = 0.0,
     ) -> SmtpServer:
         server = SmtpServer(
             mail_tls,
@@ -840,7 +856,7 @@ def smtp_server(mail_tls: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
             auth_required=encryption != "none" if auth_required is None else auth_required,
             username=username,
             password=password or secrets.token_urlsafe(12),
-            behaviour=_Behaviour(temp_failures, reject, fail_at, set(unknown_recipients)),
+            behaviour=_Behaviour(temp_failures, reject, fail_at, set(unknown_recipients), silent_after_data),
         )
         server.start()
         started.append(server)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from mailservers import LOOPBACK, SmtpServer, free_port, make_tls_files
 
-from email_service.compose.build import build_message, new_message_id, wire_bytes
+from email_service.outgoing.build import build_message, new_message_id, wire_bytes
 from email_service.protocols.errors import AuthenticationFailed, MailServerError
 from email_service.protocols.smtp import (
+    AmbiguousDeliveryError,
     PermanentDeliveryError,
     SendOutcome,
     SmtpSession,
@@ -289,3 +290,147 @@ def test_send_outside_the_session_and_bad_arguments(smtp_server) -> None:
         with pytest.raises(ValueError, match="no recipients"):
             smtp.send(SENDER, [], b"x\r\n")
     assert server.messages == []
+
+
+class ScriptedServer:
+    """An SMTP server on 127.0.0.1 that answers from a script, for the failures aiosmtpd cannot stage.
+
+    ``replies`` maps a command verb (EHLO, AUTH, MAIL, RCPT, DATA) to the reply; the rest get 250.
+    ``after_data`` is what follows the final dot: a reply line, "silent" (say nothing, keep the
+    connection open), "close" (hang up) or "close-during" (hang up as soon as the data begins).
+    """
+
+    def __init__(
+        self,
+        *,
+        greeting: str = "220 test ready",
+        replies: dict[str, str] | None = None,
+        after_data: str = "250 2.0.0 queued",
+    ) -> None:
+        self.greeting, self.after_data = greeting, after_data
+        self.replies = {
+            "EHLO": "250-test\r\n250 AUTH PLAIN",
+            "AUTH": "235 2.7.0 accepted",
+            "DATA": "354 go ahead",
+            **(replies or {}),
+        }
+        self.received_data = False
+        self.listener = socket.create_server((LOOPBACK, 0))
+        self.port = self.listener.getsockname()[1]
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(self.greeting.encode() + b"\r\n")
+            while line := lines.readline():
+                verb = line.split(b" ", 1)[0].strip().upper().decode()
+                reply = self.replies.get(verb, "250 OK")
+                if verb == "DATA" and reply.startswith("354"):
+                    conn.sendall(reply.encode() + b"\r\n")
+                    if self.after_data == "close-during":
+                        return
+                    while lines.readline() not in (b".\r\n", b""):
+                        pass
+                    self.received_data = True
+                    if self.after_data == "silent":
+                        self._done.wait(30)
+                        return
+                    if self.after_data == "close":
+                        return
+                    conn.sendall(self.after_data.encode() + b"\r\n")
+                    continue
+                conn.sendall(reply.encode() + b"\r\n")
+                if verb == "QUIT" or reply.startswith("421"):
+                    return
+
+    def session(self, **kwargs: object) -> SmtpSession:
+        return SmtpSession(LOOPBACK, self.port, "none", "user", "secret", **{"timeout": 5, **kwargs})
+
+    def close(self) -> None:
+        self._done.set()
+        self.listener.close()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def scripted():
+    servers: list[ScriptedServer] = []
+
+    def start(**kwargs: object) -> ScriptedServer:
+        servers.append(ScriptedServer(**kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def send_one(server: ScriptedServer, data: bytes | None = None, **kwargs: object) -> list[str]:
+    """Send through the scripted server; returns the marks the caller's data-goes-out hook left."""
+    marks: list[str] = []
+    with server.session(**kwargs) as smtp:
+        smtp.send(
+            SENDER,
+            ["bob@example.org"],
+            data or message_bytes(["bob@example.org"]),
+            before_data_end=lambda: marks.append("data going out"),
+        )
+    return marks
+
+
+@pytest.mark.parametrize(
+    ("script", "words"),
+    [
+        ({"greeting": "421 4.3.2 too busy, come back later"}, "421"),
+        ({"replies": {"AUTH": "454 4.7.0 temporary authentication failure"}}, "454"),
+        ({"replies": {"MAIL": "451 4.3.0 try again later"}}, "451"),
+        ({"replies": {"RCPT": "450 4.2.1 mailbox busy"}}, "450"),
+        ({"replies": {"DATA": "451 4.3.0 not now"}}, "451"),
+        ({"after_data": "451 4.3.0 queue full"}, "451"),
+    ],
+)
+def test_failures_before_the_server_could_have_accepted_are_temporary(scripted, script, words) -> None:
+    server = scripted(**script)
+    with pytest.raises(TemporaryDeliveryError, match=words):
+        send_one(server)
+
+
+def test_no_reply_to_the_final_dot_is_ambiguous_not_temporary(scripted) -> None:
+    server = scripted(after_data="silent")
+    marks: list[str] = []
+    with (
+        pytest.raises(AmbiguousDeliveryError, match="did not answer within 1 s") as failure,
+        server.session(data_timeout=1) as smtp,
+    ):
+        smtp.send(
+            SENDER, ["bob@example.org"], message_bytes(["bob@example.org"]), before_data_end=lambda: marks.append(1)
+        )
+    assert "may or may not have been accepted" in str(failure.value)
+    assert not isinstance(failure.value, TemporaryDeliveryError | PermanentDeliveryError)
+    assert marks == [1] and server.received_data
+
+
+def test_a_hang_up_after_the_final_dot_is_ambiguous(scripted) -> None:
+    server = scripted(after_data="close")
+    with pytest.raises(AmbiguousDeliveryError, match="closed the connection without answering"):
+        send_one(server)
+    assert server.received_data
+
+
+def test_a_hang_up_while_the_data_goes_out_is_temporary(scripted) -> None:
+    # The final dot never left whole, so nothing can have been accepted: safe to try again.
+    server = scripted(after_data="close-during")
+    with pytest.raises(TemporaryDeliveryError):
+        send_one(server, data=b"x" * 1000 + b"\r\n" + (b"y" * 998 + b"\r\n") * 20_000)
+    assert not server.received_data
+
+
+def test_a_refusal_before_the_data_never_marks_it_as_going_out(scripted) -> None:
+    server = scripted(replies={"DATA": "554 5.7.1 no"})
+    marks: list[str] = []
+    with pytest.raises(PermanentDeliveryError, match="554"), server.session() as smtp:
+        smtp.send(SENDER, ["bob@example.org"], b"Subject: x\r\n\r\nx\r\n", before_data_end=lambda: marks.append(1))
+    assert marks == []

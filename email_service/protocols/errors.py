@@ -9,15 +9,35 @@ import ssl
 
 
 class MailServerError(Exception):
-    """Talking to the user's mail server failed; ``str()`` is safe to show to the user."""
+    """Talking to the user's mail server failed; ``str()`` is safe to show to the user.
+
+    ``permanent`` says whether trying again later can help without anyone changing anything;
+    it decides how hard an account's automatic sync backs off.
+    """
+
+    permanent = False
 
 
 class AuthenticationFailed(MailServerError):
-    pass
+    """The server refused the login: nothing changes until someone changes the credentials."""
+
+    permanent = True
 
 
 class ConnectionFailed(MailServerError):
     """The server cannot be reached or the connection broke: nothing more can be done in this session."""
+
+
+class CertificateFailed(ConnectionFailed):
+    """The server's certificate does not verify: it stays so until the server or the account changes."""
+
+    permanent = True
+
+
+class HostNotFound(ConnectionFailed):
+    """The host name does not resolve: a typo, or a domain that is gone."""
+
+    permanent = True
 
 
 def describe(exc: BaseException, host: str, port: int) -> MailServerError:
@@ -26,13 +46,13 @@ def describe(exc: BaseException, host: str, port: int) -> MailServerError:
     if isinstance(exc, MailServerError):
         return exc
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return ConnectionFailed(f"certificate verify failed for {where}: {exc.verify_message}")
+        return CertificateFailed(f"certificate verify failed for {where}: {exc.verify_message}")
     if isinstance(exc, ssl.SSLError):
         return ConnectionFailed(f"TLS handshake with {where} failed: {exc.reason or exc}")
     if isinstance(exc, ConnectionRefusedError):
         return ConnectionFailed(f"connection refused by {where}")
     if isinstance(exc, socket.gaierror):
-        return ConnectionFailed(f"host not found: {host}")
+        return HostNotFound(f"host not found: {host}")
     if isinstance(exc, TimeoutError | socket.timeout):
         return ConnectionFailed(f"{where} did not answer in time")
     if isinstance(exc, ConnectionError | EOFError | imaplib.IMAP4.abort):

@@ -1,18 +1,22 @@
 """SMTP delivery through the account's own submission server.
 
 Failures are split by what a retry can achieve: ``TemporaryDeliveryError`` (4xx replies, broken
-or refused connections, timeouts) is worth retrying; ``PermanentDeliveryError`` (5xx replies,
-bad credentials, certificates that do not verify, missing STARTTLS) is not. A timeout after the
-message data was sent is reported as temporary although the server may have accepted the
-message: SMTP cannot tell, and a rare duplicate is better than mail silently lost.
+or refused connections, timeouts before the message data was complete) is worth retrying;
+``PermanentDeliveryError`` (5xx replies, bad credentials, certificates that do not verify,
+missing STARTTLS) is not. ``AmbiguousDeliveryError`` is the third case: the whole message went
+out and the reply to its final dot never came (RFC 5321 6.1 and 4.5.3.2), so the server may have
+accepted it. Retrying that could deliver it twice, so it is reported as it is and never retried
+automatically.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import re
 import smtplib
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +47,15 @@ class TemporaryDeliveryError(MailServerError):
 class PermanentDeliveryError(MailServerError):
     """Retrying will not help; ``str()`` carries the server's reply when there was one."""
 
+    permanent = True
+
     def __init__(self, message: str, code: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+
+
+class AmbiguousDeliveryError(MailServerError):
+    """The message data went out whole and no reply came: it may or may not have been accepted."""
 
 
 class SmtpAuthenticationFailed(PermanentDeliveryError, AuthenticationFailed):
@@ -94,10 +104,12 @@ class SmtpSession(MailSession):
         *,
         ca_file: Path | None = None,
         timeout: float = 60.0,
+        data_timeout: float = 600.0,
         helo_name: str | None = None,
     ) -> None:
         super().__init__(host, port, encryption, username, password, ca_file=ca_file, timeout=timeout)
         self.helo_name = helo_name
+        self.data_timeout = data_timeout
 
     # ---- connection
 
@@ -173,12 +185,24 @@ class SmtpSession(MailSession):
 
     # ---- sending
 
-    def send(self, envelope_from: str, recipients: list[str], data: bytes) -> SendOutcome:
-        """Send ``data`` (CRLF lines, 7bit, e.g. from ``compose.build.wire_bytes``) to ``recipients``.
+    def send(
+        self,
+        envelope_from: str,
+        recipients: list[str],
+        data: bytes,
+        *,
+        before_data_end: Callable[[], None] | None = None,
+    ) -> SendOutcome:
+        """Send ``data`` (CRLF lines, 7bit, e.g. from ``outgoing.build.wire_bytes``) to ``recipients``.
+
+        ``before_data_end`` runs after the server agreed to take the data and before any of it is
+        sent: the last moment at which the message certainly has not been accepted. The caller
+        records there that the outcome may become unknowable; if it raises, nothing is sent.
 
         Returns the recipients the server refused while it accepted others. Raises
         ``PermanentDeliveryError`` when all were refused (``TemporaryDeliveryError`` if a retry
-        could still reach one) and for the other failures described in the module docstring.
+        could still reach one), ``AmbiguousDeliveryError`` when the reply to the final dot never
+        came, and the other failures described in the module docstring.
         """
         sender = _envelope_address(envelope_from)
         targets = list(dict.fromkeys(_envelope_address(r) for r in recipients))
@@ -186,11 +210,23 @@ class SmtpSession(MailSession):
             raise ValueError("no recipients")
         conn = self.conn
         try:
-            refused = conn.sendmail(sender, targets, data)
-        except smtplib.SMTPRecipientsRefused as exc:
-            raise self._all_refused(exc.recipients) from None
+            refused = self._envelope(conn, sender, targets, len(data))
+            code, reply = conn.docmd("DATA")
+            if code != 354:
+                raise smtplib.SMTPDataError(code, reply)
+            if before_data_end is not None:
+                before_data_end()
+            # Dot-stuffing as smtplib does it, and the terminating CRLF . CRLF.
+            payload = re.sub(rb"(?m)^\.", b"..", data)
+            if not payload.endswith(b"\r\n"):
+                payload += b"\r\n"
+            # A failure while sending means the final dot did not leave whole: nothing was accepted.
+            conn.send(payload + b".\r\n")
         except Exception as exc:  # noqa: BLE001 - every failure becomes one classified, readable error
             raise self._classify(exc) from None
+        code, reply = self._final_reply(conn)
+        if code != 250:
+            raise self._classify(smtplib.SMTPDataError(code, reply))
         outcome = SendOutcome({rcpt: (code, _text(reply)) for rcpt, (code, reply) in refused.items()})
         log.debug(
             "smtp %s:%s accepted a message of %d bytes for %d of %d recipients",
@@ -201,6 +237,43 @@ class SmtpSession(MailSession):
             len(targets),
         )
         return outcome
+
+    def _envelope(self, conn: smtplib.SMTP, sender: str, targets: list[str], size: int) -> dict:
+        conn.ehlo_or_helo_if_needed()
+        options = [f"SIZE={size}"] if conn.does_esmtp and conn.has_extn("size") else []
+        code, reply = conn.mail(sender, options)
+        if code != 250:
+            raise smtplib.SMTPSenderRefused(code, reply, sender)
+        refused: dict[str, tuple[int, bytes]] = {}
+        for target in targets:
+            code, reply = conn.rcpt(target)
+            if code not in (250, 251):
+                refused[target] = (code, reply)
+        if len(refused) == len(targets):
+            conn.rset()
+            raise smtplib.SMTPRecipientsRefused(refused)
+        return refused
+
+    def _final_reply(self, conn: smtplib.SMTP) -> tuple[int, bytes]:
+        """The reply to the final dot, waited for as long as RFC 5321 allows (10 minutes by default)."""
+        where = f"{self.host}:{self.port}"
+        if conn.sock is not None:
+            conn.sock.settimeout(self.data_timeout)
+        try:
+            return conn.getreply()
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the outcome is unknown
+            why = (
+                f"did not answer within {self.data_timeout:g} s"
+                if isinstance(exc.__context__, TimeoutError) or isinstance(exc, TimeoutError)
+                else "closed the connection without answering"
+            )
+            raise AmbiguousDeliveryError(
+                f"{where} {why} after receiving the whole message: it may or may not have been accepted, "
+                "so it is not sent again unless asked to"
+            ) from None
+        finally:
+            if conn.sock is not None:
+                conn.sock.settimeout(self.timeout)
 
     def _all_refused(self, refusals: dict[str, tuple[int, bytes]]) -> MailServerError:
         details = "; ".join(f"{rcpt}: {code} {_text(reply)}" for rcpt, (code, reply) in refusals.items())
@@ -224,6 +297,8 @@ class SmtpSession(MailSession):
         where = f"{self.host}:{self.port}"
         if isinstance(exc, MailServerError):
             return exc
+        if isinstance(exc, smtplib.SMTPRecipientsRefused):
+            return self._all_refused(exc.recipients)
         if isinstance(exc, smtplib.SMTPResponseException):
             code = exc.smtp_code
             text = f"{self.host} {_REFUSED.get(type(exc), 'refused the message')}: {self._scrub(code, exc.smtp_error)}"

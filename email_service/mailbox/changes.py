@@ -1,0 +1,52 @@
+"""Changing a message through the API: the new state shows at once, a job takes it to the server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select
+
+from email_service.errors import NotFoundError
+from email_service.models import Account, Folder, Message, TaskKind
+from email_service.queue import tasks
+from email_service.runtime import Runtime
+from email_service.services.mail import MessageDetail, get_message
+from email_service.tenancy import Principal
+
+
+def update_message(
+    runtime: Runtime, principal: Principal, account_id: str, message_id: str, body: dict[str, Any]
+) -> MessageDetail:
+    with runtime.db.tenant_session(principal) as session:
+        account = session.scalar(select(Account).where(Account.id == account_id, Account.deleted_at.is_(None)))
+        message = session.scalar(
+            select(Message).where(Message.id == message_id, Message.account_id == account_id).with_for_update()
+        )
+        if account is None or message is None:
+            raise NotFoundError(f"Message with ID '{message_id}' does not exist", code="MESSAGE_NOT_FOUND")
+        changed = False
+        for field, column in (("isRead", "is_read"), ("isStarred", "is_starred"), ("isSpam", "is_spam")):
+            if field in body and getattr(message, column) != body[field]:
+                setattr(message, column, body[field])
+                changed = True
+        if "labels" in body and sorted(set(body["labels"])) != sorted(message.keywords):
+            message.keywords = sorted(set(body["labels"]))
+            changed = True
+        writes_to_server = account.protocol == "imap" and message.uid is not None
+        if changed:
+            message.updated_at = datetime.now(UTC)
+            message.writeback_pending = writes_to_server
+            session.flush()
+            folder = session.get(Folder, message.folder_id)
+            folder.unread_count = (
+                session.scalar(
+                    select(func.count())
+                    .select_from(Message)
+                    .where(Message.folder_id == folder.id, Message.is_read.is_(False))
+                )
+                or 0
+            )
+    if changed and writes_to_server:
+        tasks.enqueue(runtime, TaskKind.WRITEBACK, principal, account_id=account_id, message_id=message_id)
+    return get_message(runtime.db, principal, account_id, message_id)

@@ -1,0 +1,281 @@
+"""Incremental IMAP sync of one account.
+
+Per folder the state the server gave last time (UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, message
+count) is kept. An unchanged folder costs one STATUS round trip whatever its size. New mail is
+the UIDs the server has and the store has not, fetched in batches bounded by bytes. Flag
+changes come from CONDSTORE's CHANGEDSINCE when the server has it, else from a flags scan.
+Expunged messages are the stored UIDs the server no longer lists. A UIDVALIDITY change
+means the old UIDs are void, so that folder is rebuilt. Batches commit as they go, so a sync
+that dies half way loses nothing and the next one fetches only what is still missing.
+When a folder changed, one UID SEARCH ALL tells both what is new and what was expunged.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
+
+from email_service.mail.folders import display_name, folder_type, parent_name, parse_list_line
+from email_service.mail.parse import parse_message
+from email_service.mail.parse_pool import ParseJob, ParsePool
+from email_service.mailbox.result import ProgressCallback, SyncResult
+from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
+from email_service.models import Folder
+from email_service.protocols.errors import ConnectionFailed, MailServerError
+from email_service.protocols.imap import ImapSession
+
+log = logging.getLogger(__name__)
+NOT_SELECTABLE = {"\\noselect", "\\nonexistent"}
+# Up to three batches are held at once (one being fetched, one parsed, one written), so a
+# batch is kept smaller than when each was fetched and stored in turn.
+BATCH_BYTES = 4 * 1024 * 1024
+BATCH_MESSAGES = 200
+FIRST_BATCH_MESSAGES = 32
+# Below this many new messages a folder is parsed in the job's own process: starting workers
+# would cost more than it saves.
+POOL_MIN_MESSAGES = 64
+# One writer: on two cores a second one (a second PostgreSQL backend) did not pay for the batch
+# of memory it holds; more may on bigger machines.
+WRITER_THREADS = 1
+
+
+def remote_folders(lines: Iterable[bytes]) -> list[RemoteFolder]:
+    folders = []
+    for line in lines:
+        parsed = parse_list_line(line)
+        if parsed is None:
+            continue
+        attributes, delimiter, name = parsed
+        folders.append(
+            RemoteFolder(
+                name=name,
+                display_name=display_name(name, delimiter),
+                type=folder_type(name, attributes, delimiter),
+                delimiter=delimiter,
+                parent_name=parent_name(name, delimiter),
+                attributes=tuple(attributes),
+            )
+        )
+    return folders
+
+
+def batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterable[list[int]]:
+    """Groups of UIDs small enough to hold in memory at once; a huge message goes alone.
+
+    The first group is small, so that parsing and writing start while the rest is fetched.
+    """
+    batch: list[int] = []
+    total = 0
+    limit = FIRST_BATCH_MESSAGES
+    for uid in uids:
+        size = sizes.get(uid, 0)
+        if batch and (total + size > BATCH_BYTES or len(batch) >= limit):
+            yield batch
+            batch, total, limit = [], 0, BATCH_MESSAGES
+        batch.append(uid)
+        total += size
+    if batch:
+        yield batch
+
+
+class ImapSync:
+    def __init__(
+        self,
+        store: MailStore,
+        session: ImapSession,
+        progress: ProgressCallback,
+        *,
+        force: bool = False,
+        only_folders: Sequence[str] | None = None,
+    ) -> None:
+        self.store, self.session, self.progress = store, session, progress
+        self.force = force
+        self.only = set(only_folders or ())
+        self.result = SyncResult()
+        self._pool: ParsePool | None = None
+        self._pool_tried = False
+
+    def run(self) -> SyncResult:
+        try:
+            return self._run()
+        finally:
+            if self._pool is not None:
+                self._pool.close()
+
+    def _run(self) -> SyncResult:
+        self.progress(1)
+        folders, removed = self.store.reconcile_folders(remote_folders(self.session.list_folders()))
+        self.result.messages_removed += removed
+        chosen = [f for f in folders.values() if not ({a.lower() for a in f.attributes} & NOT_SELECTABLE)]
+        if self.only:
+            chosen = [f for f in chosen if f.name in self.only or f.display_name in self.only or f.id in self.only]
+        self.progress(5)
+        for index, folder in enumerate(chosen):
+            start = 5 + 90 * index / len(chosen)
+            span = 90 / len(chosen)
+            try:
+                self._sync_folder(folder, lambda fraction, s=start, w=span: self.progress(int(s + w * fraction)))
+                self.result.folders_synced += 1
+            except ConnectionFailed:
+                raise
+            except MailServerError as exc:
+                # The server refused this folder only; the others still sync.
+                log.warning("folder %s failed: %s", folder.name, exc)
+                self.result.errors.append(f"{folder.display_name}: {exc}")
+        self.progress(100)
+        return self.result
+
+    def _sync_folder(self, folder: Folder, progress: ProgressCallback) -> None:
+        session = self.session
+        status = session.status(folder.name)
+        unchanged = (
+            not self.force
+            and folder.uidvalidity == status.uidvalidity
+            and folder.uidnext == status.uidnext
+            and folder.message_count == status.messages
+            and (session.condstore and folder.highestmodseq == status.highestmodseq)
+        )
+        if unchanged:
+            self.store.touch_folder(folder)
+            return
+        if folder.uidvalidity is not None and folder.uidvalidity != status.uidvalidity:
+            self.result.messages_removed += self.store.clear_folder(folder)
+            folder.highestmodseq = None
+        mailbox = session.examine(folder.name)
+        local = self.store.uids(folder)
+        # One UID SEARCH gives both what is new and what went; a message that failed to store
+        # last time is simply still "new".
+        server_uids = set(session.search_uids())
+        self._fetch_new(folder, sorted(server_uids - local), progress)
+
+        kept = local & server_uids
+        if kept:
+            known = f"1:{max(kept)}"
+            if session.condstore and folder.highestmodseq and not self.force:
+                changes = session.flags(known, changed_since=folder.highestmodseq)
+            else:
+                changes = session.flags(known)
+            self.result.messages_updated += self.store.apply_flags(
+                folder, {uid: change for uid, change in changes.items() if uid in kept}
+            )
+        self.result.messages_removed += self.store.remove_uids(folder, local - server_uids)
+
+        self.store.save_folder_state(
+            folder,
+            uidvalidity=mailbox.uidvalidity,
+            uidnext=mailbox.uidnext,
+            highestmodseq=mailbox.highestmodseq,
+            message_count=mailbox.messages,
+        )
+
+    def _parse_pool(self, count: int) -> ParsePool | None:
+        """The job's parse pool, started the first time a folder has enough new mail to pay for it."""
+        if self._pool is None and not self._pool_tried and count >= POOL_MIN_MESSAGES:
+            self._pool_tried = True
+            self._pool = ParsePool.start()
+        return self._pool
+
+    def _fetch_new(self, folder: Folder, uids: list[int], progress: ProgressCallback) -> None:
+        if not uids:
+            return
+        sizes = self.session.sizes(uids)
+        pool = self._parse_pool(len(uids))
+        # A pipeline: this thread fetches, the pool parses, a writer thread stores. While one
+        # batch is written the next is parsed and the one after fetched.
+        writer = _BatchWriter(self.store, folder, self.result, lambda done: progress(done / len(uids)))
+        try:
+            for batch in batches(uids, sizes):
+                incoming = [
+                    IncomingMessage(raw=m.raw, uid=m.uid, flags=m.flags, internaldate=m.internaldate, modseq=m.modseq)
+                    for m in self.session.fetch_messages(batch)
+                ]
+                writer.put(incoming, pool.parse([item.raw for item in incoming]) if pool is not None else None)
+        except BaseException:
+            # What was fetched before the failure is still stored: a sync cut off half way loses nothing.
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - the first failure is the one to report
+                log.exception("storing the batches fetched before a failure failed too")
+            raise
+        writer.close()
+
+
+class _BatchWriter:
+    """Stores fetched batches from threads of their own, while the fetching thread goes on.
+
+    Writing a batch is mostly waiting (for PostgreSQL, for fsync), time in which the next batch
+    is fetched and parsed. With several writers, batches commit independently and may finish
+    out of order (a UID stored is simply not fetched again); errors are reported in batch order
+    all the same. At most one batch waits here besides those being written, which bounds memory.
+    A writer's failure stops the sync: the next ``put`` or ``close`` raises it.
+    """
+
+    def __init__(
+        self,
+        store: MailStore,
+        folder: Folder,
+        result: SyncResult,
+        progress: Callable[[int], None],
+        threads: int = WRITER_THREADS,
+    ) -> None:
+        self.store, self.folder, self.result, self.progress = store, folder, result, progress
+        self._queue: queue.Queue[tuple[int, list[IncomingMessage], ParseJob | None] | None] = queue.Queue(maxsize=1)
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._reported = False
+        self._done = 0
+        self._batches = 0
+        self._errors: dict[int, list[str]] = {}
+        self._threads = [
+            threading.Thread(target=self._run, name=f"sync-writer-{n}", daemon=True) for n in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def put(self, incoming: list[IncomingMessage], job: ParseJob | None) -> None:
+        """Queue a batch; raises the writers' failure instead once there is one."""
+        item = (self._batches, incoming, job)
+        self._batches += 1
+        while True:
+            self._raise_error()
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue  # the writers are busy (or failed: checked above)
+
+    def close(self) -> None:
+        """Wait until every queued batch is stored; raises a writer's failure if not reported yet."""
+        for _thread in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+        for sequence in sorted(self._errors):
+            self.result.errors += self._errors[sequence]
+        self._errors.clear()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None and not self._reported:
+            self._reported = True
+            raise self._error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so put() never blocks for good; nothing more is stored
+            sequence, incoming, job = item
+            try:
+                parsed = job.result() if job is not None else [parse_message(m.raw) for m in incoming]
+                added, errors = self.store.add_parsed(self.folder, incoming, parsed)
+                with self._lock:
+                    self.result.messages_added += len(added)
+                    self._errors[sequence] = errors
+                    self._done += len(incoming)
+                    self.progress(self._done)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the fetching thread
+                with self._lock:
+                    if self._error is None:
+                        self._error = exc

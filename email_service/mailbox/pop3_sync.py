@@ -1,0 +1,47 @@
+"""POP3 sync: everything lands in one inbox folder; UIDL decides what is new; nothing is deleted.
+
+POP3 has no flags, folders or expunge notifications, so messages stay until the user deletes
+them here, and a message another client removed from the server stays too (POP3 is a download
+protocol: the local copy is the user's copy).
+"""
+
+from __future__ import annotations
+
+from email_service.mailbox.result import ProgressCallback, SyncResult
+from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
+from email_service.protocols.pop3 import Pop3Session
+
+INBOX = RemoteFolder(name="INBOX", display_name="Inbox", type="inbox", delimiter=None, parent_name=None, attributes=())
+BATCH_MESSAGES = 50
+
+
+class Pop3Sync:
+    def __init__(self, store: MailStore, session: Pop3Session, progress: ProgressCallback) -> None:
+        self.store, self.session, self.progress = store, session, progress
+        self.result = SyncResult()
+
+    def run(self) -> SyncResult:
+        self.progress(1)
+        folders, _ = self.store.reconcile_folders([INBOX])
+        inbox = folders[INBOX.name]
+        on_server = self.session.uidls()
+        known = self.store.uidls(inbox)
+        new = [uidl for uidl in on_server if uidl not in known]
+        self.progress(5)
+        for start in range(0, len(new), BATCH_MESSAGES):
+            chunk = new[start : start + BATCH_MESSAGES]
+            incoming = [IncomingMessage(raw=self.session.retrieve(on_server[uidl]), uidl=uidl) for uidl in chunk]
+            added, errors = self.store.add_messages(inbox, incoming)
+            self.result.messages_added += len(added)
+            self.result.errors += errors
+            self.progress(5 + int(90 * (start + len(chunk)) / len(new)))
+        self.store.save_folder_state(
+            inbox,
+            uidvalidity=None,
+            uidnext=None,
+            highestmodseq=None,
+            message_count=len(known) + self.result.messages_added,
+        )
+        self.result.folders_synced = 1
+        self.progress(100)
+        return self.result

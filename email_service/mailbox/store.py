@@ -1,0 +1,518 @@
+"""What sync writes: folders, messages and attachments rows, and their bytes in object storage.
+
+Every transaction runs as the account's tenant and user (row-level security applies to workers
+too). Bytes go to object storage before the rows that point at them commit; rows a conflict
+refused leave no objects behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cuid2 import Cuid
+from sqlalchemy import Text, any_, bindparam, delete, func, select, update
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import Insert, insert
+from sqlalchemy.orm import Session
+
+from email_service.db import Database
+from email_service.mail.parse import ParsedMessage, parse_message
+from email_service.models import Attachment, Folder, Message
+from email_service.storage import ObjectStore
+from email_service.tenancy import Principal
+
+log = logging.getLogger(__name__)
+
+
+class _BufferedSystemRandom(random.SystemRandom):
+    """``SystemRandom`` that reads the kernel's randomness 4 KB at a time instead of 7 bytes per draw.
+
+    cuid2 draws about 25 numbers per id and a sync makes an id per message and attachment, so a
+    getrandom() call per draw was a measurable part of storing a batch. The numbers come from
+    the same kernel CSPRNG, by the same formula; what is read ahead is never handed out twice,
+    and a forked process starts with an empty buffer of its own.
+    """
+
+    _BLOCK = 4096
+
+    def __init__(self, x: object = None) -> None:
+        self._lock = threading.Lock()
+        self._buffer = b""
+        self._offset = 0
+        _buffered_randoms.add(self)
+        super().__init__(x)
+
+    def _take(self, count: int) -> bytes:
+        if count > self._BLOCK:
+            return os.urandom(count)
+        with self._lock:
+            if self._offset + count > len(self._buffer):
+                self._buffer, self._offset = os.urandom(self._BLOCK), 0
+            taken = self._buffer[self._offset : self._offset + count]
+            self._offset += count
+            return taken
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer, self._offset = b"", 0
+
+    def random(self) -> float:
+        return (int.from_bytes(self._take(7)) >> 3) * _RECIP_BPF
+
+    def getrandbits(self, k: int) -> int:
+        if k < 0:
+            raise ValueError("number of bits must be non-negative")
+        numbytes = (k + 7) // 8
+        return int.from_bytes(self._take(numbytes)) >> (numbytes * 8 - k)
+
+    def randbytes(self, n: int) -> bytes:
+        return self._take(n)
+
+
+_RECIP_BPF = 2.0**-53  # as random.SystemRandom: 53 random bits make the float
+_buffered_randoms: weakref.WeakSet[_BufferedSystemRandom] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for generator in _buffered_randoms:
+        generator._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+new_id = Cuid(random_generator=_BufferedSystemRandom).generate
+SYSTEM_FLAGS = {"\\seen", "\\flagged", "\\draft", "\\deleted", "\\answered", "\\recent"}
+SPAM_KEYWORDS = {"$junk", "junk"}
+
+
+@dataclass(frozen=True)
+class RemoteFolder:
+    name: str
+    display_name: str
+    type: str
+    delimiter: str | None
+    parent_name: str | None
+    attributes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    raw: bytes
+    uid: int | None = None
+    uidl: str | None = None
+    flags: tuple[str, ...] = ()
+    internaldate: datetime | None = None
+    modseq: int | None = None
+
+
+def flag_columns(flags: Iterable[str], folder_type: str) -> dict:
+    lowered = {flag.lower() for flag in flags}
+    return {
+        "is_read": "\\seen" in lowered,
+        "is_starred": "\\flagged" in lowered,
+        "is_draft": "\\draft" in lowered,
+        "is_deleted": "\\deleted" in lowered,
+        "is_spam": folder_type == "spam" or bool(lowered & SPAM_KEYWORDS),
+        "keywords": sorted(flag for flag in flags if flag.lower() not in SYSTEM_FLAGS),
+    }
+
+
+class MailStore:
+    def __init__(self, db: Database, objects: ObjectStore, principal: Principal, account_id: str) -> None:
+        self.db, self.objects, self.principal, self.account_id = db, objects, principal, account_id
+
+    def _key(self, kind: str, object_id: str) -> str:
+        return f"{self.principal.tenant_id}/{self.account_id}/{kind}/{object_id}"
+
+    # -- folders ---------------------------------------------------------------------------
+
+    def folders(self) -> dict[str, Folder]:
+        with self.db.tenant_session(self.principal) as session:
+            rows = session.scalars(select(Folder).where(Folder.account_id == self.account_id))
+            return {folder.name: folder for folder in rows}
+
+    def reconcile_folders(self, remote: Sequence[RemoteFolder]) -> tuple[dict[str, Folder], int]:
+        """Make the folder rows match the server's list; returns the folders and how many messages went."""
+        now = datetime.now(UTC)
+        removed_keys: list[str] = []
+        removed_messages = 0
+        with self.db.tenant_session(self.principal) as session:
+            existing = {f.name: f for f in session.scalars(select(Folder).where(Folder.account_id == self.account_id))}
+            wanted = {r.name: r for r in remote}
+            for name, folder in existing.items():
+                if name not in wanted:
+                    keys, count = self._message_keys(session, folder.id)
+                    removed_keys += keys
+                    removed_messages += count
+                    session.delete(folder)
+            for name, info in wanted.items():
+                folder = existing.get(name)
+                if folder is None:
+                    folder = Folder(
+                        id=new_id(),
+                        tenant_id=self.principal.tenant_id,
+                        user_id=self.principal.user_id,
+                        account_id=self.account_id,
+                        name=name,
+                        created_at=now,
+                    )
+                    session.add(folder)
+                    existing[name] = folder
+                folder.display_name = info.display_name
+                folder.type = info.type
+                folder.delimiter = info.delimiter
+                folder.attributes = list(info.attributes)
+                folder.updated_at = now
+            session.flush()
+            for name, info in wanted.items():
+                parent = existing.get(info.parent_name) if info.parent_name else None
+                existing[name].parent_id = parent.id if parent is not None else None
+            result = {name: existing[name] for name in wanted}
+        self._delete_objects(removed_keys)
+        return result, removed_messages
+
+    def save_folder_state(
+        self,
+        folder: Folder,
+        *,
+        uidvalidity: int | None,
+        uidnext: int | None,
+        highestmodseq: int | None,
+        message_count: int,
+    ) -> None:
+        with self.db.tenant_session(self.principal) as session:
+            unread = session.scalar(
+                select(func.count())
+                .select_from(Message)
+                .where(Message.folder_id == folder.id, Message.is_read.is_(False))
+            )
+            session.execute(
+                update(Folder)
+                .where(Folder.id == folder.id)
+                .values(
+                    uidvalidity=uidvalidity,
+                    uidnext=uidnext,
+                    highestmodseq=highestmodseq,
+                    message_count=message_count,
+                    unread_count=unread or 0,
+                    synced_at=datetime.now(UTC),
+                    updated_at=datetime.now(UTC),
+                )
+            )
+        folder.uidvalidity, folder.uidnext, folder.highestmodseq = uidvalidity, uidnext, highestmodseq
+        folder.message_count = message_count
+
+    def touch_folder(self, folder: Folder) -> None:
+        with self.db.tenant_session(self.principal) as session:
+            session.execute(update(Folder).where(Folder.id == folder.id).values(synced_at=datetime.now(UTC)))
+
+    # -- messages --------------------------------------------------------------------------
+
+    def uids(self, folder: Folder) -> set[int]:
+        with self.db.tenant_session(self.principal) as session:
+            return set(
+                session.scalars(select(Message.uid).where(Message.folder_id == folder.id, Message.uid.is_not(None)))
+            )
+
+    def uidls(self, folder: Folder) -> set[str]:
+        with self.db.tenant_session(self.principal) as session:
+            rows = session.scalars(select(Message.pop3_uidl).where(Message.folder_id == folder.id))
+            return {uidl for uidl in rows if uidl is not None}
+
+    def add_messages(self, folder: Folder, incoming: Sequence[IncomingMessage]) -> tuple[list[int | str], list[str]]:
+        """Parse and store a batch; returns (the UIDs/UIDLs now stored, per-message errors)."""
+        return self.add_parsed(folder, incoming, [parse_message(item.raw) for item in incoming])
+
+    def add_parsed(
+        self, folder: Folder, incoming: Sequence[IncomingMessage], parsed: Sequence[ParsedMessage]
+    ) -> tuple[list[int | str], list[str]]:
+        """Store a batch already parsed (``parsed[i]`` is ``parse_message(incoming[i].raw)``).
+
+        Objects are written while the rows are inserted, and the transaction commits only once
+        every object is durable. Returns (the UIDs/UIDLs now stored, per-message errors).
+        """
+        errors: dict[int, str] = {}
+        prepared: list[_Prepared] = []
+        for index, (item, message) in enumerate(zip(incoming, parsed, strict=True)):
+            try:
+                prepared.append(self._prepare(folder, index, item, message))
+            except Exception as exc:  # noqa: BLE001 - one bad message must not stop the folder
+                errors[index] = self._not_stored(folder, item, exc)
+        if prepared:
+            conflict = ["folder_id", "uid"] if folder_uses_uids(incoming) else ["folder_id", "pop3_uidl"]
+            inserted = self._write(folder, incoming, prepared, conflict, errors)
+        else:
+            inserted = []
+        return [item.uid if item.uid is not None else item.uidl for item in inserted], [
+            errors[index] for index in sorted(errors)
+        ]
+
+    def _write(
+        self,
+        folder: Folder,
+        incoming: Sequence[IncomingMessage],
+        prepared: list[_Prepared],
+        conflict: list[str],
+        errors: dict[int, str],
+    ) -> list[IncomingMessage]:
+        put_many = getattr(self.objects, "put_many", None)
+        if put_many is not None:
+            writer = _Background(put_many, [obj for p in prepared for obj in p.objects])
+            try:
+                with self.db.tenant_session(self.principal) as session:
+                    inserted = self._insert(session, prepared, conflict)
+                    # The rows must not commit before the objects they point at are durable; a
+                    # failed write raises here and rolls the rows back.
+                    writer.result()
+            except _ObjectsFailed as failed:
+                log.warning("batch object write failed (%s); storing one message at a time", failed.reason)
+            else:
+                return self._keep_inserted(incoming, prepared, inserted)
+            finally:
+                writer.join()
+        # Without batch writes (or after one failed): object by object, a failure costs its message only.
+        kept = []
+        for p in prepared:
+            written = []
+            try:
+                for key, data, content_type in p.objects:
+                    self.objects.put_bytes(key, data, content_type)
+                    written.append(key)
+            except Exception as exc:  # noqa: BLE001 - one bad message must not stop the folder
+                errors[p.index] = self._not_stored(folder, incoming[p.index], exc)
+                self._delete_objects(written)
+                continue
+            kept.append(p)
+        if not kept:
+            return []
+        with self.db.tenant_session(self.principal) as session:
+            inserted = self._insert(session, kept, conflict)
+        return self._keep_inserted(incoming, kept, inserted)
+
+    def _insert(self, session: Session, prepared: list[_Prepared], conflict: list[str]) -> set[str]:
+        # Core executemany: the statement compiles once per process and psycopg pipelines one
+        # short prepared INSERT per row, where ORM .values(rows) compiled a statement of every
+        # row's parameters per batch (and RETURNING would make SQLAlchemy render one again).
+        session.execute(_insert_messages(tuple(conflict)), [p.row for p in prepared])
+        # The ids are new, so those present now are exactly the rows the conflict rule let in.
+        ids = [p.row["id"] for p in prepared]
+        inserted = set(session.scalars(_SELECT_IDS, {"ids": ids}))
+        attachments = [a for p in prepared if p.row["id"] in inserted for a in p.attachments]
+        if attachments:
+            session.execute(_INSERT_ATTACHMENTS, attachments)
+        return inserted
+
+    def _keep_inserted(
+        self, incoming: Sequence[IncomingMessage], prepared: list[_Prepared], inserted: set[str]
+    ) -> list[IncomingMessage]:
+        # Rows another sync stored first: their objects are ours alone, and unreferenced.
+        self._delete_objects([key for p in prepared if p.row["id"] not in inserted for key, _d, _t in p.objects])
+        return [incoming[p.index] for p in prepared if p.row["id"] in inserted]
+
+    def _not_stored(self, folder: Folder, item: IncomingMessage, exc: Exception) -> str:
+        label = f"UID {item.uid}" if item.uid is not None else f"UIDL {item.uidl}"
+        log.warning("message %s in folder %s not stored: %s", label, folder.name, type(exc).__name__)
+        return f"{folder.display_name}: message {label} could not be stored ({type(exc).__name__})"
+
+    def _prepare(self, folder: Folder, index: int, item: IncomingMessage, parsed: ParsedMessage) -> _Prepared:
+        message_id = new_id()
+        raw_key = self._key("messages", f"{message_id}.eml")
+        objects = [(raw_key, item.raw, "message/rfc822")]
+        attachments = []
+        for part in parsed.attachments:
+            attachment_id = new_id()
+            key = self._key("attachments", attachment_id)
+            objects.append((key, part.data, part.mime_type))
+            attachments.append(
+                {
+                    "id": attachment_id,
+                    "tenant_id": self.principal.tenant_id,
+                    "user_id": self.principal.user_id,
+                    "account_id": self.account_id,
+                    "message_id": message_id,
+                    "filename": part.filename,
+                    "mime_type": part.mime_type,
+                    "size": part.size,
+                    "content_id": part.content_id,
+                    "is_inline": part.is_inline,
+                    "object_key": key,
+                }
+            )
+        received = item.internaldate or parsed.date or datetime.now(UTC)
+        row = {
+            "id": message_id,
+            "tenant_id": self.principal.tenant_id,
+            "user_id": self.principal.user_id,
+            "account_id": self.account_id,
+            "folder_id": folder.id,
+            "uid": item.uid,
+            "pop3_uidl": item.uidl,
+            "modseq": item.modseq,
+            "message_id_header": parsed.message_id,
+            "conversation_id": parsed.conversation_key,
+            "subject": _clean(parsed.subject),
+            "from_address": _clean(parsed.from_address),
+            "from_name": _clean(parsed.from_name) if parsed.from_name else None,
+            "to_addresses": [_clean(a) for a in parsed.to],
+            "cc_addresses": [_clean(a) for a in parsed.cc],
+            "bcc_addresses": [_clean(a) for a in parsed.bcc],
+            "preview": _clean(parsed.preview),
+            "body_text": _clean(parsed.text_body),
+            "body_html": _clean(parsed.html_body) if parsed.html_body else None,
+            "headers": {_clean(k): _clean(v) for k, v in parsed.headers.items()},
+            "received_at": received,
+            "size": len(item.raw),
+            "attachment_count": len(attachments),
+            "raw_object_key": raw_key,
+            **flag_columns(item.flags, folder.type),
+        }
+        return _Prepared(index, row, attachments, objects)
+
+    def apply_flags(self, folder: Folder, changes: dict[int, tuple[tuple[str, ...], int | None]]) -> int:
+        """Update rows whose flags differ from the server's; returns how many changed."""
+        if not changes:
+            return 0
+        updated = 0
+        with self.db.tenant_session(self.principal) as session:
+            current = session.execute(
+                select(
+                    Message.id,
+                    Message.uid,
+                    Message.is_read,
+                    Message.is_starred,
+                    Message.is_draft,
+                    Message.is_deleted,
+                    Message.is_spam,
+                    Message.keywords,
+                ).where(
+                    Message.folder_id == folder.id,
+                    Message.uid.in_(list(changes)),
+                    # A change made through the API and not yet on the server wins over the server's flags.
+                    Message.writeback_pending.is_(False),
+                )
+            ).all()
+            for row in current:
+                flags, modseq = changes[row.uid]
+                wanted = flag_columns(flags, folder.type)
+                have = {
+                    "is_read": row.is_read,
+                    "is_starred": row.is_starred,
+                    "is_draft": row.is_draft,
+                    "is_deleted": row.is_deleted,
+                    "is_spam": row.is_spam,
+                    "keywords": sorted(row.keywords),
+                }
+                if wanted != have:
+                    session.execute(
+                        update(Message)
+                        .where(Message.id == row.id)
+                        .values(**wanted, modseq=modseq, updated_at=datetime.now(UTC))
+                    )
+                    updated += 1
+        return updated
+
+    def remove_uids(self, folder: Folder, uids: Iterable[int]) -> int:
+        uids = list(uids)
+        if not uids:
+            return 0
+        with self.db.tenant_session(self.principal) as session:
+            keys, _ = self._message_keys(session, folder.id, uids)
+            count = session.execute(
+                delete(Message).where(Message.folder_id == folder.id, Message.uid.in_(uids))
+            ).rowcount
+        self._delete_objects(keys)
+        return count
+
+    def clear_folder(self, folder: Folder) -> int:
+        """Forget every message of a folder (its UIDVALIDITY changed: the old UIDs mean nothing now)."""
+        with self.db.tenant_session(self.principal) as session:
+            keys, _ = self._message_keys(session, folder.id)
+            count = session.execute(delete(Message).where(Message.folder_id == folder.id)).rowcount
+        self._delete_objects(keys)
+        return count
+
+    def _message_keys(self, session: object, folder_id: str, uids: list[int] | None = None) -> tuple[list[str], int]:
+        query = select(Message.id, Message.raw_object_key).where(Message.folder_id == folder_id)
+        if uids is not None:
+            query = query.where(Message.uid.in_(uids))
+        messages = session.execute(query).all()
+        ids = [m.id for m in messages]
+        keys = [m.raw_object_key for m in messages if m.raw_object_key]
+        if ids:
+            keys += list(session.scalars(select(Attachment.object_key).where(Attachment.message_id.in_(ids))))
+        return keys, len(messages)
+
+    def _delete_objects(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            try:
+                self.objects.delete(key)
+            except Exception as exc:  # noqa: BLE001 - a leftover object is harmless, a failed sync is not
+                log.warning("could not delete object %s: %s", key, type(exc).__name__)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One message ready to write: its row, its attachment rows and its objects (key, bytes, type)."""
+
+    index: int
+    row: dict
+    attachments: list[dict]
+    objects: list[tuple[str, bytes, str]]
+
+
+class _ObjectsFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Background:
+    """Runs one call in a thread, so object writes (mostly fsync waits) overlap the DB work."""
+
+    def __init__(self, call: Callable[..., object], *args: object) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call, args), name="object-writes", daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[..., object], args: tuple) -> None:
+        try:
+            call(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self._error = exc
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise _ObjectsFailed(type(self._error).__name__) from self._error
+
+    def join(self) -> None:
+        self._thread.join()
+
+
+_INSERT_ATTACHMENTS = insert(Attachment.__table__)
+
+
+_SELECT_IDS = select(Message.__table__.c.id).where(
+    Message.__table__.c.id == any_(bindparam("ids", type_=postgresql.ARRAY(Text)))
+)
+
+
+@functools.cache
+def _insert_messages(conflict: tuple[str, ...]) -> Insert:
+    return insert(Message.__table__).on_conflict_do_nothing(index_elements=list(conflict))
+
+
+def folder_uses_uids(incoming: Sequence[IncomingMessage]) -> bool:
+    return any(item.uid is not None for item in incoming)
+
+
+def _clean(value: str | None) -> str:
+    # PostgreSQL text cannot hold NUL; mail from the wild sometimes does.
+    return (value or "").replace("\x00", "")

@@ -1,0 +1,119 @@
+"""Writing a message's changed state (read, starred, labels, spam) back to its IMAP server.
+
+The row already holds the state the user asked for (the API wrote it at once) and is marked
+``writeback_pending``, which keeps sync from overwriting it with the server's older flags. Only
+the flags the service manages are touched (\\Seen, \\Flagged, keywords); others, like
+\\Answered, stay as the server has them. The mark is cleared only if the row did not change
+again meanwhile, so a second edit is never lost to a sync that runs between two write-backs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import delete, select, update
+
+from email_service.db import Database
+from email_service.models import Folder, Message
+from email_service.protocols.imap import ImapSession
+from email_service.tenancy import Principal
+
+log = logging.getLogger(__name__)
+SPAM_KEYWORD = "$Junk"
+MANAGED_SYSTEM_FLAGS = {"\\seen": "\\Seen", "\\flagged": "\\Flagged"}
+
+
+@dataclass(frozen=True)
+class PendingChange:
+    message_id: str
+    uid: int
+    folder_name: str
+    folder_type: str
+    is_read: bool
+    is_starred: bool
+    is_spam: bool
+    keywords: tuple[str, ...]
+    updated_at: datetime
+    spam_folder: Folder | None
+    inbox: Folder | None
+
+
+def load_pending(db: Database, principal: Principal, message_id: str) -> PendingChange | None:
+    with db.tenant_session(principal) as session:
+        row = session.execute(
+            select(Message, Folder).join(Folder, Folder.id == Message.folder_id).where(Message.id == message_id)
+        ).one_or_none()
+        if row is None or not row.Message.writeback_pending or row.Message.uid is None:
+            return None
+        message, folder = row.Message, row.Folder
+        folders = list(session.scalars(select(Folder).where(Folder.account_id == message.account_id)))
+    return PendingChange(
+        message_id=message.id,
+        uid=message.uid,
+        folder_name=folder.name,
+        folder_type=folder.type,
+        is_read=message.is_read,
+        is_starred=message.is_starred,
+        is_spam=message.is_spam,
+        keywords=tuple(message.keywords),
+        updated_at=message.updated_at,
+        spam_folder=next((f for f in folders if f.type == "spam"), None),
+        inbox=next((f for f in folders if f.type == "inbox"), None),
+    )
+
+
+def flag_changes(change: PendingChange, server_flags: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(flags to add, flags to remove) to bring the server to the row's state."""
+    wanted = {flag for flag, on in (("\\Seen", change.is_read), ("\\Flagged", change.is_starred)) if on}
+    wanted |= set(change.keywords)
+    on_server = {MANAGED_SYSTEM_FLAGS.get(f.lower(), f) for f in server_flags}
+    managed_on_server = {f for f in on_server if f in MANAGED_SYSTEM_FLAGS.values() or not f.startswith("\\")}
+    if change.spam_folder is None:
+        # No spam folder to move to: the spam state travels as the $Junk keyword instead.
+        if change.is_spam:
+            wanted.add(SPAM_KEYWORD)
+    else:
+        managed_on_server.discard(SPAM_KEYWORD)
+    return sorted(wanted - on_server), sorted(managed_on_server - wanted)
+
+
+def write_back(db: Database, principal: Principal, session: ImapSession, change: PendingChange) -> str:
+    """Apply one pending change on the server; returns what happened, for the task result."""
+    session.select(change.folder_name)
+    server = session.flags(str(change.uid)).get(change.uid)
+    if server is None:
+        # Expunged elsewhere meanwhile: the next sync removes the row.
+        _clear(db, principal, change)
+        return "gone from the server"
+    add, remove = flag_changes(change, server[0])
+    session.store(change.uid, add=add, remove=remove)
+    in_spam = change.folder_type == "spam"
+    destination = None
+    if change.spam_folder is not None and change.is_spam != in_spam:
+        destination = change.spam_folder if change.is_spam else change.inbox
+    if destination is None:
+        _clear(db, principal, change)
+        return "flags written"
+    new_uid = session.move(change.uid, destination.name)
+    with db.tenant_session(principal) as tx:
+        if new_uid is None:
+            # Without the new UID the row cannot follow; the next sync brings the message back in its new folder.
+            tx.execute(delete(Message).where(Message.id == change.message_id))
+        else:
+            tx.execute(
+                update(Message)
+                .where(Message.id == change.message_id)
+                .values(folder_id=destination.id, uid=new_uid, writeback_pending=False)
+            )
+    return f"moved to {destination.display_name}"
+
+
+def _clear(db: Database, principal: Principal, change: PendingChange) -> None:
+    with db.tenant_session(principal) as tx:
+        tx.execute(
+            update(Message)
+            .where(Message.id == change.message_id, Message.updated_at == change.updated_at)
+            .values(writeback_pending=False)
+        )

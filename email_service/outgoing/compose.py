@@ -1,0 +1,250 @@
+"""Sending mail and saving drafts: checked in full before anything is queued.
+
+A sent message shows at once in the account's Sent folder (delivery status "queued"), a draft
+in its Drafts folder; a job then delivers it over SMTP and files the copy on the IMAP server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cuid2 import Cuid
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from email_service.addresses import InvalidAddress, normalize
+from email_service.errors import BadRequestError, ConflictError, NotFoundError, ServiceError
+from email_service.mail.htmltext import html_to_text, sanitize_html
+from email_service.models import Account, Attachment, DeliveryStatus, Folder, Message, TaskKind
+from email_service.outgoing.build import check_composition, new_message_id
+from email_service.queue import tasks
+from email_service.runtime import Runtime
+from email_service.storage.streams import ChunkStream
+from email_service.tenancy import Principal
+
+new_id = Cuid().generate
+PREVIEW_LENGTH = 200
+# The spec caps to, cc and bcc at 100 each (maxItems); the envelope as a whole gets the same cap,
+# the RCPT limit RFC 5321 4.5.3.1.8 asks servers to accept at least.
+MAX_RECIPIENTS = 100
+
+
+class PayloadTooLargeError(ServiceError):
+    status = 413
+    error = "Payload too large"
+    code = "PAYLOAD_TOO_LARGE"
+
+
+@dataclass(frozen=True)
+class Composed:
+    message: Message
+    task_id: str | None
+
+
+def _single_line(value: str, field: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise BadRequestError(f"{field} must not contain line breaks", code="HEADER_INJECTION")
+    return value
+
+
+def _addresses(values: list[str] | None, field: str) -> list[str]:
+    result = []
+    for value in values or []:
+        _single_line(value, field)
+        try:
+            result.append(normalize(value))
+        except InvalidAddress as exc:
+            raise BadRequestError(f"{field} has an invalid address: {exc}", code="INVALID_EMAIL_FORMAT") from None
+    return result
+
+
+def _folder(session: Session, principal: Principal, account: Account, folder_type: str, name: str) -> Folder:
+    folder = session.scalar(select(Folder).where(Folder.account_id == account.id, Folder.type == folder_type))
+    if folder is None:
+        # Never synced yet: the folder is made here and on the server when the job files the copy.
+        folder = Folder(
+            id=new_id(),
+            tenant_id=principal.tenant_id,
+            user_id=principal.user_id,
+            account_id=account.id,
+            name=name,
+            display_name=name,
+            type=folder_type,
+            attributes=[f"\\{name}"],
+        )
+        session.add(folder)
+        session.flush()
+    return folder
+
+
+def _attachments(session: Session, account_id: str, ids: list[str]) -> list[Attachment]:
+    found = {
+        a.id: a
+        for a in session.scalars(
+            select(Attachment).where(Attachment.id.in_(ids or []), Attachment.account_id == account_id)
+        )
+    }
+    missing = [i for i in ids or [] if i not in found]
+    if missing:
+        raise NotFoundError(f"Attachment with ID '{missing[0]}' does not exist", code="ATTACHMENT_NOT_FOUND")
+    return [found[i] for i in ids]
+
+
+def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, draft: bool) -> Composed:
+    for reference in [body["accountId"], body.get("inReplyTo") or "", *(body.get("attachmentIds") or [])]:
+        if "\x00" in reference:
+            # PostgreSQL text cannot hold NUL, so no stored id has one: nothing by that id exists.
+            raise NotFoundError("No resource has an id with a NUL character")
+    # NUL means nothing in mail text and PostgreSQL cannot store it.
+    body = {**body, "subject": body["subject"].replace("\x00", ""), "body": body["body"].replace("\x00", "")}
+    with runtime.db.tenant_session(principal) as session:
+        account = session.scalar(select(Account).where(Account.id == body["accountId"], Account.deleted_at.is_(None)))
+    if account is None:
+        raise NotFoundError(f"Account with ID '{body['accountId']}' does not exist", code="ACCOUNT_NOT_FOUND")
+    subject = _single_line(body["subject"], "subject")
+    to = _addresses(body.get("to"), "to")
+    cc = _addresses(body.get("cc"), "cc")
+    bcc = _addresses(body.get("bcc"), "bcc")
+    reply_to = _addresses([body["replyTo"]], "replyTo")[0] if body.get("replyTo") else None
+    if len(set(to) | set(cc) | set(bcc)) > MAX_RECIPIENTS:
+        raise BadRequestError(
+            f"to, cc and bcc together must not exceed {MAX_RECIPIENTS} recipients", code="TOO_MANY_RECIPIENTS"
+        )
+    try:
+        # The very checks the message builder makes in the worker: what it would refuse is a 400 now.
+        check_composition(
+            from_address=account.email_address,
+            from_name=account.account_name,
+            to=to,
+            cc=cc,
+            bcc=bcc,
+            reply_to=reply_to,
+            subject=subject,
+        )
+    except ValueError as exc:
+        raise BadRequestError(str(exc), code="INVALID_MESSAGE") from None
+    # What the API shows is sanitised like received mail; what goes out is what the user wrote.
+    text, html = (
+        (html_to_text(body["body"]), sanitize_html(body["body"])) if body.get("isHtml") else (body["body"], None)
+    )
+    with runtime.db.tenant_session(principal) as session:
+        if not draft and not account.smtp_hostname:
+            raise ConflictError("the account has no SMTP server configured", code="SMTP_NOT_CONFIGURED")
+        chosen = _attachments(session, account.id, body.get("attachmentIds") or [])
+        total = len(body["body"].encode()) + sum(a.size for a in chosen)
+        limit = runtime.settings.max_message_bytes
+        if total > limit:
+            raise PayloadTooLargeError(f"the message would be {total} bytes, above the limit of {limit}")
+        headers: dict[str, str] = {}
+        if body.get("inReplyTo"):
+            original = session.scalar(
+                select(Message).where(Message.id == body["inReplyTo"], Message.account_id == account.id)
+            )
+            if original is None:
+                raise NotFoundError(f"Message with ID '{body['inReplyTo']}' does not exist", code="MESSAGE_NOT_FOUND")
+            if original.message_id_header:
+                headers["In-Reply-To"] = original.message_id_header
+                references = original.headers.get("References", "").split()
+                headers["References"] = " ".join([*references, original.message_id_header])
+        if reply_to:
+            headers["Reply-To"] = reply_to
+        folder = _folder(session, principal, account, "drafts" if draft else "sent", "Drafts" if draft else "Sent")
+        now = datetime.now(UTC)
+        domain = account.email_address.rpartition("@")[2]
+        message = Message(
+            id=new_id(),
+            tenant_id=principal.tenant_id,
+            user_id=principal.user_id,
+            account_id=account.id,
+            folder_id=folder.id,
+            message_id_header=new_message_id(domain),
+            subject=subject,
+            from_address=account.email_address,
+            from_name=account.account_name,
+            to_addresses=to,
+            cc_addresses=cc,
+            bcc_addresses=bcc,
+            preview=" ".join(text.split())[:PREVIEW_LENGTH],
+            body_text=text,
+            body_html=html,
+            headers=headers,
+            received_at=now,
+            is_read=True,
+            is_draft=draft,
+            delivery_status=str(DeliveryStatus.DRAFT if draft else DeliveryStatus.QUEUED),
+            attachment_count=len(chosen),
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(message)
+        session.flush()
+        for attachment in chosen:
+            _attach(runtime, session, principal, account.id, message.id, attachment)
+        folder.message_count += 1
+    enqueued = tasks.enqueue(
+        runtime,
+        TaskKind.DRAFT if draft else TaskKind.SEND,
+        principal,
+        account_id=account.id,
+        message_id=message.id,
+    )
+    return Composed(message=message, task_id=enqueued.task_id)
+
+
+def retry_send(runtime: Runtime, principal: Principal, account_id: str, message_id: str) -> Composed:
+    """Send again a message whose delivery failed or whose outcome is unknown, because the caller asks.
+
+    An ambiguous message may already have reached its recipients; asking again is the caller's
+    decision to risk a duplicate, which the service never takes on its own.
+    """
+    retryable = (str(DeliveryStatus.FAILED), str(DeliveryStatus.AMBIGUOUS))
+    with runtime.db.tenant_session(principal) as session:
+        message = session.scalar(
+            select(Message)
+            .join(Account, Account.id == Message.account_id)
+            .where(Message.id == message_id, Message.account_id == account_id, Account.deleted_at.is_(None))
+            .with_for_update(of=Message)
+        )
+        if message is None:
+            raise NotFoundError(f"Message with ID '{message_id}' does not exist", code="MESSAGE_NOT_FOUND")
+        if message.delivery_status not in retryable:
+            state = message.delivery_status or "received mail"
+            raise ConflictError(
+                f"only a failed or ambiguous send can be sent again; this message is {state}", code="NOT_RETRYABLE"
+            )
+        message.delivery_status = str(DeliveryStatus.QUEUED)
+        message.delivery_error = None
+        message.updated_at = datetime.now(UTC)
+    enqueued = tasks.enqueue(runtime, TaskKind.SEND, principal, account_id=account_id, message_id=message_id)
+    return Composed(message=message, task_id=enqueued.task_id)
+
+
+def _attach(
+    runtime: Runtime, session: Session, principal: Principal, account_id: str, message_id: str, source: Attachment
+) -> None:
+    if source.message_id is None:
+        source.message_id = message_id  # an upload: the new message takes it
+        return
+    # An attachment of another message: the new message gets its own copy, so deleting either
+    # message never takes the other's bytes.
+    copy_id = new_id()
+    key = f"{principal.tenant_id}/{account_id}/attachments/{copy_id}"
+    with runtime.objects.open(source.object_key) as reader:
+        runtime.objects.put(key, ChunkStream(reader), source.size, source.mime_type)
+    session.add(
+        Attachment(
+            id=copy_id,
+            tenant_id=principal.tenant_id,
+            user_id=principal.user_id,
+            account_id=account_id,
+            message_id=message_id,
+            filename=source.filename,
+            mime_type=source.mime_type,
+            size=source.size,
+            content_id=source.content_id,
+            is_inline=source.is_inline,
+            object_key=key,
+        )
+    )

@@ -1,0 +1,110 @@
+"""Mail written through the API, as the send and draft jobs see it: the row, its parts, where it goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select, update
+
+from email_service.crypto import CredentialCipher
+from email_service.db import Database
+from email_service.models import Account, Attachment, DeliveryStatus, Folder, Message
+from email_service.outgoing.build import Original, OutgoingAttachment, build_message, wire_bytes
+from email_service.protocols.servers import MailServer
+from email_service.services.servers import servers_of
+from email_service.storage import ObjectStore
+from email_service.storage.streams import ChunkStream
+from email_service.tenancy import Principal
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    message_id: str
+    status: DeliveryStatus | None
+    uid: int | None
+    folder_name: str
+    envelope_from: str
+    recipients: list[str]
+    data: bytes
+    date: datetime
+    smtp: MailServer | None
+
+
+def load(
+    db: Database, cipher: CredentialCipher, objects: ObjectStore, principal: Principal, message_id: str
+) -> Outgoing | None:
+    with db.tenant_session(principal) as session:
+        row = session.execute(
+            select(Message, Folder, Account)
+            .join(Folder, Folder.id == Message.folder_id)
+            .join(Account, Account.id == Message.account_id)
+            .where(Message.id == message_id, Account.deleted_at.is_(None))
+        ).one_or_none()
+        if row is None:
+            return None
+        message, folder, account = row.Message, row.Folder, row.Account
+        attachments = list(session.scalars(select(Attachment).where(Attachment.message_id == message.id)))
+        smtp = servers_of(account, cipher).smtp
+    headers = message.headers or {}
+    original = None
+    if headers.get("In-Reply-To"):
+        original = Original(
+            message_id=headers["In-Reply-To"],
+            references=[r for r in headers.get("References", "").split() if r != headers["In-Reply-To"]],
+        )
+    built = build_message(
+        from_address=message.from_address,
+        from_name=message.from_name,
+        to=list(message.to_addresses),
+        cc=list(message.cc_addresses),
+        reply_to=headers.get("Reply-To"),
+        subject=message.subject,
+        body=message.body_html if message.body_html is not None else message.body_text,
+        is_html=message.body_html is not None,
+        attachments=[
+            OutgoingAttachment(
+                filename=a.filename,
+                mime_type=a.mime_type,
+                size=a.size,
+                open=lambda key=a.object_key: ChunkStream(objects.open(key)),
+            )
+            for a in attachments
+        ],
+        message_id=message.message_id_header,
+        date=message.created_at,
+        in_reply_to=original,
+    )
+    return Outgoing(
+        message_id=message.id,
+        status=DeliveryStatus(message.delivery_status) if message.delivery_status else None,
+        uid=message.uid,
+        folder_name=folder.name,
+        envelope_from=message.from_address,
+        recipients=[*message.to_addresses, *message.cc_addresses, *message.bcc_addresses],
+        data=wire_bytes(built),
+        date=message.created_at,
+        smtp=smtp,
+    )
+
+
+def set_status(
+    db: Database,
+    principal: Principal,
+    message_id: str,
+    status: DeliveryStatus,
+    error: str | None = None,
+    *,
+    unless: tuple[DeliveryStatus, ...] = (),
+) -> bool:
+    """Set the delivery status (not over one of ``unless``); returns whether the row changed."""
+    with db.tenant_session(principal) as session:
+        query = update(Message).where(Message.id == message_id)
+        if unless:
+            query = query.where(Message.delivery_status.not_in([str(s) for s in unless]))
+        return bool(session.execute(query.values(delivery_status=str(status), delivery_error=error)).rowcount)
+
+
+def set_uid(db: Database, principal: Principal, message_id: str, uid: int, size: int) -> None:
+    with db.tenant_session(principal) as session:
+        session.execute(update(Message).where(Message.id == message_id).values(uid=uid, size=size))
