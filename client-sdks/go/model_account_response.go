@@ -61,6 +61,12 @@ type AccountResponse struct {
 	SmtpEncryption NullableString `json:"smtpEncryption,omitempty"`
 	// SMTP login (password not returned)
 	SmtpUsername NullableString `json:"smtpUsername,omitempty"`
+	// Why the last sync failed, in words; null after a success
+	LastSyncError NullableString `json:"lastSyncError,omitempty"`
+	// When the last sync failed (ms); null after a success
+	LastSyncErrorAt NullableInt64 `json:"lastSyncErrorAt,omitempty"`
+	// When the next automatic sync is due (ms). After failures it backs off (temporary ones from 1 minute doubling to 1 hour, permanent ones such as a refused login from 15 minutes doubling to 6 hours); a success, or changing the server settings or password, resets it. Null when automatic sync is off.
+	NextSyncAt NullableInt64 `json:"nextSyncAt,omitempty"`
 }
 
 type _AccountResponse AccountResponse
@@ -723,6 +729,135 @@ func (o *AccountResponse) UnsetSmtpUsername() {
 	o.SmtpUsername.Unset()
 }
 
+// GetLastSyncError returns the LastSyncError field value if set, zero value otherwise (both if not set or set to explicit null).
+func (o *AccountResponse) GetLastSyncError() string {
+	if o == nil || IsNil(o.LastSyncError.Get()) {
+		var ret string
+		return ret
+	}
+	return *o.LastSyncError.Get()
+}
+
+// GetLastSyncErrorOk returns a tuple with the LastSyncError field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+// NOTE: If the value is an explicit nil, `nil, true` will be returned
+func (o *AccountResponse) GetLastSyncErrorOk() (*string, bool) {
+	if o == nil {
+		return nil, false
+	}
+	return o.LastSyncError.Get(), o.LastSyncError.IsSet()
+}
+
+// HasLastSyncError returns a boolean if a field has been set.
+func (o *AccountResponse) HasLastSyncError() bool {
+	if o != nil && o.LastSyncError.IsSet() {
+		return true
+	}
+
+	return false
+}
+
+// SetLastSyncError gets a reference to the given NullableString and assigns it to the LastSyncError field.
+func (o *AccountResponse) SetLastSyncError(v string) {
+	o.LastSyncError.Set(&v)
+}
+
+// SetLastSyncErrorNil sets the value for LastSyncError to be an explicit nil
+func (o *AccountResponse) SetLastSyncErrorNil() {
+	o.LastSyncError.Set(nil)
+}
+
+// UnsetLastSyncError ensures that no value is present for LastSyncError, not even an explicit nil
+func (o *AccountResponse) UnsetLastSyncError() {
+	o.LastSyncError.Unset()
+}
+
+// GetLastSyncErrorAt returns the LastSyncErrorAt field value if set, zero value otherwise (both if not set or set to explicit null).
+func (o *AccountResponse) GetLastSyncErrorAt() int64 {
+	if o == nil || IsNil(o.LastSyncErrorAt.Get()) {
+		var ret int64
+		return ret
+	}
+	return *o.LastSyncErrorAt.Get()
+}
+
+// GetLastSyncErrorAtOk returns a tuple with the LastSyncErrorAt field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+// NOTE: If the value is an explicit nil, `nil, true` will be returned
+func (o *AccountResponse) GetLastSyncErrorAtOk() (*int64, bool) {
+	if o == nil {
+		return nil, false
+	}
+	return o.LastSyncErrorAt.Get(), o.LastSyncErrorAt.IsSet()
+}
+
+// HasLastSyncErrorAt returns a boolean if a field has been set.
+func (o *AccountResponse) HasLastSyncErrorAt() bool {
+	if o != nil && o.LastSyncErrorAt.IsSet() {
+		return true
+	}
+
+	return false
+}
+
+// SetLastSyncErrorAt gets a reference to the given NullableInt64 and assigns it to the LastSyncErrorAt field.
+func (o *AccountResponse) SetLastSyncErrorAt(v int64) {
+	o.LastSyncErrorAt.Set(&v)
+}
+
+// SetLastSyncErrorAtNil sets the value for LastSyncErrorAt to be an explicit nil
+func (o *AccountResponse) SetLastSyncErrorAtNil() {
+	o.LastSyncErrorAt.Set(nil)
+}
+
+// UnsetLastSyncErrorAt ensures that no value is present for LastSyncErrorAt, not even an explicit nil
+func (o *AccountResponse) UnsetLastSyncErrorAt() {
+	o.LastSyncErrorAt.Unset()
+}
+
+// GetNextSyncAt returns the NextSyncAt field value if set, zero value otherwise (both if not set or set to explicit null).
+func (o *AccountResponse) GetNextSyncAt() int64 {
+	if o == nil || IsNil(o.NextSyncAt.Get()) {
+		var ret int64
+		return ret
+	}
+	return *o.NextSyncAt.Get()
+}
+
+// GetNextSyncAtOk returns a tuple with the NextSyncAt field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+// NOTE: If the value is an explicit nil, `nil, true` will be returned
+func (o *AccountResponse) GetNextSyncAtOk() (*int64, bool) {
+	if o == nil {
+		return nil, false
+	}
+	return o.NextSyncAt.Get(), o.NextSyncAt.IsSet()
+}
+
+// HasNextSyncAt returns a boolean if a field has been set.
+func (o *AccountResponse) HasNextSyncAt() bool {
+	if o != nil && o.NextSyncAt.IsSet() {
+		return true
+	}
+
+	return false
+}
+
+// SetNextSyncAt gets a reference to the given NullableInt64 and assigns it to the NextSyncAt field.
+func (o *AccountResponse) SetNextSyncAt(v int64) {
+	o.NextSyncAt.Set(&v)
+}
+
+// SetNextSyncAtNil sets the value for NextSyncAt to be an explicit nil
+func (o *AccountResponse) SetNextSyncAtNil() {
+	o.NextSyncAt.Set(nil)
+}
+
+// UnsetNextSyncAt ensures that no value is present for NextSyncAt, not even an explicit nil
+func (o *AccountResponse) UnsetNextSyncAt() {
+	o.NextSyncAt.Unset()
+}
+
 func (o AccountResponse) MarshalJSON() ([]byte, error) {
 	toSerialize, err := o.ToMap()
 	if err != nil {
@@ -767,6 +902,15 @@ func (o AccountResponse) ToMap() (map[string]interface{}, error) {
 	}
 	if o.SmtpUsername.IsSet() {
 		toSerialize["smtpUsername"] = o.SmtpUsername.Get()
+	}
+	if o.LastSyncError.IsSet() {
+		toSerialize["lastSyncError"] = o.LastSyncError.Get()
+	}
+	if o.LastSyncErrorAt.IsSet() {
+		toSerialize["lastSyncErrorAt"] = o.LastSyncErrorAt.Get()
+	}
+	if o.NextSyncAt.IsSet() {
+		toSerialize["nextSyncAt"] = o.NextSyncAt.Get()
 	}
 	return toSerialize, nil
 }

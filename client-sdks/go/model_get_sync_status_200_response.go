@@ -27,6 +27,14 @@ type GetSyncStatus200Response struct {
 	Error *string `json:"error,omitempty"`
 	// Progress percentage (0-100)
 	Progress *int32 `json:"progress,omitempty"`
+	// What the task does
+	Kind *string `json:"kind,omitempty"`
+	// Tries so far (a task resumed after its worker stopped, or retried after a temporary failure, counts each)
+	Attempts *int32 `json:"attempts,omitempty"`
+	// The account the task works on
+	AccountId *string `json:"accountId,omitempty"`
+	// The message a send, draft or write-back task is about
+	MessageId *string `json:"messageId,omitempty"`
 }
 
 // NewGetSyncStatus200Response instantiates a new GetSyncStatus200Response object
@@ -206,6 +214,134 @@ func (o *GetSyncStatus200Response) SetProgress(v int32) {
 	o.Progress = &v
 }
 
+// GetKind returns the Kind field value if set, zero value otherwise.
+func (o *GetSyncStatus200Response) GetKind() string {
+	if o == nil || IsNil(o.Kind) {
+		var ret string
+		return ret
+	}
+	return *o.Kind
+}
+
+// GetKindOk returns a tuple with the Kind field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *GetSyncStatus200Response) GetKindOk() (*string, bool) {
+	if o == nil || IsNil(o.Kind) {
+		return nil, false
+	}
+	return o.Kind, true
+}
+
+// HasKind returns a boolean if a field has been set.
+func (o *GetSyncStatus200Response) HasKind() bool {
+	if o != nil && !IsNil(o.Kind) {
+		return true
+	}
+
+	return false
+}
+
+// SetKind gets a reference to the given string and assigns it to the Kind field.
+func (o *GetSyncStatus200Response) SetKind(v string) {
+	o.Kind = &v
+}
+
+// GetAttempts returns the Attempts field value if set, zero value otherwise.
+func (o *GetSyncStatus200Response) GetAttempts() int32 {
+	if o == nil || IsNil(o.Attempts) {
+		var ret int32
+		return ret
+	}
+	return *o.Attempts
+}
+
+// GetAttemptsOk returns a tuple with the Attempts field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *GetSyncStatus200Response) GetAttemptsOk() (*int32, bool) {
+	if o == nil || IsNil(o.Attempts) {
+		return nil, false
+	}
+	return o.Attempts, true
+}
+
+// HasAttempts returns a boolean if a field has been set.
+func (o *GetSyncStatus200Response) HasAttempts() bool {
+	if o != nil && !IsNil(o.Attempts) {
+		return true
+	}
+
+	return false
+}
+
+// SetAttempts gets a reference to the given int32 and assigns it to the Attempts field.
+func (o *GetSyncStatus200Response) SetAttempts(v int32) {
+	o.Attempts = &v
+}
+
+// GetAccountId returns the AccountId field value if set, zero value otherwise.
+func (o *GetSyncStatus200Response) GetAccountId() string {
+	if o == nil || IsNil(o.AccountId) {
+		var ret string
+		return ret
+	}
+	return *o.AccountId
+}
+
+// GetAccountIdOk returns a tuple with the AccountId field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *GetSyncStatus200Response) GetAccountIdOk() (*string, bool) {
+	if o == nil || IsNil(o.AccountId) {
+		return nil, false
+	}
+	return o.AccountId, true
+}
+
+// HasAccountId returns a boolean if a field has been set.
+func (o *GetSyncStatus200Response) HasAccountId() bool {
+	if o != nil && !IsNil(o.AccountId) {
+		return true
+	}
+
+	return false
+}
+
+// SetAccountId gets a reference to the given string and assigns it to the AccountId field.
+func (o *GetSyncStatus200Response) SetAccountId(v string) {
+	o.AccountId = &v
+}
+
+// GetMessageId returns the MessageId field value if set, zero value otherwise.
+func (o *GetSyncStatus200Response) GetMessageId() string {
+	if o == nil || IsNil(o.MessageId) {
+		var ret string
+		return ret
+	}
+	return *o.MessageId
+}
+
+// GetMessageIdOk returns a tuple with the MessageId field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *GetSyncStatus200Response) GetMessageIdOk() (*string, bool) {
+	if o == nil || IsNil(o.MessageId) {
+		return nil, false
+	}
+	return o.MessageId, true
+}
+
+// HasMessageId returns a boolean if a field has been set.
+func (o *GetSyncStatus200Response) HasMessageId() bool {
+	if o != nil && !IsNil(o.MessageId) {
+		return true
+	}
+
+	return false
+}
+
+// SetMessageId gets a reference to the given string and assigns it to the MessageId field.
+func (o *GetSyncStatus200Response) SetMessageId(v string) {
+	o.MessageId = &v
+}
+
 func (o GetSyncStatus200Response) MarshalJSON() ([]byte, error) {
 	toSerialize, err := o.ToMap()
 	if err != nil {
@@ -230,6 +366,18 @@ func (o GetSyncStatus200Response) ToMap() (map[string]interface{}, error) {
 	}
 	if !IsNil(o.Progress) {
 		toSerialize["progress"] = o.Progress
+	}
+	if !IsNil(o.Kind) {
+		toSerialize["kind"] = o.Kind
+	}
+	if !IsNil(o.Attempts) {
+		toSerialize["attempts"] = o.Attempts
+	}
+	if !IsNil(o.AccountId) {
+		toSerialize["accountId"] = o.AccountId
+	}
+	if !IsNil(o.MessageId) {
+		toSerialize["messageId"] = o.MessageId
 	}
 	return toSerialize, nil
 }

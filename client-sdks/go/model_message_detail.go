@@ -43,7 +43,7 @@ type MessageDetail struct {
 	UpdatedAt       *int64  `json:"updatedAt,omitempty"`
 	// Custom labels (IMAP keywords)
 	Labels []string `json:"labels,omitempty"`
-	// For mail written through this API: queued, sent or failed (sendEmail), or draft (saveDraft); null for mail from the server
+	// For mail written through this API: queued, sending (the data is going out and the reply is awaited), sent, failed, or ambiguous (the whole message went out and the server never answered: it may or may not have been accepted; only retrySend sends it again) for sendEmail, or draft (saveDraft); null for mail from the server
 	DeliveryStatus NullableString `json:"deliveryStatus,omitempty"`
 	// Full email body (plain text or HTML)
 	Body *string `json:"body,omitempty"`

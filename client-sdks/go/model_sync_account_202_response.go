@@ -23,6 +23,8 @@ type SyncAccount202Response struct {
 	TaskId  *string `json:"taskId,omitempty"`
 	Status  *string `json:"status,omitempty"`
 	Message *string `json:"message,omitempty"`
+	// true when this request created a task; false when it joined one already waiting or running
+	Created *bool `json:"created,omitempty"`
 }
 
 // NewSyncAccount202Response instantiates a new SyncAccount202Response object
@@ -138,6 +140,38 @@ func (o *SyncAccount202Response) SetMessage(v string) {
 	o.Message = &v
 }
 
+// GetCreated returns the Created field value if set, zero value otherwise.
+func (o *SyncAccount202Response) GetCreated() bool {
+	if o == nil || IsNil(o.Created) {
+		var ret bool
+		return ret
+	}
+	return *o.Created
+}
+
+// GetCreatedOk returns a tuple with the Created field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *SyncAccount202Response) GetCreatedOk() (*bool, bool) {
+	if o == nil || IsNil(o.Created) {
+		return nil, false
+	}
+	return o.Created, true
+}
+
+// HasCreated returns a boolean if a field has been set.
+func (o *SyncAccount202Response) HasCreated() bool {
+	if o != nil && !IsNil(o.Created) {
+		return true
+	}
+
+	return false
+}
+
+// SetCreated gets a reference to the given bool and assigns it to the Created field.
+func (o *SyncAccount202Response) SetCreated(v bool) {
+	o.Created = &v
+}
+
 func (o SyncAccount202Response) MarshalJSON() ([]byte, error) {
 	toSerialize, err := o.ToMap()
 	if err != nil {
@@ -156,6 +190,9 @@ func (o SyncAccount202Response) ToMap() (map[string]interface{}, error) {
 	}
 	if !IsNil(o.Message) {
 		toSerialize["message"] = o.Message
+	}
+	if !IsNil(o.Created) {
+		toSerialize["created"] = o.Created
 	}
 	return toSerialize, nil
 }

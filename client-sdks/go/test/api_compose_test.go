@@ -22,6 +22,21 @@ func Test_emailserviceclient_ComposeAPIService(t *testing.T) {
 	configuration := openapiclient.NewConfiguration()
 	apiClient := openapiclient.NewAPIClient(configuration)
 
+	t.Run("Test ComposeAPIService RetrySend", func(t *testing.T) {
+
+		t.Skip("skip test") // remove to run test
+
+		var accountId string
+		var messageId string
+
+		resp, httpRes, err := apiClient.ComposeAPI.RetrySend(context.Background(), accountId, messageId).Execute()
+
+		require.Nil(t, err)
+		require.NotNil(t, resp)
+		assert.Equal(t, 200, httpRes.StatusCode)
+
+	})
+
 	t.Run("Test ComposeAPIService SaveDraft", func(t *testing.T) {
 
 		t.Skip("skip test") // remove to run test

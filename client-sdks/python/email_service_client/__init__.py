@@ -49,6 +49,7 @@ __all__ = [
     "Message",
     "MessageDetail",
     "Pagination",
+    "RetrySend202Response",
     "SaveDraft201Response",
     "SendEmail202Response",
     "SendEmailRequest",
@@ -94,6 +95,7 @@ from email_service_client.models.list_messages200_response import ListMessages20
 from email_service_client.models.message import Message as Message
 from email_service_client.models.message_detail import MessageDetail as MessageDetail
 from email_service_client.models.pagination import Pagination as Pagination
+from email_service_client.models.retry_send202_response import RetrySend202Response as RetrySend202Response
 from email_service_client.models.save_draft201_response import SaveDraft201Response as SaveDraft201Response
 from email_service_client.models.send_email202_response import SendEmail202Response as SendEmail202Response
 from email_service_client.models.send_email_request import SendEmailRequest as SendEmailRequest

@@ -57,7 +57,10 @@ class TestAccountListResponse(unittest.TestCase):
                         smtp_hostname = '', 
                         smtp_port = 56, 
                         smtp_encryption = 'none', 
-                        smtp_username = '', )
+                        smtp_username = '', 
+                        last_sync_error = '', 
+                        last_sync_error_at = 56, 
+                        next_sync_at = 56, )
                     ],
                 pagination = email_service_client.models.pagination.Pagination(
                     total = 56, 
@@ -88,7 +91,10 @@ class TestAccountListResponse(unittest.TestCase):
                         smtp_hostname = '', 
                         smtp_port = 56, 
                         smtp_encryption = 'none', 
-                        smtp_username = '', )
+                        smtp_username = '', 
+                        last_sync_error = '', 
+                        last_sync_error_at = 56, 
+                        next_sync_at = 56, )
                     ],
                 pagination = email_service_client.models.pagination.Pagination(
                     total = 56, 

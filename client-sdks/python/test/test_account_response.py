@@ -55,7 +55,10 @@ class TestAccountResponse(unittest.TestCase):
                 smtp_hostname = '',
                 smtp_port = 56,
                 smtp_encryption = 'none',
-                smtp_username = ''
+                smtp_username = '',
+                last_sync_error = '',
+                last_sync_error_at = 56,
+                next_sync_at = 56
             )
         else:
             return AccountResponse(

@@ -26,6 +26,13 @@ class TestComposeApi(unittest.TestCase):
     def tearDown(self) -> None:
         pass
 
+    def test_retry_send(self) -> None:
+        """Test case for retry_send
+
+        Send a failed or ambiguous message again
+        """
+        pass
+
     def test_save_draft(self) -> None:
         """Test case for save_draft
 

@@ -39,7 +39,11 @@ class TestGetSyncStatus200Response(unittest.TestCase):
                 status = 'pending',
                 result = None,
                 error = '',
-                progress = 56
+                progress = 56,
+                kind = 'sync',
+                attempts = 56,
+                account_id = '',
+                message_id = ''
             )
         else:
             return GetSyncStatus200Response(

@@ -37,7 +37,8 @@ class TestSyncAccount202Response(unittest.TestCase):
             return SyncAccount202Response(
                 task_id = 'abc123def456',
                 status = 'pending',
-                message = 'Sync started in background'
+                message = 'Sync started in background',
+                created = True
             )
         else:
             return SyncAccount202Response(

@@ -15,6 +15,8 @@ from pydantic import validate_call, Field, StrictFloat, StrictStr, StrictInt
 from typing import Any, Dict, List, Optional, Tuple, Union
 from typing_extensions import Annotated
 
+from pydantic import StrictStr
+from email_service_client.models.retry_send202_response import RetrySend202Response
 from email_service_client.models.save_draft201_response import SaveDraft201Response
 from email_service_client.models.send_email202_response import SendEmail202Response
 from email_service_client.models.send_email_request import SendEmailRequest
@@ -35,6 +37,301 @@ class ComposeApi:
         if api_client is None:
             api_client = ApiClient.get_default()
         self.api_client = api_client
+
+
+    @validate_call
+    def retry_send(
+        self,
+        account_id: StrictStr,
+        message_id: StrictStr,
+        _request_timeout: Union[
+            None,
+            Annotated[StrictFloat, Field(gt=0)],
+            Tuple[
+                Annotated[StrictFloat, Field(gt=0)],
+                Annotated[StrictFloat, Field(gt=0)]
+            ]
+        ] = None,
+        _request_auth: Optional[Dict[StrictStr, Any]] = None,
+        _content_type: Optional[StrictStr] = None,
+        _headers: Optional[Dict[StrictStr, Any]] = None,
+        _host_index: Annotated[StrictInt, Field(ge=0, le=0)] = 0,
+    ) -> RetrySend202Response:
+        """Send a failed or ambiguous message again
+
+        Sends again a message written through sendEmail whose delivery failed, or whose outcome is unknown (`deliveryStatus: ambiguous`: the whole message went out and the server never answered, so it may already have arrived). The service never does this on its own; calling this is the caller's decision to risk a duplicate. Answers 409 for any other message. 
+
+        :param account_id: (required)
+        :type account_id: str
+        :param message_id: (required)
+        :type message_id: str
+        :param _request_timeout: timeout setting for this request. If one
+                                 number provided, it will be total request
+                                 timeout. It can also be a pair (tuple) of
+                                 (connection, read) timeouts.
+        :type _request_timeout: int, tuple(int, int), optional
+        :param _request_auth: set to override the auth_settings for an a single
+                              request; this effectively ignores the
+                              authentication in the spec for a single request.
+        :type _request_auth: dict, optional
+        :param _content_type: force content-type for the request.
+        :type _content_type: str, Optional
+        :param _headers: set to override the headers for a single
+                         request; this effectively ignores the headers
+                         in the spec for a single request.
+        :type _headers: dict, optional
+        :param _host_index: set to override the host_index for a single
+                            request; this effectively ignores the host_index
+                            in the spec for a single request.
+        :type _host_index: int, optional
+        :return: Returns the result object.
+        """ # noqa: E501
+
+        _param = self._retry_send_serialize(
+            account_id=account_id,
+            message_id=message_id,
+            _request_auth=_request_auth,
+            _content_type=_content_type,
+            _headers=_headers,
+            _host_index=_host_index
+        )
+
+        _response_types_map: Dict[str, Optional[str]] = {
+            '202': "RetrySend202Response",
+            '400': "ErrorResponse",
+            '401': "ErrorResponse",
+            '404': "ErrorResponse",
+            '409': "ErrorResponse",
+            '429': "ErrorResponse",
+            '500': "ErrorResponse",
+        }
+        response_data = self.api_client.call_api(
+            *_param,
+            _request_timeout=_request_timeout
+        )
+        response_data.read()
+        return self.api_client.response_deserialize(
+            response_data=response_data,
+            response_types_map=_response_types_map,
+        ).data
+
+
+    @validate_call
+    def retry_send_with_http_info(
+        self,
+        account_id: StrictStr,
+        message_id: StrictStr,
+        _request_timeout: Union[
+            None,
+            Annotated[StrictFloat, Field(gt=0)],
+            Tuple[
+                Annotated[StrictFloat, Field(gt=0)],
+                Annotated[StrictFloat, Field(gt=0)]
+            ]
+        ] = None,
+        _request_auth: Optional[Dict[StrictStr, Any]] = None,
+        _content_type: Optional[StrictStr] = None,
+        _headers: Optional[Dict[StrictStr, Any]] = None,
+        _host_index: Annotated[StrictInt, Field(ge=0, le=0)] = 0,
+    ) -> ApiResponse[RetrySend202Response]:
+        """Send a failed or ambiguous message again
+
+        Sends again a message written through sendEmail whose delivery failed, or whose outcome is unknown (`deliveryStatus: ambiguous`: the whole message went out and the server never answered, so it may already have arrived). The service never does this on its own; calling this is the caller's decision to risk a duplicate. Answers 409 for any other message. 
+
+        :param account_id: (required)
+        :type account_id: str
+        :param message_id: (required)
+        :type message_id: str
+        :param _request_timeout: timeout setting for this request. If one
+                                 number provided, it will be total request
+                                 timeout. It can also be a pair (tuple) of
+                                 (connection, read) timeouts.
+        :type _request_timeout: int, tuple(int, int), optional
+        :param _request_auth: set to override the auth_settings for an a single
+                              request; this effectively ignores the
+                              authentication in the spec for a single request.
+        :type _request_auth: dict, optional
+        :param _content_type: force content-type for the request.
+        :type _content_type: str, Optional
+        :param _headers: set to override the headers for a single
+                         request; this effectively ignores the headers
+                         in the spec for a single request.
+        :type _headers: dict, optional
+        :param _host_index: set to override the host_index for a single
+                            request; this effectively ignores the host_index
+                            in the spec for a single request.
+        :type _host_index: int, optional
+        :return: Returns the result object.
+        """ # noqa: E501
+
+        _param = self._retry_send_serialize(
+            account_id=account_id,
+            message_id=message_id,
+            _request_auth=_request_auth,
+            _content_type=_content_type,
+            _headers=_headers,
+            _host_index=_host_index
+        )
+
+        _response_types_map: Dict[str, Optional[str]] = {
+            '202': "RetrySend202Response",
+            '400': "ErrorResponse",
+            '401': "ErrorResponse",
+            '404': "ErrorResponse",
+            '409': "ErrorResponse",
+            '429': "ErrorResponse",
+            '500': "ErrorResponse",
+        }
+        response_data = self.api_client.call_api(
+            *_param,
+            _request_timeout=_request_timeout
+        )
+        response_data.read()
+        return self.api_client.response_deserialize(
+            response_data=response_data,
+            response_types_map=_response_types_map,
+        )
+
+
+    @validate_call
+    def retry_send_without_preload_content(
+        self,
+        account_id: StrictStr,
+        message_id: StrictStr,
+        _request_timeout: Union[
+            None,
+            Annotated[StrictFloat, Field(gt=0)],
+            Tuple[
+                Annotated[StrictFloat, Field(gt=0)],
+                Annotated[StrictFloat, Field(gt=0)]
+            ]
+        ] = None,
+        _request_auth: Optional[Dict[StrictStr, Any]] = None,
+        _content_type: Optional[StrictStr] = None,
+        _headers: Optional[Dict[StrictStr, Any]] = None,
+        _host_index: Annotated[StrictInt, Field(ge=0, le=0)] = 0,
+    ) -> RESTResponseType:
+        """Send a failed or ambiguous message again
+
+        Sends again a message written through sendEmail whose delivery failed, or whose outcome is unknown (`deliveryStatus: ambiguous`: the whole message went out and the server never answered, so it may already have arrived). The service never does this on its own; calling this is the caller's decision to risk a duplicate. Answers 409 for any other message. 
+
+        :param account_id: (required)
+        :type account_id: str
+        :param message_id: (required)
+        :type message_id: str
+        :param _request_timeout: timeout setting for this request. If one
+                                 number provided, it will be total request
+                                 timeout. It can also be a pair (tuple) of
+                                 (connection, read) timeouts.
+        :type _request_timeout: int, tuple(int, int), optional
+        :param _request_auth: set to override the auth_settings for an a single
+                              request; this effectively ignores the
+                              authentication in the spec for a single request.
+        :type _request_auth: dict, optional
+        :param _content_type: force content-type for the request.
+        :type _content_type: str, Optional
+        :param _headers: set to override the headers for a single
+                         request; this effectively ignores the headers
+                         in the spec for a single request.
+        :type _headers: dict, optional
+        :param _host_index: set to override the host_index for a single
+                            request; this effectively ignores the host_index
+                            in the spec for a single request.
+        :type _host_index: int, optional
+        :return: Returns the result object.
+        """ # noqa: E501
+
+        _param = self._retry_send_serialize(
+            account_id=account_id,
+            message_id=message_id,
+            _request_auth=_request_auth,
+            _content_type=_content_type,
+            _headers=_headers,
+            _host_index=_host_index
+        )
+
+        _response_types_map: Dict[str, Optional[str]] = {
+            '202': "RetrySend202Response",
+            '400': "ErrorResponse",
+            '401': "ErrorResponse",
+            '404': "ErrorResponse",
+            '409': "ErrorResponse",
+            '429': "ErrorResponse",
+            '500': "ErrorResponse",
+        }
+        response_data = self.api_client.call_api(
+            *_param,
+            _request_timeout=_request_timeout
+        )
+        return response_data.response
+
+
+    def _retry_send_serialize(
+        self,
+        account_id,
+        message_id,
+        _request_auth,
+        _content_type,
+        _headers,
+        _host_index,
+    ) -> RequestSerialized:
+
+        _host = None
+
+        _collection_formats: Dict[str, str] = {
+        }
+
+        _path_params: Dict[str, str] = {}
+        _query_params: List[Tuple[str, str]] = []
+        _header_params: Dict[str, Optional[str]] = _headers or {}
+        _form_params: List[Tuple[str, str]] = []
+        _files: Dict[
+            str, Union[str, bytes, List[str], List[bytes], List[Tuple[str, bytes]]]
+        ] = {}
+        _body_params: Optional[bytes] = None
+
+        # process the path parameters
+        if account_id is not None:
+            _path_params['accountId'] = account_id
+        if message_id is not None:
+            _path_params['messageId'] = message_id
+        # process the query parameters
+        # process the header parameters
+        # process the form parameters
+        # process the body parameter
+
+
+        # set the HTTP header `Accept`
+        if 'Accept' not in _header_params:
+            _header_params['Accept'] = self.api_client.select_header_accept(
+                [
+                    'application/json'
+                ]
+            )
+
+
+        # authentication setting
+        _auth_settings: List[str] = [
+            'HeaderAuth', 
+            'BearerAuth'
+        ]
+
+        return self.api_client.param_serialize(
+            method='POST',
+            resource_path='/api/{accountId}/messages/{messageId}/send',
+            path_params=_path_params,
+            query_params=_query_params,
+            header_params=_header_params,
+            body=_body_params,
+            post_params=_form_params,
+            files=_files,
+            auth_settings=_auth_settings,
+            collection_formats=_collection_formats,
+            _host=_host,
+            _request_auth=_request_auth
+        )
+
+
 
 
     @validate_call
@@ -352,7 +649,7 @@ class ComposeApi:
     ) -> SendEmail202Response:
         """Send email
 
-        Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account's messages), and the total size (413 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc recipients get it but no Bcc header is written. Temporary SMTP failures are retried with exponential backoff; permanent ones (5xx) fail at once with the server's reply in `error`. After delivery the copy is appended to the server's Sent folder (unless the server files it itself, as Gmail does). 
+        Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account's messages), and the total size (413 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc recipients get it but no Bcc header is written. At most 100 addresses each in to, cc and bcc, and 100 in all. Everything the message builder would refuse (line breaks or control characters in the subject or the account's name, addresses it cannot write) is a 400 here. Failures before the server could have accepted the message (connecting, AUTH, MAIL, RCPT, a 4xx to DATA) are retried with exponential backoff; permanent ones (5xx) fail at once with the server's reply in `error`. When the whole message went out and the server's reply never came (it has up to 10 minutes, RFC 5321), the server may or may not have accepted it: the message's `deliveryStatus` becomes `ambiguous`, the task fails saying so, and it is sent again only on an explicit retrySend. The service never sends a message twice on its own. After delivery the copy is appended to the server's Sent folder (unless the server files it itself, as Gmail does). 
 
         :param send_email_request: (required)
         :type send_email_request: SendEmailRequest
@@ -427,7 +724,7 @@ class ComposeApi:
     ) -> ApiResponse[SendEmail202Response]:
         """Send email
 
-        Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account's messages), and the total size (413 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc recipients get it but no Bcc header is written. Temporary SMTP failures are retried with exponential backoff; permanent ones (5xx) fail at once with the server's reply in `error`. After delivery the copy is appended to the server's Sent folder (unless the server files it itself, as Gmail does). 
+        Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account's messages), and the total size (413 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc recipients get it but no Bcc header is written. At most 100 addresses each in to, cc and bcc, and 100 in all. Everything the message builder would refuse (line breaks or control characters in the subject or the account's name, addresses it cannot write) is a 400 here. Failures before the server could have accepted the message (connecting, AUTH, MAIL, RCPT, a 4xx to DATA) are retried with exponential backoff; permanent ones (5xx) fail at once with the server's reply in `error`. When the whole message went out and the server's reply never came (it has up to 10 minutes, RFC 5321), the server may or may not have accepted it: the message's `deliveryStatus` becomes `ambiguous`, the task fails saying so, and it is sent again only on an explicit retrySend. The service never sends a message twice on its own. After delivery the copy is appended to the server's Sent folder (unless the server files it itself, as Gmail does). 
 
         :param send_email_request: (required)
         :type send_email_request: SendEmailRequest
@@ -502,7 +799,7 @@ class ComposeApi:
     ) -> RESTResponseType:
         """Send email
 
-        Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account's messages), and the total size (413 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc recipients get it but no Bcc header is written. Temporary SMTP failures are retried with exponential backoff; permanent ones (5xx) fail at once with the server's reply in `error`. After delivery the copy is appended to the server's Sent folder (unless the server files it itself, as Gmail does). 
+        Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account's messages), and the total size (413 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc recipients get it but no Bcc header is written. At most 100 addresses each in to, cc and bcc, and 100 in all. Everything the message builder would refuse (line breaks or control characters in the subject or the account's name, addresses it cannot write) is a 400 here. Failures before the server could have accepted the message (connecting, AUTH, MAIL, RCPT, a 4xx to DATA) are retried with exponential backoff; permanent ones (5xx) fail at once with the server's reply in `error`. When the whole message went out and the server's reply never came (it has up to 10 minutes, RFC 5321), the server may or may not have accepted it: the message's `deliveryStatus` becomes `ambiguous`, the task fails saying so, and it is sent again only on an explicit retrySend. The service never sends a message twice on its own. After delivery the copy is appended to the server's Sent folder (unless the server files it itself, as Gmail does). 
 
         :param send_email_request: (required)
         :type send_email_request: SendEmailRequest

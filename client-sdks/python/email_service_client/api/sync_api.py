@@ -58,7 +58,7 @@ class SyncApi:
     ) -> GetSyncStatus200Response:
         """Get sync status
 
-        Poll a background task (a sync or a send). `progress` moves from 0 to 100 while it runs; `result` holds messagesAdded, messagesUpdated, messagesRemoved, foldersSync and `errors` (items that failed without stopping the task); `error` says in words why a task failed. Tasks are visible only to the user who started them. 
+        Poll a background task (a sync, a send, a draft filed on the server, or a message change written back). Tasks are kept in the database, so their outcome survives restarts; finished ones are kept for 7 days. `progress` moves from 0 to 100 while it runs and never goes back; `result` holds messagesAdded, messagesUpdated, messagesRemoved, foldersSync and `errors` (items that failed without stopping the task); `error` says in words why a task failed, or, while `status` is `retry`, why the last try failed. A send whose server never answered the end of the message fails saying that the message may or may not have been accepted; it is not retried automatically (see retrySend). Tasks are visible only to the user who started them. 
 
         :param task_id: (required)
         :type task_id: str
@@ -130,7 +130,7 @@ class SyncApi:
     ) -> ApiResponse[GetSyncStatus200Response]:
         """Get sync status
 
-        Poll a background task (a sync or a send). `progress` moves from 0 to 100 while it runs; `result` holds messagesAdded, messagesUpdated, messagesRemoved, foldersSync and `errors` (items that failed without stopping the task); `error` says in words why a task failed. Tasks are visible only to the user who started them. 
+        Poll a background task (a sync, a send, a draft filed on the server, or a message change written back). Tasks are kept in the database, so their outcome survives restarts; finished ones are kept for 7 days. `progress` moves from 0 to 100 while it runs and never goes back; `result` holds messagesAdded, messagesUpdated, messagesRemoved, foldersSync and `errors` (items that failed without stopping the task); `error` says in words why a task failed, or, while `status` is `retry`, why the last try failed. A send whose server never answered the end of the message fails saying that the message may or may not have been accepted; it is not retried automatically (see retrySend). Tasks are visible only to the user who started them. 
 
         :param task_id: (required)
         :type task_id: str
@@ -202,7 +202,7 @@ class SyncApi:
     ) -> RESTResponseType:
         """Get sync status
 
-        Poll a background task (a sync or a send). `progress` moves from 0 to 100 while it runs; `result` holds messagesAdded, messagesUpdated, messagesRemoved, foldersSync and `errors` (items that failed without stopping the task); `error` says in words why a task failed. Tasks are visible only to the user who started them. 
+        Poll a background task (a sync, a send, a draft filed on the server, or a message change written back). Tasks are kept in the database, so their outcome survives restarts; finished ones are kept for 7 days. `progress` moves from 0 to 100 while it runs and never goes back; `result` holds messagesAdded, messagesUpdated, messagesRemoved, foldersSync and `errors` (items that failed without stopping the task); `error` says in words why a task failed, or, while `status` is `retry`, why the last try failed. A send whose server never answered the end of the message fails saying that the message may or may not have been accepted; it is not retried automatically (see retrySend). Tasks are visible only to the user who started them. 
 
         :param task_id: (required)
         :type task_id: str
@@ -336,7 +336,7 @@ class SyncApi:
     ) -> SyncAccount202Response:
         """Trigger IMAP sync
 
-        Trigger a sync from the account's IMAP or POP3 server as a background job (RQ). The answer's `taskId` is the RQ job id; follow it with getSyncStatus. `force` re-checks every message and flag instead of trusting the stored sync state; `folders` limits the sync to those folders (server names or display names). While a sync of the account is pending or running, the same task is returned instead of starting another. 
+        Trigger a sync from the account's IMAP or POP3 server as a background job (RQ). The answer's `taskId` is the RQ job id; follow it with getSyncStatus. `force` re-checks every message and flag instead of trusting the stored sync state; `folders` limits the sync to those folders (server names or display names). It runs at once, whatever the account's backoff after failures. While a sync of the account is waiting, the request joins it (widening it with `force`/`folders` if asked); while one is running, the request joins it when the running sync already does all it asks, and is otherwise queued to run right after it (`created` tells which; nothing asked for is dropped). 
 
         :param account_id: (required)
         :type account_id: str
@@ -414,7 +414,7 @@ class SyncApi:
     ) -> ApiResponse[SyncAccount202Response]:
         """Trigger IMAP sync
 
-        Trigger a sync from the account's IMAP or POP3 server as a background job (RQ). The answer's `taskId` is the RQ job id; follow it with getSyncStatus. `force` re-checks every message and flag instead of trusting the stored sync state; `folders` limits the sync to those folders (server names or display names). While a sync of the account is pending or running, the same task is returned instead of starting another. 
+        Trigger a sync from the account's IMAP or POP3 server as a background job (RQ). The answer's `taskId` is the RQ job id; follow it with getSyncStatus. `force` re-checks every message and flag instead of trusting the stored sync state; `folders` limits the sync to those folders (server names or display names). It runs at once, whatever the account's backoff after failures. While a sync of the account is waiting, the request joins it (widening it with `force`/`folders` if asked); while one is running, the request joins it when the running sync already does all it asks, and is otherwise queued to run right after it (`created` tells which; nothing asked for is dropped). 
 
         :param account_id: (required)
         :type account_id: str
@@ -492,7 +492,7 @@ class SyncApi:
     ) -> RESTResponseType:
         """Trigger IMAP sync
 
-        Trigger a sync from the account's IMAP or POP3 server as a background job (RQ). The answer's `taskId` is the RQ job id; follow it with getSyncStatus. `force` re-checks every message and flag instead of trusting the stored sync state; `folders` limits the sync to those folders (server names or display names). While a sync of the account is pending or running, the same task is returned instead of starting another. 
+        Trigger a sync from the account's IMAP or POP3 server as a background job (RQ). The answer's `taskId` is the RQ job id; follow it with getSyncStatus. `force` re-checks every message and flag instead of trusting the stored sync state; `folders` limits the sync to those folders (server names or display names). It runs at once, whatever the account's backoff after failures. While a sync of the account is waiting, the request joins it (widening it with `force`/`folders` if asked); while one is running, the request joins it when the running sync already does all it asks, and is otherwise queued to run right after it (`created` tells which; nothing asked for is dropped). 
 
         :param account_id: (required)
         :type account_id: str

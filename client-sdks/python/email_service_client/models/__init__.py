@@ -27,6 +27,7 @@ from email_service_client.models.list_messages200_response import ListMessages20
 from email_service_client.models.message import Message
 from email_service_client.models.message_detail import MessageDetail
 from email_service_client.models.pagination import Pagination
+from email_service_client.models.retry_send202_response import RetrySend202Response
 from email_service_client.models.save_draft201_response import SaveDraft201Response
 from email_service_client.models.send_email202_response import SendEmail202Response
 from email_service_client.models.send_email_request import SendEmailRequest

@@ -49,7 +49,10 @@ class Account(BaseModel):
     smtp_port: Optional[StrictInt] = Field(default=None, alias="smtpPort")
     smtp_encryption: Optional[StrictStr] = Field(default=None, alias="smtpEncryption")
     smtp_username: Optional[StrictStr] = Field(default=None, description="SMTP login (password not returned)", alias="smtpUsername")
-    __properties: ClassVar[List[str]] = ["id", "tenantId", "userId", "accountName", "emailAddress", "protocol", "hostname", "port", "encryption", "isSyncEnabled", "syncInterval", "lastSyncAt", "isSyncing", "isEnabled", "createdAt", "updatedAt", "username", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername"]
+    last_sync_error: Optional[StrictStr] = Field(default=None, description="Why the last sync failed, in words; null after a success", alias="lastSyncError")
+    last_sync_error_at: Optional[StrictInt] = Field(default=None, description="When the last sync failed (ms); null after a success", alias="lastSyncErrorAt")
+    next_sync_at: Optional[StrictInt] = Field(default=None, description="When the next automatic sync is due (ms). After failures it backs off (temporary ones from 1 minute doubling to 1 hour, permanent ones such as a refused login from 15 minutes doubling to 6 hours); a success, or changing the server settings or password, resets it. Null when automatic sync is off.", alias="nextSyncAt")
+    __properties: ClassVar[List[str]] = ["id", "tenantId", "userId", "accountName", "emailAddress", "protocol", "hostname", "port", "encryption", "isSyncEnabled", "syncInterval", "lastSyncAt", "isSyncing", "isEnabled", "createdAt", "updatedAt", "username", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "lastSyncError", "lastSyncErrorAt", "nextSyncAt"]
 
     @field_validator('protocol')
     def protocol_validate_enum(cls, value):
@@ -145,6 +148,21 @@ class Account(BaseModel):
         if self.smtp_username is None and "smtp_username" in self.model_fields_set:
             _dict['smtpUsername'] = None
 
+        # set to None if last_sync_error (nullable) is None
+        # and model_fields_set contains the field
+        if self.last_sync_error is None and "last_sync_error" in self.model_fields_set:
+            _dict['lastSyncError'] = None
+
+        # set to None if last_sync_error_at (nullable) is None
+        # and model_fields_set contains the field
+        if self.last_sync_error_at is None and "last_sync_error_at" in self.model_fields_set:
+            _dict['lastSyncErrorAt'] = None
+
+        # set to None if next_sync_at (nullable) is None
+        # and model_fields_set contains the field
+        if self.next_sync_at is None and "next_sync_at" in self.model_fields_set:
+            _dict['nextSyncAt'] = None
+
         return _dict
 
     @classmethod
@@ -177,7 +195,10 @@ class Account(BaseModel):
             "smtpHostname": obj.get("smtpHostname"),
             "smtpPort": obj.get("smtpPort"),
             "smtpEncryption": obj.get("smtpEncryption"),
-            "smtpUsername": obj.get("smtpUsername")
+            "smtpUsername": obj.get("smtpUsername"),
+            "lastSyncError": obj.get("lastSyncError"),
+            "lastSyncErrorAt": obj.get("lastSyncErrorAt"),
+            "nextSyncAt": obj.get("nextSyncAt")
         })
         return _obj
 

@@ -32,7 +32,11 @@ class GetSyncStatus200Response(BaseModel):
     result: Optional[Dict[str, Any]] = Field(default=None, description="Task result when completed")
     error: Optional[StrictStr] = Field(default=None, description="Error message if failed")
     progress: Optional[StrictInt] = Field(default=None, description="Progress percentage (0-100)")
-    __properties: ClassVar[List[str]] = ["taskId", "status", "result", "error", "progress"]
+    kind: Optional[StrictStr] = Field(default=None, description="What the task does")
+    attempts: Optional[StrictInt] = Field(default=None, description="Tries so far (a task resumed after its worker stopped, or retried after a temporary failure, counts each)")
+    account_id: Optional[StrictStr] = Field(default=None, description="The account the task works on", alias="accountId")
+    message_id: Optional[StrictStr] = Field(default=None, description="The message a send, draft or write-back task is about", alias="messageId")
+    __properties: ClassVar[List[str]] = ["taskId", "status", "result", "error", "progress", "kind", "attempts", "accountId", "messageId"]
 
     @field_validator('status')
     def status_validate_enum(cls, value):
@@ -42,6 +46,16 @@ class GetSyncStatus200Response(BaseModel):
 
         if value not in set(['pending', 'started', 'success', 'failure', 'retry']):
             raise ValueError("must be one of enum values ('pending', 'started', 'success', 'failure', 'retry')")
+        return value
+
+    @field_validator('kind')
+    def kind_validate_enum(cls, value):
+        """Validates the enum"""
+        if value is None:
+            return value
+
+        if value not in set(['sync', 'send', 'draft', 'writeback']):
+            raise ValueError("must be one of enum values ('sync', 'send', 'draft', 'writeback')")
         return value
 
     model_config = ConfigDict(
@@ -99,7 +113,11 @@ class GetSyncStatus200Response(BaseModel):
             "status": obj.get("status"),
             "result": obj.get("result"),
             "error": obj.get("error"),
-            "progress": obj.get("progress")
+            "progress": obj.get("progress"),
+            "kind": obj.get("kind"),
+            "attempts": obj.get("attempts"),
+            "accountId": obj.get("accountId"),
+            "messageId": obj.get("messageId")
         })
         return _obj
 

@@ -46,7 +46,7 @@ class Message(BaseModel):
     created_at: Optional[StrictInt] = Field(default=None, alias="createdAt")
     updated_at: Optional[StrictInt] = Field(default=None, alias="updatedAt")
     labels: Optional[List[StrictStr]] = Field(default=None, description="Custom labels (IMAP keywords)")
-    delivery_status: Optional[StrictStr] = Field(default=None, description="For mail written through this API: queued, sent or failed (sendEmail), or draft (saveDraft); null for mail from the server", alias="deliveryStatus")
+    delivery_status: Optional[StrictStr] = Field(default=None, description="For mail written through this API: queued, sending (the data is going out and the reply is awaited), sent, failed, or ambiguous (the whole message went out and the server never answered: it may or may not have been accepted; only retrySend sends it again) for sendEmail, or draft (saveDraft); null for mail from the server", alias="deliveryStatus")
     __properties: ClassVar[List[str]] = ["id", "accountId", "folderId", "from", "to", "cc", "bcc", "subject", "preview", "isRead", "isStarred", "isSpam", "isDeleted", "attachmentCount", "receivedAt", "createdAt", "updatedAt", "labels", "deliveryStatus"]
 
     @field_validator('delivery_status')
@@ -55,8 +55,8 @@ class Message(BaseModel):
         if value is None:
             return value
 
-        if value not in set(['queued', 'sent', 'failed', 'draft']):
-            raise ValueError("must be one of enum values ('queued', 'sent', 'failed', 'draft')")
+        if value not in set(['queued', 'sending', 'sent', 'failed', 'ambiguous', 'draft']):
+            raise ValueError("must be one of enum values ('queued', 'sending', 'sent', 'failed', 'ambiguous', 'draft')")
         return value
 
     model_config = ConfigDict(

@@ -47,7 +47,7 @@ class MessageDetail(BaseModel):
     created_at: Optional[StrictInt] = Field(default=None, alias="createdAt")
     updated_at: Optional[StrictInt] = Field(default=None, alias="updatedAt")
     labels: Optional[List[StrictStr]] = Field(default=None, description="Custom labels (IMAP keywords)")
-    delivery_status: Optional[StrictStr] = Field(default=None, description="For mail written through this API: queued, sent or failed (sendEmail), or draft (saveDraft); null for mail from the server", alias="deliveryStatus")
+    delivery_status: Optional[StrictStr] = Field(default=None, description="For mail written through this API: queued, sending (the data is going out and the reply is awaited), sent, failed, or ambiguous (the whole message went out and the server never answered: it may or may not have been accepted; only retrySend sends it again) for sendEmail, or draft (saveDraft); null for mail from the server", alias="deliveryStatus")
     body: Optional[StrictStr] = Field(default=None, description="Full email body (plain text or HTML)")
     body_html: Optional[StrictStr] = Field(default=None, description="HTML version of body", alias="bodyHtml")
     headers: Optional[Dict[str, StrictStr]] = Field(default=None, description="Raw email headers")
@@ -61,8 +61,8 @@ class MessageDetail(BaseModel):
         if value is None:
             return value
 
-        if value not in set(['queued', 'sent', 'failed', 'draft']):
-            raise ValueError("must be one of enum values ('queued', 'sent', 'failed', 'draft')")
+        if value not in set(['queued', 'sending', 'sent', 'failed', 'ambiguous', 'draft']):
+            raise ValueError("must be one of enum values ('queued', 'sending', 'sent', 'failed', 'ambiguous', 'draft')")
         return value
 
     model_config = ConfigDict(

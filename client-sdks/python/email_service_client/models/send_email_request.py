@@ -29,9 +29,9 @@ class SendEmailRequest(BaseModel):
     SendEmailRequest
     """ # noqa: E501
     account_id: StrictStr = Field(description="Account to send from", alias="accountId")
-    to: Annotated[List[StrictStr], Field(min_length=1)] = Field(json_schema_extra={"examples": [["recipient@example.com"]]})
-    cc: Optional[List[StrictStr]] = None
-    bcc: Optional[List[StrictStr]] = None
+    to: Annotated[List[StrictStr], Field(min_length=1, max_length=100)] = Field(json_schema_extra={"examples": [["recipient@example.com"]]})
+    cc: Optional[Annotated[List[StrictStr], Field(max_length=100)]] = None
+    bcc: Optional[Annotated[List[StrictStr], Field(max_length=100)]] = None
     reply_to: Optional[StrictStr] = Field(default=None, description="Reply-To address", alias="replyTo")
     subject: Annotated[str, Field(min_length=1, strict=True, max_length=500)] = Field(description="One line: CR or LF (header injection) answers 400")
     body: Annotated[str, Field(min_length=1, strict=True)] = Field(description="Email body content")

@@ -17,7 +17,7 @@ import pprint
 import re  # noqa: F401
 import json
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 from typing import Any, ClassVar, Dict, List, Optional
 from typing import Optional, Set
 from typing_extensions import Self
@@ -30,7 +30,8 @@ class SyncAccount202Response(BaseModel):
     task_id: Optional[StrictStr] = Field(default=None, description="Celery task ID for status polling", alias="taskId", json_schema_extra={"examples": ["abc123def456"]})
     status: Optional[StrictStr] = None
     message: Optional[StrictStr] = Field(default=None, json_schema_extra={"examples": ["Sync started in background"]})
-    __properties: ClassVar[List[str]] = ["taskId", "status", "message"]
+    created: Optional[StrictBool] = Field(default=None, description="true when this request created a task; false when it joined one already waiting or running")
+    __properties: ClassVar[List[str]] = ["taskId", "status", "message", "created"]
 
     @field_validator('status')
     def status_validate_enum(cls, value):
@@ -95,7 +96,8 @@ class SyncAccount202Response(BaseModel):
         _obj = cls.model_validate({
             "taskId": obj.get("taskId"),
             "status": obj.get("status"),
-            "message": obj.get("message")
+            "message": obj.get("message"),
+            "created": obj.get("created")
         })
         return _obj
 

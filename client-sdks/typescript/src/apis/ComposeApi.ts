@@ -19,6 +19,11 @@ import {
     ErrorResponseToJSON,
 } from '../models/ErrorResponse';
 import {
+    type RetrySend202Response,
+    RetrySend202ResponseFromJSON,
+    RetrySend202ResponseToJSON,
+} from '../models/RetrySend202Response';
+import {
     type SaveDraft201Response,
     SaveDraft201ResponseFromJSON,
     SaveDraft201ResponseToJSON,
@@ -33,6 +38,17 @@ import {
     SendEmailRequestFromJSON,
     SendEmailRequestToJSON,
 } from '../models/SendEmailRequest';
+
+export interface RetrySendRequest {
+    /**
+     * 
+     */
+    accountId: string;
+    /**
+     * 
+     */
+    messageId: string;
+}
 
 export interface SaveDraftRequest {
     /**
@@ -52,6 +68,73 @@ export interface SendEmailOperationRequest {
  * 
  */
 export class ComposeApi extends runtime.BaseAPI {
+
+    /**
+     * Creates request options for retrySend without sending the request
+     */
+    async retrySendRequestOpts(requestParameters: RetrySendRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['accountId'] == null) {
+            throw new runtime.RequiredError(
+                'accountId',
+                'Required parameter "accountId" was null or undefined when calling retrySend().'
+            );
+        }
+
+        if (requestParameters['messageId'] == null) {
+            throw new runtime.RequiredError(
+                'messageId',
+                'Required parameter "messageId" was null or undefined when calling retrySend().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.apiKey) {
+            headerParameters["X-Auth-Token"] = await this.configuration.apiKey("X-Auth-Token"); // HeaderAuth authentication
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("BearerAuth", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/api/{accountId}/messages/{messageId}/send`;
+        urlPath = urlPath.replace('{accountId}', encodeURIComponent(String(requestParameters['accountId'])));
+        urlPath = urlPath.replace('{messageId}', encodeURIComponent(String(requestParameters['messageId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Sends again a message written through sendEmail whose delivery failed, or whose outcome is unknown (`deliveryStatus: ambiguous`: the whole message went out and the server never answered, so it may already have arrived). The service never does this on its own; calling this is the caller\'s decision to risk a duplicate. Answers 409 for any other message. 
+     * Send a failed or ambiguous message again
+     */
+    async retrySendRaw(requestParameters: RetrySendRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<RetrySend202Response>> {
+        const requestOptions = await this.retrySendRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => RetrySend202ResponseFromJSON(jsonValue));
+    }
+
+    /**
+     * Sends again a message written through sendEmail whose delivery failed, or whose outcome is unknown (`deliveryStatus: ambiguous`: the whole message went out and the server never answered, so it may already have arrived). The service never does this on its own; calling this is the caller\'s decision to risk a duplicate. Answers 409 for any other message. 
+     * Send a failed or ambiguous message again
+     */
+    async retrySend(requestParameters: RetrySendRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<RetrySend202Response> {
+        const response = await this.retrySendRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
 
     /**
      * Creates request options for saveDraft without sending the request
@@ -156,7 +239,7 @@ export class ComposeApi extends runtime.BaseAPI {
     }
 
     /**
-     * Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account\'s messages), and the total size (413 beyond the configured limit). The message shows at once in the account\'s Sent folder; Bcc recipients get it but no Bcc header is written. Temporary SMTP failures are retried with exponential backoff; permanent ones (5xx) fail at once with the server\'s reply in `error`. After delivery the copy is appended to the server\'s Sent folder (unless the server files it itself, as Gmail does). 
+     * Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account\'s messages), and the total size (413 beyond the configured limit). The message shows at once in the account\'s Sent folder; Bcc recipients get it but no Bcc header is written. At most 100 addresses each in to, cc and bcc, and 100 in all. Everything the message builder would refuse (line breaks or control characters in the subject or the account\'s name, addresses it cannot write) is a 400 here. Failures before the server could have accepted the message (connecting, AUTH, MAIL, RCPT, a 4xx to DATA) are retried with exponential backoff; permanent ones (5xx) fail at once with the server\'s reply in `error`. When the whole message went out and the server\'s reply never came (it has up to 10 minutes, RFC 5321), the server may or may not have accepted it: the message\'s `deliveryStatus` becomes `ambiguous`, the task fails saying so, and it is sent again only on an explicit retrySend. The service never sends a message twice on its own. After delivery the copy is appended to the server\'s Sent folder (unless the server files it itself, as Gmail does). 
      * Send email
      */
     async sendEmailRaw(requestParameters: SendEmailOperationRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<SendEmail202Response>> {
@@ -167,7 +250,7 @@ export class ComposeApi extends runtime.BaseAPI {
     }
 
     /**
-     * Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account\'s messages), and the total size (413 beyond the configured limit). The message shows at once in the account\'s Sent folder; Bcc recipients get it but no Bcc header is written. Temporary SMTP failures are retried with exponential backoff; permanent ones (5xx) fail at once with the server\'s reply in `error`. After delivery the copy is appended to the server\'s Sent folder (unless the server files it itself, as Gmail does). 
+     * Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account\'s messages), and the total size (413 beyond the configured limit). The message shows at once in the account\'s Sent folder; Bcc recipients get it but no Bcc header is written. At most 100 addresses each in to, cc and bcc, and 100 in all. Everything the message builder would refuse (line breaks or control characters in the subject or the account\'s name, addresses it cannot write) is a 400 here. Failures before the server could have accepted the message (connecting, AUTH, MAIL, RCPT, a 4xx to DATA) are retried with exponential backoff; permanent ones (5xx) fail at once with the server\'s reply in `error`. When the whole message went out and the server\'s reply never came (it has up to 10 minutes, RFC 5321), the server may or may not have accepted it: the message\'s `deliveryStatus` becomes `ambiguous`, the task fails saying so, and it is sent again only on an explicit retrySend. The service never sends a message twice on its own. After delivery the copy is appended to the server\'s Sent folder (unless the server files it itself, as Gmail does). 
      * Send email
      */
     async sendEmail(requestParameters: SendEmailOperationRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<SendEmail202Response> {

@@ -103,6 +103,18 @@ export interface Account {
      * SMTP login (password not returned)
      */
     smtpUsername?: string | null;
+    /**
+     * Why the last sync failed, in words; null after a success
+     */
+    lastSyncError?: string | null;
+    /**
+     * When the last sync failed (ms); null after a success
+     */
+    lastSyncErrorAt?: number | null;
+    /**
+     * When the next automatic sync is due (ms). After failures it backs off (temporary ones from 1 minute doubling to 1 hour, permanent ones such as a refused login from 15 minutes doubling to 6 hours); a success, or changing the server settings or password, resets it. Null when automatic sync is off.
+     */
+    nextSyncAt?: number | null;
 }
 
 
@@ -174,6 +186,9 @@ export function AccountFromJSONTyped(json: any, ignoreDiscriminator: boolean): A
         'smtpPort': json['smtpPort'] === undefined ? undefined : json['smtpPort'] === null ? null : json['smtpPort'],
         'smtpEncryption': json['smtpEncryption'] === undefined ? undefined : json['smtpEncryption'] === null ? null : json['smtpEncryption'],
         'smtpUsername': json['smtpUsername'] === undefined ? undefined : json['smtpUsername'] === null ? null : json['smtpUsername'],
+        'lastSyncError': json['lastSyncError'] === undefined ? undefined : json['lastSyncError'] === null ? null : json['lastSyncError'],
+        'lastSyncErrorAt': json['lastSyncErrorAt'] === undefined ? undefined : json['lastSyncErrorAt'] === null ? null : json['lastSyncErrorAt'],
+        'nextSyncAt': json['nextSyncAt'] === undefined ? undefined : json['nextSyncAt'] === null ? null : json['nextSyncAt'],
     };
 }
 
@@ -209,6 +224,9 @@ export function AccountToJSONTyped(value?: Account | null, ignoreDiscriminator: 
         'smtpPort': value['smtpPort'],
         'smtpEncryption': value['smtpEncryption'],
         'smtpUsername': value['smtpUsername'],
+        'lastSyncError': value['lastSyncError'],
+        'lastSyncErrorAt': value['lastSyncErrorAt'],
+        'nextSyncAt': value['nextSyncAt'],
     };
 }
 

@@ -39,6 +39,22 @@ export interface GetSyncStatus200Response {
      * Progress percentage (0-100)
      */
     progress?: number;
+    /**
+     * What the task does
+     */
+    kind?: GetSyncStatus200ResponseKindEnum;
+    /**
+     * Tries so far (a task resumed after its worker stopped, or retried after a temporary failure, counts each)
+     */
+    attempts?: number;
+    /**
+     * The account the task works on
+     */
+    accountId?: string;
+    /**
+     * The message a send, draft or write-back task is about
+     */
+    messageId?: string;
 }
 
 
@@ -53,6 +69,17 @@ export const GetSyncStatus200ResponseStatusEnum = {
     Retry: 'retry',
 } as const;
 export type GetSyncStatus200ResponseStatusEnum = typeof GetSyncStatus200ResponseStatusEnum[keyof typeof GetSyncStatus200ResponseStatusEnum];
+
+/**
+ * @export
+ */
+export const GetSyncStatus200ResponseKindEnum = {
+    Sync: 'sync',
+    Send: 'send',
+    Draft: 'draft',
+    Writeback: 'writeback',
+} as const;
+export type GetSyncStatus200ResponseKindEnum = typeof GetSyncStatus200ResponseKindEnum[keyof typeof GetSyncStatus200ResponseKindEnum];
 
 
 /**
@@ -77,6 +104,10 @@ export function GetSyncStatus200ResponseFromJSONTyped(json: any, ignoreDiscrimin
         'result': json['result'] == null ? undefined : json['result'],
         'error': json['error'] == null ? undefined : json['error'],
         'progress': json['progress'] == null ? undefined : json['progress'],
+        'kind': json['kind'] == null ? undefined : json['kind'],
+        'attempts': json['attempts'] == null ? undefined : json['attempts'],
+        'accountId': json['accountId'] == null ? undefined : json['accountId'],
+        'messageId': json['messageId'] == null ? undefined : json['messageId'],
     };
 }
 
@@ -96,6 +127,10 @@ export function GetSyncStatus200ResponseToJSONTyped(value?: GetSyncStatus200Resp
         'result': value['result'],
         'error': value['error'],
         'progress': value['progress'],
+        'kind': value['kind'],
+        'attempts': value['attempts'],
+        'accountId': value['accountId'],
+        'messageId': value['messageId'],
     };
 }
 

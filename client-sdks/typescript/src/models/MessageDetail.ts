@@ -100,7 +100,7 @@ export interface MessageDetail {
      */
     labels?: Array<string>;
     /**
-     * For mail written through this API: queued, sent or failed (sendEmail), or draft (saveDraft); null for mail from the server
+     * For mail written through this API: queued, sending (the data is going out and the reply is awaited), sent, failed, or ambiguous (the whole message went out and the server never answered: it may or may not have been accepted; only retrySend sends it again) for sendEmail, or draft (saveDraft); null for mail from the server
      */
     deliveryStatus?: MessageDetailDeliveryStatusEnum | null;
     /**
@@ -131,8 +131,10 @@ export interface MessageDetail {
  */
 export const MessageDetailDeliveryStatusEnum = {
     Queued: 'queued',
+    Sending: 'sending',
     Sent: 'sent',
     Failed: 'failed',
+    Ambiguous: 'ambiguous',
     Draft: 'draft',
 } as const;
 export type MessageDetailDeliveryStatusEnum = typeof MessageDetailDeliveryStatusEnum[keyof typeof MessageDetailDeliveryStatusEnum];

@@ -31,6 +31,10 @@ export interface SyncAccount202Response {
      * 
      */
     message?: string;
+    /**
+     * true when this request created a task; false when it joined one already waiting or running
+     */
+    created?: boolean;
 }
 
 
@@ -64,6 +68,7 @@ export function SyncAccount202ResponseFromJSONTyped(json: any, ignoreDiscriminat
         'taskId': json['taskId'] == null ? undefined : json['taskId'],
         'status': json['status'] == null ? undefined : json['status'],
         'message': json['message'] == null ? undefined : json['message'],
+        'created': json['created'] == null ? undefined : json['created'],
     };
 }
 
@@ -81,6 +86,7 @@ export function SyncAccount202ResponseToJSONTyped(value?: SyncAccount202Response
         'taskId': value['taskId'],
         'status': value['status'],
         'message': value['message'],
+        'created': value['created'],
     };
 }
 

@@ -14,6 +14,7 @@ export * from './ListMessages200Response';
 export * from './Message';
 export * from './MessageDetail';
 export * from './Pagination';
+export * from './RetrySend202Response';
 export * from './SaveDraft201Response';
 export * from './SendEmail202Response';
 export * from './SendEmailRequest';
