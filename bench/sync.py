@@ -33,15 +33,14 @@ import psutil  # noqa: E402
 from cryptography.fernet import Fernet  # noqa: E402
 from mailservers import Dovecot, ensure_dovecot_installed, make_tls_files  # noqa: E402
 from messages import realistic_mix  # noqa: E402
-from rq import Queue  # noqa: E402
-from rq.job import Job  # noqa: E402
 
 from email_service import embedded, migrate  # noqa: E402
 from email_service.config import Settings  # noqa: E402
 from email_service.crypto import CredentialCipher  # noqa: E402
 from email_service.db import Database  # noqa: E402
-from email_service.queue import jobs  # noqa: E402
-from email_service.queue.connection import redis_from_url  # noqa: E402
+from email_service.models import Task, TaskKind, TaskStatus  # noqa: E402
+from email_service.queue import tasks  # noqa: E402
+from email_service.runtime import Runtime  # noqa: E402
 from email_service.services.accounts import create_account  # noqa: E402
 from email_service.tenancy import Principal  # noqa: E402
 
@@ -92,7 +91,7 @@ def mbsync(dovecot: Dovecot, user, workdir: Path) -> float:
 WORKER = (
     "import re, resource, sys\n"
     "from email_service.cli import main\n"
-    "main(['worker', '--burst', '--no-scheduler'])\n"
+    "main(['worker', '--burst', '--no-scheduler', '--processes', '1'])\n"
     "own = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
     "print(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr)\n"
 )
@@ -122,8 +121,11 @@ class TreeMemory:
                 continue  # a process exited between listing and reading it
 
     def _sample(self) -> None:
+        # The command runs a pool: its worker processes fork a work horse per job.
         tree_pss = self.root.memory_full_info().pss
-        for horse in self.root.children():
+        workers = self.root.children()
+        tree_pss += sum(worker.memory_full_info().pss for worker in workers)
+        for horse in [h for worker in workers for h in worker.children()]:
             job = horse.memory_info().rss
             tree_pss += horse.memory_full_info().pss
             for child in horse.children(recursive=True):
@@ -138,8 +140,8 @@ class TreeMemory:
         self._thread.join()
 
 
-def run_worker_until_done(env: dict, queue: Queue, job_id: str) -> tuple[float, float, int, TreeMemory]:
-    """(job run time, wall time, peak RSS in KiB, tree memory) of one job worked by a real worker process."""
+def run_worker_until_done(env: dict, runtime: Runtime, task_id: str) -> tuple[float, float, int, TreeMemory, Task]:
+    """(run time, wall time, peak RSS in KiB, tree memory, task row) of one task worked by a real worker process."""
     start = time.perf_counter()
     worker = subprocess.Popen(
         [sys.executable, "-c", WORKER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -150,11 +152,12 @@ def run_worker_until_done(env: dict, queue: Queue, job_id: str) -> tuple[float, 
     tree.stop()
     if worker.returncode:
         raise SystemExit(f"worker failed ({worker.returncode}):\n{err}")
-    job = Job.fetch(job_id, connection=queue.connection)
-    if job.get_status() != "finished":
-        raise SystemExit(f"sync job ended as {job.get_status()}: {job.meta.get('error')}")
+    with runtime.db.maintenance_session() as session:
+        task = session.get(Task, task_id)
+    if task is None or task.status is not TaskStatus.SUCCESS:
+        raise SystemExit(f"sync task ended as {task and task.status}: {task and task.error}")
     peak_kib = int(err.strip().splitlines()[-1])
-    return (job.ended_at - job.started_at).total_seconds(), wall, peak_kib, tree
+    return (task.finished_at - task.started_at).total_seconds(), wall, peak_kib, tree, task
 
 
 def main() -> None:
@@ -221,14 +224,13 @@ def main() -> None:
                     "isSyncEnabled": False,
                 },
             )
-            queue = Queue("sync", connection=redis_from_url(running.redis_url))
-            sync_args = (account.id, str(principal.tenant_id), str(principal.user_id))
-            initial, initial_wall, peak_kib, tree = run_worker_until_done(
-                env, queue, queue.enqueue(jobs.sync_account, *sync_args, job_timeout=7200).id
-            )
-            job = queue.enqueue(jobs.sync_account, *sync_args)
-            resync, _, _, _ = run_worker_until_done(env, queue, job.id)
-            folders = Job.fetch(job.id, connection=queue.connection).return_value()["foldersSync"]
+            runtime = Runtime.build(running)
+            first = tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account.id)
+            initial, initial_wall, peak_kib, tree, _ = run_worker_until_done(env, runtime, first.task_id)
+            again = tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account.id)
+            resync, _, _, _, task = run_worker_until_done(env, runtime, again.task_id)
+            folders = task.result["foldersSync"]
+            runtime.close()
             db.dispose()
     finally:
         dovecot.stop()

@@ -35,6 +35,8 @@ def base_settings(data_dir: Path, **overrides: object) -> Settings:
         credential_keys=(CREDENTIAL_KEY,),
         storage_signing_key="test-storage-links-" + "k" * 32,
         send_retry_base_seconds=1,
+        # One queued or running job per tenant: tests see the fairness limit at its tightest.
+        tenant_concurrency=1,
         validate_responses=True,
     )
     values.update(overrides)

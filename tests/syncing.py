@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -27,12 +29,7 @@ def sync_client(backing):
 def worker(backing, dovecot, tmp_path_factory):
     """`email-service worker` as its own process, trusting the test servers' CA."""
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = service_env(
-        backing,
-        EMAIL_SERVICE_CA_FILE=str(dovecot.ca_file),
-        EMAIL_SERVICE_DATA_DIR=str(backing.data_dir),
-        EMAIL_SERVICE_STORAGE_KEY=backing.storage_signing_key,
-    )
+    env = worker_env(backing, dovecot)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "email_service", "worker", "--no-scheduler"], env=env, stdout=log, stderr=log
@@ -45,6 +42,22 @@ def worker(backing, dovecot, tmp_path_factory):
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def worker_env(backing, dovecot, **extra: str) -> dict[str, str]:
+    """What the test workers run with: the test servers' CA, two processes, short timeouts."""
+    return service_env(
+        backing,
+        EMAIL_SERVICE_CA_FILE=str(dovecot.ca_file),
+        EMAIL_SERVICE_DATA_DIR=str(backing.data_dir),
+        EMAIL_SERVICE_STORAGE_KEY=backing.storage_signing_key,
+        EMAIL_SERVICE_WORKER_PROCESSES="2",
+        EMAIL_SERVICE_IMAP_TIMEOUT_SECONDS="10",
+        EMAIL_SERVICE_SMTP_TIMEOUT_SECONDS="10",
+        EMAIL_SERVICE_SMTP_DATA_TIMEOUT_SECONDS="4",
+        EMAIL_SERVICE_SEND_RETRY_BASE_SECONDS="1",
+        **extra,
+    )
 
 
 def imap_account(dovecot, mail_user, **overrides) -> dict:
@@ -61,6 +74,20 @@ def imap_account(dovecot, mail_user, **overrides) -> dict:
     }
     body.update(overrides)
     return body
+
+
+def smtp_account(dovecot, mail_user, smtp, **overrides) -> dict:
+    """An IMAP account on Dovecot that sends through ``smtp`` (STARTTLS with AUTH)."""
+    return imap_account(
+        dovecot,
+        mail_user,
+        smtpHostname=dovecot.host,
+        smtpPort=smtp.port,
+        smtpEncryption="starttls",
+        smtpUsername=smtp.username,
+        smtpPassword=smtp.password,
+        **overrides,
+    )
 
 
 def create_account(client, user, body) -> str:
@@ -97,3 +124,52 @@ def messages(client, user, account_id, folder_id, **query) -> dict:
     response = client.get(f"/api/{account_id}/folders/{folder_id}/messages", params=query, headers=user.headers)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def wait_task(client, user, task_id, timeout=60, until=("success", "failure")) -> dict:
+    """Poll a task until its status is one of ``until``; returns the last status seen."""
+    deadline = time.monotonic() + timeout
+    status: dict = {}
+    while time.monotonic() < deadline:
+        status = client.get(f"/api/sync/task/{task_id}", headers=user.headers).json()
+        if status["status"] in until:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"task still {status} after {timeout}s")
+
+
+class SilentServer:
+    """A TCP listener on 127.0.0.1 that accepts connections and never says a word: a hung mail server."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in self.connections:
+            conn.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def silent_server():
+    server = SilentServer()
+    yield server
+    server.close()

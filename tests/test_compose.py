@@ -11,30 +11,18 @@ import pytest
 from helpers import assert_error_shape
 from mailservers import quote_mailbox
 from messages import attachments_message, plain_message, to_bytes
-from syncing import create_account, folders_by_name, imap_account, messages, run_sync
+from sqlalchemy import text
+from syncing import create_account, folders_by_name, messages, run_sync, smtp_account, wait_task
 
 from email_service.api.app import create_app
 from email_service.mail.parse import parse_message
+from email_service.queue.runner import reap
 from email_service.runtime import Runtime
 
 
 @pytest.fixture
 def client(sync_client):
     return sync_client
-
-
-def smtp_account(dovecot, mail_user, smtp, **overrides) -> dict:
-    """An IMAP account on Dovecot that sends through ``smtp`` (STARTTLS with AUTH)."""
-    return imap_account(
-        dovecot,
-        mail_user,
-        smtpHostname=dovecot.host,
-        smtpPort=smtp.port,
-        smtpEncryption="starttls",
-        smtpUsername=smtp.username,
-        smtpPassword=smtp.password,
-        **overrides,
-    )
 
 
 @pytest.fixture
@@ -46,16 +34,6 @@ def mailbox(client, user, dovecot, mail_user, smtp_server, worker):
     account_id = create_account(client, user, body)
     assert run_sync(client, user, account_id)[0]["status"] == "success"
     return account_id, smtp
-
-
-def wait_task(client, user, task_id, timeout=60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.get(f"/api/sync/task/{task_id}", headers=user.headers).json()
-        if status["status"] in ("success", "failure"):
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"task still {status}")
 
 
 def send(client, user, account_id, **fields):
@@ -238,8 +216,12 @@ def test_a_message_above_the_size_limit_is_413(backing, user, mailbox):
         small.close()
 
 
-def test_temporary_failures_are_retried_until_delivered_once(client, user, dovecot, mail_user, smtp_server, worker):
-    smtp = smtp_server("starttls", temp_failures=2)
+@pytest.mark.parametrize("fail_at", ["mail", "rcpt", "data"])
+def test_temporary_failures_are_retried_until_delivered_once(
+    client, user, dovecot, mail_user, smtp_server, worker, fail_at
+):
+    # 451 to MAIL, to RCPT, or to the end of the data: each says the message was not accepted.
+    smtp = smtp_server("starttls", temp_failures=2, fail_at=fail_at)
     account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
     response = send(client, user, account_id, subject="Try again")
     status = wait_task(client, user, response.json()["taskId"], timeout=90)
@@ -280,3 +262,135 @@ def test_a_draft_is_stored_and_filed_on_the_server_with_the_draft_flag(client, u
     run_sync(client, user, account_id)
     assert len(messages(client, user, account_id, drafts["id"])["messages"]) == 1
     assert smtp.messages == []
+
+
+def sent_detail(client, user, account_id, message_id) -> dict:
+    return client.get(f"/api/{account_id}/messages/{message_id}", headers=user.headers).json()
+
+
+def test_no_reply_to_the_final_dot_is_ambiguous_and_only_an_explicit_retry_sends_again(
+    client, user, make_user, dovecot, mail_user, smtp_server, worker
+):
+    # The test worker waits 4 s for the reply to the final dot; this server takes 6 s, then accepts.
+    smtp = smtp_server("starttls", silent_after_data=6)
+    account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
+    accepted = send(client, user, account_id, subject="Did it go?").json()
+    status = wait_task(client, user, accepted["taskId"], timeout=60)
+    assert status["status"] == "failure"
+    assert "may or may not have been accepted" in status["error"] and status["attempts"] == 1
+    detail = sent_detail(client, user, account_id, accepted["messageId"])
+    assert detail["deliveryStatus"] == "ambiguous"
+    assert smtp.wait_for(1, timeout=15)[0].rcpt_tos == ["bob@example.org"]  # it did arrive
+    time.sleep(3)  # more than the first retry's wait: nothing is sent again on its own
+    assert smtp.attempts == 1 and len(smtp.messages) == 1
+
+    other = make_user()
+    path = f"/api/{account_id}/messages/{accepted['messageId']}/send"
+    assert_error_shape(client.post(path, headers=other.headers), 404)
+    smtp.silent_after_data = 0
+    again = client.post(path, headers=user.headers)
+    assert again.status_code == 202, again.text
+    assert again.json()["messageId"] == accepted["messageId"] and again.json()["taskId"] != accepted["taskId"]
+    assert wait_task(client, user, again.json()["taskId"])["status"] == "success"
+    assert len(smtp.messages) == 2  # the caller asked for it
+    assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "sent"
+    assert_error_shape(client.post(path, headers=user.headers), 409, "NOT_RETRYABLE")
+
+
+def test_a_send_whose_worker_was_lost_after_the_data_went_out_is_ambiguous(
+    client, runtime, user, dovecot, mail_user, smtp_server, worker
+):
+    smtp = smtp_server("starttls")
+    account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
+    # What a worker killed between sending the data and reading the reply leaves behind: the
+    # message marked as going out, and its task started with a heartbeat that stopped.
+    with runtime.db.tenant_session(user.principal) as session:
+        session.execute(text("UPDATE accounts SET smtp_port = 1 WHERE id = :id"), {"id": account_id})
+    accepted = send(client, user, account_id, subject="Lost in flight").json()
+    wait_task(client, user, accepted["taskId"], until=("retry", "failure"))
+    with runtime.db.maintenance_session() as session:
+        session.execute(
+            text("UPDATE messages SET delivery_status = 'sending' WHERE id = :id"), {"id": accepted["messageId"]}
+        )
+        session.execute(
+            text(
+                "UPDATE tasks SET status = 'started', heartbeat_at = now() - interval '2 minutes',"
+                " carrier_id = 'dead', run_after = NULL WHERE id = :id"
+            ),
+            {"id": accepted["taskId"]},
+        )
+        session.execute(
+            text("UPDATE accounts SET smtp_port = :port WHERE id = :id"), {"id": account_id, "port": smtp.port}
+        )
+    reap(runtime)
+    status = wait_task(client, user, accepted["taskId"])
+    assert status["status"] == "failure" and "may or may not have accepted it" in status["error"]
+    assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "ambiguous"
+    time.sleep(2)
+    assert smtp.attempts == 0  # never sent again on a guess
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"subject": "line\u2028separator"},
+        {"subject": "vertical\x0btab"},
+        {"subject": "next\x85line"},
+        {"to": ["jörg@example.org"]},
+        {"bcc": ["zoë@example.org"]},
+    ],
+)
+def test_what_the_builder_would_refuse_is_400_and_nothing_is_queued(client, user, mailbox, fields):
+    account_id, smtp = mailbox
+    sent = folders_by_name(client, user, account_id)["Sent"]["id"]
+    before = messages(client, user, account_id, sent)["pagination"]["total"]
+    body = assert_error_shape(send(client, user, account_id, **fields), 400)
+    assert "must not contain" in body["message"] or "non-ASCII local part" in body["message"]
+    assert messages(client, user, account_id, sent)["pagination"]["total"] == before
+    time.sleep(0.5)
+    assert smtp.attempts == 0
+
+
+def test_an_account_name_that_cannot_be_a_header_is_refused_when_sending(client, user, mailbox):
+    account_id, smtp = mailbox
+    renamed = client.put(f"/api/accounts/{account_id}", json={"accountName": "Alice\u2028Bcc"}, headers=user.headers)
+    assert renamed.status_code == 200
+    body = assert_error_shape(send(client, user, account_id), 400, "INVALID_MESSAGE")
+    assert "sender name" in body["message"]
+
+
+def test_recipients_are_capped(client, user, mailbox):
+    account_id, smtp = mailbox
+    many = [f"r{n}@example.org" for n in range(101)]
+    assert_error_shape(send(client, user, account_id, to=many), 400)
+    body = assert_error_shape(send(client, user, account_id, to=many[:60], cc=many[60:]), 400, "TOO_MANY_RECIPIENTS")
+    assert "100" in body["message"]
+    assert send(client, user, account_id, to=many[:50], cc=many[50:100]).status_code == 202
+
+
+def test_an_upload_whose_name_would_break_a_header_is_sent_with_a_safe_name(client, user, mailbox):
+    account_id, smtp = mailbox
+    upload = client.post(
+        f"/api/{account_id}/attachments",
+        files={"file": ("report\u2028final\x85.txt", b"numbers", "text/plain")},
+        headers=user.headers,
+    )
+    assert upload.status_code == 201 and upload.json()["filename"] == "report_final_.txt"
+    response = send(client, user, account_id, attachmentIds=[upload.json()["id"]])
+    assert wait_task(client, user, response.json()["taskId"])["status"] == "success"
+    arrived = message_from_bytes(smtp.wait_for(1)[0].data, policy=policy.default)
+    assert [p.get_filename() for p in arrived.walk() if p.get_filename()] == ["report_final_.txt"]
+
+
+def test_a_send_job_that_breaks_unexpectedly_marks_its_message_failed(client, runtime, user, mailbox):
+    account_id, smtp = mailbox
+    upload = client.post(f"/api/{account_id}/attachments", files={"file": ("a.txt", b"abc")}, headers=user.headers)
+    with runtime.db.tenant_session(user.principal) as session:
+        key = session.scalar(text("SELECT object_key FROM attachments WHERE id = :id"), {"id": upload.json()["id"]})
+    response = send(client, user, account_id, attachmentIds=[upload.json()["id"]])
+    runtime.objects.delete(key)  # the stored file is gone before the worker builds the message
+    status = wait_task(client, user, response.json()["taskId"])
+    assert status["status"] == "failure" and status["error"].startswith("an internal error stopped it (reference ")
+    detail = sent_detail(client, user, account_id, response.json()["messageId"])
+    assert detail["deliveryStatus"] == "failed"
+    assert smtp.attempts == 0

@@ -12,7 +12,8 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from email_service.compose.build import (
+from email_service.mail.parse import ParsedMessage, parse_message
+from email_service.outgoing.build import (
     POLICY,
     Original,
     OutgoingAttachment,
@@ -20,7 +21,6 @@ from email_service.compose.build import (
     new_message_id,
     wire_bytes,
 )
-from email_service.mail.parse import ParsedMessage, parse_message
 
 DATE = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone(timedelta(hours=2)))
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\r\n.\r\n\x00\xff"
@@ -223,10 +223,14 @@ def test_attachment_size_mismatch_is_refused() -> None:
 
 
 @pytest.mark.parametrize("mime_type", ["", "text", "text/plain; charset=utf-8", "a/b\r\nBcc: x@example.com"])
-def test_invalid_attachment_mime_type_is_refused(mime_type: str) -> None:
+def test_an_attachment_with_an_invalid_mime_type_goes_as_octet_stream(mime_type: str) -> None:
+    # Types come from uploads and received mail, not from the user's message: made safe, never refused.
     attachment = OutgoingAttachment("a.bin", mime_type, lambda: io.BytesIO(b"x"), 1)
-    with pytest.raises(ValueError):
-        build(attachments=[attachment])
+    wire = wire_bytes(build(attachments=[attachment]))
+    assert b"Bcc" not in wire
+    received = message_from_bytes(wire, policy=policy.default)
+    [part] = [p for p in received.walk() if p.get_filename() == "a.bin"]
+    assert part.get_content_type() == "application/octet-stream" and part.get_content() == b"x"
 
 
 def test_non_ascii_subject_name_filename_and_domain_round_trip() -> None:
@@ -383,12 +387,20 @@ def test_malformed_addresses_never_make_headers(field: str, address: str) -> Non
         build(**{field: value})
 
 
-def test_attachment_filename_with_line_break_is_refused() -> None:
+@pytest.mark.parametrize(
+    ("name", "sent_as"),
+    [
+        ("a.pdf\r\nContent-Type: text/html", "a.pdf__Content-Type: text/html"),
+        ("line\u2028separator\x85nel\x0bvt.txt", "line_separator_nel_vt.txt"),
+        ("  ", "attachment"),
+    ],
+)
+def test_attachment_filenames_that_would_break_a_header_are_made_safe(name: str, sent_as: str) -> None:
     opened = Opened()
-    with pytest.raises(ValueError, match="line breaks"):
-        build(attachments=[opened.attachment("a.pdf\r\nContent-Type: text/html", b"x")])
-    with pytest.raises(ValueError, match="empty"):
-        build(attachments=[opened.attachment("  ", b"x")])
+    wire = wire_bytes(build(attachments=[opened.attachment(name, b"x")]))
+    received = message_from_bytes(wire, policy=policy.default)
+    assert [p.get_filename() for p in received.walk() if p.get_filename()] == [sent_as]
+    assert received["Content-Type"].startswith("multipart/mixed") and "text/html" not in received["Content-Type"]
 
 
 def test_invalid_message_id_and_naive_date_are_refused() -> None:

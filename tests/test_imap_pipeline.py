@@ -15,9 +15,9 @@ import pytest
 from messages import realistic_mix
 
 from email_service.mail.parse import parse_message
+from email_service.mailbox import imap_sync
+from email_service.mailbox.imap_sync import ImapSync
 from email_service.protocols.errors import ConnectionFailed
-from email_service.sync import imap_sync
-from email_service.sync.imap_sync import ImapSync
 
 
 @dataclass

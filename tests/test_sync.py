@@ -28,13 +28,12 @@ from messages import (
     thread,
     to_bytes,
 )
-from rq.job import Job
 from sqlalchemy import text
 from syncing import create_account, folders_by_name, imap_account, messages, run_sync
 
+from email_service.mailbox.schedule import due_for_sync
 from email_service.queue.locks import AccountLock
-from email_service.queue.scheduler import SyncScheduler
-from email_service.sync.accounts import due_for_sync
+from email_service.queue.scheduler import Scheduler
 
 
 @pytest.fixture
@@ -295,17 +294,20 @@ def test_pop3_downloads_each_message_once_and_deletes_nothing(client, user, dove
 
 
 def test_wrong_password_fails_in_words(client, runtime, user, dovecot, mail_user, worker):
-    account_id = create_account(client, user, imap_account(dovecot, mail_user, password="definitely-wrong"))
+    body = imap_account(dovecot, mail_user, password="definitely-wrong", isSyncEnabled=True, syncInterval=604800)
+    account_id = create_account(client, user, body)
     status, _ = run_sync(client, user, account_id)
     assert status["status"] == "failure"
     assert status["error"].startswith("authentication failed") and "definitely-wrong" not in status["error"]
     account = client.get(f"/api/accounts/{account_id}", headers=user.headers).json()
     assert account["lastSyncAt"] is None and account["isSyncing"] is False
-    # Retries are kept for a worker that dies mid-sync; a sync that failed is not run again.
+    # The account says why, and its automatic sync backs off hard: a refused login stays refused.
+    assert account["lastSyncError"] == status["error"]
+    assert account["nextSyncAt"] - account["lastSyncErrorAt"] >= 14 * 60 * 1000
+    # A sync that failed is not run again by the task machinery.
     time.sleep(1.5)
     again = client.get(f"/api/sync/task/{status['taskId']}", headers=user.headers).json()
-    assert again["status"] == "failure" and again["error"] == status["error"]
-    assert Job.fetch(status["taskId"], connection=runtime.redis).meta["attempts"] == 1
+    assert again["status"] == "failure" and again["error"] == status["error"] and again["attempts"] == 1
 
 
 def test_unreachable_server_fails_in_words(client, user, dovecot, mail_user, worker):
@@ -439,15 +441,34 @@ def test_tasks_folders_messages_and_attachments_are_invisible_to_others(client, 
         assert_error_shape(client.post(f"/api/sync/{account_id}", json={}, headers=stranger.headers), 404)
 
 
-def test_a_crashed_sync_does_not_hold_its_account_forever(runtime):
-    lock = AccountLock(runtime.redis, "crash-test", ttl=1)
-    assert lock.acquire()
-    lock._stop.set()  # the heartbeat dies with its worker
-    assert not AccountLock(runtime.redis, "crash-test", ttl=1).acquire()
-    time.sleep(1.5)
-    successor = AccountLock(runtime.redis, "crash-test", ttl=1)
-    assert successor.acquire()
-    successor.release()
+LOCK_HOLDER = """
+import sys, time
+from email_service.db import Database
+from email_service.queue.locks import AccountLock
+lock = AccountLock(Database(sys.argv[1], sys.argv[2]), "crash-test")
+assert lock.acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_crashed_sync_does_not_hold_its_account_a_moment_longer(runtime, backing):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, backing.database_url, backing.db_app_role], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        assert not AccountLock(runtime.db, "crash-test").acquire()
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait()
+        deadline = time.monotonic() + 5
+        successor = AccountLock(runtime.db, "crash-test")
+        while not successor.acquire():
+            assert time.monotonic() < deadline, "the dead holder's lock was not released"
+            time.sleep(0.05)
+        successor.release()
+    finally:
+        holder.kill()
 
 
 def test_scheduler_syncs_due_accounts_and_skips_disabled_ones(client, runtime, dovecot, make_user, worker):
@@ -456,7 +477,7 @@ def test_scheduler_syncs_due_accounts_and_skips_disabled_ones(client, runtime, d
     dovecot.append(enabled_user, "INBOX", to_bytes(plain_message("Scheduled")))
     enabled = create_account(client, owner, imap_account(dovecot, enabled_user, isSyncEnabled=True, syncInterval=60))
     disabled = create_account(client, owner, imap_account(dovecot, disabled_user, isSyncEnabled=False))
-    scheduler = SyncScheduler(runtime.db, runtime.redis, f"test-{os.getpid()}")
+    scheduler = Scheduler(runtime, f"test-{os.getpid()}")
     runtime.redis.delete("email_service:scheduler-leader")
     scheduler.run_once()
     deadline = time.monotonic() + 60
@@ -473,7 +494,7 @@ def test_scheduler_syncs_due_accounts_and_skips_disabled_ones(client, runtime, d
     client.put(f"/api/accounts/{enabled}", json={"isSyncEnabled": False}, headers=owner.headers)
     with runtime.db.maintenance_session() as session:
         session.execute(
-            text("UPDATE accounts SET last_sync_at = now() - interval '1 day' WHERE id = :id"), {"id": enabled}
+            text("UPDATE accounts SET next_sync_at = now() - interval '1 day' WHERE id = :id"), {"id": enabled}
         )
     assert enabled not in {a.id for a in due_for_sync(runtime.db)}
 
@@ -485,9 +506,9 @@ def test_worker_runs_the_scheduler_beside_it(backing, dovecot, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "email_service", "worker"], env=env, stdout=out, stderr=out)
         try:
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and "sync scheduler started" not in log.read_text():
+            while time.monotonic() < deadline and "scheduler started" not in log.read_text():
                 time.sleep(0.2)
         finally:
             proc.terminate()
             proc.wait(timeout=20)
-    assert "sync scheduler started" in Path(log).read_text()
+    assert "scheduler started" in Path(log).read_text()

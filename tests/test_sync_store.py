@@ -11,10 +11,10 @@ from messages import attachments_message, plain_message, realistic_mix, to_bytes
 from sqlalchemy import select
 
 from email_service.mail.parse import parse_message
+from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
 from email_service.models import Attachment, Message
 from email_service.services.accounts import create_account
 from email_service.storage import ObjectNotFound
-from email_service.sync.store import IncomingMessage, MailStore, RemoteFolder
 from email_service.tenancy import Principal
 
 INBOX = RemoteFolder(name="INBOX", display_name="Inbox", type="inbox", delimiter=None, parent_name=None, attributes=())
@@ -181,7 +181,7 @@ def test_a_content_type_the_store_refuses_costs_only_its_message(runtime):
 def test_ids_are_cuids_and_a_forked_process_draws_its_own_randomness():
     from cuid2 import Cuid
 
-    from email_service.sync import store as store_module
+    from email_service.mailbox import store as store_module
 
     ids = [store_module.new_id() for _ in range(2000)]
     assert len(set(ids)) == len(ids) and all(Cuid.is_cuid(i) and len(i) == 24 for i in ids)

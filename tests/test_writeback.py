@@ -11,10 +11,10 @@ from mailservers import quote_mailbox
 from messages import plain_message, to_bytes
 from syncing import create_account, folders_by_name, imap_account, messages, run_sync
 
+from email_service.mailbox.imap_sync import ImapSync
+from email_service.mailbox.store import MailStore
 from email_service.protocols.imap import ImapSession
 from email_service.queue.locks import AccountLock
-from email_service.sync.imap_sync import ImapSync
-from email_service.sync.store import MailStore
 
 SUBJECT = "Write me back"
 
@@ -122,7 +122,7 @@ def test_spam_moves_to_the_spam_folder_and_back(client, user, dovecot, mail_user
 def test_a_sync_before_the_write_back_does_not_undo_the_change(client, user, dovecot, mail_user, message, runtime):
     account_id, message_id = message
     # Hold the account as a running sync would: the write-back job has to wait and retry.
-    blocker = AccountLock(runtime.redis, account_id, ttl=30)
+    blocker = AccountLock(runtime.db, account_id)
     assert blocker.acquire()
     try:
         patch(client, user, account_id, message_id, {"isRead": True})

@@ -35,13 +35,16 @@ def account_view(account: Account, syncing: set[str]) -> dict[str, Any]:
         "smtpPort": account.smtp_port,
         "smtpEncryption": account.smtp_encryption,
         "smtpUsername": account.smtp_username,
+        "lastSyncError": account.last_sync_error,
+        "lastSyncErrorAt": ms(account.last_sync_error_at),
+        "nextSyncAt": ms(account.next_sync_at) if account.is_sync_enabled and account.is_enabled else None,
     }
 
 
 def list_accounts(limit: int = 100, offset: int = 0) -> tuple[dict, int]:
     rt = runtime()
     page = service.list_accounts(rt.db, principal(), limit, min(offset, MAX_OFFSET))
-    syncing = service.syncing(rt.redis, page.items)
+    syncing = service.syncing(rt, principal(), [a.id for a in page.items])
     return {
         "accounts": [account_view(a, syncing) for a in page.items],
         "pagination": {"total": page.total, "limit": limit, "offset": offset},
@@ -56,13 +59,13 @@ def create_account(body: dict[str, Any]) -> tuple[dict, int]:
 def get_account(account_id: str) -> tuple[dict, int]:
     rt = runtime()
     account = service.get_account(rt.db, principal(), account_id)
-    return account_view(account, service.syncing(rt.redis, [account])), 200
+    return account_view(account, service.syncing(rt, principal(), [account.id])), 200
 
 
 def update_account(account_id: str, body: dict[str, Any]) -> tuple[dict, int]:
     rt = runtime()
     account = service.update_account(rt.db, rt.cipher, principal(), account_id, body)
-    return account_view(account, service.syncing(rt.redis, [account])), 200
+    return account_view(account, service.syncing(rt, principal(), [account.id])), 200
 
 
 def delete_account(account_id: str) -> tuple[None, int]:

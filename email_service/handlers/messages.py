@@ -5,9 +5,9 @@ from typing import Any
 
 from email_service.handlers import principal, runtime
 from email_service.handlers.views import ms
+from email_service.mailbox import changes as message_changes
 from email_service.models import Attachment, Message
 from email_service.services import mail as service
-from email_service.services import messages as message_changes
 from email_service.storage import ObjectStore
 
 # The spec's Message.from is a required email; mail without a usable From still has to be listed.

@@ -2,6 +2,17 @@
 
 from email_service.models.account import Account
 from email_service.models.base import Base
-from email_service.models.mail import Attachment, Folder, Message
+from email_service.models.mail import Attachment, DeliveryStatus, Folder, Message
+from email_service.models.task import Task, TaskKind, TaskStatus
 
-__all__ = ["Account", "Attachment", "Base", "Folder", "Message"]
+__all__ = [
+    "Account",
+    "Attachment",
+    "Base",
+    "DeliveryStatus",
+    "Folder",
+    "Message",
+    "Task",
+    "TaskKind",
+    "TaskStatus",
+]

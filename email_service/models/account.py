@@ -33,7 +33,11 @@ class Account(Base):
     is_sync_enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     sync_interval: Mapped[int] = mapped_column(Integer, nullable=False, default=300)
     last_sync_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    is_syncing: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # Automatic sync: when it is next due, and how it has been failing (reset by a success).
+    next_sync_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    sync_failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_sync_error: Mapped[str | None] = mapped_column(Text)
+    last_sync_error_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     is_enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())

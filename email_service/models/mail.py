@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import ARRAY, BigInteger, Boolean, DateTime, ForeignKey, Integer, Text, Uuid, func
@@ -11,6 +12,17 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from email_service.models.base import Base
+
+
+class DeliveryStatus(StrEnum):
+    """Where mail written through the API stands; NULL for mail that came from a server."""
+
+    DRAFT = "draft"
+    QUEUED = "queued"
+    SENDING = "sending"  # the data went out and the server's reply is awaited
+    SENT = "sent"
+    FAILED = "failed"
+    AMBIGUOUS = "ambiguous"  # no reply to the data: the server may or may not have accepted it
 
 
 class Folder(Base):

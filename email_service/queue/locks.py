@@ -1,62 +1,62 @@
-"""One sync per account at a time, whatever the number of workers.
+"""One job at a time works on an account's server state (sync, write-back, filing a copy).
 
-The lock lives in Redis with a short expiry that a heartbeat keeps extending, so a worker that
-crashes (even by SIGKILL) holds it for at most ``ttl`` seconds.
+The lock is a PostgreSQL session advisory lock held on a connection of its own for as long as
+the job runs. PostgreSQL drops it the moment that connection goes, so a worker that crashes,
+even by SIGKILL, holds no account a moment longer, and there is nothing to expire or renew.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterable
+from types import TracebackType
 
-from redis import Redis
-from redis.exceptions import LockError, RedisError
-from redis.lock import Lock
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from email_service.db import Database
 
 log = logging.getLogger(__name__)
-PREFIX = "email_service:sync-lock:"
+_KEY = "account:{account_id}"
 
 
 class AccountLock:
-    def __init__(self, redis: Redis, account_id: str, ttl: int = 60) -> None:
-        self._lock: Lock = redis.lock(PREFIX + account_id, timeout=ttl, blocking=False, thread_local=False)
-        self._ttl = ttl
-        self._stop = threading.Event()
-        self._heartbeat: threading.Thread | None = None
+    def __init__(self, db: Database, account_id: str) -> None:
+        self._db = db
+        self._key = _KEY.format(account_id=account_id)
+        self._conn: Connection | None = None
 
     def acquire(self) -> bool:
-        if not self._lock.acquire():
-            return False
-        self._heartbeat = threading.Thread(target=self._beat, name="sync-lock-heartbeat", daemon=True)
-        self._heartbeat.start()
-        return True
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self._ttl / 3):
-            try:
-                self._lock.reacquire()
-            except LockError:
-                log.warning("sync lock %s was lost; another sync may start", self._lock.name)
-                return
-            except RedisError as exc:
-                # A passing Redis fault: try again next beat, the lease still has time left.
-                log.warning("could not renew sync lock %s: %s", self._lock.name, type(exc).__name__)
+        """Take the lock if no other job holds it; never waits."""
+        conn = self._db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            got = conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"), {"key": self._key})
+            if got.scalar():
+                self._conn = conn
+                return True
+        except BaseException:
+            conn.invalidate()
+            conn.close()
+            raise
+        conn.close()
+        return False
 
     def release(self) -> None:
-        self._stop.set()
-        if self._heartbeat is not None:
-            self._heartbeat.join(timeout=5)
-        if self._lock.owned():
-            self._lock.release()
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": self._key})
+        except SQLAlchemyError as exc:
+            # The connection is gone, and the lock with it; make sure the pool does not reuse it.
+            log.warning("account lock %s: unlock failed (%s); dropping the connection", self._key, type(exc).__name__)
+            conn.invalidate()
+        finally:
+            conn.close()
 
+    def __enter__(self) -> bool:
+        return self.acquire()
 
-def locked_accounts(redis: Redis, account_ids: Iterable[str]) -> set[str]:
-    """Which of these accounts a sync holds right now (one round trip)."""
-    ids = list(account_ids)
-    if not ids:
-        return set()
-    pipe = redis.pipeline(transaction=False)
-    for account_id in ids:
-        pipe.exists(PREFIX + account_id)
-    return {account_id for account_id, held in zip(ids, pipe.execute(), strict=True) if held}
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()

@@ -1,66 +1,76 @@
-"""Automatic sync: every enabled account with sync on is synced about every ``syncInterval`` seconds.
+"""The scheduler beside the workers: automatic syncs as they fall due, and the reaper.
 
-Runs as a thread beside each worker. Only the process holding a short Redis leadership lease
-enqueues, so many workers still make one schedule, and a dead leader's lease simply runs out.
+Runs as a thread in each ``email-service worker``. Only the process holding a short Redis
+leadership lease acts, so any number of workers make one schedule; a dead leader's lease runs
+out, and a stopping one hands it back at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from contextlib import suppress
 
-from redis import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from email_service.db import Database
+from email_service.mailbox.schedule import due_for_sync
+from email_service.models import TaskKind
 from email_service.queue import tasks
-from email_service.sync.accounts import due_for_sync
+from email_service.queue.runner import reap
+from email_service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 LEADER_KEY = "email_service:scheduler-leader"
+# Compare-and-delete: give the lease back only if it is still ours.
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
-class SyncScheduler:
-    def __init__(self, db: Database, redis: Redis, name: str, *, interval: float = 15.0) -> None:
-        self.db, self.redis, self.name = db, redis, name
+class Scheduler:
+    def __init__(self, runtime: Runtime, name: str, *, interval: float = 15.0) -> None:
+        self.runtime, self.name = runtime, name
         self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="sync-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
-        log.info("sync scheduler started (every %.0f s)", self.interval)
+        log.info("scheduler started as %s (every %.0f s)", self.name, self.interval)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        with suppress(RedisError):  # if not given back, the lease runs out by itself
+            self.runtime.redis.eval(_RELEASE, 1, LEADER_KEY, self.name)
 
     def _is_leader(self) -> bool:
-        lease = int(self.interval * 3)
-        if self.redis.set(LEADER_KEY, self.name, nx=True, ex=lease):
+        redis = self.runtime.redis
+        lease = max(5, int(self.interval * 3))
+        if redis.set(LEADER_KEY, self.name, nx=True, ex=lease):
             return True
-        if self.redis.get(LEADER_KEY) == self.name.encode():
-            self.redis.expire(LEADER_KEY, lease)
+        if redis.get(LEADER_KEY) == self.name.encode():
+            redis.expire(LEADER_KEY, lease)
             return True
         return False
 
-    def run_once(self) -> int:
-        """Enqueue a sync for every due account not already syncing; returns how many were enqueued."""
+    def run_once(self) -> dict[str, int]:
+        """One pass: enqueue due syncs, resume or fail tasks whose worker died. Only the leader acts."""
         if not self._is_leader():
-            return 0
-        enqueued = 0
-        for account in due_for_sync(self.db):
-            _, status = tasks.enqueue_sync(self.redis, account.principal, account.id)
-            enqueued += status == "pending"
-        return enqueued
+            return {}
+        counts = reap(self.runtime)
+        scheduled = 0
+        for account in due_for_sync(self.runtime.db):
+            enqueued = tasks.enqueue(self.runtime, TaskKind.SYNC, account.principal, account_id=account.id)
+            scheduled += enqueued.created
+        counts["scheduled"] = scheduled
+        return counts
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                count = self.run_once()
-                if count:
-                    log.info("scheduled %d account syncs", count)
+                counts = self.run_once()
+                if any(counts.values()):
+                    log.info("scheduler: %s", ", ".join(f"{k} {v}" for k, v in counts.items() if v))
             except (RedisError, SQLAlchemyError) as exc:
-                log.warning("sync scheduler round failed: %s", type(exc).__name__)
+                log.warning("scheduler round failed: %s", type(exc).__name__)
             self._stop.wait(self.interval)

@@ -1,51 +1,80 @@
+"""``email-service worker``: a pool of RQ worker processes for the service's queues, and the scheduler.
+
+Each process works one job at a time, so a pool of several keeps a slow mail server from
+holding up everyone else; the per-tenant limit on queued and running jobs (see ``tasks.push``)
+keeps any one tenant from filling the pool.
+"""
+
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+from typing import Any
 
-from rq import Queue, Worker
+from rq import Worker
+from rq.worker_pool import WorkerPool
 
 from email_service.config import Settings
-from email_service.db import Database
+from email_service.queue import context
 from email_service.queue.connection import QUEUE_NAMES, redis_from_url
-from email_service.queue.scheduler import SyncScheduler
+from email_service.queue.scheduler import Scheduler
+from email_service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 JOB_MONITORING_SECONDS = 10
 WORKER_TTL_SECONDS = 40
 MAINTENANCE_SECONDS = 20
+_PR_SET_PDEATHSIG = 1
 
 
-def run_worker(settings: Settings, *, burst: bool = False, schedule: bool = True) -> bool:
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies, so no worker outlives who started it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the parent's clean stop still ends its children
+        return
+
+
+class ServiceWorker(Worker):
+    """RQ's worker with the service's intervals, dying with the pool that started it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # RQ calls a job abandoned once its worker's heartbeat lapses (monitoring interval + 60 s);
+        # the task's own heartbeat lets the scheduler resume it sooner, this keeps RQ's records tidy.
+        kwargs.setdefault("job_monitoring_interval", JOB_MONITORING_SECONDS)
+        kwargs.setdefault("worker_ttl", WORKER_TTL_SECONDS)
+        kwargs.setdefault("maintenance_interval", MAINTENANCE_SECONDS)
+        super().__init__(*args, **kwargs)
+        die_with_parent()
+
+
+def run_worker(settings: Settings, *, burst: bool = False, schedule: bool = True, processes: int | None = None) -> None:
     """Work the service's queues until stopped (or, with ``burst``, until they are empty).
 
-    Unless ``schedule`` is off, the automatic-sync scheduler runs beside the worker.
+    Jobs use ``settings`` (the worker's own, resolved configuration), never the environment.
+    Unless ``schedule`` is off, the scheduler runs beside the pool.
     """
-    if settings.redis_url is None or settings.database_url is None:
-        raise ValueError("run_worker needs database and Redis URLs")
+    context.use_settings(settings)
     # RQ blocks on BLPOP longer than a client timeout would allow; no socket timeout here.
     connection = redis_from_url(settings.redis_url, timeout=None)  # type: ignore[arg-type]
-    queues = [Queue(name, connection=connection) for name in QUEUE_NAMES]
-    worker = Worker(
-        queues,
+    pool = WorkerPool(
+        list(QUEUE_NAMES),
         connection=connection,
-        # A job is abandoned once its worker's heartbeat lapses: RQ allows monitoring interval + 60 s.
-        # Checking for that every 20 s (not RQ's 10 minutes) puts a killed worker's sync back on the
-        # queue within about two minutes. The sync lock's 60 s lease has run out by then.
-        job_monitoring_interval=JOB_MONITORING_SECONDS,
-        worker_ttl=WORKER_TTL_SECONDS,
-        maintenance_interval=MAINTENANCE_SECONDS,
+        num_workers=processes or settings.worker_processes,
+        worker_class=ServiceWorker,
     )
     scheduler = None
     if schedule and not burst:
-        scheduler = SyncScheduler(
-            Database(settings.database_url, settings.db_app_role, pool_size=2),
-            redis_from_url(settings.redis_url),
-            worker.name,
-        )
+        name = f"{pool.name}@{os.getpid()}"
+        scheduler = Scheduler(Runtime.build(settings), name, interval=settings.scheduler_seconds)
         scheduler.start()
-    log.info("worker %s listening on %s", worker.name, ", ".join(QUEUE_NAMES))
+    log.info("worker pool of %d processes on %s", pool.num_workers, ", ".join(QUEUE_NAMES))
     try:
-        return worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
+        pool.start(burst=burst, logging_level=settings.log_level)
     finally:
         if scheduler is not None:
             scheduler.stop()
+            scheduler.runtime.close()

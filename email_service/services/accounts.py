@@ -8,8 +8,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cuid2 import Cuid
-from redis import Redis
-from redis.exceptions import RedisError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -18,7 +16,8 @@ from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.errors import BadRequestError, ConflictError, NotFoundError
 from email_service.models import Account
-from email_service.queue.locks import locked_accounts
+from email_service.queue import tasks
+from email_service.runtime import Runtime
 from email_service.tenancy import Principal
 
 _new_id = Cuid().generate
@@ -39,6 +38,8 @@ PLAIN_FIELDS = {
     "smtpUsername": "smtp_username",
 }
 SECRET_FIELDS = {"password": "password_encrypted", "smtpPassword": "smtp_password_encrypted"}
+# Changing any of these ends an account's sync backoff: the next automatic sync is due at once.
+RETRY_NOW_FIELDS = frozenset({"hostname", "port", "encryption", "username", "password", "syncInterval"})
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ def create_account(db: Database, cipher: CredentialCipher, principal: Principal,
         is_sync_enabled=body.get("isSyncEnabled", True),
         sync_interval=body.get("syncInterval", 300),
         is_enabled=True,
-        is_syncing=False,
         created_at=_now(),
+        next_sync_at=_now(),
     )
     account.updated_at = account.created_at
     _apply(account, body, cipher)
@@ -127,6 +128,10 @@ def update_account(
         account = _owned(session, account_id)
         _apply(account, body, cipher)
         account.updated_at = _now()
+        if RETRY_NOW_FIELDS.intersection(body) or body.get("isEnabled") or body.get("isSyncEnabled"):
+            # Someone changed what the failing sync depended on: try again now, not after the backoff.
+            account.sync_failures = 0
+            account.next_sync_at = account.updated_at
         return account
 
 
@@ -138,16 +143,9 @@ def delete_account(db: Database, principal: Principal, account_id: str) -> None:
         account.is_sync_enabled = False
 
 
-def syncing(redis: Redis, accounts: list[Account]) -> set[str]:
-    """Ids of the accounts a sync is running for right now.
-
-    The sync lock in Redis is the truth: it expires when a crashed worker stops renewing it,
-    whereas the row's flag would stay set forever. If Redis cannot answer, the row decides.
-    """
-    try:
-        return locked_accounts(redis, [a.id for a in accounts if a.is_syncing])
-    except RedisError:
-        return {a.id for a in accounts if a.is_syncing}
+def syncing(runtime: Runtime, principal: Principal, account_ids: list[str]) -> set[str]:
+    """Ids of the accounts a sync is running for right now (the tasks table says so)."""
+    return tasks.syncing_accounts(runtime, principal, account_ids)
 
 
 def rotate_credentials(db: Database, cipher: CredentialCipher, batch_size: int = 500) -> int:

@@ -10,19 +10,18 @@ from sqlalchemy import select
 
 from email_service.errors import NotFoundError
 from email_service.models import Account, Attachment
+from email_service.outgoing.build import safe_filename
 from email_service.runtime import Runtime
 from email_service.tenancy import Principal
 
 new_id = Cuid().generate
 MIME_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$")
-UNSAFE_IN_NAMES = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 
 def clean_filename(name: str | None) -> str:
-    """The name as a mail client shows it: no path, no control characters, not empty."""
+    """The name as a mail client shows it: no path, nothing that breaks a header line, not empty."""
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
-    base = UNSAFE_IN_NAMES.sub("_", base).strip()[:255]
-    return base or "attachment"
+    return safe_filename(base[:255])
 
 
 def store_upload(

@@ -108,6 +108,11 @@ def deployment(backing, dovecot, s3_server, tmp_path_factory) -> Iterator[Deploy
         EMAIL_SERVICE_DATA_DIR=str(directory),
         EMAIL_SERVICE_VALIDATE_RESPONSES="true",
         EMAIL_SERVICE_SEND_RETRY_BASE_SECONDS="1",
+        # The scheduler's leadership lease is three rounds: a replacement worker leads (and reaps
+        # the dead one's task) within seconds of the old lease running out.
+        EMAIL_SERVICE_SCHEDULER_SECONDS="2",
+        EMAIL_SERVICE_WORKER_PROCESSES="2",
+        EMAIL_SERVICE_SMTP_DATA_TIMEOUT_SECONDS="3",
         MINIO_ENDPOINT=s3_server.endpoint,
         MINIO_ACCESS_KEY=s3_server.access_key,
         MINIO_SECRET_KEY=s3_server.secret_key,

@@ -279,6 +279,34 @@ def test_4_a_reply_with_an_upload_is_threaded_and_filed_once_in_sent(journey, sm
     assert len(copies) == 1 and copies[0].delivery_status == "sent"
 
 
+def test_4b_an_unanswered_send_is_ambiguous_and_sent_again_only_when_asked(journey, smtp):
+    api = journey.api
+    compose = sdk.ComposeApi(api)
+    smtp.silent_after_data = 6  # longer than the deployment waits for the reply to the final dot
+    try:
+        sent = compose.send_email(
+            sdk.SendEmailRequest(
+                account_id=journey.imap_account, to=["carol@example.com"], subject="Did it arrive?", body="?"
+            )
+        )
+        status, _ = _wait_task(api, sent.task_id)
+    finally:
+        smtp.silent_after_data = 0
+    assert status.status == "failure" and "may or may not have been accepted" in status.error
+    message = sdk.MessagesApi(api).get_message(journey.imap_account, sent.message_id)
+    assert message.delivery_status == "ambiguous"
+    arrived = [m for m in smtp.messages if b"Did it arrive?" in m.data]
+    assert len(arrived) == 1  # the server had it; the service cannot know that, so it did not resend
+
+    again = compose.retry_send(journey.imap_account, sent.message_id)
+    assert _wait_task(api, again.task_id)[0].status == "success"
+    assert len([m for m in smtp.messages if b"Did it arrive?" in m.data]) == 2
+    assert sdk.MessagesApi(api).get_message(journey.imap_account, sent.message_id).delivery_status == "sent"
+    with pytest.raises(ApiException) as refused:
+        compose.retry_send(journey.imap_account, sent.message_id)
+    assert refused.value.status == 409
+
+
 def test_5_a_draft_is_saved_here_and_on_the_server(journey, dovecot, imap_user):
     api = journey.api
     draft = sdk.ComposeApi(api).save_draft(

@@ -1,1 +1,0 @@
-"""Building outgoing messages (RFC 5322/MIME) from what a user composed."""

@@ -1,0 +1,153 @@
+"""Jobs of the outgoing side: deliver a message over SMTP, file copies in Sent and Drafts.
+
+A message is sent at most once by this service. Its row says how far delivery got:
+``queued`` (nothing accepted yet, safe to try again), ``sending`` (the data is going out; set
+and committed before the first byte of it is sent), ``sent``, ``failed`` or ``ambiguous`` (the
+whole message went out and no reply came). A run that finds ``sending`` knows a previous run
+was lost while the server may have been accepting the message: that is ambiguous too, and
+only an explicit request (``retrySend``) sends it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from email_service.crypto import CredentialError
+from email_service.models import DeliveryStatus
+from email_service.outgoing import delivery
+from email_service.protocols.errors import MailServerError
+from email_service.protocols.servers import Protocol
+from email_service.protocols.smtp import AmbiguousDeliveryError, PermanentDeliveryError
+from email_service.queue.locks import AccountLock
+from email_service.queue.runner import TaskContext
+from email_service.queue.tasks import TaskDeferred, TaskFailed, TaskRetry
+from email_service.services.servers import load_servers
+
+log = logging.getLogger(__name__)
+LOST_WHILE_SENDING = (
+    "the worker sending it stopped after the message data went out: the server may or may not have "
+    "accepted it, so it is not sent again unless asked to"
+)
+
+
+def _load(context: TaskContext) -> delivery.Outgoing:
+    runtime = context.runtime
+    assert context.message_id is not None
+    try:
+        message = delivery.load(runtime.db, runtime.cipher, runtime.objects, context.principal, context.message_id)
+    except CredentialError:
+        raise TaskFailed("the stored SMTP password cannot be decrypted; set it again", permanent=True) from None
+    except ValueError as exc:  # the stored message cannot be built (checked at compose; data changed since)
+        raise TaskFailed(f"the message cannot be built: {exc}", permanent=True) from None
+    if message is None:
+        raise TaskFailed("the message or its account no longer exists", permanent=True)
+    return message
+
+
+def run_send(context: TaskContext) -> dict[str, Any]:
+    """Deliver a message written through the API over SMTP, then file the copy in Sent."""
+    runtime, principal = context.runtime, context.principal
+    message = _load(context)
+    result: dict[str, Any] = {"delivered": True, "refusedRecipients": {}}
+    if message.status is DeliveryStatus.SENDING:
+        raise TaskFailed(LOST_WHILE_SENDING)  # the failure hook marks the message ambiguous
+    if message.status in (DeliveryStatus.AMBIGUOUS, DeliveryStatus.FAILED):
+        raise TaskFailed(f"the message is {message.status}; send it again explicitly to retry")
+    if message.status is not DeliveryStatus.SENT:
+        if message.smtp is None:
+            raise TaskFailed("the account has no SMTP server configured", permanent=True)
+
+        def data_goes_out() -> None:
+            # Committed before the first byte of the data leaves: from here on, a lost worker or a
+            # missing reply means the server may have the message.
+            delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.SENDING)
+
+        try:
+            with message.smtp.session(runtime.settings) as session:
+                outcome = session.send(
+                    message.envelope_from, message.recipients, message.data, before_data_end=data_goes_out
+                )
+        except AmbiguousDeliveryError as exc:
+            delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.AMBIGUOUS, str(exc))
+            raise TaskFailed(str(exc)) from None
+        except PermanentDeliveryError as exc:
+            delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.FAILED, str(exc))
+            raise TaskFailed(str(exc), permanent=True) from None
+        except MailServerError as exc:
+            # Nothing was accepted (the data did not go out whole, or the server said 4xx): safe to try again.
+            delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.QUEUED, str(exc))
+            raise TaskRetry(str(exc)) from None
+        delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.SENT)
+        result["refusedRecipients"] = {addr: f"{code} {text}" for addr, (code, text) in outcome.refused.items()}
+    context.progress(60)
+    result["sentCopy"] = _file_copy(context, message, ("\\Seen",))
+    context.progress(100)
+    return result
+
+
+def send_failed(context: TaskContext, message: str, permanent: bool) -> None:
+    """However a send task failed, its message says so: ambiguous if its data may have gone out."""
+    runtime, principal = context.runtime, context.principal
+    if context.message_id is None:
+        return
+    final = (DeliveryStatus.SENT, DeliveryStatus.AMBIGUOUS, DeliveryStatus.FAILED)
+    if not delivery.set_status(
+        runtime.db,
+        principal,
+        context.message_id,
+        DeliveryStatus.AMBIGUOUS,
+        message,
+        unless=(*final, DeliveryStatus.QUEUED, DeliveryStatus.DRAFT),
+    ):
+        delivery.set_status(runtime.db, principal, context.message_id, DeliveryStatus.FAILED, message, unless=final)
+
+
+def run_draft(context: TaskContext) -> dict[str, Any]:
+    """Put a draft saved through the API into the server's Drafts folder with \\Draft."""
+    message = _load(context)
+    return {"draftCopy": _file_copy(context, message, ("\\Draft", "\\Seen"), raise_errors=True)}
+
+
+def _file_copy(
+    context: TaskContext, message: delivery.Outgoing, flags: tuple[str, ...], *, raise_errors: bool = False
+) -> str:
+    """APPEND the message to its folder on the IMAP server; returns what happened, in words."""
+    if message.uid is not None:
+        return "already on the server"
+    runtime, principal, account_id = context.runtime, context.principal, context.account_id
+    assert account_id is not None
+    try:
+        servers = load_servers(runtime.db, runtime.cipher, principal, account_id)
+    except CredentialError:
+        raise TaskFailed("the stored password cannot be decrypted; set the account's password again") from None
+    if servers is None or servers.incoming.protocol is not Protocol.IMAP:
+        return "kept here only (POP3 has no server folders)"
+    # A sync must not fetch the copy before its row has the UID. A draft's runner holds the
+    # account already; a send (whose delivery did not wait for the account) takes it here.
+    lock = None if context.holds_account else AccountLock(runtime.db, account_id)
+    if lock is not None and not lock.acquire():
+        # The delivery is recorded; only the filing waits for the running sync.
+        raise TaskDeferred(random.uniform(2.0, 6.0), "waiting for a running sync of this account to finish")
+    try:
+        try:
+            with servers.incoming.imap(runtime.settings) as session:
+                if session.gmail:
+                    return "filed by the server itself"  # Gmail keeps its own copy of what it sends
+                session.ensure_folder(message.folder_name)
+                appended = session.append(message.folder_name, message.data, flags, message.date)
+        except MailServerError as exc:
+            if raise_errors:
+                if exc.permanent:
+                    raise TaskFailed(str(exc), permanent=True) from None
+                raise TaskRetry(str(exc)) from None
+            log.warning("sent message %s not filed on the server: %s", message.message_id, exc)
+            return f"not filed on the server: {exc}"
+        if appended is not None:
+            # The row takes the server's UID, so the next sync sees one copy, not two.
+            delivery.set_uid(runtime.db, principal, message.message_id, appended[1], len(message.data))
+    finally:
+        if lock is not None:
+            lock.release()
+    return f"filed in {message.folder_name}"

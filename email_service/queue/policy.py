@@ -1,0 +1,79 @@
+"""Every retry and backoff rule of the service's background work, in one place.
+
+Two kinds of rule live here:
+
+- ``TaskPolicy``: per task kind, which queue it runs on, how long one run may take, how often a
+  failure worth retrying is tried again and after what waits, and how often a task whose worker
+  died is resumed.
+- ``sync_backoff``: when an account whose sync failed is next synced automatically.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+from email_service.config import Settings
+from email_service.models import TaskKind
+
+# A started task whose heartbeat is older than this has lost its worker (heartbeats come every 10 s).
+HEARTBEAT_SECONDS = 10
+STALE_SECONDS = 45
+# Finished tasks stay visible through the task API this long, then the reaper removes them.
+RETENTION = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class TaskPolicy:
+    queue: str
+    timeout: int  # seconds one run may take before it is stopped and counted as failed
+    retry_delays: tuple[int, ...] = ()  # waits before each retry of a temporary failure
+    abandoned_retries: int = 3  # resumptions after the worker running it died
+    jitter: float = 0.2  # +/- share of each wait, so failures that came together do not return together
+    # Runs only while it holds its account (no other such task of the account runs meanwhile);
+    # one that finds the account busy waits, unclaimed, and is tried again a few seconds later.
+    holds_account: bool = False
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 + len(self.retry_delays)
+
+    def retry_delay(self, attempt: int) -> int | None:
+        """Seconds to wait after failed attempt ``attempt`` (1-based), or None when none is left."""
+        if attempt > len(self.retry_delays):
+            return None
+        base = self.retry_delays[attempt - 1]
+        return max(1, round(base * random.uniform(1 - self.jitter, 1 + self.jitter)))
+
+
+def policy(kind: TaskKind, settings: Settings) -> TaskPolicy:
+    if kind is TaskKind.SYNC:
+        # A failed sync is not retried as a task: the account's backoff decides when it runs
+        # next. It commits as it goes, so a run stopped by its timeout loses nothing.
+        return TaskPolicy(queue="sync", timeout=30 * 60, holds_account=True)
+    if kind is TaskKind.SEND:
+        # Exponential from the configured base (30 s: about an hour in all over six retries).
+        # The run may wait the full RFC 5321 time for the reply to the final dot. Delivering does
+        # not wait for the account (a sync may run meanwhile); only filing the Sent copy does.
+        base = settings.send_retry_base_seconds
+        return TaskPolicy(
+            queue="send",
+            timeout=settings.smtp_timeout_seconds * 6 + settings.smtp_data_timeout_seconds + 60,
+            retry_delays=tuple(base * 2**n for n in range(6)),
+        )
+    # Write-back and filing a draft: a mail server that is down for a while still gets the change.
+    return TaskPolicy(queue="default", timeout=5 * 60, retry_delays=(10, 30, 60, 300, 900), holds_account=True)
+
+
+# Automatic sync after failures: temporary ones (server down, timeouts) from 1 minute doubling
+# up to 1 hour; permanent ones (login refused, certificate, unknown host) from 15 minutes doubling
+# up to 6 hours, since nothing changes until someone fixes the account. Success resets it.
+TEMPORARY_BACKOFF = (timedelta(minutes=1), timedelta(hours=1))
+PERMANENT_BACKOFF = (timedelta(minutes=15), timedelta(hours=6))
+
+
+def sync_backoff(failures: int, *, permanent: bool) -> timedelta:
+    """How long after its ``failures``-th failure in a row an account is next synced automatically."""
+    first, cap = PERMANENT_BACKOFF if permanent else TEMPORARY_BACKOFF
+    return min(first * 2 ** max(0, min(failures - 1, 20)), cap)

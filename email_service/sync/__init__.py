@@ -1,1 +1,0 @@
-"""Mailbox sync: mail protocol code feeding the models, run by queue jobs."""
