@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -71,8 +72,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             _migrate(resolved)
         worker = None
         if embedded_default and args.embedded_worker:
-            # The embedded default is one command: the API and one worker beside it.
-            worker = subprocess.Popen([sys.executable, "-m", "email_service", "worker"], env=_worker_env(resolved))
+            # The embedded default is one command: the API and a worker beside it, which dies with it.
+            worker = WorkerSupervisor(_worker_env(resolved))
+            worker.start()
         runtime = Runtime.build(resolved)
         try:
             uvicorn.run(
@@ -85,20 +87,69 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             )
         finally:
             if worker is not None:
-                worker.terminate()
-                try:
-                    worker.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
+                worker.stop()
             runtime.close()
     return 0
+
+
+class WorkerSupervisor:
+    """The worker ``serve`` runs beside the API on the embedded default.
+
+    It is started so that Linux ends it when ``serve`` dies (even by SIGKILL); if it dies first,
+    ``serve`` says so in its log and starts another, waiting longer each time it keeps dying.
+    """
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        from email_service.queue.worker import die_with_parent
+
+        self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "email_service", "worker"], env=self.env, preexec_fn=die_with_parent
+        )
+
+    def _watch(self) -> None:
+        delay = 1.0
+        while not self._stopping.is_set():
+            assert self.proc is not None
+            started = time.monotonic()
+            code = self.proc.wait()
+            if self._stopping.is_set():
+                return
+            log.error("the background worker (pid %d) exited with %s; starting another", self.proc.pid, code)
+            # A worker that dies at once would otherwise be restarted in a tight loop.
+            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 60.0)
+            if self._stopping.wait(delay):
+                return
+            self._spawn()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from email_service.queue.worker import run_worker
 
+    # SIGTERM stops the pool warmly (each process finishes its job); the embedded servers are
+    # then left for the other commands still using them, or stopped if this was the last.
     with embedded.services(settings) as resolved:
-        run_worker(resolved, burst=args.burst, schedule=args.schedule)
+        run_worker(resolved, burst=args.burst, schedule=args.schedule, processes=args.processes)
     return 0
 
 
@@ -164,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run an RQ worker for the service's queues")
     worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    worker.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="worker processes, each running one job at a time (default EMAIL_SERVICE_WORKER_PROCESSES, 4)",
+    )
     worker.add_argument(
         "--no-scheduler",
         dest="schedule",
