@@ -37,8 +37,15 @@ def run_command(env, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def workers_of(process: psutil.Process) -> list[psutil.Process]:
-    return [p for p in process.children(recursive=True) if "worker" in " ".join(p.cmdline())]
+def is_worker(process: psutil.Process) -> bool:
+    try:
+        return "worker" in " ".join(process.cmdline())
+    except psutil.Error:  # gone, or a zombie its parent has not reaped yet
+        return False
+
+
+def workers_of(process: psutil.Process, *, recursive: bool = True) -> list[psutil.Process]:
+    return [p for p in process.children(recursive=recursive) if is_worker(p)]
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -134,11 +141,11 @@ def test_serve_notices_when_its_worker_dies_and_starts_another(tmp_path, dovecot
     try:
         api.wait_healthy()
         serve = psutil.Process(api.proc.pid)
-        [worker] = wait_for(lambda: [w for w in serve.children() if "worker" in " ".join(w.cmdline())], 30, "no worker")
+        [worker] = wait_for(lambda: workers_of(serve, recursive=False), 30, "no worker")
         for process in [worker, *worker.children(recursive=True)]:
             process.send_signal(signal.SIGKILL)
         replacement = wait_for(
-            lambda: [w for w in serve.children() if "worker" in " ".join(w.cmdline()) and w.pid != worker.pid],
+            lambda: [w for w in workers_of(serve, recursive=False) if w.pid != worker.pid],
             30,
             "no replacement worker",
         )
