@@ -252,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings() if getattr(args, "needs_settings", True) else None
         if settings is not None:
             logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            if settings.embedded_postgres or settings.embedded_redis:
+                # The embedded default keeps secrets, mail and queues in its data directory:
+                # whatever this command writes there is its owner's alone.
+                os.umask(0o077)
         return args.handler(args, settings)
     except (ConfigError, StartupError) as exc:
         print(f"email-service: error: {exc}", file=sys.stderr)

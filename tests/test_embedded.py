@@ -67,3 +67,30 @@ def test_serves_with_no_configuration_and_keeps_its_data_across_restarts(tmp_pat
     finally:
         assert second.stop() == 0, second.log()
     assert processes_using(data_dir) == []
+
+
+def test_the_data_directory_is_its_owners_alone(tmp_path):
+    data_dir = tmp_path / "var"
+    env = embedded_env(data_dir)
+    service = ServiceProcess(env, tmp_path)
+    try:
+        service.wait_healthy()
+        headers = {"Authorization": f"Bearer {mint(env, uuid.uuid4(), uuid.uuid4())}"}
+        account = httpx.post(service.url + "/api/accounts", json=account_body(), headers=headers, timeout=10).json()
+        upload = httpx.post(
+            f"{service.url}/api/{account['id']}/attachments", files={"file": ("a.txt", b"secret")}, headers=headers
+        )
+        assert upload.status_code == 201, upload.text
+        # Others may at most pass through the directory (PostgreSQL's own user must reach its data).
+        assert stat.S_IMODE(data_dir.stat().st_mode) & 0o066 == 0
+        checked = 0
+        for path in data_dir.rglob("*"):
+            if path.is_relative_to(data_dir / "postgres") or path.is_socket():
+                continue  # PostgreSQL keeps its own 0700; sockets are guarded by their directory
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, f"{path} is open to others"
+            checked += 1
+        names = {p.name for p in data_dir.rglob("*")}
+        assert {"secrets.json", "users.json", "appendonly.aof", "redis.conf"} <= names and checked > 8, names
+        assert any(p.parent.name == "uploads" or "uploads" in p.parts for p in (data_dir / "objects").rglob("*"))
+    finally:
+        assert service.stop() == 0, service.log()

@@ -69,5 +69,5 @@ def update_account(account_id: str, body: dict[str, Any]) -> tuple[dict, int]:
 
 
 def delete_account(account_id: str) -> tuple[None, int]:
-    service.delete_account(runtime().db, principal(), account_id)
+    service.delete_account(runtime(), principal(), account_id)
     return None, 204

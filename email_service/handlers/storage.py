@@ -10,8 +10,9 @@ from email_service.storage.disposition import content_disposition
 def get_stored_object(
     key: str, expires: int, signature: str, filename: str | None = None, type_: str | None = None
 ) -> Response:
+    rt = runtime()
     linked = stored_objects.open_linked_object(
-        runtime().objects, key=key, expires=expires, signature=signature, filename=filename, content_type=type_
+        rt.objects, rt.db, key=key, expires=expires, signature=signature, filename=filename, content_type=type_
     )
     reader = linked.reader
     # Streamed chunk by chunk: an attachment never sits whole in memory.

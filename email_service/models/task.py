@@ -19,6 +19,7 @@ class TaskKind(StrEnum):
     SEND = "send"
     DRAFT = "draft"
     WRITEBACK = "writeback"
+    CLEANUP = "cleanup"  # remove a deleted account's objects and rows
 
 
 class TaskStatus(StrEnum):

@@ -83,7 +83,10 @@ def _attachments(session: Session, account_id: str, ids: list[str]) -> list[Atta
     found = {
         a.id: a
         for a in session.scalars(
-            select(Attachment).where(Attachment.id.in_(ids or []), Attachment.account_id == account_id)
+            select(Attachment)
+            .where(Attachment.id.in_(ids or []), Attachment.account_id == account_id)
+            # Locked, so the sweep of unused uploads cannot remove one this message is taking.
+            .with_for_update()
         )
     }
     missing = [i for i in ids or [] if i not in found]

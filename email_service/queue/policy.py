@@ -62,6 +62,9 @@ def policy(kind: TaskKind, settings: Settings) -> TaskPolicy:
             timeout=settings.smtp_timeout_seconds * 6 + settings.smtp_data_timeout_seconds + 60,
             retry_delays=tuple(base * 2**n for n in range(6)),
         )
+    if kind is TaskKind.CLEANUP:
+        # Removing a deleted account: object storage may be down for a while; keep trying for hours.
+        return TaskPolicy(queue="default", timeout=30 * 60, retry_delays=(60, 300, 900, 3600, 3600), holds_account=True)
     # Write-back and filing a draft: a mail server that is down for a while still gets the change.
     return TaskPolicy(queue="default", timeout=5 * 60, retry_delays=(10, 30, 60, 300, 900), holds_account=True)
 

@@ -50,6 +50,7 @@ JOBS: dict[TaskKind, str] = {
     TaskKind.WRITEBACK: "email_service.mailbox.jobs:run_writeback",
     TaskKind.SEND: "email_service.outgoing.jobs:run_send",
     TaskKind.DRAFT: "email_service.outgoing.jobs:run_draft",
+    TaskKind.CLEANUP: "email_service.retention.cleanup:run_cleanup",
 }
 FAILURE_HOOKS: dict[TaskKind, str] = {
     TaskKind.SYNC: "email_service.mailbox.jobs:sync_failed",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import suppress
+from datetime import timedelta
 
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
@@ -18,6 +19,7 @@ from email_service.mailbox.schedule import due_for_sync
 from email_service.models import TaskKind
 from email_service.queue import tasks
 from email_service.queue.runner import reap
+from email_service.retention.uploads import remove_unused_uploads
 from email_service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,9 @@ class Scheduler:
         if not self._is_leader():
             return {}
         counts = reap(self.runtime)
+        counts["uploads removed"] = remove_unused_uploads(
+            self.runtime, timedelta(hours=self.runtime.settings.upload_retention_hours)
+        )
         scheduled = 0
         for account in due_for_sync(self.runtime.db):
             enqueued = tasks.enqueue(self.runtime, TaskKind.SYNC, account.principal, account_id=account.id)

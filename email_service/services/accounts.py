@@ -15,7 +15,7 @@ from email_service.addresses import InvalidAddress, normalize
 from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.errors import BadRequestError, ConflictError, NotFoundError
-from email_service.models import Account
+from email_service.models import Account, TaskKind
 from email_service.queue import tasks
 from email_service.runtime import Runtime
 from email_service.tenancy import Principal
@@ -135,12 +135,14 @@ def update_account(
         return account
 
 
-def delete_account(db: Database, principal: Principal, account_id: str) -> None:
-    with db.tenant_session(principal) as session:
+def delete_account(runtime: Runtime, principal: Principal, account_id: str) -> None:
+    """Gone for the API at once; a job then removes its objects, uploads and rows for good."""
+    with runtime.db.tenant_session(principal) as session:
         account = _owned(session, account_id)
         account.deleted_at = _now()
         account.updated_at = account.deleted_at
         account.is_sync_enabled = False
+    tasks.enqueue(runtime, TaskKind.CLEANUP, principal, account_id=account_id)
 
 
 def syncing(runtime: Runtime, principal: Principal, account_ids: list[str]) -> set[str]:

@@ -4,12 +4,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sqlalchemy import text
+
+from email_service.db import Database
 from email_service.errors import ForbiddenError, NotFoundError
 from email_service.storage import ObjectNotFound, ObjectReader, ObjectStore
 from email_service.storage.filesystem import FilesystemStore
 from email_service.storage.links import LinkExpired, LinkInvalid
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+def _account_live(db: Database, key: str) -> bool:
+    """Whether the account a key belongs to (``tenant/account/...``) still exists."""
+    tenant_id, _, rest = key.partition("/")
+    account_id = rest.partition("/")[0]
+    if not account_id:
+        return False
+    # The link itself is the credential (no token): the look-up crosses tenants, by exact id.
+    with db.maintenance_session() as session:
+        return bool(
+            session.execute(
+                text("SELECT 1 FROM accounts WHERE id = :id AND tenant_id::text = :tenant AND deleted_at IS NULL"),
+                {"id": account_id, "tenant": tenant_id},
+            ).first()
+        )
 
 
 @dataclass
@@ -21,6 +40,7 @@ class LinkedObject:
 
 def open_linked_object(
     store: ObjectStore,
+    db: Database,
     *,
     key: str,
     expires: int,
@@ -38,6 +58,9 @@ def open_linked_object(
         raise ForbiddenError("This link is not valid", code="LINK_INVALID") from None
     except LinkExpired:
         raise ForbiddenError("This link has expired", code="LINK_EXPIRED") from None
+    if not _account_live(db, key):
+        # The account was deleted: its links stop working at once, before its files are removed.
+        raise NotFoundError("The linked object no longer exists")
     try:
         reader = store.open(key)
     except ObjectNotFound:

@@ -27,9 +27,10 @@ def upgrade(app_role: str) -> None:
             id text PRIMARY KEY,
             tenant_id uuid NOT NULL,
             user_id uuid NOT NULL,
-            account_id text REFERENCES accounts (id),
+            -- NULL once a deleted account's rows are removed; the task keeps its outcome.
+            account_id text REFERENCES accounts (id) ON DELETE SET NULL,
             message_id text,
-            kind text NOT NULL CHECK (kind IN ('sync', 'send', 'draft', 'writeback')),
+            kind text NOT NULL CHECK (kind IN ('sync', 'send', 'draft', 'writeback', 'cleanup')),
             status text NOT NULL CHECK (status IN ('pending', 'started', 'retry', 'success', 'failure')),
             params jsonb NOT NULL DEFAULT '{}',
             progress integer NOT NULL DEFAULT 0 CHECK (progress BETWEEN 0 AND 100),
