@@ -2,6 +2,7 @@
 
 from email_service.models.account import Account
 from email_service.models.base import Base
+from email_service.models.change import Change, ChangeEntity, ChangeKind
 from email_service.models.mail import Attachment, DeliveryStatus, Folder, Message
 from email_service.models.task import Task, TaskKind, TaskStatus
 
@@ -9,6 +10,9 @@ __all__ = [
     "Account",
     "Attachment",
     "Base",
+    "Change",
+    "ChangeEntity",
+    "ChangeKind",
     "DeliveryStatus",
     "Folder",
     "Message",

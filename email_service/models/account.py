@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import Boolean, DateTime, Integer, LargeBinary, Text, Uuid, func
+from sqlalchemy import BigInteger, Boolean, DateTime, Integer, LargeBinary, Text, Uuid, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from email_service.models.base import Base
@@ -38,6 +38,9 @@ class Account(Base):
     sync_failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     last_sync_error: Mapped[str | None] = mapped_column(Text)
     last_sync_error_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The change log's last sequence number, and the highest one pruned (see models.change).
+    change_seq: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    change_floor: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     is_enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())

@@ -1,0 +1,1 @@
+"""The change log and everything fed from it: the changes feed, server-sent events, webhooks."""
