@@ -12,7 +12,7 @@ import pytest
 from mailservers import LOOPBACK, SmtpServer, free_port, make_tls_files
 
 from email_service.compose.build import build_message, new_message_id, wire_bytes
-from email_service.protocols.errors import AuthenticationFailed, MailServerError
+from email_service.protocols.errors import AuthenticationFailed, MailServerError, reply_line
 from email_service.protocols.smtp import (
     PermanentDeliveryError,
     SendOutcome,
@@ -276,6 +276,36 @@ def test_greeting_with_554_is_permanent() -> None:
         with pytest.raises(PermanentDeliveryError, match="554 5.7.1 No service for you"):
             connect(SmtpSession(LOOPBACK, port, "none", "user", "secret", timeout=5))
         thread.join(5)
+
+
+def test_a_hostile_reply_is_shown_as_one_bounded_printable_line() -> None:
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def refuse() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                # A terminal escape that retitles the reader's window, then a flood.
+                conn.sendall(b"554 5.7.1 \x1b]0;owned\x07\xe2\x80\xaeNo" + b"A" * 5000 + b"\r\n")
+                conn.recv(1024)
+
+        thread = threading.Thread(target=refuse, daemon=True)
+        thread.start()
+        with pytest.raises(PermanentDeliveryError) as failure:
+            connect(SmtpSession(LOOPBACK, port, "none", "user", "secret", timeout=5))
+        thread.join(5)
+    text = str(failure.value)
+    assert failure.value.code == 554
+    assert text.startswith("127.0.0.1 refused the connection: 554 5.7.1 ]0;owned NoAAAA")
+    assert text.endswith("A…") and len(text) < 260 and text.isprintable()
+
+
+def test_reply_lines_lose_control_characters_and_stay_short() -> None:
+    assert reply_line("550 5.7.1 \x1b[2J\x1b[31mDenied\r\n\x00 by \u202epolicy") == "550 5.7.1 [2J [31mDenied by policy"
+    assert reply_line(b"\xff\xfe 451 busy") == "\ufffd\ufffd 451 busy"
+    assert len(reply_line("5" * 10_000)) == 200
 
 
 def test_send_outside_the_session_and_bad_arguments(smtp_server) -> None:

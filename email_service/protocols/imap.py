@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError, describe
+from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError, describe, reply_line
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
 
@@ -110,7 +110,7 @@ class ImapSession(MailSession):
         except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
             raise describe(exc, self.host, self.port) from None
         if typ != "OK":
-            detail = data[0].decode("utf-8", "replace") if data and isinstance(data[0], bytes) else typ
+            detail = reply_line(data[0] if data and isinstance(data[0], bytes) else typ)
             raise MailServerError(f"{self.host} refused {command} {' '.join(args[:1])}: {detail}")
         return data
 

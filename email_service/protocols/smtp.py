@@ -19,7 +19,7 @@ from typing import Any
 
 import idna
 
-from email_service.protocols.errors import AuthenticationFailed, MailServerError, describe
+from email_service.protocols.errors import AuthenticationFailed, MailServerError, describe, reply_line
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
 
@@ -60,9 +60,8 @@ class SendOutcome:
 
 
 def _text(reply: bytes | str) -> str:
-    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
-    # smtplib joins multi-line replies with "\n"; one line reads better in an error message.
-    return " ".join(text.split())
+    # smtplib joins multi-line replies with "\n"; one bounded, printable line is what users and logs see.
+    return reply_line(reply)
 
 
 def _envelope_address(value: str) -> str:
@@ -151,7 +150,7 @@ class SmtpSession(MailSession):
         except smtplib.SMTPException:  # "no suitable method", or AUTH not really supported
             raise PermanentDeliveryError(
                 f"{self.host} offers no authentication method this service supports "
-                f"({conn.esmtp_features.get('auth', '').strip()})"
+                f"({reply_line(conn.esmtp_features.get('auth', ''), 100)})"
             ) from None
 
     def _login_utf8(self, conn: smtplib.SMTP) -> None:
@@ -215,10 +214,10 @@ class SmtpSession(MailSession):
 
     def _scrub(self, code: int, reply: bytes | str) -> str:
         # Servers have no business echoing credentials, but a reply is shown to users and logged.
-        text = f"{code} {_text(reply)}"
+        text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
         if self._password:
             text = text.replace(self._password, "***")
-        return text
+        return f"{code} {_text(text)}"
 
     def _classify(self, exc: BaseException) -> MailServerError:
         where = f"{self.host}:{self.port}"
@@ -243,11 +242,11 @@ class SmtpSession(MailSession):
             # Certificates and protocol mismatches stay as they are until someone changes them.
             return PermanentDeliveryError(str(describe(exc, self.host, self.port)))
         if isinstance(exc, smtplib.SMTPException):
-            return PermanentDeliveryError(f"{where} broke the SMTP protocol: {exc}")
+            return PermanentDeliveryError(f"{where} broke the SMTP protocol: {reply_line(str(exc))}")
         if isinstance(exc, OSError | EOFError):
             return TemporaryDeliveryError(str(describe(exc, self.host, self.port)))
         if isinstance(exc, ValueError | UnicodeError):
-            return PermanentDeliveryError(f"cannot send through {where}: {exc}")
+            return PermanentDeliveryError(f"cannot send through {where}: {reply_line(str(exc))}")
         return TemporaryDeliveryError(str(describe(exc, self.host, self.port)))
 
 
