@@ -29,6 +29,14 @@ class ConnectionFailed(MailServerError):
     """The server cannot be reached or the connection broke: nothing more can be done in this session."""
 
 
+class UnexpectedGreeting(ConnectionFailed):
+    """Something answered, but not as the protocol's server (its greeting is deliberately not kept)."""
+
+    def __init__(self, protocol: str, host: str, port: int) -> None:
+        article = "a" if protocol == "POP3" else "an"
+        super().__init__(f"{host}:{port} did not answer as {article} {protocol} server")
+
+
 def reply_line(reply: bytes | str, limit: int = REPLY_LIMIT) -> str:
     """A server's reply as one printable line of at most ``limit`` characters, fit to show and log.
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from email_service.protocols.connect import imap_client
 from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError, describe, reply_line
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
@@ -73,15 +74,19 @@ class ImapSession(MailSession):
 
     def _open(self) -> None:
         context = client_context(self.ca_file)
-        if self.encryption == "tls":
-            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(self.host, self.port, ssl_context=context, timeout=self.timeout)
-        else:
-            conn = imaplib.IMAP4(self.host, self.port, timeout=self.timeout)
-            if self.encryption == "starttls":
-                if "STARTTLS" not in conn.capabilities:
-                    raise MailServerError(f"{self.host}:{self.port} does not offer STARTTLS")
-                conn.starttls(ssl_context=context)
-        self._conn = conn
+        conn = imap_client(
+            self.host,
+            self.port,
+            tls=self.encryption == "tls",
+            context=context,
+            timeout=self.timeout,
+            policy=self.destinations,
+        )
+        self._conn = conn  # set at once, so a failure below still closes the socket
+        if self.encryption == "starttls":
+            if "STARTTLS" not in conn.capabilities:
+                raise MailServerError(f"{self.host}:{self.port} does not offer STARTTLS")
+            conn.starttls(ssl_context=context)
         try:
             conn.login(self.username, self._password)
         except imaplib.IMAP4.error:

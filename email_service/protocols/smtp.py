@@ -19,7 +19,15 @@ from typing import Any
 
 import idna
 
-from email_service.protocols.errors import AuthenticationFailed, MailServerError, describe, reply_line
+from email_service.protocols.connect import smtp_client
+from email_service.protocols.destinations import DestinationPolicy, DestinationRefused
+from email_service.protocols.errors import (
+    AuthenticationFailed,
+    MailServerError,
+    UnexpectedGreeting,
+    describe,
+    reply_line,
+)
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
 
@@ -94,8 +102,11 @@ class SmtpSession(MailSession):
         ca_file: Path | None = None,
         timeout: float = 60.0,
         helo_name: str | None = None,
+        destinations: DestinationPolicy | None = None,
     ) -> None:
-        super().__init__(host, port, encryption, username, password, ca_file=ca_file, timeout=timeout)
+        super().__init__(
+            host, port, encryption, username, password, ca_file=ca_file, timeout=timeout, destinations=destinations
+        )
         self.helo_name = helo_name
 
     # ---- connection
@@ -113,11 +124,15 @@ class SmtpSession(MailSession):
         # A placeholder local_hostname, replaced once connected: without one smtplib calls
         # socket.getfqdn(), a DNS lookup no socket timeout bounds. The constructor connects,
         # reads the greeting and raises SMTPConnectError on anything but 220.
-        args = (self.host, self.port, "localhost")
-        if self.encryption == "tls":
-            conn: smtplib.SMTP = smtplib.SMTP_SSL(*args, timeout=self.timeout, context=context)
-        else:
-            conn = smtplib.SMTP(*args, timeout=self.timeout)
+        conn = smtp_client(
+            self.host,
+            self.port,
+            tls=self.encryption == "tls",
+            context=context,
+            timeout=self.timeout,
+            policy=self.destinations,
+            local_hostname="localhost",
+        )
         self._conn = conn
         conn.local_hostname = self.helo_name or _address_literal(conn.sock)
         conn.ehlo_or_helo_if_needed()
@@ -221,6 +236,9 @@ class SmtpSession(MailSession):
 
     def _classify(self, exc: BaseException) -> MailServerError:
         where = f"{self.host}:{self.port}"
+        if isinstance(exc, DestinationRefused | UnexpectedGreeting):
+            # Neither changes until the account's settings (or the operator's allow-list) do.
+            return PermanentDeliveryError(str(exc))
         if isinstance(exc, MailServerError):
             return exc
         if isinstance(exc, smtplib.SMTPResponseException):

@@ -112,7 +112,7 @@ def _run_sync(
     folders: list[str] | None,
 ) -> SyncResult:
     store = MailStore(runtime.db, runtime.objects, principal, target.id)
-    with target.session(runtime.settings.ca_file) as session:
+    with target.session(runtime.settings.ca_file, runtime.settings.destinations) as session:
         if target.protocol == "imap":
             return ImapSync(store, session, progress, force=force, only_folders=folders).run()
         return Pop3Sync(store, session, progress).run()
@@ -138,7 +138,7 @@ def writeback_message(account_id: str, tenant_id: str, user_id: str, message_id:
         if target is None or change is None or target.protocol != "imap":
             return {"result": "nothing to write"}
         try:
-            with target.session(runtime.settings.ca_file) as session:
+            with target.session(runtime.settings.ca_file, runtime.settings.destinations) as session:
                 outcome = write_back(runtime.db, principal, session, change)
         except MailServerError as exc:
             # Recorded for the status API; raised again so the retry policy tries later.
@@ -201,6 +201,7 @@ def deliver_message(message_id: str, account_id: str, tenant_id: str, user_id: s
                 smtp.username,
                 smtp.password,
                 ca_file=runtime.settings.ca_file,
+                destinations=runtime.settings.destinations,
             ) as session:
                 outcome = session.send(message.envelope_from, message.recipients, message.data)
         except PermanentDeliveryError as exc:
@@ -252,7 +253,7 @@ def _file_copy(
         return "kept here only (POP3 has no server folders)"
     lock = _wait_for_lock(runtime, account_id)
     try:
-        with target.session(runtime.settings.ca_file) as session:
+        with target.session(runtime.settings.ca_file, runtime.settings.destinations) as session:
             if session.gmail:
                 return "filed by the server itself"  # Gmail keeps its own copy of what it sends
             session.ensure_folder(message.folder_name)

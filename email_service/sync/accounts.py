@@ -12,6 +12,7 @@ from sqlalchemy import select, text, update
 from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.models import Account
+from email_service.protocols.destinations import DestinationPolicy
 from email_service.protocols.imap import ImapSession
 from email_service.protocols.pop3 import Pop3Session
 from email_service.tenancy import Principal
@@ -30,10 +31,18 @@ class SyncTarget:
     def __repr__(self) -> str:  # never let the password reach a log line through repr()
         return f"SyncTarget(id={self.id!r}, protocol={self.protocol!r}, host={self.hostname!r}:{self.port})"
 
-    def session(self, ca_file: Path | None) -> ImapSession | Pop3Session:
+    def session(self, ca_file: Path | None, destinations: DestinationPolicy) -> ImapSession | Pop3Session:
         """A (not yet opened) session to the account's mail server, for a ``with`` block."""
         session_type = ImapSession if self.protocol == "imap" else Pop3Session
-        return session_type(self.hostname, self.port, self.encryption, self.username, self.password, ca_file=ca_file)
+        return session_type(
+            self.hostname,
+            self.port,
+            self.encryption,
+            self.username,
+            self.password,
+            ca_file=ca_file,
+            destinations=destinations,
+        )
 
 
 def load_target(db: Database, cipher: CredentialCipher, principal: Principal, account_id: str) -> SyncTarget | None:
