@@ -116,7 +116,7 @@ class ImapSession(MailSession):
             raise describe(exc, self.host, self.port) from None
         if typ != "OK":
             detail = reply_line(data[0] if data and isinstance(data[0], bytes) else typ)
-            raise MailServerError(f"{self.host} refused {command} {' '.join(args[:1])}: {detail}")
+            raise MailServerError(f"{self.host} refused {command} {reply_line(' '.join(args[:1]), 100)}: {detail}")
         return data
 
     def list_folders(self) -> list[bytes]:
@@ -147,7 +147,7 @@ class ImapSession(MailSession):
         except Exception as exc:  # noqa: BLE001
             raise describe(exc, self.host, self.port) from None
         if typ != "OK":
-            raise MailServerError(f"{self.host} cannot open folder {name}")
+            raise MailServerError(f"{self.host} cannot open folder {reply_line(name, 100)}")
         codes = conn.untagged_responses
 
         def code(key: str) -> int | None:
@@ -169,7 +169,7 @@ class ImapSession(MailSession):
         except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
             raise describe(exc, self.host, self.port) from None
         if typ != "OK":
-            raise MailServerError(f"{self.host} cannot open folder {name}")
+            raise MailServerError(f"{self.host} cannot open folder {reply_line(name, 100)}")
         uidvalidity = conn.untagged_responses.get("UIDVALIDITY", [None])[-1]
         return MailboxState(
             uidvalidity=int(uidvalidity or 0),
@@ -226,7 +226,7 @@ class ImapSession(MailSession):
         except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
             raise describe(exc, self.host, self.port) from None
         if typ != "OK":
-            raise MailServerError(f"{self.host} refused to store the message in {name}")
+            raise MailServerError(f"{self.host} refused to store the message in {reply_line(name, 100)}")
         found = re.search(rb"APPENDUID (\d+) (\d+)", response[0] or b"") if response else None
         return (int(found.group(1)), int(found.group(2))) if found else None
 
