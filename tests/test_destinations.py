@@ -21,12 +21,15 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import ServiceProcess, User, base_settings, free_port, service_env
-from mailservers import Dovecot, MailUser
+from mailservers import Dovecot, MailUser, make_tls_files
 
 from email_service import embedded, migrate
 from email_service.api.auth import TokenVerifier
 from email_service.config import ConfigError, load_settings
 from email_service.protocols.destinations import DestinationPolicy, DestinationRefused, parse_allowed, resolve
+from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed
+from email_service.protocols.imap import ImapSession
+from email_service.protocols.pop3 import Pop3Session
 from email_service.protocols.smtp import PermanentDeliveryError, SmtpSession
 from email_service.runtime import Runtime
 from email_service.services.accounts import create_account
@@ -409,3 +412,79 @@ def test_a_foreign_banner_on_an_smtp_port_is_not_echoed(foreign):
     with pytest.raises(PermanentDeliveryError) as failure, session:
         pass
     assert str(failure.value) == f"127.0.0.1:{foreign.port} did not answer as an SMTP server"
+
+
+# ---- TLS is checked against the name the user gave, not the address that was checked
+
+
+class ScriptedTlsServer:
+    """IMAP or POP3 over TLS that refuses every login, recording the SNI name each client sent."""
+
+    def __init__(self, context, protocol: str) -> None:
+        self.protocol = protocol
+        self.sni: list[str | None] = []
+        context.sni_callback = lambda _sock, name, _ctx: self.sni.append(name)
+        self.context = context
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(5)
+            try:
+                with self.context.wrap_socket(conn, server_side=True) as tls:
+                    self._talk(tls.makefile("rwb"))
+            except (OSError, ValueError):
+                pass
+
+    def _talk(self, stream) -> None:
+        if self.protocol == "pop3":
+            stream.write(b"+OK ready\r\n")
+            stream.flush()
+            while line := stream.readline():
+                stream.write(b"+OK\r\n" if line.startswith(b"USER") else b"-ERR [AUTH] no\r\n")
+                stream.flush()
+            return
+        stream.write(b"* OK ready\r\n")
+        stream.flush()
+        while line := stream.readline():
+            tag, _, command = line.partition(b" ")
+            if command.upper().startswith(b"CAPABILITY"):
+                stream.write(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n" + tag + b" OK done\r\n")
+            else:
+                stream.write(tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+            stream.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize(("protocol", "session_type"), [("imap", ImapSession), ("pop3", Pop3Session)])
+def test_tls_verifies_the_host_name_and_sends_it_as_sni(tmp_path, protocol, session_type):
+    tls = make_tls_files(tmp_path, ip_san=False)  # valid for "localhost" only, not for 127.0.0.1
+    server = ScriptedTlsServer(tls.server_context(), protocol)
+    policy = DestinationPolicy(parse_allowed(f"127.0.0.1:{server.port}"))
+    try:
+        options = {"ca_file": Path(tls.ca_file), "timeout": 5, "destinations": policy}
+        # "localhost" resolves to the allowed 127.0.0.1, and the certificate is checked for "localhost".
+        with pytest.raises(AuthenticationFailed), session_type("localhost", server.port, "tls", "u", "p", **options):
+            pass
+        assert server.sni == ["localhost"]
+        # The same address by its number: the certificate does not name it, so TLS fails.
+        by_number = session_type("127.0.0.1", server.port, "tls", "u", "p", **options)
+        with pytest.raises(ConnectionFailed, match="certificate verify failed"), by_number:
+            pass
+    finally:
+        server.close()
