@@ -40,6 +40,7 @@ from email_service import embedded, migrate  # noqa: E402
 from email_service.config import Settings  # noqa: E402
 from email_service.crypto import CredentialCipher  # noqa: E402
 from email_service.db import Database  # noqa: E402
+from email_service.protocols.destinations import DestinationPolicy, parse_allowed  # noqa: E402
 from email_service.queue import jobs  # noqa: E402
 from email_service.queue.connection import redis_from_url  # noqa: E402
 from email_service.services.accounts import create_account  # noqa: E402
@@ -178,6 +179,8 @@ def main() -> None:
         raw = raw_fetch(dovecot, user)
         mb = mbsync(dovecot, user, base)
 
+        # The private Dovecot is on loopback: open exactly its IMAPS port, by the name the account uses.
+        allowed = f"{dovecot.host}:{dovecot.imaps_port}"
         jwt_secret = "bench-" + "s" * 40
         key = Fernet.generate_key().decode()
         settings = Settings(
@@ -190,6 +193,7 @@ def main() -> None:
             credential_keys=(key,),
             storage_signing_key="bench-links-" + "k" * 32,
             ca_file=dovecot.ca_file,
+            destinations=DestinationPolicy(parse_allowed(allowed)),
         )
         with embedded.services(settings) as running:
             migrate.upgrade(running.database_url, running.db_app_role)
@@ -201,6 +205,7 @@ def main() -> None:
                 "CREDENTIAL_KEYS": key,
                 "EMAIL_SERVICE_DATA_DIR": str(running.data_dir),
                 "EMAIL_SERVICE_CA_FILE": str(dovecot.ca_file),
+                "EMAIL_SERVICE_ALLOWED_DESTINATIONS": allowed,
                 "EMAIL_SERVICE_LOG_LEVEL": "WARNING",
             }
             principal = Principal(uuid.uuid4(), uuid.uuid4())
@@ -220,6 +225,7 @@ def main() -> None:
                     "password": user.password,
                     "isSyncEnabled": False,
                 },
+                settings.destinations,
             )
             queue = Queue("sync", connection=redis_from_url(running.redis_url))
             sync_args = (account.id, str(principal.tenant_id), str(principal.user_id))
