@@ -39,6 +39,7 @@ from email_service.config import Settings  # noqa: E402
 from email_service.crypto import CredentialCipher  # noqa: E402
 from email_service.db import Database  # noqa: E402
 from email_service.models import Task, TaskKind, TaskStatus  # noqa: E402
+from email_service.protocols.destinations import DestinationPolicy, parse_allowed  # noqa: E402
 from email_service.queue import tasks  # noqa: E402
 from email_service.runtime import Runtime  # noqa: E402
 from email_service.services.accounts import create_account  # noqa: E402
@@ -181,6 +182,8 @@ def main() -> None:
         raw = raw_fetch(dovecot, user)
         mb = mbsync(dovecot, user, base)
 
+        # The private Dovecot is on loopback: open exactly its IMAPS port, by the name the account uses.
+        allowed = f"{dovecot.host}:{dovecot.imaps_port}"
         jwt_secret = "bench-" + "s" * 40
         key = Fernet.generate_key().decode()
         settings = Settings(
@@ -193,6 +196,7 @@ def main() -> None:
             credential_keys=(key,),
             storage_signing_key="bench-links-" + "k" * 32,
             ca_file=dovecot.ca_file,
+            destinations=DestinationPolicy(parse_allowed(allowed)),
         )
         with embedded.services(settings) as running:
             migrate.upgrade(running.database_url, running.db_app_role)
@@ -204,6 +208,7 @@ def main() -> None:
                 "CREDENTIAL_KEYS": key,
                 "EMAIL_SERVICE_DATA_DIR": str(running.data_dir),
                 "EMAIL_SERVICE_CA_FILE": str(dovecot.ca_file),
+                "EMAIL_SERVICE_ALLOWED_DESTINATIONS": allowed,
                 "EMAIL_SERVICE_LOG_LEVEL": "WARNING",
             }
             principal = Principal(uuid.uuid4(), uuid.uuid4())
@@ -223,6 +228,7 @@ def main() -> None:
                     "password": user.password,
                     "isSyncEnabled": False,
                 },
+                settings.destinations,
             )
             runtime = Runtime.build(running)
             first = tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account.id)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
+from email_service.protocols.destinations import DestinationPolicy, parse_allowed
+
 MIN_JWT_SECRET_BYTES = 32
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -64,6 +66,8 @@ class Settings:
     rate_limits_enabled: bool = True
     validate_responses: bool = False
     log_level: str = "INFO"
+    # Mail servers on non-public addresses the operator lets accounts reach (EMAIL_SERVICE_ALLOWED_DESTINATIONS).
+    destinations: DestinationPolicy = DestinationPolicy()
 
     @property
     def embedded_postgres(self) -> bool:
@@ -166,6 +170,15 @@ def _ca_file(env: Mapping[str, str]) -> Path | None:
     return path
 
 
+def _destinations(env: Mapping[str, str]) -> DestinationPolicy:
+    """Exceptions to the public-addresses-only rule for mail servers, e.g. ``10.0.0.0/8,mail.internal:993``."""
+    raw = env.get("EMAIL_SERVICE_ALLOWED_DESTINATIONS", "")
+    try:
+        return DestinationPolicy(parse_allowed(raw))
+    except ValueError as exc:
+        raise ConfigError(f"EMAIL_SERVICE_ALLOWED_DESTINATIONS: {exc}") from None
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     data_dir = Path(env.get("EMAIL_SERVICE_DATA_DIR") or "./var").resolve()
@@ -236,4 +249,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         rate_limits_enabled=_bool(env, "EMAIL_SERVICE_RATE_LIMITS", True),
         validate_responses=_bool(env, "EMAIL_SERVICE_VALIDATE_RESPONSES", False),
         log_level=log_level,
+        destinations=_destinations(env),
     )

@@ -18,10 +18,16 @@ from cryptography.fernet import Fernet
 from email_service.api.auth import TokenVerifier
 from email_service.config import Settings
 from email_service.db import sqlalchemy_url
+from email_service.protocols.destinations import DestinationPolicy, parse_allowed
 from email_service.tenancy import Principal
 
 JWT_SECRET = "test-secret-" + "x" * 40
 CREDENTIAL_KEY = Fernet.generate_key().decode()
+# The test Dovecot, aiosmtpd and the misbehaving servers of the failure tests all listen on
+# 127.0.0.1 (on ports chosen at run time): that one address, and nothing else, is opened.
+# ::1, 0.0.0.0 and the rest of 127.0.0.0/8 stay refused.
+ALLOWED_DESTINATIONS = "127.0.0.1"
+TEST_DESTINATIONS = DestinationPolicy(parse_allowed(ALLOWED_DESTINATIONS))
 
 
 def base_settings(data_dir: Path, **overrides: object) -> Settings:
@@ -38,6 +44,7 @@ def base_settings(data_dir: Path, **overrides: object) -> Settings:
         # One queued or running job per tenant: tests see the fairness limit at its tightest.
         tenant_concurrency=1,
         validate_responses=True,
+        destinations=TEST_DESTINATIONS,
     )
     values.update(overrides)
     return Settings(**values)
@@ -150,6 +157,7 @@ def service_env(settings: Settings | None, **extra: str) -> dict[str, str]:
             REDIS_URL=settings.redis_url,
             JWT_SECRET=settings.jwt_secret,
             CREDENTIAL_KEYS=",".join(settings.credential_keys),
+            EMAIL_SERVICE_ALLOWED_DESTINATIONS=",".join(str(entry) for entry in settings.destinations.allowed),
         )
     env.update(extra)
     return env

@@ -74,8 +74,8 @@ class TlsFiles:
         return ctx
 
 
-def make_tls_files(directory: Path) -> TlsFiles:
-    """Write a CA and a server certificate into ``directory``.
+def make_tls_files(directory: Path, *, ip_san: bool = True) -> TlsFiles:
+    """Write a CA and a server certificate into ``directory`` (without the IP SAN if not ``ip_san``).
 
     A real CA plus a leaf (rather than one self-signed leaf) so that clients doing strict X.509
     checks (CA:TRUE on the anchor, CA:FALSE and serverAuth on the leaf) accept it too.
@@ -123,7 +123,9 @@ def make_tls_files(directory: Path) -> TlsFiles:
         .not_valid_after(validity[1])
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(LOCALHOST), x509.IPAddress(ipaddress.ip_address(LOOPBACK))]),
+            x509.SubjectAlternativeName(
+                [x509.DNSName(LOCALHOST)] + ([x509.IPAddress(ipaddress.ip_address(LOOPBACK))] if ip_san else [])
+            ),
             critical=False,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

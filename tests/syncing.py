@@ -27,7 +27,10 @@ def sync_client(backing):
 
 @pytest.fixture(scope="session")
 def worker(backing, dovecot, tmp_path_factory):
-    """`email-service worker` as its own process, trusting the test servers' CA."""
+    """`email-service worker` as its own process, trusting the test servers' CA.
+
+    ``service_env`` hands it the tests' allow-list (127.0.0.1, where every test server listens).
+    """
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     env = worker_env(backing, dovecot)
     with log_path.open("wb") as log:

@@ -15,7 +15,7 @@ import uuid
 
 import httpx
 import psutil
-from helpers import ServiceProcess, service_env
+from helpers import ALLOWED_DESTINATIONS, ServiceProcess, service_env
 from messages import plain_message, to_bytes
 from syncing import imap_account
 from test_embedded import mint, processes_using
@@ -26,6 +26,7 @@ def embedded_env(data_dir, dovecot) -> dict:
         None,
         EMAIL_SERVICE_DATA_DIR=str(data_dir),
         EMAIL_SERVICE_CA_FILE=str(dovecot.ca_file),
+        EMAIL_SERVICE_ALLOWED_DESTINATIONS=ALLOWED_DESTINATIONS,
         EMAIL_SERVICE_WORKER_PROCESSES="1",
         EMAIL_SERVICE_RATE_LIMITS="false",
     )

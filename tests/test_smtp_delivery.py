@@ -9,10 +9,11 @@ from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
+from helpers import TEST_DESTINATIONS
 from mailservers import LOOPBACK, SmtpServer, free_port, make_tls_files
 
 from email_service.outgoing.build import build_message, new_message_id, wire_bytes
-from email_service.protocols.errors import AuthenticationFailed, MailServerError
+from email_service.protocols.errors import AuthenticationFailed, MailServerError, reply_line
 from email_service.protocols.smtp import (
     AmbiguousDeliveryError,
     PermanentDeliveryError,
@@ -43,7 +44,7 @@ def message_bytes(to: list[str], subject: str = "Hello from the service") -> byt
 
 
 def session(server: SmtpServer, *, password: str | None = None, **kwargs: object) -> SmtpSession:
-    options: dict = {"ca_file": Path(server.ca_file), "timeout": 10}
+    options: dict = {"ca_file": Path(server.ca_file), "timeout": 10, "destinations": TEST_DESTINATIONS}
     options.update(kwargs)
     host = server.host if server.encryption != "none" else server.ip
     return SmtpSession(
@@ -209,26 +210,50 @@ def test_untrusted_certificate_is_permanent(smtp_server, tmp_path: Path) -> None
 def test_starttls_not_offered_is_permanent_and_nothing_is_sent_in_clear(smtp_server) -> None:
     server = smtp_server("none")
     with pytest.raises(PermanentDeliveryError, match="does not offer STARTTLS"):
-        connect(SmtpSession(server.host, server.port, "starttls", server.username, server.password, timeout=10))
+        connect(
+            SmtpSession(
+                server.host,
+                server.port,
+                "starttls",
+                server.username,
+                server.password,
+                timeout=10,
+                destinations=TEST_DESTINATIONS,
+            )
+        )
     assert server.attempts == 0
 
 
 def test_implicit_tls_against_a_plain_server_is_permanent(smtp_server) -> None:
     server = smtp_server("none")
     with pytest.raises(PermanentDeliveryError, match="TLS"):
-        connect(SmtpSession(server.host, server.port, "tls", server.username, server.password, timeout=5))
+        connect(
+            SmtpSession(
+                server.host,
+                server.port,
+                "tls",
+                server.username,
+                server.password,
+                timeout=5,
+                destinations=TEST_DESTINATIONS,
+            )
+        )
 
 
 def test_connection_refused_is_temporary_with_readable_text() -> None:
     port = free_port()
     with pytest.raises(TemporaryDeliveryError) as failure:
-        connect(SmtpSession("localhost", port, "starttls", "user", "secret", timeout=5))
+        connect(SmtpSession("localhost", port, "starttls", "user", "secret", timeout=5, destinations=TEST_DESTINATIONS))
     assert str(failure.value) == f"connection refused by localhost:{port}"
 
 
 def test_unknown_host_is_temporary() -> None:
     with pytest.raises(TemporaryDeliveryError, match="host not found"):
-        connect(SmtpSession("no-such-host.invalid", 587, "starttls", "user", "secret", timeout=5))
+        connect(
+            SmtpSession(
+                "no-such-host.invalid", 587, "starttls", "user", "secret", timeout=5, destinations=TEST_DESTINATIONS
+            )
+        )
 
 
 def test_a_silent_server_times_out_as_temporary() -> None:
@@ -238,7 +263,7 @@ def test_a_silent_server_times_out_as_temporary() -> None:
         listener.listen(1)
         port = listener.getsockname()[1]
         with pytest.raises(TemporaryDeliveryError, match="did not answer in time"):
-            connect(SmtpSession(LOOPBACK, port, "none", "user", "secret", timeout=0.5))
+            connect(SmtpSession(LOOPBACK, port, "none", "user", "secret", timeout=0.5, destinations=TEST_DESTINATIONS))
 
 
 def test_a_server_that_hangs_up_is_temporary() -> None:
@@ -256,7 +281,7 @@ def test_a_server_that_hangs_up_is_temporary() -> None:
         thread = threading.Thread(target=greet_and_hang_up, daemon=True)
         thread.start()
         with pytest.raises(TemporaryDeliveryError, match="was lost"):
-            connect(SmtpSession(LOOPBACK, port, "none", "user", "secret", timeout=5))
+            connect(SmtpSession(LOOPBACK, port, "none", "user", "secret", timeout=5, destinations=TEST_DESTINATIONS))
         thread.join(5)
 
 
@@ -275,8 +300,38 @@ def test_greeting_with_554_is_permanent() -> None:
         thread = threading.Thread(target=refuse, daemon=True)
         thread.start()
         with pytest.raises(PermanentDeliveryError, match="554 5.7.1 No service for you"):
-            connect(SmtpSession(LOOPBACK, port, "none", "user", "secret", timeout=5))
+            connect(SmtpSession(LOOPBACK, port, "none", "user", "secret", timeout=5, destinations=TEST_DESTINATIONS))
         thread.join(5)
+
+
+def test_a_hostile_reply_is_shown_as_one_bounded_printable_line() -> None:
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def refuse() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                # A terminal escape that retitles the reader's window, then a flood.
+                conn.sendall(b"554 5.7.1 \x1b]0;owned\x07\xe2\x80\xaeNo" + b"A" * 5000 + b"\r\n")
+                conn.recv(1024)
+
+        thread = threading.Thread(target=refuse, daemon=True)
+        thread.start()
+        with pytest.raises(PermanentDeliveryError) as failure:
+            connect(SmtpSession(LOOPBACK, port, "none", "user", "secret", timeout=5, destinations=TEST_DESTINATIONS))
+        thread.join(5)
+    text = str(failure.value)
+    assert failure.value.code == 554
+    assert text.startswith("127.0.0.1 refused the connection: 554 5.7.1 ]0;owned NoAAAA")
+    assert text.endswith("A…") and len(text) < 260 and text.isprintable()
+
+
+def test_reply_lines_lose_control_characters_and_stay_short() -> None:
+    assert reply_line("550 5.7.1 \x1b[2J\x1b[31mDenied\r\n\x00 by \u202epolicy") == "550 5.7.1 [2J [31mDenied by policy"
+    assert reply_line(b"\xff\xfe 451 busy") == "\ufffd\ufffd 451 busy"
+    assert len(reply_line("5" * 10_000)) == 200
 
 
 def test_send_outside_the_session_and_bad_arguments(smtp_server) -> None:

@@ -6,7 +6,7 @@ import re
 import time
 
 import pytest
-from helpers import assert_error_shape
+from helpers import TEST_DESTINATIONS, assert_error_shape
 from mailservers import quote_mailbox
 from messages import plain_message, to_bytes
 from syncing import create_account, folders_by_name, imap_account, messages, run_sync
@@ -129,7 +129,13 @@ def test_a_sync_before_the_write_back_does_not_undo_the_change(client, user, dov
         time.sleep(1)
         assert "\\Seen" not in server_flags(dovecot, mail_user, "INBOX")
         with ImapSession(
-            dovecot.host, dovecot.imaps_port, "tls", mail_user.name, mail_user.password, ca_file=dovecot.ca_file
+            dovecot.host,
+            dovecot.imaps_port,
+            "tls",
+            mail_user.name,
+            mail_user.password,
+            ca_file=dovecot.ca_file,
+            destinations=TEST_DESTINATIONS,
         ) as session:
             store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
             result = ImapSync(store, session, lambda _: None, force=True).run()

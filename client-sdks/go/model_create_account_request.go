@@ -24,7 +24,7 @@ type CreateAccountRequest struct {
 	AccountName  string `json:"accountName" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
 	EmailAddress string `json:"emailAddress"`
 	Protocol     string `json:"protocol"`
-	// IMAP/POP3 server host name or IPv4 address
+	// IMAP/POP3 server host name or IPv4 address. It must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.
 	Hostname   string `json:"hostname" validate:"regexp=^[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62})(\\.[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62}))*\\.?$"`
 	Port       int32  `json:"port"`
 	Encryption string `json:"encryption"`
@@ -34,7 +34,7 @@ type CreateAccountRequest struct {
 	IsSyncEnabled *bool  `json:"isSyncEnabled,omitempty"`
 	// Minimum sync interval (seconds)
 	SyncInterval *int32 `json:"syncInterval,omitempty"`
-	// SMTP server for sending. Without it the account cannot send mail.
+	// SMTP server for sending. Without it the account cannot send mail. It must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.
 	SmtpHostname *string `json:"smtpHostname,omitempty" validate:"regexp=^[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62})(\\.[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62}))*\\.?$"`
 	// SMTP port (465 implicit TLS, 587 STARTTLS). Default 587.
 	SmtpPort *int32 `json:"smtpPort,omitempty"`

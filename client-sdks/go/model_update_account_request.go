@@ -20,16 +20,17 @@ var _ MappedNullable = &UpdateAccountRequest{}
 // UpdateAccountRequest struct for UpdateAccountRequest
 type UpdateAccountRequest struct {
 	AccountName *string `json:"accountName,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
-	Hostname    *string `json:"hostname,omitempty" validate:"regexp=^[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62})(\\.[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62}))*\\.?$"`
-	Port        *int32  `json:"port,omitempty"`
-	Encryption  *string `json:"encryption,omitempty"`
-	Username    *string `json:"username,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
+	// IMAP/POP3 server host name or IPv4 address. A changed host or port must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.
+	Hostname   *string `json:"hostname,omitempty" validate:"regexp=^[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62})(\\.[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62}))*\\.?$"`
+	Port       *int32  `json:"port,omitempty"`
+	Encryption *string `json:"encryption,omitempty"`
+	Username   *string `json:"username,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
 	// If provided, will be re-encrypted
 	Password      *string `json:"password,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
 	IsSyncEnabled *bool   `json:"isSyncEnabled,omitempty"`
 	SyncInterval  *int32  `json:"syncInterval,omitempty"`
 	IsEnabled     *bool   `json:"isEnabled,omitempty"`
-	// SMTP server for sending. Without it the account cannot send mail.
+	// SMTP server for sending. Without it the account cannot send mail. It must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.
 	SmtpHostname *string `json:"smtpHostname,omitempty" validate:"regexp=^[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62})(\\.[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62}))*\\.?$"`
 	// SMTP port (465 implicit TLS, 587 STARTTLS). Default 587.
 	SmtpPort *int32 `json:"smtpPort,omitempty"`

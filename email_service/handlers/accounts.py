@@ -53,7 +53,8 @@ def list_accounts(limit: int = 100, offset: int = 0) -> tuple[dict, int]:
 
 def create_account(body: dict[str, Any]) -> tuple[dict, int]:
     rt = runtime()
-    return account_view(service.create_account(rt.db, rt.cipher, principal(), body), set()), 201
+    account = service.create_account(rt.db, rt.cipher, principal(), body, rt.settings.destinations)
+    return account_view(account, set()), 201
 
 
 def get_account(account_id: str) -> tuple[dict, int]:
@@ -64,7 +65,7 @@ def get_account(account_id: str) -> tuple[dict, int]:
 
 def update_account(account_id: str, body: dict[str, Any]) -> tuple[dict, int]:
     rt = runtime()
-    account = service.update_account(rt.db, rt.cipher, principal(), account_id, body)
+    account = service.update_account(rt.db, rt.cipher, principal(), account_id, body, rt.settings.destinations)
     return account_view(account, service.syncing(rt, principal(), [account.id])), 200
 
 

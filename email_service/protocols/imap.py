@@ -16,7 +16,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError, describe
+from email_service.protocols.connect import imap_client
+from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError, describe, reply_line
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
 
@@ -73,15 +74,19 @@ class ImapSession(MailSession):
 
     def _open(self) -> None:
         context = client_context(self.ca_file)
-        if self.encryption == "tls":
-            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(self.host, self.port, ssl_context=context, timeout=self.timeout)
-        else:
-            conn = imaplib.IMAP4(self.host, self.port, timeout=self.timeout)
-            if self.encryption == "starttls":
-                if "STARTTLS" not in conn.capabilities:
-                    raise MailServerError(f"{self.host}:{self.port} does not offer STARTTLS")
-                conn.starttls(ssl_context=context)
-        self._conn = conn
+        conn = imap_client(
+            self.host,
+            self.port,
+            tls=self.encryption == "tls",
+            context=context,
+            timeout=self.timeout,
+            policy=self.destinations,
+        )
+        self._conn = conn  # set at once, so a failure below still closes the socket
+        if self.encryption == "starttls":
+            if "STARTTLS" not in conn.capabilities:
+                raise MailServerError(f"{self.host}:{self.port} does not offer STARTTLS")
+            conn.starttls(ssl_context=context)
         try:
             conn.login(self.username, self._password)
         except imaplib.IMAP4.error:
@@ -110,8 +115,8 @@ class ImapSession(MailSession):
         except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
             raise describe(exc, self.host, self.port) from None
         if typ != "OK":
-            detail = data[0].decode("utf-8", "replace") if data and isinstance(data[0], bytes) else typ
-            raise MailServerError(f"{self.host} refused {command} {' '.join(args[:1])}: {detail}")
+            detail = reply_line(data[0] if data and isinstance(data[0], bytes) else typ)
+            raise MailServerError(f"{self.host} refused {command} {reply_line(' '.join(args[:1]), 100)}: {detail}")
         return data
 
     def list_folders(self) -> list[bytes]:
@@ -142,7 +147,7 @@ class ImapSession(MailSession):
         except Exception as exc:  # noqa: BLE001
             raise describe(exc, self.host, self.port) from None
         if typ != "OK":
-            raise MailServerError(f"{self.host} cannot open folder {name}")
+            raise MailServerError(f"{self.host} cannot open folder {reply_line(name, 100)}")
         codes = conn.untagged_responses
 
         def code(key: str) -> int | None:
@@ -164,7 +169,7 @@ class ImapSession(MailSession):
         except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
             raise describe(exc, self.host, self.port) from None
         if typ != "OK":
-            raise MailServerError(f"{self.host} cannot open folder {name}")
+            raise MailServerError(f"{self.host} cannot open folder {reply_line(name, 100)}")
         uidvalidity = conn.untagged_responses.get("UIDVALIDITY", [None])[-1]
         return MailboxState(
             uidvalidity=int(uidvalidity or 0),
@@ -221,7 +226,7 @@ class ImapSession(MailSession):
         except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
             raise describe(exc, self.host, self.port) from None
         if typ != "OK":
-            raise MailServerError(f"{self.host} refused to store the message in {name}")
+            raise MailServerError(f"{self.host} refused to store the message in {reply_line(name, 100)}")
         found = re.search(rb"APPENDUID (\d+) (\d+)", response[0] or b"") if response else None
         return (int(found.group(1)), int(found.group(2))) if found else None
 

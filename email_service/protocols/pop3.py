@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import poplib
 
+from email_service.protocols.connect import pop3_client
 from email_service.protocols.errors import AuthenticationFailed, describe
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
@@ -12,13 +13,17 @@ from email_service.protocols.tls import client_context
 class Pop3Session(MailSession):
     def _open(self) -> None:
         context = client_context(self.ca_file)
-        if self.encryption == "tls":
-            conn: poplib.POP3 = poplib.POP3_SSL(self.host, self.port, context=context, timeout=self.timeout)
-        else:
-            conn = poplib.POP3(self.host, self.port, timeout=self.timeout)
-            if self.encryption == "starttls":
-                conn.stls(context=context)
-        self._conn = conn
+        conn = pop3_client(
+            self.host,
+            self.port,
+            tls=self.encryption == "tls",
+            context=context,
+            timeout=self.timeout,
+            policy=self.destinations,
+        )
+        self._conn = conn  # set at once, so a failure below still closes the socket
+        if self.encryption == "starttls":
+            conn.stls(context=context)
         try:
             conn.user(self.username)
             conn.pass_(self._password)

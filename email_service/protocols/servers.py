@@ -40,9 +40,12 @@ class MailServer:
                 ca_file=settings.ca_file,
                 timeout=settings.smtp_timeout_seconds,
                 data_timeout=settings.smtp_data_timeout_seconds,
+                destinations=settings.destinations,
             )
         session_type = ImapSession if self.protocol is Protocol.IMAP else Pop3Session
-        return session_type(*login, ca_file=settings.ca_file, timeout=settings.imap_timeout_seconds)
+        return session_type(
+            *login, ca_file=settings.ca_file, timeout=settings.imap_timeout_seconds, destinations=settings.destinations
+        )
 
     def imap(self, settings: Settings) -> ImapSession:
         if self.protocol is not Protocol.IMAP:
@@ -55,4 +58,5 @@ class MailServer:
             self.password,
             ca_file=settings.ca_file,
             timeout=settings.imap_timeout_seconds,
+            destinations=settings.destinations,
         )

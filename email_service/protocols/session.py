@@ -5,11 +5,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from email_service.protocols.destinations import DestinationPolicy
 from email_service.protocols.errors import MailServerError, describe
 
 
 class MailSession:
-    """A connection to a user's mail server, opened with ``with``; subclasses say how to open and quit."""
+    """A connection to a user's mail server, opened with ``with``; subclasses say how to open and quit.
+
+    Every connection goes through ``protocols.connect``, which applies ``destinations``.
+    """
 
     def __init__(
         self,
@@ -21,8 +25,11 @@ class MailSession:
         *,
         ca_file: Path | None = None,
         timeout: float = 60.0,
+        destinations: DestinationPolicy | None = None,
     ) -> None:
         self.host, self.port = host, port
+        # Without a policy from the settings only public addresses are reachable.
+        self.destinations = destinations or DestinationPolicy()
         self.encryption = encryption
         self.username = username
         self._password = password

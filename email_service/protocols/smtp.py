@@ -23,7 +23,15 @@ from typing import Any
 
 import idna
 
-from email_service.protocols.errors import AuthenticationFailed, MailServerError, describe
+from email_service.protocols.connect import smtp_client
+from email_service.protocols.destinations import DestinationPolicy, DestinationRefused
+from email_service.protocols.errors import (
+    AuthenticationFailed,
+    MailServerError,
+    UnexpectedGreeting,
+    describe,
+    reply_line,
+)
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
 
@@ -70,9 +78,8 @@ class SendOutcome:
 
 
 def _text(reply: bytes | str) -> str:
-    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
-    # smtplib joins multi-line replies with "\n"; one line reads better in an error message.
-    return " ".join(text.split())
+    # smtplib joins multi-line replies with "\n"; one bounded, printable line is what users and logs see.
+    return reply_line(reply)
 
 
 def _envelope_address(value: str) -> str:
@@ -106,8 +113,11 @@ class SmtpSession(MailSession):
         timeout: float = 60.0,
         data_timeout: float = 600.0,
         helo_name: str | None = None,
+        destinations: DestinationPolicy | None = None,
     ) -> None:
-        super().__init__(host, port, encryption, username, password, ca_file=ca_file, timeout=timeout)
+        super().__init__(
+            host, port, encryption, username, password, ca_file=ca_file, timeout=timeout, destinations=destinations
+        )
         self.helo_name = helo_name
         self.data_timeout = data_timeout
 
@@ -126,11 +136,15 @@ class SmtpSession(MailSession):
         # A placeholder local_hostname, replaced once connected: without one smtplib calls
         # socket.getfqdn(), a DNS lookup no socket timeout bounds. The constructor connects,
         # reads the greeting and raises SMTPConnectError on anything but 220.
-        args = (self.host, self.port, "localhost")
-        if self.encryption == "tls":
-            conn: smtplib.SMTP = smtplib.SMTP_SSL(*args, timeout=self.timeout, context=context)
-        else:
-            conn = smtplib.SMTP(*args, timeout=self.timeout)
+        conn = smtp_client(
+            self.host,
+            self.port,
+            tls=self.encryption == "tls",
+            context=context,
+            timeout=self.timeout,
+            policy=self.destinations,
+            local_hostname="localhost",
+        )
         self._conn = conn
         conn.local_hostname = self.helo_name or _address_literal(conn.sock)
         conn.ehlo_or_helo_if_needed()
@@ -163,7 +177,7 @@ class SmtpSession(MailSession):
         except smtplib.SMTPException:  # "no suitable method", or AUTH not really supported
             raise PermanentDeliveryError(
                 f"{self.host} offers no authentication method this service supports "
-                f"({conn.esmtp_features.get('auth', '').strip()})"
+                f"({reply_line(conn.esmtp_features.get('auth', ''), 100)})"
             ) from None
 
     def _login_utf8(self, conn: smtplib.SMTP) -> None:
@@ -288,13 +302,16 @@ class SmtpSession(MailSession):
 
     def _scrub(self, code: int, reply: bytes | str) -> str:
         # Servers have no business echoing credentials, but a reply is shown to users and logged.
-        text = f"{code} {_text(reply)}"
+        text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
         if self._password:
             text = text.replace(self._password, "***")
-        return text
+        return f"{code} {_text(text)}"
 
     def _classify(self, exc: BaseException) -> MailServerError:
         where = f"{self.host}:{self.port}"
+        if isinstance(exc, DestinationRefused | UnexpectedGreeting):
+            # Neither changes until the account's settings (or the operator's allow-list) do.
+            return PermanentDeliveryError(str(exc))
         if isinstance(exc, MailServerError):
             return exc
         if isinstance(exc, smtplib.SMTPRecipientsRefused):
@@ -318,11 +335,11 @@ class SmtpSession(MailSession):
             # Certificates and protocol mismatches stay as they are until someone changes them.
             return PermanentDeliveryError(str(describe(exc, self.host, self.port)))
         if isinstance(exc, smtplib.SMTPException):
-            return PermanentDeliveryError(f"{where} broke the SMTP protocol: {exc}")
+            return PermanentDeliveryError(f"{where} broke the SMTP protocol: {reply_line(str(exc))}")
         if isinstance(exc, OSError | EOFError):
             return TemporaryDeliveryError(str(describe(exc, self.host, self.port)))
         if isinstance(exc, ValueError | UnicodeError):
-            return PermanentDeliveryError(f"cannot send through {where}: {exc}")
+            return PermanentDeliveryError(f"cannot send through {where}: {reply_line(str(exc))}")
         return TemporaryDeliveryError(str(describe(exc, self.host, self.port)))
 
 

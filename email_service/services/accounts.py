@@ -16,6 +16,8 @@ from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.errors import BadRequestError, ConflictError, NotFoundError
 from email_service.models import Account, TaskKind
+from email_service.protocols import destinations as destination_policy
+from email_service.protocols.destinations import DestinationPolicy
 from email_service.queue import tasks
 from email_service.runtime import Runtime
 from email_service.tenancy import Principal
@@ -69,7 +71,36 @@ def _apply(account: Account, body: Mapping[str, Any], cipher: CredentialCipher) 
             setattr(account, column, cipher.encrypt(body[field]))
 
 
-def create_account(db: Database, cipher: CredentialCipher, principal: Principal, body: Mapping[str, Any]) -> Account:
+def check_destinations(account: Account, policy: DestinationPolicy, changed: Mapping[str, Any] | None = None) -> None:
+    """Refuse an account whose IMAP/POP3 or SMTP server is on a network the service must not reach.
+
+    The same policy is applied again before every connection (``protocols.connect``); refusing
+    here tells the user at once, instead of through a failed task later.
+    """
+    servers = (
+        ("hostname", account.hostname, account.port, ("hostname", "port")),
+        ("smtpHostname", account.smtp_hostname, account.smtp_port or 587, ("smtpHostname", "smtpPort")),
+    )
+    for field, host, port, fields in servers:
+        if not host or (changed is not None and not any(name in changed for name in fields)):
+            continue
+        try:
+            destination_policy.check(host, port, policy)
+        except destination_policy.DestinationRefused:
+            message = (
+                f"{field} {host}:{port} is not allowed: mail servers must be on public addresses "
+                "(loopback, private, link-local and reserved networks are refused)"
+            )
+            raise BadRequestError(message, code="DESTINATION_NOT_ALLOWED") from None
+
+
+def create_account(
+    db: Database,
+    cipher: CredentialCipher,
+    principal: Principal,
+    body: Mapping[str, Any],
+    destinations: DestinationPolicy | None = None,
+) -> Account:
     account = Account(
         id=_new_id(),
         tenant_id=principal.tenant_id,
@@ -84,6 +115,7 @@ def create_account(db: Database, cipher: CredentialCipher, principal: Principal,
     )
     account.updated_at = account.created_at
     _apply(account, body, cipher)
+    check_destinations(account, destinations or DestinationPolicy())
     try:
         with db.tenant_session(principal) as session:
             session.add(account)
@@ -122,11 +154,19 @@ def get_account(db: Database, principal: Principal, account_id: str) -> Account:
 
 
 def update_account(
-    db: Database, cipher: CredentialCipher, principal: Principal, account_id: str, body: Mapping[str, Any]
+    db: Database,
+    cipher: CredentialCipher,
+    principal: Principal,
+    account_id: str,
+    body: Mapping[str, Any],
+    destinations: DestinationPolicy | None = None,
 ) -> Account:
     with db.tenant_session(principal) as session:
         account = _owned(session, account_id)
         _apply(account, body, cipher)
+        # Only a changed host or port is checked: an operator's narrower allow-list must not
+        # keep users from renaming an account (the connection is refused anyway).
+        check_destinations(account, destinations or DestinationPolicy(), changed=body)
         account.updated_at = _now()
         if RETRY_NOW_FIELDS.intersection(body) or body.get("isEnabled") or body.get("isSyncEnabled"):
             # Someone changed what the failing sync depended on: try again now, not after the backoff.

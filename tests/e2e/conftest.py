@@ -102,6 +102,7 @@ class Deployment:
 @pytest.fixture(scope="module")
 def deployment(backing, dovecot, s3_server, tmp_path_factory) -> Iterator[Deployment]:
     directory = tmp_path_factory.mktemp("deployment")
+    # service_env passes the tests' allow-list: 127.0.0.1 only, where Dovecot and aiosmtpd listen.
     env = service_env(
         backing,
         EMAIL_SERVICE_CA_FILE=str(dovecot.ca_file),

@@ -31,14 +31,14 @@ class CreateAccountRequest(BaseModel):
     account_name: Annotated[str, Field(min_length=1, strict=True, max_length=255)] = Field(alias="accountName", json_schema_extra={"examples": ["Work Email"]})
     email_address: StrictStr = Field(alias="emailAddress", json_schema_extra={"examples": ["user@company.com"]})
     protocol: StrictStr
-    hostname: Annotated[str, Field(min_length=1, strict=True, max_length=253)] = Field(description="IMAP/POP3 server host name or IPv4 address", json_schema_extra={"examples": ["imap.company.com"]})
+    hostname: Annotated[str, Field(min_length=1, strict=True, max_length=253)] = Field(description="IMAP/POP3 server host name or IPv4 address. It must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.", json_schema_extra={"examples": ["imap.company.com"]})
     port: Annotated[int, Field(le=65535, strict=True, ge=1)] = Field(json_schema_extra={"examples": [993]})
     encryption: StrictStr
     username: Annotated[str, Field(min_length=1, strict=True, max_length=320)] = Field(json_schema_extra={"examples": ["user@company.com"]})
     password: Annotated[str, Field(min_length=8, strict=True, max_length=1024)] = Field(description="Stored encrypted with an authenticated, reversible cipher (Fernet) under the service's credential keys; never returned or logged.", json_schema_extra={"examples": ["SecurePassword123!"]})
     is_sync_enabled: Optional[StrictBool] = Field(default=True, alias="isSyncEnabled")
     sync_interval: Optional[Annotated[int, Field(le=604800, strict=True, ge=60)]] = Field(default=300, description="Minimum sync interval (seconds)", alias="syncInterval")
-    smtp_hostname: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=253)]] = Field(default=None, description="SMTP server for sending. Without it the account cannot send mail.", alias="smtpHostname", json_schema_extra={"examples": ["smtp.company.com"]})
+    smtp_hostname: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=253)]] = Field(default=None, description="SMTP server for sending. Without it the account cannot send mail. It must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.", alias="smtpHostname", json_schema_extra={"examples": ["smtp.company.com"]})
     smtp_port: Optional[Annotated[int, Field(le=65535, strict=True, ge=1)]] = Field(default=None, description="SMTP port (465 implicit TLS, 587 STARTTLS). Default 587.", alias="smtpPort", json_schema_extra={"examples": [587]})
     smtp_encryption: Optional[StrictStr] = Field(default=None, description="SMTP encryption. Default starttls.", alias="smtpEncryption")
     smtp_username: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=320)]] = Field(default=None, description="SMTP login; the account's username when omitted", alias="smtpUsername")

@@ -29,7 +29,7 @@ class UpdateAccountRequest(BaseModel):
     UpdateAccountRequest
     """ # noqa: E501
     account_name: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=255)]] = Field(default=None, alias="accountName")
-    hostname: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=253)]] = None
+    hostname: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=253)]] = Field(default=None, description="IMAP/POP3 server host name or IPv4 address. A changed host or port must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.")
     port: Optional[Annotated[int, Field(le=65535, strict=True, ge=1)]] = None
     encryption: Optional[StrictStr] = None
     username: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=320)]] = None
@@ -37,7 +37,7 @@ class UpdateAccountRequest(BaseModel):
     is_sync_enabled: Optional[StrictBool] = Field(default=None, alias="isSyncEnabled")
     sync_interval: Optional[Annotated[int, Field(le=604800, strict=True, ge=60)]] = Field(default=None, alias="syncInterval")
     is_enabled: Optional[StrictBool] = Field(default=None, alias="isEnabled")
-    smtp_hostname: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=253)]] = Field(default=None, description="SMTP server for sending. Without it the account cannot send mail.", alias="smtpHostname", json_schema_extra={"examples": ["smtp.company.com"]})
+    smtp_hostname: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=253)]] = Field(default=None, description="SMTP server for sending. Without it the account cannot send mail. It must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.", alias="smtpHostname", json_schema_extra={"examples": ["smtp.company.com"]})
     smtp_port: Optional[Annotated[int, Field(le=65535, strict=True, ge=1)]] = Field(default=None, description="SMTP port (465 implicit TLS, 587 STARTTLS). Default 587.", alias="smtpPort", json_schema_extra={"examples": [587]})
     smtp_encryption: Optional[StrictStr] = Field(default=None, description="SMTP encryption. Default starttls.", alias="smtpEncryption")
     smtp_username: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=320)]] = Field(default=None, description="SMTP login; the account's username when omitted", alias="smtpUsername")

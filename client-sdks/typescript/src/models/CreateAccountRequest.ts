@@ -32,7 +32,7 @@ export interface CreateAccountRequest {
      */
     protocol: CreateAccountRequestProtocolEnum;
     /**
-     * IMAP/POP3 server host name or IPv4 address
+     * IMAP/POP3 server host name or IPv4 address. It must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.
      */
     hostname: string;
     /**
@@ -60,7 +60,7 @@ export interface CreateAccountRequest {
      */
     syncInterval?: number;
     /**
-     * SMTP server for sending. Without it the account cannot send mail.
+     * SMTP server for sending. Without it the account cannot send mail. It must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.
      */
     smtpHostname?: string;
     /**

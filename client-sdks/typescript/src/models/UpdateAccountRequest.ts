@@ -24,7 +24,7 @@ export interface UpdateAccountRequest {
      */
     accountName?: string;
     /**
-     * 
+     * IMAP/POP3 server host name or IPv4 address. A changed host or port must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.
      */
     hostname?: string;
     /**
@@ -56,7 +56,7 @@ export interface UpdateAccountRequest {
      */
     isEnabled?: boolean;
     /**
-     * SMTP server for sending. Without it the account cannot send mail.
+     * SMTP server for sending. Without it the account cannot send mail. It must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.
      */
     smtpHostname?: string;
     /**
