@@ -22,7 +22,7 @@ from email_service.api.body_limit import BodyLimitMiddleware
 from email_service.api.rate_limit import RateLimitMiddleware, UserRateLimiter, rules_from_spec
 from email_service.api.resolver import TagResolver, handler_path
 from email_service.api.scope import ScopeValuesMiddleware
-from email_service.api.validation import SafeJSONRequestBodyValidator
+from email_service.api.validation import SafeJSONRequestBodyValidator, SafeParameterValidator
 from email_service.runtime import Runtime
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "spec" / "openapi.yaml"
@@ -82,6 +82,7 @@ def create_app(runtime: Runtime) -> FlaskApp:
         __name__,
         specification_dir=str(SPEC_PATH.parent),
         validator_map={
+            "parameter": SafeParameterValidator,
             "body": MediaTypeDict({**VALIDATOR_MAP["body"], "*/*json": SafeJSONRequestBodyValidator}),
         },
         swagger_ui_options=SwaggerUIOptions(swagger_ui_path="/docs"),

@@ -31,6 +31,9 @@ TITLES = {
     503: ("Service unavailable", "DEPENDENCY_UNAVAILABLE"),
 }
 RATE_LIMIT_HEADERS_KEY = "email_service.rate_limit_headers"
+# Messages may quote what a caller sent (an id, a path); beyond this length they are cut, so an
+# error never mirrors a large input back.
+MAX_MESSAGE_CHARS = 240
 UNAUTHORIZED_MESSAGE = "Missing or invalid authentication credentials"
 
 
@@ -50,6 +53,8 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> ConnexionResponse:
     title, default_code = TITLES.get(status, ("Error", "ERROR"))
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
     body = {
         "error": error or title,
         "message": message,

@@ -1,0 +1,115 @@
+"""Hostile requests against the running service (`email-service serve` under uvicorn).
+
+Every one must end in a clean 4xx ErrorResponse that names the field and the rule, never a 500,
+a trace in the log, the JSON schema, or the caller's input echoed back.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+from helpers import ServiceProcess, User, account_body, assert_error_shape, service_env
+
+
+@pytest.fixture(scope="module")
+def service(backing, tmp_path_factory):
+    process = ServiceProcess(service_env(backing), tmp_path_factory.mktemp("hostile"))
+    try:
+        process.wait_healthy()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def api(service):
+    with httpx.Client(base_url=service.url, timeout=30) as client:
+        yield client
+
+
+def raw_request(service: ServiceProcess, data: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are (no client library normalises them); the status and the whole answer."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    answer = b"".join(chunks)
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+def assert_no_echo(body: dict) -> None:
+    """No schema dump, no trace: the message is one short line."""
+    message = body["message"]
+    assert "Failed validating" not in message and "schema" not in message.lower(), message
+    assert "\n" not in message and len(message) < 200, message
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("limit=-5", "query parameter limit must be at least 1"),
+        ("limit=0", "query parameter limit must be at least 1"),
+        ("limit=100000", "query parameter limit must be at most 1000"),
+        ("limit=abc", "query parameter limit must be of type integer"),
+        ("offset=-1", "query parameter offset must be at least 0"),
+    ],
+)
+def test_query_errors_name_the_parameter_and_the_rule(api, verifier, query, expected):
+    body = assert_error_shape(api.get(f"/api/accounts?{query}", headers=User(verifier).headers), 400)
+    assert body["message"] == expected
+    assert_no_echo(body)
+
+
+def test_unknown_query_parameters_are_named_briefly(api, verifier):
+    name = "x" * 5000
+    body = assert_error_shape(api.get(f"/api/accounts?{name}=1", headers=User(verifier).headers), 400)
+    assert body["message"].startswith("unknown query parameter: xxxx")
+    assert_no_echo(body)
+
+
+def test_long_ids_and_paths_are_not_mirrored(api, verifier):
+    user = User(verifier)
+    long_id = "c" * 3000
+    for path in (f"/api/accounts/{long_id}", f"/api/{long_id}/folders", f"/no/such/{long_id}"):
+        response = api.get(path, headers=user.headers)
+        body = assert_error_shape(response, 404)
+        assert long_id not in response.text and len(body["message"]) <= 240
+
+
+HOSTILE_BODIES = {
+    "deeply-nested": b"[" * 100_000 + b"]" * 100_000,
+    "nested-just-over-the-limit": b'{"accountName":' + b"[" * 40 + b"]" * 40 + b"}",
+    "lone-surrogate": b'{"accountName": "\\ud800", "emailAddress": "a@example.com"}',
+    "lone-surrogate-key": b'{"\\udfff": 1}',
+    "huge-integer": b'{"port": ' + b"9" * 5000 + b"}",
+    "truncated": b'{"accountName": "x", ',
+    "not-utf8": b'{"accountName": "\xc3\x28"}',
+    "nul-bytes": b"\x00" * 100,
+}
+
+
+@pytest.mark.parametrize("raw", list(HOSTILE_BODIES.values()), ids=list(HOSTILE_BODIES))
+def test_hostile_json_bodies_are_400_without_a_trace(api, service, verifier, raw):
+    response = api.post(
+        "/api/accounts", content=raw, headers={**User(verifier).headers, "Content-Type": "application/json"}
+    )
+    body = assert_error_shape(response, 400)
+    assert_no_echo(body)
+    assert "Traceback" not in service.log()
+
+
+def test_a_lone_surrogate_in_an_update_is_400(api, service, verifier):
+    user = User(verifier)
+    account = api.post("/api/accounts", json=account_body(), headers=user.headers).json()
+    response = api.put(
+        f"/api/accounts/{account['id']}",
+        content=b'{"accountName": "ok\\udc80"}',
+        headers={**user.headers, "Content-Type": "application/json"},
+    )
+    assert_error_shape(response, 400)
+    assert api.get(f"/api/accounts/{account['id']}", headers=user.headers).json()["accountName"] == "Work Email"
+    assert "Traceback" not in service.log()
