@@ -33,7 +33,6 @@ def raw_request(service: ServiceProcess, data: bytes) -> tuple[int, bytes]:
     """Send bytes as they are (no client library normalises them); the status and the whole answer."""
     with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
         sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
@@ -113,3 +112,22 @@ def test_a_lone_surrogate_in_an_update_is_400(api, service, verifier):
     assert_error_shape(response, 400)
     assert api.get(f"/api/accounts/{account['id']}", headers=user.headers).json()["accountName"] == "Work Email"
     assert "Traceback" not in service.log()
+
+
+@pytest.mark.parametrize("path", ["/api/accounts/", "/api/accounts/abc/", "/health/", "/api/sync/task/x/"])
+def test_trailing_slashes_answer_404_and_never_redirect_by_host(service, verifier, path):
+    token = User(verifier).token
+    status, answer = raw_request(
+        service,
+        f"GET {path} HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {token}\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    assert status == 404, answer[:300]
+    assert b"evil.example" not in answer and b"location:" not in answer.lower()
+
+
+def test_the_docs_redirect_is_relative(service):
+    status, answer = raw_request(service, b"GET /docs HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+    assert status == 307
+    assert b"location: /docs/\r\n" in answer.lower() and b"evil.example" not in answer
+    assert httpx.get(service.url + "/docs/", timeout=10).status_code == 200

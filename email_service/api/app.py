@@ -19,6 +19,7 @@ from flask import abort, request
 from email_service.api import errors
 from email_service.api.auth import RUNTIME_SCOPE_KEY, TokenVerifier
 from email_service.api.body_limit import BodyLimitMiddleware
+from email_service.api.paths import TrailingSlashMiddleware
 from email_service.api.rate_limit import RateLimitMiddleware, UserRateLimiter, rules_from_spec
 from email_service.api.resolver import TagResolver, handler_path
 from email_service.api.scope import ScopeValuesMiddleware
@@ -26,6 +27,7 @@ from email_service.api.validation import SafeJSONRequestBodyValidator, SafeParam
 from email_service.runtime import Runtime
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "spec" / "openapi.yaml"
+DOCS_PATH = "/docs"
 RUNTIME_KEY = "email_service"
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
@@ -85,7 +87,7 @@ def create_app(runtime: Runtime) -> FlaskApp:
             "parameter": SafeParameterValidator,
             "body": MediaTypeDict({**VALIDATOR_MAP["body"], "*/*json": SafeJSONRequestBodyValidator}),
         },
-        swagger_ui_options=SwaggerUIOptions(swagger_ui_path="/docs"),
+        swagger_ui_options=SwaggerUIOptions(swagger_ui_path=DOCS_PATH),
     )
     # Service errors raised in handlers must reach Connexion's error handlers, not Flask's 500 page.
     app.app.config["PROPAGATE_EXCEPTIONS"] = True
@@ -101,6 +103,9 @@ def create_app(runtime: Runtime) -> FlaskApp:
     limiter = None
     if settings.rate_limits_enabled:
         limiter = UserRateLimiter(rules_from_spec(spec, handler_path), settings.redis_url)
+    app.add_middleware(
+        TrailingSlashMiddleware, position=MiddlewarePosition.BEFORE_SWAGGER, exempt_prefixes=(DOCS_PATH + "/",)
+    )
     app.add_middleware(
         ScopeValuesMiddleware,
         position=MiddlewarePosition.BEFORE_EXCEPTION,
