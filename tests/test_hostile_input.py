@@ -6,6 +6,7 @@ a trace in the log, the JSON schema, or the caller's input echoed back.
 
 from __future__ import annotations
 
+import json
 import socket
 
 import httpx
@@ -131,3 +132,55 @@ def test_the_docs_redirect_is_relative(service):
     assert status == 307
     assert b"location: /docs/\r\n" in answer.lower() and b"evil.example" not in answer
     assert httpx.get(service.url + "/docs/", timeout=10).status_code == 200
+
+
+def chunked(data: bytes, size: int = 7) -> bytes:
+    parts = [b"%x\r\n%s\r\n" % (len(data[i : i + size]), data[i : i + size]) for i in range(0, len(data), size)]
+    return b"".join(parts) + b"0\r\n\r\n"
+
+
+def test_chunked_bodies_are_read(service, verifier):
+    user = User(verifier)
+    body = json.dumps(account_body(accountName="Chunked")).encode()
+    head = (
+        f"POST /api/accounts HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {user.token}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode()
+    status, answer = raw_request(service, head + chunked(body))
+    assert status == 201, answer[-500:]
+    listed = httpx.get(service.url + "/api/accounts", headers=user.headers, timeout=10).json()
+    assert [a["accountName"] for a in listed["accounts"]] == ["Chunked"]
+
+
+def test_chunked_bodies_over_the_limit_are_413(api, verifier):
+    def chunks():
+        yield b'{"accountName": "'
+        for _ in range(40):
+            yield b"x" * 65536
+
+    response = api.post(
+        "/api/accounts", content=chunks(), headers={**User(verifier).headers, "Content-Type": "application/json"}
+    )
+    assert_error_shape(response, 413, "PAYLOAD_TOO_LARGE")
+
+
+def test_chunked_uploads_are_read(api, verifier):
+    user = User(verifier)
+    account = api.post("/api/accounts", json=account_body(), headers=user.headers).json()
+    boundary = "b0undary"
+    payload = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n'
+        f"Content-Type: text/plain\r\n\r\nhello chunked\r\n--{boundary}--\r\n"
+    ).encode()
+
+    def chunks():
+        for i in range(0, len(payload), 10):
+            yield payload[i : i + 10]
+
+    response = api.post(
+        f"/api/{account['id']}/attachments",
+        content=chunks(),
+        headers={**user.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["size"] == len(b"hello chunked")
