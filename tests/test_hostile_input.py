@@ -7,6 +7,7 @@ a trace in the log, the JSON schema, or the caller's input echoed back.
 from __future__ import annotations
 
 import json
+import select
 import socket
 
 import httpx
@@ -31,9 +32,18 @@ def api(service):
 
 
 def raw_request(service: ServiceProcess, data: bytes) -> tuple[int, bytes]:
-    """Send bytes as they are (no client library normalises them); the status and the whole answer."""
+    """Send bytes as they are (no client library normalises them); the status and the whole answer.
+
+    Sending stops once the server answers, as a server that refuses early closes the connection.
+    """
     with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
-        sock.sendall(data)
+        for start in range(0, len(data), 65536):
+            if select.select([sock], [], [], 0)[0]:
+                break
+            try:
+                sock.sendall(data[start : start + 65536])
+            except (BrokenPipeError, ConnectionResetError):
+                break
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
@@ -184,3 +194,35 @@ def test_chunked_uploads_are_read(api, verifier):
     )
     assert response.status_code == 201, response.text
     assert response.json()["size"] == len(b"hello chunked")
+
+
+@pytest.mark.parametrize("size", [40_000, 10_600_000], ids=["40KB", "10.6MB"])
+def test_header_blocks_over_the_limit_are_431(service, verifier, size):
+    token = User(verifier).token
+    head = f"GET /api/accounts HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+    padding = f"X-Padding: {'p' * size}\r\n"
+    status, answer = raw_request(service, (head + padding + "Connection: close\r\n\r\n").encode())
+    assert status == 431, answer[:300]
+    header, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in header.lower()
+    assert json.loads(body)["code"] == "HEADERS_TOO_LARGE"
+    assert len(answer) < 1000
+    # The service is still up and serves the next request.
+    assert httpx.get(service.url + "/api/accounts", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_a_large_authorization_header_is_431(api, verifier):
+    response = api.get("/api/accounts", headers={"Authorization": "Bearer " + "a" * 10_600_000})
+    body = assert_error_shape(response, 431, "HEADERS_TOO_LARGE")
+    assert body["message"] == "Request headers exceed 32768 bytes"
+
+
+def test_headers_within_the_limit_are_served(api, verifier):
+    headers = {**User(verifier).headers, "X-Padding": "p" * 20_000}
+    assert api.get("/api/accounts", headers=headers).status_code == 200
+
+
+def test_requests_that_are_not_http_get_an_error_response(service):
+    status, answer = raw_request(service, b"GET /api/accounts HTTP/1.1\r\nHost 127.0.0.1\r\n\r\n")
+    assert status == 400
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["code"] == "VALIDATION_ERROR"

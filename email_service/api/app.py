@@ -19,6 +19,7 @@ from flask import abort, request
 from email_service.api import errors
 from email_service.api.auth import RUNTIME_SCOPE_KEY, TokenVerifier
 from email_service.api.body_limit import BodyLimitMiddleware
+from email_service.api.header_limit import HeaderLimitMiddleware
 from email_service.api.paths import TrailingSlashMiddleware
 from email_service.api.rate_limit import RateLimitMiddleware, UserRateLimiter, rules_from_spec
 from email_service.api.resolver import TagResolver, handler_path
@@ -103,6 +104,9 @@ def create_app(runtime: Runtime) -> FlaskApp:
     limiter = None
     if settings.rate_limits_enabled:
         limiter = UserRateLimiter(rules_from_spec(spec, handler_path), settings.redis_url)
+    app.add_middleware(
+        HeaderLimitMiddleware, position=MiddlewarePosition.BEFORE_SWAGGER, max_bytes=settings.max_header_bytes
+    )
     app.add_middleware(
         TrailingSlashMiddleware, position=MiddlewarePosition.BEFORE_SWAGGER, exempt_prefixes=(DOCS_PATH + "/",)
     )
