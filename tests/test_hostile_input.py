@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import select
 import socket
+import time
+import uuid
 
 import httpx
+import jwt
 import pytest
-from helpers import ServiceProcess, User, account_body, assert_error_shape, service_env
+from helpers import JWT_SECRET, ServiceProcess, User, account_body, assert_error_shape, service_env
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +229,40 @@ def test_requests_that_are_not_http_get_an_error_response(service):
     status, answer = raw_request(service, b"GET /api/accounts HTTP/1.1\r\nHost 127.0.0.1\r\n\r\n")
     assert status == 400
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["code"] == "VALIDATION_ERROR"
+
+
+def token_for(claims: dict) -> str:
+    return jwt.encode({"exp": int(time.time()) + 600, **claims}, JWT_SECRET, algorithm="HS256")
+
+
+def test_a_bearer_token_with_identity_headers_of_another_user_is_401(api, verifier):
+    alice, bob = User(verifier), User(verifier)
+    api.post("/api/accounts", json=account_body(), headers=alice.headers)
+    ids = {"X-Tenant-ID": str(bob.principal.tenant_id), "X-User-ID": str(bob.principal.user_id)}
+    for headers in (
+        {**alice.headers, **ids},
+        {**alice.headers, "X-User-ID": str(bob.principal.user_id)},
+        {**alice.headers, "X-Tenant-ID": str(bob.principal.tenant_id)},
+        {**alice.headers, "X-User-ID": "not-a-uuid"},
+        # Both schemes at once, for two users: neither identity is served.
+        {**alice.headers, "X-Auth-Token": bob.token, **ids},
+        {
+            **alice.headers,
+            "X-Auth-Token": bob.token,
+            "X-Tenant-ID": str(alice.principal.tenant_id),
+            "X-User-ID": str(alice.principal.user_id),
+        },
+    ):
+        body = assert_error_shape(api.get("/api/accounts", headers=headers), 401, "UNAUTHORIZED")
+        assert body["message"] == "Missing or invalid authentication credentials"
+    own = {"X-Tenant-ID": str(alice.principal.tenant_id), "X-User-ID": str(alice.principal.user_id)}
+    served = api.get("/api/accounts", headers={**alice.headers, **own, "X-Auth-Token": alice.token})
+    assert served.status_code == 200 and served.json()["pagination"]["total"] == 1
+
+
+def test_a_token_for_another_audience_is_401_when_none_is_configured(api):
+    user = {"sub": str(uuid.uuid4()), "tenant_id": str(uuid.uuid4())}
+    other = {"Authorization": f"Bearer {token_for({**user, 'aud': 'other-service'})}"}
+    assert_error_shape(api.get("/api/accounts", headers=other), 401, "UNAUTHORIZED")
+    plain = {"Authorization": f"Bearer {token_for(user)}"}
+    assert api.get("/api/accounts", headers=plain).status_code == 200
