@@ -14,8 +14,13 @@ import uuid
 
 import httpx
 import jwt
+import psycopg
 import pytest
-from helpers import JWT_SECRET, ServiceProcess, User, account_body, assert_error_shape, service_env
+from helpers import JWT_SECRET, ServiceProcess, User, account_body, assert_error_shape, libpq_url, service_env
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from email_service import migrate
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +271,90 @@ def test_a_token_for_another_audience_is_401_when_none_is_configured(api):
     assert_error_shape(api.get("/api/accounts", headers=other), 401, "UNAUTHORIZED")
     plain = {"Authorization": f"Bearer {token_for(user)}"}
     assert api.get("/api/accounts", headers=plain).status_code == 200
+
+
+def create_account(api: httpx.Client, user: User, address: str) -> httpx.Response:
+    return api.post("/api/accounts", json=account_body(emailAddress=address), headers=user.headers)
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("p\u0430ypal@example.com", "Cyrillic, Latin"),  # Cyrillic а in a Latin name
+        ("\u03c1aypal@example.com", "Greek, Latin"),  # Greek ρ
+        ("admin@ex\u0430mple.com", "Cyrillic, Latin"),  # in the domain
+    ],
+)
+def test_look_alike_addresses_are_refused(api, verifier, address, problem):
+    user = User(verifier)
+    body = assert_error_shape(create_account(api, user, address), 400, "INVALID_EMAIL_FORMAT")
+    assert "mixes scripts" in body["message"] and problem in body["message"]
+    assert api.get("/api/accounts", headers=user.headers).json()["pagination"]["total"] == 0
+
+
+def test_addresses_are_stored_in_one_canonical_form(api, verifier):
+    user = User(verifier)
+    fullwidth = create_account(api, user, "\uff4a\uff4f\uff48\uff4e@Example.COM")
+    assert fullwidth.status_code == 201, fullwidth.text
+    assert fullwidth.json()["emailAddress"] == "john@example.com"
+    unicode_domain = create_account(api, user, "kunde@B\u00dcCHER.example")
+    assert unicode_domain.json()["emailAddress"] == "kunde@xn--bcher-kva.example"
+    # Other spellings of the same mailboxes are the same addresses.
+    for spelling in (
+        "JOHN@example.com",
+        "john@EXAMPLE.com",
+        "kunde@xn--bcher-kva.example",
+        "Kunde@b\u00fccher.example",
+    ):
+        assert_error_shape(create_account(api, user, spelling), 409, "EMAIL_DUPLICATE")
+    # Scripts used alone, or mixed as Japanese is written, are addresses like any other.
+    for address in ("\u0438\u0432\u0430\u043d@example.com", "\u5c71\u7530\u305f\u308d\u3046@example.jp"):
+        assert create_account(api, user, address).status_code == 201
+
+
+def test_a_user_cannot_learn_a_colleagues_addresses(api, verifier):
+    alice = User(verifier)
+    bob = alice.colleague(verifier)
+    assert create_account(api, alice, "ceo@example.com").status_code == 201
+    theirs = create_account(api, bob, "CEO@example.com")
+    assert theirs.status_code == 201, theirs.text
+    bobs = api.get("/api/accounts", headers=bob.headers).json()["accounts"]
+    alices = api.get("/api/accounts", headers=alice.headers).json()["accounts"]
+    assert [a["emailAddress"] for a in bobs] == ["CEO@example.com"]
+    assert [a["emailAddress"] for a in alices] == ["ceo@example.com"]
+
+
+@pytest.fixture
+def fresh_database(backing):
+    name = f"email_service_migration_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(libpq_url(backing.database_url), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_url(backing.database_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(libpq_url(backing.database_url), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_the_migration_keys_existing_addresses_and_makes_them_unique_per_user(fresh_database, backing):
+    tenant, alice, bob = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    insert = (
+        "INSERT INTO accounts (id, tenant_id, user_id, account_name, email_address, {key}protocol, hostname,"
+        " port, encryption, username, password_encrypted)"
+        " VALUES (%s, %s, %s, 'n', %s, {value}'imap', 'h', 993, 'tls', 'u', '\\x00')"
+    )
+    migrate.upgrade(fresh_database, backing.db_app_role, "0005")
+    with psycopg.connect(libpq_url(fresh_database), autocommit=True) as conn:
+        conn.execute("SELECT set_config('app.maintenance', 'on', false)")
+        conn.execute(insert.format(key="", value=""), ("a1", tenant, alice, "Boss@example.com"))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            # Before: one address per tenant, whoever holds it.
+            conn.execute(insert.format(key="", value=""), ("b1", tenant, bob, "boss@example.com"))
+    migrate.upgrade(fresh_database, backing.db_app_role)
+    with psycopg.connect(libpq_url(fresh_database), autocommit=True) as conn:
+        conn.execute("SELECT set_config('app.maintenance', 'on', false)")
+        assert conn.execute("SELECT email_key FROM accounts WHERE id = 'a1'").fetchone() == ("boss@example.com",)
+        with_key = insert.format(key="email_key, ", value="%s, ")
+        conn.execute(with_key, ("b1", tenant, bob, "boss@example.com", "boss@example.com"))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(with_key, ("a2", tenant, alice, "BOSS@example.com", "boss@example.com"))

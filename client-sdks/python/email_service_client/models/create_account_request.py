@@ -29,7 +29,7 @@ class CreateAccountRequest(BaseModel):
     CreateAccountRequest
     """ # noqa: E501
     account_name: Annotated[str, Field(min_length=1, strict=True, max_length=255)] = Field(alias="accountName", json_schema_extra={"examples": ["Work Email"]})
-    email_address: StrictStr = Field(alias="emailAddress", json_schema_extra={"examples": ["user@company.com"]})
+    email_address: StrictStr = Field(description="Stored in one canonical form: NFKC-normalised, with the domain in its IDNA (ASCII) form (`kunde@BÜCHER.example` is stored as `kunde@xn--bcher-kva.example`). An address whose part before `@` or whose domain mixes scripts (a Cyrillic `а` among Latin letters) is refused with 400 INVALID_EMAIL_FORMAT.", alias="emailAddress", json_schema_extra={"examples": ["user@company.com"]})
     protocol: StrictStr
     hostname: Annotated[str, Field(min_length=1, strict=True, max_length=253)] = Field(description="IMAP/POP3 server host name or IPv4 address", json_schema_extra={"examples": ["imap.company.com"]})
     port: Annotated[int, Field(le=65535, strict=True, ge=1)] = Field(json_schema_extra={"examples": [993]})

@@ -24,7 +24,7 @@ export interface CreateAccountRequest {
      */
     accountName: string;
     /**
-     * 
+     * Stored in one canonical form: NFKC-normalised, with the domain in its IDNA (ASCII) form (`kunde@BÜCHER.example` is stored as `kunde@xn--bcher-kva.example`). An address whose part before `@` or whose domain mixes scripts (a Cyrillic `а` among Latin letters) is refused with 400 INVALID_EMAIL_FORMAT.
      */
     emailAddress: string;
     /**
