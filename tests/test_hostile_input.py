@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import select
 import socket
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import jwt
@@ -358,3 +361,51 @@ def test_the_migration_keys_existing_addresses_and_makes_them_unique_per_user(fr
         conn.execute(with_key, ("b1", tenant, bob, "boss@example.com", "boss@example.com"))
         with pytest.raises(psycopg.errors.UniqueViolation):
             conn.execute(with_key, ("a2", tenant, alice, "BOSS@example.com", "boss@example.com"))
+
+
+@pytest.fixture(scope="module")
+def unlimited_service(backing, tmp_path_factory):
+    # Limits are tested on their own; here they would turn most generated requests into 429s.
+    env = service_env(backing, EMAIL_SERVICE_RATE_LIMITS="false", EMAIL_SERVICE_VALIDATE_RESPONSES="true")
+    process = ServiceProcess(env, tmp_path_factory.mktemp("schemathesis"))
+    try:
+        process.wait_healthy()
+        yield process
+    finally:
+        process.stop()
+
+
+def test_schemathesis_with_every_check_and_the_stateful_phase_finds_nothing(unlimited_service, verifier, tmp_path):
+    """The CLI against the running service, as a client's contract test would run it."""
+    user = User(verifier)
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "schemathesis"),
+            "run",
+            f"{unlimited_service.url}/openapi.json",
+            "-H",
+            f"Authorization: Bearer {user.token}",
+            "--checks",
+            "all",
+            "--phases",
+            "examples,coverage,fuzzing,stateful",
+            "-n",
+            "25",
+            "--seed",
+            "1",
+            "--report",
+            "junit",
+            "--report-junit-path",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert "Traceback" not in unlimited_service.log()
+    # It reached real resources, not only 401s: the user's accounts were created through it.
+    listed = httpx.get(f"{unlimited_service.url}/api/accounts", headers=user.headers, timeout=10).json()
+    assert listed["pagination"]["total"] > 0
