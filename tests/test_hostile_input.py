@@ -409,3 +409,22 @@ def test_schemathesis_with_every_check_and_the_stateful_phase_finds_nothing(unli
     # It reached real resources, not only 401s: the user's accounts were created through it.
     listed = httpx.get(f"{unlimited_service.url}/api/accounts", headers=user.headers, timeout=10).json()
     assert listed["pagination"]["total"] > 0
+
+
+def test_upload_form_errors_name_the_field_without_echoing_it(api, service, verifier):
+    user = User(verifier)
+    account = api.post("/api/accounts", json=account_body(), headers=user.headers).json()
+    long_name = "n" * 3000
+    unknown = api.post(
+        f"/api/{account['id']}/attachments",
+        files={"file": ("a.txt", b"hello", "text/plain")},
+        data={long_name: "x"},
+        headers=user.headers,
+    )
+    body = assert_error_shape(unknown, 400)
+    assert body["message"].startswith("unknown form field: nnnn") and long_name not in unknown.text
+    misnamed = api.post(
+        f"/api/{account['id']}/attachments", files={"other": ("a.txt", b"hello", "text/plain")}, headers=user.headers
+    )
+    assert assert_error_shape(misnamed, 400)["message"] == "unknown form field: other"
+    assert long_name not in service.log()

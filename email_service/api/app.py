@@ -24,7 +24,11 @@ from email_service.api.paths import TrailingSlashMiddleware
 from email_service.api.rate_limit import RateLimitMiddleware, UserRateLimiter, rules_from_spec
 from email_service.api.resolver import TagResolver, handler_path
 from email_service.api.scope import ScopeValuesMiddleware
-from email_service.api.validation import SafeJSONRequestBodyValidator, SafeParameterValidator
+from email_service.api.validation import (
+    SafeJSONRequestBodyValidator,
+    SafeMultiPartFormDataValidator,
+    SafeParameterValidator,
+)
 from email_service.runtime import Runtime
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "spec" / "openapi.yaml"
@@ -86,7 +90,13 @@ def create_app(runtime: Runtime) -> FlaskApp:
         specification_dir=str(SPEC_PATH.parent),
         validator_map={
             "parameter": SafeParameterValidator,
-            "body": MediaTypeDict({**VALIDATOR_MAP["body"], "*/*json": SafeJSONRequestBodyValidator}),
+            "body": MediaTypeDict(
+                {
+                    **VALIDATOR_MAP["body"],
+                    "*/*json": SafeJSONRequestBodyValidator,
+                    "multipart/form-data": SafeMultiPartFormDataValidator,
+                }
+            ),
         },
         swagger_ui_options=SwaggerUIOptions(swagger_ui_path=DOCS_PATH),
     )

@@ -14,7 +14,7 @@ from typing import Any
 from connexion.exceptions import BadRequestProblem
 from connexion.json_schema import Draft4RequestValidator
 from connexion.utils import is_null, is_nullable
-from connexion.validators import JSONRequestBodyValidator, ParameterValidator
+from connexion.validators import JSONRequestBodyValidator, MultiPartFormDataValidator, ParameterValidator
 from jsonschema import Draft4Validator, ValidationError
 from jsonschema.validators import extend
 
@@ -167,3 +167,20 @@ class SafeJSONRequestBodyValidator(JSONRequestBodyValidator):
                 field = ".".join(str(part) for part in exc.absolute_path)
                 raise BadRequestError(f"{field} cannot be changed", code="IMMUTABLE_FIELD") from None
             raise BadRequestProblem(detail=describe(exc)) from None
+
+
+class SafeMultiPartFormDataValidator(MultiPartFormDataValidator):
+    """Multipart forms (uploads), with the same messages as JSON bodies, and nothing logged at error level."""
+
+    def _validate(self, body: Any) -> dict | None:
+        if not isinstance(body, dict):
+            raise BadRequestProblem(detail="Request body must be a form")
+        if self._strict_validation:
+            unknown = set(body) - set(self._schema.get("properties", {}))
+            if unknown:
+                raise BadRequestProblem(detail=f"unknown form field: {quote_names(unknown)}")
+        try:
+            self._validator.validate(body)
+        except ValidationError as exc:
+            raise BadRequestProblem(detail=describe(exc)) from None
+        return None
