@@ -428,3 +428,43 @@ def test_upload_form_errors_name_the_field_without_echoing_it(api, service, veri
     )
     assert assert_error_shape(misnamed, 400)["message"] == "unknown form field: other"
     assert long_name not in service.log()
+
+
+ODD_REQUESTS = {
+    "bad-percent-in-query-value": ("GET", "/api/accounts?limit=%ff", {}, b""),
+    "bad-percent-in-query-name": ("GET", "/api/accounts?%ff%fe=1", {}, b""),
+    "bad-percent-in-path": ("GET", "/api/accounts/%ff%fe", {}, b""),
+    "nul-in-path": ("GET", "/api/accounts/%00", {}, b""),
+    "float-for-integer": ("GET", "/api/accounts?limit=1e3", {}, b""),
+    "repeated-parameter": ("GET", "/api/accounts?limit=1&limit=x", {}, b""),
+    "latin1-identity-header": ("GET", "/api/accounts", {"X-User-ID": "\xff\xfe"}, b""),
+    "odd-charset": (
+        "POST",
+        "/api/accounts",
+        {"Content-Type": "application/json; charset=utf-7"},
+        b'{"accountName": "+AGEAYgBj-"}',
+    ),
+    "unknown-charset": ("POST", "/api/accounts", {"Content-Type": "application/json; charset=nope"}, b"{}"),
+    "json-null": ("POST", "/api/accounts", {"Content-Type": "application/json"}, b"null"),
+    "json-nan": ("POST", "/api/accounts", {"Content-Type": "application/json"}, b'{"port": NaN}'),
+    "json-infinity": ("POST", "/api/accounts", {"Content-Type": "application/json"}, b'{"port": 1e999}'),
+    "bom": ("POST", "/api/accounts", {"Content-Type": "application/json"}, b'\xef\xbb\xbf{"accountName": "x"}'),
+    "negative-length": ("POST", "/api/accounts", {"Content-Type": "application/json", "Content-Length": "-1"}, b""),
+}
+
+
+@pytest.mark.parametrize("request_parts", list(ODD_REQUESTS.values()), ids=list(ODD_REQUESTS))
+def test_odd_requests_get_a_clean_4xx(service, verifier, request_parts):
+    method, target, headers, body = request_parts
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {User(verifier).token}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    if "Content-Length" not in headers:
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    status, answer = raw_request(service, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+    assert 400 <= status < 500, answer[:500]
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower(), answer[:500]
+    message = json.loads(payload)["message"]
+    assert "schema" not in message.lower() and "\n" not in message
+    assert "Traceback" not in service.log()
