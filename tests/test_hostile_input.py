@@ -468,3 +468,10 @@ def test_odd_requests_get_a_clean_4xx(service, verifier, request_parts):
     message = json.loads(payload)["message"]
     assert "schema" not in message.lower() and "\n" not in message
     assert "Traceback" not in service.log()
+
+
+def test_the_header_limit_holds_under_any_server(client, verifier):
+    """The app checks parsed headers itself, for servers other than `serve`'s bounded h11 parser."""
+    headers = {**User(verifier).headers, "X-Padding": "p" * 40_000}
+    body = assert_error_shape(client.get("/api/accounts", headers=headers), 431, "HEADERS_TOO_LARGE")
+    assert body["message"] == "Request headers exceed 32768 bytes"
