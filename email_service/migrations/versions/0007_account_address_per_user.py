@@ -8,7 +8,10 @@ Revision ID: 0007
 Revises: 0005
 """
 
+import sqlalchemy as sa
 from alembic import op
+
+from email_service.addresses import InvalidAddress, canonical, comparison_key
 
 revision = "0007"
 down_revision = "0005"
@@ -19,10 +22,13 @@ depends_on = None
 def upgrade(app_role: str) -> None:
     op.execute("ALTER TABLE accounts ADD COLUMN email_key text")
     # FORCE ROW LEVEL SECURITY hides every row from the owner unless maintenance is switched on
-    # for this transaction. Stored addresses were already email-validator's normal form, whose
-    # domain is lower case, so lower() matches what the service computes for ASCII addresses.
+    # for this transaction.
     op.execute("SELECT set_config('app.maintenance', 'on', true)")
-    op.execute("UPDATE accounts SET email_key = lower(email_address)")
+    connection = op.get_bind()
+    rows = connection.execute(sa.text("SELECT id, email_address FROM accounts")).all()
+    keys = [{"id": row.id, "key": _key(row.email_address)} for row in rows]
+    if keys:
+        connection.execute(sa.text("UPDATE accounts SET email_key = :key WHERE id = :id"), keys)
     op.execute("SELECT set_config('app.maintenance', 'off', true)")
     op.execute("ALTER TABLE accounts ALTER COLUMN email_key SET NOT NULL")
     op.execute("DROP INDEX accounts_tenant_email_live")
@@ -30,6 +36,16 @@ def upgrade(app_role: str) -> None:
         CREATE UNIQUE INDEX accounts_user_email_live
             ON accounts (tenant_id, user_id, email_key) WHERE deleted_at IS NULL
     """)
+
+
+def _key(address: str) -> str:
+    """The key the service computes, so stored and new addresses compare alike (a Unicode domain
+    stored before this revision matches its IDNA spelling). An address stored before look-alikes
+    were refused is kept, keyed by its own case-folded form."""
+    try:
+        return comparison_key(canonical(address))
+    except InvalidAddress:
+        return address.casefold()
 
 
 def downgrade(app_role: str) -> None:
