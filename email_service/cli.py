@@ -64,6 +64,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # would kill this process before it stops the worker and the embedded servers below.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from email_service.api.app import create_app
+    from email_service.api.header_limit import BoundedH11Protocol
     from email_service.runtime import Runtime
 
     embedded_default = settings.embedded_postgres or settings.embedded_redis
@@ -84,6 +85,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                 lifespan="on",
                 log_level=resolved.log_level.lower(),
                 proxy_headers=True,
+                # h11, bounded: the default httptools parser reads a header block of any size.
+                http=BoundedH11Protocol,
+                h11_max_incomplete_event_size=resolved.max_header_bytes,
             )
         finally:
             if worker is not None:

@@ -48,6 +48,7 @@ class Settings:
     storage_signing_key: str = ""
     ca_file: Path | None = None
     max_body_bytes: int = 1024 * 1024
+    max_header_bytes: int = 32 * 1024
     max_upload_bytes: int = 25 * 1024 * 1024
     max_message_bytes: int = 25 * 1024 * 1024
     send_retry_base_seconds: int = 30
@@ -236,6 +237,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         storage_signing_key=env.get("EMAIL_SERVICE_STORAGE_KEY") or _derived_key(jwt_secret, "storage-links"),
         ca_file=_ca_file(env),
         max_body_bytes=_int(env, "EMAIL_SERVICE_MAX_BODY_BYTES", 1024 * 1024),
+        # Request line and headers together; a JWT of a few KB fits many times over.
+        max_header_bytes=_int(env, "EMAIL_SERVICE_MAX_HEADER_BYTES", 32 * 1024, minimum=4096),
         max_upload_bytes=_int(env, "EMAIL_SERVICE_MAX_UPLOAD_BYTES", 25 * 1024 * 1024),
         max_message_bytes=_int(env, "EMAIL_SERVICE_MAX_MESSAGE_BYTES", 25 * 1024 * 1024),
         send_retry_base_seconds=_int(env, "EMAIL_SERVICE_SEND_RETRY_BASE_SECONDS", 30),

@@ -8,10 +8,10 @@ from alembic.config import Config
 from email_service.db import sqlalchemy_url
 
 
-def upgrade(database_url: str, app_role: str) -> None:
+def upgrade(database_url: str, app_role: str, revision: str = "head") -> None:
     config = Config()
     config.set_main_option("script_location", "email_service:migrations")
     # Passed as attributes, not main options: configparser would choke on '%' in a password.
     config.attributes["url"] = sqlalchemy_url(database_url)
     config.attributes["app_role"] = app_role
-    command.upgrade(config, "head")
+    command.upgrade(config, revision)

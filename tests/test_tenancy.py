@@ -41,9 +41,9 @@ def _seed(runtime, principal: Principal, count: int) -> None:
         for _i in range(count):
             session.execute(
                 text(
-                    "INSERT INTO accounts (id, tenant_id, user_id, account_name, email_address, protocol, hostname,"
-                    " port, encryption, username, password_encrypted)"
-                    " VALUES (:id, :t, :u, 'n', :email, 'imap', 'h', 993, 'tls', 'u', '\\x00')"
+                    "INSERT INTO accounts (id, tenant_id, user_id, account_name, email_address, email_key, protocol,"
+                    " hostname, port, encryption, username, password_encrypted)"
+                    " VALUES (:id, :t, :u, 'n', :email, :email, 'imap', 'h', 993, 'tls', 'u', '\\x00')"
                 ),
                 {
                     "id": uuid.uuid4().hex,
@@ -79,9 +79,9 @@ def test_rows_for_another_tenant_cannot_be_written(runtime):
     with pytest.raises(ProgrammingError, match="row-level security"), runtime.db.tenant_session(mine) as session:
         session.execute(
             text(
-                "INSERT INTO accounts (id, tenant_id, user_id, account_name, email_address, protocol, hostname,"
-                " port, encryption, username, password_encrypted)"
-                " VALUES ('x', :t, :u, 'n', 'e@example.com', 'imap', 'h', 993, 'tls', 'u', '\\x00')"
+                "INSERT INTO accounts (id, tenant_id, user_id, account_name, email_address, email_key, protocol,"
+                " hostname, port, encryption, username, password_encrypted)"
+                " VALUES ('x', :t, :u, 'n', 'e@example.com', 'e@example.com', 'imap', 'h', 993, 'tls', 'u', '\\x00')"
             ),
             {"t": uuid.uuid4(), "u": mine.user_id},
         )

@@ -19,13 +19,20 @@ from flask import abort, request
 from email_service.api import errors
 from email_service.api.auth import RUNTIME_SCOPE_KEY, TokenVerifier
 from email_service.api.body_limit import BodyLimitMiddleware
+from email_service.api.header_limit import HeaderLimitMiddleware
+from email_service.api.paths import TrailingSlashMiddleware
 from email_service.api.rate_limit import RateLimitMiddleware, UserRateLimiter, rules_from_spec
 from email_service.api.resolver import TagResolver, handler_path
 from email_service.api.scope import ScopeValuesMiddleware
-from email_service.api.validation import SafeJSONRequestBodyValidator
+from email_service.api.validation import (
+    SafeJSONRequestBodyValidator,
+    SafeMultiPartFormDataValidator,
+    SafeParameterValidator,
+)
 from email_service.runtime import Runtime
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "spec" / "openapi.yaml"
+DOCS_PATH = "/docs"
 RUNTIME_KEY = "email_service"
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
@@ -82,9 +89,16 @@ def create_app(runtime: Runtime) -> FlaskApp:
         __name__,
         specification_dir=str(SPEC_PATH.parent),
         validator_map={
-            "body": MediaTypeDict({**VALIDATOR_MAP["body"], "*/*json": SafeJSONRequestBodyValidator}),
+            "parameter": SafeParameterValidator,
+            "body": MediaTypeDict(
+                {
+                    **VALIDATOR_MAP["body"],
+                    "*/*json": SafeJSONRequestBodyValidator,
+                    "multipart/form-data": SafeMultiPartFormDataValidator,
+                }
+            ),
         },
-        swagger_ui_options=SwaggerUIOptions(swagger_ui_path="/docs"),
+        swagger_ui_options=SwaggerUIOptions(swagger_ui_path=DOCS_PATH),
     )
     # Service errors raised in handlers must reach Connexion's error handlers, not Flask's 500 page.
     app.app.config["PROPAGATE_EXCEPTIONS"] = True
@@ -100,6 +114,12 @@ def create_app(runtime: Runtime) -> FlaskApp:
     limiter = None
     if settings.rate_limits_enabled:
         limiter = UserRateLimiter(rules_from_spec(spec, handler_path), settings.redis_url)
+    app.add_middleware(
+        HeaderLimitMiddleware, position=MiddlewarePosition.BEFORE_SWAGGER, max_bytes=settings.max_header_bytes
+    )
+    app.add_middleware(
+        TrailingSlashMiddleware, position=MiddlewarePosition.BEFORE_SWAGGER, exempt_prefixes=(DOCS_PATH + "/",)
+    )
     app.add_middleware(
         ScopeValuesMiddleware,
         position=MiddlewarePosition.BEFORE_EXCEPTION,

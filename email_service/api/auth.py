@@ -41,7 +41,9 @@ class TokenVerifier:
                 algorithms=[ALGORITHM],
                 audience=self.audience,
                 issuer=self.issuer,
-                options={"require": ["exp", "sub", "tenant_id"], "verify_aud": self.audience is not None},
+                # PyJWT refuses a token that names an audience when none is configured: a token
+                # issued for another service is never accepted here by default.
+                options={"require": ["exp", "sub", "tenant_id"], "verify_aud": True},
                 leeway=30,
             )
             user_id = uuid.UUID(str(claims["sub"]))
@@ -69,14 +71,19 @@ def _verifier(request: ConnexionRequest) -> TokenVerifier:
     return request.scope["extensions"][RUNTIME_SCOPE_KEY]
 
 
-def bearer_token_info(token: str, request: ConnexionRequest) -> dict[str, Any]:
-    return _verifier(request).verify(token)
+IDENTITY_HEADERS = (("X-Tenant-ID", "tenant_id"), ("X-User-ID", "sub"))
 
 
-def header_token_info(apikey: str, request: ConnexionRequest) -> dict[str, Any]:
-    info = _verifier(request).verify(apikey)
-    for header, claim in (("X-Tenant-ID", "tenant_id"), ("X-User-ID", "sub")):
+def _require_same_identity(info: dict[str, Any], request: ConnexionRequest, *, required: bool) -> None:
+    """Refuse identity headers that name anyone but the token's tenant and user.
+
+    A gateway or a client that sends a token for one user with headers for another is confused
+    or hostile; serving either identity would hide that, so the request is refused.
+    """
+    for header, claim in IDENTITY_HEADERS:
         given = request.headers.get(header)
+        if given is None and not required:
+            continue
         try:
             matches = given is not None and uuid.UUID(given) == uuid.UUID(info[claim])
         except ValueError:
@@ -84,4 +91,29 @@ def header_token_info(apikey: str, request: ConnexionRequest) -> dict[str, Any]:
         if not matches:
             log.info("token rejected: %s does not match the token", header)
             raise OAuthProblem(detail=UNAUTHORIZED_MESSAGE)
+
+
+def _require_same_other_token(info: dict[str, Any], other: str | None, request: ConnexionRequest) -> None:
+    """A request carrying both schemes' tokens is served only when both name the same user."""
+    if other is None:
+        return
+    other_info = _verifier(request).verify(other)
+    if (other_info["tenant_id"], other_info["sub"]) != (info["tenant_id"], info["sub"]):
+        log.info("token rejected: the bearer token and X-Auth-Token name different users")
+        raise OAuthProblem(detail=UNAUTHORIZED_MESSAGE)
+
+
+def bearer_token_info(token: str, request: ConnexionRequest) -> dict[str, Any]:
+    info = _verifier(request).verify(token)
+    # The headers are optional with a bearer token, but when present they must agree with it.
+    _require_same_identity(info, request, required=False)
+    _require_same_other_token(info, request.headers.get("X-Auth-Token"), request)
+    return info
+
+
+def header_token_info(apikey: str, request: ConnexionRequest) -> dict[str, Any]:
+    info = _verifier(request).verify(apikey)
+    _require_same_identity(info, request, required=True)
+    scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+    _require_same_other_token(info, bearer if scheme.lower() == "bearer" else None, request)
     return info

@@ -1,12 +1,15 @@
 """Refuse request bodies above the configured size before anything reads them whole.
 
-It sits after routing, so an operation may allow more than the default (uploads do).
+It sits after routing, so an operation may allow more than the default (uploads do). A chunked
+body (no Content-Length) is read here, within the same limit, and handed on with its length:
+Connexion's validators take a request without Content-Length for one without a body.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,18 +30,25 @@ class BodyLimitMiddleware:
         def too_large() -> HTTPException:
             return HTTPException(413, detail=f"Request body exceeds {limit} bytes")
 
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    raise HTTPException(400, detail="Content-Length is not a number") from None
-                if declared > limit:
-                    raise too_large()
+        headers = Headers(scope=scope)
+        if "content-length" in headers:
+            try:
+                declared = int(headers["content-length"])
+            except ValueError:
+                raise HTTPException(400, detail="Content-Length is not a number") from None
+            if declared > limit:
+                raise too_large()
+        elif "transfer-encoding" in headers:
+            body = await _read_within(receive, limit, too_large)
+            scope["headers"] = [
+                *((k, v) for k, v in scope["headers"] if k != b"transfer-encoding"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            receive = _replay(body, receive)
         seen = 0
 
         async def counting_receive() -> Message:
-            # A chunked body has no Content-Length; count what actually arrives.
+            # Whatever arrives beyond a declared length is counted too.
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
@@ -48,3 +58,33 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+async def _read_within(receive: Receive, limit: int, too_large: Callable[[], HTTPException]) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            # The client went away; nothing will read this request.
+            raise HTTPException(400, detail="Request body ended early")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

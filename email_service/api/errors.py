@@ -26,11 +26,15 @@ TITLES = {
     409: ("Conflict", "CONFLICT"),
     413: ("Payload too large", "PAYLOAD_TOO_LARGE"),
     415: ("Unsupported media type", "UNSUPPORTED_MEDIA_TYPE"),
+    431: ("Request header fields too large", "HEADERS_TOO_LARGE"),
     429: ("Rate limit exceeded", "RATE_LIMITED"),
     500: ("Internal server error", "INTERNAL_ERROR"),
     503: ("Service unavailable", "DEPENDENCY_UNAVAILABLE"),
 }
 RATE_LIMIT_HEADERS_KEY = "email_service.rate_limit_headers"
+# Messages may quote what a caller sent (an id, a path); beyond this length they are cut, so an
+# error never mirrors a large input back.
+MAX_MESSAGE_CHARS = 240
 UNAUTHORIZED_MESSAGE = "Missing or invalid authentication credentials"
 
 
@@ -41,6 +45,20 @@ class RateLimitExceeded(Exception):
         self.headers = dict(headers)
 
 
+def error_body(status: int, message: str, *, error: str | None = None, code: str | None = None) -> bytes:
+    """The ``ErrorResponse`` JSON for ``status``."""
+    title, default_code = TITLES.get(status, ("Error", "ERROR"))
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    body = {
+        "error": error or title,
+        "message": message,
+        "code": code or default_code,
+        "timestamp": int(time.time() * 1000),
+    }
+    return json.dumps(body).encode()
+
+
 def error_response(
     status: int,
     message: str,
@@ -49,16 +67,9 @@ def error_response(
     code: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> ConnexionResponse:
-    title, default_code = TITLES.get(status, ("Error", "ERROR"))
-    body = {
-        "error": error or title,
-        "message": message,
-        "code": code or default_code,
-        "timestamp": int(time.time() * 1000),
-    }
     return ConnexionResponse(
         status_code=status,
-        body=json.dumps(body),
+        body=error_body(status, message, error=error, code=code),
         content_type="application/json",
         headers=dict(headers or {}),
     )

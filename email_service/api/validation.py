@@ -1,21 +1,30 @@
-"""Request-body validation whose messages never echo the submitted value.
+"""Request validation (parameters and JSON bodies) whose messages never echo the input or the schema.
 
-Connexion's default message quotes the offending value ("'hunter22' does not match ..."),
-which would put a password into a response and a log line.
+Connexion's default messages quote the offending value ("'hunter22' does not match ...") and
+append the whole JSON schema, which would put a password into a response and a log line and
+show callers internals. Each message here names the field and the rule it broke, nothing else.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from connexion.exceptions import BadRequestProblem
 from connexion.json_schema import Draft4RequestValidator
-from connexion.validators import JSONRequestBodyValidator
+from connexion.utils import is_null, is_nullable
+from connexion.validators import JSONRequestBodyValidator, MultiPartFormDataValidator, ParameterValidator
 from jsonschema import Draft4Validator, ValidationError
 from jsonschema.validators import extend
 
 from email_service.errors import BadRequestError
+
+# No request of the spec nests deeper than a few levels; a deeper body is an attack on the
+# parser or the validator (both recurse), refused before either goes that deep.
+MAX_JSON_DEPTH = 32
+# Names a caller sent are quoted in messages only up to this length.
+MAX_QUOTED_NAME = 40
 
 
 def _reject_read_only(validator: Any, read_only: bool, instance: Any, schema: dict) -> Any:
@@ -27,8 +36,8 @@ def _reject_read_only(validator: Any, read_only: bool, instance: Any, schema: di
 RequestValidator = extend(Draft4RequestValidator, {"readOnly": _reject_read_only})
 
 
-def describe(error: ValidationError) -> str:
-    where = ".".join(str(part) for part in error.absolute_path) or "body"
+def rule(error: ValidationError) -> str:
+    """The rule ``error`` broke, in words that quote the schema's limits but never the value."""
     value = error.validator_value
     messages = {
         "type": f"must be of type {value}",
@@ -42,10 +51,82 @@ def describe(error: ValidationError) -> str:
         "minItems": f"must have at least {value} items",
         "maxItems": f"must have at most {value} items",
     }
+    return messages.get(str(error.validator), "is not valid")
+
+
+def describe(error: ValidationError) -> str:
+    where = ".".join(str(part) for part in error.absolute_path) or "body"
     if error.validator in ("required", "additionalProperties"):
         # These messages name properties, never values.
         return f"{where}: {error.message}"
-    return f"{where} {messages.get(str(error.validator), 'is not valid')}"
+    return f"{where} {rule(error)}"
+
+
+def quote_names(names: Iterable[str]) -> str:
+    shown = [name if len(name) <= MAX_QUOTED_NAME else name[:MAX_QUOTED_NAME] + "..." for name in sorted(names)]
+    return ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+
+
+class SafeParameterValidator(ParameterValidator):
+    """Query, path and header parameters, with messages like ``query parameter limit must be at least 1``."""
+
+    @staticmethod
+    def validate_parameter(parameter_type: str, value: Any, param: dict, param_name: str | None = None) -> str | None:
+        if is_nullable(param) and is_null(value):
+            return None
+        if value is None:
+            return f"{parameter_type} parameter {param['name']} is required" if param.get("required") else None
+        try:
+            Draft4Validator(param.get("schema", param), format_checker=Draft4Validator.FORMAT_CHECKER).validate(value)
+        except ValidationError as exc:
+            return f"{parameter_type} parameter {param['name']} {rule(exc)}"
+        return None
+
+    def validate_request(self, request: Any) -> None:
+        if self.strict_validation:
+            unknown = self.validate_query_parameter_list(request, security_params=self.security_query_params)
+            if unknown:
+                raise BadRequestProblem(detail=f"unknown query parameter: {quote_names(unknown)}")
+        checks = (
+            ("query", self.validate_query_parameter),
+            ("path", self.validate_path_parameter),
+            ("header", self.validate_header_parameter),
+            ("cookie", self.validate_cookie_parameter),
+        )
+        for location, check in checks:
+            for param in self.parameters.get(location, []):
+                error = check(param, request)
+                if error:
+                    raise BadRequestProblem(detail=error)
+
+
+def _refuse_hostile_values(document: Any) -> None:
+    """Refuse what parses but cannot be handled: too deep, or strings that are not Unicode text.
+
+    ``json`` decodes ``"\\ud800"`` into a lone surrogate, which no UTF-8 encoder (PostgreSQL's
+    driver, the response writer) accepts later. The walk is iterative, so depth costs no stack.
+    """
+    pending: list[tuple[Any, int]] = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, str):
+            _require_text(value)
+        elif isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise BadRequestProblem(detail=f"Request body nests deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    _require_text(key)
+                    pending.append((item, depth + 1))
+            else:
+                pending.extend((item, depth + 1) for item in value)
+
+
+def _require_text(value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequestProblem(detail="Request body holds a lone surrogate, which is not Unicode text") from None
 
 
 class SafeJSONRequestBodyValidator(JSONRequestBodyValidator):
@@ -62,9 +143,16 @@ class SafeJSONRequestBodyValidator(JSONRequestBodyValidator):
         if not text:
             return None
         try:
-            return json.loads(text)
+            document = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BadRequestProblem(detail=f"Request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        except RecursionError:
+            raise BadRequestProblem(detail=f"Request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+        except ValueError:
+            # The standard library refuses integers longer than 4,300 digits (CVE-2020-10735).
+            raise BadRequestProblem(detail="Request body holds a number too long to read") from None
+        _refuse_hostile_values(document)
+        return document
 
     def _validate(self, body: Any) -> dict | None:
         if body is None:
@@ -79,3 +167,20 @@ class SafeJSONRequestBodyValidator(JSONRequestBodyValidator):
                 field = ".".join(str(part) for part in exc.absolute_path)
                 raise BadRequestError(f"{field} cannot be changed", code="IMMUTABLE_FIELD") from None
             raise BadRequestProblem(detail=describe(exc)) from None
+
+
+class SafeMultiPartFormDataValidator(MultiPartFormDataValidator):
+    """Multipart forms (uploads), with the same messages as JSON bodies, and nothing logged at error level."""
+
+    def _validate(self, body: Any) -> dict | None:
+        if not isinstance(body, dict):
+            raise BadRequestProblem(detail="Request body must be a form")
+        if self._strict_validation:
+            unknown = set(body) - set(self._schema.get("properties", {}))
+            if unknown:
+                raise BadRequestProblem(detail=f"unknown form field: {quote_names(unknown)}")
+        try:
+            self._validator.validate(body)
+        except ValidationError as exc:
+            raise BadRequestProblem(detail=describe(exc)) from None
+        return None

@@ -19,6 +19,8 @@ class Account(Base):
     user_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
     account_name: Mapped[str] = mapped_column(Text, nullable=False)
     email_address: Mapped[str] = mapped_column(Text, nullable=False)
+    # The canonical address, case-folded: unique per user among live accounts.
+    email_key: Mapped[str] = mapped_column(Text, nullable=False)
     protocol: Mapped[str] = mapped_column(Text, nullable=False)
     hostname: Mapped[str] = mapped_column(Text, nullable=False)
     port: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -11,7 +11,7 @@ from cuid2 import Cuid
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from email_service.addresses import InvalidAddress, normalize
+from email_service.addresses import InvalidAddress, canonical, comparison_key
 from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.errors import BadRequestError, ConflictError, NotFoundError
@@ -23,7 +23,7 @@ from email_service.runtime import Runtime
 from email_service.tenancy import Principal
 
 _new_id = Cuid().generate
-UNIQUE_EMAIL_INDEX = "accounts_tenant_email_live"
+UNIQUE_EMAIL_INDEX = "accounts_user_email_live"
 # API field -> column, for fields a client may set directly.
 PLAIN_FIELDS = {
     "accountName": "account_name",
@@ -50,9 +50,9 @@ class Page:
     total: int
 
 
-def normalize_email(address: str) -> str:
+def canonical_email(address: str) -> str:
     try:
-        return normalize(address)
+        return canonical(address)
     except InvalidAddress as exc:
         message = f"emailAddress is not a valid email address: {exc}"
         raise BadRequestError(message, code="INVALID_EMAIL_FORMAT") from None
@@ -101,11 +101,13 @@ def create_account(
     body: Mapping[str, Any],
     destinations: DestinationPolicy | None = None,
 ) -> Account:
+    email_address = canonical_email(body["emailAddress"])
     account = Account(
         id=_new_id(),
         tenant_id=principal.tenant_id,
         user_id=principal.user_id,
-        email_address=normalize_email(body["emailAddress"]),
+        email_address=email_address,
+        email_key=comparison_key(email_address),
         protocol=body.get("protocol", "imap"),
         is_sync_enabled=body.get("isSyncEnabled", True),
         sync_interval=body.get("syncInterval", 300),
@@ -121,6 +123,7 @@ def create_account(
             session.add(account)
     except IntegrityError as exc:
         if UNIQUE_EMAIL_INDEX in str(exc.orig):
+            # Unique per user: another user's addresses, even in the same tenant, are never revealed.
             raise ConflictError("Email address already registered", code="EMAIL_DUPLICATE") from None
         raise
     return account

@@ -1,7 +1,7 @@
 """The change log: every change to an account's messages and folders, in commit order per account.
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 
 Written in the same transaction as the change itself, so it is the one source of events: a
 restart, a lost Redis or a re-sync can neither invent nor lose one.
@@ -10,7 +10,7 @@ restart, a lost Redis or a re-sync can neither invent nor lose one.
 from alembic import op
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
