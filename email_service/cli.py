@@ -71,11 +71,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     with embedded.services(settings) as resolved:
         if embedded_default or args.migrate:
             _migrate(resolved)
-        worker = None
+        children: list[ChildSupervisor] = []
         if embedded_default and args.embedded_worker:
-            # The embedded default is one command: the API and a worker beside it, which dies with it.
-            worker = WorkerSupervisor(_worker_env(resolved))
-            worker.start()
+            # The embedded default is one command: the API, and a worker and a watcher beside it,
+            # which die with it.
+            env = _worker_env(resolved)
+            children = [ChildSupervisor("worker", env), ChildSupervisor("watch", env)]
+            for child in children:
+                child.start()
         runtime = Runtime.build(resolved)
         try:
             uvicorn.run(
@@ -90,21 +93,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                 h11_max_incomplete_event_size=resolved.max_header_bytes,
             )
         finally:
-            if worker is not None:
-                worker.stop()
+            for child in children:
+                child.stop()
             runtime.close()
     return 0
 
 
-class WorkerSupervisor:
-    """The worker ``serve`` runs beside the API on the embedded default.
+class ChildSupervisor:
+    """A process ``serve`` runs beside the API on the embedded default (the worker, the watcher).
 
     It is started so that Linux ends it when ``serve`` dies (even by SIGKILL); if it dies first,
     ``serve`` says so in its log and starts another, waiting longer each time it keeps dying.
     """
 
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
+    def __init__(self, command: str, env: dict[str, str]) -> None:
+        self.command, self.env = command, env
         self.proc: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
@@ -117,7 +120,7 @@ class WorkerSupervisor:
         from email_service.queue.worker import die_with_parent
 
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "email_service", "worker"], env=self.env, preexec_fn=die_with_parent
+            [sys.executable, "-m", "email_service", self.command], env=self.env, preexec_fn=die_with_parent
         )
 
     def _watch(self) -> None:
@@ -128,7 +131,7 @@ class WorkerSupervisor:
             code = self.proc.wait()
             if self._stopping.is_set():
                 return
-            log.error("the background worker (pid %d) exited with %s; starting another", self.proc.pid, code)
+            log.error("the background %s (pid %d) exited with %s; starting another", self.command, self.proc.pid, code)
             # A worker that dies at once would otherwise be restarted in a tight loop.
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 60.0)
             if self._stopping.wait(delay):
@@ -154,6 +157,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # then left for the other commands still using them, or stopped if this was the last.
     with embedded.services(settings) as resolved:
         run_worker(resolved, burst=args.burst, schedule=args.schedule, processes=args.processes)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from email_service.watch.watcher import run_watcher
+
+    with embedded.services(settings) as resolved:
+        run_watcher(resolved)
     return 0
 
 
@@ -213,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-embedded-worker",
         dest="embedded_worker",
         action="store_false",
-        help="on the embedded default, do not start a worker beside the API",
+        help="on the embedded default, do not start a worker and a watcher beside the API",
     )
     serve.set_defaults(handler=cmd_serve)
 
@@ -232,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not run the automatic-sync scheduler beside this worker",
     )
     worker.set_defaults(handler=cmd_worker)
+
+    commands.add_parser(
+        "watch", help="hold IMAP IDLE on the accounts' inboxes and bring new mail in as it arrives"
+    ).set_defaults(handler=cmd_watch)
 
     commands.add_parser("migrate", help="apply database migrations").set_defaults(handler=cmd_migrate)
 

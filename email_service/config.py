@@ -58,6 +58,10 @@ class Settings:
     tenant_concurrency: int = 2
     scheduler_seconds: float = 15.0
     upload_retention_hours: int = 24
+    # Real time: how long a watcher's lease on an account lasts without renewal (a dead watcher's
+    # accounts move to the others after this), and threads that bring folders up to date.
+    watch_lease_seconds: int = 30
+    watch_threads: int = 8
     # Per-protocol socket timeouts (connect and each read); the wait for the reply to the end of
     # a message's data follows RFC 5321 4.5.3.2 (10 minutes), since that reply decides whether
     # the message was accepted.
@@ -246,6 +250,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         tenant_concurrency=_int(env, "EMAIL_SERVICE_TENANT_CONCURRENCY", 2),
         scheduler_seconds=_int(env, "EMAIL_SERVICE_SCHEDULER_SECONDS", 15),
         upload_retention_hours=_int(env, "EMAIL_SERVICE_UPLOAD_RETENTION_HOURS", 24),
+        watch_lease_seconds=_int(env, "EMAIL_SERVICE_WATCH_LEASE_SECONDS", 30, minimum=3),
+        watch_threads=_int(env, "EMAIL_SERVICE_WATCH_THREADS", 8),
         imap_timeout_seconds=_int(env, "EMAIL_SERVICE_IMAP_TIMEOUT_SECONDS", 60),
         smtp_timeout_seconds=_int(env, "EMAIL_SERVICE_SMTP_TIMEOUT_SECONDS", 60),
         smtp_data_timeout_seconds=_int(env, "EMAIL_SERVICE_SMTP_DATA_TIMEOUT_SECONDS", 600),

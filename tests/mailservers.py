@@ -231,9 +231,10 @@ class Dovecot:
     host = LOCALHOST
     ip = LOOPBACK
 
-    def __init__(self, base_dir: Path, tls: TlsFiles) -> None:
+    def __init__(self, base_dir: Path, tls: TlsFiles, *, extra_config: str = "") -> None:
         self.base_dir = base_dir
         self.tls = tls
+        self.extra_config = extra_config  # appended to the generated configuration (benchmarks)
         self.ca_file = tls.ca_file
         self.instance = base_dir.name  # unique, and prefixes every process title of this instance
         self.config_file = base_dir / "dovecot.conf"
@@ -344,6 +345,7 @@ service pop3-login {{
     ssl = yes
   }}
 }}
+{self.extra_config}
 """
         self.config_file.write_text(config)
 

@@ -116,13 +116,15 @@ def test_a_killed_serve_takes_its_worker_along_and_the_next_start_cleans_up(tmp_
     first = ServiceProcess(env, tmp_path)
     first.wait_healthy()
     serve = psutil.Process(first.proc.pid)
-    workers = wait_for(lambda: workers_of(serve), 30, "serve started no worker")
-    tree = [w for root in workers for w in [root, *root.children(recursive=True)]]
+    wait_for(lambda: workers_of(serve), 30, "serve started no worker")
+    # Everything serve started: the worker pool and its processes, and the watcher.
+    tree = serve.children(recursive=True)
+    assert any("watch" in " ".join(p.cmdline()) for p in tree), [p.cmdline() for p in tree]
 
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
     _, alive = psutil.wait_procs(tree, timeout=20)
-    assert alive == [], f"the worker outlived the serve that started it: {alive}"
+    assert alive == [], f"the worker or the watcher outlived the serve that started it: {alive}"
 
     # The servers were left running; the next start uses them, and a clean stop still stops them.
     second = ServiceProcess(env, tmp_path)

@@ -1,0 +1,40 @@
+"""Bringing one folder up to date at once, when its server reports a change (IMAP IDLE).
+
+Runs in the watcher's threads, not as a queued job: no process is forked per change. It holds
+the account like any job does; if a job holds it (a sync or write-back is running), the change
+becomes a sync task of that folder instead, queued to run after it, so nothing is missed.
+"""
+
+from __future__ import annotations
+
+from email_service.crypto import CredentialError
+from email_service.mailbox.imap_sync import ImapSync
+from email_service.mailbox.result import SyncResult
+from email_service.mailbox.store import MailStore
+from email_service.models import TaskKind
+from email_service.protocols.servers import Protocol
+from email_service.queue import tasks
+from email_service.queue.locks import AccountLock
+from email_service.runtime import Runtime
+from email_service.services.servers import load_servers
+from email_service.tenancy import Principal
+
+
+def refresh_folder(runtime: Runtime, principal: Principal, account_id: str, folder: str = "INBOX") -> SyncResult | None:
+    """Fetch what changed in ``folder`` now; None when it was handed to a queued sync instead."""
+    lock = AccountLock(runtime.db, account_id)
+    if not lock.acquire():
+        tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account_id, params={"folders": [folder]})
+        return None
+    try:
+        try:
+            servers = load_servers(runtime.db, runtime.cipher, principal, account_id)
+        except CredentialError:
+            return None
+        if servers is None or servers.incoming.protocol is not Protocol.IMAP:
+            return None
+        store = MailStore(runtime.db, runtime.objects, principal, account_id)
+        with servers.incoming.imap(runtime.settings) as session:
+            return ImapSync(store, session, lambda _percent: None, only_folders=[folder]).run()
+    finally:
+        lock.release()

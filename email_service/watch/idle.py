@@ -1,0 +1,156 @@
+"""One IMAP connection waiting in IDLE (RFC 2177) on a folder, on aioimaplib (asyncio).
+
+The connection goes to an address the destination policy permitted (resolved once, so the name
+cannot be rebound between the check and the connect), and TLS verifies the certificate against
+the account's host name, like every other connection of the service (``protocols.connect``).
+aioimaplib connects by host name and has no STARTTLS; both are supplied here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from contextlib import suppress
+
+import aioimaplib
+from aioimaplib.aioimaplib import Command
+
+from email_service.config import Settings
+from email_service.protocols import destinations
+from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError
+from email_service.protocols.servers import MailServer
+
+# RFC 2177: servers may drop an IDLE after 30 minutes; renew well before.
+IDLE_RENEW_SECONDS = 25 * 60
+CHANGE_RESPONSES = (b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED")
+
+
+class _CheckedImap(aioimaplib.IMAP4):
+    """aioimaplib's client, connecting to a checked address while TLS verifies the host name."""
+
+    def __init__(self, address: str, server_hostname: str, port: int, tls: ssl.SSLContext | None, timeout: float):
+        self._address, self._server_hostname = address, server_hostname
+        super().__init__(host=server_hostname, port=port, timeout=timeout, ssl_context=tls)
+
+    def create_client(self, host, port, loop, conn_lost_cb=None, ssl_context=None) -> None:  # noqa: ANN001
+        local_loop = loop if loop is not None else asyncio.get_running_loop()
+        self.protocol = aioimaplib.IMAP4ClientProtocol(local_loop, conn_lost_cb)
+        server_hostname = self._server_hostname if ssl_context is not None else None
+        self._client_task = local_loop.create_task(
+            local_loop.create_connection(
+                lambda: self.protocol, self._address, port, ssl=ssl_context, server_hostname=server_hostname
+            )
+        )
+
+
+class IdleConnection:
+    """A logged-in connection with one folder examined, ready to wait for changes."""
+
+    def __init__(self, client: _CheckedImap, where: str) -> None:
+        self.client, self.where = client, where
+
+    @classmethod
+    async def open(
+        cls, server: MailServer, settings: Settings, tls: ssl.SSLContext, folder: str = "INBOX"
+    ) -> IdleConnection:
+        loop = asyncio.get_running_loop()
+        where = f"{server.host}:{server.port}"
+        timeout = float(settings.imap_timeout_seconds)
+        try:
+            addresses = await loop.run_in_executor(
+                None, destinations.resolve, server.host, server.port, settings.destinations
+            )
+        except OSError:
+            raise ConnectionFailed(f"host not found: {server.host}") from None
+        _, sockaddr = addresses[0]
+        implicit = tls if server.encryption == "tls" else None
+        client = _CheckedImap(sockaddr[0], server.host, server.port, implicit, timeout)
+        connection = cls(client, where)
+        try:
+            await client.wait_hello_from_server()
+            if server.encryption == "starttls":
+                await connection._starttls(tls, server.host)
+            response = await client.login(server.username, server.password)
+            if response.result != "OK":
+                raise AuthenticationFailed(f"authentication failed for {server.username} at {server.host}")
+            await client.protocol.capability()
+            # EXAMINE, not SELECT: watching never changes the folder (not even \Recent). aioimaplib
+            # moves to the selected state only for its own SELECT, so the state is set here.
+            response = await client.examine(folder)
+            if response.result != "OK":
+                raise MailServerError(f"{where} refused to open {folder}")
+            client.protocol.state = aioimaplib.SELECTED
+        except MailServerError:
+            await connection.close()
+            raise
+        except (OSError, TimeoutError, aioimaplib.Abort, aioimaplib.Error) as exc:
+            await connection.close()
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise ConnectionFailed(f"certificate verify failed for {where}: {exc.verify_message}") from None
+            raise ConnectionFailed(f"connection to {where} failed ({type(exc).__name__})") from None
+        return connection
+
+    async def _starttls(self, tls: ssl.SSLContext, host: str) -> None:
+        protocol = self.client.protocol
+        if "STARTTLS" not in protocol.capabilities:
+            # No fallback to plain text: a missing STARTTLS may be an attacker stripping it.
+            raise MailServerError(f"{self.where} does not offer STARTTLS")
+        response = await asyncio.wait_for(
+            protocol.execute(Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)), self.client.timeout
+        )
+        if response.result != "OK":
+            raise MailServerError(f"{self.where} refused STARTTLS")
+        loop = asyncio.get_running_loop()
+        protocol.transport = await loop.start_tls(protocol.transport, protocol, tls, server_hostname=host)
+        await protocol.capability()  # what was announced before TLS cannot be trusted
+
+    @property
+    def supports_idle(self) -> bool:
+        return "IDLE" in self.client.protocol.capabilities
+
+    async def wait_for_change(self, stopping: asyncio.Event, renew: float = IDLE_RENEW_SECONDS) -> bool:
+        """IDLE until the server reports a change (True), or renewal time or a stop comes (False).
+
+        Raises ``ConnectionFailed`` when the server refuses IDLE or the connection breaks.
+        """
+        try:
+            return await self._idle(stopping, renew)
+        except (TimeoutError, aioimaplib.Abort, aioimaplib.Error, OSError) as exc:
+            raise ConnectionFailed(f"IDLE on {self.where} ended ({type(exc).__name__})") from None
+
+    async def _idle(self, stopping: asyncio.Event, renew: float) -> bool:
+        client = self.client
+        idle = await client.idle_start(timeout=renew)
+        changed = False
+        stop_wait = asyncio.ensure_future(stopping.wait())
+        try:
+            while client.has_pending_idle():
+                push = asyncio.ensure_future(client.wait_server_push(timeout=renew + 60))
+                done, _ = await asyncio.wait({push, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if stop_wait in done:
+                    push.cancel()
+                    client.idle_done()
+                    break
+                lines = push.result()
+                if lines == aioimaplib.STOP_WAIT_SERVER_PUSH:
+                    client.idle_done()
+                    break
+                if any(marker in line for line in lines for marker in CHANGE_RESPONSES):
+                    changed = True
+                    client.idle_done()
+                    break
+            await asyncio.wait_for(idle, client.timeout)
+        finally:
+            stop_wait.cancel()
+        return changed
+
+    async def close(self) -> None:
+        protocol = self.client.protocol
+        transport = protocol.transport if protocol is not None else None
+        # A LOGOUT would queue behind a pending IDLE: then just hang up, which servers expect too.
+        polite = not self.client.has_pending_idle() and self.client.get_state() in ("AUTH", "SELECTED", "NONAUTH")
+        if transport is not None and polite:
+            with suppress(Exception):  # the connection is being dropped either way
+                await asyncio.wait_for(self.client.logout(), 2)
+        if transport is not None:
+            transport.close()

@@ -1,0 +1,90 @@
+"""Which watcher process watches which account: Redis leases that move when a watcher dies.
+
+Every watcher registers itself with a heartbeat and takes a fair share of the accounts
+(accounts / live watchers), each by a short lease (``SET NX EX``) that it renews while it
+watches. An account has at most one lease, so at most one watcher. A watcher that dies stops
+renewing; its leases run out and the others take its accounts. Losing Redis loses only leases,
+which are taken again as soon as it is back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+
+from redis import Redis
+
+KEY = "email_service:watch:{account_id}"
+WATCHERS = "email_service:watchers"
+# Renew each owned lease only while we still own it; returns the ids renewed.
+_RENEW = """
+local kept = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('get', key) == ARGV[1] then
+    redis.call('expire', key, ARGV[2])
+    table.insert(kept, key)
+  end
+end
+return kept
+"""
+_RELEASE = """
+for i, key in ipairs(KEYS) do
+  if redis.call('get', key) == ARGV[1] then redis.call('del', key) end
+end
+return 0
+"""
+
+
+class Leases:
+    def __init__(self, redis: Redis, watcher_id: str, ttl: int = 30) -> None:
+        self.redis, self.watcher_id, self.ttl = redis, watcher_id, ttl
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+
+    def live_watchers(self) -> int:
+        """Register this watcher's heartbeat; returns how many watchers are alive (this one included)."""
+        now = time.time()
+        pipe = self.redis.pipeline()
+        pipe.zadd(WATCHERS, {self.watcher_id: now})
+        pipe.zremrangebyscore(WATCHERS, 0, now - self.ttl)
+        pipe.zcard(WATCHERS)
+        return max(1, int(pipe.execute()[-1]))
+
+    @staticmethod
+    def fair_share(accounts: int, watchers: int) -> int:
+        # A little slack, so a watcher that starts does not make every other one give accounts up.
+        return math.ceil(accounts / watchers * 1.05) if accounts else 0
+
+    def renew(self, account_ids: Iterable[str]) -> set[str]:
+        """Renew the leases still ours; returns their account ids (the rest were lost)."""
+        keys = [KEY.format(account_id=a) for a in account_ids]
+        if not keys:
+            return set()
+        kept = self._renew(keys=keys, args=[self.watcher_id, self.ttl])
+        prefix = len(KEY.format(account_id=""))
+        return {(k.decode() if isinstance(k, bytes) else k)[prefix:] for k in kept}
+
+    def claim(self, account_ids: Iterable[str], limit: int) -> list[str]:
+        """Take free leases, up to ``limit`` of them; returns the accounts now ours."""
+        taken: list[str] = []
+        for account_id in account_ids:
+            if len(taken) >= limit:
+                break
+            if self.redis.set(KEY.format(account_id=account_id), self.watcher_id, nx=True, ex=self.ttl):
+                taken.append(account_id)
+        return taken
+
+    def release(self, account_ids: Iterable[str]) -> None:
+        keys = [KEY.format(account_id=a) for a in account_ids]
+        if keys:
+            self._release(keys=keys, args=[self.watcher_id])
+
+    def leave(self, account_ids: Iterable[str]) -> None:
+        """Give everything back at a clean stop, so other watchers take over at once."""
+        self.release(account_ids)
+        self.redis.zrem(WATCHERS, self.watcher_id)
+
+    def holder(self, account_id: str) -> str | None:
+        value = self.redis.get(KEY.format(account_id=account_id))
+        return value.decode() if value else None

@@ -1,0 +1,217 @@
+"""``email-service watch``: one asyncio process holding IMAP IDLE for many accounts.
+
+Every ``LEASE_SECONDS / 3`` the watcher looks at which accounts should be watched (enabled IMAP
+accounts with sync on), renews the leases it holds, gives back what it holds beyond its fair
+share, takes free leases up to it, and starts or stops one watching task per account. A task
+logs in, examines INBOX, catches up once, then waits in IDLE; each change the server reports
+(EXISTS, EXPUNGE, FETCH) brings INBOX up to date in a thread of this process, within about a
+second of the change. Connections that fail are retried with a growing wait; a server without
+IDLE is left to the interval sync. Other folders keep the interval sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import resource
+import signal
+import socket
+import ssl
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+
+from email_service.config import Settings
+from email_service.crypto import CredentialError
+from email_service.mailbox.live import refresh_folder
+from email_service.protocols.errors import MailServerError
+from email_service.protocols.tls import client_context
+from email_service.runtime import Runtime
+from email_service.services.servers import load_servers
+from email_service.tenancy import Principal
+from email_service.watch.idle import IdleConnection
+from email_service.watch.leases import Leases
+
+log = logging.getLogger(__name__)
+RETRY_FIRST, RETRY_MAX = 2.0, 300.0
+NO_IDLE_PAUSE = 3600.0  # a server without IDLE is asked again after an hour
+
+
+@dataclass(frozen=True)
+class Watchable:
+    account_id: str
+    principal: Principal
+    version: datetime  # the account's updated_at: a change of settings restarts its watch
+
+
+def watchable_accounts(runtime: Runtime) -> dict[str, Watchable]:
+    """Enabled IMAP accounts with sync on, across all tenants."""
+    with runtime.db.maintenance_session() as session:
+        rows = session.execute(
+            text(
+                "SELECT id, tenant_id, user_id, updated_at FROM accounts"
+                " WHERE deleted_at IS NULL AND is_enabled AND is_sync_enabled AND protocol = 'imap'"
+            )
+        ).all()
+    return {
+        row.id: Watchable(row.id, Principal(uuid.UUID(str(row.tenant_id)), uuid.UUID(str(row.user_id))), row.updated_at)
+        for row in rows
+    }
+
+
+class Watcher:
+    def __init__(self, settings: Settings, *, name: str | None = None) -> None:
+        self.settings = settings
+        self.runtime = Runtime.build(settings)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.leases = Leases(self.runtime.redis, self.name, ttl=settings.watch_lease_seconds)
+        # One TLS context for every connection: building one per account would cost memory per account.
+        self.tls: ssl.SSLContext = client_context(settings.ca_file)
+        self.executor = ThreadPoolExecutor(max_workers=settings.watch_threads, thread_name_prefix="refresh")
+        self.stopping = asyncio.Event()
+        self.watching: dict[str, tuple[Watchable, asyncio.Task]] = {}
+        self.paused: dict[str, float] = {}  # account id -> loop time until which it is not watched
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        log.info("watcher %s started", self.name)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    await self.balance()
+                except Exception:  # a database or Redis hiccup: keep the watches, try again next round
+                    log.exception("watcher round failed")
+                with_timeout = asyncio.ensure_future(self.stopping.wait())
+                await asyncio.wait({with_timeout}, timeout=max(1.0, self.settings.watch_lease_seconds / 3))
+                with_timeout.cancel()
+        finally:
+            await self.shutdown()
+
+    async def balance(self) -> None:
+        loop = asyncio.get_running_loop()
+        wanted = await loop.run_in_executor(self.executor, watchable_accounts, self.runtime)
+        watchers = await loop.run_in_executor(self.executor, self.leases.live_watchers)
+        share = Leases.fair_share(len(wanted), watchers)
+        kept = await loop.run_in_executor(self.executor, self.leases.renew, list(self.watching))
+        ending = {
+            account_id: account_id in kept
+            for account_id, (watched, _) in self.watching.items()
+            if account_id not in kept or wanted.get(account_id) is None or wanted[account_id].version != watched.version
+        }
+        excess = len(self.watching) - len(ending) - share
+        if excess > 0:
+            # More than a fair share (another watcher started): hand some over.
+            log.info("handing %d accounts over (%d watchers, a share is %d)", excess, watchers, share)
+            staying = [a for a in self.watching if a not in ending]
+            ending.update({account_id: True for account_id in random.sample(staying, excess)})
+        await self.stop_watching(ending)
+        now = loop.time()
+        candidates = [
+            a for a in wanted if a not in self.watching and self.paused.get(a, 0) <= now
+        ]
+        random.shuffle(candidates)
+        room = share - len(self.watching)
+        if room > 0 and candidates:
+            taken = await loop.run_in_executor(self.executor, self.leases.claim, candidates, room)
+            for account_id in taken:
+                self.start_watching(wanted[account_id])
+            if taken:
+                log.info("watching %d more accounts (%d in all)", len(taken), len(self.watching))
+
+    def start_watching(self, account: Watchable) -> None:
+        task = asyncio.create_task(self.watch(account), name=f"watch-{account.account_id}")
+        self.watching[account.account_id] = (account, task)
+
+    async def stop_watching(self, accounts: dict[str, bool]) -> None:
+        """Stop watching these accounts (all at once); give back the leases marked True."""
+        tasks = [self.watching.pop(account_id)[1] for account_id in accounts]
+        for task in tasks:
+            task.cancel()
+        # How each watch ended no longer matters.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        released = [account_id for account_id, release in accounts.items() if release]
+        if released:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.leases.release, released)
+
+    async def shutdown(self) -> None:
+        held = list(self.watching)
+        await self.stop_watching(dict.fromkeys(held, False))
+        try:
+            self.leases.leave(held)
+        except Exception:  # noqa: BLE001 - the leases run out by themselves
+            log.warning("could not hand the leases back; they run out within %d s", self.settings.watch_lease_seconds)
+        self.executor.shutdown(wait=True)
+        self.runtime.close()
+        log.info("watcher %s stopped", self.name)
+
+    # ------------------------------------------------------------------ one account
+
+    async def watch(self, account: Watchable) -> None:
+        loop = asyncio.get_running_loop()
+        wait = RETRY_FIRST
+        while not self.stopping.is_set():
+            connection = None
+            try:
+                servers = await loop.run_in_executor(
+                    self.executor, load_servers, self.runtime.db, self.runtime.cipher, account.principal,
+                    account.account_id,
+                )
+                if servers is None:
+                    return
+                connection = await IdleConnection.open(servers.incoming, self.settings, self.tls)
+                if not connection.supports_idle:
+                    log.info("account %s: server has no IDLE; left to interval sync", account.account_id)
+                    self.paused[account.account_id] = loop.time() + NO_IDLE_PAUSE
+                    return
+                # Whatever changed while nobody watched, then every change as it happens.
+                await self.refresh(account)
+                wait = RETRY_FIRST
+                while not self.stopping.is_set():
+                    if await connection.wait_for_change(self.stopping):
+                        await self.refresh(account)
+            except asyncio.CancelledError:
+                raise
+            except (MailServerError, CredentialError, OSError, TimeoutError) as exc:
+                log.info("account %s: watch interrupted (%s); again in %.0f s", account.account_id, exc, wait)
+            except Exception:
+                log.exception("account %s: watch failed; again in %.0f s", account.account_id, wait)
+            finally:
+                if connection is not None:
+                    await connection.close()
+            if self.stopping.is_set():
+                return
+            await asyncio.sleep(wait * random.uniform(0.8, 1.2))
+            wait = min(wait * 2, RETRY_MAX)
+
+    async def refresh(self, account: Watchable) -> None:
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(
+            self.executor, refresh_folder, self.runtime, account.principal, account.account_id, "INBOX"
+        )
+        if result is not None and (result.messages_added or result.messages_updated or result.messages_removed):
+            log.debug("account %s: %s", account.account_id, result.as_dict())
+
+
+def _raise_open_files_limit() -> None:
+    # One socket per watched account: the default soft limit (often 1,024) would cap a watcher
+    # far below the thousands of accounts one asyncio process can hold.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run_watcher(settings: Settings) -> None:
+    """Watch until SIGTERM or SIGINT; leases are handed back on the way out."""
+    _raise_open_files_limit()
+    asyncio.run(Watcher(settings).run())

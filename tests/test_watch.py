@@ -1,0 +1,148 @@
+"""Real time: `email-service watch` holds IMAP IDLE on Dovecot and brings changes in, unasked.
+
+No sync is requested in these tests: whatever the API shows after the account is created comes
+from the watcher (the shared test worker runs no scheduler).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import psutil
+import pytest
+from messages import plain_message, to_bytes
+from syncing import create_account, imap_account, worker_env
+
+from email_service.watch.leases import Leases
+
+LEASE_SECONDS = 3
+
+
+@pytest.fixture
+def client(sync_client):
+    return sync_client
+
+
+@contextmanager
+def watcher_process(backing, dovecot, log_path):
+    env = worker_env(backing, dovecot, EMAIL_SERVICE_WATCH_LEASE_SECONDS=str(LEASE_SECONDS))
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "email_service", "watch"], env=env, stdout=log, stderr=log)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def eventually(condition, timeout: float, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    return condition()
+
+
+def inbox_subjects(client, user, account_id) -> dict[str, dict]:
+    folders = client.get(f"/api/{account_id}/folders", headers=user.headers).json().get("folders", [])
+    inbox = next((f for f in folders if f["name"] == "INBOX"), None)
+    if inbox is None:
+        return {}
+    listed = client.get(f"/api/{account_id}/folders/{inbox['id']}/messages", headers=user.headers).json()
+    return {m["subject"]: m for m in listed["messages"]}
+
+
+def test_new_mail_flags_and_expunges_arrive_within_a_second_without_a_sync(
+    client, runtime, user, dovecot, mail_user, backing, tmp_path
+):
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Before watching")))
+    account_id = create_account(
+        client, user, imap_account(dovecot, mail_user, isSyncEnabled=True, syncInterval=604800)
+    )
+    with watcher_process(backing, dovecot, tmp_path / "watch.log"):
+        # On taking the account the watcher catches up with what is already there.
+        assert eventually(lambda: "Before watching" in inbox_subjects(client, user, account_id), 30), (
+            (tmp_path / "watch.log").read_text()
+        )
+        assert Leases(runtime.redis, "probe").holder(account_id)
+        time.sleep(0.5)  # the watcher is back in IDLE
+
+        appended = time.monotonic()
+        dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Pushed to us")))
+        assert eventually(lambda: "Pushed to us" in inbox_subjects(client, user, account_id), 10)
+        latency = time.monotonic() - appended
+        assert latency < 3, latency  # well under a second on an idle machine; shared CI gets slack
+
+        with dovecot.imap(mail_user) as other:
+            other.select("INBOX")
+            _, data = other.uid("SEARCH", "SUBJECT", '"Pushed to us"')
+            uid = data[0].split()[0]
+            other.uid("STORE", uid, "+FLAGS", "(\\Seen \\Flagged)")
+        assert eventually(
+            lambda: (inbox_subjects(client, user, account_id).get("Pushed to us") or {}).get("isStarred"), 10
+        )
+
+        with dovecot.imap(mail_user) as other:
+            other.select("INBOX")
+            _, data = other.uid("SEARCH", "SUBJECT", '"Before watching"')
+            other.uid("STORE", data[0].split()[0], "+FLAGS", "(\\Deleted)")
+            other.expunge()
+        assert eventually(lambda: "Before watching" not in inbox_subjects(client, user, account_id), 10)
+        assert "Pushed to us" in inbox_subjects(client, user, account_id)
+
+
+def test_each_account_has_one_watcher_and_a_dead_watchers_accounts_move(
+    client, runtime, make_user, dovecot, backing, tmp_path
+):
+    owner = make_user()
+    accounts = [
+        create_account(
+            client, owner, imap_account(dovecot, dovecot.add_user(), isSyncEnabled=True, syncInterval=604800)
+        )
+        for _ in range(6)
+    ]
+    leases = Leases(runtime.redis, "probe")
+    with watcher_process(backing, dovecot, tmp_path / "a.log") as first:
+        with watcher_process(backing, dovecot, tmp_path / "b.log") as second:
+            def holders() -> dict[str, str | None]:
+                return {a: leases.holder(a) for a in accounts}
+
+            assert eventually(lambda: all(holders().values()), 30), "not every account was taken"
+            time.sleep(LEASE_SECONDS * 2)
+            # The share evens out: both watchers hold some of the accounts, and one lease each.
+            settled = holders()
+            pids = {int(h.split(":")[1]) for h in settled.values() if h}
+            assert pids == {first.pid, second.pid}, settled
+
+            # SIGKILL one: its leases run out and the other takes its accounts.
+            for process in [psutil.Process(second.pid), *psutil.Process(second.pid).children(recursive=True)]:
+                process.send_signal(signal.SIGKILL)
+            second.wait()
+            moved = eventually(
+                lambda: all((h := leases.holder(a)) and int(h.split(":")[1]) == first.pid for a in accounts),
+                LEASE_SECONDS * 6,
+                every=0.2,
+            )
+            assert moved, {a: leases.holder(a) for a in accounts}
+
+        # The survivor still brings mail in for an account it took over.
+        mailbox_user = dovecot.add_user()
+        account_id = create_account(
+            client, owner, imap_account(dovecot, mailbox_user, isSyncEnabled=True, syncInterval=604800)
+        )
+        assert eventually(lambda: leases.holder(account_id), LEASE_SECONDS * 6)
+        time.sleep(1)
+        dovecot.append(mailbox_user, "INBOX", to_bytes(plain_message("Taken over")))
+        assert eventually(lambda: "Taken over" in inbox_subjects(client, owner, account_id), 15)
+    # A clean stop hands the leases back at once.
+    assert all(leases.holder(a) is None for a in accounts)
