@@ -402,7 +402,8 @@ class ScriptedServer:
                     return
 
     def session(self, **kwargs: object) -> SmtpSession:
-        return SmtpSession(LOOPBACK, self.port, "none", "user", "secret", **{"timeout": 5, **kwargs})
+        options = {"timeout": 5, "destinations": TEST_DESTINATIONS, **kwargs}
+        return SmtpSession(LOOPBACK, self.port, "none", "user", "secret", **options)
 
     def close(self) -> None:
         self._done.set()
