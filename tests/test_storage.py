@@ -21,16 +21,18 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pytest
-from helpers import assert_error_shape
+from helpers import account_body, assert_error_shape
 from minio import Minio
 from werkzeug.http import parse_options_header
 
 from email_service.api.app import create_app
 from email_service.runtime import Runtime
+from email_service.services.accounts import create_account
 from email_service.storage import ObjectNotFound, ObjectStore, filesystem, object_store
 from email_service.storage.disposition import content_disposition
 from email_service.storage.filesystem import FilesystemStore
 from email_service.storage.minio_store import MinioStore
+from email_service.tenancy import Principal
 
 LINK_KEY = "storage-link-test-key-" + "k" * 32
 BUCKET = "email-service-test"
@@ -156,9 +158,14 @@ def backend(request) -> Backend:
 
 
 @pytest.fixture
-def prefix() -> str:
-    """Keys shaped like the service's, under a tenant of the test's own."""
-    return f"{uuid.uuid4()}/{uuid.uuid4()}/attachments/"
+def prefix(runtime) -> str:
+    """Keys shaped like the service's: under a live account of a tenant of the test's own.
+
+    Signed links serve only objects of accounts that still exist, so the account is real.
+    """
+    principal = Principal(uuid.uuid4(), uuid.uuid4())
+    account = create_account(runtime.db, runtime.cipher, principal, account_body(hostname="imap.example.com"))
+    return f"{principal.tenant_id}/{account.id}/attachments/"
 
 
 class GeneratedStream(io.RawIOBase):
