@@ -12,7 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import email_service_client as sdk
@@ -22,13 +22,13 @@ from helpers import ServiceProcess, service_env
 
 
 class WorkerProcess:
-    """`email-service worker` as its own process, writing to the deployment's worker log."""
+    """`email-service worker` (or another process type) as its own process, writing to its log."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, command: str = "worker") -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "email_service", "worker"],
+            [sys.executable, "-m", "email_service", command],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -67,6 +67,7 @@ class Deployment:
     env: dict[str, str]
     directory: Path
     workers: list[WorkerProcess]
+    watchers: list[WorkerProcess] = field(default_factory=list)
 
     @property
     def worker(self) -> WorkerProcess:
@@ -76,6 +77,11 @@ class Deployment:
         worker = WorkerProcess(self.env, self.directory / "worker.log")
         self.workers.append(worker)
         return worker
+
+    def start_watcher(self) -> WorkerProcess:
+        watcher = WorkerProcess(self.env, self.directory / "watch.log", "watch")
+        self.watchers.append(watcher)
+        return watcher
 
     def mint_token(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> str:
         """A token from `email-service token`, the way an operator makes one."""
@@ -126,8 +132,9 @@ def deployment(backing, dovecot, s3_server, tmp_path_factory) -> Iterator[Deploy
     try:
         api.wait_healthy()
         deployment.start_worker()
+        deployment.start_watcher()
         yield deployment
     finally:
-        for worker in deployment.workers:
+        for worker in [*deployment.workers, *deployment.watchers]:
             worker.stop()
         assert api.stop() == 0, api.log()[-4000:]

@@ -96,8 +96,7 @@ def _dovecot_account(dovecot, user, protocol: str, **fields) -> sdk.CreateAccoun
         encryption="tls",
         username=user.name,
         password=user.password,
-        is_sync_enabled=False,
-        **fields,
+        **{"is_sync_enabled": False, **fields},
     )
 
 
@@ -414,3 +413,25 @@ def test_7_a_sync_whose_worker_is_killed_completes_on_another_exactly(deployment
     synced = [m.subject for m in _all_messages(api, account.id, inbox.id)]
     assert inbox.message_count == CRASH_MAILBOX
     assert sorted(synced) == subjects, f"{len(synced)} stored, {len(set(synced))} distinct, {stored_at_kill} at kill"
+
+
+def test_8_mail_appended_on_the_server_arrives_with_no_sync_requested(deployment, journey, dovecot):
+    api = journey.api
+    user = dovecot.add_user()
+    dovecot.append(user, "INBOX", to_bytes(plain_message("Already there")))
+    account = _accounts(api).create_account(
+        _dovecot_account(dovecot, user, "imap", account_name="Live", is_sync_enabled=True, sync_interval=604800)
+    )
+
+    def subjects() -> set[str]:
+        inbox = _folders(api, account.id).get("INBOX")
+        return {m.subject for m in _all_messages(api, account.id, inbox.id)} if inbox else set()
+
+    # The watcher takes the new account and catches up; nobody asks for a sync.
+    # Polled under the per-user limit of 50 a minute per operation.
+    _wait_for(lambda: "Already there" in subjects(), timeout=60, every=1.3)
+    time.sleep(1)
+    dovecot.append(user, "INBOX", to_bytes(plain_message("Arrived just now")))
+    appended = time.monotonic()
+    _wait_for(lambda: "Arrived just now" in subjects(), timeout=30, every=1.3)
+    assert time.monotonic() - appended < 5, deployment.logs()
