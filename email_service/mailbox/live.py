@@ -10,6 +10,7 @@ from __future__ import annotations
 from email_service.crypto import CredentialError
 from email_service.mailbox.imap_sync import ImapSync
 from email_service.mailbox.result import SyncResult
+from email_service.mailbox.schedule import record_success
 from email_service.mailbox.store import MailStore
 from email_service.models import TaskKind
 from email_service.protocols.servers import Protocol
@@ -20,11 +21,18 @@ from email_service.services.servers import load_servers
 from email_service.tenancy import Principal
 
 
-def refresh_folder(runtime: Runtime, principal: Principal, account_id: str, folder: str = "INBOX") -> SyncResult | None:
-    """Fetch what changed in ``folder`` now; None when it was handed to a queued sync instead."""
+def refresh_folder(
+    runtime: Runtime, principal: Principal, account_id: str, folder: str | None = "INBOX"
+) -> SyncResult | None:
+    """Fetch what changed in ``folder`` (every folder with None) now; None when it was handed to a queued sync.
+
+    Every folder at once is the account's automatic sync done here, cheaply: unchanged folders
+    cost one STATUS each, and the account's next scheduled sync moves out as after any sync.
+    """
     lock = AccountLock(runtime.db, account_id)
     if not lock.acquire():
-        tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account_id, params={"folders": [folder]})
+        params = {"folders": [folder]} if folder else {}
+        tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account_id, params=params)
         return None
     try:
         try:
@@ -35,6 +43,9 @@ def refresh_folder(runtime: Runtime, principal: Principal, account_id: str, fold
             return None
         store = MailStore(runtime.db, runtime.objects, principal, account_id)
         with servers.incoming.imap(runtime.settings) as session:
-            return ImapSync(store, session, lambda _percent: None, only_folders=[folder]).run()
+            result = ImapSync(store, session, lambda _percent: None, only_folders=[folder] if folder else None).run()
+        if folder is None:
+            record_success(runtime.db, principal, account_id, full=True)
+        return result
     finally:
         lock.release()

@@ -5,8 +5,10 @@ accounts with sync on), renews the leases it holds, gives back what it holds bey
 share, takes free leases up to it, and starts or stops one watching task per account. A task
 logs in, examines INBOX, catches up once, then waits in IDLE; each change the server reports
 (EXISTS, EXPUNGE, FETCH) brings INBOX up to date in a thread of this process, within about a
-second of the change. Connections that fail are retried with a growing wait; a server without
-IDLE is left to the interval sync. Other folders keep the interval sync.
+second of the change. Every folder gets a look at the account's sync interval (one STATUS per
+unchanged folder, in this process: it is the account's automatic sync, and the scheduler then
+has nothing to queue for it). Connections that fail are retried with a growing wait; a server
+without IDLE is left to the scheduler's interval sync.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from email_service.protocols.tls import client_context
 from email_service.runtime import Runtime
 from email_service.services.servers import load_servers
 from email_service.tenancy import Principal
-from email_service.watch.idle import IdleConnection
+from email_service.watch.idle import IDLE_RENEW_SECONDS, IdleConnection
 from email_service.watch.leases import Leases
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class Watchable:
     account_id: str
     principal: Principal
     version: datetime  # the account's updated_at: a change of settings restarts its watch
+    sync_interval: int  # seconds between looks at every folder (the inbox is watched all the time)
 
 
 def watchable_accounts(runtime: Runtime) -> dict[str, Watchable]:
@@ -55,12 +58,17 @@ def watchable_accounts(runtime: Runtime) -> dict[str, Watchable]:
     with runtime.db.maintenance_session() as session:
         rows = session.execute(
             text(
-                "SELECT id, tenant_id, user_id, updated_at FROM accounts"
+                "SELECT id, tenant_id, user_id, updated_at, sync_interval FROM accounts"
                 " WHERE deleted_at IS NULL AND is_enabled AND is_sync_enabled AND protocol = 'imap'"
             )
         ).all()
     return {
-        row.id: Watchable(row.id, Principal(uuid.UUID(str(row.tenant_id)), uuid.UUID(str(row.user_id))), row.updated_at)
+        row.id: Watchable(
+            row.id,
+            Principal(uuid.UUID(str(row.tenant_id)), uuid.UUID(str(row.user_id))),
+            row.updated_at,
+            row.sync_interval,
+        )
         for row in rows
     }
 
@@ -116,9 +124,7 @@ class Watcher:
             ending.update({account_id: True for account_id in random.sample(staying, excess)})
         await self.stop_watching(ending)
         now = loop.time()
-        candidates = [
-            a for a in wanted if a not in self.watching and self.paused.get(a, 0) <= now
-        ]
+        candidates = [a for a in wanted if a not in self.watching and self.paused.get(a, 0) <= now]
         random.shuffle(candidates)
         room = share - len(self.watching)
         if room > 0 and candidates:
@@ -163,7 +169,11 @@ class Watcher:
             connection = None
             try:
                 servers = await loop.run_in_executor(
-                    self.executor, load_servers, self.runtime.db, self.runtime.cipher, account.principal,
+                    self.executor,
+                    load_servers,
+                    self.runtime.db,
+                    self.runtime.cipher,
+                    account.principal,
                     account.account_id,
                 )
                 if servers is None:
@@ -173,12 +183,19 @@ class Watcher:
                     log.info("account %s: server has no IDLE; left to interval sync", account.account_id)
                     self.paused[account.account_id] = loop.time() + NO_IDLE_PAUSE
                     return
-                # Whatever changed while nobody watched, then every change as it happens.
+                # Whatever changed while nobody watched, then every change as it happens. Every
+                # folder gets a look at the account's interval (this is its automatic sync, so the
+                # scheduler need not fork a job for it), spread out so looks do not come together.
                 await self.refresh(account)
                 wait = RETRY_FIRST
+                next_look = loop.time() + account.sync_interval * random.uniform(0.5, 1.0)
                 while not self.stopping.is_set():
-                    if await connection.wait_for_change(self.stopping):
+                    renew = max(1.0, min(IDLE_RENEW_SECONDS, next_look - loop.time()))
+                    if await connection.wait_for_change(self.stopping, renew=renew):
                         await self.refresh(account)
+                    if loop.time() >= next_look:
+                        await self.refresh(account, folder=None)
+                        next_look = loop.time() + account.sync_interval
             except asyncio.CancelledError:
                 raise
             except (MailServerError, CredentialError, OSError, TimeoutError) as exc:
@@ -193,10 +210,10 @@ class Watcher:
             await asyncio.sleep(wait * random.uniform(0.8, 1.2))
             wait = min(wait * 2, RETRY_MAX)
 
-    async def refresh(self, account: Watchable) -> None:
+    async def refresh(self, account: Watchable, folder: str | None = "INBOX") -> None:
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(
-            self.executor, refresh_folder, self.runtime, account.principal, account.account_id, "INBOX"
+            self.executor, refresh_folder, self.runtime, account.principal, account.account_id, folder
         )
         if result is not None and (result.messages_added or result.messages_updated or result.messages_removed):
             log.debug("account %s: %s", account.account_id, result.as_dict())
