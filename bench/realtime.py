@@ -210,6 +210,9 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=100)
     parser.add_argument("--memory-accounts", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument(
+        "--watcher-env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for the watcher"
+    )
     args = parser.parse_args()
 
     ensure_dovecot_installed()
@@ -247,6 +250,7 @@ def main() -> None:
                 "EMAIL_SERVICE_ALLOWED_DESTINATIONS": allowed,
                 "EMAIL_SERVICE_LOG_LEVEL": "WARNING",
                 "EMAIL_SERVICE_WATCH_LEASE_SECONDS": "10",
+                **dict(item.split("=", 1) for item in args.watcher_env),
             }
             bench = Bench(base, dovecot, running, env)
             baseline_user = dovecot.add_user()

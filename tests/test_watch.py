@@ -143,6 +143,6 @@ def test_each_account_has_one_watcher_and_a_dead_watchers_accounts_move(
         assert eventually(lambda: leases.holder(account_id), LEASE_SECONDS * 6)
         time.sleep(1)
         dovecot.append(mailbox_user, "INBOX", to_bytes(plain_message("Taken over")))
-        assert eventually(lambda: "Taken over" in inbox_subjects(client, owner, account_id), 15)
+        assert eventually(lambda: "Taken over" in inbox_subjects(client, owner, account_id), 30)
     # A clean stop hands the leases back at once.
     assert all(leases.holder(a) is None for a in accounts)
