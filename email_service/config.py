@@ -55,6 +55,8 @@ class Settings:
     tenant_concurrency: int = 2
     scheduler_seconds: float = 15.0
     upload_retention_hours: int = 24
+    # The change log keeps this many days; a feed cursor older than what is kept must resync.
+    change_retention_days: int = 30
     # Per-protocol socket timeouts (connect and each read); the wait for the reply to the end of
     # a message's data follows RFC 5321 4.5.3.2 (10 minutes), since that reply decides whether
     # the message was accepted.
@@ -230,6 +232,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         tenant_concurrency=_int(env, "EMAIL_SERVICE_TENANT_CONCURRENCY", 2),
         scheduler_seconds=_int(env, "EMAIL_SERVICE_SCHEDULER_SECONDS", 15),
         upload_retention_hours=_int(env, "EMAIL_SERVICE_UPLOAD_RETENTION_HOURS", 24),
+        change_retention_days=_int(env, "EMAIL_SERVICE_CHANGE_RETENTION_DAYS", 30),
         imap_timeout_seconds=_int(env, "EMAIL_SERVICE_IMAP_TIMEOUT_SECONDS", 60),
         smtp_timeout_seconds=_int(env, "EMAIL_SERVICE_SMTP_TIMEOUT_SECONDS", 60),
         smtp_data_timeout_seconds=_int(env, "EMAIL_SERVICE_SMTP_DATA_TIMEOUT_SECONDS", 600),
