@@ -104,10 +104,11 @@ def write_back(db: Database, principal: Principal, session: ImapSession, change:
         row = tx.execute(
             select(Message.account_id, Message.folder_id).where(Message.id == change.message_id).with_for_update()
         ).one_or_none()
-        logged: list[Entry] = []
         if row is None:
-            pass  # a sync removed it meanwhile and logged that
-        elif new_uid is None:
+            # A sync removed the row meanwhile, and logged that.
+            return f"moved to {destination.display_name}"
+        logged: list[Entry] = []
+        if new_uid is None:
             # Without the new UID the row cannot follow; the next sync brings the message back in its new folder.
             tx.execute(delete(Message).where(Message.id == change.message_id))
             logged.append(changes.message_destroyed(change.message_id, row.folder_id))
@@ -119,8 +120,7 @@ def write_back(db: Database, principal: Principal, session: ImapSession, change:
             )
             if row.folder_id != destination.id:
                 logged.append(changes.message_moved(change.message_id, row.folder_id, destination.id))
-        if row is not None:
-            record(tx, principal, row.account_id, logged)
+        record(tx, principal, row.account_id, logged)
     return f"moved to {destination.display_name}"
 
 
