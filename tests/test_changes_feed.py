@@ -7,6 +7,7 @@ transaction, once; the feed must hand the ids back in order, collapsed, page by 
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -20,7 +21,8 @@ from syncing import create_account, folders_by_name, imap_account, messages, run
 from test_sync_store import INBOX, incoming
 
 from email_service.changes import feed as feed_service
-from email_service.mailbox.store import MailStore
+from email_service.mailbox.changes import update_message
+from email_service.mailbox.store import IncomingMessage, MailStore
 from email_service.models import Account, Change, Message
 from email_service.queue.scheduler import Scheduler
 from email_service.retention.changes import prune_changes
@@ -337,6 +339,60 @@ def test_the_log_entry_commits_with_the_change_or_not_at_all(runtime):
     store.objects = runtime.objects
     assert store.add_messages(folder, incoming(raws)) == ([], [])
     assert _state(store) == (3, 4, 4)
+
+
+def test_a_reader_following_concurrent_writers_misses_nothing_and_sees_nothing_twice(runtime):
+    # Messages without IMAP UIDs (as POP3 stores them): a PATCH changes only the row, no write-back job.
+    store, folder = _store(runtime, runtime.objects)
+    raws = [to_bytes(plain_message(f"c{n}")) for n in range(24)]
+    store.add_messages(folder, [IncomingMessage(raw=raw, uidl=f"uidl-{n}") for n, raw in enumerate(raws)])
+    with runtime.db.tenant_session(store.principal) as session:
+        ids = list(session.scalars(select(Message.id).where(Message.account_id == store.account_id)))
+    assert len(ids) == 24
+    start = feed_service.changes_since(runtime.db, store.principal, store.account_id, None).new_cursor
+    rounds = 6
+
+    def writer(mine: list[str]) -> None:
+        for n in range(rounds):
+            for message_id in mine:
+                update_message(runtime, store.principal, store.account_id, message_id, {"isRead": n % 2 == 0})
+
+    pages: list[feed_service.ChangesPage] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        cursor = start
+        while True:
+            finished = done.is_set()
+            page = feed_service.changes_since(runtime.db, store.principal, store.account_id, cursor, 5)
+            pages.append(page)
+            cursor = page.new_cursor
+            if finished and not page.has_more:
+                return
+
+    threads = [threading.Thread(target=writer, args=(ids[n::4],)) for n in range(4)]
+    follower = threading.Thread(target=reader)
+    follower.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    follower.join(timeout=60)
+    assert not follower.is_alive()
+    # Every PATCH changed isRead, so each logged exactly one entry, numbered without gaps.
+    entries = log_entries(runtime, store.principal, store.account_id, start)
+    assert len(entries) == 24 * rounds
+    assert [e.seq for e in entries] == list(range(int(start) + 1, int(start) + 1 + 24 * rounds))
+    assert all(e.kind == "updated" and e.detail == {"fields": ["isRead"]} for e in entries)
+    # The reader's pages, taken while the writers committed, follow each other without gap or
+    # overlap, and each lists exactly the messages of the entries in its range, once.
+    assert [p.old_cursor for p in pages] == [start] + [p.new_cursor for p in pages[:-1]]
+    assert pages[-1].new_cursor == str(entries[-1].seq)
+    for page in pages:
+        assert page.messages.created == page.messages.destroyed == []
+        in_range = {e.entity_id for e in entries if int(page.old_cursor) < e.seq <= int(page.new_cursor)}
+        assert sorted(page.messages.updated) == sorted(in_range)
 
 
 def test_a_cursor_older_than_the_log_keeps_is_gone(client, user, runtime, dovecot, mail_user, worker):
