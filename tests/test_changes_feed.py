@@ -411,8 +411,15 @@ def test_a_cursor_older_than_the_log_keeps_is_gone(client, user, runtime, doveco
         session.execute(
             text("UPDATE changes SET created_at = now() - interval '31 days' WHERE account_id = :a"), {"a": account_id}
         )
+    # A pass bounded to two entries per account raises the floor by two: older cursors are gone,
+    # the floor itself is still served.
+    assert prune_changes(runtime, timedelta(days=30), per_account=2) >= 2
+    assert_error_shape(
+        client.get(f"/api/{account_id}/changes", params={"since": "1"}, headers=user.headers), 410, "CURSOR_EXPIRED"
+    )
+    assert feed(client, user, account_id, since="2")["newCursor"] == current
     counts = Scheduler(runtime, f"test-{uuid.uuid4().hex[:6]}").run_once()
-    assert counts["changes pruned"] >= int(current)
+    assert counts["changes pruned"] >= int(current) - 2
     with runtime.db.tenant_session(user.principal) as session:
         assert session.scalar(select(Account.change_floor).where(Account.id == account_id)) == int(current)
 

@@ -20,10 +20,17 @@ log = logging.getLogger(__name__)
 
 # One statement, so the entries go and the floors rise in one transaction: a feed request that
 # read entries before the commit sees the raised floor afterwards and answers CURSOR_EXPIRED
-# instead of a window with a hole.
+# instead of a window with a hole. Each pass takes at most ``per_account`` entries of at most
+# ``accounts`` accounts (sequence numbers have no gaps, so the floor may rise by ``per_account``),
+# so a backlog is worked off over several scheduler rounds instead of in one huge transaction.
 _PRUNE = text("""
-    WITH cut AS (
-        SELECT account_id, max(seq) AS floor FROM changes WHERE created_at < :cutoff GROUP BY account_id
+    WITH old AS (
+        SELECT account_id, max(seq) AS newest FROM changes WHERE created_at < :cutoff GROUP BY account_id
+    ), cut AS (
+        SELECT old.account_id, least(old.newest, accounts.change_floor + :per_account) AS floor
+        FROM old JOIN accounts ON accounts.id = old.account_id
+        ORDER BY old.account_id
+        LIMIT :accounts
     ), removed AS (
         DELETE FROM changes USING cut
         WHERE changes.account_id = cut.account_id AND changes.seq <= cut.floor
@@ -37,11 +44,11 @@ _PRUNE = text("""
 """)
 
 
-def prune_changes(runtime: Runtime, older_than: timedelta) -> int:
+def prune_changes(runtime: Runtime, older_than: timedelta, *, per_account: int = 10_000, accounts: int = 50) -> int:
     """Remove log entries older than ``older_than`` (and all before them); returns how many went."""
     cutoff = datetime.now(UTC) - older_than
     with runtime.db.maintenance_session() as session:
-        row = session.execute(_PRUNE, {"cutoff": cutoff}).one()
+        row = session.execute(_PRUNE, {"cutoff": cutoff, "per_account": per_account, "accounts": accounts}).one()
     if row.removed:
         log.info("pruned %d change log entries of %d accounts", row.removed, row.raised)
     return int(row.removed)
