@@ -62,6 +62,8 @@ class Settings:
     # accounts move to the others after this), and threads that bring folders up to date.
     watch_lease_seconds: int = 30
     watch_threads: int = 8
+    # The change log keeps this many days; a feed cursor older than what is kept must resync.
+    change_retention_days: int = 30
     # Per-protocol socket timeouts (connect and each read); the wait for the reply to the end of
     # a message's data follows RFC 5321 4.5.3.2 (10 minutes), since that reply decides whether
     # the message was accepted.
@@ -252,6 +254,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         upload_retention_hours=_int(env, "EMAIL_SERVICE_UPLOAD_RETENTION_HOURS", 24),
         watch_lease_seconds=_int(env, "EMAIL_SERVICE_WATCH_LEASE_SECONDS", 30, minimum=3),
         watch_threads=_int(env, "EMAIL_SERVICE_WATCH_THREADS", 8),
+        change_retention_days=_int(env, "EMAIL_SERVICE_CHANGE_RETENTION_DAYS", 30),
         imap_timeout_seconds=_int(env, "EMAIL_SERVICE_IMAP_TIMEOUT_SECONDS", 60),
         smtp_timeout_seconds=_int(env, "EMAIL_SERVICE_SMTP_TIMEOUT_SECONDS", 60),
         smtp_data_timeout_seconds=_int(env, "EMAIL_SERVICE_SMTP_DATA_TIMEOUT_SECONDS", 600),

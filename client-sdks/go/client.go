@@ -52,6 +52,8 @@ type APIClient struct {
 
 	AttachmentsAPI *AttachmentsAPIService
 
+	ChangesAPI *ChangesAPIService
+
 	ComposeAPI *ComposeAPIService
 
 	FoldersAPI *FoldersAPIService
@@ -83,6 +85,7 @@ func NewAPIClient(cfg *Configuration) *APIClient {
 	// API Services
 	c.AccountsAPI = (*AccountsAPIService)(&c.common)
 	c.AttachmentsAPI = (*AttachmentsAPIService)(&c.common)
+	c.ChangesAPI = (*ChangesAPIService)(&c.common)
 	c.ComposeAPI = (*ComposeAPIService)(&c.common)
 	c.FoldersAPI = (*FoldersAPIService)(&c.common)
 	c.MessagesAPI = (*MessagesAPIService)(&c.common)

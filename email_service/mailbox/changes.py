@@ -7,6 +7,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from email_service.changes import entries as changes
+from email_service.changes.log import record
 from email_service.errors import NotFoundError
 from email_service.models import Account, Folder, Message, TaskKind
 from email_service.queue import tasks
@@ -25,14 +27,15 @@ def update_message(
         )
         if account is None or message is None:
             raise NotFoundError(f"Message with ID '{message_id}' does not exist", code="MESSAGE_NOT_FOUND")
-        changed = False
+        columns: list[str] = []
         for field, column in (("isRead", "is_read"), ("isStarred", "is_starred"), ("isSpam", "is_spam")):
             if field in body and getattr(message, column) != body[field]:
                 setattr(message, column, body[field])
-                changed = True
+                columns.append(column)
         if "labels" in body and sorted(set(body["labels"])) != sorted(message.keywords):
             message.keywords = sorted(set(body["labels"]))
-            changed = True
+            columns.append("keywords")
+        changed = bool(columns)
         writes_to_server = account.protocol == "imap" and message.uid is not None
         if changed:
             message.updated_at = datetime.now(UTC)
@@ -47,6 +50,8 @@ def update_message(
                 )
                 or 0
             )
+            # Last in the transaction: taking the account's sequence locks its row until commit.
+            record(session, principal, account_id, [changes.message_updated(message.id, message.folder_id, columns)])
     if changed and writes_to_server:
         tasks.enqueue(runtime, TaskKind.WRITEBACK, principal, account_id=account_id, message_id=message_id)
     return get_message(runtime.db, principal, account_id, message_id)

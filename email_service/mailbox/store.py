@@ -23,6 +23,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Session
 
+from email_service.changes import entries as changelog
+from email_service.changes.log import Entry, record
 from email_service.db import Database
 from email_service.mail.parse import ParsedMessage, parse_message
 from email_service.models import Attachment, Folder, Message
@@ -143,14 +145,19 @@ class MailStore:
         now = datetime.now(UTC)
         removed_keys: list[str] = []
         removed_messages = 0
+        logged: list[Entry] = []
         with self.db.tenant_session(self.principal) as session:
             existing = {f.name: f for f in session.scalars(select(Folder).where(Folder.account_id == self.account_id))}
+            before = {name: _folder_view(folder) for name, folder in existing.items()}
             wanted = {r.name: r for r in remote}
             for name, folder in existing.items():
                 if name not in wanted:
-                    keys, count = self._message_keys(session, folder.id)
+                    ids, keys = self._message_keys(session, folder.id)
                     removed_keys += keys
-                    removed_messages += count
+                    removed_messages += len(ids)
+                    # Its messages go with it (FK cascade): each is destroyed for the log's readers.
+                    logged += [changelog.message_destroyed(message_id, folder.id) for message_id in ids]
+                    logged.append(changelog.folder_destroyed(folder.id))
                     session.delete(folder)
             for name, info in wanted.items():
                 folder = existing.get(name)
@@ -174,6 +181,13 @@ class MailStore:
             for name, info in wanted.items():
                 parent = existing.get(info.parent_name) if info.parent_name else None
                 existing[name].parent_id = parent.id if parent is not None else None
+            for name in wanted:
+                folder = existing[name]
+                if name not in before:
+                    logged.append(changelog.folder_created(folder.id))
+                elif fields := changelog.changed_columns(before[name], _folder_view(folder)):
+                    logged.append(changelog.folder_updated(folder.id, fields))
+            record(session, self.principal, self.account_id, logged)
             result = {name: existing[name] for name in wanted}
         self._delete_objects(removed_keys)
         return result, removed_messages
@@ -307,6 +321,13 @@ class MailStore:
         attachments = [a for p in prepared if p.row["id"] in inserted for a in p.attachments]
         if attachments:
             session.execute(_INSERT_ATTACHMENTS, attachments)
+        # One log write per batch, in this transaction: rows a conflict refused were never ours to announce.
+        record(
+            session,
+            self.principal,
+            self.account_id,
+            [changelog.message_created(p.row["id"], p.row["folder_id"]) for p in prepared if p.row["id"] in inserted],
+        )
         return inserted
 
     def _keep_inserted(
@@ -379,7 +400,7 @@ class MailStore:
         """Update rows whose flags differ from the server's; returns how many changed."""
         if not changes:
             return 0
-        updated = 0
+        updated: list[Entry] = []
         with self.db.tenant_session(self.principal) as session:
             current = session.execute(
                 select(
@@ -415,39 +436,51 @@ class MailStore:
                         .where(Message.id == row.id)
                         .values(**wanted, modseq=modseq, updated_at=datetime.now(UTC))
                     )
-                    updated += 1
-        return updated
+                    updated.append(
+                        changelog.message_updated(row.id, folder.id, changelog.changed_columns(have, wanted))
+                    )
+            record(session, self.principal, self.account_id, updated)
+        return len(updated)
 
     def remove_uids(self, folder: Folder, uids: Iterable[int]) -> int:
         uids = list(uids)
         if not uids:
             return 0
         with self.db.tenant_session(self.principal) as session:
-            keys, _ = self._message_keys(session, folder.id, uids)
-            count = session.execute(
-                delete(Message).where(Message.folder_id == folder.id, Message.uid.in_(uids))
-            ).rowcount
+            ids, keys = self._message_keys(session, folder.id, uids, lock=True)
+            session.execute(delete(Message).where(Message.id.in_(ids)))
+            record(session, self.principal, self.account_id, [changelog.message_destroyed(i, folder.id) for i in ids])
         self._delete_objects(keys)
-        return count
+        return len(ids)
 
     def clear_folder(self, folder: Folder) -> int:
         """Forget every message of a folder (its UIDVALIDITY changed: the old UIDs mean nothing now)."""
         with self.db.tenant_session(self.principal) as session:
-            keys, _ = self._message_keys(session, folder.id)
-            count = session.execute(delete(Message).where(Message.folder_id == folder.id)).rowcount
+            ids, keys = self._message_keys(session, folder.id, lock=True)
+            session.execute(delete(Message).where(Message.id.in_(ids)))
+            record(session, self.principal, self.account_id, [changelog.message_destroyed(i, folder.id) for i in ids])
         self._delete_objects(keys)
-        return count
+        return len(ids)
 
-    def _message_keys(self, session: object, folder_id: str, uids: list[int] | None = None) -> tuple[list[str], int]:
-        query = select(Message.id, Message.raw_object_key).where(Message.folder_id == folder_id)
+    def _message_keys(
+        self, session: Session, folder_id: str, uids: list[int] | None = None, *, lock: bool = False
+    ) -> tuple[list[str], list[str]]:
+        """(ids, object keys) of a folder's messages, or of those with ``uids``.
+
+        With ``lock`` the rows stay locked until commit, so the ids deleted are exactly the ids
+        logged even when a write-back moves or deletes one of them meanwhile.
+        """
+        query = select(Message.id, Message.raw_object_key).where(Message.folder_id == folder_id).order_by(Message.uid)
         if uids is not None:
             query = query.where(Message.uid.in_(uids))
+        if lock:
+            query = query.with_for_update()
         messages = session.execute(query).all()
         ids = [m.id for m in messages]
         keys = [m.raw_object_key for m in messages if m.raw_object_key]
         if ids:
             keys += list(session.scalars(select(Attachment.object_key).where(Attachment.message_id.in_(ids))))
-        return keys, len(messages)
+        return ids, keys
 
     def _delete_objects(self, keys: Iterable[str]) -> None:
         for key in keys:
@@ -507,6 +540,11 @@ _SELECT_IDS = select(Message.__table__.c.id).where(
 @functools.cache
 def _insert_messages(conflict: tuple[str, ...]) -> Insert:
     return insert(Message.__table__).on_conflict_do_nothing(index_elements=list(conflict))
+
+
+def _folder_view(folder: Folder) -> dict[str, object]:
+    # What the API shows of a folder: a change to any of these is a folder update in the log.
+    return {"name": folder.name, "displayName": folder.display_name, "type": folder.type, "parentId": folder.parent_id}
 
 
 def folder_uses_uids(incoming: Sequence[IncomingMessage]) -> bool:

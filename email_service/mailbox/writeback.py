@@ -15,6 +15,8 @@ from datetime import datetime
 
 from sqlalchemy import delete, select, update
 
+from email_service.changes import entries as changes
+from email_service.changes.log import Entry, record
 from email_service.db import Database
 from email_service.models import Folder, Message
 from email_service.protocols.imap import ImapSession
@@ -98,15 +100,27 @@ def write_back(db: Database, principal: Principal, session: ImapSession, change:
         return "flags written"
     new_uid = session.move(change.uid, destination.name)
     with db.tenant_session(principal) as tx:
+        # Locked, so the folder logged as "from" is the one the row really left.
+        row = tx.execute(
+            select(Message.account_id, Message.folder_id).where(Message.id == change.message_id).with_for_update()
+        ).one_or_none()
+        if row is None:
+            # A sync removed the row meanwhile, and logged that.
+            return f"moved to {destination.display_name}"
+        logged: list[Entry] = []
         if new_uid is None:
             # Without the new UID the row cannot follow; the next sync brings the message back in its new folder.
             tx.execute(delete(Message).where(Message.id == change.message_id))
+            logged.append(changes.message_destroyed(change.message_id, row.folder_id))
         else:
             tx.execute(
                 update(Message)
                 .where(Message.id == change.message_id)
                 .values(folder_id=destination.id, uid=new_uid, writeback_pending=False)
             )
+            if row.folder_id != destination.id:
+                logged.append(changes.message_moved(change.message_id, row.folder_id, destination.id))
+        record(tx, principal, row.account_id, logged)
     return f"moved to {destination.display_name}"
 
 

@@ -15,6 +15,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from email_service.addresses import InvalidAddress, normalize
+from email_service.changes import entries as changes
+from email_service.changes.log import record
 from email_service.errors import BadRequestError, ConflictError, NotFoundError, ServiceError
 from email_service.mail.htmltext import html_to_text, sanitize_html
 from email_service.models import Account, Attachment, DeliveryStatus, Folder, Message, TaskKind
@@ -60,8 +62,12 @@ def _addresses(values: list[str] | None, field: str) -> list[str]:
     return result
 
 
-def _folder(session: Session, principal: Principal, account: Account, folder_type: str, name: str) -> Folder:
+def _folder(
+    session: Session, principal: Principal, account: Account, folder_type: str, name: str
+) -> tuple[Folder, bool]:
+    """The account's folder of ``folder_type``, and whether it was made just now."""
     folder = session.scalar(select(Folder).where(Folder.account_id == account.id, Folder.type == folder_type))
+    created = folder is None
     if folder is None:
         # Never synced yet: the folder is made here and on the server when the job files the copy.
         folder = Folder(
@@ -76,7 +82,7 @@ def _folder(session: Session, principal: Principal, account: Account, folder_typ
         )
         session.add(folder)
         session.flush()
-    return folder
+    return folder, created
 
 
 def _attachments(session: Session, account_id: str, ids: list[str]) -> list[Attachment]:
@@ -153,7 +159,9 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
                 headers["References"] = " ".join([*references, original.message_id_header])
         if reply_to:
             headers["Reply-To"] = reply_to
-        folder = _folder(session, principal, account, "drafts" if draft else "sent", "Drafts" if draft else "Sent")
+        folder, folder_is_new = _folder(
+            session, principal, account, "drafts" if draft else "sent", "Drafts" if draft else "Sent"
+        )
         now = datetime.now(UTC)
         domain = account.email_address.rpartition("@")[2]
         message = Message(
@@ -186,6 +194,9 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
         for attachment in chosen:
             _attach(runtime, session, principal, account.id, message.id, attachment)
         folder.message_count += 1
+        logged = [changes.folder_created(folder.id)] if folder_is_new else []
+        # Last in the transaction: taking the account's sequence locks its row until commit.
+        record(session, principal, account.id, [*logged, changes.message_created(message.id, folder.id)])
     enqueued = tasks.enqueue(
         runtime,
         TaskKind.DRAFT if draft else TaskKind.SEND,
@@ -220,6 +231,12 @@ def retry_send(runtime: Runtime, principal: Principal, account_id: str, message_
         message.delivery_status = str(DeliveryStatus.QUEUED)
         message.delivery_error = None
         message.updated_at = datetime.now(UTC)
+        record(
+            session,
+            principal,
+            account_id,
+            [changes.message_updated(message.id, message.folder_id, ["delivery_status"])],
+        )
     enqueued = tasks.enqueue(runtime, TaskKind.SEND, principal, account_id=account_id, message_id=message_id)
     return Composed(message=message, task_id=enqueued.task_id)
 

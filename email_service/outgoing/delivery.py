@@ -7,6 +7,8 @@ from datetime import datetime
 
 from sqlalchemy import select, update
 
+from email_service.changes import entries as changes
+from email_service.changes.log import record
 from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.models import Account, Attachment, DeliveryStatus, Folder, Message
@@ -99,10 +101,24 @@ def set_status(
 ) -> bool:
     """Set the delivery status (not over one of ``unless``); returns whether the row changed."""
     with db.tenant_session(principal) as session:
-        query = update(Message).where(Message.id == message_id)
+        # Locked, so the status compared is the one replaced, and the log says so only if it differs.
+        query = select(Message.account_id, Message.folder_id, Message.delivery_status).where(Message.id == message_id)
         if unless:
             query = query.where(Message.delivery_status.not_in([str(s) for s in unless]))
-        return bool(session.execute(query.values(delivery_status=str(status), delivery_error=error)).rowcount)
+        row = session.execute(query.with_for_update()).one_or_none()
+        if row is None:
+            return False
+        session.execute(
+            update(Message).where(Message.id == message_id).values(delivery_status=str(status), delivery_error=error)
+        )
+        if row.delivery_status != str(status):
+            record(
+                session,
+                principal,
+                row.account_id,
+                [changes.message_updated(message_id, row.folder_id, ["delivery_status"])],
+            )
+        return True
 
 
 def set_uid(db: Database, principal: Principal, message_id: str, uid: int, size: int) -> None:

@@ -19,6 +19,7 @@ from email_service.mailbox.schedule import due_for_sync
 from email_service.models import TaskKind
 from email_service.queue import tasks
 from email_service.queue.runner import reap
+from email_service.retention.changes import prune_changes
 from email_service.retention.uploads import remove_unused_uploads
 from email_service.runtime import Runtime
 
@@ -62,6 +63,9 @@ class Scheduler:
         counts = reap(self.runtime)
         counts["uploads removed"] = remove_unused_uploads(
             self.runtime, timedelta(hours=self.runtime.settings.upload_retention_hours)
+        )
+        counts["changes pruned"] = prune_changes(
+            self.runtime, timedelta(days=self.runtime.settings.change_retention_days)
         )
         scheduled = 0
         for account in due_for_sync(self.runtime.db):

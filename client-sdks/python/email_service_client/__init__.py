@@ -20,6 +20,7 @@ __version__ = "1.0.0"
 __all__ = [
     "AccountsApi",
     "AttachmentsApi",
+    "ChangesApi",
     "ComposeApi",
     "FoldersApi",
     "MessagesApi",
@@ -39,6 +40,8 @@ __all__ = [
     "AccountListResponse",
     "AccountResponse",
     "Attachment",
+    "ChangedIds",
+    "ChangesResponse",
     "CreateAccountRequest",
     "ErrorResponse",
     "Folder",
@@ -62,6 +65,7 @@ __all__ = [
 # import apis into sdk package
 from email_service_client.api.accounts_api import AccountsApi as AccountsApi
 from email_service_client.api.attachments_api import AttachmentsApi as AttachmentsApi
+from email_service_client.api.changes_api import ChangesApi as ChangesApi
 from email_service_client.api.compose_api import ComposeApi as ComposeApi
 from email_service_client.api.folders_api import FoldersApi as FoldersApi
 from email_service_client.api.messages_api import MessagesApi as MessagesApi
@@ -85,6 +89,8 @@ from email_service_client.models.account import Account as Account
 from email_service_client.models.account_list_response import AccountListResponse as AccountListResponse
 from email_service_client.models.account_response import AccountResponse as AccountResponse
 from email_service_client.models.attachment import Attachment as Attachment
+from email_service_client.models.changed_ids import ChangedIds as ChangedIds
+from email_service_client.models.changes_response import ChangesResponse as ChangesResponse
 from email_service_client.models.create_account_request import CreateAccountRequest as CreateAccountRequest
 from email_service_client.models.error_response import ErrorResponse as ErrorResponse
 from email_service_client.models.folder import Folder as Folder

@@ -17,6 +17,8 @@ from email_service_client.models.account import Account
 from email_service_client.models.account_list_response import AccountListResponse
 from email_service_client.models.account_response import AccountResponse
 from email_service_client.models.attachment import Attachment
+from email_service_client.models.changed_ids import ChangedIds
+from email_service_client.models.changes_response import ChangesResponse
 from email_service_client.models.create_account_request import CreateAccountRequest
 from email_service_client.models.error_response import ErrorResponse
 from email_service_client.models.folder import Folder

@@ -2,6 +2,7 @@
 /* eslint-disable */
 export * from './AccountsApi';
 export * from './AttachmentsApi';
+export * from './ChangesApi';
 export * from './ComposeApi';
 export * from './FoldersApi';
 export * from './MessagesApi';

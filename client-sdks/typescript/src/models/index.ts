@@ -4,6 +4,8 @@ export * from './Account';
 export * from './AccountListResponse';
 export * from './AccountResponse';
 export * from './Attachment';
+export * from './ChangedIds';
+export * from './ChangesResponse';
 export * from './CreateAccountRequest';
 export * from './ErrorResponse';
 export * from './Folder';
