@@ -89,10 +89,13 @@ class ImapSync:
         *,
         force: bool = False,
         only_folders: Sequence[str] | None = None,
+        list_folders: bool = True,
     ) -> None:
         self.store, self.session, self.progress = store, session, progress
         self.force = force
         self.only = set(only_folders or ())
+        # A change reported on a known folder (IDLE) does not need the folder list checked again.
+        self.list_folders = list_folders or not self.only
         self.result = SyncResult()
         self._pool: ParsePool | None = None
         self._pool_tried = False
@@ -106,8 +109,10 @@ class ImapSync:
 
     def _run(self) -> SyncResult:
         self.progress(1)
-        folders, removed = self.store.reconcile_folders(remote_folders(self.session.list_folders()))
-        self.result.messages_removed += removed
+        folders = {} if self.list_folders else self.store.folders()
+        if not any(f.name in self.only for f in folders.values()):
+            folders, removed = self.store.reconcile_folders(remote_folders(self.session.list_folders()))
+            self.result.messages_removed += removed
         chosen = [f for f in folders.values() if not ({a.lower() for a in f.attributes} & NOT_SELECTABLE)]
         if self.only:
             chosen = [f for f in chosen if f.name in self.only or f.display_name in self.only or f.id in self.only]

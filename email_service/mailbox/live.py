@@ -43,7 +43,9 @@ def refresh_folder(
             return None
         store = MailStore(runtime.db, runtime.objects, principal, account_id)
         with servers.incoming.imap(runtime.settings) as session:
-            result = ImapSync(store, session, lambda _percent: None, only_folders=[folder] if folder else None).run()
+            result = ImapSync(
+                store, session, lambda _percent: None, only_folders=[folder] if folder else None, list_folders=False
+            ).run()
         if folder is None:
             record_success(runtime.db, principal, account_id, full=True)
         return result
