@@ -54,6 +54,8 @@ type APIClient struct {
 
 	ComposeAPI *ComposeAPIService
 
+	EventsAPI *EventsAPIService
+
 	FoldersAPI *FoldersAPIService
 
 	MessagesAPI *MessagesAPIService
@@ -84,6 +86,7 @@ func NewAPIClient(cfg *Configuration) *APIClient {
 	c.AccountsAPI = (*AccountsAPIService)(&c.common)
 	c.AttachmentsAPI = (*AttachmentsAPIService)(&c.common)
 	c.ComposeAPI = (*ComposeAPIService)(&c.common)
+	c.EventsAPI = (*EventsAPIService)(&c.common)
 	c.FoldersAPI = (*FoldersAPIService)(&c.common)
 	c.MessagesAPI = (*MessagesAPIService)(&c.common)
 	c.StorageAPI = (*StorageAPIService)(&c.common)

@@ -19,10 +19,13 @@ from flask import abort, request
 from email_service.api import errors
 from email_service.api.auth import RUNTIME_SCOPE_KEY, TokenVerifier
 from email_service.api.body_limit import BodyLimitMiddleware
+from email_service.api.events import EventStreamMiddleware, hub_lifespan
 from email_service.api.rate_limit import RateLimitMiddleware, UserRateLimiter, rules_from_spec
 from email_service.api.resolver import TagResolver, handler_path
 from email_service.api.scope import ScopeValuesMiddleware
 from email_service.api.validation import SafeJSONRequestBodyValidator
+from email_service.changes.stream import EventHub
+from email_service.db import libpq_url
 from email_service.runtime import Runtime
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "spec" / "openapi.yaml"
@@ -78,6 +81,8 @@ def _require_routed_operation() -> None:
 def create_app(runtime: Runtime) -> FlaskApp:
     settings = runtime.settings
     spec = load_spec()
+    assert settings.database_url is not None, "a Runtime has a resolved DATABASE_URL"
+    hub = EventHub(libpq_url(settings.database_url), settings.db_app_role, pool_size=settings.events_db_pool_size)
     app = FlaskApp(
         __name__,
         specification_dir=str(SPEC_PATH.parent),
@@ -85,6 +90,7 @@ def create_app(runtime: Runtime) -> FlaskApp:
             "body": MediaTypeDict({**VALIDATOR_MAP["body"], "*/*json": SafeJSONRequestBodyValidator}),
         },
         swagger_ui_options=SwaggerUIOptions(swagger_ui_path="/docs"),
+        lifespan=hub_lifespan(hub),
     )
     # Service errors raised in handlers must reach Connexion's error handlers, not Flask's 500 page.
     app.app.config["PROPAGATE_EXCEPTIONS"] = True
@@ -112,5 +118,15 @@ def create_app(runtime: Runtime) -> FlaskApp:
         per_operation={handler_path(_operation(spec, "uploadAttachment")): settings.max_upload_bytes},
     )
     app.add_middleware(RateLimitMiddleware, position=MiddlewarePosition.BEFORE_VALIDATION, limiter=limiter)
+    # Last in the stack, after authentication, the rate limit and validation: the events stream is
+    # answered here on the event loop instead of in one of Flask's few request threads.
+    app.add_middleware(
+        EventStreamMiddleware,
+        position=MiddlewarePosition.BEFORE_CONTEXT,
+        operation=handler_path(_operation(spec, "streamEvents")),
+        hub=hub,
+        heartbeat_seconds=settings.events_heartbeat_seconds,
+        max_catch_up=settings.events_max_catch_up,
+    )
     errors.install(app, _allowed_methods_finder(spec))
     return app

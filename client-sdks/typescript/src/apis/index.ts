@@ -3,6 +3,7 @@
 export * from './AccountsApi';
 export * from './AttachmentsApi';
 export * from './ComposeApi';
+export * from './EventsApi';
 export * from './FoldersApi';
 export * from './MessagesApi';
 export * from './StorageApi';
