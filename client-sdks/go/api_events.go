@@ -72,7 +72,7 @@ from the account's newest entry.
 open through proxies; clients ignore it.
 
 Opening a stream counts against its own per-user rate limit (see `x-rate-limits`). Errors
-(400, 401, 404, 429) are `ErrorResponse` JSON, answered before the stream starts; an
+(400, 401, 404, 429, 503) are `ErrorResponse` JSON, answered before the stream starts; an
 unknown accountId, or another user's, is 404.
 
 	@param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
@@ -211,6 +211,17 @@ func (a *EventsAPIService) StreamEventsExecute(r ApiStreamEventsRequest) (string
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 500 {
+			var v ErrorResponse
+			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
+			if err != nil {
+				newErr.error = err.Error()
+				return localVarReturnValue, localVarHTTPResponse, newErr
+			}
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
+			return localVarReturnValue, localVarHTTPResponse, newErr
+		}
+		if localVarHTTPResponse.StatusCode == 503 {
 			var v ErrorResponse
 			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
 			if err != nil {

@@ -10,6 +10,7 @@ the one operation itself, as a coroutine per stream.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -21,8 +22,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from email_service.api.errors import UNAUTHORIZED_MESSAGE
 from email_service.changes.stream import EventHub, EventStream
+from email_service.errors import DependencyUnavailableError
 from email_service.tenancy import Principal
 
+log = logging.getLogger(__name__)
 # A client that takes nothing for this long is gone (or stuck): its stream is ended.
 SEND_TIMEOUT_SECONDS = 60
 
@@ -67,8 +70,13 @@ class EventStreamMiddleware:
 
 
 async def _frames(stream: EventStream) -> AsyncIterator[ServerSentEvent]:
-    async for event in stream.events():
-        yield ServerSentEvent(data=json.dumps(event.data, separators=(",", ":")), event=event.event, id=event.id)
+    try:
+        async for event in stream.events():
+            yield ServerSentEvent(data=json.dumps(event.data, separators=(",", ":")), event=event.event, id=event.id)
+    except DependencyUnavailableError:
+        # The response has started, so no error answer is possible: end the stream; the client
+        # reconnects with its last id and misses nothing.
+        log.warning("events: database unreachable, ending a stream")
 
 
 def hub_lifespan(hub: EventHub) -> Callable[[object], AbstractAsyncContextManager[None]]:

@@ -29,10 +29,10 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import tuple_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from email_service.changes.log import CHANNEL
-from email_service.errors import BadRequestError, NotFoundError
+from email_service.errors import BadRequestError, DependencyUnavailableError, NotFoundError
 from email_service.tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ class EventHub:
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         self._start_lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def stream_count(self) -> int:
@@ -165,8 +166,8 @@ class EventHub:
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        if self._start_lock is None or self._loop is None or self._loop.is_closed():
-            self._start_lock = asyncio.Lock()
+        if self._start_lock is None or self._lock_loop is not loop:
+            self._start_lock, self._lock_loop = asyncio.Lock(), loop
         async with self._start_lock:
             if self._loop is loop:
                 return
@@ -180,7 +181,11 @@ class EventHub:
                 name="events",
                 kwargs={"application_name": "email_service_events"},
             )
-            await pool.open(wait=True, timeout=10)
+            try:
+                await pool.open(wait=True, timeout=10)
+            except PoolTimeout:
+                await pool.close()
+                raise DependencyUnavailableError("database unreachable") from None
             self._pool = pool
             self._listener = loop.create_task(self._listen(), name="events-listener")
             self._loop = loop
@@ -254,7 +259,16 @@ class EventHub:
     async def _query(self, principal: Principal, sql: str, params: tuple) -> list[tuple]:
         """One short read as ``principal``, under the same RLS settings as every API transaction."""
         assert self._pool is not None, "EventHub.start() first"
-        async with self._pool.connection() as conn, conn.transaction():
+        try:
+            return await self._query_once(principal, sql, params)
+        except (psycopg.OperationalError, PoolTimeout):
+            # Before the stream starts this is a 503 ErrorResponse; during it, the stream ends
+            # and the client reconnects with its last id, losing nothing.
+            raise DependencyUnavailableError("database unreachable") from None
+
+    async def _query_once(self, principal: Principal, sql: str, params: tuple) -> list[tuple]:
+        assert self._pool is not None
+        async with self._pool.connection(timeout=10) as conn, conn.transaction():
             await conn.execute(self._set_role)
             await conn.execute(
                 "SELECT set_config('app.tenant_id', %s, true), set_config('app.user_id', %s, true)",
