@@ -13,8 +13,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psycopg
 import pytest
-from helpers import ServiceProcess, User, account_body, assert_error_shape, service_env
+from helpers import ServiceProcess, User, account_body, assert_error_shape, libpq_url, service_env
 
 from email_service.changes.log import Entry, record
 from email_service.models import ChangeEntity, ChangeKind
@@ -387,3 +388,23 @@ def test_open_streams_do_not_hold_request_threads(service, runtime, make_user):
             stream._stop.set()
         for stream in streams:
             stream.close()
+
+
+def test_a_lost_listen_connection_loses_no_change(service, runtime, backing, user):
+    """Commits made while the process has no LISTEN in place still reach the stream, once."""
+    account = create_account(service, user)
+    with Stream(service, user.headers) as stream:
+        stream.ready()
+        with psycopg.connect(libpq_url(backing.database_url), autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = 'email_service_listen'"
+            ).fetchone()[0]
+        assert killed == 1
+        # Right away, before the service can have listened again: the notification goes nowhere.
+        commit(runtime, user, account, "while-deaf")
+        event = stream.next(timeout=10)
+        assert (event["data"]["id"], event["data"]["seq"]) == ("while-deaf", 1)
+        commit(runtime, user, account, "after")
+        assert stream.next()["data"]["id"] == "after"
+        stream.assert_quiet(0.5)
