@@ -55,6 +55,7 @@ class Stream:
         self.error_body: str | None = None
         self._opened = threading.Event()
         self._stop = threading.Event()
+        self.ended = threading.Event()  # the server ended the response
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         assert self._opened.wait(15), "no response to GET /api/events"
@@ -92,6 +93,7 @@ class Stream:
                     else:
                         name, _, value = line.partition(":")
                         fields[name] = value[1:] if value.startswith(" ") else value
+                self.ended.set()
         finally:
             self._opened.set()
 
@@ -289,6 +291,18 @@ def test_heartbeats_keep_an_idle_stream_alive(service, user):
         arrived, line = stream.comments.get(timeout=HEARTBEAT_SECONDS * 3)
         assert line.startswith(":") and arrived - started <= HEARTBEAT_SECONDS * 2.5
         stream.comments.get(timeout=HEARTBEAT_SECONDS * 3)
+
+
+def test_a_stream_ends_when_its_token_expires(service, runtime, verifier, user):
+    account = create_account(service, user)
+    token = verifier.issue(user.principal.tenant_id, user.principal.user_id, 3, time.time())
+    with Stream(service, {"Authorization": f"Bearer {token}"}) as stream:
+        stream.ready()
+        opened = time.monotonic()
+        commit(runtime, user, account, "before-expiry")
+        assert stream.next()["data"]["id"] == "before-expiry"
+        assert stream.ended.wait(8), "the stream outlived its token"
+        assert time.monotonic() - opened > 1
 
 
 def test_header_authentication_opens_a_stream_too(service, user):

@@ -71,6 +71,9 @@ from the account's newest entry.
 **Heartbeats.** A comment line (`: ping`) about every 15 seconds keeps idle connections
 open through proxies; clients ignore it.
 
+**Lifetime.** The stream ends when the token it was opened with expires (and when the
+server shuts down); reconnect with a valid token and the last event id to carry on.
+
 Opening a stream counts against its own per-user rate limit (see `x-rate-limits`). Errors
 (400, 401, 404, 429, 503) are `ErrorResponse` JSON, answered before the stream starts; an
 unknown accountId, or another user's, is 404.

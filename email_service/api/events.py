@@ -57,8 +57,9 @@ class EventStreamMiddleware:
             request.headers.get("last-event-id") or None,
             max_catch_up=self.max_catch_up,
         )
+        expires = token_info.get("claims", {}).get("exp")
         response = EventSourceResponse(
-            _frames(stream),
+            _frames(stream, float(expires) if expires is not None else None),
             ping=self.heartbeat_seconds,
             send_timeout=SEND_TIMEOUT_SECONDS,
             headers={"Cache-Control": "no-store"},
@@ -69,9 +70,9 @@ class EventStreamMiddleware:
             stream.close()
 
 
-async def _frames(stream: EventStream) -> AsyncIterator[ServerSentEvent]:
+async def _frames(stream: EventStream, until: float | None) -> AsyncIterator[ServerSentEvent]:
     try:
-        async for event in stream.events():
+        async for event in stream.events(until):
             yield ServerSentEvent(data=json.dumps(event.data, separators=(",", ":")), event=event.event, id=event.id)
     except DependencyUnavailableError:
         # The response has started, so no error answer is possible: end the stream; the client

@@ -22,6 +22,7 @@ import binascii
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -354,15 +355,26 @@ class EventStream:
     def _ready(self) -> StreamEvent:
         return StreamEvent("ready", {"accounts": sorted(self.position)}, encode_position(self.position))
 
-    async def events(self) -> AsyncIterator[StreamEvent]:
-        """``ready``, then what the client missed (if it resumed), then changes as they commit."""
+    async def events(self, until: float | None = None) -> AsyncIterator[StreamEvent]:
+        """``ready``, then what the client missed (if it resumed), then changes as they commit.
+
+        The stream ends at ``until`` (a Unix time: when the credentials it was opened with
+        expire), so a stream never outlives its token; the client reconnects with a fresh one and
+        its last event id, and misses nothing.
+        """
         try:
             yield self._ready()
             for account, (seq, floor) in sorted(self._heads.items()):
                 async for event in self._advance(account, seq, floor, catching_up=True):
                     yield event
             while True:
-                await self.sub.wakeup.wait()
+                remaining = None if until is None else until - time.time()
+                if remaining is not None and remaining <= 0:
+                    return
+                try:
+                    await asyncio.wait_for(self.sub.wakeup.wait(), timeout=remaining)
+                except TimeoutError:
+                    return
                 pending, everything = self.sub.take()
                 heads = {account: (seq, 0) for account, seq in pending.items()}
                 if everything:
