@@ -69,6 +69,9 @@ class Settings:
     events_heartbeat_seconds: int = 15
     events_max_catch_up: int = 1000
     events_db_pool_size: int = 4
+    # Open streams one user may hold on one API process; the rate limit only bounds how fast
+    # they are opened, not how many pile up.
+    events_max_streams_per_user: int = 20
     log_level: str = "INFO"
 
     @property
@@ -244,5 +247,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         events_heartbeat_seconds=_int(env, "EMAIL_SERVICE_EVENTS_HEARTBEAT_SECONDS", 15),
         events_max_catch_up=_int(env, "EMAIL_SERVICE_EVENTS_MAX_CATCH_UP", 1000),
         events_db_pool_size=_int(env, "EMAIL_SERVICE_EVENTS_DB_POOL_SIZE", 4),
+        events_max_streams_per_user=_int(env, "EMAIL_SERVICE_EVENTS_MAX_STREAMS_PER_USER", 20),
         log_level=log_level,
     )

@@ -23,6 +23,7 @@ from email_service.runtime import Runtime
 
 HEARTBEAT_SECONDS = 1
 MAX_CATCH_UP = 20
+MAX_STREAMS_PER_USER = 10
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def service(backing, tmp_path_factory):
         backing,
         EMAIL_SERVICE_EVENTS_HEARTBEAT_SECONDS=str(HEARTBEAT_SECONDS),
         EMAIL_SERVICE_EVENTS_MAX_CATCH_UP=str(MAX_CATCH_UP),
+        EMAIL_SERVICE_EVENTS_MAX_STREAMS_PER_USER=str(MAX_STREAMS_PER_USER),
         EMAIL_SERVICE_VALIDATE_RESPONSES="true",
     )
     proc = ServiceProcess(env, tmp_path_factory.mktemp("events"), "--no-embedded-worker")
@@ -372,6 +374,31 @@ def test_opening_streams_is_rate_limited_per_user(service, user, make_user):
     # Another user has a counter of their own.
     with Stream(service, make_user().headers) as stream:
         assert stream.status == 200
+
+
+def test_open_streams_per_user_are_capped(service, user, make_user):
+    streams = [Stream(service, user.headers) for _ in range(MAX_STREAMS_PER_USER)]
+    try:
+        for stream in streams:
+            stream.ready()
+        with httpx.stream("GET", service.url + "/api/events", headers=user.headers, timeout=10) as response:
+            response.read()
+            assert_error_shape(response, 429, "TOO_MANY_STREAMS")
+        with Stream(service, make_user().headers) as other:
+            assert other.status == 200
+    finally:
+        for stream in streams:
+            stream._stop.set()
+        for stream in streams:
+            stream.close()
+    # Closed streams free their places (once the server has seen the disconnects).
+    deadline = time.monotonic() + 10
+    while True:
+        with Stream(service, user.headers) as again:
+            if again.status == 200 or time.monotonic() > deadline:
+                assert again.status == 200, again.error_body
+                break
+        time.sleep(0.5)
 
 
 def test_open_streams_do_not_hold_request_threads(service, runtime, make_user):

@@ -74,7 +74,8 @@ open through proxies; clients ignore it.
 **Lifetime.** The stream ends when the token it was opened with expires (and when the
 server shuts down); reconnect with a valid token and the last event id to carry on.
 
-Opening a stream counts against its own per-user rate limit (see `x-rate-limits`). Errors
+Opening a stream counts against its own per-user rate limit (see `x-rate-limits`), and a
+user may hold at most 20 open streams on one server (429 `TOO_MANY_STREAMS` beyond). Errors
 (400, 401, 404, 429, 503) are `ErrorResponse` JSON, answered before the stream starts; an
 unknown accountId, or another user's, is 404.
 

@@ -127,6 +127,7 @@ def create_app(runtime: Runtime) -> FlaskApp:
         hub=hub,
         heartbeat_seconds=settings.events_heartbeat_seconds,
         max_catch_up=settings.events_max_catch_up,
+        max_streams_per_user=settings.events_max_streams_per_user,
     )
     errors.install(app, _allowed_methods_finder(spec))
     return app

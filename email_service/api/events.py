@@ -31,12 +31,21 @@ SEND_TIMEOUT_SECONDS = 60
 
 
 class EventStreamMiddleware:
-    def __init__(self, app: ASGIApp, operation: str, hub: EventHub, heartbeat_seconds: int, max_catch_up: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        operation: str,
+        hub: EventHub,
+        heartbeat_seconds: int,
+        max_catch_up: int,
+        max_streams_per_user: int,
+    ) -> None:
         self.app = app
         self.operation = operation
         self.hub = hub
         self.heartbeat_seconds = heartbeat_seconds
         self.max_catch_up = max_catch_up
+        self.max_streams_per_user = max_streams_per_user
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         extensions = scope.get("extensions", {})
@@ -56,6 +65,7 @@ class EventStreamMiddleware:
             request.query_params.get("accountId"),
             request.headers.get("last-event-id") or None,
             max_catch_up=self.max_catch_up,
+            max_per_user=self.max_streams_per_user,
         )
         expires = token_info.get("claims", {}).get("exp")
         response = EventSourceResponse(

@@ -33,7 +33,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from email_service.changes.log import CHANNEL
-from email_service.errors import BadRequestError, DependencyUnavailableError, NotFoundError
+from email_service.errors import BadRequestError, DependencyUnavailableError, NotFoundError, TooManyRequestsError
 from email_service.tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -243,10 +243,16 @@ class EventHub:
         for sub in self._subscribers.get(key, ()):
             sub.notify(account_id, seq)
 
-    def subscribe(self, principal: Principal, account_id: str | None) -> Subscription:
-        sub = Subscription(principal, account_id)
+    def subscribe(self, principal: Principal, account_id: str | None, *, max_per_user: int) -> Subscription:
         key = (str(principal.tenant_id), str(principal.user_id))
-        self._subscribers.setdefault(key, set()).add(sub)
+        subs = self._subscribers.setdefault(key, set())
+        if len(subs) >= max_per_user:
+            raise TooManyRequestsError(
+                f"Too many open event streams - at most {max_per_user} per user; close one first",
+                code="TOO_MANY_STREAMS",
+            )
+        sub = Subscription(principal, account_id)
+        subs.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -327,11 +333,12 @@ class EventStream:
         last_event_id: str | None,
         *,
         max_catch_up: int,
+        max_per_user: int,
     ) -> EventStream:
         resume = decode_position(last_event_id) if last_event_id else None
         await hub.start()
         # Subscribe before reading where the accounts stand, so no commit falls in between.
-        sub = hub.subscribe(principal, account_id)
+        sub = hub.subscribe(principal, account_id, max_per_user=max_per_user)
         try:
             heads = await hub.positions(principal, account_id)
             if account_id is not None and account_id not in heads:
