@@ -449,3 +449,18 @@ def test_a_lost_listen_connection_loses_no_change(service, runtime, backing, use
         commit(runtime, user, account, "after")
         assert stream.next()["data"]["id"] == "after"
         stream.assert_quiet(0.5)
+
+
+def test_stopping_the_server_ends_open_streams(backing, tmp_path, user):
+    """uvicorn waits for open responses on SIGTERM; an endless stream must not hold it up."""
+    server = ServiceProcess(service_env(backing), tmp_path, "--no-embedded-worker")
+    try:
+        server.wait_healthy()
+        stream = Stream(server, user.headers)
+        stream.ready()
+        started = time.monotonic()
+        assert server.stop(timeout=20) == 0
+        assert time.monotonic() - started < 15
+        assert stream.ended.wait(5)
+    finally:
+        server.stop()

@@ -9,12 +9,14 @@ the one operation itself, as a coroutine per stream.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+import anyio
 from connexion.exceptions import OAuthProblem
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
@@ -28,6 +30,7 @@ from email_service.tenancy import Principal
 log = logging.getLogger(__name__)
 # A client that takes nothing for this long is gone (or stuck): its stream is ended.
 SEND_TIMEOUT_SECONDS = 60
+SHUTDOWN_GRACE_SECONDS = 2
 
 
 class EventStreamMiddleware:
@@ -68,8 +71,13 @@ class EventStreamMiddleware:
             max_per_user=self.max_streams_per_user,
         )
         expires = token_info.get("claims", {}).get("exp")
+        # On shutdown the stream is asked to end, so its response completes cleanly instead of
+        # being cut off mid-body; the client then reconnects (elsewhere) with its last id.
+        shutdown = anyio.Event()
         response = EventSourceResponse(
-            _frames(stream, float(expires) if expires is not None else None),
+            _frames(stream, float(expires) if expires is not None else None, shutdown),
+            shutdown_event=shutdown,
+            shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
             ping=self.heartbeat_seconds,
             send_timeout=SEND_TIMEOUT_SECONDS,
             headers={"Cache-Control": "no-store"},
@@ -80,7 +88,12 @@ class EventStreamMiddleware:
             stream.close()
 
 
-async def _frames(stream: EventStream, until: float | None) -> AsyncIterator[ServerSentEvent]:
+async def _frames(stream: EventStream, until: float | None, shutdown: anyio.Event) -> AsyncIterator[ServerSentEvent]:
+    async def stop_on_shutdown() -> None:
+        await shutdown.wait()
+        stream.stop()
+
+    watcher = asyncio.create_task(stop_on_shutdown())
     try:
         async for event in stream.events(until):
             yield ServerSentEvent(data=json.dumps(event.data, separators=(",", ":")), event=event.event, id=event.id)
@@ -88,6 +101,8 @@ async def _frames(stream: EventStream, until: float | None) -> AsyncIterator[Ser
         # The response has started, so no error answer is possible: end the stream; the client
         # reconnects with its last id and misses nothing.
         log.warning("events: database unreachable, ending a stream")
+    finally:
+        watcher.cancel()
 
 
 def hub_lifespan(hub: EventHub) -> Callable[[object], AbstractAsyncContextManager[None]]:

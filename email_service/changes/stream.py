@@ -323,6 +323,7 @@ class EventStream:
         self.position = position
         self._heads = heads
         self.max_catch_up = max_catch_up
+        self._stopping = False
 
     @classmethod
     async def open(
@@ -359,6 +360,11 @@ class EventStream:
     def close(self) -> None:
         self.hub.unsubscribe(self.sub)
 
+    def stop(self) -> None:
+        """End the stream at its next wait (the server is shutting down)."""
+        self._stopping = True
+        self.sub.wakeup.set()
+
     def _ready(self) -> StreamEvent:
         return StreamEvent("ready", {"accounts": sorted(self.position)}, encode_position(self.position))
 
@@ -381,6 +387,8 @@ class EventStream:
                 try:
                     await asyncio.wait_for(self.sub.wakeup.wait(), timeout=remaining)
                 except TimeoutError:
+                    return
+                if self._stopping:
                     return
                 pending, everything = self.sub.take()
                 heads = {account: (seq, 0) for account, seq in pending.items()}
