@@ -72,6 +72,15 @@ class Settings:
     smtp_data_timeout_seconds: int = 600
     rate_limits_enabled: bool = True
     validate_responses: bool = False
+    # Event streams: a comment line this often keeps proxies from closing an idle stream; a client
+    # further behind than max_catch_up entries of an account is told to resync instead; the
+    # streams' reads share this many database connections per API process.
+    events_heartbeat_seconds: int = 15
+    events_max_catch_up: int = 1000
+    events_db_pool_size: int = 4
+    # Open streams one user may hold on one API process; the rate limit only bounds how fast
+    # they are opened, not how many pile up.
+    events_max_streams_per_user: int = 20
     log_level: str = "INFO"
     # Mail servers on non-public addresses the operator lets accounts reach (EMAIL_SERVICE_ALLOWED_DESTINATIONS).
     destinations: DestinationPolicy = DestinationPolicy()
@@ -260,6 +269,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         smtp_data_timeout_seconds=_int(env, "EMAIL_SERVICE_SMTP_DATA_TIMEOUT_SECONDS", 600),
         rate_limits_enabled=_bool(env, "EMAIL_SERVICE_RATE_LIMITS", True),
         validate_responses=_bool(env, "EMAIL_SERVICE_VALIDATE_RESPONSES", False),
+        events_heartbeat_seconds=_int(env, "EMAIL_SERVICE_EVENTS_HEARTBEAT_SECONDS", 15),
+        events_max_catch_up=_int(env, "EMAIL_SERVICE_EVENTS_MAX_CATCH_UP", 1000),
+        events_db_pool_size=_int(env, "EMAIL_SERVICE_EVENTS_DB_POOL_SIZE", 4),
+        events_max_streams_per_user=_int(env, "EMAIL_SERVICE_EVENTS_MAX_STREAMS_PER_USER", 20),
         log_level=log_level,
         destinations=_destinations(env),
     )

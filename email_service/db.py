@@ -24,6 +24,11 @@ def sqlalchemy_url(url: str) -> str:
     return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
+def libpq_url(url: str) -> str:
+    """The plain libpq form of a postgres URL, for psycopg used without SQLAlchemy."""
+    return sqlalchemy_url(url).replace("postgresql+psycopg://", "postgresql://", 1)
+
+
 class Database:
     def __init__(self, url: str, app_role: str, *, pool_size: int = 10) -> None:
         self.engine: Engine = create_engine(

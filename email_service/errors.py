@@ -43,6 +43,12 @@ class ConflictError(ServiceError):
     code = "CONFLICT"
 
 
+class TooManyRequestsError(ServiceError):
+    status = 429
+    error = "Rate limit exceeded"
+    code = "RATE_LIMITED"
+
+
 class DependencyUnavailableError(ServiceError):
     status = 503
     error = "Service unavailable"

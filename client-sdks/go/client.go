@@ -56,6 +56,8 @@ type APIClient struct {
 
 	ComposeAPI *ComposeAPIService
 
+	EventsAPI *EventsAPIService
+
 	FoldersAPI *FoldersAPIService
 
 	MessagesAPI *MessagesAPIService
@@ -87,6 +89,7 @@ func NewAPIClient(cfg *Configuration) *APIClient {
 	c.AttachmentsAPI = (*AttachmentsAPIService)(&c.common)
 	c.ChangesAPI = (*ChangesAPIService)(&c.common)
 	c.ComposeAPI = (*ComposeAPIService)(&c.common)
+	c.EventsAPI = (*EventsAPIService)(&c.common)
 	c.FoldersAPI = (*FoldersAPIService)(&c.common)
 	c.MessagesAPI = (*MessagesAPIService)(&c.common)
 	c.StorageAPI = (*StorageAPIService)(&c.common)

@@ -19,6 +19,7 @@ from flask import abort, request
 from email_service.api import errors
 from email_service.api.auth import RUNTIME_SCOPE_KEY, TokenVerifier
 from email_service.api.body_limit import BodyLimitMiddleware
+from email_service.api.events import EventStreamMiddleware, hub_lifespan
 from email_service.api.header_limit import HeaderLimitMiddleware
 from email_service.api.paths import TrailingSlashMiddleware
 from email_service.api.rate_limit import RateLimitMiddleware, UserRateLimiter, rules_from_spec
@@ -29,6 +30,8 @@ from email_service.api.validation import (
     SafeMultiPartFormDataValidator,
     SafeParameterValidator,
 )
+from email_service.changes.stream import EventHub
+from email_service.db import libpq_url
 from email_service.runtime import Runtime
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "spec" / "openapi.yaml"
@@ -85,6 +88,8 @@ def _require_routed_operation() -> None:
 def create_app(runtime: Runtime) -> FlaskApp:
     settings = runtime.settings
     spec = load_spec()
+    assert settings.database_url is not None, "a Runtime has a resolved DATABASE_URL"
+    hub = EventHub(libpq_url(settings.database_url), settings.db_app_role, pool_size=settings.events_db_pool_size)
     app = FlaskApp(
         __name__,
         specification_dir=str(SPEC_PATH.parent),
@@ -99,6 +104,7 @@ def create_app(runtime: Runtime) -> FlaskApp:
             ),
         },
         swagger_ui_options=SwaggerUIOptions(swagger_ui_path=DOCS_PATH),
+        lifespan=hub_lifespan(hub),
     )
     # Service errors raised in handlers must reach Connexion's error handlers, not Flask's 500 page.
     app.app.config["PROPAGATE_EXCEPTIONS"] = True
@@ -132,5 +138,16 @@ def create_app(runtime: Runtime) -> FlaskApp:
         per_operation={handler_path(_operation(spec, "uploadAttachment")): settings.max_upload_bytes},
     )
     app.add_middleware(RateLimitMiddleware, position=MiddlewarePosition.BEFORE_VALIDATION, limiter=limiter)
+    # Last in the stack, after authentication, the rate limit and validation: the events stream is
+    # answered here on the event loop instead of in one of Flask's few request threads.
+    app.add_middleware(
+        EventStreamMiddleware,
+        position=MiddlewarePosition.BEFORE_CONTEXT,
+        operation=handler_path(_operation(spec, "streamEvents")),
+        hub=hub,
+        heartbeat_seconds=settings.events_heartbeat_seconds,
+        max_catch_up=settings.events_max_catch_up,
+        max_streams_per_user=settings.events_max_streams_per_user,
+    )
     errors.install(app, _allowed_methods_finder(spec))
     return app

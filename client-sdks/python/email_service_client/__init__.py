@@ -22,6 +22,7 @@ __all__ = [
     "AttachmentsApi",
     "ChangesApi",
     "ComposeApi",
+    "EventsApi",
     "FoldersApi",
     "MessagesApi",
     "StorageApi",
@@ -56,6 +57,7 @@ __all__ = [
     "SaveDraft201Response",
     "SendEmail202Response",
     "SendEmailRequest",
+    "StreamedChange",
     "SyncAccount202Response",
     "SyncAccountRequest",
     "UpdateAccountRequest",
@@ -67,6 +69,7 @@ from email_service_client.api.accounts_api import AccountsApi as AccountsApi
 from email_service_client.api.attachments_api import AttachmentsApi as AttachmentsApi
 from email_service_client.api.changes_api import ChangesApi as ChangesApi
 from email_service_client.api.compose_api import ComposeApi as ComposeApi
+from email_service_client.api.events_api import EventsApi as EventsApi
 from email_service_client.api.folders_api import FoldersApi as FoldersApi
 from email_service_client.api.messages_api import MessagesApi as MessagesApi
 from email_service_client.api.storage_api import StorageApi as StorageApi
@@ -105,6 +108,7 @@ from email_service_client.models.retry_send202_response import RetrySend202Respo
 from email_service_client.models.save_draft201_response import SaveDraft201Response as SaveDraft201Response
 from email_service_client.models.send_email202_response import SendEmail202Response as SendEmail202Response
 from email_service_client.models.send_email_request import SendEmailRequest as SendEmailRequest
+from email_service_client.models.streamed_change import StreamedChange as StreamedChange
 from email_service_client.models.sync_account202_response import SyncAccount202Response as SyncAccount202Response
 from email_service_client.models.sync_account_request import SyncAccountRequest as SyncAccountRequest
 from email_service_client.models.update_account_request import UpdateAccountRequest as UpdateAccountRequest

@@ -4,6 +4,7 @@ export * from './AccountsApi';
 export * from './AttachmentsApi';
 export * from './ChangesApi';
 export * from './ComposeApi';
+export * from './EventsApi';
 export * from './FoldersApi';
 export * from './MessagesApi';
 export * from './StorageApi';
