@@ -438,10 +438,13 @@ def test_bad_cursors_other_users_and_reserved_ids(client, user, make_user, dovec
     synced(client, user, account_id)
     current = int(feed(client, user, account_id)["newCursor"])
     assert current > 0
-    for bad in ("abc", "-1", "01", "1.5", " 1", str(current + 1), "9" * 30):
+    for bad in ("abc", "-1", "01", "1.5", " 1", "9" * 30):
         response = client.get(f"/api/{account_id}/changes", params={"since": bad}, headers=user.headers)
         assert response.status_code == 400, (bad, response.text)
         assert response.json()["error"]
+    # Well-formed but never part of this account's history: the client's state is not this account's.
+    ahead = client.get(f"/api/{account_id}/changes", params={"since": str(current + 1)}, headers=user.headers)
+    assert "reload" in assert_error_shape(ahead, 409, "CURSOR_UNKNOWN")["message"]
     for limit in ("0", "5001", "x"):
         response = client.get(f"/api/{account_id}/changes", params={"limit": limit}, headers=user.headers)
         assert_error_shape(response, 400)

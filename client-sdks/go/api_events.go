@@ -34,13 +34,13 @@ func (r ApiStreamEventsRequest) AccountId(accountId string) ApiStreamEventsReque
 	return r
 }
 
-// The id of the last event received, to resume the stream after it
+// The id of the last event received, to resume the stream after it. An id this service did not issue starts the stream from now with a &#x60;resync&#x60; event (reason &#x60;unknown_position&#x60;) for every account.
 func (r ApiStreamEventsRequest) LastEventID(lastEventID string) ApiStreamEventsRequest {
 	r.lastEventID = &lastEventID
 	return r
 }
 
-func (r ApiStreamEventsRequest) Execute() (string, *http.Response, error) {
+func (r ApiStreamEventsRequest) Execute() (*StreamEvents200Response, *http.Response, error) {
 	return r.ApiService.StreamEventsExecute(r)
 }
 
@@ -91,13 +91,13 @@ func (a *EventsAPIService) StreamEvents(ctx context.Context) ApiStreamEventsRequ
 
 // Execute executes the request
 //
-//	@return string
-func (a *EventsAPIService) StreamEventsExecute(r ApiStreamEventsRequest) (string, *http.Response, error) {
+//	@return StreamEvents200Response
+func (a *EventsAPIService) StreamEventsExecute(r ApiStreamEventsRequest) (*StreamEvents200Response, *http.Response, error) {
 	var (
 		localVarHTTPMethod  = http.MethodGet
 		localVarPostBody    interface{}
 		formFiles           []formFile
-		localVarReturnValue string
+		localVarReturnValue *StreamEvents200Response
 	)
 
 	localBasePath, err := a.client.cfg.ServerURLWithContext(r.ctx, "EventsAPIService.StreamEvents")

@@ -21,7 +21,7 @@ var _ MappedNullable = &CreateAccountRequest{}
 
 // CreateAccountRequest struct for CreateAccountRequest
 type CreateAccountRequest struct {
-	AccountName string `json:"accountName" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
+	AccountName string `json:"accountName" validate:"regexp=^[^\\u0000-\\u001f\\u007f\\u0085\\u2028\\u2029]*$"`
 	// Stored in one canonical form: NFKC-normalised, with the domain in its IDNA (ASCII) form (`kunde@BÜCHER.example` is stored as `kunde@xn--bcher-kva.example`). An address whose part before `@` or whose domain mixes scripts (a Cyrillic `а` among Latin letters) is refused with 400 INVALID_EMAIL_FORMAT.
 	EmailAddress string `json:"emailAddress"`
 	Protocol     string `json:"protocol"`

@@ -19,7 +19,7 @@ var _ MappedNullable = &UpdateAccountRequest{}
 
 // UpdateAccountRequest struct for UpdateAccountRequest
 type UpdateAccountRequest struct {
-	AccountName *string `json:"accountName,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
+	AccountName *string `json:"accountName,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f\\u0085\\u2028\\u2029]*$"`
 	// IMAP/POP3 server host name or IPv4 address. A changed host or port must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.
 	Hostname   *string `json:"hostname,omitempty" validate:"regexp=^[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62})(\\.[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62}))*\\.?$"`
 	Port       *int32  `json:"port,omitempty"`

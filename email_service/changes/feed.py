@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from email_service.db import Database
-from email_service.errors import BadRequestError, NotFoundError, ServiceError
+from email_service.errors import BadRequestError, ConflictError, NotFoundError, ServiceError
 from email_service.models import Account, Change, ChangeEntity, ChangeKind
 from email_service.tenancy import Principal
 
@@ -117,7 +117,12 @@ def changes_since(
             return ChangesPage(account_id, now, now, False, IdChanges(), IdChanges())
         start = parse_cursor(since)
         if start > current:
-            raise BadRequestError(f"cursor {since} is ahead of the account's changes", code="INVALID_CURSOR")
+            # Well-formed, but not from this account's history (another account's, or a state this
+            # service never reached): the client's copy disagrees with the account; it must reload.
+            raise ConflictError(
+                f"cursor {since} is ahead of the account's changes; reload the account and start again without since",
+                code="CURSOR_UNKNOWN",
+            )
         if start < floor:
             raise _expired(start)
         # An account's sequence numbers have no gaps (a rolled-back transaction gives its numbers

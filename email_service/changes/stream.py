@@ -336,7 +336,14 @@ class EventStream:
         max_catch_up: int,
         max_per_user: int,
     ) -> EventStream:
-        resume = decode_position(last_event_id) if last_event_id else None
+        try:
+            resume = decode_position(last_event_id) if last_event_id else None
+            unreadable = False
+        except BadRequestError:
+            # Not an id this service issued (a proxy's, another service's, a corrupted one). A
+            # browser's EventSource reconnects with it by itself and could never recover from a
+            # 400; the stream starts from now and tells the client to resync every account.
+            resume, unreadable = None, True
         await hub.start()
         # Subscribe before reading where the accounts stand, so no commit falls in between.
         sub = hub.subscribe(principal, account_id, max_per_user=max_per_user)
@@ -355,7 +362,9 @@ class EventStream:
             # entries are new to the client. A position past the head was not issued for this
             # log (another database, a forged id): it is clamped so new entries still arrive.
             position = {account: min(resume.get(account, 0), seq) for account, (seq, _floor) in heads.items()}
-        return cls(hub, sub, position, heads, max_catch_up)
+        stream = cls(hub, sub, position, heads, max_catch_up)
+        stream.unknown_position = unreadable
+        return stream
 
     def close(self) -> None:
         self.hub.unsubscribe(self.sub)
@@ -377,6 +386,9 @@ class EventStream:
         """
         try:
             yield self._ready()
+            if getattr(self, "unknown_position", False):
+                for account, (seq, _floor) in sorted(self._heads.items()):
+                    yield self._resync(account, seq, seq, "unknown_position")
             for account, (seq, floor) in sorted(self._heads.items()):
                 async for event in self._advance(account, seq, floor, catching_up=True):
                     yield event

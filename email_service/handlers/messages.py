@@ -77,13 +77,13 @@ def list_messages(
         account_id,
         folder_id,
         limit=limit,
-        offset=min(offset, 2**62),
+        offset=min(max(offset, 0), 2**62),
         sort=sort,
         filter_=filter_,
     )
     return {
         "messages": [message_view(m) for m in page.items],
-        "pagination": {"total": page.total, "limit": limit, "offset": offset},
+        "pagination": {"total": page.total, "limit": limit, "offset": max(offset, 0)},
     }, 200
 
 

@@ -14,5 +14,9 @@ def start_sync(
 ) -> tasks.Enqueued:
     """Runs at once whatever the account's backoff: someone asked for it."""
     get_account(runtime.db, principal, account_id)  # 404 unless the caller owns a live account
-    params = {"force": force, "folders": sorted(set(folders)) if folders else None}
+    if folders:
+        # No mailbox name holds NUL (and PostgreSQL cannot store it): such a name matches no
+        # folder, and stays one that matches none.
+        folders = sorted({name.replace("\x00", "\ufffd") for name in folders})
+    params = {"force": force, "folders": folders or None}
     return tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account_id, params=params)

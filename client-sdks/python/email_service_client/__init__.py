@@ -57,6 +57,7 @@ __all__ = [
     "SaveDraft201Response",
     "SendEmail202Response",
     "SendEmailRequest",
+    "StreamEvents200Response",
     "StreamedChange",
     "SyncAccount202Response",
     "SyncAccountRequest",
@@ -108,6 +109,7 @@ from email_service_client.models.retry_send202_response import RetrySend202Respo
 from email_service_client.models.save_draft201_response import SaveDraft201Response as SaveDraft201Response
 from email_service_client.models.send_email202_response import SendEmail202Response as SendEmail202Response
 from email_service_client.models.send_email_request import SendEmailRequest as SendEmailRequest
+from email_service_client.models.stream_events200_response import StreamEvents200Response as StreamEvents200Response
 from email_service_client.models.streamed_change import StreamedChange as StreamedChange
 from email_service_client.models.sync_account202_response import SyncAccount202Response as SyncAccount202Response
 from email_service_client.models.sync_account_request import SyncAccountRequest as SyncAccountRequest

@@ -15,7 +15,7 @@ from pydantic import validate_call, Field, StrictFloat, StrictStr, StrictInt
 from typing import Any, Dict, List, Optional, Tuple, Union
 from typing_extensions import Annotated
 
-from pydantic import Field, StrictStr
+from pydantic import Field, StrictStr, field_validator
 from typing import Optional
 from typing_extensions import Annotated
 from email_service_client.models.changes_response import ChangesResponse
@@ -104,6 +104,7 @@ class ChangesApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '410': "ErrorResponse",
             '429': "ErrorResponse",
             '500': "ErrorResponse",
@@ -185,6 +186,7 @@ class ChangesApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '410': "ErrorResponse",
             '429': "ErrorResponse",
             '500': "ErrorResponse",
@@ -266,6 +268,7 @@ class ChangesApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '410': "ErrorResponse",
             '429': "ErrorResponse",
             '500': "ErrorResponse",

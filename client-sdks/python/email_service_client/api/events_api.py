@@ -15,9 +15,10 @@ from pydantic import validate_call, Field, StrictFloat, StrictStr, StrictInt
 from typing import Any, Dict, List, Optional, Tuple, Union
 from typing_extensions import Annotated
 
-from pydantic import Field, StrictStr
+from pydantic import Field
 from typing import Optional
 from typing_extensions import Annotated
+from email_service_client.models.stream_events200_response import StreamEvents200Response
 
 from email_service_client.api_client import ApiClient, RequestSerialized
 from email_service_client.api_response import ApiResponse
@@ -41,7 +42,7 @@ class EventsApi:
     def stream_events(
         self,
         account_id: Annotated[Optional[Annotated[str, Field(min_length=1, strict=True, max_length=64)]], Field(description="Only this account's changes")] = None,
-        last_event_id: Annotated[Optional[Annotated[str, Field(strict=True, max_length=16384)]], Field(description="The id of the last event received, to resume the stream after it")] = None,
+        last_event_id: Annotated[Optional[Annotated[str, Field(strict=True, max_length=16384)]], Field(description="The id of the last event received, to resume the stream after it. An id this service did not issue starts the stream from now with a `resync` event (reason `unknown_position`) for every account.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -54,14 +55,14 @@ class EventsApi:
         _content_type: Optional[StrictStr] = None,
         _headers: Optional[Dict[StrictStr, Any]] = None,
         _host_index: Annotated[StrictInt, Field(ge=0, le=0)] = 0,
-    ) -> str:
+    ) -> StreamEvents200Response:
         """Stream changes as server-sent events
 
         Streams the caller's own changes to messages and folders (all of the user's accounts, or the one named by `accountId`) as they are committed, as `text/event-stream`. Every change from any source (sync, message updates, compose) appears; a transaction that rolls back produces nothing, and another user's changes never appear.  **Events.** The first event is `ready` (data `{\"accounts\": [ids]}`). Then one event per change-log entry, named `<entity>.<kind>`: `message.created`, `message.updated`, `message.destroyed`, `folder.created`, `folder.updated`, `folder.destroyed`; its data is a `StreamedChange` JSON object. Within an account, events come in commit order.  **Resuming.** Every event's `id` is an opaque token of the stream's position (one sequence number per account). Reconnect with it in `Last-Event-ID` (browsers' EventSource does this by itself) and the stream sends exactly the entries committed since, in order, none twice. An account created after the id was issued is streamed from its beginning.  **Too far behind.** When resuming would replay more than the server's catch-up limit (1,000 entries of one account by default), or the entries were already pruned, the stream sends a `resync` event (data `{\"accountId\", \"seq\", \"reason\", \"missed\"}`) instead: the client refreshes that account through the changes feed or a full reload, and the stream carries on from the account's newest entry.  **Heartbeats.** A comment line (`: ping`) about every 15 seconds keeps idle connections open through proxies; clients ignore it.  **Lifetime.** The stream ends when the token it was opened with expires (and when the server shuts down); reconnect with a valid token and the last event id to carry on.  Opening a stream counts against its own per-user rate limit (see `x-rate-limits`), and a user may hold at most 20 open streams on one server (429 `TOO_MANY_STREAMS` beyond). Errors (400, 401, 404, 429, 503) are `ErrorResponse` JSON, answered before the stream starts; an unknown accountId, or another user's, is 404. 
 
         :param account_id: Only this account's changes
         :type account_id: str
-        :param last_event_id: The id of the last event received, to resume the stream after it
+        :param last_event_id: The id of the last event received, to resume the stream after it. An id this service did not issue starts the stream from now with a `resync` event (reason `unknown_position`) for every account.
         :type last_event_id: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -95,7 +96,7 @@ class EventsApi:
         )
 
         _response_types_map: Dict[str, Optional[str]] = {
-            '200': "str",
+            '200': "StreamEvents200Response",
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
@@ -118,7 +119,7 @@ class EventsApi:
     def stream_events_with_http_info(
         self,
         account_id: Annotated[Optional[Annotated[str, Field(min_length=1, strict=True, max_length=64)]], Field(description="Only this account's changes")] = None,
-        last_event_id: Annotated[Optional[Annotated[str, Field(strict=True, max_length=16384)]], Field(description="The id of the last event received, to resume the stream after it")] = None,
+        last_event_id: Annotated[Optional[Annotated[str, Field(strict=True, max_length=16384)]], Field(description="The id of the last event received, to resume the stream after it. An id this service did not issue starts the stream from now with a `resync` event (reason `unknown_position`) for every account.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -131,14 +132,14 @@ class EventsApi:
         _content_type: Optional[StrictStr] = None,
         _headers: Optional[Dict[StrictStr, Any]] = None,
         _host_index: Annotated[StrictInt, Field(ge=0, le=0)] = 0,
-    ) -> ApiResponse[str]:
+    ) -> ApiResponse[StreamEvents200Response]:
         """Stream changes as server-sent events
 
         Streams the caller's own changes to messages and folders (all of the user's accounts, or the one named by `accountId`) as they are committed, as `text/event-stream`. Every change from any source (sync, message updates, compose) appears; a transaction that rolls back produces nothing, and another user's changes never appear.  **Events.** The first event is `ready` (data `{\"accounts\": [ids]}`). Then one event per change-log entry, named `<entity>.<kind>`: `message.created`, `message.updated`, `message.destroyed`, `folder.created`, `folder.updated`, `folder.destroyed`; its data is a `StreamedChange` JSON object. Within an account, events come in commit order.  **Resuming.** Every event's `id` is an opaque token of the stream's position (one sequence number per account). Reconnect with it in `Last-Event-ID` (browsers' EventSource does this by itself) and the stream sends exactly the entries committed since, in order, none twice. An account created after the id was issued is streamed from its beginning.  **Too far behind.** When resuming would replay more than the server's catch-up limit (1,000 entries of one account by default), or the entries were already pruned, the stream sends a `resync` event (data `{\"accountId\", \"seq\", \"reason\", \"missed\"}`) instead: the client refreshes that account through the changes feed or a full reload, and the stream carries on from the account's newest entry.  **Heartbeats.** A comment line (`: ping`) about every 15 seconds keeps idle connections open through proxies; clients ignore it.  **Lifetime.** The stream ends when the token it was opened with expires (and when the server shuts down); reconnect with a valid token and the last event id to carry on.  Opening a stream counts against its own per-user rate limit (see `x-rate-limits`), and a user may hold at most 20 open streams on one server (429 `TOO_MANY_STREAMS` beyond). Errors (400, 401, 404, 429, 503) are `ErrorResponse` JSON, answered before the stream starts; an unknown accountId, or another user's, is 404. 
 
         :param account_id: Only this account's changes
         :type account_id: str
-        :param last_event_id: The id of the last event received, to resume the stream after it
+        :param last_event_id: The id of the last event received, to resume the stream after it. An id this service did not issue starts the stream from now with a `resync` event (reason `unknown_position`) for every account.
         :type last_event_id: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -172,7 +173,7 @@ class EventsApi:
         )
 
         _response_types_map: Dict[str, Optional[str]] = {
-            '200': "str",
+            '200': "StreamEvents200Response",
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
@@ -195,7 +196,7 @@ class EventsApi:
     def stream_events_without_preload_content(
         self,
         account_id: Annotated[Optional[Annotated[str, Field(min_length=1, strict=True, max_length=64)]], Field(description="Only this account's changes")] = None,
-        last_event_id: Annotated[Optional[Annotated[str, Field(strict=True, max_length=16384)]], Field(description="The id of the last event received, to resume the stream after it")] = None,
+        last_event_id: Annotated[Optional[Annotated[str, Field(strict=True, max_length=16384)]], Field(description="The id of the last event received, to resume the stream after it. An id this service did not issue starts the stream from now with a `resync` event (reason `unknown_position`) for every account.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -215,7 +216,7 @@ class EventsApi:
 
         :param account_id: Only this account's changes
         :type account_id: str
-        :param last_event_id: The id of the last event received, to resume the stream after it
+        :param last_event_id: The id of the last event received, to resume the stream after it. An id this service did not issue starts the stream from now with a `resync` event (reason `unknown_position`) for every account.
         :type last_event_id: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -249,7 +250,7 @@ class EventsApi:
         )
 
         _response_types_map: Dict[str, Optional[str]] = {
-            '200': "str",
+            '200': "StreamEvents200Response",
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",

@@ -48,8 +48,8 @@ class CreateAccountRequest(BaseModel):
     @field_validator('account_name', mode="before")
     def account_name_validate_regular_expression(cls, value):
         """Validates the regular expression"""
-        if isinstance(value, str) and not re.match(r"^[^\u0000-\u001f\u007f]*$", value):
-            raise ValueError(r"must validate the regular expression /^[^\u0000-\u001f\u007f]*$/")
+        if isinstance(value, str) and not re.match(r"^[^\u0000-\u001f\u007f\u0085\u2028\u2029]*$", value):
+            raise ValueError(r"must validate the regular expression /^[^\u0000-\u001f\u007f\u0085\u2028\u2029]*$/")
         return value
 
     @field_validator('protocol')

@@ -52,8 +52,8 @@ class UpdateAccountRequest(BaseModel):
         if value is None:
             return value
 
-        if isinstance(value, str) and not re.match(r"^[^\u0000-\u001f\u007f]*$", value):
-            raise ValueError(r"must validate the regular expression /^[^\u0000-\u001f\u007f]*$/")
+        if isinstance(value, str) and not re.match(r"^[^\u0000-\u001f\u007f\u0085\u2028\u2029]*$", value):
+            raise ValueError(r"must validate the regular expression /^[^\u0000-\u001f\u007f\u0085\u2028\u2029]*$/")
         return value
 
     @field_validator('hostname', mode="before")

@@ -18,6 +18,11 @@ import {
     ErrorResponseFromJSON,
     ErrorResponseToJSON,
 } from '../models/ErrorResponse';
+import {
+    type StreamEvents200Response,
+    StreamEvents200ResponseFromJSON,
+    StreamEvents200ResponseToJSON,
+} from '../models/StreamEvents200Response';
 
 export interface StreamEventsRequest {
     /**
@@ -25,7 +30,7 @@ export interface StreamEventsRequest {
      */
     accountId?: string;
     /**
-     * The id of the last event received, to resume the stream after it
+     * The id of the last event received, to resume the stream after it. An id this service did not issue starts the stream from now with a `resync` event (reason `unknown_position`) for every account.
      */
     lastEventID?: string;
 }
@@ -78,22 +83,18 @@ export class EventsApi extends runtime.BaseAPI {
      * Streams the caller\'s own changes to messages and folders (all of the user\'s accounts, or the one named by `accountId`) as they are committed, as `text/event-stream`. Every change from any source (sync, message updates, compose) appears; a transaction that rolls back produces nothing, and another user\'s changes never appear.  **Events.** The first event is `ready` (data `{\"accounts\": [ids]}`). Then one event per change-log entry, named `<entity>.<kind>`: `message.created`, `message.updated`, `message.destroyed`, `folder.created`, `folder.updated`, `folder.destroyed`; its data is a `StreamedChange` JSON object. Within an account, events come in commit order.  **Resuming.** Every event\'s `id` is an opaque token of the stream\'s position (one sequence number per account). Reconnect with it in `Last-Event-ID` (browsers\' EventSource does this by itself) and the stream sends exactly the entries committed since, in order, none twice. An account created after the id was issued is streamed from its beginning.  **Too far behind.** When resuming would replay more than the server\'s catch-up limit (1,000 entries of one account by default), or the entries were already pruned, the stream sends a `resync` event (data `{\"accountId\", \"seq\", \"reason\", \"missed\"}`) instead: the client refreshes that account through the changes feed or a full reload, and the stream carries on from the account\'s newest entry.  **Heartbeats.** A comment line (`: ping`) about every 15 seconds keeps idle connections open through proxies; clients ignore it.  **Lifetime.** The stream ends when the token it was opened with expires (and when the server shuts down); reconnect with a valid token and the last event id to carry on.  Opening a stream counts against its own per-user rate limit (see `x-rate-limits`), and a user may hold at most 20 open streams on one server (429 `TOO_MANY_STREAMS` beyond). Errors (400, 401, 404, 429, 503) are `ErrorResponse` JSON, answered before the stream starts; an unknown accountId, or another user\'s, is 404. 
      * Stream changes as server-sent events
      */
-    async streamEventsRaw(requestParameters: StreamEventsRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<string>> {
+    async streamEventsRaw(requestParameters: StreamEventsRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<StreamEvents200Response>> {
         const requestOptions = await this.streamEventsRequestOpts(requestParameters);
         const response = await this.request(requestOptions, initOverrides);
 
-        if (this.isJsonMime(response.headers.get('content-type'))) {
-            return new runtime.JSONApiResponse<string>(response);
-        } else {
-            return new runtime.TextApiResponse(response) as any;
-        }
+        return new runtime.JSONApiResponse(response, (jsonValue) => StreamEvents200ResponseFromJSON(jsonValue));
     }
 
     /**
      * Streams the caller\'s own changes to messages and folders (all of the user\'s accounts, or the one named by `accountId`) as they are committed, as `text/event-stream`. Every change from any source (sync, message updates, compose) appears; a transaction that rolls back produces nothing, and another user\'s changes never appear.  **Events.** The first event is `ready` (data `{\"accounts\": [ids]}`). Then one event per change-log entry, named `<entity>.<kind>`: `message.created`, `message.updated`, `message.destroyed`, `folder.created`, `folder.updated`, `folder.destroyed`; its data is a `StreamedChange` JSON object. Within an account, events come in commit order.  **Resuming.** Every event\'s `id` is an opaque token of the stream\'s position (one sequence number per account). Reconnect with it in `Last-Event-ID` (browsers\' EventSource does this by itself) and the stream sends exactly the entries committed since, in order, none twice. An account created after the id was issued is streamed from its beginning.  **Too far behind.** When resuming would replay more than the server\'s catch-up limit (1,000 entries of one account by default), or the entries were already pruned, the stream sends a `resync` event (data `{\"accountId\", \"seq\", \"reason\", \"missed\"}`) instead: the client refreshes that account through the changes feed or a full reload, and the stream carries on from the account\'s newest entry.  **Heartbeats.** A comment line (`: ping`) about every 15 seconds keeps idle connections open through proxies; clients ignore it.  **Lifetime.** The stream ends when the token it was opened with expires (and when the server shuts down); reconnect with a valid token and the last event id to carry on.  Opening a stream counts against its own per-user rate limit (see `x-rate-limits`), and a user may hold at most 20 open streams on one server (429 `TOO_MANY_STREAMS` beyond). Errors (400, 401, 404, 429, 503) are `ErrorResponse` JSON, answered before the stream starts; an unknown accountId, or another user\'s, is 404. 
      * Stream changes as server-sent events
      */
-    async streamEvents(requestParameters: StreamEventsRequest = {}, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<string> {
+    async streamEvents(requestParameters: StreamEventsRequest = {}, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<StreamEvents200Response> {
         const response = await this.streamEventsRaw(requestParameters, initOverrides);
         return await response.value();
     }

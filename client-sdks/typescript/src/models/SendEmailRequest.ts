@@ -40,7 +40,7 @@ export interface SendEmailRequest {
      */
     replyTo?: string;
     /**
-     * One line: CR or LF (header injection) answers 400
+     * One line: CR, LF or any other character that ends or breaks a header line (control characters, NEL, U+2028, U+2029) answers 400
      */
     subject: string;
     /**

@@ -20,6 +20,7 @@ export * from './RetrySend202Response';
 export * from './SaveDraft201Response';
 export * from './SendEmail202Response';
 export * from './SendEmailRequest';
+export * from './StreamEvents200Response';
 export * from './StreamedChange';
 export * from './SyncAccount202Response';
 export * from './SyncAccountRequest';
