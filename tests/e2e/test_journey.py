@@ -7,6 +7,8 @@ The steps run in order and share one mailbox, as a person's session would: what 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ import email_service_client as sdk
 import httpx
 import pytest
 from email_service_client.exceptions import ApiException
+from httpx_sse import connect_sse
 from mailservers import SmtpServer, _Behaviour
 from messages import attachments_message, plain_message, to_bytes
 
@@ -427,11 +430,58 @@ def test_8_mail_appended_on_the_server_arrives_with_no_sync_requested(deployment
         inbox = _folders(api, account.id).get("INBOX")
         return {m.subject for m in _all_messages(api, account.id, inbox.id)} if inbox else set()
 
-    # The watcher takes the new account and catches up; nobody asks for a sync.
-    # Polled under the per-user limit of 50 a minute per operation.
+    # The watcher takes the new account and catches up; nobody asks for a sync. Polled under the
+    # per-user limit of 50 a minute per operation.
     _wait_for(lambda: "Already there" in subjects(), timeout=60, every=1.3)
-    time.sleep(1)
-    dovecot.append(user, "INBOX", to_bytes(plain_message("Arrived just now")))
-    appended = time.monotonic()
-    _wait_for(lambda: "Arrived just now" in subjects(), timeout=30, every=1.3)
-    assert time.monotonic() - appended < 5, deployment.logs()
+    token = deployment.mint_token(journey.tenant, journey.user)
+    with EventsClient(deployment.api.url, token, account.id) as events:
+        events.wait_ready()
+        time.sleep(1)
+        dovecot.append(user, "INBOX", to_bytes(plain_message("Arrived just now")))
+        appended = time.monotonic()
+        created = events.wait_for("message.created", timeout=30)
+        streamed_after = time.monotonic() - appended
+    assert created["accountId"] == account.id and streamed_after < 5, deployment.logs()
+    message = sdk.MessagesApi(api).get_message(account.id, created["id"])
+    assert message.subject == "Arrived just now"
+    assert "Arrived just now" in subjects()
+
+
+class EventsClient:
+    """GET /api/events read by an SSE client in a thread of its own, as a web client would."""
+
+    def __init__(self, url: str, token: str, account_id: str) -> None:
+        self.url, self.token, self.account_id = url, token, account_id
+        self.events: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        with (
+            httpx.Client(timeout=httpx.Timeout(10, read=60)) as client,
+            connect_sse(
+                client, "GET", self.url + "/api/events", params={"accountId": self.account_id}, headers=headers
+            ) as source,
+        ):
+            for event in source.iter_sse():
+                self.events.put((event.event, event.json()))
+                if self._stop.is_set():
+                    return
+
+    def __enter__(self) -> EventsClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        assert self.events.get(timeout=timeout)[0] == "ready"
+
+    def wait_for(self, name: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            event, data = self.events.get(timeout=max(0.1, deadline - time.monotonic()))
+            if event == name:
+                return data
