@@ -97,6 +97,7 @@ class ImapSync:
         # A change reported on a known folder (IDLE) does not need the folder list checked again.
         self.list_folders = list_folders or not self.only
         self.result = SyncResult()
+        self._unchanged: list[Folder] = []
         self._pool: ParsePool | None = None
         self._pool_tried = False
 
@@ -129,6 +130,7 @@ class ImapSync:
                 # The server refused this folder only; the others still sync.
                 log.warning("folder %s failed: %s", folder.name, exc)
                 self.result.errors.append(f"{folder.display_name}: {exc}")
+        self.store.touch_folders(self._unchanged)
         self.progress(100)
         return self.result
 
@@ -143,7 +145,8 @@ class ImapSync:
             and (session.condstore and folder.highestmodseq == status.highestmodseq)
         )
         if unchanged:
-            self.store.touch_folder(folder)
+            # Marked synced with the other unchanged folders at the end: one write, not one each.
+            self._unchanged.append(folder)
             return
         if folder.uidvalidity is not None and folder.uidvalidity != status.uidvalidity:
             self.result.messages_removed += self.store.clear_folder(folder)

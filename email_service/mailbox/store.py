@@ -223,9 +223,14 @@ class MailStore:
         folder.uidvalidity, folder.uidnext, folder.highestmodseq = uidvalidity, uidnext, highestmodseq
         folder.message_count = message_count
 
-    def touch_folder(self, folder: Folder) -> None:
+    def touch_folders(self, folders: Sequence[Folder]) -> None:
+        """Mark folders that had nothing new as synced now, in one transaction."""
+        if not folders:
+            return
         with self.db.tenant_session(self.principal) as session:
-            session.execute(update(Folder).where(Folder.id == folder.id).values(synced_at=datetime.now(UTC)))
+            session.execute(
+                update(Folder).where(Folder.id.in_([f.id for f in folders])).values(synced_at=datetime.now(UTC))
+            )
 
     # -- messages --------------------------------------------------------------------------
 
