@@ -8,3 +8,4 @@ export * from './MessagesApi';
 export * from './StorageApi';
 export * from './SyncApi';
 export * from './SystemApi';
+export * from './WebhooksApi';
