@@ -1,4 +1,4 @@
-"""The ``email-service`` command: serve, worker, migrate, token, rotate-keys, keygen."""
+"""The ``email-service`` command: serve, worker, webhooks, migrate, token, rotate-keys, keygen."""
 
 from __future__ import annotations
 
@@ -71,11 +71,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     with embedded.services(settings) as resolved:
         if embedded_default or args.migrate:
             _migrate(resolved)
-        worker = None
+        children: list[WorkerSupervisor] = []
         if embedded_default and args.embedded_worker:
             # The embedded default is one command: the API and a worker beside it, which dies with it.
-            worker = WorkerSupervisor(_worker_env(resolved))
-            worker.start()
+            children.append(WorkerSupervisor(_worker_env(resolved)))
+        if embedded_default and args.embedded_webhooks:
+            # Webhook deliveries likewise: the dispatcher runs beside the API and dies with it.
+            children.append(WorkerSupervisor(_worker_env(resolved), command="webhooks", what="webhook dispatcher"))
+        for child in children:
+            child.start()
         runtime = Runtime.build(resolved)
         try:
             uvicorn.run(
@@ -90,24 +94,25 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                 h11_max_incomplete_event_size=resolved.max_header_bytes,
             )
         finally:
-            if worker is not None:
-                worker.stop()
+            for child in children:
+                child.stop()
             runtime.close()
     return 0
 
 
 class WorkerSupervisor:
-    """The worker ``serve`` runs beside the API on the embedded default.
+    """A process ``serve`` runs beside the API on the embedded default (the worker, the webhook dispatcher).
 
     It is started so that Linux ends it when ``serve`` dies (even by SIGKILL); if it dies first,
     ``serve`` says so in its log and starts another, waiting longer each time it keeps dying.
     """
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *, command: str = "worker", what: str = "background worker") -> None:
         self.env = env
+        self.command, self.what = command, what
         self.proc: subprocess.Popen | None = None
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name=f"{command}-supervisor", daemon=True)
 
     def start(self) -> None:
         self._spawn()
@@ -117,7 +122,7 @@ class WorkerSupervisor:
         from email_service.queue.worker import die_with_parent
 
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "email_service", "worker"], env=self.env, preexec_fn=die_with_parent
+            [sys.executable, "-m", "email_service", self.command], env=self.env, preexec_fn=die_with_parent
         )
 
     def _watch(self) -> None:
@@ -128,7 +133,7 @@ class WorkerSupervisor:
             code = self.proc.wait()
             if self._stopping.is_set():
                 return
-            log.error("the background worker (pid %d) exited with %s; starting another", self.proc.pid, code)
+            log.error("the %s (pid %d) exited with %s; starting another", self.what, self.proc.pid, code)
             # A worker that dies at once would otherwise be restarted in a tight loop.
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 60.0)
             if self._stopping.wait(delay):
@@ -154,6 +159,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # then left for the other commands still using them, or stopped if this was the last.
     with embedded.services(settings) as resolved:
         run_worker(resolved, burst=args.burst, schedule=args.schedule, processes=args.processes)
+    return 0
+
+
+def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    from email_service.webhooks.dispatcher import run_dispatcher
+
+    with embedded.services(settings) as resolved:
+        run_dispatcher(resolved)
     return 0
 
 
@@ -205,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the API (and, on the embedded default, a worker)")
+    serve = commands.add_parser(
+        "serve", help="run the API (and, on the embedded default, a worker and a webhook dispatcher)"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5000)
     serve.add_argument("--migrate", action="store_true", help="apply migrations first (always on the embedded default)")
@@ -214,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="embedded_worker",
         action="store_false",
         help="on the embedded default, do not start a worker beside the API",
+    )
+    serve.add_argument(
+        "--no-embedded-webhooks",
+        dest="embedded_webhooks",
+        action="store_false",
+        help="on the embedded default, do not start a webhook dispatcher beside the API",
     )
     serve.set_defaults(handler=cmd_serve)
 
@@ -232,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not run the automatic-sync scheduler beside this worker",
     )
     worker.set_defaults(handler=cmd_worker)
+
+    commands.add_parser(
+        "webhooks", help="send webhook deliveries of committed changes (any number may run at once)"
+    ).set_defaults(handler=cmd_webhooks)
 
     commands.add_parser("migrate", help="apply database migrations").set_defaults(handler=cmd_migrate)
 
