@@ -16,6 +16,7 @@ from schemathesis.config import SchemathesisConfig
 from email_service.api.app import create_app
 from email_service.protocols.destinations import DestinationRefused, check
 from email_service.runtime import Runtime
+from email_service.webhooks import urls as webhook_urls
 
 CONFIG = SchemathesisConfig.from_dict(
     {
@@ -58,6 +59,13 @@ def api_schema(fuzz_runtime):
                         check(value, number if valid_port else 993, policy)
                     except DestinationRefused:
                         case.body[field] = "mail.example.com"
+            # Webhook URLs likewise: the policy (and https) refuses many that fit the pattern.
+            url = case.body.get("url")
+            if isinstance(url, str):
+                try:
+                    webhook_urls.check(url, policy)
+                except (DestinationRefused, webhook_urls.WebhookUrlError):
+                    case.body["url"] = "https://hooks.example.com/email"
         return case
 
     return schema

@@ -351,7 +351,7 @@ def test_other_users_changes_never_reach_an_endpoint(
     refused = sync_client.post(
         "/api/webhooks", json={"url": hook.url, "accountId": theirs[colleague]}, headers=user.headers
     )
-    assert_error_shape(refused, 400, "ACCOUNT_NOT_FOUND")
+    assert_error_shape(refused, 404, "ACCOUNT_NOT_FOUND")
     for who in (colleague, stranger):
         assert sync_client.get(f"/api/webhooks/{created['id']}", headers=who.headers).status_code == 404
         assert sync_client.get(f"/api/webhooks/{created['id']}/deliveries", headers=who.headers).status_code == 404

@@ -22,12 +22,12 @@ var _ MappedNullable = &CreateWebhookRequest{}
 // CreateWebhookRequest struct for CreateWebhookRequest
 type CreateWebhookRequest struct {
 	// https URL (http only for hosts the operator allow-listed)
-	Url string `json:"url"`
+	Url string `json:"url" validate:"regexp=^https?://[^\\u0000-\\u0020\\u007f]+$"`
 	// Only these events are sent (all when omitted)
 	EventTypes []WebhookEventType `json:"eventTypes,omitempty"`
-	// Only this account's events are sent (all the caller's accounts when omitted)
-	AccountId   *string `json:"accountId,omitempty"`
-	Description *string `json:"description,omitempty"`
+	// Only this account's events are sent (all the caller's accounts when omitted). An id that is not one of the caller's accounts answers 404 `ACCOUNT_NOT_FOUND`.
+	AccountId   *string `json:"accountId,omitempty" validate:"regexp=^[A-Za-z0-9_-]+$"`
+	Description *string `json:"description,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
 }
 
 type _CreateWebhookRequest CreateWebhookRequest

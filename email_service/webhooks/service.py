@@ -77,9 +77,7 @@ def create(
                 select(Account.id).where(Account.id == endpoint.account_id, Account.deleted_at.is_(None))
             )
             if live is None:
-                raise BadRequestError(
-                    f"accountId '{endpoint.account_id}' is not one of your accounts", code="ACCOUNT_NOT_FOUND"
-                )
+                raise NotFoundError(f"Account with ID '{endpoint.account_id}' does not exist", code="ACCOUNT_NOT_FOUND")
         count = session.scalar(select(func.count()).select_from(WebhookEndpoint)) or 0
         if count >= MAX_ENDPOINTS_PER_USER:
             raise ConflictError(
@@ -141,3 +139,4 @@ def attempts(db: Database, principal: Principal, webhook_id: str, limit: int) ->
                 .limit(limit)
             )
         )
+

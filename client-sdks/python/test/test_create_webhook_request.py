@@ -39,8 +39,8 @@ class TestCreateWebhookRequest(unittest.TestCase):
                 event_types = [
                     'message.created'
                     ],
-                account_id = '0',
-                description = ''
+                account_id = 'z0',
+                description = 'jUR,rZ#UM/?R,Fp^l6$ARj'
             )
         else:
             return CreateWebhookRequest(

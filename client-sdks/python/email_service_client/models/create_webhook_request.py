@@ -17,7 +17,7 @@ import pprint
 import re  # noqa: F401
 import json
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from typing import Any, ClassVar, Dict, List, Optional
 from typing_extensions import Annotated
 from email_service_client.models.webhook_event_type import WebhookEventType
@@ -31,9 +31,36 @@ class CreateWebhookRequest(BaseModel):
     """ # noqa: E501
     url: Annotated[str, Field(min_length=1, strict=True, max_length=2048)] = Field(description="https URL (http only for hosts the operator allow-listed)", json_schema_extra={"examples": ["https://hooks.example.com/email"]})
     event_types: Optional[Annotated[List[WebhookEventType], Field(min_length=1, max_length=6)]] = Field(default=None, description="Only these events are sent (all when omitted)", alias="eventTypes")
-    account_id: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=64)]] = Field(default=None, description="Only this account's events are sent (all the caller's accounts when omitted)", alias="accountId")
+    account_id: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=64)]] = Field(default=None, description="Only this account's events are sent (all the caller's accounts when omitted). An id that is not one of the caller's accounts answers 404 `ACCOUNT_NOT_FOUND`. ", alias="accountId")
     description: Optional[Annotated[str, Field(strict=True, max_length=500)]] = None
     __properties: ClassVar[List[str]] = ["url", "eventTypes", "accountId", "description"]
+
+    @field_validator('url', mode="before")
+    def url_validate_regular_expression(cls, value):
+        """Validates the regular expression"""
+        if isinstance(value, str) and not re.match(r"^https?:\/\/[^\u0000-\u0020\u007f]+$", value):
+            raise ValueError(r"must validate the regular expression /^https?:\/\/[^\u0000-\u0020\u007f]+$/")
+        return value
+
+    @field_validator('account_id', mode="before")
+    def account_id_validate_regular_expression(cls, value):
+        """Validates the regular expression"""
+        if value is None:
+            return value
+
+        if isinstance(value, str) and not re.match(r"^[A-Za-z0-9_-]+$", value):
+            raise ValueError(r"must validate the regular expression /^[A-Za-z0-9_-]+$/")
+        return value
+
+    @field_validator('description', mode="before")
+    def description_validate_regular_expression(cls, value):
+        """Validates the regular expression"""
+        if value is None:
+            return value
+
+        if isinstance(value, str) and not re.match(r"^[^\u0000-\u001f\u007f]*$", value):
+            raise ValueError(r"must validate the regular expression /^[^\u0000-\u001f\u007f]*$/")
+        return value
 
     model_config = ConfigDict(
         validate_by_name=True,

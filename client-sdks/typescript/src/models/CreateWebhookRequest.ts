@@ -36,7 +36,9 @@ export interface CreateWebhookRequest {
      */
     eventTypes?: Set<WebhookEventType>;
     /**
-     * Only this account's events are sent (all the caller's accounts when omitted)
+     * Only this account's events are sent (all the caller's accounts when omitted). An id
+     * that is not one of the caller's accounts answers 404 `ACCOUNT_NOT_FOUND`.
+     * 
      */
     accountId?: string;
     /**
