@@ -2,8 +2,9 @@
 
 One process sends to thousands of endpoints: a request waiting on a receiver is a coroutine, not
 a thread or a worker. Fairness comes from the claim: a delivery is taken only while its endpoint
-and its tenant are below their limits of open requests, so a hanging receiver ties up at most its
-endpoint's share, and other tenants' deliveries are claimed and sent meanwhile.
+and its tenant have fewer requests open (across all dispatchers) than their limits, so a hanging
+receiver ties up at most its endpoint's share, and other tenants' deliveries are claimed and sent
+meanwhile.
 
 Several dispatchers may run at once. A delivery is claimed with ``FOR UPDATE SKIP LOCKED`` and
 a lease (``claimed_until``) in PostgreSQL, so no two send it at the same time; one whose
@@ -22,7 +23,6 @@ import signal
 import socket
 import ssl
 import time
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -49,8 +49,19 @@ CLAIM_BATCH = 100
 POLL_SECONDS = 1.0  # the longest a delivery made by another process waits to be noticed
 USER_AGENT = "email-service-webhooks/1"
 
+# Requests open now are the claimed deliveries (a claim is cleared when its outcome is recorded),
+# so the limits hold across every dispatcher process, not per process. Claims take turns under an
+# advisory lock: two dispatchers counting at once could otherwise both fill the same room.
+CLAIM_LOCK_ID = 0x77686B  # "whk"
 _CLAIM = text("""
-WITH candidates AS (
+WITH open_requests AS (
+    SELECT endpoint_id, tenant_id FROM webhook_deliveries
+    WHERE claimed_until IS NOT NULL AND claimed_until > now()
+), busy_endpoints AS (
+    SELECT endpoint_id, count(*) AS n FROM open_requests GROUP BY endpoint_id
+), busy_tenants AS (
+    SELECT tenant_id, count(*) AS n FROM open_requests GROUP BY tenant_id
+), candidates AS (
     SELECT d.id, d.endpoint_id, d.tenant_id, d.next_attempt_at,
            row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) AS n_endpoint
     FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id
@@ -58,11 +69,11 @@ WITH candidates AS (
       AND (d.claimed_until IS NULL OR d.claimed_until < now())
 ), endpoint_room AS (
     SELECT c.*, row_number() OVER (PARTITION BY c.tenant_id ORDER BY c.next_attempt_at, c.id) AS n_tenant
-    FROM candidates c
-    WHERE c.n_endpoint <= :endpoint_cap - coalesce((CAST(:busy_endpoints AS jsonb) ->> c.endpoint_id)::int, 0)
+    FROM candidates c LEFT JOIN busy_endpoints b ON b.endpoint_id = c.endpoint_id
+    WHERE c.n_endpoint <= :endpoint_cap - coalesce(b.n, 0)
 ), allowed AS (
-    SELECT id FROM endpoint_room r
-    WHERE r.n_tenant <= :tenant_cap - coalesce((CAST(:busy_tenants AS jsonb) ->> r.tenant_id::text)::int, 0)
+    SELECT r.id FROM endpoint_room r LEFT JOIN busy_tenants b ON b.tenant_id = r.tenant_id
+    WHERE r.n_tenant <= :tenant_cap - coalesce(b.n, 0)
     ORDER BY r.next_attempt_at LIMIT :limit
 ), locked AS (
     SELECT d.id FROM webhook_deliveries d
@@ -76,6 +87,10 @@ FROM webhook_endpoints e
 WHERE d.id IN (SELECT id FROM locked) AND e.id = d.endpoint_id
 RETURNING d.id, d.endpoint_id, d.tenant_id, d.event_type, d.payload, e.url, e.secret_encrypted
 """)
+_RELEASE = text(
+    "UPDATE webhook_deliveries SET claimed_by = NULL, claimed_until = NULL"
+    " WHERE claimed_by = :me AND status = 'pending'"
+)
 _NEXT_DUE = text("""
 SELECT extract(epoch FROM min(d.next_attempt_at) - now())
 FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id
@@ -109,8 +124,6 @@ class Dispatcher:
     def __init__(self, settings: Settings, db: Database, cipher: CredentialCipher, *, name: str | None = None) -> None:
         self.settings, self.db, self.cipher = settings, db, cipher
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self._endpoint_busy: Counter[str] = Counter()
-        self._tenant_busy: Counter[str] = Counter()
         self._sending: set[asyncio.Task] = set()
         self._accounts: set[str] = set()
         self._deliveries_due = asyncio.Event()
@@ -150,6 +163,11 @@ class Dispatcher:
             for task in self._sending:
                 task.cancel()
             await asyncio.gather(*self._sending, return_exceptions=True)
+            try:
+                # Unfinished requests are free for another dispatcher now, not when their lease ends.
+                await asyncio.to_thread(self._release_claims)
+            except SQLAlchemyError as exc:
+                log.warning("releasing claims failed (%s); they run out by themselves", type(exc).__name__)
         log.info("webhook dispatcher %s stopped", self.name)
 
     async def _listen(self) -> None:
@@ -160,6 +178,7 @@ class Dispatcher:
             try:
                 async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    log.info("listening for changes on %s", CHANNEL)
                     self._catch_up.set()
                     self._changes_noted.set()
                     delay = 1.0
@@ -211,8 +230,6 @@ class Dispatcher:
                 log.warning("claiming webhook deliveries failed: %s", type(exc).__name__)
                 claimed = []
             for delivery in claimed:
-                self._endpoint_busy[delivery.endpoint_id] += 1
-                self._tenant_busy[delivery.tenant_id] += 1
                 task = asyncio.create_task(self._deliver(delivery))
                 self._sending.add(task)
                 task.add_done_callback(self._sending.discard)
@@ -243,12 +260,6 @@ class Dispatcher:
             # The claim runs out and the delivery is sent again: receivers dedupe on webhook-id.
             log.warning("recording webhook delivery %s failed: %s", delivery.id, type(exc).__name__)
         finally:
-            self._endpoint_busy[delivery.endpoint_id] -= 1
-            self._tenant_busy[delivery.tenant_id] -= 1
-            if self._endpoint_busy[delivery.endpoint_id] <= 0:
-                del self._endpoint_busy[delivery.endpoint_id]
-            if self._tenant_busy[delivery.tenant_id] <= 0:
-                del self._tenant_busy[delivery.tenant_id]
             self._deliveries_due.set()  # room for another of this endpoint or tenant
 
     async def _send(self, delivery: Claimed) -> Outcome:
@@ -306,6 +317,7 @@ class Dispatcher:
 
     def _claim(self) -> list[Claimed]:
         with self.db.maintenance_session() as session:
+            session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": CLAIM_LOCK_ID})
             rows = session.execute(
                 _CLAIM,
                 {
@@ -314,8 +326,6 @@ class Dispatcher:
                     "limit": CLAIM_BATCH,
                     "endpoint_cap": self.settings.webhook_endpoint_concurrency,
                     "tenant_cap": self.settings.webhook_tenant_concurrency,
-                    "busy_endpoints": json.dumps(dict(self._endpoint_busy)),
-                    "busy_tenants": json.dumps(dict(self._tenant_busy)),
                 },
             ).all()
         return [
@@ -330,6 +340,10 @@ class Dispatcher:
             )
             for row in rows
         ]
+
+    def _release_claims(self) -> None:
+        with self.db.maintenance_session() as session:
+            session.execute(_RELEASE, {"me": self.name})
 
     def _next_due(self) -> float | None:
         with self.db.maintenance_session() as session:

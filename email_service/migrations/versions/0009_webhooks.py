@@ -61,6 +61,10 @@ def upgrade(app_role: str) -> None:
         )
     """)
     op.execute("CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending'")
+    # Claimed deliveries are the requests open now: counted at every claim to apply the limits.
+    op.execute(
+        "CREATE INDEX webhook_deliveries_claimed ON webhook_deliveries (claimed_until) WHERE claimed_until IS NOT NULL"
+    )
     op.execute("""
         CREATE TABLE webhook_attempts (
             id bigserial PRIMARY KEY,
