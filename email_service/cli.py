@@ -193,11 +193,13 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_rotate_keys(args: argparse.Namespace, settings: Settings) -> int:
     from email_service.runtime import Runtime
     from email_service.services.accounts import rotate_credentials
+    from email_service.webhooks.service import rotate_secrets
 
     with embedded.services(settings) as resolved:
         runtime = Runtime.build(resolved)
         try:
             changed = rotate_credentials(runtime.db, runtime.cipher)
+            changed += rotate_secrets(runtime.db, runtime.cipher)  # webhook signing secrets
         finally:
             runtime.close()
     print(f"re-encrypted {changed} credentials under the newest key")

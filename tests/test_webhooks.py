@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
 import pytest
+from cryptography.fernet import Fernet
 from helpers import ServiceProcess, account_body, assert_error_shape, service_env
 from sqlalchemy import text, update
 from standardwebhooks import Webhook
@@ -23,8 +24,11 @@ from standardwebhooks import Webhook
 from email_service.api.app import _path_patterns, _routing_order, load_spec
 from email_service.changes.log import Entry, record
 from email_service.config import load_settings
+from email_service.crypto import CredentialCipher
 from email_service.models import ChangeEntity, ChangeKind, WebhookEndpoint
 from email_service.queue.policy import webhook_retry_delay
+from email_service.webhooks.fanout import prune
+from email_service.webhooks.service import rotate_secrets
 
 ID_PATTERN = re.compile(r"^wh_[A-Za-z0-9]{8,64}$")
 # Short waits so a whole retry schedule fits in a test; they still grow, as in production.
@@ -619,3 +623,39 @@ def test_a_lost_notification_is_caught_up(sync_client, user, runtime, dispatcher
     assert request["at"] - started <= CATCH_UP_SECONDS + 1.5
     assert json.loads(request["body"])["data"]["id"] == "m-quiet"
 
+
+def test_finished_deliveries_are_pruned_after_a_week(sync_client, user, runtime, dispatcher, receiver):
+    hook = receiver()
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url)
+    commit(runtime, user, account, ("message", "created"), ("message", "updated"))
+    hook.wait_for(2)
+    settled(runtime, created["id"])
+    with runtime.db.maintenance_session() as session:
+        session.execute(
+            text(
+                "UPDATE webhook_deliveries SET created_at = now() - interval '8 days',"
+                " status = CASE WHEN seq = 2 THEN 'pending' ELSE status END,"
+                " next_attempt_at = CASE WHEN seq = 2 THEN now() + interval '1 day' ELSE next_attempt_at END"
+                " WHERE endpoint_id = :id"
+            ),
+            {"id": created["id"]},
+        )
+    assert prune(runtime.db) >= 1
+    with runtime.db.maintenance_session() as session:
+        left = session.execute(
+            text("SELECT seq, status FROM webhook_deliveries WHERE endpoint_id = :id"), {"id": created["id"]}
+        ).all()
+    assert [tuple(row) for row in left] == [(2, "pending")]  # a waiting delivery is never removed
+
+
+def test_key_rotation_reencrypts_webhook_secrets(sync_client, user, runtime):
+    created = new_webhook(sync_client, user, "https://hooks.example.com/rotate")
+    old_key = runtime.settings.credential_keys[0]
+    new_key = Fernet.generate_key().decode()
+    assert rotate_secrets(runtime.db, CredentialCipher((new_key, old_key))) >= 1
+    with runtime.db.maintenance_session() as session:
+        token = session.get(WebhookEndpoint, created["id"]).secret_encrypted
+    assert CredentialCipher((new_key,)).decrypt(token) == created["secret"]
+    # The suite's key back in front for the tests that follow.
+    rotate_secrets(runtime.db, CredentialCipher((old_key, new_key)))

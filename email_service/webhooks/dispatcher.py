@@ -42,7 +42,7 @@ from email_service.protocols.destinations import DestinationRefused
 from email_service.protocols.tls import client_context
 from email_service.queue.policy import webhook_retry_delay
 from email_service.webhooks import signing, urls
-from email_service.webhooks.fanout import accounts_behind, fan_out
+from email_service.webhooks.fanout import accounts_behind, fan_out, prune
 
 log = logging.getLogger(__name__)
 CLAIM_BATCH = 100
@@ -207,6 +207,7 @@ class Dispatcher:
                     self._catch_up.clear()
                     # Nothing waits on a lost notification longer than one catch-up interval.
                     accounts.update(await asyncio.to_thread(accounts_behind, self.db))
+                    await asyncio.to_thread(prune, self.db)
                     next_catch_up = loop.time() + self.settings.webhook_catchup_seconds
                 for account_id in accounts:
                     await self._fan_out_account(account_id)

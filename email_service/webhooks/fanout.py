@@ -21,6 +21,8 @@ from email_service.webhooks import events
 from email_service.webhooks.service import new_id
 
 BATCH = 500
+# Finished deliveries (and their attempts) stay listed this long; waiting ones are never removed.
+RETENTION = timedelta(days=7)
 
 
 def fan_out(db: Database, account_id: str, *, batch: int = BATCH) -> tuple[int, bool]:
@@ -123,3 +125,16 @@ def accounts_behind(db: Database, limit: int = 1000) -> list[str]:
                 {"limit": limit},
             )
         )
+
+
+def prune(db: Database, *, older_than: timedelta = RETENTION, batch: int = 1000) -> int:
+    """Remove up to ``batch`` finished deliveries older than ``older_than`` with their attempts."""
+    with db.maintenance_session() as session:
+        result = session.execute(
+            text(
+                "DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries"
+                " WHERE status <> 'pending' AND created_at < now() - make_interval(secs => :age) LIMIT :batch)"
+            ),
+            {"age": older_than.total_seconds(), "batch": batch},
+        )
+        return result.rowcount or 0

@@ -140,3 +140,13 @@ def attempts(db: Database, principal: Principal, webhook_id: str, limit: int) ->
             )
         )
 
+
+def rotate_secrets(db: Database, cipher: CredentialCipher) -> int:
+    """Re-encrypt every endpoint's secret under the newest key (``rotate-keys``); returns how many changed."""
+    changed = 0
+    with db.maintenance_session() as session:
+        for endpoint in session.scalars(select(WebhookEndpoint).execution_options(yield_per=500)):
+            if cipher.needs_rotation(endpoint.secret_encrypted):
+                endpoint.secret_encrypted = cipher.rotate(endpoint.secret_encrypted)
+                changed += 1
+    return changed
