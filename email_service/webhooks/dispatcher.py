@@ -435,6 +435,8 @@ def run_dispatcher(settings: Settings, *, names: Iterable[str] = ()) -> None:
     """Run until SIGTERM or SIGINT; requests under way get a few seconds to finish."""
     if settings.database_url is None:
         raise ValueError("run_dispatcher needs a resolved DATABASE_URL")
+    # httpx logs every request at INFO: one line per delivery would bury everything else.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     db = Database(settings.database_url, settings.db_app_role)
     dispatcher = Dispatcher(settings, db, CredentialCipher(settings.credential_keys))
 
