@@ -9,14 +9,13 @@ from dataclasses import replace
 import hypothesis
 import pytest
 import schemathesis
+from contract_hooks import fit_destinations
 from helpers import User
 from hypothesis import HealthCheck
 from schemathesis.config import SchemathesisConfig
 
 from email_service.api.app import create_app
-from email_service.protocols.destinations import DestinationRefused, check
 from email_service.runtime import Runtime
-from email_service.webhooks import urls as webhook_urls
 
 CONFIG = SchemathesisConfig.from_dict(
     {
@@ -44,28 +43,9 @@ def api_schema(fuzz_runtime):
     host_name = re.compile(properties["hostname"]["pattern"])
     policy = fuzz_runtime.settings.destinations
 
-    # "0", "3" or "localhost" fit the host name pattern, but the destination policy refuses them
-    # with 400 DESTINATION_NOT_ALLOWED by design (tests/test_destinations.py covers that). Such a
-    # name becomes a public-looking one, so that any other 400 on valid data still fails here.
     @schema.hook
     def map_case(context, case):
-        if isinstance(case.body, dict):
-            for field, port in (("hostname", "port"), ("smtpHostname", "smtpPort")):
-                value = case.body.get(field)
-                if isinstance(value, str) and host_name.fullmatch(value):
-                    number = case.body.get(port)
-                    valid_port = type(number) is int and 1 <= number <= 65535
-                    try:
-                        check(value, number if valid_port else 993, policy)
-                    except DestinationRefused:
-                        case.body[field] = "mail.example.com"
-            # Webhook URLs likewise: the policy (and https) refuses many that fit the pattern.
-            url = case.body.get("url")
-            if isinstance(url, str):
-                try:
-                    webhook_urls.check(url, policy)
-                except (DestinationRefused, webhook_urls.WebhookUrlError):
-                    case.body["url"] = "https://hooks.example.com/email"
+        fit_destinations(case.body, host_name, policy)
         return case
 
     return schema
