@@ -71,6 +71,8 @@ def list_messages(
     sort: str = "receivedAt:desc",
     filter_: str = "all",
 ) -> tuple[dict, int]:
+    # The spec sets no minimum: a negative offset reads from the start, as PostgreSQL refuses one.
+    offset = max(offset, 0)
     page = service.list_messages(
         runtime().db,
         principal(),
