@@ -28,8 +28,8 @@ type SendEmailRequest struct {
 	Bcc       []string `json:"bcc,omitempty"`
 	// Reply-To address
 	ReplyTo *string `json:"replyTo,omitempty"`
-	// One line: CR or LF (header injection) answers 400
-	Subject string `json:"subject" validate:"regexp=^[^\\r\\n]*$"`
+	// One line: line breaks (header injection) and control characters other than tab answer 400
+	Subject string `json:"subject" validate:"regexp=^[^\\u0000-\\u0008\\u000a-\\u001f\\u007f\\u0085\\u2028\\u2029]*$"`
 	// Email body content
 	Body string `json:"body"`
 	// Whether body contains HTML markup

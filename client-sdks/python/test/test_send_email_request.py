@@ -44,7 +44,7 @@ class TestSendEmailRequest(unittest.TestCase):
                     ''
                     ],
                 reply_to = '',
-                subject = 'jXAuKb%@;_5)#fEb-bx%oZ0',
+                subject = 'jUR,rZ#UM/?R,Fp^l6$ARj0',
                 body = '0',
                 is_html = True,
                 attachment_ids = [
@@ -56,7 +56,7 @@ class TestSendEmailRequest(unittest.TestCase):
             return SendEmailRequest(
                 account_id = '',
                 to = ["recipient@example.com"],
-                subject = 'jXAuKb%@;_5)#fEb-bx%oZ0',
+                subject = 'jUR,rZ#UM/?R,Fp^l6$ARj0',
                 body = '0',
         )
         """

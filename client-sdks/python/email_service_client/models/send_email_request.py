@@ -33,7 +33,7 @@ class SendEmailRequest(BaseModel):
     cc: Optional[Annotated[List[StrictStr], Field(max_length=100)]] = None
     bcc: Optional[Annotated[List[StrictStr], Field(max_length=100)]] = None
     reply_to: Optional[StrictStr] = Field(default=None, description="Reply-To address", alias="replyTo")
-    subject: Annotated[str, Field(min_length=1, strict=True, max_length=500)] = Field(description="One line: CR or LF (header injection) answers 400")
+    subject: Annotated[str, Field(min_length=1, strict=True, max_length=500)] = Field(description="One line: line breaks (header injection) and control characters other than tab answer 400")
     body: Annotated[str, Field(min_length=1, strict=True)] = Field(description="Email body content")
     is_html: Optional[StrictBool] = Field(default=False, description="Whether body contains HTML markup", alias="isHtml")
     attachment_ids: Optional[List[StrictStr]] = Field(default=None, description="IDs of attachments to include", alias="attachmentIds")
@@ -43,8 +43,8 @@ class SendEmailRequest(BaseModel):
     @field_validator('subject', mode="before")
     def subject_validate_regular_expression(cls, value):
         """Validates the regular expression"""
-        if isinstance(value, str) and not re.match(r"^[^\r\n]*$", value):
-            raise ValueError(r"must validate the regular expression /^[^\r\n]*$/")
+        if isinstance(value, str) and not re.match(r"^[^\u0000-\u0008\u000a-\u001f\u007f\u0085\u2028\u2029]*$", value):
+            raise ValueError(r"must validate the regular expression /^[^\u0000-\u0008\u000a-\u001f\u007f\u0085\u2028\u2029]*$/")
         return value
 
     model_config = ConfigDict(

@@ -40,7 +40,7 @@ export interface SendEmailRequest {
      */
     replyTo?: string;
     /**
-     * One line: CR or LF (header injection) answers 400
+     * One line: line breaks (header injection) and control characters other than tab answer 400
      */
     subject: string;
     /**
