@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import psutil
 import pytest
 from cryptography.fernet import Fernet
 from helpers import ServiceProcess, account_body, assert_error_shape, service_env
+from mailservers import make_tls_files
 from sqlalchemy import text, update
 from standardwebhooks import Webhook
 
@@ -44,7 +46,9 @@ CATCH_UP_SECONDS = 3
 class Receiver:
     """An HTTP server on ``host`` that records every request and answers as told."""
 
-    def __init__(self, host: str = "127.0.0.1", status: int = 204, hang: bool = False) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", status: int = 204, hang: bool = False, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.status, self.hang = status, hang
         self.requests: list[dict] = []
         self.open_requests = 0
@@ -76,6 +80,9 @@ class Receiver:
         self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://{host}:{self.server.server_address[1]}/hook"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.url = f"https://{host}:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def wait_for(self, count: int, timeout: float = 5.0) -> list[dict]:
@@ -115,8 +122,11 @@ class DispatcherProcess:
     """``email-service webhooks`` as its own process, as an operator runs it."""
 
     def __init__(self, backing, log_dir) -> None:
+        # A CA of the tests' own and a receiver certificate for the name "localhost" only.
+        self.tls = make_tls_files(log_dir, ip_san=False)
         self.env = service_env(
             backing,
+            EMAIL_SERVICE_CA_FILE=self.tls.ca_file,
             EMAIL_SERVICE_DATA_DIR=str(backing.data_dir),
             EMAIL_SERVICE_WEBHOOK_RETRY_SCHEDULE=RETRY_SCHEDULE,
             EMAIL_SERVICE_WEBHOOK_CATCHUP_SECONDS=str(CATCH_UP_SECONDS),
@@ -659,3 +669,29 @@ def test_key_rotation_reencrypts_webhook_secrets(sync_client, user, runtime):
     assert CredentialCipher((new_key,)).decrypt(token) == created["secret"]
     # The suite's key back in front for the tests that follow.
     rotate_secrets(runtime.db, CredentialCipher((old_key, new_key)))
+
+
+def test_https_goes_to_the_checked_address_and_verifies_the_name(sync_client, user, runtime, dispatcher, receiver):
+    # The certificate names "localhost" and not 127.0.0.1: the request connects to the address
+    # the policy checked, and TLS (SNI and the certificate check) still uses the URL's name.
+    by_name = receiver(host="127.0.0.1", tls=dispatcher.tls.server_context())
+    port = by_name.url.split(":")[2].split("/")[0]
+    account = new_account(sync_client, user)
+    named = new_webhook(sync_client, user, f"https://localhost:{port}/hook")
+    by_address = new_webhook(sync_client, user, f"https://127.0.0.1:{port}/hook")
+    commit(runtime, user, account, ("message", "created"))
+    [request] = by_name.wait_for(1)
+    assert verified(named["secret"], request)["type"] == "message.created"
+    assert request["headers"]["host"] == f"localhost:{port}"
+
+    # The same receiver under its address: the certificate does not name it, so nothing is sent.
+    settled(runtime, named["id"])
+    deadline = time.monotonic() + 5
+    attempts: list = []
+    while not attempts and time.monotonic() < deadline:
+        answer = sync_client.get(f"/api/webhooks/{by_address['id']}/deliveries", headers=user.headers)
+        attempts = answer.json()["deliveries"]
+        time.sleep(0.05)
+    assert attempts and attempts[-1]["statusCode"] is None
+    assert "certificate" in attempts[-1]["error"].lower()
+    assert len(by_name.requests) == 1
