@@ -20,9 +20,19 @@ HOST_FIELDS = (("hostname", "port"), ("smtpHostname", "smtpPort"))
 PUBLIC_URL = "https://93.184.215.14/email"
 
 
-def fit_destinations(body: Any, host_name: re.Pattern[str], policy: DestinationPolicy) -> None:
+def patterns(raw_schema: dict[str, Any]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """The spec's patterns of a mail server's host name and of a webhook URL."""
+    schemas = raw_schema["components"]["schemas"]
+    host = schemas["CreateAccountRequest"]["properties"]["hostname"]["pattern"]
+    url = schemas["CreateWebhookRequest"]["properties"]["url"]
+    return re.compile(host), re.compile(f"(?=.{{1,{url['maxLength']}}}$){url['pattern']}", re.DOTALL)
+
+
+def fit_destinations(body: Any, raw_schema: dict[str, Any], policy: DestinationPolicy) -> None:
+    """Only values the spec accepts are changed: a case meant to break the schema stays broken."""
     if not isinstance(body, dict):
         return
+    host_name, url_pattern = patterns(raw_schema)
     for field, port in HOST_FIELDS:
         value = body.get(field)
         if isinstance(value, str) and host_name.fullmatch(value):
@@ -33,7 +43,7 @@ def fit_destinations(body: Any, host_name: re.Pattern[str], policy: DestinationP
             except DestinationRefused:
                 body[field] = "mail.example.com"
     url = body.get("url")
-    if isinstance(url, str):
+    if isinstance(url, str) and url_pattern.fullmatch(url):
         try:
             webhook_urls.check(url, policy)
         except (DestinationRefused, webhook_urls.WebhookUrlError):
