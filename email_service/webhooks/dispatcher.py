@@ -153,10 +153,12 @@ class Dispatcher:
                 asyncio.create_task(self._claim_loop(), name="claim"),
             ]
             log.info("webhook dispatcher %s started", self.name)
-            await stop.wait()
-            for task in loops:
+            stopping = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopping, *loops], return_when=asyncio.FIRST_COMPLETED)
+            crashed = [task for task in loops if task in done]
+            for task in [stopping, *loops]:
                 task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await asyncio.gather(stopping, *loops, return_exceptions=True)
             if self._sending:
                 # Requests under way may finish and be recorded; the rest are claimed again later.
                 await asyncio.wait(self._sending, timeout=min(5.0, timeout))
@@ -169,6 +171,11 @@ class Dispatcher:
             except SQLAlchemyError as exc:
                 log.warning("releasing claims failed (%s); they run out by themselves", type(exc).__name__)
         log.info("webhook dispatcher %s stopped", self.name)
+        if crashed:
+            # A loop that died would leave a process that looks alive and sends nothing: exit, and
+            # let whoever runs it (serve's supervisor, systemd, Kubernetes) start another.
+            error = crashed[0].exception()
+            raise RuntimeError(f"webhook dispatcher loop {crashed[0].get_name()} stopped: {error!r}") from error
 
     async def _listen(self) -> None:
         """Hear committed changes at once; a dropped connection means a catch-up pass when it returns."""
