@@ -695,3 +695,33 @@ def test_https_goes_to_the_checked_address_and_verifies_the_name(sync_client, us
     assert attempts and attempts[-1]["statusCode"] is None
     assert "certificate" in attempts[-1]["error"].lower()
     assert len(by_name.requests) == 1
+
+
+def test_a_receiver_that_is_down_is_not_stormed_with_retries(sync_client, user, runtime, dispatcher, receiver):
+    hook = receiver(status=503)
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url)
+    commit(runtime, user, account, *[("message", "created")] * 12)
+    deadline = time.monotonic() + 15
+    while webhook_state(sync_client, user, created["id"])["status"] == "enabled" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    state = webhook_state(sync_client, user, created["id"])
+    assert state["status"] == "disabled" and "HTTP 503" in state["disabledReason"]
+    time.sleep(0.5)
+    # Each delivery on its own would have made 12 x 4 = 48 requests; waiting together, each retry
+    # step sends about as many as the endpoint's limit (2 here).
+    attempts = 1 + len(RETRY_WAITS)
+    assert attempts <= len(hook.requests) <= 3 * attempts, len(hook.requests)
+    # The events not yet tried are kept for when the endpoint is enabled again.
+    with runtime.db.maintenance_session() as session:
+        waiting = session.scalar(
+            text("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = :id AND status = 'pending'"),
+            {"id": created["id"]},
+        )
+    assert waiting >= 12 - 3
+    hook.status, before = 204, len(hook.requests)
+    assert sync_client.post(f"/api/webhooks/{created['id']}/enable", headers=user.headers).status_code == 200
+    settled(runtime, created["id"])
+    time.sleep(0.3)
+    delivered = [json.loads(r["body"])["data"]["seq"] for r in hook.requests[before:]]
+    assert len(delivered) == len(set(delivered)) == waiting

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 import psycopg
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from email_service.changes.log import CHANNEL
@@ -40,7 +40,7 @@ from email_service.db import Database, sqlalchemy_url
 from email_service.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from email_service.protocols.destinations import DestinationRefused
 from email_service.protocols.tls import client_context
-from email_service.queue.policy import webhook_retry_delay
+from email_service.queue.policy import WEBHOOK_ENDPOINT_BACKOFF, webhook_retry_delay
 from email_service.webhooks import signing, urls
 from email_service.webhooks.fanout import accounts_behind, fan_out, prune
 
@@ -385,6 +385,20 @@ class Dispatcher:
                     reason = f"delivery {delivery.id} failed {attempt} times; the last: {outcome.error}"
                 else:
                     delivery.next_attempt_at = now + timedelta(seconds=delay)
+                    if WEBHOOK_ENDPOINT_BACKOFF:
+                        # The endpoint's other waiting deliveries wait with this one: a receiver
+                        # that is down gets a few requests per retry step, not one per delivery.
+                        session.execute(
+                            update(WebhookDelivery)
+                            .where(
+                                WebhookDelivery.endpoint_id == delivery.endpoint_id,
+                                WebhookDelivery.status == "pending",
+                                WebhookDelivery.id != delivery.id,
+                                WebhookDelivery.next_attempt_at < delivery.next_attempt_at,
+                                (WebhookDelivery.claimed_until.is_(None)) | (WebhookDelivery.claimed_until < now),
+                            )
+                            .values(next_attempt_at=delivery.next_attempt_at)
+                        )
             session.add(
                 WebhookAttempt(
                     delivery_id=delivery.id,
