@@ -1,4 +1,4 @@
-"""The ``email-service`` command: serve, worker, migrate, token, rotate-keys, keygen."""
+"""The ``email-service`` command: serve, worker, webhooks, migrate, token, rotate-keys, keygen."""
 
 from __future__ import annotations
 
@@ -72,13 +72,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         if embedded_default or args.migrate:
             _migrate(resolved)
         children: list[ChildSupervisor] = []
+        env = _worker_env(resolved)
         if embedded_default and args.embedded_worker:
             # The embedded default is one command: the API, and a worker and a watcher beside it,
             # which die with it.
-            env = _worker_env(resolved)
-            children = [ChildSupervisor("worker", env), ChildSupervisor("watch", env)]
-            for child in children:
-                child.start()
+            children += [ChildSupervisor("worker", env), ChildSupervisor("watch", env, what="watcher")]
+        if embedded_default and args.embedded_webhooks:
+            # Webhook deliveries likewise: the dispatcher runs beside the API and dies with it.
+            children.append(ChildSupervisor("webhooks", env, what="webhook dispatcher"))
+        for child in children:
+            child.start()
         runtime = Runtime.build(resolved)
         try:
             uvicorn.run(
@@ -100,17 +103,18 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 class ChildSupervisor:
-    """A process ``serve`` runs beside the API on the embedded default (the worker, the watcher).
+    """A process ``serve`` runs beside the API on the embedded default (worker, watcher, webhook dispatcher).
 
     It is started so that Linux ends it when ``serve`` dies (even by SIGKILL); if it dies first,
     ``serve`` says so in its log and starts another, waiting longer each time it keeps dying.
     """
 
-    def __init__(self, command: str, env: dict[str, str]) -> None:
+    def __init__(self, command: str, env: dict[str, str], *, what: str | None = None) -> None:
         self.command, self.env = command, env
+        self.what = what or f"background {command}"
         self.proc: subprocess.Popen | None = None
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name=f"{command}-supervisor", daemon=True)
 
     def start(self) -> None:
         self._spawn()
@@ -131,7 +135,7 @@ class ChildSupervisor:
             code = self.proc.wait()
             if self._stopping.is_set():
                 return
-            log.error("the background %s (pid %d) exited with %s; starting another", self.command, self.proc.pid, code)
+            log.error("the %s (pid %d) exited with %s; starting another", self.what, self.proc.pid, code)
             # A worker that dies at once would otherwise be restarted in a tight loop.
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 60.0)
             if self._stopping.wait(delay):
@@ -168,6 +172,14 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    from email_service.webhooks.dispatcher import run_dispatcher
+
+    with embedded.services(settings) as resolved:
+        run_dispatcher(resolved)
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     with embedded.services(settings) as resolved:
         _migrate(resolved)
@@ -191,11 +203,13 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_rotate_keys(args: argparse.Namespace, settings: Settings) -> int:
     from email_service.runtime import Runtime
     from email_service.services.accounts import rotate_credentials
+    from email_service.webhooks.service import rotate_secrets
 
     with embedded.services(settings) as resolved:
         runtime = Runtime.build(resolved)
         try:
             changed = rotate_credentials(runtime.db, runtime.cipher)
+            changed += rotate_secrets(runtime.db, runtime.cipher)  # webhook signing secrets
         finally:
             runtime.close()
     print(f"re-encrypted {changed} credentials under the newest key")
@@ -216,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the API (and, on the embedded default, a worker)")
+    serve = commands.add_parser(
+        "serve", help="run the API (and, on the embedded default, a worker and a webhook dispatcher)"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5000)
     serve.add_argument("--migrate", action="store_true", help="apply migrations first (always on the embedded default)")
@@ -225,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="embedded_worker",
         action="store_false",
         help="on the embedded default, do not start a worker and a watcher beside the API",
+    )
+    serve.add_argument(
+        "--no-embedded-webhooks",
+        dest="embedded_webhooks",
+        action="store_false",
+        help="on the embedded default, do not start a webhook dispatcher beside the API",
     )
     serve.set_defaults(handler=cmd_serve)
 
@@ -247,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "watch", help="hold IMAP IDLE on the accounts' inboxes and bring new mail in as it arrives"
     ).set_defaults(handler=cmd_watch)
+
+    commands.add_parser(
+        "webhooks", help="send webhook deliveries of committed changes (any number may run at once)"
+    ).set_defaults(handler=cmd_webhooks)
 
     commands.add_parser("migrate", help="apply database migrations").set_defaults(handler=cmd_migrate)
 

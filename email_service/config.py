@@ -84,6 +84,14 @@ class Settings:
     log_level: str = "INFO"
     # Mail servers on non-public addresses the operator lets accounts reach (EMAIL_SERVICE_ALLOWED_DESTINATIONS).
     destinations: DestinationPolicy = DestinationPolicy()
+    # Webhooks: waits between delivery attempts (default in queue/policy.py), the HTTP timeouts,
+    # how many requests may be open at once to one endpoint and for one tenant, and how often
+    # the dispatcher looks for changes a lost notification would otherwise leave behind.
+    webhook_retry_schedule: tuple[float, ...] = ()  # empty: queue.policy.WEBHOOK_RETRY_SCHEDULE
+    webhook_timeout_seconds: float = 10.0
+    webhook_endpoint_concurrency: int = 4
+    webhook_tenant_concurrency: int = 16
+    webhook_catchup_seconds: float = 5.0
 
     @property
     def embedded_postgres(self) -> bool:
@@ -195,6 +203,37 @@ def _destinations(env: Mapping[str, str]) -> DestinationPolicy:
         raise ConfigError(f"EMAIL_SERVICE_ALLOWED_DESTINATIONS: {exc}") from None
 
 
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _schedule(env: Mapping[str, str], name: str) -> tuple[float, ...]:
+    """Comma-separated waits such as ``5s,5m,30m,2h``; empty means the built-in schedule."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return ()
+    waits = []
+    for item in raw.split(","):
+        match = _DURATION.match(item.strip())
+        if not match or float(match.group(1)) <= 0:
+            raise ConfigError(f"{name} must list positive waits such as 5s,5m,30m,2h, not {item.strip()!r}")
+        waits.append(float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    return tuple(waits)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if not 0 < value <= 3600:
+        raise ConfigError(f"{name} must be more than 0 and at most 3600 seconds")
+    return value
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     data_dir = Path(env.get("EMAIL_SERVICE_DATA_DIR") or "./var").resolve()
@@ -275,4 +314,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         events_max_streams_per_user=_int(env, "EMAIL_SERVICE_EVENTS_MAX_STREAMS_PER_USER", 20),
         log_level=log_level,
         destinations=_destinations(env),
+        webhook_retry_schedule=_schedule(env, "EMAIL_SERVICE_WEBHOOK_RETRY_SCHEDULE"),
+        webhook_timeout_seconds=_seconds(env, "EMAIL_SERVICE_WEBHOOK_TIMEOUT_SECONDS", 10.0),
+        webhook_endpoint_concurrency=_int(env, "EMAIL_SERVICE_WEBHOOK_ENDPOINT_CONCURRENCY", 4),
+        webhook_tenant_concurrency=_int(env, "EMAIL_SERVICE_WEBHOOK_TENANT_CONCURRENCY", 16),
+        webhook_catchup_seconds=_seconds(env, "EMAIL_SERVICE_WEBHOOK_CATCHUP_SECONDS", 5.0),
     )

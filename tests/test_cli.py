@@ -25,7 +25,7 @@ def run(env: dict, *args: str, cwd=None) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands():
     result = run(service_env(None), "--help")
     assert result.returncode == 0
-    for command in ("serve", "worker", "migrate", "token", "rotate-keys", "keygen"):
+    for command in ("serve", "worker", "webhooks", "migrate", "token", "rotate-keys", "keygen"):
         assert command in result.stdout
 
 
@@ -49,6 +49,8 @@ GOOD = {
         ({"EMAIL_SERVICE_RATE_LIMITS": "maybe"}, "EMAIL_SERVICE_RATE_LIMITS"),
         ({"MINIO_ENDPOINT": "minio:9000"}, "MINIO_ACCESS_KEY"),
         ({"MINIO_BUCKET": "X"}, "MINIO_BUCKET"),
+        ({"EMAIL_SERVICE_WEBHOOK_RETRY_SCHEDULE": "5s,soon"}, "EMAIL_SERVICE_WEBHOOK_RETRY_SCHEDULE"),
+        ({"EMAIL_SERVICE_WEBHOOK_TIMEOUT_SECONDS": "0"}, "EMAIL_SERVICE_WEBHOOK_TIMEOUT_SECONDS"),
     ],
 )
 def test_bad_settings_stop_start_up_with_one_clear_line(tmp_path, change, mentions):

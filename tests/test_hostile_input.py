@@ -7,6 +7,7 @@ a trace in the log, the JSON schema, or the caller's input echoed back.
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import subprocess
@@ -421,6 +422,8 @@ def test_schemathesis_with_every_check_and_the_stateful_phase_finds_nothing(unli
         check=False,
         # schemathesis keeps a cache in its working directory; not in the repository's.
         cwd=tmp_path,
+        # The same changes to generated requests as tests/test_schemathesis.py makes (contract_hooks).
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "cli_hooks", "PYTHONPATH": str(Path(__file__).parent)},
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert "Traceback" not in unlimited_service.log()

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import replace
 
 import hypothesis
 import pytest
 import schemathesis
+from contract_hooks import fit_destinations
 from helpers import User
 from hypothesis import HealthCheck
 from schemathesis.config import SchemathesisConfig
 
 from email_service.api.app import create_app
-from email_service.protocols.destinations import DestinationRefused, check
 from email_service.runtime import Runtime
 
 CONFIG = SchemathesisConfig.from_dict(
@@ -39,25 +38,11 @@ def fuzz_runtime(backing):
 @pytest.fixture(scope="module")
 def api_schema(fuzz_runtime):
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(fuzz_runtime), config=CONFIG)
-    properties = schema.raw_schema["components"]["schemas"]["CreateAccountRequest"]["properties"]
-    host_name = re.compile(properties["hostname"]["pattern"])
     policy = fuzz_runtime.settings.destinations
 
-    # "0", "3" or "localhost" fit the host name pattern, but the destination policy refuses them
-    # with 400 DESTINATION_NOT_ALLOWED by design (tests/test_destinations.py covers that). Such a
-    # name becomes a public-looking one, so that any other 400 on valid data still fails here.
     @schema.hook
     def map_case(context, case):
-        if isinstance(case.body, dict):
-            for field, port in (("hostname", "port"), ("smtpHostname", "smtpPort")):
-                value = case.body.get(field)
-                if isinstance(value, str) and host_name.fullmatch(value):
-                    number = case.body.get(port)
-                    valid_port = type(number) is int and 1 <= number <= 65535
-                    try:
-                        check(value, number if valid_port else 993, policy)
-                    except DestinationRefused:
-                        case.body[field] = "mail.example.com"
+        fit_destinations(case.body, schema.raw_schema, policy)
         return case
 
     return schema

@@ -67,6 +67,8 @@ type APIClient struct {
 	SyncAPI *SyncAPIService
 
 	SystemAPI *SystemAPIService
+
+	WebhooksAPI *WebhooksAPIService
 }
 
 type service struct {
@@ -95,6 +97,7 @@ func NewAPIClient(cfg *Configuration) *APIClient {
 	c.StorageAPI = (*StorageAPIService)(&c.common)
 	c.SyncAPI = (*SyncAPIService)(&c.common)
 	c.SystemAPI = (*SystemAPIService)(&c.common)
+	c.WebhooksAPI = (*WebhooksAPIService)(&c.common)
 
 	return c
 }

@@ -85,9 +85,68 @@ def _require_routed_operation() -> None:
         abort(404)
 
 
+def _path_patterns(spec: dict[str, Any]) -> dict[str, str]:
+    """Path parameters whose schema has a ``pattern``, by name: ids whose shape no literal segment has."""
+    found: dict[str, str] = {}
+    for item in spec["paths"].values():
+        for operation in item.values():
+            if not isinstance(operation, dict):
+                continue
+            for parameter in operation.get("parameters", []):
+                if "$ref" in parameter:
+                    parameter = spec["components"]["parameters"][parameter["$ref"].rsplit("/", 1)[-1]]
+                pattern = parameter.get("schema", {}).get("pattern")
+                if parameter.get("in") == "path" and pattern:
+                    found[parameter["name"]] = pattern.removeprefix("^").removesuffix("$")
+    return found
+
+
+def _routing_order(spec: dict[str, Any], patterns: dict[str, str]) -> dict[str, Any]:
+    """The spec with paths that have a patterned parameter last.
+
+    Connexion's router takes the first template that matches, whatever the parameter's pattern:
+    ``/api/webhooks/folders`` matches ``/api/webhooks/{webhookId}`` as a template, but only
+    ``/api/{accountId}/folders`` by the spec (``folders`` is no webhook id). Trying the
+    unconstrained templates first gives every URL the one operation the spec says it names,
+    whatever order paths are written in.
+    """
+
+    def constrained(path: str) -> bool:
+        return any("{" + name + "}" in path for name in patterns)
+
+    ordered = sorted(spec["paths"].items(), key=lambda item: constrained(item[0]))
+    return {**spec, "paths": dict(ordered)}
+
+
+def _constrain_flask_rules(flask_app: Any, patterns: dict[str, str]) -> None:
+    """Give Flask's rules for patterned parameters a converter of that pattern.
+
+    Werkzeug prefers literal segments over parameters, so without it ``/api/webhooks/folders``
+    would reach the webhook view while Connexion routed it to the folders operation. Connexion
+    adds its rules when the app first starts, so the rule class rewrites them as they come.
+    """
+    from werkzeug.routing import BaseConverter, Rule
+
+    renamed: dict[str, str] = {}
+    for position, (name, regex) in enumerate(sorted(patterns.items())):
+        converter_name = f"spec_pattern_{position}"
+        flask_app.url_map.converters[converter_name] = type(f"Pattern{position}", (BaseConverter,), {"regex": regex})
+        flaskified = name.replace("-", "_")
+        renamed[f"<{flaskified}>"] = f"<{converter_name}:{flaskified}>"
+
+    class PatternRule(Rule):
+        def __init__(self, string: str, **options: Any) -> None:
+            for plain, constrained in renamed.items():
+                string = string.replace(plain, constrained)
+            super().__init__(string, **options)
+
+    flask_app.url_rule_class = PatternRule
+
+
 def create_app(runtime: Runtime) -> FlaskApp:
     settings = runtime.settings
-    spec = load_spec()
+    patterns = _path_patterns(load_spec())
+    spec = _routing_order(load_spec(), patterns)
     assert settings.database_url is not None, "a Runtime has a resolved DATABASE_URL"
     hub = EventHub(libpq_url(settings.database_url), settings.db_app_role, pool_size=settings.events_db_pool_size)
     app = FlaskApp(
@@ -117,6 +176,7 @@ def create_app(runtime: Runtime) -> FlaskApp:
         strict_validation=True,
         validate_responses=settings.validate_responses,
     )
+    _constrain_flask_rules(app.app, patterns)
     limiter = None
     if settings.rate_limits_enabled:
         limiter = UserRateLimiter(rules_from_spec(spec, handler_path), settings.redis_url)

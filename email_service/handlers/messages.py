@@ -71,19 +71,21 @@ def list_messages(
     sort: str = "receivedAt:desc",
     filter_: str = "all",
 ) -> tuple[dict, int]:
+    # The spec sets no minimum: a negative offset reads from the start, as PostgreSQL refuses one.
+    offset = max(offset, 0)
     page = service.list_messages(
         runtime().db,
         principal(),
         account_id,
         folder_id,
         limit=limit,
-        offset=min(max(offset, 0), 2**62),
+        offset=min(offset, 2**62),
         sort=sort,
         filter_=filter_,
     )
     return {
         "messages": [message_view(m) for m in page.items],
-        "pagination": {"total": page.total, "limit": limit, "offset": max(offset, 0)},
+        "pagination": {"total": page.total, "limit": limit, "offset": offset},
     }, 200
 
 

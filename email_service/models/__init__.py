@@ -5,6 +5,7 @@ from email_service.models.base import Base
 from email_service.models.change import Change, ChangeEntity, ChangeKind
 from email_service.models.mail import Attachment, DeliveryStatus, Folder, Message
 from email_service.models.task import Task, TaskKind, TaskStatus
+from email_service.models.webhook import WebhookAttempt, WebhookCursor, WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "Account",
@@ -19,4 +20,8 @@ __all__ = [
     "Task",
     "TaskKind",
     "TaskStatus",
+    "WebhookAttempt",
+    "WebhookCursor",
+    "WebhookDelivery",
+    "WebhookEndpoint",
 ]

@@ -6,6 +6,8 @@ Two kinds of rule live here:
   failure worth retrying is tried again and after what waits, and how often a task whose worker
   died is resumed.
 - ``sync_backoff``: when an account whose sync failed is next synced automatically.
+- ``webhook_retry_delay``: when a webhook delivery that failed is tried again, and when the
+  endpoint is given up on and disabled.
 """
 
 from __future__ import annotations
@@ -80,3 +82,28 @@ def sync_backoff(failures: int, *, permanent: bool) -> timedelta:
     """How long after its ``failures``-th failure in a row an account is next synced automatically."""
     first, cap = PERMANENT_BACKOFF if permanent else TEMPORARY_BACKOFF
     return min(first * 2 ** max(0, min(failures - 1, 20)), cap)
+
+
+# Webhook deliveries: about a day of retries in all (5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h),
+# as receivers that are down for a deploy or a night still get every event. After the last
+# failure the endpoint is disabled, so a dead receiver does not collect an ever longer queue.
+# EMAIL_SERVICE_WEBHOOK_RETRY_SCHEDULE replaces the waits (tests make them short).
+WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+WEBHOOK_JITTER = 0.2
+# While an endpoint fails, its other waiting deliveries wait for the failed one's next attempt
+# instead of each trying on its own: a receiver that is down sees a few requests per retry step
+# (its concurrency limit), not one per queued event, and gets them all once it answers again.
+# The deliveries that were tried carry the attempt count that disables the endpoint.
+WEBHOOK_ENDPOINT_BACKOFF = True
+
+
+def webhook_retry_delay(attempt: int, settings: Settings) -> float | None:
+    """Seconds to wait after failed attempt ``attempt`` (1-based), or None: give up and disable the endpoint.
+
+    Jitter spreads the retries of deliveries that failed together (a receiver that was down for
+    everyone), so they do not all return in the same second.
+    """
+    schedule = settings.webhook_retry_schedule or WEBHOOK_RETRY_SCHEDULE
+    if attempt > len(schedule):
+        return None
+    return schedule[attempt - 1] * random.uniform(1 - WEBHOOK_JITTER, 1 + WEBHOOK_JITTER)

@@ -28,6 +28,7 @@ __all__ = [
     "StorageApi",
     "SyncApi",
     "SystemApi",
+    "WebhooksApi",
     "ApiResponse",
     "ApiClient",
     "Configuration",
@@ -44,6 +45,8 @@ __all__ = [
     "ChangedIds",
     "ChangesResponse",
     "CreateAccountRequest",
+    "CreateWebhookRequest",
+    "CreatedWebhook",
     "ErrorResponse",
     "Folder",
     "GetSyncStatus200Response",
@@ -63,6 +66,11 @@ __all__ = [
     "SyncAccountRequest",
     "UpdateAccountRequest",
     "UpdateMessageRequest",
+    "WebhookAttempt",
+    "WebhookDeliveryListResponse",
+    "WebhookEndpoint",
+    "WebhookEventType",
+    "WebhookListResponse",
 ]
 
 # import apis into sdk package
@@ -76,6 +84,7 @@ from email_service_client.api.messages_api import MessagesApi as MessagesApi
 from email_service_client.api.storage_api import StorageApi as StorageApi
 from email_service_client.api.sync_api import SyncApi as SyncApi
 from email_service_client.api.system_api import SystemApi as SystemApi
+from email_service_client.api.webhooks_api import WebhooksApi as WebhooksApi
 
 # import ApiClient
 from email_service_client.api_response import ApiResponse as ApiResponse
@@ -96,6 +105,8 @@ from email_service_client.models.attachment import Attachment as Attachment
 from email_service_client.models.changed_ids import ChangedIds as ChangedIds
 from email_service_client.models.changes_response import ChangesResponse as ChangesResponse
 from email_service_client.models.create_account_request import CreateAccountRequest as CreateAccountRequest
+from email_service_client.models.create_webhook_request import CreateWebhookRequest as CreateWebhookRequest
+from email_service_client.models.created_webhook import CreatedWebhook as CreatedWebhook
 from email_service_client.models.error_response import ErrorResponse as ErrorResponse
 from email_service_client.models.folder import Folder as Folder
 from email_service_client.models.get_sync_status200_response import GetSyncStatus200Response as GetSyncStatus200Response
@@ -115,4 +126,9 @@ from email_service_client.models.sync_account202_response import SyncAccount202R
 from email_service_client.models.sync_account_request import SyncAccountRequest as SyncAccountRequest
 from email_service_client.models.update_account_request import UpdateAccountRequest as UpdateAccountRequest
 from email_service_client.models.update_message_request import UpdateMessageRequest as UpdateMessageRequest
+from email_service_client.models.webhook_attempt import WebhookAttempt as WebhookAttempt
+from email_service_client.models.webhook_delivery_list_response import WebhookDeliveryListResponse as WebhookDeliveryListResponse
+from email_service_client.models.webhook_endpoint import WebhookEndpoint as WebhookEndpoint
+from email_service_client.models.webhook_event_type import WebhookEventType as WebhookEventType
+from email_service_client.models.webhook_list_response import WebhookListResponse as WebhookListResponse
 

@@ -11,4 +11,5 @@ from email_service_client.api.messages_api import MessagesApi
 from email_service_client.api.storage_api import StorageApi
 from email_service_client.api.sync_api import SyncApi
 from email_service_client.api.system_api import SystemApi
+from email_service_client.api.webhooks_api import WebhooksApi
 

@@ -20,6 +20,8 @@ from email_service_client.models.attachment import Attachment
 from email_service_client.models.changed_ids import ChangedIds
 from email_service_client.models.changes_response import ChangesResponse
 from email_service_client.models.create_account_request import CreateAccountRequest
+from email_service_client.models.create_webhook_request import CreateWebhookRequest
+from email_service_client.models.created_webhook import CreatedWebhook
 from email_service_client.models.error_response import ErrorResponse
 from email_service_client.models.folder import Folder
 from email_service_client.models.get_sync_status200_response import GetSyncStatus200Response
@@ -39,4 +41,9 @@ from email_service_client.models.sync_account202_response import SyncAccount202R
 from email_service_client.models.sync_account_request import SyncAccountRequest
 from email_service_client.models.update_account_request import UpdateAccountRequest
 from email_service_client.models.update_message_request import UpdateMessageRequest
+from email_service_client.models.webhook_attempt import WebhookAttempt
+from email_service_client.models.webhook_delivery_list_response import WebhookDeliveryListResponse
+from email_service_client.models.webhook_endpoint import WebhookEndpoint
+from email_service_client.models.webhook_event_type import WebhookEventType
+from email_service_client.models.webhook_list_response import WebhookListResponse
 

@@ -10,3 +10,4 @@ export * from './MessagesApi';
 export * from './StorageApi';
 export * from './SyncApi';
 export * from './SystemApi';
+export * from './WebhooksApi';

@@ -1,0 +1,152 @@
+"""A user's webhook endpoints through the API: create (the secret shown once), list, get, delete, enable."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+
+from email_service.crypto import CredentialCipher
+from email_service.db import Database
+from email_service.errors import BadRequestError, ConflictError, NotFoundError
+from email_service.models import Account, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from email_service.protocols.destinations import DestinationPolicy, DestinationRefused
+from email_service.tenancy import Principal
+from email_service.webhooks import signing, urls
+
+# The spec's pattern: "wh_" and 24 letters or digits. No literal path segment has this shape, so
+# /api/webhooks/{webhookId} can never be mistaken for /api/{accountId}/folders and the like.
+ID_ALPHABET = string.ascii_letters + string.digits
+MAX_ENDPOINTS_PER_USER = 50
+
+
+@dataclass(frozen=True)
+class Created:
+    endpoint: WebhookEndpoint
+    secret: str  # returned once, in the create answer; only its encryption is stored
+
+
+def new_id(prefix: str) -> str:
+    return prefix + "".join(secrets.choice(ID_ALPHABET) for _ in range(24))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def create(
+    db: Database, cipher: CredentialCipher, principal: Principal, body: Mapping[str, Any], policy: DestinationPolicy
+) -> Created:
+    url = body["url"]
+    try:
+        urls.check(url, policy)
+    except urls.WebhookUrlError as exc:
+        raise BadRequestError(str(exc)) from None
+    except DestinationRefused:
+        raise BadRequestError(
+            f"url {url} is not allowed: webhooks go to public addresses over https "
+            "(loopback, private, link-local and reserved networks, and plain http, "
+            "only where the operator allows them)",
+            code="DESTINATION_NOT_ALLOWED",
+        ) from None
+    event_types = body.get("eventTypes")
+    secret = signing.new_secret()
+    now = _now()
+    endpoint = WebhookEndpoint(
+        id=new_id("wh_"),
+        tenant_id=principal.tenant_id,
+        user_id=principal.user_id,
+        url=url,
+        description=body.get("description"),
+        event_types=sorted(set(event_types)) if event_types else None,
+        account_id=body.get("accountId"),
+        secret_encrypted=cipher.encrypt(secret),
+        status="enabled",
+        created_at=now,
+        updated_at=now,
+    )
+    with db.tenant_session(principal) as session:
+        if endpoint.account_id is not None:
+            # RLS shows only the caller's accounts: another user's id reads as missing.
+            live = session.scalar(
+                select(Account.id).where(Account.id == endpoint.account_id, Account.deleted_at.is_(None))
+            )
+            if live is None:
+                raise NotFoundError(f"Account with ID '{endpoint.account_id}' does not exist", code="ACCOUNT_NOT_FOUND")
+        count = session.scalar(select(func.count()).select_from(WebhookEndpoint)) or 0
+        if count >= MAX_ENDPOINTS_PER_USER:
+            raise ConflictError(
+                f"at most {MAX_ENDPOINTS_PER_USER} webhook endpoints per user; delete one first",
+                code="TOO_MANY_WEBHOOKS",
+            )
+        session.add(endpoint)
+    return Created(endpoint=endpoint, secret=secret)
+
+
+def list_endpoints(db: Database, principal: Principal) -> list[WebhookEndpoint]:
+    with db.tenant_session(principal) as session:
+        return list(session.scalars(select(WebhookEndpoint).order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)))
+
+
+def _owned(session: Any, webhook_id: str) -> WebhookEndpoint:
+    endpoint = session.get(WebhookEndpoint, webhook_id)
+    if endpoint is None:
+        raise NotFoundError(f"Webhook with ID '{webhook_id}' does not exist", code="WEBHOOK_NOT_FOUND")
+    return endpoint
+
+
+def get(db: Database, principal: Principal, webhook_id: str) -> WebhookEndpoint:
+    with db.tenant_session(principal) as session:
+        return _owned(session, webhook_id)
+
+
+def remove(db: Database, principal: Principal, webhook_id: str) -> None:
+    """Gone at once with its deliveries and attempts; a delivery being sent finishes unrecorded."""
+    with db.tenant_session(principal) as session:
+        _owned(session, webhook_id)
+        session.execute(delete(WebhookEndpoint).where(WebhookEndpoint.id == webhook_id))
+
+
+def enable(db: Database, principal: Principal, webhook_id: str) -> WebhookEndpoint:
+    """Deliver again: the endpoint's deliveries still waiting are due now, not at their old times."""
+    with db.tenant_session(principal) as session:
+        endpoint = _owned(session, webhook_id)
+        if endpoint.status != "enabled":
+            now = _now()
+            endpoint.status, endpoint.disabled_reason, endpoint.disabled_at = "enabled", None, None
+            endpoint.updated_at = now
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.endpoint_id == webhook_id, WebhookDelivery.status == "pending")
+                .values(next_attempt_at=now)
+            )
+        return endpoint
+
+
+def attempts(db: Database, principal: Principal, webhook_id: str, limit: int) -> list[WebhookAttempt]:
+    with db.tenant_session(principal) as session:
+        _owned(session, webhook_id)
+        return list(
+            session.scalars(
+                select(WebhookAttempt)
+                .where(WebhookAttempt.endpoint_id == webhook_id)
+                .order_by(WebhookAttempt.attempted_at.desc(), WebhookAttempt.id.desc())
+                .limit(limit)
+            )
+        )
+
+
+def rotate_secrets(db: Database, cipher: CredentialCipher) -> int:
+    """Re-encrypt every endpoint's secret under the newest key (``rotate-keys``); returns how many changed."""
+    changed = 0
+    with db.maintenance_session() as session:
+        for endpoint in session.scalars(select(WebhookEndpoint).execution_options(yield_per=500)):
+            if cipher.needs_rotation(endpoint.secret_encrypted):
+                endpoint.secret_encrypted = cipher.rotate(endpoint.secret_encrypted)
+                changed += 1
+    return changed

@@ -1,0 +1,727 @@
+"""Webhooks end to end: a real dispatcher process, real receivers on 127.0.0.1, the real change log."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import psutil
+import pytest
+from cryptography.fernet import Fernet
+from helpers import ServiceProcess, account_body, assert_error_shape, service_env
+from mailservers import make_tls_files
+from sqlalchemy import text, update
+from standardwebhooks import Webhook
+
+from email_service.api.app import _path_patterns, _routing_order, load_spec
+from email_service.changes.log import Entry, record
+from email_service.config import load_settings
+from email_service.crypto import CredentialCipher
+from email_service.models import ChangeEntity, ChangeKind, WebhookEndpoint
+from email_service.queue.policy import webhook_retry_delay
+from email_service.webhooks.fanout import prune
+from email_service.webhooks.service import rotate_secrets
+
+ID_PATTERN = re.compile(r"^wh_[A-Za-z0-9]{8,64}$")
+# Short waits so a whole retry schedule fits in a test; they still grow, as in production.
+RETRY_SCHEDULE = "0.3s,0.6s,1.2s"
+RETRY_WAITS = (0.3, 0.6, 1.2)
+# Longer than the latency the tests demand: promptness must come from LISTEN, not the catch-up.
+CATCH_UP_SECONDS = 3
+
+
+# ------------------------------------------------------------------------------------ receivers
+
+
+class Receiver:
+    """An HTTP server on ``host`` that records every request and answers as told."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", status: int = 204, hang: bool = False, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.status, self.hang = status, hang
+        self.requests: list[dict] = []
+        self.open_requests = 0
+        self._lock = threading.Lock()
+        self._release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with receiver._lock:
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    receiver.requests.append({"at": time.monotonic(), "headers": headers, "body": body.decode()})
+                    receiver.open_requests += 1
+                try:
+                    if receiver.hang:
+                        receiver._release.wait(60)
+                        return
+                    self.send_response(receiver.status)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                finally:
+                    with receiver._lock:
+                        receiver.open_requests -= 1
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://{host}:{self.server.server_address[1]}/hook"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.url = f"https://{host}:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.requests) >= count:
+                return list(self.requests)
+            time.sleep(0.01)
+        raise AssertionError(f"expected {count} requests, got {len(self.requests)}: {self.requests}")
+
+    def events(self) -> list[dict]:
+        return [json.loads(r["body"]) for r in self.requests]
+
+    def close(self) -> None:
+        self._release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Callable[..., Receiver]]:
+    made: list[Receiver] = []
+
+    def make(**kwargs: object) -> Receiver:
+        made.append(Receiver(**kwargs))
+        return made[-1]
+
+    yield make
+    for item in made:
+        item.close()
+
+
+# ----------------------------------------------------------------------------------- dispatcher
+
+
+class DispatcherProcess:
+    """``email-service webhooks`` as its own process, as an operator runs it."""
+
+    def __init__(self, backing, log_dir) -> None:
+        # A CA of the tests' own and a receiver certificate for the name "localhost" only.
+        self.tls = make_tls_files(log_dir, ip_san=False)
+        self.env = service_env(
+            backing,
+            EMAIL_SERVICE_CA_FILE=self.tls.ca_file,
+            EMAIL_SERVICE_DATA_DIR=str(backing.data_dir),
+            EMAIL_SERVICE_WEBHOOK_RETRY_SCHEDULE=RETRY_SCHEDULE,
+            EMAIL_SERVICE_WEBHOOK_CATCHUP_SECONDS=str(CATCH_UP_SECONDS),
+            EMAIL_SERVICE_WEBHOOK_ENDPOINT_CONCURRENCY="2",
+        )
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> subprocess.Popen:
+        log = (self.log_dir / f"webhooks-{len(self.procs)}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "email_service", "webhooks"], env=self.env, stdout=log, stderr=log
+        )
+        self.procs.append(proc)
+        # Ready once it listens: from then on a commit reaches it at once.
+        log_path = self.log_dir / f"webhooks-{len(self.procs) - 1}.log"
+        deadline = time.monotonic() + 60
+        while "listening for changes" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, self.logs()
+            time.sleep(0.05)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, self.logs()
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text() for p in sorted(self.log_dir.glob("webhooks-*.log")))
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@pytest.fixture(scope="module")
+def dispatcher(backing, tmp_path_factory) -> Iterator[DispatcherProcess]:
+    processes = DispatcherProcess(backing, tmp_path_factory.mktemp("webhooks"))
+    processes.start()
+    yield processes
+    processes.stop_all()
+
+
+# -------------------------------------------------------------------------------------- helpers
+
+
+def new_account(client, user) -> str:
+    response = client.post("/api/accounts", json=account_body(), headers=user.headers)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def new_webhook(client, user, url: str, **fields: object) -> dict:
+    response = client.post("/api/webhooks", json={"url": url, **fields}, headers=user.headers)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def commit(runtime, user, account_id: str, *entries: tuple[str, str]) -> float:
+    """Commit change-log entries (entity, kind) as a writer does; returns when the commit returned."""
+    with runtime.db.tenant_session(user.principal) as session:
+        record(
+            session,
+            user.principal,
+            account_id,
+            [
+                Entry(ChangeEntity(entity), f"{entity}-{uuid.uuid4().hex[:12]}", ChangeKind(kind), "folder-1", {"n": i})
+                for i, (entity, kind) in enumerate(entries)
+            ],
+        )
+    return time.monotonic()
+
+
+def fanned_out(runtime, *account_ids: str, timeout: float = 5.0) -> None:
+    """Wait until fan-out has read every committed entry of these accounts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with runtime.db.maintenance_session() as session:
+            behind = session.scalar(
+                text(
+                    "SELECT count(*) FROM accounts a LEFT JOIN webhook_cursors c ON c.account_id = a.id"
+                    " WHERE a.id = ANY(:ids) AND a.change_seq > coalesce(c.seq, 0)"
+                ),
+                {"ids": list(account_ids)},
+            )
+        if behind == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError("fan-out did not catch up")
+
+
+def settled(runtime, webhook_id: str, timeout: float = 10.0) -> None:
+    """Wait until no delivery of the endpoint waits or is being sent."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with runtime.db.maintenance_session() as session:
+            pending = session.scalar(
+                text("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = :id AND status = 'pending'"),
+                {"id": webhook_id},
+            )
+        if pending == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError("deliveries still pending")
+
+
+def verified(secret: str, request: dict) -> dict:
+    """The payload, after the standardwebhooks library accepted its signature (it raises otherwise)."""
+    return Webhook(secret).verify(request["body"], request["headers"])
+
+
+def webhook_state(client, user, webhook_id: str) -> dict:
+    response = client.get(f"/api/webhooks/{webhook_id}", headers=user.headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# ---------------------------------------------------------------------------------------- tests
+
+
+def test_the_secret_is_shown_once_and_stored_encrypted(sync_client, user, runtime):
+    created = new_webhook(sync_client, user, "https://hooks.example.com/email", description="tickets")
+    assert ID_PATTERN.match(created["id"]) and created["secret"].startswith("whsec_")
+    assert created["status"] == "enabled" and created["eventTypes"] is None and created["accountId"] is None
+    Webhook(created["secret"])  # a secret every Standard Webhooks library reads
+
+    listed = sync_client.get("/api/webhooks", headers=user.headers)
+    fetched = sync_client.get(f"/api/webhooks/{created['id']}", headers=user.headers)
+    assert listed.status_code == 200 and fetched.status_code == 200
+    assert [w["id"] for w in listed.json()["webhooks"]] == [created["id"]]
+    for answer in (listed, fetched):
+        assert "secret" not in answer.text and created["secret"] not in answer.text
+    with runtime.db.maintenance_session() as session:
+        stored = session.get(WebhookEndpoint, created["id"])
+        assert created["secret"].encode() not in bytes(stored.secret_encrypted)
+        assert runtime.cipher.decrypt(stored.secret_encrypted) == created["secret"]
+
+
+def test_a_committed_change_arrives_signed_within_a_second(sync_client, user, runtime, dispatcher, receiver):
+    hook = receiver()
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url)
+    latencies = []
+    for count in range(1, 6):
+        committed = commit(runtime, user, account, ("message", "created"))
+        latencies.append(hook.wait_for(count, timeout=3)[-1]["at"] - committed)
+        time.sleep(0.2)
+    # A catch-up pass alone would deliver after up to CATCH_UP_SECONDS, about half of that on average.
+    assert max(latencies) < 1.0, latencies
+    request = hook.requests[0]
+
+    event = verified(created["secret"], request)
+    assert event["type"] == "message.created"
+    assert re.match(r"^\d{4}-\d\d-\d\dT.*Z$", event["timestamp"])
+    data = event["data"]
+    assert data["accountId"] == account and data["seq"] == 1 and data["folderId"] == "folder-1"
+    assert data["id"].startswith("message-") and data["detail"] == {"n": 0}
+    assert request["headers"]["webhook-id"].startswith("msg_")
+    assert abs(int(request["headers"]["webhook-timestamp"]) - time.time()) < 5
+    assert request["headers"]["webhook-signature"].startswith("v1,")
+    assert request["headers"]["host"] == hook.url.split("/")[2]
+    # A forged body fails verification with the same headers.
+    with pytest.raises(Exception, match="signature"):
+        Webhook(created["secret"]).verify(request["body"].replace("created", "destroyed"), request["headers"])
+
+    settled(runtime, created["id"])
+    attempts = sync_client.get(f"/api/webhooks/{created['id']}/deliveries", headers=user.headers).json()["deliveries"]
+    assert len(attempts) == 5
+    attempts = attempts[-1:]
+    assert attempts[0]["succeeded"] and attempts[0]["statusCode"] == 204 and attempts[0]["attempt"] == 1
+    assert attempts[0]["error"] is None and attempts[0]["nextAttemptAt"] is None
+    assert attempts[0]["deliveryId"] == request["headers"]["webhook-id"]
+
+
+def test_each_change_arrives_exactly_once_across_restarts_and_two_dispatchers(
+    sync_client, user, runtime, dispatcher, receiver
+):
+    hook = receiver()
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url)
+    commit(runtime, user, account, *[("message", "created")] * 5)
+    hook.wait_for(5)
+
+    # Every dispatcher stops; changes committed meanwhile have no one to hear their notification.
+    for proc in dispatcher.procs:
+        if proc.poll() is None:
+            dispatcher.stop(proc)
+    commit(runtime, user, account, *[("message", "updated")] * 5)
+    time.sleep(0.5)
+    assert len(hook.requests) == 5
+
+    # Two dispatchers come back at once: the catch-up pass finds what was missed, and the claim
+    # keeps them from sending anything twice.
+    dispatcher.start()
+    dispatcher.start()
+    for _ in range(4):
+        commit(runtime, user, account, *[("folder", "updated")] * 5)
+    hook.wait_for(30, timeout=10)
+    fanned_out(runtime, account)
+    settled(runtime, created["id"])
+    time.sleep(1.0)  # anything sent twice would have arrived by now
+
+    ids = [r["headers"]["webhook-id"] for r in hook.requests]
+    seqs = sorted(verified(created["secret"], r)["data"]["seq"] for r in hook.requests)
+    assert len(ids) == len(set(ids)) == 30
+    assert seqs == list(range(1, 31))
+
+
+def test_event_type_and_account_filters(sync_client, user, runtime, dispatcher, receiver):
+    first, second = new_account(sync_client, user), new_account(sync_client, user)
+    created_only, second_only, everything = receiver(), receiver(), receiver()
+    new_webhook(sync_client, user, created_only.url, eventTypes=["message.created", "folder.created"])
+    scoped = new_webhook(sync_client, user, second_only.url, accountId=second)
+    new_webhook(sync_client, user, everything.url)
+
+    commit(runtime, user, first, ("message", "created"), ("message", "updated"), ("folder", "destroyed"))
+    commit(runtime, user, second, ("folder", "created"), ("message", "destroyed"))
+    everything.wait_for(5)
+    created_only.wait_for(2)
+    second_only.wait_for(2)
+    fanned_out(runtime, first, second)
+    settled(runtime, scoped["id"])
+    time.sleep(0.5)
+
+    def seen(hook: Receiver) -> set[tuple[str, str]]:
+        return {(e["data"]["accountId"], e["type"]) for e in hook.events()}
+
+    assert seen(created_only) == {(first, "message.created"), (second, "folder.created")}
+    assert seen(second_only) == {(second, "folder.created"), (second, "message.destroyed")}
+    assert len(everything.requests) == 5
+
+
+def test_other_users_changes_never_reach_an_endpoint(
+    sync_client, user, verifier, make_user, runtime, dispatcher, receiver
+):
+    colleague, stranger = user.colleague(verifier), make_user()
+    mine = new_account(sync_client, user)
+    theirs = {who: new_account(sync_client, who) for who in (colleague, stranger)}
+    hook = receiver()
+    created = new_webhook(sync_client, user, hook.url)
+
+    # Another user's account cannot be named as a filter, nor seen through the endpoint.
+    refused = sync_client.post(
+        "/api/webhooks", json={"url": hook.url, "accountId": theirs[colleague]}, headers=user.headers
+    )
+    assert_error_shape(refused, 404, "ACCOUNT_NOT_FOUND")
+    for who in (colleague, stranger):
+        assert sync_client.get(f"/api/webhooks/{created['id']}", headers=who.headers).status_code == 404
+        assert sync_client.get(f"/api/webhooks/{created['id']}/deliveries", headers=who.headers).status_code == 404
+        assert sync_client.delete(f"/api/webhooks/{created['id']}", headers=who.headers).status_code == 404
+        assert sync_client.get("/api/webhooks", headers=who.headers).json()["webhooks"] == []
+        commit(runtime, who, theirs[who], ("message", "created"), ("folder", "created"))
+    commit(runtime, user, mine, ("message", "created"))
+    hook.wait_for(1)
+    fanned_out(runtime, mine, *theirs.values())
+    settled(runtime, created["id"])
+    time.sleep(0.5)
+    assert [e["data"]["accountId"] for e in hook.events()] == [mine]
+
+
+def test_a_failing_receiver_gets_growing_retries_then_the_endpoint_is_disabled(
+    sync_client, user, runtime, dispatcher, receiver
+):
+    hook = receiver(status=500)
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url)
+    commit(runtime, user, account, ("message", "created"))
+    requests = hook.wait_for(1 + len(RETRY_WAITS), timeout=10)
+    settled(runtime, created["id"])
+
+    assert len({r["headers"]["webhook-id"] for r in requests}) == 1
+    gaps = [later["at"] - earlier["at"] for earlier, later in zip(requests, requests[1:], strict=False)]
+    for gap, wait in zip(gaps, RETRY_WAITS, strict=True):
+        assert wait * 0.75 <= gap <= wait * 1.2 + 1.1, gaps  # jitter is +/-20%; polling adds < 1 s
+    assert gaps == sorted(gaps)
+
+    state = webhook_state(sync_client, user, created["id"])
+    assert state["status"] == "disabled" and state["disabledAt"] is not None
+    assert "4 times" in state["disabledReason"] and "HTTP 500" in state["disabledReason"]
+    attempts = sync_client.get(f"/api/webhooks/{created['id']}/deliveries?limit=10", headers=user.headers).json()[
+        "deliveries"
+    ]
+    assert [a["attempt"] for a in attempts] == [4, 3, 2, 1]
+    assert all(a["statusCode"] == 500 and "HTTP 500" in a["error"] and not a["succeeded"] for a in attempts)
+    assert attempts[0]["nextAttemptAt"] is None and all(a["nextAttemptAt"] for a in attempts[1:])
+
+    # Disabled means nothing more is sent, until the user enables it again.
+    commit(runtime, user, account, ("message", "updated"))
+    fanned_out(runtime, account)
+    time.sleep(1.0)
+    assert len(hook.requests) == 4
+    hook.status = 200
+    enabled = sync_client.post(f"/api/webhooks/{created['id']}/enable", headers=user.headers)
+    assert enabled.status_code == 200 and enabled.json()["status"] == "enabled"
+    assert enabled.json()["disabledReason"] is None
+    # Changes made while it was disabled are not delivered; the next one is.
+    commit(runtime, user, account, ("folder", "created"))
+    hook.wait_for(5)
+    assert hook.events()[-1]["type"] == "folder.created"
+
+
+def test_410_gone_disables_the_endpoint_at_once(sync_client, user, runtime, dispatcher, receiver):
+    hook = receiver(status=410)
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url)
+    commit(runtime, user, account, ("message", "created"))
+    hook.wait_for(1)
+    settled(runtime, created["id"])
+    time.sleep(RETRY_WAITS[0] * 2)
+    assert len(hook.requests) == 1
+    state = webhook_state(sync_client, user, created["id"])
+    assert state["status"] == "disabled" and "410 Gone" in state["disabledReason"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.2:{port}/hook",  # loopback, but only 127.0.0.1 is allow-listed
+        "http://[::1]:{port}/hook",
+        "http://0.0.0.0:{port}/hook",
+        "https://10.1.2.3/hook",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[fd00::1]/hook",
+        "https://[::ffff:127.0.0.2]:{port}/hook",
+        "http://93.184.215.14/hook",  # public, but plain http only goes to allow-listed hosts
+    ],
+)
+def test_urls_the_policy_refuses_are_refused_at_create_and_never_contacted(
+    sync_client, user, runtime, dispatcher, receiver, url
+):
+    hook = receiver(host="127.0.0.2")
+    port = hook.url.split(":")[2].split("/")[0]
+    account = new_account(sync_client, user)
+    answer = sync_client.post("/api/webhooks", json={"url": url.format(port=port)}, headers=user.headers)
+    body = assert_error_shape(answer, 400, "DESTINATION_NOT_ALLOWED")
+    assert "url" in body["message"]
+    assert sync_client.get("/api/webhooks", headers=user.headers).json()["webhooks"] == []
+    commit(runtime, user, account, ("message", "created"))
+    fanned_out(runtime, account)
+    time.sleep(0.3)
+    assert hook.requests == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://hooks.example.com/x", "https://user:pw@hooks.example.com/x", "https:///nohost", "not a url"],
+)
+def test_malformed_urls_are_refused(sync_client, user, url):
+    answer = sync_client.post("/api/webhooks", json={"url": url}, headers=user.headers)
+    assert_error_shape(answer, 400)
+
+
+def test_the_policy_is_applied_again_at_every_delivery(sync_client, user, runtime, dispatcher, receiver):
+    allowed, elsewhere = receiver(), receiver(host="127.0.0.2")
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, allowed.url)
+    # As if the endpoint's name now resolved to an address the policy refuses.
+    with runtime.db.maintenance_session() as session:
+        session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == created["id"]).values(url=elsewhere.url))
+    commit(runtime, user, account, ("message", "created"))
+    deadline = time.monotonic() + 5
+    attempts: list = []
+    while not attempts and time.monotonic() < deadline:
+        attempts = sync_client.get(f"/api/webhooks/{created['id']}/deliveries", headers=user.headers).json()[
+            "deliveries"
+        ]
+        time.sleep(0.05)
+    assert attempts and attempts[-1]["statusCode"] is None
+    assert "destination not allowed" in attempts[-1]["error"]
+    assert elsewhere.requests == [] and allowed.requests == []
+
+
+def test_a_hanging_endpoint_does_not_delay_another_tenants_delivery(
+    sync_client, user, make_user, runtime, dispatcher, receiver
+):
+    hanging, healthy = receiver(hang=True), receiver()
+    other = make_user()
+    slow_account, fast_account = new_account(sync_client, user), new_account(sync_client, other)
+    slow = new_webhook(sync_client, user, hanging.url)
+    new_webhook(sync_client, other, healthy.url)
+
+    commit(runtime, user, slow_account, *[("message", "created")] * 20)
+    hanging.wait_for(2)
+    time.sleep(0.3)
+    # The endpoint holds as many requests as its limit (2 in these tests, across every dispatcher
+    # process running), not the 20 it is owed.
+    assert hanging.open_requests == 2
+
+    committed = commit(runtime, other, fast_account, ("message", "created"))
+    [request] = healthy.wait_for(1, timeout=3)
+    assert request["at"] - committed < 1.5, f"{request['at'] - committed:.3f} s"
+    assert hanging.open_requests == 2
+    # Removing the hanging endpoint ends its deliveries; the dispatcher records nothing for it.
+    assert sync_client.delete(f"/api/webhooks/{slow['id']}", headers=user.headers).status_code == 204
+
+
+def test_webhook_urls_never_reach_account_operations(sync_client, user, runtime):
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, "https://hooks.example.com/x")
+    missing = "wh_" + "A" * 24
+
+    # Ids of the webhook shape reach the webhook operations...
+    assert sync_client.get(f"/api/webhooks/{created['id']}", headers=user.headers).json()["id"] == created["id"]
+    assert_error_shape(sync_client.get(f"/api/webhooks/{missing}", headers=user.headers), 404, "WEBHOOK_NOT_FOUND")
+    assert_error_shape(
+        sync_client.get(f"/api/webhooks/{missing}/deliveries", headers=user.headers), 404, "WEBHOOK_NOT_FOUND"
+    )
+    assert_error_shape(
+        sync_client.post(f"/api/webhooks/{missing}/enable", headers=user.headers), 404, "WEBHOOK_NOT_FOUND"
+    )
+    # ...a segment no webhook id can be is the account path it spells (account "webhooks")...
+    assert_error_shape(sync_client.get("/api/webhooks/folders", headers=user.headers), 404, "ACCOUNT_NOT_FOUND")
+    upload = sync_client.post("/api/webhooks/attachments", files={"file": ("a.txt", b"x")}, headers=user.headers)
+    assert_error_shape(upload, 404, "ACCOUNT_NOT_FOUND")
+    # ...account paths keep reaching theirs, and anything else is no webhook id.
+    assert sync_client.get(f"/api/{account}/folders", headers=user.headers).status_code == 200
+    assert_error_shape(sync_client.get("/api/webhooks/not-an-id", headers=user.headers), 400)
+    assert_error_shape(sync_client.get(f"/api/{created['id']}/folders", headers=user.headers), 404, "ACCOUNT_NOT_FOUND")
+
+    assert sync_client.delete(f"/api/webhooks/{created['id']}", headers=user.headers).status_code == 204
+    assert_error_shape(sync_client.get(f"/api/webhooks/{created['id']}", headers=user.headers), 404)
+
+
+def test_request_validation(sync_client, user):
+    for body in (
+        {},
+        {"url": "https://hooks.example.com/x", "eventTypes": ["message.exploded"]},
+        {"url": "https://hooks.example.com/x", "eventTypes": []},
+        {"url": "https://hooks.example.com/x", "surprise": True},
+        {"url": "https://hooks.example.com/" + "x" * 2100},
+    ):
+        assert_error_shape(sync_client.post("/api/webhooks", json=body, headers=user.headers), 400)
+    assert_error_shape(sync_client.get("/api/webhooks", headers={}), 401)
+
+
+def test_serve_on_the_embedded_default_runs_a_dispatcher_that_dies_with_it(tmp_path):
+    service = ServiceProcess(service_env(None, EMAIL_SERVICE_DATA_DIR=str(tmp_path / "var")), tmp_path)
+    try:
+        service.wait_healthy()
+        deadline = time.monotonic() + 20
+        children: list[psutil.Process] = []
+        while time.monotonic() < deadline and not children:
+            children = [
+                p
+                for p in psutil.Process(service.proc.pid).children()
+                if p.cmdline()[-2:] == ["email_service", "webhooks"]
+            ]
+            time.sleep(0.2)
+        assert len(children) == 1, [p.cmdline() for p in psutil.Process(service.proc.pid).children()]
+    finally:
+        assert service.stop() == 0, service.log()
+    assert not children[0].is_running() or children[0].status() == psutil.STATUS_ZOMBIE
+
+
+def test_the_default_schedule_retries_for_about_a_day(backing):
+    settings = replace(backing, webhook_retry_schedule=())
+    waits = [webhook_retry_delay(attempt, settings) for attempt in range(1, 9)]
+    assert waits[-1] is None and None not in waits[:-1]
+    for wait, nominal in zip(waits, (5, 300, 1800, 7200, 18000, 36000, 36000), strict=False):
+        assert nominal * 0.8 <= wait <= nominal * 1.2
+    assert 20 * 3600 <= sum(waits[:-1]) <= 30 * 3600
+    assert load_settings(
+        {**service_env(backing), "EMAIL_SERVICE_WEBHOOK_RETRY_SCHEDULE": "250ms,2s,1m"}
+    ).webhook_retry_schedule == (
+        0.25,
+        2.0,
+        60.0,
+    )
+
+
+def test_routing_does_not_depend_on_the_order_paths_are_written_in():
+    spec = load_spec()
+    patterns = _path_patterns(spec)
+    # Written with the webhook paths first, as a merge might leave them.
+    reordered = {**spec, "paths": dict(sorted(spec["paths"].items(), key=lambda item: "webhooks" not in item[0]))}
+    assert next(iter(reordered["paths"])).startswith("/api/webhooks")
+    routed = list(_routing_order(reordered, patterns)["paths"])
+    assert routed.index("/api/{accountId}/folders") < routed.index("/api/webhooks/{webhookId}")
+    assert routed.index("/api/{accountId}/attachments") < routed.index("/api/webhooks/{webhookId}")
+
+
+def test_a_lost_notification_is_caught_up(sync_client, user, runtime, dispatcher, receiver):
+    hook = receiver()
+    account = new_account(sync_client, user)
+    new_webhook(sync_client, user, hook.url)
+    # An entry committed with no NOTIFY, as when the notification is lost on the way.
+    with runtime.db.maintenance_session() as session:
+        seq = session.scalar(
+            text("UPDATE accounts SET change_seq = change_seq + 1 WHERE id = :id RETURNING change_seq"), {"id": account}
+        )
+        session.execute(
+            text(
+                "INSERT INTO changes (account_id, seq, tenant_id, user_id, entity, entity_id, kind)"
+                " VALUES (:id, :seq, :tenant, :user, 'message', 'm-quiet', 'created')"
+            ),
+            {"id": account, "seq": seq, "tenant": user.principal.tenant_id, "user": user.principal.user_id},
+        )
+    started = time.monotonic()
+    [request] = hook.wait_for(1, timeout=CATCH_UP_SECONDS + 3)
+    assert request["at"] - started <= CATCH_UP_SECONDS + 1.5
+    assert json.loads(request["body"])["data"]["id"] == "m-quiet"
+
+
+def test_finished_deliveries_are_pruned_after_a_week(sync_client, user, runtime, dispatcher, receiver):
+    hook = receiver()
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url)
+    commit(runtime, user, account, ("message", "created"), ("message", "updated"))
+    hook.wait_for(2)
+    settled(runtime, created["id"])
+    with runtime.db.maintenance_session() as session:
+        session.execute(
+            text(
+                "UPDATE webhook_deliveries SET created_at = now() - interval '8 days',"
+                " status = CASE WHEN seq = 2 THEN 'pending' ELSE status END,"
+                " next_attempt_at = CASE WHEN seq = 2 THEN now() + interval '1 day' ELSE next_attempt_at END"
+                " WHERE endpoint_id = :id"
+            ),
+            {"id": created["id"]},
+        )
+    assert prune(runtime.db) >= 1
+    with runtime.db.maintenance_session() as session:
+        left = session.execute(
+            text("SELECT seq, status FROM webhook_deliveries WHERE endpoint_id = :id"), {"id": created["id"]}
+        ).all()
+    assert [tuple(row) for row in left] == [(2, "pending")]  # a waiting delivery is never removed
+
+
+def test_key_rotation_reencrypts_webhook_secrets(sync_client, user, runtime):
+    created = new_webhook(sync_client, user, "https://hooks.example.com/rotate")
+    old_key = runtime.settings.credential_keys[0]
+    new_key = Fernet.generate_key().decode()
+    assert rotate_secrets(runtime.db, CredentialCipher((new_key, old_key))) >= 1
+    with runtime.db.maintenance_session() as session:
+        token = session.get(WebhookEndpoint, created["id"]).secret_encrypted
+    assert CredentialCipher((new_key,)).decrypt(token) == created["secret"]
+    # The suite's key back in front for the tests that follow.
+    rotate_secrets(runtime.db, CredentialCipher((old_key, new_key)))
+
+
+def test_https_goes_to_the_checked_address_and_verifies_the_name(sync_client, user, runtime, dispatcher, receiver):
+    # The certificate names "localhost" and not 127.0.0.1: the request connects to the address
+    # the policy checked, and TLS (SNI and the certificate check) still uses the URL's name.
+    by_name = receiver(host="127.0.0.1", tls=dispatcher.tls.server_context())
+    port = by_name.url.split(":")[2].split("/")[0]
+    account = new_account(sync_client, user)
+    named = new_webhook(sync_client, user, f"https://localhost:{port}/hook")
+    by_address = new_webhook(sync_client, user, f"https://127.0.0.1:{port}/hook")
+    commit(runtime, user, account, ("message", "created"))
+    [request] = by_name.wait_for(1)
+    assert verified(named["secret"], request)["type"] == "message.created"
+    assert request["headers"]["host"] == f"localhost:{port}"
+
+    # The same receiver under its address: the certificate does not name it, so nothing is sent.
+    settled(runtime, named["id"])
+    deadline = time.monotonic() + 5
+    attempts: list = []
+    while not attempts and time.monotonic() < deadline:
+        answer = sync_client.get(f"/api/webhooks/{by_address['id']}/deliveries", headers=user.headers)
+        attempts = answer.json()["deliveries"]
+        time.sleep(0.05)
+    assert attempts and attempts[-1]["statusCode"] is None
+    assert "certificate" in attempts[-1]["error"].lower()
+    assert len(by_name.requests) == 1
+
+
+def test_a_receiver_that_is_down_is_not_stormed_with_retries(sync_client, user, runtime, dispatcher, receiver):
+    hook = receiver(status=503)
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url)
+    commit(runtime, user, account, *[("message", "created")] * 12)
+    deadline = time.monotonic() + 15
+    while webhook_state(sync_client, user, created["id"])["status"] == "enabled" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    state = webhook_state(sync_client, user, created["id"])
+    assert state["status"] == "disabled" and "HTTP 503" in state["disabledReason"]
+    time.sleep(0.5)
+    # Each delivery on its own would have made 12 x 4 = 48 requests; waiting together, each retry
+    # step sends about as many as the endpoint's limit (2 here).
+    attempts = 1 + len(RETRY_WAITS)
+    assert attempts <= len(hook.requests) <= 3 * attempts, len(hook.requests)
+    # The events not yet tried are kept for when the endpoint is enabled again.
+    with runtime.db.maintenance_session() as session:
+        waiting = session.scalar(
+            text("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = :id AND status = 'pending'"),
+            {"id": created["id"]},
+        )
+    assert waiting >= 12 - 3
+    hook.status, before = 204, len(hook.requests)
+    assert sync_client.post(f"/api/webhooks/{created['id']}/enable", headers=user.headers).status_code == 200
+    settled(runtime, created["id"])
+    time.sleep(0.3)
+    delivered = [json.loads(r["body"])["data"]["seq"] for r in hook.requests[before:]]
+    assert len(delivered) == len(set(delivered)) == waiting
