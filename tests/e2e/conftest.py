@@ -133,6 +133,7 @@ def deployment(backing, dovecot, s3_server, tmp_path_factory) -> Iterator[Deploy
         api.wait_healthy()
         deployment.start_worker()
         deployment.start_watcher()
+        deployment.watchers.append(WorkerProcess(env, directory / "webhooks.log", "webhooks"))
         yield deployment
     finally:
         for worker in [*deployment.workers, *deployment.watchers]:

@@ -7,6 +7,7 @@ The steps run in order and share one mailbox, as a person's session would: what 
 from __future__ import annotations
 
 import hashlib
+import http.server
 import queue
 import threading
 import time
@@ -21,6 +22,7 @@ from email_service_client.exceptions import ApiException
 from httpx_sse import connect_sse
 from mailservers import SmtpServer, _Behaviour
 from messages import attachments_message, plain_message, to_bytes
+from standardwebhooks import Webhook
 
 INBOX_FILLER = 1200  # enough that the first sync takes several progress reports
 CRASH_MAILBOX = 3000  # enough that a sync is still running when its worker is killed
@@ -434,17 +436,62 @@ def test_8_mail_appended_on_the_server_arrives_with_no_sync_requested(deployment
     # per-user limit of 50 a minute per operation.
     _wait_for(lambda: "Already there" in subjects(), timeout=60, every=1.3)
     token = deployment.mint_token(journey.tenant, journey.user)
-    with EventsClient(deployment.api.url, token, account.id) as events:
+    with WebhookReceiver() as receiver, EventsClient(deployment.api.url, token, account.id) as events:
+        hook = sdk.WebhooksApi(api).create_webhook(
+            sdk.CreateWebhookRequest(url=receiver.url, event_types=["message.created"], account_id=account.id)
+        )
         events.wait_ready()
         time.sleep(1)
         dovecot.append(user, "INBOX", to_bytes(plain_message("Arrived just now")))
         appended = time.monotonic()
         created = events.wait_for("message.created", timeout=30)
         streamed_after = time.monotonic() - appended
+        delivered = receiver.wait(timeout=30)
+        delivered_after = time.monotonic() - appended
     assert created["accountId"] == account.id and streamed_after < 5, deployment.logs()
     message = sdk.MessagesApi(api).get_message(account.id, created["id"])
     assert message.subject == "Arrived just now"
     assert "Arrived just now" in subjects()
+    # The receiver got the same change, signed with the secret shown once at creation.
+    payload = Webhook(hook.secret).verify(delivered["body"], delivered["headers"])
+    assert payload["type"] == "message.created" and payload["data"]["id"] == created["id"]
+    assert delivered_after < 10, deployment.logs()
+    attempts = sdk.WebhooksApi(api).list_webhook_deliveries(hook.id)
+    assert attempts.deliveries and attempts.deliveries[0].status_code == 200
+
+
+class WebhookReceiver:
+    """An HTTP endpoint on 127.0.0.1 (the deployment's allow-list opens it) recording deliveries."""
+
+    def __init__(self) -> None:
+        received: queue.Queue = queue.Queue()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server name
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
+                received.put({"body": body, "headers": {k.lower(): v for k, v in self.headers.items()}})
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self.received = received
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def wait(self, timeout: float) -> dict:
+        return self.received.get(timeout=timeout)
 
 
 class EventsClient:
