@@ -9,7 +9,8 @@ On a private Dovecot (the test suite's harness) and the embedded PostgreSQL and 
     what the mail server itself takes to tell anyone)
   - latency with ``--accounts`` watched accounts, from a change on the server (APPEND, a flag
     change, an expunge) to (a) the change visible in the database the API reads, (b) its event
-    on the account owner's events stream (`email-service serve`, GET /api/events), p50 and p99
+    on the account owner's events stream (`email-service serve`, GET /api/events), (c) its
+    webhook received (`email-service webhooks`, one endpoint per owner), p50 and p99
   - a refresh with nothing to do, and a full sync with nothing to do, per account
   - the watcher's memory: RSS with no account, then with ``--memory-accounts`` watched, per account
 
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.server
 import imaplib
+import json
 import os
 import shutil
 import statistics
@@ -58,6 +61,7 @@ from email_service.services.accounts import create_account  # noqa: E402
 from email_service.services.servers import load_servers  # noqa: E402
 from email_service.tenancy import Principal  # noqa: E402
 from email_service.watch.leases import Leases  # noqa: E402
+from email_service.webhooks import service as webhooks  # noqa: E402
 
 # 1,000 IDLE connections at once: more than Dovecot's default process limits allow.
 DOVECOT_LIMITS = """
@@ -164,10 +168,13 @@ class Bench:
                 ).first()
             )
 
-    def latencies(self, samples: int, events: EventListener) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-        """(change -> API data, change -> event on the stream) latencies, by kind of change."""
+    def latencies(
+        self, samples: int, events: EventListener, hooks: HookReceiver
+    ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+        """(change -> API data, -> event on the stream, -> webhook received) latencies, by kind of change."""
         found: dict[str, list[float]] = {"append": [], "flag": [], "expunge": []}
         streamed: dict[str, list[float]] = {"append": [], "flag": [], "expunge": []}
+        hooked: dict[str, list[float]] = {"append": [], "flag": [], "expunge": []}
         clients: dict[str, imaplib.IMAP4] = {}
         for n in range(samples):
             account_id, _, user = self.accounts[n % len(self.accounts)]
@@ -182,6 +189,7 @@ class Bench:
             found["append"].append(took if took is not None else float("inf"))
             message_id = self.visible(account_id, subject)
             streamed["append"].append(events.latency("message.created", message_id, start))
+            hooked["append"].append(hooks.latency("message.created", message_id, start))
             if n % 4 == 0:
                 _, data = client.uid("SEARCH", "SUBJECT", f'"{subject}"')
                 uid = data[0].split()[0]
@@ -190,15 +198,17 @@ class Bench:
                 took = wait_until(lambda a=account_id, s=subject: self.starred(a, s), 10)
                 found["flag"].append(took if took is not None else float("inf"))
                 streamed["flag"].append(events.latency("message.updated", message_id, start))
+                hooked["flag"].append(hooks.latency("message.updated", message_id, start))
                 start = time.perf_counter()
                 client.uid("STORE", uid, "+FLAGS", "(\\Deleted)")
                 client.expunge()
                 took = wait_until(lambda a=account_id, s=subject: not self.visible(a, s), 10)
                 found["expunge"].append(took if took is not None else float("inf"))
                 streamed["expunge"].append(events.latency("message.destroyed", message_id, start))
+                hooked["expunge"].append(hooks.latency("message.destroyed", message_id, start))
         for client in clients.values():
             client.logout()
-        return found, streamed
+        return found, streamed, hooked
 
     def idle_cost(self, count: int) -> tuple[float, float]:
         """Milliseconds per account: an INBOX refresh with nothing new, and a full sync with nothing new."""
@@ -218,12 +228,58 @@ class Bench:
         return refresh_ms, full_ms
 
 
-class EventListener:
+class Arrivals:
+    """When each (event name, message id) arrived, and the latency of one from a start time."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[tuple[str, str], list[float]] = defaultdict(list)
+
+    def arrived(self, name: str, message_id: str) -> None:
+        self.arrivals[(name, message_id)].append(time.perf_counter())
+
+    def latency(self, name: str, message_id: str | None, since: float, timeout: float = 10) -> float:
+        """Seconds from ``since`` to the first ``name`` for the message after it, or inf."""
+
+        def first() -> float | None:
+            times = [t for t in self.arrivals.get((name, message_id or ""), ()) if t >= since]
+            return min(times) if times else None
+
+        wait_until(lambda: first() is not None, timeout)
+        found = first()
+        return found - since if found is not None else float("inf")
+
+
+class HookReceiver(Arrivals):
+    """One HTTP endpoint on 127.0.0.1 that every owner's webhook points at; records arrivals."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server name
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+                receiver.arrived(body["type"], body["data"]["id"])
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class EventListener(Arrivals):
     """One events stream per account owner, in a thread of its own; when each event arrived."""
 
     def __init__(self, url: str, tokens: list[str]) -> None:
+        super().__init__()
         self.url, self.tokens = url, tokens
-        self.arrivals: dict[tuple[str, str], list[float]] = defaultdict(list)
         self.ready = 0
         self.failures: list[str] = []
         self.loop = asyncio.new_event_loop()
@@ -242,24 +298,13 @@ class EventListener:
                     if event.event == "ready":
                         self.ready += 1
                     elif event.event.startswith("message."):
-                        self.arrivals[(event.event, event.json()["id"])].append(time.perf_counter())
+                        self.arrived(event.event, event.json()["id"])
         except Exception as exc:  # noqa: BLE001 - reported with the figures
             self.failures.append(f"{type(exc).__name__}: {exc}")
 
     def wait_ready(self, timeout: float) -> None:
         if wait_until(lambda: self.ready >= len(self.tokens), timeout, every=0.1) is None:
             raise SystemExit(f"only {self.ready} of {len(self.tokens)} streams opened: {self.failures[:3]}")
-
-    def latency(self, name: str, message_id: str | None, since: float, timeout: float = 10) -> float:
-        """Seconds from ``since`` to the first ``name`` event for the message after it, or inf."""
-
-        def arrived() -> float | None:
-            times = [t for t in self.arrivals.get((name, message_id or ""), ()) if t >= since]
-            return min(times) if times else None
-
-        wait_until(lambda: arrived() is not None, timeout)
-        first = arrived()
-        return first - since if first is not None else float("inf")
 
     def close(self) -> None:
         for task in self.tasks:
@@ -285,7 +330,7 @@ def main() -> None:
     dovecot.start()
     watcher = None
     try:
-        allowed = f"{dovecot.host}:{dovecot.imaps_port}"
+        allowed = f"{dovecot.host}:{dovecot.imaps_port},127.0.0.1"  # Dovecot, and the webhook receiver
         key = Fernet.generate_key().decode()
         settings = Settings(
             data_dir=base / "var",
@@ -315,6 +360,7 @@ def main() -> None:
                 **dict(item.split("=", 1) for item in args.watcher_env),
             }
             bench = Bench(base, dovecot, running, env)
+            hook_policy = running.destinations
             baseline_user = dovecot.add_user()
             baseline = idle_baseline(dovecot, baseline_user, min(args.samples, 50))
 
@@ -335,9 +381,16 @@ def main() -> None:
             tokens = [verifier.issue(p.tenant_id, p.user_id, 3600, time.time()) for _, p, _ in bench.accounts]
             events = EventListener(api.url, tokens)
             events.wait_ready(120)
-            time.sleep(2)
-            found, streamed = bench.latencies(args.samples, events)
+            hooks = HookReceiver()
+            for _, principal, _ in bench.accounts:
+                webhooks.create(bench.runtime.db, bench.runtime.cipher, principal, {"url": hooks.url}, hook_policy)
+            dispatcher = subprocess.Popen([sys.executable, "-m", "email_service", "webhooks"], env=env)
+            time.sleep(3)
+            found, streamed, hooked = bench.latencies(args.samples, events, hooks)
+            dispatcher.terminate()
+            dispatcher.wait(timeout=60)
             events.close()
+            hooks.close()
             api.stop()
             refresh_ms, full_ms = bench.idle_cost(min(args.accounts, 50))
 
@@ -365,7 +418,12 @@ def main() -> None:
         f"\nbaseline: bare IMAP IDLE, APPEND -> EXISTS   p50 {base_p50 * 1000:7.0f} ms   "
         f"p99 {percentile(baseline, 0.99) * 1000:7.0f} ms   ({len(baseline)} samples)"
     )
-    for where, figures in (("visible in the API data", found), ("event on the stream    ", streamed)):
+    figures_by_leg = (
+        ("visible in the API data", found),
+        ("event on the stream    ", streamed),
+        ("webhook received       ", hooked),
+    )
+    for where, figures in figures_by_leg:
         for name, values in figures.items():
             p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
             print(
