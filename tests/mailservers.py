@@ -299,6 +299,10 @@ userdb {{
   driver = static
   args = uid=nobody gid=nogroup home={self.mail_root}/%u
 }}
+# Watchers hold one IDLE connection (one imap process) per watched account, and the suite creates
+# many accounts: Dovecot's default of 100 processes per service would make later logins queue.
+default_process_limit = 1000
+default_client_limit = 4000
 # Dovecot refuses to access mail as root.
 mail_uid = nobody
 mail_gid = nogroup

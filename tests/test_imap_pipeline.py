@@ -111,6 +111,9 @@ class Store:
     def remove_uids(self, folder, uids) -> int:
         return 0
 
+    def touch_folders(self, folders) -> None:
+        pass
+
     def save_folder_state(self, folder, **state) -> None:
         folder.uidvalidity = state["uidvalidity"]
 

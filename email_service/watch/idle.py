@@ -17,7 +17,7 @@ from aioimaplib.aioimaplib import Command
 
 from email_service.config import Settings
 from email_service.protocols import destinations
-from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError
+from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, HostNotFound, MailServerError
 from email_service.protocols.servers import MailServer
 
 # RFC 2177: servers may drop an IDLE after 30 minutes; renew well before.
@@ -61,7 +61,7 @@ class IdleConnection:
                 None, destinations.resolve, server.host, server.port, settings.destinations
             )
         except OSError:
-            raise ConnectionFailed(f"host not found: {server.host}") from None
+            raise HostNotFound(f"host not found: {server.host}") from None
         _, sockaddr = addresses[0]
         implicit = tls if server.encryption == "tls" else None
         client = _CheckedImap(sockaddr[0], server.host, server.port, implicit, timeout)

@@ -33,6 +33,7 @@ from sqlalchemy import text
 from email_service.config import Settings
 from email_service.crypto import CredentialError
 from email_service.mailbox.live import refresh_folder
+from email_service.protocols.destinations import DestinationRefused
 from email_service.protocols.errors import MailServerError
 from email_service.protocols.tls import client_context
 from email_service.runtime import Runtime
@@ -201,6 +202,12 @@ class Watcher:
             except asyncio.CancelledError:
                 raise
             except (MailServerError, CredentialError, OSError, TimeoutError) as exc:
+                if isinstance(exc, CredentialError | DestinationRefused) or getattr(exc, "permanent", False):
+                    # A refused login, an unknown host, a certificate or a destination the policy
+                    # refuses stays so until someone changes the account, which restarts its watch;
+                    # meanwhile the account's own sync (and its backoff) reports it.
+                    log.info("account %s: not watched until its settings change (%s)", account.account_id, exc)
+                    return
                 log.info("account %s: watch interrupted (%s); again in %.0f s", account.account_id, exc, wait)
             except Exception:
                 log.exception("account %s: watch failed; again in %.0f s", account.account_id, wait)
