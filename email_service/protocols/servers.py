@@ -48,15 +48,8 @@ class MailServer:
         )
 
     def imap(self, settings: Settings) -> ImapSession:
-        if self.protocol is not Protocol.IMAP:
+        """The IMAP session, typed as such for callers that need IMAP (write-back, filing, refresh)."""
+        session = self.session(settings)
+        if not isinstance(session, ImapSession):
             raise ValueError(f"{self.protocol} server has no IMAP session")
-        return ImapSession(
-            self.host,
-            self.port,
-            self.encryption,
-            self.username,
-            self.password,
-            ca_file=settings.ca_file,
-            timeout=settings.imap_timeout_seconds,
-            destinations=settings.destinations,
-        )
+        return session
