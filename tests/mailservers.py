@@ -331,7 +331,10 @@ protocol pop3 {{
   mail_max_userip_connections = 200
 }}
 
+# Login processes in high-performance mode, as large installations run them: one process serves
+# many logins, so a login costs no fork and TLS tickets resume (each process has its own keys).
 service imap-login {{
+  service_count = 0
   inet_listener imap {{
     port = {self.imap_port}
   }}
@@ -341,6 +344,7 @@ service imap-login {{
   }}
 }}
 service pop3-login {{
+  service_count = 0
   inet_listener pop3 {{
     port = {self.pop3_port}
   }}
