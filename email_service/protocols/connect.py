@@ -19,6 +19,7 @@ import ssl
 
 from email_service.protocols.destinations import DestinationPolicy, resolve
 from email_service.protocols.errors import UnexpectedGreeting
+from email_service.protocols.tls import sessions, wrap
 
 
 def open_socket(host: str, port: int, timeout: float | None, policy: DestinationPolicy) -> socket.socket:
@@ -65,7 +66,11 @@ class _ImapTls(_Imap):
         super().__init__(host, port, timeout, policy)
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
-        return self.ssl_context.wrap_socket(super()._create_socket(timeout), server_hostname=self.host)
+        return wrap(self.ssl_context, super()._create_socket(timeout), self.host, self.port)
+
+    def shutdown(self) -> None:
+        sessions.keep(self.ssl_context, self.host, self.port, getattr(self, "sock", None))
+        super().shutdown()
 
 
 def imap_client(
@@ -101,7 +106,11 @@ class _Pop3Tls(_Pop3):
         super().__init__(host, port, timeout, policy)
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
-        return self.context.wrap_socket(super()._create_socket(timeout), server_hostname=self.host)
+        return wrap(self.context, super()._create_socket(timeout), self.host, self.port)
+
+    def close(self) -> None:
+        sessions.keep(self.context, self.host, self.port, getattr(self, "sock", None))
+        super().close()
 
 
 def pop3_client(
@@ -144,7 +153,12 @@ class _SmtpTls(_Smtp):
         super().__init__(host, port, local_hostname, timeout, policy)
 
     def _get_socket(self, host: str, port: int, timeout: float | None) -> socket.socket:
-        return self.context.wrap_socket(super()._get_socket(host, port, timeout), server_hostname=self._host)
+        self._tls_port = port
+        return wrap(self.context, super()._get_socket(host, port, timeout), self._host, port)
+
+    def close(self) -> None:
+        sessions.keep(self.context, self._host, getattr(self, "_tls_port", 0), self.sock)
+        super().close()
 
 
 def smtp_client(
