@@ -317,12 +317,16 @@ class EventStream:
         position: dict[str, int],
         heads: dict[str, tuple[int, int]],
         max_catch_up: int,
+        *,
+        unknown_position: bool = False,
     ) -> None:
         self.hub = hub
         self.sub = sub
         self.position = position
         self._heads = heads
         self.max_catch_up = max_catch_up
+        # The client resumed from an id this service never issued: every account is resynced.
+        self.unknown_position = unknown_position
         self._stopping = False
 
     @classmethod
@@ -362,9 +366,7 @@ class EventStream:
             # entries are new to the client. A position past the head was not issued for this
             # log (another database, a forged id): it is clamped so new entries still arrive.
             position = {account: min(resume.get(account, 0), seq) for account, (seq, _floor) in heads.items()}
-        stream = cls(hub, sub, position, heads, max_catch_up)
-        stream.unknown_position = unreadable
-        return stream
+        return cls(hub, sub, position, heads, max_catch_up, unknown_position=unreadable)
 
     def close(self) -> None:
         self.hub.unsubscribe(self.sub)
@@ -386,7 +388,7 @@ class EventStream:
         """
         try:
             yield self._ready()
-            if getattr(self, "unknown_position", False):
+            if self.unknown_position:
                 for account, (seq, _floor) in sorted(self._heads.items()):
                     yield self._resync(account, seq, seq, "unknown_position")
             for account, (seq, floor) in sorted(self._heads.items()):
