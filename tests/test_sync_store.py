@@ -195,3 +195,17 @@ def test_ids_are_cuids_and_a_forked_process_draws_its_own_randomness():
     os.waitpid(pid, 0)
     assert os.read(read, 64) != generator.randbytes(64)
     assert 0 <= generator.random() < 1 and 0 <= generator.getrandbits(70) < 2**70
+
+
+def test_an_unchanged_folder_list_writes_no_folder_row(runtime):
+    box = mailbox(runtime)
+    archive = RemoteFolder("Archive", "Archive", "custom", "/", None, ())
+    folders, _ = box.store.reconcile_folders([INBOX, archive])
+    before = {name: folder.updated_at for name, folder in folders.items()}
+    again, _ = box.store.reconcile_folders([INBOX, archive])
+    assert {name: folder.updated_at for name, folder in again.items()} == before
+    # A folder the server now describes otherwise is written, and only that one.
+    renamed = RemoteFolder("Archive", "Archiv", "custom", "/", None, ())
+    changed, _ = box.store.reconcile_folders([INBOX, renamed])
+    assert changed["INBOX"].updated_at == before["INBOX"]
+    assert changed["Archive"].updated_at > before["Archive"] and changed["Archive"].display_name == "Archiv"

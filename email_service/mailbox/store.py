@@ -172,11 +172,17 @@ class MailStore:
                     )
                     session.add(folder)
                     existing[name] = folder
-                folder.display_name = info.display_name
-                folder.type = info.type
-                folder.delimiter = info.delimiter
-                folder.attributes = list(info.attributes)
-                folder.updated_at = now
+                described = {
+                    "display_name": info.display_name,
+                    "type": info.type,
+                    "delimiter": info.delimiter,
+                    "attributes": list(info.attributes),
+                }
+                # An unchanged folder is not written: a sync with nothing to do stays read-only.
+                if any(getattr(folder, column) != value for column, value in described.items()):
+                    for column, value in described.items():
+                        setattr(folder, column, value)
+                    folder.updated_at = now
             session.flush()
             for name, info in wanted.items():
                 parent = existing.get(info.parent_name) if info.parent_name else None
