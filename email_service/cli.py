@@ -97,10 +97,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                 port=args.port,
                 lifespan="on",
                 log_level=resolved.log_level.lower(),
-                # Uvicorn logs through the root logger in the service's format; the access line is
-                # the service's own (observability.http), with the request id and without the query.
+                # Uvicorn logs through the root logger in the service's format. In JSON the access
+                # line is the service's own (observability.http): request id, no query string.
                 log_config=None,
-                access_log=False,
+                access_log=resolved.log_format == "text",
                 proxy_headers=True,
                 # h11, bounded: the default httptools parser reads a header block of any size.
                 http=BoundedH11Protocol,

@@ -27,6 +27,7 @@ REQUEST_ID_HEADER = b"x-request-id"
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 METRICS_PATH = "/metrics"
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
+_METHOD_LABELS = frozenset(m.upper() for m in HTTP_METHODS)  # any other method is labelled OTHER
 
 
 def _operation_names(spec: Mapping[str, Any]) -> dict[str, str]:
@@ -42,6 +43,8 @@ class ObservabilityMiddleware:
     def __init__(self, app: ASGIApp, spec: Mapping[str, Any], runtime: Runtime) -> None:
         self.app = app
         self.token = runtime.settings.metrics_token
+        # Text logs keep uvicorn's access line; JSON ones get this middleware's, with the ids.
+        self.access_lines = runtime.settings.log_format == "json"
         self.registry = metrics.registry(runtime)
         metrics.OPERATION_NAMES.update(_operation_names(spec))
 
@@ -77,19 +80,20 @@ class ObservabilityMiddleware:
             elapsed = time.perf_counter() - started
             routed = (extensions.get("connexion_routing") or {}).get("operation_id")
             operation = metrics.OPERATION_NAMES.get(routed, "unrouted") if routed else "unrouted"
-            method = scope["method"] if scope["method"] in {m.upper() for m in HTTP_METHODS} else "OTHER"
+            method = scope["method"] if scope["method"] in _METHOD_LABELS else "OTHER"
             metrics.HTTP_REQUESTS.labels(operation, method, str(status)).inc()
             metrics.HTTP_DURATION.labels(operation, method).observe(elapsed)
             # The path without its query string: queries may hold search words or addresses.
-            access_log.info(
-                "%s %s %d %.0f ms (%s)",
-                method,
-                scope["path"],
-                status,
-                elapsed * 1000,
-                operation,
-                extra={"operation": operation, "status": status, "duration_ms": round(elapsed * 1000, 1)},
-            )
+            if self.access_lines:
+                access_log.info(
+                    "%s %s %d %.0f ms (%s)",
+                    method,
+                    scope["path"],
+                    status,
+                    elapsed * 1000,
+                    operation,
+                    extra={"operation": operation, "status": status, "duration_ms": round(elapsed * 1000, 1)},
+                )
 
     async def _metrics(self, headers: dict[bytes, bytes], send: Send) -> None:
         authorization = headers.get(b"authorization", b"").decode("latin-1")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,6 +27,7 @@ def prepare_directory(settings: Settings) -> Path:
         directory = settings.data_dir / "metrics"
     else:
         directory = Path(tempfile.mkdtemp(prefix="email-service-metrics-"))
+        atexit.register(_remove_own, directory, os.getpid())
     directory.mkdir(parents=True, exist_ok=True)
     os.environ[MULTIPROC_ENV] = str(directory)
     _remove_dead_files(directory)
@@ -47,3 +50,9 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _remove_own(directory: Path, creator: int) -> None:
+    """The temporary directory goes with the command that made it (not with a fork of it)."""
+    if os.getpid() == creator:
+        shutil.rmtree(directory, ignore_errors=True)
