@@ -15,7 +15,7 @@ import uuid
 
 import httpx
 import pytest
-from helpers import ServiceProcess
+from helpers import ServiceProcess, account_body
 from messages import plain_message, to_bytes
 from syncing import imap_account
 from test_embedded import mint
@@ -216,3 +216,19 @@ def test_worker_prints_no_deprecation_warnings(tmp_path, backing):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Warning" not in done.stderr and "Warning" not in done.stdout, done.stderr[-3000:]
     assert time.monotonic() - started < 120
+
+
+def test_a_rate_limited_request_is_counted_by_operation(client, user):
+    """In one process (no multiprocess directory): the app's own metrics, by the spec's operationId."""
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    rejected = ("email_service_rate_limit_rejections_total", {"operation": "createAccount"})
+    before = sample(rejected[0], **rejected[1])
+    statuses = [client.post("/api/accounts", json=account_body(), headers=user.headers).status_code for _ in range(11)]
+    assert statuses.count(429) == 1
+    assert sample(rejected[0], **rejected[1]) == before + 1
+    labels = {"operation": "createAccount", "method": "POST", "status": "429"}
+    assert sample("email_service_http_requests_total", **labels) >= 1
