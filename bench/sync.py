@@ -33,6 +33,7 @@ import psutil  # noqa: E402
 from cryptography.fernet import Fernet  # noqa: E402
 from mailservers import Dovecot, ensure_dovecot_installed, make_tls_files  # noqa: E402
 from messages import realistic_mix  # noqa: E402
+from sqlalchemy import text  # noqa: E402
 
 from email_service import embedded, migrate  # noqa: E402
 from email_service.config import Settings  # noqa: E402
@@ -161,6 +162,22 @@ def run_worker_until_done(env: dict, runtime: Runtime, task_id: str) -> tuple[fl
     return (task.finished_at - task.started_at).total_seconds(), wall, peak_kib, tree, task
 
 
+def storage_footprint(runtime: Runtime, data_dir: Path) -> dict[str, tuple[int, int]]:
+    """Rows and bytes (heap, indexes and TOAST) of each table, and the object store's bytes, after a sync."""
+    sizes: dict[str, tuple[int, int]] = {}
+    with runtime.db.maintenance_session() as session:
+        tables = session.execute(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
+        ).scalars()
+        for table in list(tables):
+            rows = session.execute(text(f'SELECT count(*) FROM "{table}"')).scalar_one()  # noqa: S608 - catalog names
+            size = session.execute(text("SELECT pg_total_relation_size(:t)"), {"t": table}).scalar_one()
+            sizes[table] = (rows, size)
+    objects = [p for p in (data_dir / "objects").rglob("*") if p.is_file()]
+    sizes["(object storage)"] = (len(objects), sum(p.stat().st_size for p in objects))
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=10_000)
@@ -233,6 +250,7 @@ def main() -> None:
             runtime = Runtime.build(running)
             first = tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account.id)
             initial, initial_wall, peak_kib, tree, _ = run_worker_until_done(env, runtime, first.task_id)
+            storage = storage_footprint(runtime, running.data_dir)
             again = tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account.id)
             resync, _, _, _, task = run_worker_until_done(env, runtime, again.task_id)
             folders = task.result["foldersSync"]
@@ -254,6 +272,13 @@ def main() -> None:
     print(f"worker peak RSS                   {peak_kib / 1024:8.0f} MB  (target < 200 MB)")
     print(f"job peak, horse RSS + workers USS {tree.peak_job / 2**20:8.0f} MB  (sampled; target < 200 MB)")
     print(f"worker tree peak, PSS summed      {tree.peak_tree_pss / 2**20:8.0f} MB  (sampled, worker included)")
+    print(f"\nstorage after the initial sync, per message ({args.messages} messages):")
+    for table, (rows, size) in sorted(storage.items(), key=lambda item: -item[1][1]):
+        if rows or size > 16384:
+            per = args.messages
+            print(f"  {table:28} {rows:8d} rows {size / 2**20:8.1f} MB   {rows / per:6.2f} rows, {size / per:8.0f} B")
+    total = sum(size for table, (_, size) in storage.items() if not table.startswith("("))
+    print(f"  database total per message   {total / args.messages:8.0f} B")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,11 @@ from sqlalchemy.exc import OperationalError
 
 from email_service import __version__, embedded, migrate
 from email_service.config import ConfigError, Settings, load_settings
+from email_service.observability import logs, process
 
 log = logging.getLogger("email_service")
+# Commands that record metrics (and serve them, on the API port or EMAIL_SERVICE_METRICS_PORT).
+LONG_RUNNING = {"serve", "worker", "watch", "webhooks"}
 
 
 class StartupError(Exception):
@@ -50,6 +53,8 @@ def _worker_env(settings: Settings) -> dict[str, str]:
         EMAIL_SERVICE_DATA_DIR=str(settings.data_dir),
         EMAIL_SERVICE_STORAGE_KEY=settings.storage_signing_key,
     )
+    # The children write their metrics to serve's directory, and serve's port shows them.
+    env.pop("EMAIL_SERVICE_METRICS_PORT", None)
     return env
 
 
@@ -65,6 +70,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from email_service.api.app import create_app
     from email_service.api.header_limit import BoundedH11Protocol
+    from email_service.observability import metrics
     from email_service.runtime import Runtime
 
     embedded_default = settings.embedded_postgres or settings.embedded_redis
@@ -83,6 +89,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         for child in children:
             child.start()
         runtime = Runtime.build(resolved)
+        metrics.serve_port(resolved, runtime)
         try:
             uvicorn.run(
                 create_app(runtime),
@@ -90,6 +97,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                 port=args.port,
                 lifespan="on",
                 log_level=resolved.log_level.lower(),
+                # Uvicorn logs through the root logger in the service's format. In JSON the access
+                # line is the service's own (observability.http): request id, no query string.
+                log_config=None,
+                access_log=resolved.log_format == "text",
                 proxy_headers=True,
                 # h11, bounded: the default httptools parser reads a header block of any size.
                 http=BoundedH11Protocol,
@@ -155,27 +166,33 @@ class ChildSupervisor:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from email_service.observability import metrics
     from email_service.queue.worker import run_worker
 
     # SIGTERM stops the pool warmly (each process finishes its job); the embedded servers are
     # then left for the other commands still using them, or stopped if this was the last.
     with embedded.services(settings) as resolved:
+        metrics.serve_port(resolved)
         run_worker(resolved, burst=args.burst, schedule=args.schedule, processes=args.processes)
     return 0
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from email_service.observability import metrics
     from email_service.watch.watcher import run_watcher
 
     with embedded.services(settings) as resolved:
+        metrics.serve_port(resolved)
         run_watcher(resolved)
     return 0
 
 
 def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    from email_service.observability import metrics
     from email_service.webhooks.dispatcher import run_dispatcher
 
     with embedded.services(settings) as resolved:
+        metrics.serve_port(resolved)
         run_dispatcher(resolved)
     return 0
 
@@ -296,11 +313,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings() if getattr(args, "needs_settings", True) else None
         if settings is not None:
-            logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            logs.configure(settings)
             if settings.embedded_postgres or settings.embedded_redis:
                 # The embedded default keeps secrets, mail and queues in its data directory:
                 # whatever this command writes there is its owner's alone.
                 os.umask(0o077)
+            if args.command in LONG_RUNNING:
+                process.prepare_directory(settings)  # before any metric exists
         return args.handler(args, settings)
     except (ConfigError, StartupError) as exc:
         print(f"email-service: error: {exc}", file=sys.stderr)

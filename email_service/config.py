@@ -82,6 +82,12 @@ class Settings:
     # they are opened, not how many pile up.
     events_max_streams_per_user: int = 20
     log_level: str = "INFO"
+    # Observability: "text" or "json" log lines; /metrics on its own port (every command) and/or on
+    # the API's port for holders of the token (unset: neither).
+    log_format: str = "text"
+    metrics_port: int | None = None
+    metrics_address: str = "0.0.0.0"  # noqa: S104 - a metrics port is for the cluster's scraper
+    metrics_token: str | None = None
     # Mail servers on non-public addresses the operator lets accounts reach (EMAIL_SERVICE_ALLOWED_DESTINATIONS).
     destinations: DestinationPolicy = DestinationPolicy()
     # Webhooks: waits between delivery attempts (default in queue/policy.py), the HTTP timeouts,
@@ -260,6 +266,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     log_level = env.get("EMAIL_SERVICE_LOG_LEVEL", "INFO").upper()
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("EMAIL_SERVICE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    log_format = env.get("EMAIL_SERVICE_LOG_FORMAT", "text").lower()
+    if log_format not in {"text", "json"}:
+        raise ConfigError("EMAIL_SERVICE_LOG_FORMAT must be text or json")
+    metrics_token = env.get("EMAIL_SERVICE_METRICS_TOKEN") or None
+    if metrics_token is not None and len(metrics_token) < 16:
+        raise ConfigError("EMAIL_SERVICE_METRICS_TOKEN must be at least 16 characters long")
 
     minio_endpoint = env.get("MINIO_ENDPOINT") or None
     minio_access = env.get("MINIO_ACCESS_KEY") or None
@@ -313,6 +325,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         events_db_pool_size=_int(env, "EMAIL_SERVICE_EVENTS_DB_POOL_SIZE", 4),
         events_max_streams_per_user=_int(env, "EMAIL_SERVICE_EVENTS_MAX_STREAMS_PER_USER", 20),
         log_level=log_level,
+        log_format=log_format,
+        metrics_port=_int(env, "EMAIL_SERVICE_METRICS_PORT", 0, minimum=0) or None,
+        metrics_address=env.get("EMAIL_SERVICE_METRICS_ADDRESS") or "0.0.0.0",  # noqa: S104 - see Settings
+        metrics_token=metrics_token,
         destinations=_destinations(env),
         webhook_retry_schedule=_schedule(env, "EMAIL_SERVICE_WEBHOOK_RETRY_SCHEDULE"),
         webhook_timeout_seconds=_seconds(env, "EMAIL_SERVICE_WEBHOOK_TIMEOUT_SECONDS", 10.0),

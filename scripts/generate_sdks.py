@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import os
 import re
 import shutil
@@ -64,7 +65,14 @@ class Sdk:
 def _properties(language: str, scope: str, bare: str, version: str) -> dict[str, str]:
     """Each generator's own settings for the spec's one package name and version."""
     if language == "typescript":
-        return {"npmName": f"@{scope}/{bare}" if scope else bare, "npmVersion": version, "supportsES6": "true"}
+        return {
+            "npmName": f"@{scope}/{bare}" if scope else bare,
+            "npmVersion": version,
+            "supportsES6": "true",
+            # Node resolves ES module imports only by their full file name: without the extension
+            # the ESM build fails in plain Node with ERR_MODULE_NOT_FOUND for "./runtime".
+            "importFileExtension": ".js",
+        }
     if language == "python":
         return {
             "packageName": bare.replace("-", "_"),
@@ -126,11 +134,32 @@ def generate(out_dir: Path, spec_path: Path = SPEC) -> None:
             if sdk.generator == "go":
                 # The generator's Go is not gofmt-clean; Go users and their linters expect it to be.
                 subprocess.run(["gofmt", "-w", str(target)], check=True)
+            if sdk.generator == "typescript-fetch":
+                _esm_for_node(target / "package.json")
             final = out_dir / sdk.language
             if final.exists():
                 shutil.rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(target), final)
+
+
+def _esm_for_node(package_json: Path) -> None:
+    """Let Node load the ES module build as one, by ``import`` of the package or of dist/esm.
+
+    The generator's package.json names the ESM build only for bundlers (``module``): Node would
+    give ``import`` the CommonJS build, and parse dist/esm as CommonJS first (warning as it
+    re-parses). The build marks dist/esm as ES modules and ``exports`` sends each loader to its build.
+    """
+    package = json.loads(package_json.read_text())
+    mark_esm = r'''node -e "require('fs').writeFileSync('dist/esm/package.json', '{\"type\":\"module\"}\n')"'''
+    package["scripts"]["build"] = f"{package['scripts']['build']} && {mark_esm}"
+    package["exports"] = {
+        ".": {
+            "import": {"types": "./dist/esm/index.d.ts", "default": "./dist/esm/index.js"},
+            "require": {"types": "./dist/index.d.ts", "default": "./dist/index.js"},
+        }
+    }
+    package_json.write_text(json.dumps(package, indent=2) + "\n")
 
 
 # What building or installing an SDK leaves beside its sources (git ignores these too).

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ensure_debian_packages
+from helpers import ServiceProcess, ensure_debian_packages, service_env
+from test_embedded import mint
 
 ROOT = Path(__file__).resolve().parent.parent
 SDKS = ROOT / "client-sdks"
@@ -75,15 +78,82 @@ def test_sdks_carry_the_spec_package_settings_and_every_operation() -> None:
         assert f") {operation_id[0].upper()}{operation_id[1:]}(" in go_apis, operation_id
 
 
-@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed (Node.js is not needed elsewhere)")
-def test_typescript_sdk_builds_with_npm(tmp_path: Path) -> None:
-    work = tmp_path / "typescript"
+NEEDS_NPM = pytest.mark.skipif(
+    shutil.which("npm") is None, reason="npm is not installed (Node.js is needed nowhere else)"
+)
+
+
+@pytest.fixture(scope="module")
+def typescript_build(tmp_path_factory) -> Path:
+    """The TypeScript SDK built as a user builds it (npm install, npm run build), under node_modules/ of a project."""
+    project = tmp_path_factory.mktemp("ts-user")
+    work = project / "node_modules" / "@metabuilder" / "email-service-client"
     shutil.copytree(SDKS / "typescript", work)
     for step in (["npm", "install", "--no-audit", "--no-fund"], ["npm", "run", "build"]):
         done = subprocess.run(step, cwd=work, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{' '.join(step)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return work
+
+
+@NEEDS_NPM
+def test_typescript_sdk_builds_with_npm(typescript_build: Path) -> None:
+    work = typescript_build
     assert (work / "dist" / "index.js").exists() and (work / "dist" / "index.d.ts").exists()
+    assert (work / "dist" / "esm" / "index.js").exists()
     assert "listAccounts" in (work / "dist" / "apis" / "AccountsApi.d.ts").read_text()
+
+
+# The same journey in both module systems: create an account, then find it in the list.
+_TS_JOURNEY = """
+const api = new sdk.AccountsApi(new sdk.Configuration({ basePath: process.env.BASE, accessToken: process.env.TOKEN }));
+const created = await api.createAccount({ createAccountRequest: {
+  accountName: process.env.NAME, emailAddress: "ts@example.com", protocol: "imap", hostname: "imap.example.com",
+  port: 993, encryption: "tls", username: "ts@example.com", password: "app-password", isSyncEnabled: false } });
+const listed = await api.listAccounts();
+let refused = null;
+try { await new sdk.AccountsApi(new sdk.Configuration({ basePath: process.env.BASE })).listAccounts(); }
+catch (error) { refused = error.response.status; }
+console.log(JSON.stringify({ id: created.id, names: listed.accounts.map((a) => a.accountName), refused }));
+"""
+_TS_PACKAGE = "@metabuilder/email-service-client"
+_TS_CLIENTS = {
+    "cjs": ("journey.cjs", f"const sdk = require('{_TS_PACKAGE}');\n(async () => {{{_TS_JOURNEY}}})();"),
+    "esm": ("journey.mjs", f"import * as sdk from '{_TS_PACKAGE}';\n{_TS_JOURNEY}"),
+    "esm-build": ("direct.mjs", "const sdk = await import(process.env.ESM_BUILD);\n" + _TS_JOURNEY),
+}
+
+
+@NEEDS_NPM
+@pytest.mark.parametrize("flavour", sorted(_TS_CLIENTS))
+def test_the_built_typescript_client_drives_the_running_service(flavour, typescript_build, backing, tmp_path) -> None:
+    """CommonJS (require), ES modules through the package (import) and the ESM build itself, in plain Node."""
+    env = service_env(backing, EMAIL_SERVICE_RATE_LIMITS="false")
+    service = ServiceProcess(env, tmp_path, "--no-embedded-worker")
+    try:
+        service.wait_healthy()
+        project = typescript_build.parent.parent.parent
+        name, source = _TS_CLIENTS[flavour]
+        (project / name).write_text(source)
+        done = subprocess.run(
+            ["node", name],
+            cwd=project,
+            env={
+                "PATH": os.environ["PATH"],
+                "BASE": service.url,
+                "TOKEN": mint(env, uuid.uuid4(), uuid.uuid4()),
+                "NAME": f"From {flavour}",
+                "ESM_BUILD": (typescript_build / "dist" / "esm" / "index.js").as_uri(),
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        service.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == ""  # no module-type warning, nothing re-parsed
+    answer = json.loads(done.stdout)
+    assert answer["names"] == [f"From {flavour}"] and answer["id"] and answer["refused"] == 401
 
 
 def test_go_sdk_is_gofmt_clean_and_compiles(generator_tools, tmp_path: Path) -> None:

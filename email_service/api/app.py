@@ -32,6 +32,7 @@ from email_service.api.validation import (
 )
 from email_service.changes.stream import EventHub
 from email_service.db import libpq_url
+from email_service.observability.http import ObservabilityMiddleware
 from email_service.runtime import Runtime
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "spec" / "openapi.yaml"
@@ -209,5 +210,6 @@ def create_app(runtime: Runtime) -> FlaskApp:
         max_catch_up=settings.events_max_catch_up,
         max_streams_per_user=settings.events_max_streams_per_user,
     )
+    app.add_middleware(ObservabilityMiddleware, MiddlewarePosition.BEFORE_EXCEPTION, spec=spec, runtime=runtime)
     errors.install(app, _allowed_methods_finder(spec))
     return app

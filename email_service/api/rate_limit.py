@@ -22,6 +22,7 @@ from limits.strategies import MovingWindowRateLimiter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from email_service.api.errors import RATE_LIMIT_HEADERS_KEY, RateLimitExceeded
+from email_service.observability import metrics
 
 log = logging.getLogger(__name__)
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
@@ -119,6 +120,7 @@ class RateLimitMiddleware:
         allowed, headers = outcome
         extensions[RATE_LIMIT_HEADERS_KEY] = headers
         if not allowed:
+            metrics.rate_limited(operation_id)
             raise RateLimitExceeded(f"Too many requests - try again in {headers['Retry-After']} seconds", headers)
         raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
 

@@ -34,6 +34,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from email_service.changes.log import CHANNEL
 from email_service.errors import BadRequestError, DependencyUnavailableError, NotFoundError, TooManyRequestsError
+from email_service.observability import metrics
 from email_service.tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -449,6 +450,7 @@ class EventStream:
             for row in rows:
                 after = row[1]
                 self.position[account] = after
+                metrics.lag_since(metrics.EVENT_LAG, None if catching_up else row[7])  # replays are not lag
                 yield _change_event(row, self.position)
             # A commit may have landed since the notification: read on until a short page.
             if len(rows) < READ_BATCH:

@@ -23,6 +23,7 @@ from email_service.mail.parse_pool import ParseJob, ParsePool
 from email_service.mailbox.result import ProgressCallback, SyncResult
 from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
 from email_service.models import Folder
+from email_service.observability import metrics
 from email_service.protocols.errors import ConnectionFailed, MailServerError
 from email_service.protocols.imap import ImapSession
 
@@ -103,7 +104,7 @@ class ImapSync:
 
     def run(self) -> SyncResult:
         try:
-            return self._run()
+            return metrics.sync_finished("imap", self._run())
         finally:
             if self._pool is not None:
                 self._pool.close()
@@ -199,6 +200,7 @@ class ImapSync:
                     IncomingMessage(raw=m.raw, uid=m.uid, flags=m.flags, internaldate=m.internaldate, modseq=m.modseq)
                     for m in self.session.fetch_messages(batch)
                 ]
+                metrics.fetched("imap", (item.raw for item in incoming))
                 writer.put(incoming, pool.parse([item.raw for item in incoming]) if pool is not None else None)
         except BaseException:
             # What was fetched before the failure is still stored: a sync cut off half way loses nothing.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from email_service.mailbox.result import ProgressCallback, SyncResult
 from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
+from email_service.observability import metrics
 from email_service.protocols.pop3 import Pop3Session
 
 INBOX = RemoteFolder(name="INBOX", display_name="Inbox", type="inbox", delimiter=None, parent_name=None, attributes=())
@@ -31,6 +32,7 @@ class Pop3Sync:
         for start in range(0, len(new), BATCH_MESSAGES):
             chunk = new[start : start + BATCH_MESSAGES]
             incoming = [IncomingMessage(raw=self.session.retrieve(on_server[uidl]), uidl=uidl) for uidl in chunk]
+            metrics.fetched("pop3", (item.raw for item in incoming))
             added, errors = self.store.add_messages(inbox, incoming)
             self.result.messages_added += len(added)
             self.result.errors += errors
@@ -44,4 +46,4 @@ class Pop3Sync:
         )
         self.result.folders_synced = 1
         self.progress(100)
-        return self.result
+        return metrics.sync_finished("pop3", self.result)

@@ -12,6 +12,7 @@ from email_service.changes.log import record
 from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.models import Account, Attachment, DeliveryStatus, Folder, Message
+from email_service.observability import metrics
 from email_service.outgoing.build import Original, OutgoingAttachment, build_message, wire_bytes
 from email_service.protocols.servers import MailServer
 from email_service.services.servers import servers_of
@@ -111,6 +112,7 @@ def set_status(
         session.execute(
             update(Message).where(Message.id == message_id).values(delivery_status=str(status), delivery_error=error)
         )
+        metrics.delivery_status_changed(row.delivery_status, status)
         if row.delivery_status != str(status):
             record(
                 session,

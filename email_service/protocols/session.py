@@ -5,6 +5,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from email_service.observability import metrics
 from email_service.protocols.destinations import DestinationPolicy
 from email_service.protocols.errors import MailServerError, describe
 
@@ -48,7 +49,7 @@ class MailSession:
             self._open()
         except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
             self.close()
-            raise describe(exc, self.host, self.port) from None
+            raise metrics.session_failed(self, describe(exc, self.host, self.port)) from None
         return self
 
     def __exit__(

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from rq import get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.timeouts import JobTimeoutException
@@ -33,6 +34,7 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from email_service.models import Task, TaskKind, TaskStatus
+from email_service.observability import logs, metrics
 from email_service.queue.context import job_runtime
 from email_service.queue.locks import AccountLock
 from email_service.queue.policy import HEARTBEAT_SECONDS, RETENTION, STALE_SECONDS, TaskPolicy, policy
@@ -79,6 +81,7 @@ class TaskContext:
     holds_account: bool = False  # the runner holds the account's lock for the whole run
     _progress: int = 0
     _reported_at: float = field(default=0.0)
+    started: float = field(default_factory=time.monotonic)
 
     def progress(self, percent: int) -> None:
         """Record progress (0-100); written at most twice a second and never backwards."""
@@ -133,6 +136,7 @@ def run_task(task_id: str, tenant_id: str, user_id: str, carrier_id: str) -> Non
     principal = Principal(uuid.UUID(tenant_id), uuid.UUID(user_id))
     with runtime.db.maintenance_session() as session:
         task = session.get(Task, task_id)
+    logs.start_job(task_id, tenant_id, task.account_id if task else None, getattr(get_current_job(), "meta", None))
     if task is None or task.carrier_id != carrier_id or not task.status.active or task.status is TaskStatus.STARTED:
         log.info("carrier %s of task %s has nothing to do (superseded or finished)", carrier_id, task_id)
         return
@@ -195,6 +199,7 @@ def _claim(runtime: Runtime, principal: Principal, task_id: str, carrier_id: str
     if task is None:
         log.info("carrier %s of task %s has nothing to do (superseded or finished)", carrier_id, task_id)
         return None
+    metrics.job_claimed(task.kind, max(task.created_at, task.run_after or task.created_at))
     return TaskContext(
         runtime=runtime,
         task_id=task.id,
@@ -221,6 +226,7 @@ def _update(context: TaskContext, **values: Any) -> bool:
 
 def _finish(context: TaskContext, status: TaskStatus, **values: Any) -> bool:
     values.update(status=status, finished_at=datetime.now(UTC))
+    metrics.job_ended(context.kind, str(status), context.started)
     if status is TaskStatus.SUCCESS:
         values.update(progress=100, error=None)
     return _update(context, **values)
@@ -243,6 +249,7 @@ def run_failure_hook(runtime: Runtime, kind: TaskKind, context: TaskContext, mes
 
 def _retry(context: TaskContext, message: str, delay: int) -> None:
     run_after = datetime.now(UTC) + timedelta(seconds=delay)
+    metrics.job_ended(context.kind, "retry", context.started)
     if _update(context, status=TaskStatus.RETRY, error=message, run_after=run_after):
         log.info("task %s: try %d failed (%s); next in %d s", context.task_id, context.attempt, message, delay)
         push(context.runtime, context.task_id, context.principal, context.kind, delay=delay)
@@ -250,6 +257,7 @@ def _retry(context: TaskContext, message: str, delay: int) -> None:
 
 def _defer(context: TaskContext, deferred: TaskDeferred) -> None:
     run_after = datetime.now(UTC) + timedelta(seconds=deferred.seconds)
+    metrics.job_ended(context.kind, "deferred", context.started)
     # Waiting for the account is not a try: the attempt counted at claim is given back.
     if _update(context, status=TaskStatus.PENDING, attempts=Task.attempts - 1, run_after=run_after, heartbeat_at=None):
         push(context.runtime, context.task_id, context.principal, context.kind, delay=deferred.seconds)

@@ -23,6 +23,7 @@ from rq.rate_limit import RateLimit
 from sqlalchemy import func, select, text, update
 
 from email_service.models import Task, TaskKind, TaskStatus
+from email_service.observability import logs
 from email_service.queue.policy import STALE_SECONDS, policy
 from email_service.runtime import Runtime
 from email_service.tenancy import Principal
@@ -200,6 +201,7 @@ def push(
         failure_ttl=24 * 3600,
         description=f"{kind} task {task_id}",
         rate_limit=RateLimit(f"email_service:tenant:{principal.tenant_id}", runtime.settings.tenant_concurrency),
+        meta=logs.carried(),  # the job's log lines carry the id of the request that asked for it
     )
     args = (task_id, str(principal.tenant_id), str(principal.user_id), carrier_id)
     queue = Queue(rules.queue, connection=runtime.redis)

@@ -17,6 +17,7 @@ from rq import Worker
 from rq.worker_pool import WorkerPool
 
 from email_service.config import Settings
+from email_service.observability import metrics
 from email_service.queue import context
 from email_service.queue.connection import QUEUE_NAMES, redis_from_url
 from email_service.queue.scheduler import Scheduler
@@ -49,6 +50,10 @@ class ServiceWorker(Worker):
         kwargs.setdefault("maintenance_interval", MAINTENANCE_SECONDS)
         super().__init__(*args, **kwargs)
         die_with_parent()
+
+    def main_work_horse(self, job: Any, queue: Any) -> None:
+        metrics.adopt_job_identity()  # one metrics file for all of this worker's horses, not one per job
+        super().main_work_horse(job, queue)
 
 
 def run_worker(settings: Settings, *, burst: bool = False, schedule: bool = True, processes: int | None = None) -> None:

@@ -33,6 +33,7 @@ from sqlalchemy import text
 from email_service.config import Settings
 from email_service.crypto import CredentialError
 from email_service.mailbox.live import refresh_folder
+from email_service.observability import metrics
 from email_service.protocols.destinations import DestinationRefused
 from email_service.protocols.errors import MailServerError
 from email_service.protocols.tls import client_context
@@ -182,6 +183,7 @@ class Watcher:
                 if servers is None:
                     return
                 connection = await IdleConnection.open(servers.incoming, self.settings, self.tls)
+                metrics.IDLE_CONNECTIONS.inc()
                 if not connection.supports_idle:
                     log.info("account %s: server has no IDLE; left to interval sync", account.account_id)
                     self.paused[account.account_id] = loop.time() + NO_IDLE_PAUSE
@@ -202,6 +204,7 @@ class Watcher:
             except asyncio.CancelledError:
                 raise
             except (MailServerError, CredentialError, OSError, TimeoutError) as exc:
+                metrics.connection_failed("imap", exc)
                 if isinstance(exc, CredentialError | DestinationRefused) or getattr(exc, "permanent", False):
                     # A refused login, an unknown host, a certificate or a destination the policy
                     # refuses stays so until someone changes the account, which restarts its watch;
@@ -213,6 +216,7 @@ class Watcher:
                 log.exception("account %s: watch failed; again in %.0f s", account.account_id, wait)
             finally:
                 if connection is not None:
+                    metrics.IDLE_CONNECTIONS.dec()
                     await connection.close()
             if self.stopping.is_set():
                 return

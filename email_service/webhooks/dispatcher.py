@@ -38,6 +38,7 @@ from email_service.config import Settings
 from email_service.crypto import CredentialCipher, CredentialError
 from email_service.db import Database, sqlalchemy_url
 from email_service.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from email_service.observability import metrics
 from email_service.protocols.destinations import DestinationRefused
 from email_service.protocols.tls import client_context
 from email_service.queue.policy import WEBHOOK_ENDPOINT_BACKOFF, webhook_retry_delay
@@ -375,6 +376,7 @@ class Dispatcher:
             reason = None
             if outcome.succeeded:
                 delivery.status = "succeeded"
+                metrics.lag_since(metrics.WEBHOOK_LAG, delivery.created_at)
             elif outcome.status_code == 410:
                 delivery.status = "failed"
                 reason = "the endpoint answered 410 Gone"

@@ -12,32 +12,32 @@
  * Do not edit the class manually.
  */
 
-import * as runtime from '../runtime';
+import * as runtime from '../runtime.js';
 import {
     type AccountListResponse,
     AccountListResponseFromJSON,
     AccountListResponseToJSON,
-} from '../models/AccountListResponse';
+} from '../models/AccountListResponse.js';
 import {
     type AccountResponse,
     AccountResponseFromJSON,
     AccountResponseToJSON,
-} from '../models/AccountResponse';
+} from '../models/AccountResponse.js';
 import {
     type CreateAccountRequest,
     CreateAccountRequestFromJSON,
     CreateAccountRequestToJSON,
-} from '../models/CreateAccountRequest';
+} from '../models/CreateAccountRequest.js';
 import {
     type ErrorResponse,
     ErrorResponseFromJSON,
     ErrorResponseToJSON,
-} from '../models/ErrorResponse';
+} from '../models/ErrorResponse.js';
 import {
     type UpdateAccountRequest,
     UpdateAccountRequestFromJSON,
     UpdateAccountRequestToJSON,
-} from '../models/UpdateAccountRequest';
+} from '../models/UpdateAccountRequest.js';
 
 export interface CreateAccountOperationRequest {
     /**

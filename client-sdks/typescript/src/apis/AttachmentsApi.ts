@@ -12,17 +12,17 @@
  * Do not edit the class manually.
  */
 
-import * as runtime from '../runtime';
+import * as runtime from '../runtime.js';
 import {
     type Attachment,
     AttachmentFromJSON,
     AttachmentToJSON,
-} from '../models/Attachment';
+} from '../models/Attachment.js';
 import {
     type ErrorResponse,
     ErrorResponseFromJSON,
     ErrorResponseToJSON,
-} from '../models/ErrorResponse';
+} from '../models/ErrorResponse.js';
 
 export interface DownloadAttachmentRequest {
     /**

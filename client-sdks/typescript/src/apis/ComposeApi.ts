@@ -12,32 +12,32 @@
  * Do not edit the class manually.
  */
 
-import * as runtime from '../runtime';
+import * as runtime from '../runtime.js';
 import {
     type ErrorResponse,
     ErrorResponseFromJSON,
     ErrorResponseToJSON,
-} from '../models/ErrorResponse';
+} from '../models/ErrorResponse.js';
 import {
     type RetrySend202Response,
     RetrySend202ResponseFromJSON,
     RetrySend202ResponseToJSON,
-} from '../models/RetrySend202Response';
+} from '../models/RetrySend202Response.js';
 import {
     type SaveDraft201Response,
     SaveDraft201ResponseFromJSON,
     SaveDraft201ResponseToJSON,
-} from '../models/SaveDraft201Response';
+} from '../models/SaveDraft201Response.js';
 import {
     type SendEmail202Response,
     SendEmail202ResponseFromJSON,
     SendEmail202ResponseToJSON,
-} from '../models/SendEmail202Response';
+} from '../models/SendEmail202Response.js';
 import {
     type SendEmailRequest,
     SendEmailRequestFromJSON,
     SendEmailRequestToJSON,
-} from '../models/SendEmailRequest';
+} from '../models/SendEmailRequest.js';
 
 export interface RetrySendRequest {
     /**

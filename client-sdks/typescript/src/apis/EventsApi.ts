@@ -12,17 +12,17 @@
  * Do not edit the class manually.
  */
 
-import * as runtime from '../runtime';
+import * as runtime from '../runtime.js';
 import {
     type ErrorResponse,
     ErrorResponseFromJSON,
     ErrorResponseToJSON,
-} from '../models/ErrorResponse';
+} from '../models/ErrorResponse.js';
 import {
     type StreamEvents200Response,
     StreamEvents200ResponseFromJSON,
     StreamEvents200ResponseToJSON,
-} from '../models/StreamEvents200Response';
+} from '../models/StreamEvents200Response.js';
 
 export interface StreamEventsRequest {
     /**

@@ -12,17 +12,17 @@
  * Do not edit the class manually.
  */
 
-import * as runtime from '../runtime';
+import * as runtime from '../runtime.js';
 import {
     type ErrorResponse,
     ErrorResponseFromJSON,
     ErrorResponseToJSON,
-} from '../models/ErrorResponse';
+} from '../models/ErrorResponse.js';
 import {
     type ListFolders200Response,
     ListFolders200ResponseFromJSON,
     ListFolders200ResponseToJSON,
-} from '../models/ListFolders200Response';
+} from '../models/ListFolders200Response.js';
 
 export interface ListFoldersRequest {
     /**

@@ -12,27 +12,27 @@
  * Do not edit the class manually.
  */
 
-import * as runtime from '../runtime';
+import * as runtime from '../runtime.js';
 import {
     type ErrorResponse,
     ErrorResponseFromJSON,
     ErrorResponseToJSON,
-} from '../models/ErrorResponse';
+} from '../models/ErrorResponse.js';
 import {
     type ListMessages200Response,
     ListMessages200ResponseFromJSON,
     ListMessages200ResponseToJSON,
-} from '../models/ListMessages200Response';
+} from '../models/ListMessages200Response.js';
 import {
     type MessageDetail,
     MessageDetailFromJSON,
     MessageDetailToJSON,
-} from '../models/MessageDetail';
+} from '../models/MessageDetail.js';
 import {
     type UpdateMessageRequest,
     UpdateMessageRequestFromJSON,
     UpdateMessageRequestToJSON,
-} from '../models/UpdateMessageRequest';
+} from '../models/UpdateMessageRequest.js';
 
 export interface GetMessageRequest {
     /**

@@ -12,27 +12,27 @@
  * Do not edit the class manually.
  */
 
-import * as runtime from '../runtime';
+import * as runtime from '../runtime.js';
 import {
     type ErrorResponse,
     ErrorResponseFromJSON,
     ErrorResponseToJSON,
-} from '../models/ErrorResponse';
+} from '../models/ErrorResponse.js';
 import {
     type GetSyncStatus200Response,
     GetSyncStatus200ResponseFromJSON,
     GetSyncStatus200ResponseToJSON,
-} from '../models/GetSyncStatus200Response';
+} from '../models/GetSyncStatus200Response.js';
 import {
     type SyncAccount202Response,
     SyncAccount202ResponseFromJSON,
     SyncAccount202ResponseToJSON,
-} from '../models/SyncAccount202Response';
+} from '../models/SyncAccount202Response.js';
 import {
     type SyncAccountRequest,
     SyncAccountRequestFromJSON,
     SyncAccountRequestToJSON,
-} from '../models/SyncAccountRequest';
+} from '../models/SyncAccountRequest.js';
 
 export interface GetSyncStatusRequest {
     /**

@@ -12,17 +12,17 @@
  * Do not edit the class manually.
  */
 
-import * as runtime from '../runtime';
+import * as runtime from '../runtime.js';
 import {
     type ErrorResponse,
     ErrorResponseFromJSON,
     ErrorResponseToJSON,
-} from '../models/ErrorResponse';
+} from '../models/ErrorResponse.js';
 import {
     type HealthCheck200Response,
     HealthCheck200ResponseFromJSON,
     HealthCheck200ResponseToJSON,
-} from '../models/HealthCheck200Response';
+} from '../models/HealthCheck200Response.js';
 
 /**
  * 

@@ -12,37 +12,37 @@
  * Do not edit the class manually.
  */
 
-import * as runtime from '../runtime';
+import * as runtime from '../runtime.js';
 import {
     type CreateWebhookRequest,
     CreateWebhookRequestFromJSON,
     CreateWebhookRequestToJSON,
-} from '../models/CreateWebhookRequest';
+} from '../models/CreateWebhookRequest.js';
 import {
     type CreatedWebhook,
     CreatedWebhookFromJSON,
     CreatedWebhookToJSON,
-} from '../models/CreatedWebhook';
+} from '../models/CreatedWebhook.js';
 import {
     type ErrorResponse,
     ErrorResponseFromJSON,
     ErrorResponseToJSON,
-} from '../models/ErrorResponse';
+} from '../models/ErrorResponse.js';
 import {
     type WebhookDeliveryListResponse,
     WebhookDeliveryListResponseFromJSON,
     WebhookDeliveryListResponseToJSON,
-} from '../models/WebhookDeliveryListResponse';
+} from '../models/WebhookDeliveryListResponse.js';
 import {
     type WebhookEndpoint,
     WebhookEndpointFromJSON,
     WebhookEndpointToJSON,
-} from '../models/WebhookEndpoint';
+} from '../models/WebhookEndpoint.js';
 import {
     type WebhookListResponse,
     WebhookListResponseFromJSON,
     WebhookListResponseToJSON,
-} from '../models/WebhookListResponse';
+} from '../models/WebhookListResponse.js';
 
 export interface CreateWebhookOperationRequest {
     /**

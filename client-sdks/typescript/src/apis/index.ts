@@ -1,13 +1,13 @@
 /* tslint:disable */
 /* eslint-disable */
-export * from './AccountsApi';
-export * from './AttachmentsApi';
-export * from './ChangesApi';
-export * from './ComposeApi';
-export * from './EventsApi';
-export * from './FoldersApi';
-export * from './MessagesApi';
-export * from './StorageApi';
-export * from './SyncApi';
-export * from './SystemApi';
-export * from './WebhooksApi';
+export * from './AccountsApi.js';
+export * from './AttachmentsApi.js';
+export * from './ChangesApi.js';
+export * from './ComposeApi.js';
+export * from './EventsApi.js';
+export * from './FoldersApi.js';
+export * from './MessagesApi.js';
+export * from './StorageApi.js';
+export * from './SyncApi.js';
+export * from './SystemApi.js';
+export * from './WebhooksApi.js';

@@ -12,21 +12,21 @@
  * Do not edit the class manually.
  */
 
-import { mapValues } from '../runtime';
-import type { Account } from './Account';
+import { mapValues } from '../runtime.js';
+import type { Account } from './Account.js';
 import {
     AccountFromJSON,
     AccountFromJSONTyped,
     AccountToJSON,
     AccountToJSONTyped,
-} from './Account';
-import type { Pagination } from './Pagination';
+} from './Account.js';
+import type { Pagination } from './Pagination.js';
 import {
     PaginationFromJSON,
     PaginationFromJSONTyped,
     PaginationToJSON,
     PaginationToJSONTyped,
-} from './Pagination';
+} from './Pagination.js';
 
 /**
  * 

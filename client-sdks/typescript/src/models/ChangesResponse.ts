@@ -12,14 +12,14 @@
  * Do not edit the class manually.
  */
 
-import { mapValues } from '../runtime';
-import type { ChangedIds } from './ChangedIds';
+import { mapValues } from '../runtime.js';
+import type { ChangedIds } from './ChangedIds.js';
 import {
     ChangedIdsFromJSON,
     ChangedIdsFromJSONTyped,
     ChangedIdsToJSON,
     ChangedIdsToJSONTyped,
-} from './ChangedIds';
+} from './ChangedIds.js';
 
 /**
  * 

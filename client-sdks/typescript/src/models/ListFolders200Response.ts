@@ -12,14 +12,14 @@
  * Do not edit the class manually.
  */
 
-import { mapValues } from '../runtime';
-import type { Folder } from './Folder';
+import { mapValues } from '../runtime.js';
+import type { Folder } from './Folder.js';
 import {
     FolderFromJSON,
     FolderFromJSONTyped,
     FolderToJSON,
     FolderToJSONTyped,
-} from './Folder';
+} from './Folder.js';
 
 /**
  * 

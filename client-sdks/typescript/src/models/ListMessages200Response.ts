@@ -12,21 +12,21 @@
  * Do not edit the class manually.
  */
 
-import { mapValues } from '../runtime';
-import type { Pagination } from './Pagination';
+import { mapValues } from '../runtime.js';
+import type { Pagination } from './Pagination.js';
 import {
     PaginationFromJSON,
     PaginationFromJSONTyped,
     PaginationToJSON,
     PaginationToJSONTyped,
-} from './Pagination';
-import type { Message } from './Message';
+} from './Pagination.js';
+import type { Message } from './Message.js';
 import {
     MessageFromJSON,
     MessageFromJSONTyped,
     MessageToJSON,
     MessageToJSONTyped,
-} from './Message';
+} from './Message.js';
 
 /**
  * 

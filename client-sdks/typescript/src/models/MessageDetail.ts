@@ -12,14 +12,14 @@
  * Do not edit the class manually.
  */
 
-import { mapValues } from '../runtime';
-import type { Attachment } from './Attachment';
+import { mapValues } from '../runtime.js';
+import type { Attachment } from './Attachment.js';
 import {
     AttachmentFromJSON,
     AttachmentFromJSONTyped,
     AttachmentToJSON,
     AttachmentToJSONTyped,
-} from './Attachment';
+} from './Attachment.js';
 
 /**
  * 

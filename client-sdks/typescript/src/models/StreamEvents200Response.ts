@@ -12,7 +12,7 @@
  * Do not edit the class manually.
  */
 
-import { mapValues } from '../runtime';
+import { mapValues } from '../runtime.js';
 /**
  * One server-sent event, as a client's EventSource sees it: its name, its data (JSON: a StreamedChange, or the ready/resync object) and its id
  * @export

@@ -12,14 +12,14 @@
  * Do not edit the class manually.
  */
 
-import { mapValues } from '../runtime';
-import type { WebhookAttempt } from './WebhookAttempt';
+import { mapValues } from '../runtime.js';
+import type { WebhookAttempt } from './WebhookAttempt.js';
 import {
     WebhookAttemptFromJSON,
     WebhookAttemptFromJSONTyped,
     WebhookAttemptToJSON,
     WebhookAttemptToJSONTyped,
-} from './WebhookAttempt';
+} from './WebhookAttempt.js';
 
 /**
  * 

@@ -12,14 +12,14 @@
  * Do not edit the class manually.
  */
 
-import { mapValues } from '../runtime';
-import type { WebhookEventType } from './WebhookEventType';
+import { mapValues } from '../runtime.js';
+import type { WebhookEventType } from './WebhookEventType.js';
 import {
     WebhookEventTypeFromJSON,
     WebhookEventTypeFromJSONTyped,
     WebhookEventTypeToJSON,
     WebhookEventTypeToJSONTyped,
-} from './WebhookEventType';
+} from './WebhookEventType.js';
 
 /**
  * 

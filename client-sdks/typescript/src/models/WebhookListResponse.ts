@@ -12,14 +12,14 @@
  * Do not edit the class manually.
  */
 
-import { mapValues } from '../runtime';
-import type { WebhookEndpoint } from './WebhookEndpoint';
+import { mapValues } from '../runtime.js';
+import type { WebhookEndpoint } from './WebhookEndpoint.js';
 import {
     WebhookEndpointFromJSON,
     WebhookEndpointFromJSONTyped,
     WebhookEndpointToJSON,
     WebhookEndpointToJSONTyped,
-} from './WebhookEndpoint';
+} from './WebhookEndpoint.js';
 
 /**
  * 
