@@ -233,8 +233,23 @@ def _finish(context: TaskContext, status: TaskStatus, **values: Any) -> bool:
 
 
 def _fail(context: TaskContext, message: str, *, permanent: bool) -> None:
-    if _finish(context, TaskStatus.FAILURE, error=message):
+    metrics.job_ended(context.kind, str(TaskStatus.FAILURE), context.started)
+    now = datetime.now(UTC)
+    with context.runtime.db.maintenance_session() as session:
+        # The row lock keeps another carrier from taking the task over meanwhile.
+        held = session.execute(
+            select(Task.id).where(Task.id == context.task_id, Task.carrier_id == context.carrier_id).with_for_update()
+        ).first()
+        if held is None:
+            return  # another carrier took the task over: its outcome counts
+        # What the task worked on says so first (a message's delivery status, in its own
+        # transaction), so a client that sees the task failed never sees the message still sending.
         run_failure_hook(context.runtime, context.kind, context, message, permanent)
+        session.execute(
+            update(Task)
+            .where(Task.id == context.task_id)
+            .values(status=TaskStatus.FAILURE, error=message, finished_at=now, updated_at=now)
+        )
 
 
 def run_failure_hook(runtime: Runtime, kind: TaskKind, context: TaskContext, message: str, permanent: bool) -> None:
