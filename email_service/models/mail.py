@@ -88,6 +88,29 @@ class Message(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
 
+class MessageMove(Base):
+    """A move or deletion made through the API that the server has not made yet.
+
+    ``uid`` (IMAP) or ``pop3_uidl`` (POP3) is where the message still is on the server, in
+    ``source_folder_id``; ``target_folder_id`` is where it goes, None to delete it for good.
+    ``message_id`` is the row that follows the move (None once the row is deleted).
+    """
+
+    __tablename__ = "message_moves"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    account_id: Mapped[str] = mapped_column(Text, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False)
+    message_id: Mapped[str | None] = mapped_column(Text, ForeignKey("messages.id", ondelete="SET NULL"), unique=True)
+    source_folder_id: Mapped[str] = mapped_column(Text, ForeignKey("folders.id", ondelete="CASCADE"), nullable=False)
+    uid: Mapped[int | None] = mapped_column(BigInteger)
+    pop3_uidl: Mapped[str | None] = mapped_column(Text)
+    target_folder_id: Mapped[str | None] = mapped_column(Text, ForeignKey("folders.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
 class Attachment(Base):
     __tablename__ = "attachments"
 
