@@ -10,9 +10,8 @@ the server had it would look like one folder deleted and another created).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,11 +48,20 @@ LOCK_WAIT_SECONDS = 10.0
 DEFAULT_DELIMITER = "/"
 
 
-@dataclass(frozen=True)
 class _Held:
-    account: Account
-    folders: dict[str, Folder]
-    session: ImapSession
+    """An account held for a folder operation: its folders, and an IMAP session opened on first use,
+    so that a request refused by its own checks never reaches the mail server."""
+
+    def __init__(self, account: Account, folders: dict[str, Folder], open_session: Callable[[], ImapSession]) -> None:
+        self.account, self.folders = account, folders
+        self._open_session = open_session
+        self._session: ImapSession | None = None
+
+    @property
+    def session(self) -> ImapSession:
+        if self._session is None:
+            self._session = self._open_session()
+        return self._session
 
 
 def _refuse(what: str, exc: MailServerError) -> Exception:
@@ -92,8 +100,8 @@ def _held(runtime: Runtime, principal: Principal, account_id: str, what: str) ->
         with runtime.db.tenant_session(principal) as session:
             folders = {f.id: f for f in session.scalars(select(Folder).where(Folder.account_id == account_id))}
         try:
-            with servers.incoming.imap(runtime.settings) as imap:
-                yield _Held(account, folders, imap)
+            with ExitStack() as stack:
+                yield _Held(account, folders, lambda: stack.enter_context(servers.incoming.imap(runtime.settings)))
         except MailServerError as exc:
             raise _refuse(what, exc) from None
     finally:
