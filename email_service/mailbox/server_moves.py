@@ -174,7 +174,8 @@ def _pop3_deletions(
         for move in wanted:
             if move.pop3_uidl in numbers:
                 session.delete(numbers[move.pop3_uidl])
-    # The session ended with QUIT, so the server has deleted them: nothing is left to remember.
+        # Only a confirmed QUIT deletes; without it the deletions are tried again and remembered meanwhile.
+        session.quit()
     with runtime.db.tenant_session(principal) as session:
         session.execute(delete(MessageMove).where(MessageMove.id.in_([m.id for m in wanted])))
     return {"result": f"{len(wanted)} deleted on the server"}

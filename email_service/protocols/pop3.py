@@ -53,6 +53,14 @@ class Pop3Session(MailSession):
         except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
             raise describe(exc, self.host, self.port) from None
 
+    def quit(self) -> None:
+        """End the session with QUIT, which makes the server delete what DELE marked; raises when it did not confirm."""
+        conn, self._conn = self.conn, None
+        try:
+            conn.quit()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
+            raise describe(exc, self.host, self.port) from None
+
     def retrieve(self, number: int) -> bytes:
         try:
             _, lines, _ = self.conn.retr(number)
