@@ -6,8 +6,9 @@ import time
 
 import pytest
 from mailservers import imap_utf7_decode, quote_mailbox
-from syncing import create_account, folders_by_name, imap_account, messages, run_sync
+from syncing import create_account, folders_by_name, imap_account, imap_session, messages, run_sync
 
+from email_service.folders.roles import role_folder_on_server
 from email_service.mail.folders import parse_list_response
 
 
@@ -108,3 +109,16 @@ def test_a_draft_before_the_first_sync_finds_the_servers_drafts_folder(client, u
     assert [m["subject"] for m in messages(client, user, account_id, drafts[0]["id"])["messages"]] == [
         "Vor dem Abgleich"
     ]
+
+
+def test_a_role_folder_is_created_with_its_use_where_the_server_offers_it(german_dovecot):
+    mail_user = german_dovecot.add_user()
+    with imap_session(german_dovecot, mail_user) as session:
+        # Dovecot 2.3 parses CREATE ... (USE (...)) but does not advertise CREATE-SPECIAL-USE: the
+        # command is sent only where a server offers it, and then the server must accept it.
+        assert "CREATE-SPECIAL-USE" not in session.capabilities
+        assert role_folder_on_server(session, "drafts", "Drafts") == "Entw&APw-rfe"  # exists: nothing created
+        session.capabilities = session.capabilities | {"CREATE-SPECIAL-USE"}
+        session.create_folder("Vorlagen", "\\Drafts")
+    assert "Vorlagen" in server_folders(german_dovecot, mail_user)
+    assert "Drafts" not in server_folders(german_dovecot, mail_user)
