@@ -129,7 +129,7 @@ def test_bulk_move_and_delete(client, user, dovecot, mail_user, mailbox):
         json={"messageIds": [ids["One"], ids["Two"], ids["Three"]], "permanent": True},
         headers=user.headers,
     )
-    assert response.status_code == 200 and len(response.json()["deletedForGood"]) == 3
+    assert response.status_code == 200 and len(response.json()["deletedForGood"]) == 3, response.text
     assert eventually(
         lambda: (
             not server_subjects(dovecot, mail_user, "INBOX")
@@ -237,3 +237,31 @@ def test_pop3_delete_on_the_server_only_when_the_account_says_so(
         assert pop3_uidls(dovecot, mail_user) == 1
     run_sync(client, user, account_id)
     assert messages(client, user, account_id, inbox["id"])["messages"] == []  # not downloaded again
+
+
+def test_a_message_another_client_deletes_before_the_server_moves_it_is_gone_not_stuck(
+    client, user, dovecot, mail_user, mailbox, runtime
+):
+    account_id, folders, ids = mailbox
+    target = folders["Projekte/&AMQ-rger"]
+    blocker = AccountLock(runtime.db, account_id)
+    assert blocker.acquire()
+    try:
+        move(client, user, account_id, ids["One"], target["id"])
+        with dovecot.imap(mail_user) as other:  # another client deletes it from the inbox meanwhile
+            other.select("INBOX")
+            _, found = other.uid("SEARCH", "HEADER", "Subject", '"One"')
+            other.uid("STORE", found[0].decode(), "+FLAGS.SILENT", r"(\Deleted)")
+            other.expunge()
+        with imap_session(dovecot, mail_user) as session:
+            store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
+            result = ImapSync(store, session, lambda _: None, force=True).run()
+        assert result.messages_removed == 1 and result.messages_added == 0
+        assert_error_shape(client.get(f"/api/{account_id}/messages/{ids['One']}", headers=user.headers), 404)
+        assert subjects(client, user, account_id, target) == []
+    finally:
+        blocker.release()
+    run_sync(client, user, account_id)
+    assert subjects(client, user, account_id, target) == []
+    assert subjects(client, user, account_id, folders["INBOX"]) == ["Three", "Two"]
+    assert server_subjects(dovecot, mail_user, "Projekte/Ärger") == []

@@ -19,9 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from cuid2 import Cuid
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from email_service.changes import entries as changes
 from email_service.changes.log import Entry, record
@@ -33,8 +32,19 @@ from email_service.runtime import Runtime
 from email_service.tenancy import Principal
 
 log = logging.getLogger(__name__)
-new_id = Cuid().generate
-MAX_IDS = 500
+# What a move or deletion reads of each message: not the bodies, which may be large.
+MOVED_COLUMNS = (
+    Message.id,
+    Message.account_id,
+    Message.folder_id,
+    Message.uid,
+    Message.pop3_uidl,
+    Message.is_read,
+    Message.is_spam,
+    Message.raw_object_key,
+    Message.updated_at,
+    Message.writeback_pending,
+)
 
 
 @dataclass
@@ -74,9 +84,7 @@ def _apply(
     outcome = Outcome()
     removed_keys: list[str] = []
     with runtime.db.tenant_session(principal) as session:
-        account = session.scalar(
-            select(Account).where(Account.id == account_id, Account.deleted_at.is_(None)).with_for_update()
-        )
+        account = session.scalar(select(Account).where(Account.id == account_id, Account.deleted_at.is_(None)))
         if account is None:
             raise NotFoundError(f"Account with ID '{account_id}' does not exist", code="ACCOUNT_NOT_FOUND")
         folders = {f.id: f for f in session.scalars(select(Folder).where(Folder.account_id == account_id))}
@@ -86,10 +94,13 @@ def _apply(
             target = _target(folders, folder_id, trash_optional=account.protocol == "pop3")
         outcome.folder_id = target.id if target is not None else None
         clean_ids = [i for i in ids if "\x00" not in i]
+        # Locks in one order everywhere (messages, then their moves, then the account's log
+        # sequence last, in record), so a request and a write-back never wait on each other in a circle.
         messages = {
             m.id: m
             for m in session.scalars(
                 select(Message)
+                .options(load_only(*MOVED_COLUMNS))
                 .where(Message.account_id == account_id, Message.id.in_(clean_ids))
                 .order_by(Message.id)
                 .with_for_update()
@@ -98,10 +109,14 @@ def _apply(
         pending = {
             p.message_id: p
             for p in session.scalars(
-                select(MessageMove).where(MessageMove.message_id.in_(list(messages))).with_for_update()
+                select(MessageMove)
+                .where(MessageMove.message_id.in_(list(messages)))
+                .order_by(MessageMove.id)
+                .with_for_update()
             )
         }
         logged: list[Entry] = []
+        doomed: list[Message] = []
         server_work = False
         touched: set[str] = set()
         now = datetime.now(UTC)
@@ -114,7 +129,7 @@ def _apply(
             source = message.folder_id
             for_good = folder_id is None and (permanent or target is None or source == target.id)
             if for_good:
-                removed_keys += object_keys(session, message)
+                doomed.append(message)
                 server_work |= _forget(session, principal, account, message, pending.get(message.id))
                 outcome.deleted_for_good.append(message_id)
                 logged.append(changes.message_destroyed(message.id, source))
@@ -133,6 +148,9 @@ def _apply(
             logged.append(changes.message_moved(message.id, source, target.id, columns))
             touched |= {source, target.id}
         session.flush()
+        if doomed:
+            removed_keys = object_keys(session, doomed)
+            session.execute(delete(Message).where(Message.id.in_([m.id for m in doomed])))
         _recount(session, [folders[f] for f in touched], now)
         # Last in the transaction: taking the account's sequence locks its row until commit.
         record(session, principal, account_id, logged)
@@ -190,7 +208,6 @@ def _relocate(
 def _where_on_server(session: Session, principal: Principal, message: Message) -> MessageMove:
     """A new record of where the server has ``message`` now, for the server's move or deletion to come."""
     move = MessageMove(
-        id=new_id(),
         tenant_id=principal.tenant_id,
         user_id=principal.user_id,
         account_id=message.account_id,
@@ -206,7 +223,8 @@ def _where_on_server(session: Session, principal: Principal, message: Message) -
 def _forget(
     session: Session, principal: Principal, account: Account, message: Message, move: MessageMove | None
 ) -> bool:
-    """Delete the row for good, keeping what the server must still expunge; True if the server has work."""
+    """Prepare the row's deletion for good, keeping what the server must still expunge; True if the
+    server has work. The caller deletes the row."""
     on_server = account.protocol == "imap" and (message.uid is not None or move is not None)
     pop3 = account.protocol == "pop3" and message.pop3_uidl is not None
     if move is None and (on_server or pop3):
@@ -215,14 +233,14 @@ def _forget(
         move.message_id = None
         move.target_folder_id = None
         move.updated_at = datetime.now(UTC)
-    session.flush()
-    session.execute(delete(Message).where(Message.id == message.id))
     return on_server or (pop3 and account.pop3_delete_on_server)
 
 
-def object_keys(session: Session, message: Message) -> list[str]:
-    keys = [message.raw_object_key] if message.raw_object_key else []
-    return keys + list(session.scalars(select(Attachment.object_key).where(Attachment.message_id == message.id)))
+def object_keys(session: Session, messages: Sequence[Message]) -> list[str]:
+    """The stored objects of ``messages`` (raw message and attachments), to delete after commit."""
+    keys = [m.raw_object_key for m in messages if m.raw_object_key]
+    ids = [m.id for m in messages]
+    return keys + list(session.scalars(select(Attachment.object_key).where(Attachment.message_id.in_(ids))))
 
 
 def _recount(session: Session, folders: list[Folder], now: datetime) -> None:

@@ -15,10 +15,11 @@ from collections import defaultdict
 from typing import Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, load_only
 
 from email_service.changes import entries as changes
 from email_service.changes.log import Entry, record
-from email_service.mailbox.moves import delete_objects, enqueue_server_moves, object_keys
+from email_service.mailbox.moves import MOVED_COLUMNS, delete_objects, enqueue_server_moves, object_keys
 from email_service.models import Account, Folder, Message, MessageMove, TaskKind
 from email_service.protocols.errors import ConnectionFailed, MailServerError
 from email_service.protocols.imap import ImapSession
@@ -103,39 +104,52 @@ def _finish(
     flags_pending: list[str] = []
     again = False
     with runtime.db.tenant_session(principal) as session:
+        rows = _lock_followed(session, [d.id for d in done])
         current = {
             m.id: m
             for m in session.scalars(
-                select(MessageMove).where(MessageMove.id.in_([d.id for d in done])).with_for_update()
+                select(MessageMove)
+                .where(MessageMove.id.in_([d.id for d in done]))
+                .order_by(MessageMove.id)
+                .with_for_update()
             )
         }
+        # UIDs a sync of the target may have stored already (it cannot while the account is held).
+        taken = set()
+        if target_id is not None and new_uids:
+            taken = set(
+                session.scalars(
+                    select(Message.uid).where(Message.folder_id == target_id, Message.uid.in_(list(new_uids.values())))
+                )
+            )
         logged: list[Entry] = []
+        gone: list[Message] = []
         for before in done:
             move = current.get(before.id)
             if move is None or move.uid != before.uid or move.source_folder_id != before.source_folder_id:
                 continue  # a sync saw the message go meanwhile and settled it
             new_uid = new_uids.get(before.uid) if before.uid is not None else None
-            message = session.get(Message, move.message_id, with_for_update=True) if move.message_id else None
+            message = rows.get(move.message_id) if move.message_id else None
             if move.target_folder_id != target_id and new_uid is not None and target_id is not None:
                 # Moved again (or deleted) while the server moved it: go on from where it is now.
                 move.source_folder_id, move.uid = target_id, new_uid
                 again = True
                 continue
-            if message is not None and new_uid is not None and message.folder_id == target_id:
-                taken = session.scalar(select(Message.id).where(Message.folder_id == target_id, Message.uid == new_uid))
-                if taken is None:
-                    message.uid = new_uid
-                    if message.writeback_pending:
-                        flags_pending.append(message.id)
-                    session.delete(move)
-                    continue
+            if message is not None and new_uid is not None and message.folder_id == target_id and new_uid not in taken:
+                message.uid = new_uid
+                if message.writeback_pending:
+                    flags_pending.append(message.id)
+                session.delete(move)
+                continue
             if message is not None:
                 # The new place is not known: the row goes, and the next sync brings the message back.
-                removed_keys += object_keys(session, message)
+                gone.append(message)
                 logged.append(changes.message_destroyed(message.id, message.folder_id))
-                session.flush()
-                session.execute(delete(Message).where(Message.id == message.id))
             session.delete(move)
+        session.flush()
+        if gone:
+            removed_keys = object_keys(session, gone)
+            session.execute(delete(Message).where(Message.id.in_([m.id for m in gone])))
         record(session, principal, account_id, logged)
     delete_objects(runtime, removed_keys)
     for message_id in flags_pending:
@@ -146,15 +160,31 @@ def _finish(
     return len(done)
 
 
+def _lock_followed(session: Session, move_ids: list[int]) -> dict[str, Message]:
+    """Lock the rows that follow these moves, before the moves themselves: the order every writer uses."""
+    followed = select(MessageMove.message_id).where(MessageMove.id.in_(move_ids))
+    return {
+        m.id: m
+        for m in session.scalars(
+            select(Message)
+            .options(load_only(*MOVED_COLUMNS))
+            .where(Message.id.in_(followed))
+            .order_by(Message.id)
+            .with_for_update()
+        )
+    }
+
+
 def _put_back(runtime: Runtime, principal: Principal, account_id: str, refused: list[MessageMove]) -> None:
     """The server refused the move: each row goes back to the folder the server still has it in."""
     with runtime.db.tenant_session(principal) as session:
         logged: list[Entry] = []
+        rows = _lock_followed(session, [r.id for r in refused])
         for before in refused:
             move = session.get(MessageMove, before.id, with_for_update=True)
             if move is None:
                 continue
-            message = session.get(Message, move.message_id, with_for_update=True) if move.message_id else None
+            message = rows.get(move.message_id) if move.message_id else None
             if message is not None and move.uid is not None:
                 logged.append(changes.message_moved(message.id, message.folder_id, move.source_folder_id))
                 message.folder_id, message.uid = move.source_folder_id, move.uid

@@ -511,19 +511,25 @@ class MailStore:
     ) -> tuple[list[str], list[str], list[Entry]]:
         """Forget the waiting moves out of ``folder_id`` (of ``uids``, or all); returns the (ids,
         object keys, log entries) of the rows that followed them, for the caller to delete."""
-        query = select(MessageMove).where(MessageMove.source_folder_id == folder_id).with_for_update()
+        query = select(MessageMove).where(MessageMove.source_folder_id == folder_id)
         if uids is not None:
             query = query.where(MessageMove.uid.in_(uids))
         ids: list[str] = []
         keys: list[str] = []
         logged: list[Entry] = []
-        for move in session.scalars(query).all():
-            moved_to = session.scalar(select(Message.folder_id).where(Message.id == move.message_id))
-            if moved_to is not None:
-                more_ids, more_keys = self._message_keys(session, moved_to, lock=True, only=[move.message_id])
-                ids += more_ids
-                keys += more_keys
-                logged += [changelog.message_destroyed(i, moved_to) for i in more_ids]
+        # The rows that follow the moves are locked before the moves, the order the API's moves use.
+        followed = session.execute(
+            select(Message.id, Message.folder_id)
+            .where(Message.id.in_(query.with_only_columns(MessageMove.message_id).scalar_subquery()))
+            .order_by(Message.id)
+            .with_for_update()
+        ).all()
+        for row in followed:
+            more_ids, more_keys = self._message_keys(session, row.folder_id, only=[row.id])
+            ids += more_ids
+            keys += more_keys
+            logged += [changelog.message_destroyed(i, row.folder_id) for i in more_ids]
+        for move in session.scalars(query.order_by(MessageMove.id).with_for_update()).all():
             session.delete(move)
         return ids, keys, logged
 

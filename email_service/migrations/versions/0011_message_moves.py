@@ -26,7 +26,7 @@ TENANT_MATCH = (
 def upgrade(app_role: str) -> None:
     op.execute("""
         CREATE TABLE message_moves (
-            id text PRIMARY KEY,
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             tenant_id uuid NOT NULL,
             user_id uuid NOT NULL,
             account_id text NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
