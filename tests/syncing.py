@@ -10,9 +10,10 @@ import time
 from dataclasses import replace
 
 import pytest
-from helpers import service_env
+from helpers import TEST_DESTINATIONS, service_env
 
 from email_service.api.app import create_app
+from email_service.protocols.imap import ImapSession
 from email_service.runtime import Runtime
 
 
@@ -77,6 +78,19 @@ def imap_account(dovecot, mail_user, **overrides) -> dict:
     }
     body.update(overrides)
     return body
+
+
+def imap_session(dovecot, mail_user) -> ImapSession:
+    """The service's own IMAP session to a test user's mailbox (for a ``with`` block)."""
+    return ImapSession(
+        dovecot.host,
+        dovecot.imaps_port,
+        "tls",
+        mail_user.name,
+        mail_user.password,
+        ca_file=dovecot.ca_file,
+        destinations=TEST_DESTINATIONS,
+    )
 
 
 def smtp_account(dovecot, mail_user, smtp, **overrides) -> dict:

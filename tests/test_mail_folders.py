@@ -6,6 +6,7 @@ import pytest
 
 from email_service.mail.folders import (
     ListEntry,
+    assign_roles,
     display_name,
     folder_type,
     parent_name,
@@ -256,3 +257,86 @@ def test_list_then_classify():
     ]
     assert [display_name(e.name, e.delimiter) for e in entries] == ["Inbox", "Sent Mail", "Spam", "Entwürfe", "Clients"]
     assert [parent_name(e.name, e.delimiter) for e in entries] == [None, "[Gmail]", "[Gmail]", None, "Work"]
+
+
+# --- roles across one account -------------------------------------------------------------------
+
+
+def roles(*lines: bytes) -> dict[str, str]:
+    entries = [parse_list_response(line) for line in lines]
+    return {entry.name: kind for entry, kind in zip(entries, assign_roles(entries), strict=True)}
+
+
+def test_announced_role_wins_over_localised_names_and_noselect_takes_none():
+    # A German mailbox as a real user's looks: the server marks Drafts, "Entwürfe" is only a
+    # hierarchy node above "Entwürfe/Ärger". Only Drafts is the drafts folder.
+    found = roles(
+        b'(\\HasNoChildren) "/" INBOX',
+        b'(\\HasNoChildren \\Drafts) "/" Drafts',
+        b'(\\Noselect \\HasChildren) "/" "Entw&APw-rfe"',
+        b'(\\HasNoChildren) "/" "Entw&APw-rfe/&AMQ-rger"',
+        b'(\\HasNoChildren \\Sent) "/" Sent',
+    )
+    assert found == {
+        "INBOX": "inbox",
+        "Drafts": "drafts",
+        "Entw&APw-rfe": "custom",
+        "Entw&APw-rfe/&AMQ-rger": "custom",
+        "Sent": "sent",
+    }
+
+
+def test_a_noselect_folder_never_takes_a_role_by_name():
+    assert folder_type("Entw&APw-rfe", ["\\Noselect", "\\HasChildren"], "/") == "custom"
+    assert roles(b'(\\Noselect) "/" Trash', b'(\\HasNoChildren) "/" "Trash/Old"')["Trash"] == "custom"
+
+
+def test_names_decide_roles_the_server_did_not_announce():
+    found = roles(
+        b'(\\HasNoChildren) "/" INBOX',
+        b'(\\HasNoChildren \\Sent) "/" "Gesendete Objekte"',
+        b'(\\HasNoChildren) "/" Sent',  # \\Sent is announced elsewhere: this one is a plain folder
+        b'(\\HasNoChildren) "/" Papierkorb',  # no \\Trash anywhere: the name decides
+    )
+    assert found["Gesendete Objekte"] == "sent"
+    assert found["Sent"] == "custom"
+    assert found["Papierkorb"] == "trash"
+
+
+@pytest.mark.parametrize(
+    ("drafts", "sent", "trash", "spam"),
+    [
+        ("Drafts", "Sent Items", "Deleted Items", "Junk E-mail"),  # English
+        ("Entwürfe", "Gesendet", "Papierkorb", "Spamverdacht"),  # German
+        ("Brouillons", "Éléments envoyés", "Corbeille", "Courrier indésirable"),  # French
+        ("Borradores", "Enviados", "Papelera", "Correo no deseado"),  # Spanish
+        ("Bozze", "Posta inviata", "Cestino", "Posta indesiderata"),  # Italian
+        ("Concepten", "Verzonden items", "Prullenbak", "Ongewenste e-mail"),  # Dutch
+        ("Rascunhos", "Itens enviados", "Lixeira", "Lixo eletrônico"),  # Portuguese
+        ("Черновики", "Отправленные", "Корзина", "Спам"),  # Russian
+        ("草稿箱", "已发送", "已删除", "垃圾邮件"),  # Chinese
+        ("下書き", "送信済み", "ゴミ箱", "迷惑メール"),  # Japanese
+    ],
+)
+def test_localised_names_without_special_use(drafts, sent, trash, spam):
+    found = roles(
+        b'(\\HasNoChildren) "." INBOX',
+        *(f'(\\HasNoChildren) "." "{encode_mailbox_name(name)}"'.encode() for name in (drafts, sent, trash, spam)),
+    )
+    named = [found[encode_mailbox_name(name)] for name in (drafts, sent, trash, spam)]
+    assert named == ["drafts", "sent", "trash", "spam"]
+
+
+def test_one_folder_per_role_chosen_the_same_whatever_the_listing_order():
+    lines = [
+        b'(\\HasNoChildren) "/" INBOX',
+        b'(\\HasNoChildren) "/" "Archive/Trash"',
+        b'(\\HasNoChildren) "/" Papierkorb',
+        b'(\\HasNoChildren) "/" Trash',
+        b'(\\HasNoChildren \\Drafts) "/" "Work/Drafts"',
+        b'(\\HasNoChildren \\Drafts) "/" Drafts',
+    ]
+    first = roles(*lines)
+    assert [name for name, kind in first.items() if kind == "trash"] == ["Trash"]
+    assert [name for name, kind in first.items() if kind == "drafts"] == ["Drafts"]
+    assert roles(*reversed(lines)) == first

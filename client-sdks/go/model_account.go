@@ -19,22 +19,24 @@ var _ MappedNullable = &Account{}
 
 // Account struct for Account
 type Account struct {
-	Id            *string       `json:"id,omitempty"`
-	TenantId      *string       `json:"tenantId,omitempty"`
-	UserId        *string       `json:"userId,omitempty"`
-	AccountName   *string       `json:"accountName,omitempty"`
-	EmailAddress  *string       `json:"emailAddress,omitempty"`
-	Protocol      *string       `json:"protocol,omitempty"`
-	Hostname      *string       `json:"hostname,omitempty"`
-	Port          *int32        `json:"port,omitempty"`
-	Encryption    *string       `json:"encryption,omitempty"`
-	IsSyncEnabled *bool         `json:"isSyncEnabled,omitempty"`
-	SyncInterval  *int32        `json:"syncInterval,omitempty"`
-	LastSyncAt    NullableInt64 `json:"lastSyncAt,omitempty"`
-	IsSyncing     *bool         `json:"isSyncing,omitempty"`
-	IsEnabled     *bool         `json:"isEnabled,omitempty"`
-	CreatedAt     *int64        `json:"createdAt,omitempty"`
-	UpdatedAt     *int64        `json:"updatedAt,omitempty"`
+	Id           *string `json:"id,omitempty"`
+	TenantId     *string `json:"tenantId,omitempty"`
+	UserId       *string `json:"userId,omitempty"`
+	AccountName  *string `json:"accountName,omitempty"`
+	EmailAddress *string `json:"emailAddress,omitempty"`
+	Protocol     *string `json:"protocol,omitempty"`
+	Hostname     *string `json:"hostname,omitempty"`
+	Port         *int32  `json:"port,omitempty"`
+	Encryption   *string `json:"encryption,omitempty"`
+	// POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.
+	Pop3DeleteOnServer *bool         `json:"pop3DeleteOnServer,omitempty"`
+	IsSyncEnabled      *bool         `json:"isSyncEnabled,omitempty"`
+	SyncInterval       *int32        `json:"syncInterval,omitempty"`
+	LastSyncAt         NullableInt64 `json:"lastSyncAt,omitempty"`
+	IsSyncing          *bool         `json:"isSyncing,omitempty"`
+	IsEnabled          *bool         `json:"isEnabled,omitempty"`
+	CreatedAt          *int64        `json:"createdAt,omitempty"`
+	UpdatedAt          *int64        `json:"updatedAt,omitempty"`
 	// Authentication username (password not returned)
 	Username *string `json:"username,omitempty"`
 	// SMTP server for sending (null when not configured)
@@ -354,6 +356,38 @@ func (o *Account) HasEncryption() bool {
 // SetEncryption gets a reference to the given string and assigns it to the Encryption field.
 func (o *Account) SetEncryption(v string) {
 	o.Encryption = &v
+}
+
+// GetPop3DeleteOnServer returns the Pop3DeleteOnServer field value if set, zero value otherwise.
+func (o *Account) GetPop3DeleteOnServer() bool {
+	if o == nil || IsNil(o.Pop3DeleteOnServer) {
+		var ret bool
+		return ret
+	}
+	return *o.Pop3DeleteOnServer
+}
+
+// GetPop3DeleteOnServerOk returns a tuple with the Pop3DeleteOnServer field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *Account) GetPop3DeleteOnServerOk() (*bool, bool) {
+	if o == nil || IsNil(o.Pop3DeleteOnServer) {
+		return nil, false
+	}
+	return o.Pop3DeleteOnServer, true
+}
+
+// HasPop3DeleteOnServer returns a boolean if a field has been set.
+func (o *Account) HasPop3DeleteOnServer() bool {
+	if o != nil && !IsNil(o.Pop3DeleteOnServer) {
+		return true
+	}
+
+	return false
+}
+
+// SetPop3DeleteOnServer gets a reference to the given bool and assigns it to the Pop3DeleteOnServer field.
+func (o *Account) SetPop3DeleteOnServer(v bool) {
+	o.Pop3DeleteOnServer = &v
 }
 
 // GetIsSyncEnabled returns the IsSyncEnabled field value if set, zero value otherwise.
@@ -960,6 +994,9 @@ func (o Account) ToMap() (map[string]interface{}, error) {
 	}
 	if !IsNil(o.Encryption) {
 		toSerialize["encryption"] = o.Encryption
+	}
+	if !IsNil(o.Pop3DeleteOnServer) {
+		toSerialize["pop3DeleteOnServer"] = o.Pop3DeleteOnServer
 	}
 	if !IsNil(o.IsSyncEnabled) {
 		toSerialize["isSyncEnabled"] = o.IsSyncEnabled

@@ -41,6 +41,8 @@ type AccountResponse struct {
 	Encryption string `json:"encryption"`
 	// Authentication username (password not returned)
 	Username *string `json:"username,omitempty"`
+	// POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.
+	Pop3DeleteOnServer *bool `json:"pop3DeleteOnServer,omitempty"`
 	// Auto-sync enabled
 	IsSyncEnabled bool `json:"isSyncEnabled"`
 	// Sync interval in seconds
@@ -360,6 +362,38 @@ func (o *AccountResponse) HasUsername() bool {
 // SetUsername gets a reference to the given string and assigns it to the Username field.
 func (o *AccountResponse) SetUsername(v string) {
 	o.Username = &v
+}
+
+// GetPop3DeleteOnServer returns the Pop3DeleteOnServer field value if set, zero value otherwise.
+func (o *AccountResponse) GetPop3DeleteOnServer() bool {
+	if o == nil || IsNil(o.Pop3DeleteOnServer) {
+		var ret bool
+		return ret
+	}
+	return *o.Pop3DeleteOnServer
+}
+
+// GetPop3DeleteOnServerOk returns a tuple with the Pop3DeleteOnServer field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *AccountResponse) GetPop3DeleteOnServerOk() (*bool, bool) {
+	if o == nil || IsNil(o.Pop3DeleteOnServer) {
+		return nil, false
+	}
+	return o.Pop3DeleteOnServer, true
+}
+
+// HasPop3DeleteOnServer returns a boolean if a field has been set.
+func (o *AccountResponse) HasPop3DeleteOnServer() bool {
+	if o != nil && !IsNil(o.Pop3DeleteOnServer) {
+		return true
+	}
+
+	return false
+}
+
+// SetPop3DeleteOnServer gets a reference to the given bool and assigns it to the Pop3DeleteOnServer field.
+func (o *AccountResponse) SetPop3DeleteOnServer(v bool) {
+	o.Pop3DeleteOnServer = &v
 }
 
 // GetIsSyncEnabled returns the IsSyncEnabled field value
@@ -879,6 +913,9 @@ func (o AccountResponse) ToMap() (map[string]interface{}, error) {
 	toSerialize["encryption"] = o.Encryption
 	if !IsNil(o.Username) {
 		toSerialize["username"] = o.Username
+	}
+	if !IsNil(o.Pop3DeleteOnServer) {
+		toSerialize["pop3DeleteOnServer"] = o.Pop3DeleteOnServer
 	}
 	toSerialize["isSyncEnabled"] = o.IsSyncEnabled
 	toSerialize["syncInterval"] = o.SyncInterval

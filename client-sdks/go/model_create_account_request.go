@@ -31,8 +31,10 @@ type CreateAccountRequest struct {
 	Encryption string `json:"encryption"`
 	Username   string `json:"username" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
 	// Stored encrypted with an authenticated, reversible cipher (Fernet) under the service's credential keys; never returned or logged.
-	Password      string `json:"password" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
-	IsSyncEnabled *bool  `json:"isSyncEnabled,omitempty"`
+	Password string `json:"password" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
+	// POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.
+	Pop3DeleteOnServer *bool `json:"pop3DeleteOnServer,omitempty"`
+	IsSyncEnabled      *bool `json:"isSyncEnabled,omitempty"`
 	// Minimum sync interval (seconds)
 	SyncInterval *int32 `json:"syncInterval,omitempty"`
 	// SMTP server for sending. Without it the account cannot send mail. It must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.
@@ -63,6 +65,8 @@ func NewCreateAccountRequest(accountName string, emailAddress string, protocol s
 	this.Encryption = encryption
 	this.Username = username
 	this.Password = password
+	var pop3DeleteOnServer bool = false
+	this.Pop3DeleteOnServer = &pop3DeleteOnServer
 	var isSyncEnabled bool = true
 	this.IsSyncEnabled = &isSyncEnabled
 	var syncInterval int32 = 300
@@ -79,6 +83,8 @@ func NewCreateAccountRequestWithDefaults() *CreateAccountRequest {
 	this.Protocol = protocol
 	var encryption string = "tls"
 	this.Encryption = encryption
+	var pop3DeleteOnServer bool = false
+	this.Pop3DeleteOnServer = &pop3DeleteOnServer
 	var isSyncEnabled bool = true
 	this.IsSyncEnabled = &isSyncEnabled
 	var syncInterval int32 = 300
@@ -276,6 +282,38 @@ func (o *CreateAccountRequest) GetPasswordOk() (*string, bool) {
 // SetPassword sets field value
 func (o *CreateAccountRequest) SetPassword(v string) {
 	o.Password = v
+}
+
+// GetPop3DeleteOnServer returns the Pop3DeleteOnServer field value if set, zero value otherwise.
+func (o *CreateAccountRequest) GetPop3DeleteOnServer() bool {
+	if o == nil || IsNil(o.Pop3DeleteOnServer) {
+		var ret bool
+		return ret
+	}
+	return *o.Pop3DeleteOnServer
+}
+
+// GetPop3DeleteOnServerOk returns a tuple with the Pop3DeleteOnServer field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *CreateAccountRequest) GetPop3DeleteOnServerOk() (*bool, bool) {
+	if o == nil || IsNil(o.Pop3DeleteOnServer) {
+		return nil, false
+	}
+	return o.Pop3DeleteOnServer, true
+}
+
+// HasPop3DeleteOnServer returns a boolean if a field has been set.
+func (o *CreateAccountRequest) HasPop3DeleteOnServer() bool {
+	if o != nil && !IsNil(o.Pop3DeleteOnServer) {
+		return true
+	}
+
+	return false
+}
+
+// SetPop3DeleteOnServer gets a reference to the given bool and assigns it to the Pop3DeleteOnServer field.
+func (o *CreateAccountRequest) SetPop3DeleteOnServer(v bool) {
+	o.Pop3DeleteOnServer = &v
 }
 
 // GetIsSyncEnabled returns the IsSyncEnabled field value if set, zero value otherwise.
@@ -520,6 +558,9 @@ func (o CreateAccountRequest) ToMap() (map[string]interface{}, error) {
 	toSerialize["encryption"] = o.Encryption
 	toSerialize["username"] = o.Username
 	toSerialize["password"] = o.Password
+	if !IsNil(o.Pop3DeleteOnServer) {
+		toSerialize["pop3DeleteOnServer"] = o.Pop3DeleteOnServer
+	}
 	if !IsNil(o.IsSyncEnabled) {
 		toSerialize["isSyncEnabled"] = o.IsSyncEnabled
 	}

@@ -26,10 +26,12 @@ type UpdateAccountRequest struct {
 	Encryption *string `json:"encryption,omitempty"`
 	Username   *string `json:"username,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
 	// If provided, will be re-encrypted
-	Password      *string `json:"password,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
-	IsSyncEnabled *bool   `json:"isSyncEnabled,omitempty"`
-	SyncInterval  *int32  `json:"syncInterval,omitempty"`
-	IsEnabled     *bool   `json:"isEnabled,omitempty"`
+	Password *string `json:"password,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
+	// POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.
+	Pop3DeleteOnServer *bool  `json:"pop3DeleteOnServer,omitempty"`
+	IsSyncEnabled      *bool  `json:"isSyncEnabled,omitempty"`
+	SyncInterval       *int32 `json:"syncInterval,omitempty"`
+	IsEnabled          *bool  `json:"isEnabled,omitempty"`
 	// SMTP server for sending. Without it the account cannot send mail. It must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.
 	SmtpHostname *string `json:"smtpHostname,omitempty" validate:"regexp=^[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62})(\\.[A-Za-z0-9_]([A-Za-z0-9_-]{0\\,62}))*\\.?$"`
 	// SMTP port (465 implicit TLS, 587 STARTTLS). Default 587.
@@ -253,6 +255,38 @@ func (o *UpdateAccountRequest) HasPassword() bool {
 // SetPassword gets a reference to the given string and assigns it to the Password field.
 func (o *UpdateAccountRequest) SetPassword(v string) {
 	o.Password = &v
+}
+
+// GetPop3DeleteOnServer returns the Pop3DeleteOnServer field value if set, zero value otherwise.
+func (o *UpdateAccountRequest) GetPop3DeleteOnServer() bool {
+	if o == nil || IsNil(o.Pop3DeleteOnServer) {
+		var ret bool
+		return ret
+	}
+	return *o.Pop3DeleteOnServer
+}
+
+// GetPop3DeleteOnServerOk returns a tuple with the Pop3DeleteOnServer field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *UpdateAccountRequest) GetPop3DeleteOnServerOk() (*bool, bool) {
+	if o == nil || IsNil(o.Pop3DeleteOnServer) {
+		return nil, false
+	}
+	return o.Pop3DeleteOnServer, true
+}
+
+// HasPop3DeleteOnServer returns a boolean if a field has been set.
+func (o *UpdateAccountRequest) HasPop3DeleteOnServer() bool {
+	if o != nil && !IsNil(o.Pop3DeleteOnServer) {
+		return true
+	}
+
+	return false
+}
+
+// SetPop3DeleteOnServer gets a reference to the given bool and assigns it to the Pop3DeleteOnServer field.
+func (o *UpdateAccountRequest) SetPop3DeleteOnServer(v bool) {
+	o.Pop3DeleteOnServer = &v
 }
 
 // GetIsSyncEnabled returns the IsSyncEnabled field value if set, zero value otherwise.
@@ -602,6 +636,9 @@ func (o UpdateAccountRequest) ToMap() (map[string]interface{}, error) {
 	}
 	if !IsNil(o.Password) {
 		toSerialize["password"] = o.Password
+	}
+	if !IsNil(o.Pop3DeleteOnServer) {
+		toSerialize["pop3DeleteOnServer"] = o.Pop3DeleteOnServer
 	}
 	if !IsNil(o.IsSyncEnabled) {
 		toSerialize["isSyncEnabled"] = o.IsSyncEnabled

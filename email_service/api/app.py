@@ -52,6 +52,8 @@ def _allowed_methods_finder(spec: dict[str, Any]) -> Any:
     for path, item in spec["paths"].items():
         pattern = re.compile("^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)) + "$")
         routes.append((pattern, sorted(m.upper() for m in HTTP_METHODS if m in item)))
+    # A literal segment is more specific than a parameter: ".../messages/move" before ".../messages/{messageId}".
+    routes.sort(key=lambda route: route[0].pattern.count("[^/]+"))
 
     def allowed(path: str) -> list[str]:
         for pattern, methods in routes:

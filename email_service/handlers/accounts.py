@@ -29,6 +29,7 @@ def account_view(account: Account, syncing: set[str]) -> dict[str, Any]:
         "lastSyncAt": ms(account.last_sync_at),
         "isSyncing": account.id in syncing,
         "isEnabled": account.is_enabled,
+        "pop3DeleteOnServer": account.pop3_delete_on_server,
         "createdAt": ms(account.created_at),
         "updatedAt": ms(account.updated_at),
         "smtpHostname": account.smtp_hostname,

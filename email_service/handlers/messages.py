@@ -3,9 +3,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from email_service.errors import NotFoundError
 from email_service.handlers import principal, runtime
 from email_service.handlers.views import ms
 from email_service.mailbox import changes as message_changes
+from email_service.mailbox import moves
 from email_service.models import Attachment, Message
 from email_service.services import mail as service
 from email_service.storage import ObjectStore
@@ -110,3 +112,40 @@ def update_message(account_id: str, message_id: str, body: dict[str, Any]) -> tu
     rt = runtime()
     detail = message_changes.update_message(rt, principal(), account_id, message_id, body)
     return detail_view(detail, rt.objects), 200
+
+
+def _result(outcome: moves.Outcome, folder_id: str | None) -> dict[str, Any]:
+    return {
+        "messageIds": outcome.done,
+        "deletedForGood": outcome.deleted_for_good,
+        "notFound": outcome.not_found,
+        "folderId": folder_id,
+    }
+
+
+def _one(outcome: moves.Outcome, message_id: str) -> None:
+    if outcome.not_found:
+        raise NotFoundError(f"Message with ID '{message_id}' does not exist", code="MESSAGE_NOT_FOUND")
+
+
+def move_message(account_id: str, message_id: str, body: dict[str, Any]) -> tuple[dict, int]:
+    rt = runtime()
+    _one(moves.move_messages(rt, principal(), account_id, [message_id], body["folderId"]), message_id)
+    return detail_view(service.get_message(rt.db, principal(), account_id, message_id), rt.objects), 200
+
+
+def delete_message(account_id: str, message_id: str, permanent: bool = False) -> tuple[dict, int]:
+    outcome = moves.delete_messages(runtime(), principal(), account_id, [message_id], permanent=permanent)
+    _one(outcome, message_id)
+    return _result(outcome, None if outcome.deleted_for_good else outcome.folder_id), 200
+
+
+def move_messages(account_id: str, body: dict[str, Any]) -> tuple[dict, int]:
+    outcome = moves.move_messages(runtime(), principal(), account_id, body["messageIds"], body["folderId"])
+    return _result(outcome, body["folderId"]), 200
+
+
+def delete_messages(account_id: str, body: dict[str, Any]) -> tuple[dict, int]:
+    permanent = bool(body.get("permanent", False))
+    outcome = moves.delete_messages(runtime(), principal(), account_id, body["messageIds"], permanent=permanent)
+    return _result(outcome, None if permanent else outcome.folder_id), 200

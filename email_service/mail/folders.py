@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from email_service.mail.utf7 import decode_mailbox_name
@@ -77,7 +77,11 @@ _NAMES: dict[str, tuple[str, ...]] = {
         "已删除", "已删除邮件", "垃圾箱", "垃圾桶", "刪除的郵件", "ゴミ箱", "削除済みアイテム", "휴지통",
     ),
 }  # fmt: skip
-_NAME_TYPES = {unicodedata.normalize("NFC", name).casefold(): kind for kind, names in _NAMES.items() for name in names}
+_NAME_TYPES = {
+    unicodedata.normalize("NFC", name).casefold(): (kind, rank)
+    for kind, names in _NAMES.items()
+    for rank, name in enumerate(names)
+}
 
 
 def _normalise(component: str) -> str:
@@ -90,28 +94,96 @@ def _components(name: str, delimiter: str | None) -> list[str]:
     return [part for part in name.split(delimiter) if part] or [name]
 
 
-def folder_type(name: str, attributes: Iterable[str] = (), delimiter: str | None = None) -> str:
-    """One of ``inbox``, ``sent``, ``drafts``, ``spam``, ``trash``, ``custom``.
+# A folder that cannot hold mail (a hierarchy node) never takes a role.
+NOT_SELECTABLE = frozenset({"\\noselect", "\\nonexistent"})
+ROLE_ATTRIBUTES = {SENT: "\\Sent", DRAFTS: "\\Drafts", SPAM: "\\Junk", TRASH: "\\Trash"}
 
-    ``INBOX`` is special by RFC 3501 in any case; otherwise SPECIAL-USE attributes are trusted
-    over names, and well-known names (in several languages) are the fallback for servers
-    without SPECIAL-USE.
-    """
-    if name.upper() == "INBOX":
-        return INBOX
+
+def selectable(attributes: Iterable[str]) -> bool:
+    return not ({str(a).strip().lower() for a in attributes or ()} & NOT_SELECTABLE)
+
+
+def _attribute_type(attributes: Iterable[str]) -> str | None:
+    """The role the server announced (SPECIAL-USE or XLIST), ``custom`` for a use the API has no
+    type for (\\All, \\Archive, ...), None when it announced none."""
     for attribute in attributes or ():
         kind = _ATTRIBUTE_TYPES.get(str(attribute).strip().lower())
         if kind is not None:
             return kind
+    return None
+
+
+def _name_match(name: str, delimiter: str | None) -> tuple[str, int] | None:
+    """(role, rank) for a well-known localised name; a lower rank is a more common name."""
     candidates = [_components(name, delimiter)[-1]]
     if not delimiter:
         # A flat listing can still carry a hierarchy in the name ("[Gmail]/Sent Mail", "INBOX.Sent").
         candidates.append(re.split(r"[/.]", name)[-1])
     for candidate in candidates:
-        kind = _NAME_TYPES.get(_normalise(decode_mailbox_name(candidate)))
+        found = _NAME_TYPES.get(_normalise(decode_mailbox_name(candidate)))
+        if found is not None:
+            return found
+    return None
+
+
+def folder_type(name: str, attributes: Iterable[str] = (), delimiter: str | None = None) -> str:
+    """One of ``inbox``, ``sent``, ``drafts``, ``spam``, ``trash``, ``custom``, for one folder alone.
+
+    ``INBOX`` is special by RFC 3501 in any case; otherwise SPECIAL-USE attributes are trusted
+    over names, and well-known names (in several languages) are the fallback for servers
+    without SPECIAL-USE. A ``\\Noselect`` folder holds no mail and is always custom. Use
+    ``assign_roles`` for a whole account: it also keeps each role to one folder.
+    """
+    if name.upper() == "INBOX":
+        return INBOX
+    if not selectable(attributes):
+        return CUSTOM
+    announced = _attribute_type(attributes)
+    if announced is not None:
+        return announced
+    matched = _name_match(name, delimiter)
+    return matched[0] if matched else CUSTOM
+
+
+def assign_roles(entries: Sequence[ListEntry]) -> list[str]:
+    """The type of each folder of one account (``entries`` as LIST gave them), one folder per role.
+
+    The server's word decides: a role announced by SPECIAL-USE (RFC 6154) or XLIST goes to the
+    folders it was announced on, and names decide a role only when no folder announced it (a
+    server without SPECIAL-USE, or one that announces some roles only). Folders that cannot be
+    selected take no role. Where several folders qualify, the choice does not depend on the
+    order of the listing: a top-level folder first, then the more common name, then the name.
+    """
+    types = [CUSTOM] * len(entries)
+    inbox = next((i for i, e in enumerate(entries) if e.name.upper() == "INBOX"), None)
+    announced: dict[str, list[int]] = {}
+    by_name: dict[str, list[tuple[int, int]]] = {}
+    for index, entry in enumerate(entries):
+        if index == inbox or not selectable(entry.attributes):
+            continue
+        kind = _attribute_type(entry.attributes)
         if kind is not None:
-            return kind
-    return CUSTOM
+            if kind != CUSTOM and (kind != INBOX or inbox is None):
+                announced.setdefault(kind, []).append(index)
+            continue
+        matched = _name_match(entry.name, entry.delimiter)
+        if matched is not None:
+            by_name.setdefault(matched[0], []).append((index, matched[1]))
+    if inbox is not None:
+        types[inbox] = INBOX
+
+    def place(index: int, rank: int = 0) -> tuple[int, int, str]:
+        entry = entries[index]
+        return (len(_components(entry.name, entry.delimiter)), rank, entry.name)
+
+    for kind in (INBOX, SENT, DRAFTS, SPAM, TRASH):
+        if kind == INBOX and inbox is not None:
+            continue
+        if announced.get(kind):
+            types[min(announced[kind], key=place)] = kind
+        elif by_name.get(kind) and kind != INBOX:
+            types[min(by_name[kind], key=lambda found: place(*found))[0]] = kind
+    return types
 
 
 def display_name(name: str, delimiter: str | None = None) -> str:

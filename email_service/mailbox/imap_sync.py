@@ -17,7 +17,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from email_service.mail.folders import display_name, folder_type, parent_name, parse_list_line
+from email_service.mail.folders import assign_roles, display_name, parent_name, parse_list_line, selectable
 from email_service.mail.parse import parse_message
 from email_service.mail.parse_pool import ParseJob, ParsePool
 from email_service.mailbox.result import ProgressCallback, SyncResult
@@ -28,7 +28,6 @@ from email_service.protocols.errors import ConnectionFailed, MailServerError
 from email_service.protocols.imap import ImapSession
 
 log = logging.getLogger(__name__)
-NOT_SELECTABLE = {"\\noselect", "\\nonexistent"}
 # Up to three batches are held at once (one being fetched, one parsed, one written), so a
 # batch is kept smaller than when each was fetched and stored in turn.
 BATCH_BYTES = 4 * 1024 * 1024
@@ -43,23 +42,18 @@ WRITER_THREADS = 1
 
 
 def remote_folders(lines: Iterable[bytes]) -> list[RemoteFolder]:
-    folders = []
-    for line in lines:
-        parsed = parse_list_line(line)
-        if parsed is None:
-            continue
-        attributes, delimiter, name = parsed
-        folders.append(
-            RemoteFolder(
-                name=name,
-                display_name=display_name(name, delimiter),
-                type=folder_type(name, attributes, delimiter),
-                delimiter=delimiter,
-                parent_name=parent_name(name, delimiter),
-                attributes=tuple(attributes),
-            )
+    entries = [parsed for parsed in map(parse_list_line, lines) if parsed is not None]
+    return [
+        RemoteFolder(
+            name=entry.name,
+            display_name=display_name(entry.name, entry.delimiter),
+            type=kind,
+            delimiter=entry.delimiter,
+            parent_name=parent_name(entry.name, entry.delimiter),
+            attributes=tuple(entry.attributes),
         )
-    return folders
+        for entry, kind in zip(entries, assign_roles(entries), strict=True)
+    ]
 
 
 def batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterable[list[int]]:
@@ -115,7 +109,7 @@ class ImapSync:
         if not any(f.name in self.only for f in folders.values()):
             folders, removed = self.store.reconcile_folders(remote_folders(self.session.list_folders()))
             self.result.messages_removed += removed
-        chosen = [f for f in folders.values() if not ({a.lower() for a in f.attributes} & NOT_SELECTABLE)]
+        chosen = [f for f in folders.values() if selectable(f.attributes)]
         if self.only:
             chosen = [f for f in chosen if f.name in self.only or f.display_name in self.only or f.id in self.only]
         self.progress(5)

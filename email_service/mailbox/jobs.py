@@ -9,6 +9,7 @@ from email_service.crypto import CredentialError
 from email_service.mailbox.imap_sync import ImapSync
 from email_service.mailbox.pop3_sync import Pop3Sync
 from email_service.mailbox.schedule import record_failure, record_success
+from email_service.mailbox.server_moves import write_moves
 from email_service.mailbox.store import MailStore
 from email_service.mailbox.writeback import load_pending, write_back
 from email_service.protocols.errors import MailServerError
@@ -55,17 +56,24 @@ def sync_failed(context: TaskContext, message: str, permanent: bool) -> None:
 
 
 def run_writeback(context: TaskContext) -> dict[str, Any]:
-    """Write one message's changed flags (and spam moves) to its IMAP server (the runner holds the account)."""
+    """Write one message's changed flags (and spam moves) to its IMAP server (the runner holds the account).
+
+    Without a message: the account's moves and deletions made through the API (``server_moves``).
+    """
     runtime, principal, account_id = context.runtime, context.principal, context.account_id
-    assert account_id is not None and context.message_id is not None and context.holds_account
+    assert account_id is not None and context.holds_account
     try:
         servers = load_servers(runtime.db, runtime.cipher, principal, account_id)
     except CredentialError:
         raise TaskFailed(UNDECRYPTABLE, permanent=True) from None
-    change = load_pending(runtime.db, principal, context.message_id) if servers is not None else None
-    if servers is None or change is None or servers.incoming.protocol is not Protocol.IMAP:
-        return {"result": "nothing to write"}
     try:
+        if context.message_id is None:
+            if servers is None:
+                return {"result": "nothing to write"}
+            return write_moves(runtime, principal, account_id, servers)
+        change = load_pending(runtime.db, principal, context.message_id) if servers is not None else None
+        if servers is None or change is None or servers.incoming.protocol is not Protocol.IMAP:
+            return {"result": "nothing to write"}
         with servers.incoming.imap(runtime.settings) as session:
             outcome = write_back(runtime.db, principal, session, change)
     except MailServerError as exc:

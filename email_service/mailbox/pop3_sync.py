@@ -2,7 +2,8 @@
 
 POP3 has no flags, folders or expunge notifications, so messages stay until the user deletes
 them here, and a message another client removed from the server stays too (POP3 is a download
-protocol: the local copy is the user's copy).
+protocol: the local copy is the user's copy). A message moved to another folder here, or
+deleted here, is not downloaded again while the server keeps it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class Pop3Sync:
         inbox = folders[INBOX.name]
         on_server = self.session.uidls()
         known = self.store.uidls(inbox)
-        new = [uidl for uidl in on_server if uidl not in known]
+        elsewhere = self.store.uidls_elsewhere(inbox, on_server)
+        new = [uidl for uidl in on_server if uidl not in known and uidl not in elsewhere]
         self.progress(5)
         for start in range(0, len(new), BATCH_MESSAGES):
             chunk = new[start : start + BATCH_MESSAGES]

@@ -27,7 +27,7 @@ from email_service.changes import entries as changelog
 from email_service.changes.log import Entry, record
 from email_service.db import Database
 from email_service.mail.parse import ParsedMessage, parse_message
-from email_service.models import Attachment, Folder, Message
+from email_service.models import Attachment, Folder, Message, MessageMove
 from email_service.storage import ObjectStore
 from email_service.tenancy import Principal
 
@@ -241,15 +241,44 @@ class MailStore:
     # -- messages --------------------------------------------------------------------------
 
     def uids(self, folder: Folder) -> set[int]:
+        """UIDs of the folder's messages on the server, those moved or deleted here and not there yet included."""
         with self.db.tenant_session(self.principal) as session:
-            return set(
-                session.scalars(select(Message.uid).where(Message.folder_id == folder.id, Message.uid.is_not(None)))
+            stored = session.scalars(
+                select(Message.uid).where(Message.folder_id == folder.id, Message.uid.is_not(None))
             )
+            leaving = session.scalars(
+                select(MessageMove.uid).where(MessageMove.source_folder_id == folder.id, MessageMove.uid.is_not(None))
+            )
+            return set(stored) | set(leaving)
 
     def uidls(self, folder: Folder) -> set[str]:
         with self.db.tenant_session(self.principal) as session:
             rows = session.scalars(select(Message.pop3_uidl).where(Message.folder_id == folder.id))
             return {uidl for uidl in rows if uidl is not None}
+
+    def uidls_elsewhere(self, folder: Folder, on_server: Iterable[str]) -> set[str]:
+        """POP3 UIDLs not to download into ``folder``: moved to another folder here, or deleted here.
+
+        What the server no longer has needs no remembering: those deletions are forgotten.
+        """
+        present = set(on_server)
+        with self.db.tenant_session(self.principal) as session:
+            moved = session.scalars(
+                select(Message.pop3_uidl).where(
+                    Message.account_id == self.account_id,
+                    Message.folder_id != folder.id,
+                    Message.pop3_uidl.is_not(None),
+                )
+            )
+            deleted = session.execute(
+                select(MessageMove.id, MessageMove.pop3_uidl).where(
+                    MessageMove.account_id == self.account_id, MessageMove.pop3_uidl.is_not(None)
+                )
+            ).all()
+            gone = [row.id for row in deleted if row.pop3_uidl not in present]
+            if gone:
+                session.execute(delete(MessageMove).where(MessageMove.id.in_(gone)))
+            return set(moved) | {row.pop3_uidl for row in deleted if row.pop3_uidl in present}
 
     def add_messages(self, folder: Folder, incoming: Sequence[IncomingMessage]) -> tuple[list[int | str], list[str]]:
         """Parse and store a batch; returns (the UIDs/UIDLs now stored, per-message errors)."""
@@ -459,8 +488,13 @@ class MailStore:
             return 0
         with self.db.tenant_session(self.principal) as session:
             ids, keys = self._message_keys(session, folder.id, uids, lock=True)
+            logged = [changelog.message_destroyed(i, folder.id) for i in ids]
+            # Moved or deleted here while another client removed it there: nothing is left to move.
+            more_ids, more_keys, more_logged = self._drop_leaving(session, folder.id, uids)
+            ids, keys, logged = ids + more_ids, keys + more_keys, logged + more_logged
+            session.flush()
             session.execute(delete(Message).where(Message.id.in_(ids)))
-            record(session, self.principal, self.account_id, [changelog.message_destroyed(i, folder.id) for i in ids])
+            record(session, self.principal, self.account_id, logged)
         self._delete_objects(keys)
         return len(ids)
 
@@ -468,13 +502,51 @@ class MailStore:
         """Forget every message of a folder (its UIDVALIDITY changed: the old UIDs mean nothing now)."""
         with self.db.tenant_session(self.principal) as session:
             ids, keys = self._message_keys(session, folder.id, lock=True)
+            logged = [changelog.message_destroyed(i, folder.id) for i in ids]
+            # Moves waiting to leave it name old UIDs too: those messages come back with the rest.
+            more_ids, more_keys, more_logged = self._drop_leaving(session, folder.id, None)
+            ids, keys, logged = ids + more_ids, keys + more_keys, logged + more_logged
+            session.flush()
             session.execute(delete(Message).where(Message.id.in_(ids)))
-            record(session, self.principal, self.account_id, [changelog.message_destroyed(i, folder.id) for i in ids])
+            record(session, self.principal, self.account_id, logged)
         self._delete_objects(keys)
         return len(ids)
 
+    def _drop_leaving(
+        self, session: Session, folder_id: str, uids: list[int] | None
+    ) -> tuple[list[str], list[str], list[Entry]]:
+        """Forget the waiting moves out of ``folder_id`` (of ``uids``, or all); returns the (ids,
+        object keys, log entries) of the rows that followed them, for the caller to delete."""
+        query = select(MessageMove).where(MessageMove.source_folder_id == folder_id)
+        if uids is not None:
+            query = query.where(MessageMove.uid.in_(uids))
+        ids: list[str] = []
+        keys: list[str] = []
+        logged: list[Entry] = []
+        # The rows that follow the moves are locked before the moves, the order the API's moves use.
+        followed = session.execute(
+            select(Message.id, Message.folder_id)
+            .where(Message.id.in_(query.with_only_columns(MessageMove.message_id).scalar_subquery()))
+            .order_by(Message.id)
+            .with_for_update()
+        ).all()
+        for row in followed:
+            more_ids, more_keys = self._message_keys(session, row.folder_id, only=[row.id])
+            ids += more_ids
+            keys += more_keys
+            logged += [changelog.message_destroyed(i, row.folder_id) for i in more_ids]
+        for move in session.scalars(query.order_by(MessageMove.id).with_for_update()).all():
+            session.delete(move)
+        return ids, keys, logged
+
     def _message_keys(
-        self, session: Session, folder_id: str, uids: list[int] | None = None, *, lock: bool = False
+        self,
+        session: Session,
+        folder_id: str,
+        uids: list[int] | None = None,
+        *,
+        lock: bool = False,
+        only: list[str] | None = None,
     ) -> tuple[list[str], list[str]]:
         """(ids, object keys) of a folder's messages, or of those with ``uids``.
 
@@ -484,6 +556,8 @@ class MailStore:
         query = select(Message.id, Message.raw_object_key).where(Message.folder_id == folder_id).order_by(Message.uid)
         if uids is not None:
             query = query.where(Message.uid.in_(uids))
+        if only is not None:
+            query = query.where(Message.id.in_(only))
         if lock:
             query = query.with_for_update()
         messages = session.execute(query).all()

@@ -3,7 +3,7 @@
 from email_service.models.account import Account
 from email_service.models.base import Base
 from email_service.models.change import Change, ChangeEntity, ChangeKind
-from email_service.models.mail import Attachment, DeliveryStatus, Folder, Message
+from email_service.models.mail import Attachment, DeliveryStatus, Folder, Message, MessageMove
 from email_service.models.task import Task, TaskKind, TaskStatus
 from email_service.models.webhook import WebhookAttempt, WebhookCursor, WebhookDelivery, WebhookEndpoint
 
@@ -17,6 +17,7 @@ __all__ = [
     "DeliveryStatus",
     "Folder",
     "Message",
+    "MessageMove",
     "Task",
     "TaskKind",
     "TaskStatus",

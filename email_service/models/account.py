@@ -44,6 +44,8 @@ class Account(Base):
     change_seq: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     change_floor: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     is_enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    # POP3: deleting a message through the API deletes it on the server too (DELE) only if set.
+    pop3_delete_on_server: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

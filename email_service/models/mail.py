@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ARRAY, BigInteger, Boolean, DateTime, ForeignKey, Integer, Text, Uuid, func
+from sqlalchemy import ARRAY, BigInteger, Boolean, DateTime, ForeignKey, Identity, Integer, Text, Uuid, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -84,6 +84,30 @@ class Message(Base):
     writeback_pending: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     delivery_status: Mapped[str | None] = mapped_column(Text)
     delivery_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class MessageMove(Base):
+    """A move or deletion made through the API that the server has not made yet.
+
+    ``uid`` (IMAP) or ``pop3_uidl`` (POP3) is where the message still is on the server, in
+    ``source_folder_id``; ``target_folder_id`` is where it goes, None to delete it for good.
+    ``message_id`` is the row that follows the move (None once the row is deleted).
+    """
+
+    __tablename__ = "message_moves"
+
+    # A number, not a cuid: never shown, and a bulk move makes hundreds at once.
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    account_id: Mapped[str] = mapped_column(Text, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False)
+    message_id: Mapped[str | None] = mapped_column(Text, ForeignKey("messages.id", ondelete="SET NULL"), unique=True)
+    source_folder_id: Mapped[str] = mapped_column(Text, ForeignKey("folders.id", ondelete="CASCADE"), nullable=False)
+    uid: Mapped[int | None] = mapped_column(BigInteger)
+    pop3_uidl: Mapped[str | None] = mapped_column(Text)
+    target_folder_id: Mapped[str | None] = mapped_column(Text, ForeignKey("folders.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 

@@ -66,7 +66,13 @@ def _folder(
     session: Session, principal: Principal, account: Account, folder_type: str, name: str
 ) -> tuple[Folder, bool]:
     """The account's folder of ``folder_type``, and whether it was made just now."""
-    folder = session.scalar(select(Folder).where(Folder.account_id == account.id, Folder.type == folder_type))
+    # Sync gives each role to one folder; the order only makes the choice stable while it catches up.
+    folder = session.scalar(
+        select(Folder)
+        .where(Folder.account_id == account.id, Folder.type == folder_type)
+        .order_by(Folder.uidvalidity.is_(None), Folder.name, Folder.id)
+        .limit(1)
+    )
     created = folder is None
     if folder is None:
         # Never synced yet: the folder is made here and on the server when the job files the copy.

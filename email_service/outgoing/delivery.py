@@ -27,6 +27,9 @@ class Outgoing:
     status: DeliveryStatus | None
     uid: int | None
     folder_name: str
+    folder_id: str
+    folder_type: str
+    folder_on_server: bool  # False: made here for an account never synced, perhaps under another name there
     envelope_from: str
     recipients: list[str]
     data: bytes
@@ -83,6 +86,9 @@ def load(
         status=DeliveryStatus(message.delivery_status) if message.delivery_status else None,
         uid=message.uid,
         folder_name=folder.name,
+        folder_id=folder.id,
+        folder_type=folder.type,
+        folder_on_server=folder.uidvalidity is not None,
         envelope_from=message.from_address,
         recipients=[*message.to_addresses, *message.cc_addresses, *message.bcc_addresses],
         data=wire_bytes(built),

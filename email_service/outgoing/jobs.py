@@ -15,6 +15,7 @@ import random
 from typing import Any
 
 from email_service.crypto import CredentialError
+from email_service.folders.roles import adopt_server_folder, role_folder_on_server
 from email_service.models import DeliveryStatus
 from email_service.outgoing import delivery
 from email_service.protocols.errors import MailServerError
@@ -130,13 +131,19 @@ def _file_copy(
     if lock is not None and not lock.acquire():
         # The delivery is recorded; only the filing waits for the running sync.
         raise TaskDeferred(random.uniform(2.0, 6.0), "waiting for a running sync of this account to finish")
+    folder_name = message.folder_name
     try:
         try:
             with servers.incoming.imap(runtime.settings) as session:
                 if session.gmail:
                     return "filed by the server itself"  # Gmail keeps its own copy of what it sends
-                session.ensure_folder(message.folder_name)
-                appended = session.append(message.folder_name, message.data, flags, message.date)
+                if message.folder_on_server:
+                    session.ensure_folder(folder_name)
+                else:
+                    # Never synced: the server may have this role's folder under another name.
+                    folder_name = role_folder_on_server(session, message.folder_type, folder_name)
+                    adopt_server_folder(runtime.db, principal, message.folder_id, message.message_id, folder_name)
+                appended = session.append(folder_name, message.data, flags, message.date)
         except MailServerError as exc:
             if raise_errors:
                 if exc.permanent:
@@ -150,4 +157,4 @@ def _file_copy(
     finally:
         if lock is not None:
             lock.release()
-    return f"filed in {message.folder_name}"
+    return f"filed in {folder_name}"

@@ -67,6 +67,24 @@ def uid_set(uids: Sequence[int]) -> str:
     return ",".join(parts)
 
 
+def expand_uid_set(text: bytes | str) -> list[int]:
+    """The UIDs of a sequence set as a server writes it ("4:6,9" -> [4, 5, 6, 9]), in its order.
+
+    Raises ValueError for anything else, and for a range far larger than a reply can mean.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("ascii")
+    uids: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition(":")
+        # "6:4" is the same range as "4:6" (RFC 3501 9, seq-range).
+        start, end = sorted((int(first), int(last or first)))
+        if end - start > 1_000_000:
+            raise ValueError("UID range too large")
+        uids.extend(range(start, end + 1))
+    return uids
+
+
 class ImapSession(MailSession):
     """One logged-in connection; every failure surfaces as ``MailServerError`` with a readable message."""
 
@@ -192,27 +210,72 @@ class ImapSession(MailSession):
 
     def move(self, uid: int, target: str) -> int | None:
         """Move one message (from the selected folder); returns its UID in ``target`` when the server says."""
-        if "MOVE" in self.capabilities:
-            self._call("UID", "MOVE", str(uid), quote(target))
-        else:
-            self._call("UID", "COPY", str(uid), quote(target))
-            self.store(uid, add=["\\Deleted"])
-            if "UIDPLUS" in self.capabilities:
-                self._call("UID", "EXPUNGE", str(uid))
-            else:
-                self._call("EXPUNGE")
-        # RFC 4315: the new UID arrives as [COPYUID uidvalidity old new], untagged with MOVE.
-        codes = self.conn.untagged_responses.pop("COPYUID", None) or []
-        for code in reversed(codes):
-            parts = code.split() if isinstance(code, bytes) else []
-            if len(parts) == 3 and parts[2].isdigit():
-                return int(parts[2])
-        return None
+        return self.move_uids([uid], target).get(uid)
 
-    def ensure_folder(self, name: str) -> None:
+    def move_uids(self, uids: Sequence[int], target: str) -> dict[int, int]:
+        """Move messages from the selected folder to ``target``: UID MOVE (RFC 6851) where offered,
+        else COPY, ``\\Deleted`` and UID EXPUNGE (RFC 4315). Returns old UID -> UID in ``target``
+        for the messages the server reported (COPYUID); a server without UIDPLUS reports none.
+        """
+        if not uids:
+            return {}
+        self.conn.untagged_responses.pop("COPYUID", None)
+        if "MOVE" in self.capabilities:
+            self._call("UID", "MOVE", uid_set(uids), quote(target))
+        else:
+            self._call("UID", "COPY", uid_set(uids), quote(target))
+            self.expunge_uids(uids)
+        # The new UIDs arrive as [COPYUID uidvalidity old-set new-set]: untagged with MOVE, in
+        # the tagged reply with COPY (imaplib keeps both among the untagged responses).
+        moved: dict[int, int] = {}
+        for code in self.conn.untagged_responses.pop("COPYUID", None) or []:
+            parts = code.split() if isinstance(code, bytes) else []
+            if len(parts) == 3:
+                try:
+                    moved.update(zip(expand_uid_set(parts[1]), expand_uid_set(parts[2]), strict=True))
+                except ValueError:
+                    continue  # a reply that does not parse tells nothing; the next sync finds the messages
+        return moved
+
+    def expunge_uids(self, uids: Sequence[int]) -> None:
+        """Remove messages from the selected folder for good.
+
+        With UIDPLUS only these UIDs go; without it EXPUNGE also removes whatever else another
+        client marked ``\\Deleted`` in this folder, which is what that mark asks for.
+        """
+        if not uids:
+            return
+        self._call("UID", "STORE", uid_set(uids), "+FLAGS.SILENT", "(\\Deleted)")
+        if "UIDPLUS" in self.capabilities:
+            self._call("UID", "EXPUNGE", uid_set(uids))
+        else:
+            self._call("EXPUNGE")
+
+    def create_folder(self, name: str, use: str | None = None) -> None:
+        """CREATE a folder; ``use`` (an RFC 6154 attribute such as ``\\Drafts``) is passed on
+        as ``CREATE name (USE (...))`` where the server offers CREATE-SPECIAL-USE."""
+        if use and "CREATE-SPECIAL-USE" in self.capabilities:
+            self._call("CREATE", quote(name), f"(USE ({use}))")
+        else:
+            self._call("CREATE", quote(name))
+        try:
+            self._call("SUBSCRIBE", quote(name))
+        except ConnectionFailed:
+            raise
+        except MailServerError:
+            pass  # created all the same; subscriptions only matter to other clients' folder lists
+
+    def rename_folder(self, name: str, new_name: str) -> None:
+        """RENAME a folder; its children move with it (RFC 3501 6.3.5)."""
+        self._call("RENAME", quote(name), quote(new_name))
+
+    def delete_folder(self, name: str) -> None:
+        self._call("DELETE", quote(name))
+
+    def ensure_folder(self, name: str, use: str | None = None) -> None:
         """Create a folder unless it exists (an existing one makes CREATE fail, which is fine here)."""
         try:
-            self._call("CREATE", quote(name))
+            self.create_folder(name, use)
         except ConnectionFailed:
             raise
         except MailServerError:

@@ -31,7 +31,7 @@ class Pop3Session(MailSession):
             raise AuthenticationFailed(f"authentication failed for {self.username} at {self.host}") from None
 
     def _quit(self, conn: poplib.POP3) -> None:
-        # QUIT without DELE leaves every message on the server.
+        # QUIT without DELE leaves every message on the server; after DELE it deletes those.
         conn.quit()
 
     def uidls(self) -> dict[str, int]:
@@ -45,6 +45,21 @@ class Pop3Session(MailSession):
             number, _, uidl = line.decode("utf-8", "replace").partition(" ")
             result[uidl.strip()] = int(number)
         return result
+
+    def delete(self, number: int) -> None:
+        """Mark a message for deletion; the server deletes it when the session ends with QUIT."""
+        try:
+            self.conn.dele(number)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
+            raise describe(exc, self.host, self.port) from None
+
+    def quit(self) -> None:
+        """End the session with QUIT, which makes the server delete what DELE marked; raises when it did not confirm."""
+        conn, self._conn = self.conn, None
+        try:
+            conn.quit()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
+            raise describe(exc, self.host, self.port) from None
 
     def retrieve(self, number: int) -> bytes:
         try:

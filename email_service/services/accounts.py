@@ -34,6 +34,7 @@ PLAIN_FIELDS = {
     "isSyncEnabled": "is_sync_enabled",
     "syncInterval": "sync_interval",
     "isEnabled": "is_enabled",
+    "pop3DeleteOnServer": "pop3_delete_on_server",
     "smtpHostname": "smtp_hostname",
     "smtpPort": "smtp_port",
     "smtpEncryption": "smtp_encryption",

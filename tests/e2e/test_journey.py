@@ -20,7 +20,7 @@ import httpx
 import pytest
 from email_service_client.exceptions import ApiException
 from httpx_sse import connect_sse
-from mailservers import SmtpServer, _Behaviour
+from mailservers import SmtpServer, _Behaviour, quote_mailbox
 from messages import attachments_message, plain_message, to_bytes
 from standardwebhooks import Webhook
 
@@ -331,6 +331,72 @@ def test_5_a_draft_is_saved_here_and_on_the_server(journey, dovecot, imap_user):
         return "\\Draft" in _server_flags(dovecot, imap_user, "Drafts", "Unfinished thoughts")
 
     _wait_for(draft_on_server)
+
+
+def _server_subjects(dovecot, user, folder: str) -> list[str]:
+    """Subjects in a server folder as another IMAP client sees them (\\Deleted ones left out)."""
+    with dovecot.imap(user) as client:
+        client.select(quote_mailbox(folder), readonly=True)
+        _, found = client.uid("SEARCH", "UNDELETED")
+        uids = found[0].split()
+        if not uids:
+            return []
+        _, data = client.uid("FETCH", b",".join(uids).decode(), "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    return sorted(item[1].decode().split(":", 1)[1].strip() for item in data if isinstance(item, tuple))
+
+
+def test_5b_a_new_folder_moves_and_deletes_reach_the_server_and_sync_shows_each_once(journey, dovecot, imap_user):
+    api = journey.api
+    account = journey.imap_account
+    messages = sdk.MessagesApi(api)
+    folders = _folders(api, account)
+    inbox, trash = folders["INBOX"], folders["Trash"]
+    inbox_before = messages.list_messages(account, inbox.id, limit=1).pagination.total
+    by_subject = {m.subject: m.id for m in _all_messages(api, account, inbox.id) if m.subject.startswith("Filler 000")}
+
+    projects = sdk.FoldersApi(api).create_folder(account, sdk.CreateFolderRequest(name="Projekte Ärger"))
+    assert projects.display_name == "Projekte Ärger" and projects.type == "custom"
+    moved = messages.move_messages(
+        account,
+        sdk.BulkMoveRequest(message_ids=[by_subject["Filler 0000"], by_subject["Filler 0001"]], folder_id=projects.id),
+    )
+    assert moved.message_ids == [by_subject["Filler 0000"], by_subject["Filler 0001"]] and moved.not_found == []
+    one = messages.move_message(account, by_subject["Filler 0002"], sdk.MoveMessageRequest(folder_id=projects.id))
+    assert one.folder_id == projects.id
+    trashed = messages.delete_message(account, by_subject["Filler 0003"])
+    assert trashed.folder_id == trash.id and trashed.deleted_for_good == []
+    gone = messages.delete_message(account, by_subject["Filler 0004"], permanent=True)
+    assert gone.deleted_for_good == [by_subject["Filler 0004"]]
+    # At once, before the server knows.
+    at_once = sorted(m.subject for m in _all_messages(api, account, projects.id))
+    assert at_once == ["Filler 0000", "Filler 0001", "Filler 0002"]
+    assert messages.list_messages(account, inbox.id, limit=1).pagination.total == inbox_before - 5
+
+    def on_the_server():
+        """the moves and deletions are on the server (another IMAP client looks)"""
+        return (
+            _server_subjects(dovecot, imap_user, "Projekte Ärger") == ["Filler 0000", "Filler 0001", "Filler 0002"]
+            and "Filler 0003" in _server_subjects(dovecot, imap_user, "Trash")
+            and not {"Filler 0000", "Filler 0003", "Filler 0004"} & set(_server_subjects(dovecot, imap_user, "INBOX"))
+        )
+
+    _wait_for(on_the_server)
+    task = sdk.SyncApi(api).sync_account(account)
+    status, _ = _wait_task(api, task.task_id)
+    assert status.status == "success" and status.result["messagesAdded"] == 0, status
+    in_projects = {m.subject: m.id for m in _all_messages(api, account, projects.id)}
+    assert in_projects == {f"Filler 000{i}": by_subject[f"Filler 000{i}"] for i in range(3)}  # same ids, once each
+    assert [m.id for m in _all_messages(api, account, trash.id) if m.subject == "Filler 0003"] == [
+        by_subject["Filler 0003"]
+    ]
+    assert messages.list_messages(account, inbox.id, limit=1).pagination.total == inbox_before - 5
+
+    renamed = sdk.FoldersApi(api).update_folder(account, projects.id, sdk.UpdateFolderRequest(name="Projekte"))
+    assert renamed.id == projects.id and renamed.name == "Projekte"
+    assert _server_subjects(dovecot, imap_user, "Projekte") == ["Filler 0000", "Filler 0001", "Filler 0002"]
+    with pytest.raises(ApiException) as protected:
+        sdk.FoldersApi(api).delete_folder(account, inbox.id)
+    assert protected.value.status == 409
 
 
 def test_6_another_tenant_sees_nothing_and_limits_answer_429(deployment, journey):

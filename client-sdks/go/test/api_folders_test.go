@@ -22,6 +22,34 @@ func Test_emailserviceclient_FoldersAPIService(t *testing.T) {
 	configuration := openapiclient.NewConfiguration()
 	apiClient := openapiclient.NewAPIClient(configuration)
 
+	t.Run("Test FoldersAPIService CreateFolder", func(t *testing.T) {
+
+		t.Skip("skip test") // remove to run test
+
+		var accountId string
+
+		resp, httpRes, err := apiClient.FoldersAPI.CreateFolder(context.Background(), accountId).Execute()
+
+		require.Nil(t, err)
+		require.NotNil(t, resp)
+		assert.Equal(t, 200, httpRes.StatusCode)
+
+	})
+
+	t.Run("Test FoldersAPIService DeleteFolder", func(t *testing.T) {
+
+		t.Skip("skip test") // remove to run test
+
+		var accountId string
+		var folderId string
+
+		httpRes, err := apiClient.FoldersAPI.DeleteFolder(context.Background(), accountId, folderId).Execute()
+
+		require.Nil(t, err)
+		assert.Equal(t, 200, httpRes.StatusCode)
+
+	})
+
 	t.Run("Test FoldersAPIService ListFolders", func(t *testing.T) {
 
 		t.Skip("skip test") // remove to run test
@@ -29,6 +57,21 @@ func Test_emailserviceclient_FoldersAPIService(t *testing.T) {
 		var accountId string
 
 		resp, httpRes, err := apiClient.FoldersAPI.ListFolders(context.Background(), accountId).Execute()
+
+		require.Nil(t, err)
+		require.NotNil(t, resp)
+		assert.Equal(t, 200, httpRes.StatusCode)
+
+	})
+
+	t.Run("Test FoldersAPIService UpdateFolder", func(t *testing.T) {
+
+		t.Skip("skip test") // remove to run test
+
+		var accountId string
+		var folderId string
+
+		resp, httpRes, err := apiClient.FoldersAPI.UpdateFolder(context.Background(), accountId, folderId).Execute()
 
 		require.Nil(t, err)
 		require.NotNil(t, resp)

@@ -22,6 +22,35 @@ func Test_emailserviceclient_MessagesAPIService(t *testing.T) {
 	configuration := openapiclient.NewConfiguration()
 	apiClient := openapiclient.NewAPIClient(configuration)
 
+	t.Run("Test MessagesAPIService DeleteMessage", func(t *testing.T) {
+
+		t.Skip("skip test") // remove to run test
+
+		var accountId string
+		var messageId string
+
+		resp, httpRes, err := apiClient.MessagesAPI.DeleteMessage(context.Background(), accountId, messageId).Execute()
+
+		require.Nil(t, err)
+		require.NotNil(t, resp)
+		assert.Equal(t, 200, httpRes.StatusCode)
+
+	})
+
+	t.Run("Test MessagesAPIService DeleteMessages", func(t *testing.T) {
+
+		t.Skip("skip test") // remove to run test
+
+		var accountId string
+
+		resp, httpRes, err := apiClient.MessagesAPI.DeleteMessages(context.Background(), accountId).Execute()
+
+		require.Nil(t, err)
+		require.NotNil(t, resp)
+		assert.Equal(t, 200, httpRes.StatusCode)
+
+	})
+
 	t.Run("Test MessagesAPIService GetMessage", func(t *testing.T) {
 
 		t.Skip("skip test") // remove to run test
@@ -45,6 +74,35 @@ func Test_emailserviceclient_MessagesAPIService(t *testing.T) {
 		var folderId string
 
 		resp, httpRes, err := apiClient.MessagesAPI.ListMessages(context.Background(), accountId, folderId).Execute()
+
+		require.Nil(t, err)
+		require.NotNil(t, resp)
+		assert.Equal(t, 200, httpRes.StatusCode)
+
+	})
+
+	t.Run("Test MessagesAPIService MoveMessage", func(t *testing.T) {
+
+		t.Skip("skip test") // remove to run test
+
+		var accountId string
+		var messageId string
+
+		resp, httpRes, err := apiClient.MessagesAPI.MoveMessage(context.Background(), accountId, messageId).Execute()
+
+		require.Nil(t, err)
+		require.NotNil(t, resp)
+		assert.Equal(t, 200, httpRes.StatusCode)
+
+	})
+
+	t.Run("Test MessagesAPIService MoveMessages", func(t *testing.T) {
+
+		t.Skip("skip test") // remove to run test
+
+		var accountId string
+
+		resp, httpRes, err := apiClient.MessagesAPI.MoveMessages(context.Background(), accountId).Execute()
 
 		require.Nil(t, err)
 		require.NotNil(t, resp)

@@ -42,9 +42,12 @@ __all__ = [
     "AccountListResponse",
     "AccountResponse",
     "Attachment",
+    "BulkDeleteRequest",
+    "BulkMoveRequest",
     "ChangedIds",
     "ChangesResponse",
     "CreateAccountRequest",
+    "CreateFolderRequest",
     "CreateWebhookRequest",
     "CreatedWebhook",
     "ErrorResponse",
@@ -55,6 +58,8 @@ __all__ = [
     "ListMessages200Response",
     "Message",
     "MessageDetail",
+    "MessageOperationResult",
+    "MoveMessageRequest",
     "Pagination",
     "RetrySend202Response",
     "SaveDraft201Response",
@@ -65,6 +70,7 @@ __all__ = [
     "SyncAccount202Response",
     "SyncAccountRequest",
     "UpdateAccountRequest",
+    "UpdateFolderRequest",
     "UpdateMessageRequest",
     "WebhookAttempt",
     "WebhookDeliveryListResponse",
@@ -102,9 +108,12 @@ from email_service_client.models.account import Account as Account
 from email_service_client.models.account_list_response import AccountListResponse as AccountListResponse
 from email_service_client.models.account_response import AccountResponse as AccountResponse
 from email_service_client.models.attachment import Attachment as Attachment
+from email_service_client.models.bulk_delete_request import BulkDeleteRequest as BulkDeleteRequest
+from email_service_client.models.bulk_move_request import BulkMoveRequest as BulkMoveRequest
 from email_service_client.models.changed_ids import ChangedIds as ChangedIds
 from email_service_client.models.changes_response import ChangesResponse as ChangesResponse
 from email_service_client.models.create_account_request import CreateAccountRequest as CreateAccountRequest
+from email_service_client.models.create_folder_request import CreateFolderRequest as CreateFolderRequest
 from email_service_client.models.create_webhook_request import CreateWebhookRequest as CreateWebhookRequest
 from email_service_client.models.created_webhook import CreatedWebhook as CreatedWebhook
 from email_service_client.models.error_response import ErrorResponse as ErrorResponse
@@ -115,6 +124,8 @@ from email_service_client.models.list_folders200_response import ListFolders200R
 from email_service_client.models.list_messages200_response import ListMessages200Response as ListMessages200Response
 from email_service_client.models.message import Message as Message
 from email_service_client.models.message_detail import MessageDetail as MessageDetail
+from email_service_client.models.message_operation_result import MessageOperationResult as MessageOperationResult
+from email_service_client.models.move_message_request import MoveMessageRequest as MoveMessageRequest
 from email_service_client.models.pagination import Pagination as Pagination
 from email_service_client.models.retry_send202_response import RetrySend202Response as RetrySend202Response
 from email_service_client.models.save_draft201_response import SaveDraft201Response as SaveDraft201Response
@@ -125,6 +136,7 @@ from email_service_client.models.streamed_change import StreamedChange as Stream
 from email_service_client.models.sync_account202_response import SyncAccount202Response as SyncAccount202Response
 from email_service_client.models.sync_account_request import SyncAccountRequest as SyncAccountRequest
 from email_service_client.models.update_account_request import UpdateAccountRequest as UpdateAccountRequest
+from email_service_client.models.update_folder_request import UpdateFolderRequest as UpdateFolderRequest
 from email_service_client.models.update_message_request import UpdateMessageRequest as UpdateMessageRequest
 from email_service_client.models.webhook_attempt import WebhookAttempt as WebhookAttempt
 from email_service_client.models.webhook_delivery_list_response import WebhookDeliveryListResponse as WebhookDeliveryListResponse

@@ -44,6 +44,7 @@ class TestAccount(unittest.TestCase):
                 hostname = '',
                 port = 56,
                 encryption = 'none',
+                pop3_delete_on_server = True,
                 is_sync_enabled = True,
                 sync_interval = 56,
                 last_sync_at = 56,

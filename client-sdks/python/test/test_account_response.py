@@ -45,6 +45,7 @@ class TestAccountResponse(unittest.TestCase):
                 port = 993,
                 encryption = 'tls',
                 username = '',
+                pop3_delete_on_server = True,
                 is_sync_enabled = True,
                 sync_interval = 300,
                 last_sync_at = 1706033200000,

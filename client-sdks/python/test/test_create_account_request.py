@@ -43,6 +43,7 @@ class TestCreateAccountRequest(unittest.TestCase):
                 encryption = 'tls',
                 username = 'user@company.com',
                 password = 'SecurePassword123!',
+                pop3_delete_on_server = True,
                 is_sync_enabled = True,
                 sync_interval = 60,
                 smtp_hostname = 'smtp.company.com',

@@ -26,10 +26,31 @@ class TestFoldersApi(unittest.TestCase):
     def tearDown(self) -> None:
         pass
 
+    def test_create_folder(self) -> None:
+        """Test case for create_folder
+
+        Create a folder
+        """
+        pass
+
+    def test_delete_folder(self) -> None:
+        """Test case for delete_folder
+
+        Delete a folder
+        """
+        pass
+
     def test_list_folders(self) -> None:
         """Test case for list_folders
 
         List email folders
+        """
+        pass
+
+    def test_update_folder(self) -> None:
+        """Test case for update_folder
+
+        Rename or move a folder
         """
         pass
 

@@ -26,6 +26,20 @@ class TestMessagesApi(unittest.TestCase):
     def tearDown(self) -> None:
         pass
 
+    def test_delete_message(self) -> None:
+        """Test case for delete_message
+
+        Delete a message
+        """
+        pass
+
+    def test_delete_messages(self) -> None:
+        """Test case for delete_messages
+
+        Delete several messages
+        """
+        pass
+
     def test_get_message(self) -> None:
         """Test case for get_message
 
@@ -37,6 +51,20 @@ class TestMessagesApi(unittest.TestCase):
         """Test case for list_messages
 
         List messages in folder
+        """
+        pass
+
+    def test_move_message(self) -> None:
+        """Test case for move_message
+
+        Move a message to another folder
+        """
+        pass
+
+    def test_move_messages(self) -> None:
+        """Test case for move_messages
+
+        Move several messages to a folder
         """
         pass
 

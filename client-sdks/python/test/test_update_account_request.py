@@ -41,6 +41,7 @@ class TestUpdateAccountRequest(unittest.TestCase):
                 encryption = 'none',
                 username = 'jUR,rZ#UM/?R,Fp^l6$ARj0',
                 password = 'jUR,rZ#UM/?R,Fp^l6$ARj01234567',
+                pop3_delete_on_server = True,
                 is_sync_enabled = True,
                 sync_interval = 60,
                 is_enabled = True,

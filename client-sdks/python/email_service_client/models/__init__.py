@@ -17,9 +17,12 @@ from email_service_client.models.account import Account
 from email_service_client.models.account_list_response import AccountListResponse
 from email_service_client.models.account_response import AccountResponse
 from email_service_client.models.attachment import Attachment
+from email_service_client.models.bulk_delete_request import BulkDeleteRequest
+from email_service_client.models.bulk_move_request import BulkMoveRequest
 from email_service_client.models.changed_ids import ChangedIds
 from email_service_client.models.changes_response import ChangesResponse
 from email_service_client.models.create_account_request import CreateAccountRequest
+from email_service_client.models.create_folder_request import CreateFolderRequest
 from email_service_client.models.create_webhook_request import CreateWebhookRequest
 from email_service_client.models.created_webhook import CreatedWebhook
 from email_service_client.models.error_response import ErrorResponse
@@ -30,6 +33,8 @@ from email_service_client.models.list_folders200_response import ListFolders200R
 from email_service_client.models.list_messages200_response import ListMessages200Response
 from email_service_client.models.message import Message
 from email_service_client.models.message_detail import MessageDetail
+from email_service_client.models.message_operation_result import MessageOperationResult
+from email_service_client.models.move_message_request import MoveMessageRequest
 from email_service_client.models.pagination import Pagination
 from email_service_client.models.retry_send202_response import RetrySend202Response
 from email_service_client.models.save_draft201_response import SaveDraft201Response
@@ -40,6 +45,7 @@ from email_service_client.models.streamed_change import StreamedChange
 from email_service_client.models.sync_account202_response import SyncAccount202Response
 from email_service_client.models.sync_account_request import SyncAccountRequest
 from email_service_client.models.update_account_request import UpdateAccountRequest
+from email_service_client.models.update_folder_request import UpdateFolderRequest
 from email_service_client.models.update_message_request import UpdateMessageRequest
 from email_service_client.models.webhook_attempt import WebhookAttempt
 from email_service_client.models.webhook_delivery_list_response import WebhookDeliveryListResponse

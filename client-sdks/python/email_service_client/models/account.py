@@ -37,6 +37,7 @@ class Account(BaseModel):
     hostname: Optional[StrictStr] = None
     port: Optional[StrictInt] = None
     encryption: Optional[StrictStr] = None
+    pop3_delete_on_server: Optional[StrictBool] = Field(default=None, description="POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.", alias="pop3DeleteOnServer")
     is_sync_enabled: Optional[StrictBool] = Field(default=None, alias="isSyncEnabled")
     sync_interval: Optional[StrictInt] = Field(default=None, alias="syncInterval")
     last_sync_at: Optional[StrictInt] = Field(default=None, alias="lastSyncAt")
@@ -52,7 +53,7 @@ class Account(BaseModel):
     last_sync_error: Optional[StrictStr] = Field(default=None, description="Why the last sync failed, in words; null after a success", alias="lastSyncError")
     last_sync_error_at: Optional[StrictInt] = Field(default=None, description="When the last sync failed (ms); null after a success", alias="lastSyncErrorAt")
     next_sync_at: Optional[StrictInt] = Field(default=None, description="When the next automatic sync is due (ms). After failures it backs off (temporary ones from 1 minute doubling to 1 hour, permanent ones such as a refused login from 15 minutes doubling to 6 hours); a success, or changing the server settings or password, resets it. Null when automatic sync is off.", alias="nextSyncAt")
-    __properties: ClassVar[List[str]] = ["id", "tenantId", "userId", "accountName", "emailAddress", "protocol", "hostname", "port", "encryption", "isSyncEnabled", "syncInterval", "lastSyncAt", "isSyncing", "isEnabled", "createdAt", "updatedAt", "username", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "lastSyncError", "lastSyncErrorAt", "nextSyncAt"]
+    __properties: ClassVar[List[str]] = ["id", "tenantId", "userId", "accountName", "emailAddress", "protocol", "hostname", "port", "encryption", "pop3DeleteOnServer", "isSyncEnabled", "syncInterval", "lastSyncAt", "isSyncing", "isEnabled", "createdAt", "updatedAt", "username", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "lastSyncError", "lastSyncErrorAt", "nextSyncAt"]
 
     @field_validator('protocol')
     def protocol_validate_enum(cls, value):
@@ -184,6 +185,7 @@ class Account(BaseModel):
             "hostname": obj.get("hostname"),
             "port": obj.get("port"),
             "encryption": obj.get("encryption"),
+            "pop3DeleteOnServer": obj.get("pop3DeleteOnServer"),
             "isSyncEnabled": obj.get("isSyncEnabled"),
             "syncInterval": obj.get("syncInterval"),
             "lastSyncAt": obj.get("lastSyncAt"),

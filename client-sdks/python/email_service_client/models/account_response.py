@@ -38,6 +38,7 @@ class AccountResponse(BaseModel):
     port: StrictInt = Field(description="Server port", json_schema_extra={"examples": [993]})
     encryption: StrictStr = Field(description="Encryption method")
     username: Optional[StrictStr] = Field(default=None, description="Authentication username (password not returned)")
+    pop3_delete_on_server: Optional[StrictBool] = Field(default=None, description="POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.", alias="pop3DeleteOnServer")
     is_sync_enabled: StrictBool = Field(description="Auto-sync enabled", alias="isSyncEnabled")
     sync_interval: StrictInt = Field(description="Sync interval in seconds", alias="syncInterval", json_schema_extra={"examples": [300]})
     last_sync_at: Optional[StrictInt] = Field(default=None, description="Timestamp of last successful sync (ms)", alias="lastSyncAt", json_schema_extra={"examples": [1706033200000]})
@@ -52,7 +53,7 @@ class AccountResponse(BaseModel):
     last_sync_error: Optional[StrictStr] = Field(default=None, description="Why the last sync failed, in words; null after a success", alias="lastSyncError")
     last_sync_error_at: Optional[StrictInt] = Field(default=None, description="When the last sync failed (ms); null after a success", alias="lastSyncErrorAt")
     next_sync_at: Optional[StrictInt] = Field(default=None, description="When the next automatic sync is due (ms). After failures it backs off (temporary ones from 1 minute doubling to 1 hour, permanent ones such as a refused login from 15 minutes doubling to 6 hours); a success, or changing the server settings or password, resets it. Null when automatic sync is off.", alias="nextSyncAt")
-    __properties: ClassVar[List[str]] = ["id", "tenantId", "userId", "accountName", "emailAddress", "protocol", "hostname", "port", "encryption", "username", "isSyncEnabled", "syncInterval", "lastSyncAt", "isSyncing", "isEnabled", "createdAt", "updatedAt", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "lastSyncError", "lastSyncErrorAt", "nextSyncAt"]
+    __properties: ClassVar[List[str]] = ["id", "tenantId", "userId", "accountName", "emailAddress", "protocol", "hostname", "port", "encryption", "username", "pop3DeleteOnServer", "isSyncEnabled", "syncInterval", "lastSyncAt", "isSyncing", "isEnabled", "createdAt", "updatedAt", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "lastSyncError", "lastSyncErrorAt", "nextSyncAt"]
 
     @field_validator('protocol')
     def protocol_validate_enum(cls, value):
@@ -179,6 +180,7 @@ class AccountResponse(BaseModel):
             "port": obj.get("port"),
             "encryption": obj.get("encryption") if obj.get("encryption") is not None else 'tls',
             "username": obj.get("username"),
+            "pop3DeleteOnServer": obj.get("pop3DeleteOnServer"),
             "isSyncEnabled": obj.get("isSyncEnabled") if obj.get("isSyncEnabled") is not None else True,
             "syncInterval": obj.get("syncInterval") if obj.get("syncInterval") is not None else 300,
             "lastSyncAt": obj.get("lastSyncAt"),

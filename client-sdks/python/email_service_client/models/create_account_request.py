@@ -36,6 +36,7 @@ class CreateAccountRequest(BaseModel):
     encryption: StrictStr
     username: Annotated[str, Field(min_length=1, strict=True, max_length=320)] = Field(json_schema_extra={"examples": ["user@company.com"]})
     password: Annotated[str, Field(min_length=8, strict=True, max_length=1024)] = Field(description="Stored encrypted with an authenticated, reversible cipher (Fernet) under the service's credential keys; never returned or logged.", json_schema_extra={"examples": ["SecurePassword123!"]})
+    pop3_delete_on_server: Optional[StrictBool] = Field(default=False, description="POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.", alias="pop3DeleteOnServer")
     is_sync_enabled: Optional[StrictBool] = Field(default=True, alias="isSyncEnabled")
     sync_interval: Optional[Annotated[int, Field(le=604800, strict=True, ge=60)]] = Field(default=300, description="Minimum sync interval (seconds)", alias="syncInterval")
     smtp_hostname: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=253)]] = Field(default=None, description="SMTP server for sending. Without it the account cannot send mail. It must resolve to a public address (or one the operator allows); otherwise the request answers 400 with code DESTINATION_NOT_ALLOWED.", alias="smtpHostname", json_schema_extra={"examples": ["smtp.company.com"]})
@@ -43,7 +44,7 @@ class CreateAccountRequest(BaseModel):
     smtp_encryption: Optional[StrictStr] = Field(default=None, description="SMTP encryption. Default starttls.", alias="smtpEncryption")
     smtp_username: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=320)]] = Field(default=None, description="SMTP login; the account's username when omitted", alias="smtpUsername")
     smtp_password: Optional[Annotated[str, Field(min_length=8, strict=True, max_length=1024)]] = Field(default=None, description="SMTP password, encrypted like `password`; the account's password when omitted", alias="smtpPassword")
-    __properties: ClassVar[List[str]] = ["accountName", "emailAddress", "protocol", "hostname", "port", "encryption", "username", "password", "isSyncEnabled", "syncInterval", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "smtpPassword"]
+    __properties: ClassVar[List[str]] = ["accountName", "emailAddress", "protocol", "hostname", "port", "encryption", "username", "password", "pop3DeleteOnServer", "isSyncEnabled", "syncInterval", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "smtpPassword"]
 
     @field_validator('account_name', mode="before")
     def account_name_validate_regular_expression(cls, value):
@@ -186,6 +187,7 @@ class CreateAccountRequest(BaseModel):
             "encryption": obj.get("encryption") if obj.get("encryption") is not None else 'tls',
             "username": obj.get("username"),
             "password": obj.get("password"),
+            "pop3DeleteOnServer": obj.get("pop3DeleteOnServer") if obj.get("pop3DeleteOnServer") is not None else False,
             "isSyncEnabled": obj.get("isSyncEnabled") if obj.get("isSyncEnabled") is not None else True,
             "syncInterval": obj.get("syncInterval") if obj.get("syncInterval") is not None else 300,
             "smtpHostname": obj.get("smtpHostname"),

@@ -34,6 +34,7 @@ class UpdateAccountRequest(BaseModel):
     encryption: Optional[StrictStr] = None
     username: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=320)]] = None
     password: Optional[Annotated[str, Field(min_length=8, strict=True, max_length=1024)]] = Field(default=None, description="If provided, will be re-encrypted")
+    pop3_delete_on_server: Optional[StrictBool] = Field(default=None, description="POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.", alias="pop3DeleteOnServer")
     is_sync_enabled: Optional[StrictBool] = Field(default=None, alias="isSyncEnabled")
     sync_interval: Optional[Annotated[int, Field(le=604800, strict=True, ge=60)]] = Field(default=None, alias="syncInterval")
     is_enabled: Optional[StrictBool] = Field(default=None, alias="isEnabled")
@@ -44,7 +45,7 @@ class UpdateAccountRequest(BaseModel):
     smtp_password: Optional[Annotated[str, Field(min_length=8, strict=True, max_length=1024)]] = Field(default=None, description="SMTP password, encrypted like `password`; the account's password when omitted", alias="smtpPassword")
     email_address: Optional[StrictStr] = Field(default=None, description="Read-only: an account's address cannot be changed; sending it answers 400 (IMMUTABLE_FIELD)", alias="emailAddress")
     protocol: Optional[StrictStr] = Field(default=None, description="Read-only: an account's protocol cannot be changed; sending it answers 400 (IMMUTABLE_FIELD)")
-    __properties: ClassVar[List[str]] = ["accountName", "hostname", "port", "encryption", "username", "password", "isSyncEnabled", "syncInterval", "isEnabled", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "smtpPassword", "emailAddress", "protocol"]
+    __properties: ClassVar[List[str]] = ["accountName", "hostname", "port", "encryption", "username", "password", "pop3DeleteOnServer", "isSyncEnabled", "syncInterval", "isEnabled", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "smtpPassword", "emailAddress", "protocol"]
 
     @field_validator('account_name', mode="before")
     def account_name_validate_regular_expression(cls, value):
@@ -197,6 +198,7 @@ class UpdateAccountRequest(BaseModel):
             "encryption": obj.get("encryption"),
             "username": obj.get("username"),
             "password": obj.get("password"),
+            "pop3DeleteOnServer": obj.get("pop3DeleteOnServer"),
             "isSyncEnabled": obj.get("isSyncEnabled"),
             "syncInterval": obj.get("syncInterval"),
             "isEnabled": obj.get("isEnabled"),

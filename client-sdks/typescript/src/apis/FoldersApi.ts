@@ -14,15 +14,52 @@
 
 import * as runtime from '../runtime.js';
 import {
+    type CreateFolderRequest,
+    CreateFolderRequestFromJSON,
+    CreateFolderRequestToJSON,
+} from '../models/CreateFolderRequest.js';
+import {
     type ErrorResponse,
     ErrorResponseFromJSON,
     ErrorResponseToJSON,
 } from '../models/ErrorResponse.js';
 import {
+    type Folder,
+    FolderFromJSON,
+    FolderToJSON,
+} from '../models/Folder.js';
+import {
     type ListFolders200Response,
     ListFolders200ResponseFromJSON,
     ListFolders200ResponseToJSON,
 } from '../models/ListFolders200Response.js';
+import {
+    type UpdateFolderRequest,
+    UpdateFolderRequestFromJSON,
+    UpdateFolderRequestToJSON,
+} from '../models/UpdateFolderRequest.js';
+
+export interface CreateFolderOperationRequest {
+    /**
+     * 
+     */
+    accountId: string;
+    /**
+     * 
+     */
+    createFolderRequest: CreateFolderRequest;
+}
+
+export interface DeleteFolderRequest {
+    /**
+     * 
+     */
+    accountId: string;
+    /**
+     * 
+     */
+    folderId: string;
+}
 
 export interface ListFoldersRequest {
     /**
@@ -31,10 +68,160 @@ export interface ListFoldersRequest {
     accountId: string;
 }
 
+export interface UpdateFolderOperationRequest {
+    /**
+     * 
+     */
+    accountId: string;
+    /**
+     * 
+     */
+    folderId: string;
+    /**
+     * 
+     */
+    updateFolderRequest: UpdateFolderRequest;
+}
+
 /**
  * 
  */
 export class FoldersApi extends runtime.BaseAPI {
+
+    /**
+     * Creates request options for createFolder without sending the request
+     */
+    async createFolderRequestOpts(requestParameters: CreateFolderOperationRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['accountId'] == null) {
+            throw new runtime.RequiredError(
+                'accountId',
+                'Required parameter "accountId" was null or undefined when calling createFolder().'
+            );
+        }
+
+        if (requestParameters['createFolderRequest'] == null) {
+            throw new runtime.RequiredError(
+                'createFolderRequest',
+                'Required parameter "createFolderRequest" was null or undefined when calling createFolder().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.apiKey) {
+            headerParameters["X-Auth-Token"] = await this.configuration.apiKey("X-Auth-Token"); // HeaderAuth authentication
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("BearerAuth", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/api/{accountId}/folders`;
+        urlPath = urlPath.replace('{accountId}', encodeURIComponent(String(requestParameters['accountId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: CreateFolderRequestToJSON(requestParameters['createFolderRequest']),
+        };
+    }
+
+    /**
+     * Creates the folder on the mail server (IMAP CREATE, the name in modified UTF-7) before it answers with it. `name` is one level of the hierarchy, as the user sees it; `parentId` puts it under another folder. 409 `FOLDER_EXISTS` when the parent already has a folder of that name. POP3 accounts have no folders on the server: 409 `NOT_SUPPORTED`. 
+     * Create a folder
+     */
+    async createFolderRaw(requestParameters: CreateFolderOperationRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<Folder>> {
+        const requestOptions = await this.createFolderRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => FolderFromJSON(jsonValue));
+    }
+
+    /**
+     * Creates the folder on the mail server (IMAP CREATE, the name in modified UTF-7) before it answers with it. `name` is one level of the hierarchy, as the user sees it; `parentId` puts it under another folder. 409 `FOLDER_EXISTS` when the parent already has a folder of that name. POP3 accounts have no folders on the server: 409 `NOT_SUPPORTED`. 
+     * Create a folder
+     */
+    async createFolder(requestParameters: CreateFolderOperationRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Folder> {
+        const response = await this.createFolderRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for deleteFolder without sending the request
+     */
+    async deleteFolderRequestOpts(requestParameters: DeleteFolderRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['accountId'] == null) {
+            throw new runtime.RequiredError(
+                'accountId',
+                'Required parameter "accountId" was null or undefined when calling deleteFolder().'
+            );
+        }
+
+        if (requestParameters['folderId'] == null) {
+            throw new runtime.RequiredError(
+                'folderId',
+                'Required parameter "folderId" was null or undefined when calling deleteFolder().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.apiKey) {
+            headerParameters["X-Auth-Token"] = await this.configuration.apiKey("X-Auth-Token"); // HeaderAuth authentication
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("BearerAuth", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/api/{accountId}/folders/{folderId}`;
+        urlPath = urlPath.replace('{accountId}', encodeURIComponent(String(requestParameters['accountId'])));
+        urlPath = urlPath.replace('{folderId}', encodeURIComponent(String(requestParameters['folderId'])));
+
+        return {
+            path: urlPath,
+            method: 'DELETE',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Deletes the folder and the mail in it on the mail server (IMAP DELETE) and here. The inbox and folders with a role (sent, drafts, spam, trash) cannot be deleted (409 `FOLDER_PROTECTED`), nor a folder that has sub-folders (409 `FOLDER_HAS_CHILDREN`). 
+     * Delete a folder
+     */
+    async deleteFolderRaw(requestParameters: DeleteFolderRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<void>> {
+        const requestOptions = await this.deleteFolderRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.VoidApiResponse(response);
+    }
+
+    /**
+     * Deletes the folder and the mail in it on the mail server (IMAP DELETE) and here. The inbox and folders with a role (sent, drafts, spam, trash) cannot be deleted (409 `FOLDER_PROTECTED`), nor a folder that has sub-folders (409 `FOLDER_HAS_CHILDREN`). 
+     * Delete a folder
+     */
+    async deleteFolder(requestParameters: DeleteFolderRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<void> {
+        await this.deleteFolderRaw(requestParameters, initOverrides);
+    }
 
     /**
      * Creates request options for listFolders without sending the request
@@ -92,6 +279,83 @@ export class FoldersApi extends runtime.BaseAPI {
      */
     async listFolders(requestParameters: ListFoldersRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ListFolders200Response> {
         const response = await this.listFoldersRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for updateFolder without sending the request
+     */
+    async updateFolderRequestOpts(requestParameters: UpdateFolderOperationRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['accountId'] == null) {
+            throw new runtime.RequiredError(
+                'accountId',
+                'Required parameter "accountId" was null or undefined when calling updateFolder().'
+            );
+        }
+
+        if (requestParameters['folderId'] == null) {
+            throw new runtime.RequiredError(
+                'folderId',
+                'Required parameter "folderId" was null or undefined when calling updateFolder().'
+            );
+        }
+
+        if (requestParameters['updateFolderRequest'] == null) {
+            throw new runtime.RequiredError(
+                'updateFolderRequest',
+                'Required parameter "updateFolderRequest" was null or undefined when calling updateFolder().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.apiKey) {
+            headerParameters["X-Auth-Token"] = await this.configuration.apiKey("X-Auth-Token"); // HeaderAuth authentication
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("BearerAuth", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/api/{accountId}/folders/{folderId}`;
+        urlPath = urlPath.replace('{accountId}', encodeURIComponent(String(requestParameters['accountId'])));
+        urlPath = urlPath.replace('{folderId}', encodeURIComponent(String(requestParameters['folderId'])));
+
+        return {
+            path: urlPath,
+            method: 'PATCH',
+            headers: headerParameters,
+            query: queryParameters,
+            body: UpdateFolderRequestToJSON(requestParameters['updateFolderRequest']),
+        };
+    }
+
+    /**
+     * Renames the folder (IMAP RENAME), its sub-folders with it, and/or moves it under another folder (`parentId`, null for the top level). Done on the mail server before it answers. The inbox and the folders with a role (sent, drafts, spam, trash: other clients find them by name or mark) cannot be renamed: 409 `FOLDER_PROTECTED`; 409 `FOLDER_EXISTS` when the new name is taken, `NOT_SUPPORTED` for POP3, `ACCOUNT_BUSY` while a sync of the account runs longer than a few seconds, `MAIL_SERVER_REFUSED` when the server says no; 503 when it cannot be reached. 
+     * Rename or move a folder
+     */
+    async updateFolderRaw(requestParameters: UpdateFolderOperationRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<Folder>> {
+        const requestOptions = await this.updateFolderRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => FolderFromJSON(jsonValue));
+    }
+
+    /**
+     * Renames the folder (IMAP RENAME), its sub-folders with it, and/or moves it under another folder (`parentId`, null for the top level). Done on the mail server before it answers. The inbox and the folders with a role (sent, drafts, spam, trash: other clients find them by name or mark) cannot be renamed: 409 `FOLDER_PROTECTED`; 409 `FOLDER_EXISTS` when the new name is taken, `NOT_SUPPORTED` for POP3, `ACCOUNT_BUSY` while a sync of the account runs longer than a few seconds, `MAIL_SERVER_REFUSED` when the server says no; 503 when it cannot be reached. 
+     * Rename or move a folder
+     */
+    async updateFolder(requestParameters: UpdateFolderOperationRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<Folder> {
+        const response = await this.updateFolderRaw(requestParameters, initOverrides);
         return await response.value();
     }
 

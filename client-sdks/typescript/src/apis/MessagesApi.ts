@@ -14,6 +14,16 @@
 
 import * as runtime from '../runtime.js';
 import {
+    type BulkDeleteRequest,
+    BulkDeleteRequestFromJSON,
+    BulkDeleteRequestToJSON,
+} from '../models/BulkDeleteRequest.js';
+import {
+    type BulkMoveRequest,
+    BulkMoveRequestFromJSON,
+    BulkMoveRequestToJSON,
+} from '../models/BulkMoveRequest.js';
+import {
     type ErrorResponse,
     ErrorResponseFromJSON,
     ErrorResponseToJSON,
@@ -29,10 +39,46 @@ import {
     MessageDetailToJSON,
 } from '../models/MessageDetail.js';
 import {
+    type MessageOperationResult,
+    MessageOperationResultFromJSON,
+    MessageOperationResultToJSON,
+} from '../models/MessageOperationResult.js';
+import {
+    type MoveMessageRequest,
+    MoveMessageRequestFromJSON,
+    MoveMessageRequestToJSON,
+} from '../models/MoveMessageRequest.js';
+import {
     type UpdateMessageRequest,
     UpdateMessageRequestFromJSON,
     UpdateMessageRequestToJSON,
 } from '../models/UpdateMessageRequest.js';
+
+export interface DeleteMessageRequest {
+    /**
+     * 
+     */
+    accountId: string;
+    /**
+     * 
+     */
+    messageId: string;
+    /**
+     * Delete for good instead of moving to Trash
+     */
+    permanent?: boolean;
+}
+
+export interface DeleteMessagesRequest {
+    /**
+     * 
+     */
+    accountId: string;
+    /**
+     * 
+     */
+    bulkDeleteRequest: BulkDeleteRequest;
+}
 
 export interface GetMessageRequest {
     /**
@@ -72,6 +118,32 @@ export interface ListMessagesRequest {
     filter?: ListMessagesFilterEnum;
 }
 
+export interface MoveMessageOperationRequest {
+    /**
+     * 
+     */
+    accountId: string;
+    /**
+     * 
+     */
+    messageId: string;
+    /**
+     * 
+     */
+    moveMessageRequest: MoveMessageRequest;
+}
+
+export interface MoveMessagesRequest {
+    /**
+     * 
+     */
+    accountId: string;
+    /**
+     * 
+     */
+    bulkMoveRequest: BulkMoveRequest;
+}
+
 export interface UpdateMessageOperationRequest {
     /**
      * 
@@ -91,6 +163,146 @@ export interface UpdateMessageOperationRequest {
  * 
  */
 export class MessagesApi extends runtime.BaseAPI {
+
+    /**
+     * Creates request options for deleteMessage without sending the request
+     */
+    async deleteMessageRequestOpts(requestParameters: DeleteMessageRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['accountId'] == null) {
+            throw new runtime.RequiredError(
+                'accountId',
+                'Required parameter "accountId" was null or undefined when calling deleteMessage().'
+            );
+        }
+
+        if (requestParameters['messageId'] == null) {
+            throw new runtime.RequiredError(
+                'messageId',
+                'Required parameter "messageId" was null or undefined when calling deleteMessage().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        if (requestParameters['permanent'] != null) {
+            queryParameters['permanent'] = requestParameters['permanent'];
+        }
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.apiKey) {
+            headerParameters["X-Auth-Token"] = await this.configuration.apiKey("X-Auth-Token"); // HeaderAuth authentication
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("BearerAuth", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/api/{accountId}/messages/{messageId}`;
+        urlPath = urlPath.replace('{accountId}', encodeURIComponent(String(requestParameters['accountId'])));
+        urlPath = urlPath.replace('{messageId}', encodeURIComponent(String(requestParameters['messageId'])));
+
+        return {
+            path: urlPath,
+            method: 'DELETE',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * Moves the message to the account\'s Trash folder, or deletes it for good when it is in Trash already or `permanent=true`. The API shows the result at once; a background job does the same on the mail server (IMAP: UID MOVE, or COPY, `\\Deleted` and UID EXPUNGE). Answers 409 `NO_TRASH_FOLDER` when the account has no Trash folder and `permanent` is not set. For POP3 accounts the message is deleted on the server only if the account\'s `pop3DeleteOnServer` is set; otherwise only here (and it is not downloaded again). 
+     * Delete a message
+     */
+    async deleteMessageRaw(requestParameters: DeleteMessageRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<MessageOperationResult>> {
+        const requestOptions = await this.deleteMessageRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => MessageOperationResultFromJSON(jsonValue));
+    }
+
+    /**
+     * Moves the message to the account\'s Trash folder, or deletes it for good when it is in Trash already or `permanent=true`. The API shows the result at once; a background job does the same on the mail server (IMAP: UID MOVE, or COPY, `\\Deleted` and UID EXPUNGE). Answers 409 `NO_TRASH_FOLDER` when the account has no Trash folder and `permanent` is not set. For POP3 accounts the message is deleted on the server only if the account\'s `pop3DeleteOnServer` is set; otherwise only here (and it is not downloaded again). 
+     * Delete a message
+     */
+    async deleteMessage(requestParameters: DeleteMessageRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<MessageOperationResult> {
+        const response = await this.deleteMessageRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for deleteMessages without sending the request
+     */
+    async deleteMessagesRequestOpts(requestParameters: DeleteMessagesRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['accountId'] == null) {
+            throw new runtime.RequiredError(
+                'accountId',
+                'Required parameter "accountId" was null or undefined when calling deleteMessages().'
+            );
+        }
+
+        if (requestParameters['bulkDeleteRequest'] == null) {
+            throw new runtime.RequiredError(
+                'bulkDeleteRequest',
+                'Required parameter "bulkDeleteRequest" was null or undefined when calling deleteMessages().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.apiKey) {
+            headerParameters["X-Auth-Token"] = await this.configuration.apiKey("X-Auth-Token"); // HeaderAuth authentication
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("BearerAuth", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/api/{accountId}/messages/delete`;
+        urlPath = urlPath.replace('{accountId}', encodeURIComponent(String(requestParameters['accountId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: BulkDeleteRequestToJSON(requestParameters['bulkDeleteRequest']),
+        };
+    }
+
+    /**
+     * Like deleteMessage for up to 500 messages at once: to Trash, or for good for those in Trash already (all of them with `permanent: true`). 
+     * Delete several messages
+     */
+    async deleteMessagesRaw(requestParameters: DeleteMessagesRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<MessageOperationResult>> {
+        const requestOptions = await this.deleteMessagesRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => MessageOperationResultFromJSON(jsonValue));
+    }
+
+    /**
+     * Like deleteMessage for up to 500 messages at once: to Trash, or for good for those in Trash already (all of them with `permanent: true`). 
+     * Delete several messages
+     */
+    async deleteMessages(requestParameters: DeleteMessagesRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<MessageOperationResult> {
+        const response = await this.deleteMessagesRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
 
     /**
      * Creates request options for getMessage without sending the request
@@ -239,6 +451,152 @@ export class MessagesApi extends runtime.BaseAPI {
      */
     async listMessages(requestParameters: ListMessagesRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<ListMessages200Response> {
         const response = await this.listMessagesRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for moveMessage without sending the request
+     */
+    async moveMessageRequestOpts(requestParameters: MoveMessageOperationRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['accountId'] == null) {
+            throw new runtime.RequiredError(
+                'accountId',
+                'Required parameter "accountId" was null or undefined when calling moveMessage().'
+            );
+        }
+
+        if (requestParameters['messageId'] == null) {
+            throw new runtime.RequiredError(
+                'messageId',
+                'Required parameter "messageId" was null or undefined when calling moveMessage().'
+            );
+        }
+
+        if (requestParameters['moveMessageRequest'] == null) {
+            throw new runtime.RequiredError(
+                'moveMessageRequest',
+                'Required parameter "moveMessageRequest" was null or undefined when calling moveMessage().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.apiKey) {
+            headerParameters["X-Auth-Token"] = await this.configuration.apiKey("X-Auth-Token"); // HeaderAuth authentication
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("BearerAuth", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/api/{accountId}/messages/{messageId}/move`;
+        urlPath = urlPath.replace('{accountId}', encodeURIComponent(String(requestParameters['accountId'])));
+        urlPath = urlPath.replace('{messageId}', encodeURIComponent(String(requestParameters['messageId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: MoveMessageRequestToJSON(requestParameters['moveMessageRequest']),
+        };
+    }
+
+    /**
+     * The message shows in the target folder at once (same id); a background job moves it on the mail server (IMAP UID MOVE, RFC 6851, or COPY, `\\Deleted` and UID EXPUNGE), following the new UID so the next sync shows it once, in its new folder. Moving into or out of the spam folder sets `isSpam`. POP3 accounts have one folder on the server: the move is kept here. 
+     * Move a message to another folder
+     */
+    async moveMessageRaw(requestParameters: MoveMessageOperationRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<MessageDetail>> {
+        const requestOptions = await this.moveMessageRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => MessageDetailFromJSON(jsonValue));
+    }
+
+    /**
+     * The message shows in the target folder at once (same id); a background job moves it on the mail server (IMAP UID MOVE, RFC 6851, or COPY, `\\Deleted` and UID EXPUNGE), following the new UID so the next sync shows it once, in its new folder. Moving into or out of the spam folder sets `isSpam`. POP3 accounts have one folder on the server: the move is kept here. 
+     * Move a message to another folder
+     */
+    async moveMessage(requestParameters: MoveMessageOperationRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<MessageDetail> {
+        const response = await this.moveMessageRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for moveMessages without sending the request
+     */
+    async moveMessagesRequestOpts(requestParameters: MoveMessagesRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['accountId'] == null) {
+            throw new runtime.RequiredError(
+                'accountId',
+                'Required parameter "accountId" was null or undefined when calling moveMessages().'
+            );
+        }
+
+        if (requestParameters['bulkMoveRequest'] == null) {
+            throw new runtime.RequiredError(
+                'bulkMoveRequest',
+                'Required parameter "bulkMoveRequest" was null or undefined when calling moveMessages().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.apiKey) {
+            headerParameters["X-Auth-Token"] = await this.configuration.apiKey("X-Auth-Token"); // HeaderAuth authentication
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("BearerAuth", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/api/{accountId}/messages/move`;
+        urlPath = urlPath.replace('{accountId}', encodeURIComponent(String(requestParameters['accountId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: BulkMoveRequestToJSON(requestParameters['bulkMoveRequest']),
+        };
+    }
+
+    /**
+     * Like moveMessage for up to 500 messages at once. Ids that name no message of the account are listed in `notFound`; the others are moved. 
+     * Move several messages to a folder
+     */
+    async moveMessagesRaw(requestParameters: MoveMessagesRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<MessageOperationResult>> {
+        const requestOptions = await this.moveMessagesRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => MessageOperationResultFromJSON(jsonValue));
+    }
+
+    /**
+     * Like moveMessage for up to 500 messages at once. Ids that name no message of the account are listed in `notFound`; the others are moved. 
+     * Move several messages to a folder
+     */
+    async moveMessages(requestParameters: MoveMessagesRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<MessageOperationResult> {
+        const response = await this.moveMessagesRaw(requestParameters, initOverrides);
         return await response.value();
     }
 

@@ -56,6 +56,10 @@ export interface Account {
      */
     encryption?: AccountEncryptionEnum;
     /**
+     * POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.
+     */
+    pop3DeleteOnServer?: boolean;
+    /**
      * 
      */
     isSyncEnabled?: boolean;
@@ -174,6 +178,7 @@ export function AccountFromJSONTyped(json: any, ignoreDiscriminator: boolean): A
         'hostname': json['hostname'] == null ? undefined : json['hostname'],
         'port': json['port'] == null ? undefined : json['port'],
         'encryption': json['encryption'] == null ? undefined : json['encryption'],
+        'pop3DeleteOnServer': json['pop3DeleteOnServer'] == null ? undefined : json['pop3DeleteOnServer'],
         'isSyncEnabled': json['isSyncEnabled'] == null ? undefined : json['isSyncEnabled'],
         'syncInterval': json['syncInterval'] == null ? undefined : json['syncInterval'],
         'lastSyncAt': json['lastSyncAt'] === undefined ? undefined : json['lastSyncAt'] === null ? null : json['lastSyncAt'],
@@ -212,6 +217,7 @@ export function AccountToJSONTyped(value?: Account | null, ignoreDiscriminator: 
         'hostname': value['hostname'],
         'port': value['port'],
         'encryption': value['encryption'],
+        'pop3DeleteOnServer': value['pop3DeleteOnServer'],
         'isSyncEnabled': value['isSyncEnabled'],
         'syncInterval': value['syncInterval'],
         'lastSyncAt': value['lastSyncAt'],

@@ -60,6 +60,10 @@ export interface AccountResponse {
      */
     username?: string;
     /**
+     * POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.
+     */
+    pop3DeleteOnServer?: boolean;
+    /**
      * Auto-sync enabled
      */
     isSyncEnabled: boolean;
@@ -189,6 +193,7 @@ export function AccountResponseFromJSONTyped(json: any, ignoreDiscriminator: boo
         'port': json['port'],
         'encryption': json['encryption'],
         'username': json['username'] == null ? undefined : json['username'],
+        'pop3DeleteOnServer': json['pop3DeleteOnServer'] == null ? undefined : json['pop3DeleteOnServer'],
         'isSyncEnabled': json['isSyncEnabled'],
         'syncInterval': json['syncInterval'],
         'lastSyncAt': json['lastSyncAt'] === undefined ? undefined : json['lastSyncAt'] === null ? null : json['lastSyncAt'],
@@ -227,6 +232,7 @@ export function AccountResponseToJSONTyped(value?: AccountResponse | null, ignor
         'port': value['port'],
         'encryption': value['encryption'],
         'username': value['username'],
+        'pop3DeleteOnServer': value['pop3DeleteOnServer'],
         'isSyncEnabled': value['isSyncEnabled'],
         'syncInterval': value['syncInterval'],
         'lastSyncAt': value['lastSyncAt'],

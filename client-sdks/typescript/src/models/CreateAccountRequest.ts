@@ -52,6 +52,10 @@ export interface CreateAccountRequest {
      */
     password: string;
     /**
+     * POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.
+     */
+    pop3DeleteOnServer?: boolean;
+    /**
      * 
      */
     isSyncEnabled?: boolean;
@@ -145,6 +149,7 @@ export function CreateAccountRequestFromJSONTyped(json: any, ignoreDiscriminator
         'encryption': json['encryption'],
         'username': json['username'],
         'password': json['password'],
+        'pop3DeleteOnServer': json['pop3DeleteOnServer'] == null ? undefined : json['pop3DeleteOnServer'],
         'isSyncEnabled': json['isSyncEnabled'] == null ? undefined : json['isSyncEnabled'],
         'syncInterval': json['syncInterval'] == null ? undefined : json['syncInterval'],
         'smtpHostname': json['smtpHostname'] == null ? undefined : json['smtpHostname'],
@@ -174,6 +179,7 @@ export function CreateAccountRequestToJSONTyped(value?: CreateAccountRequest | n
         'encryption': value['encryption'],
         'username': value['username'],
         'password': value['password'],
+        'pop3DeleteOnServer': value['pop3DeleteOnServer'],
         'isSyncEnabled': value['isSyncEnabled'],
         'syncInterval': value['syncInterval'],
         'smtpHostname': value['smtpHostname'],

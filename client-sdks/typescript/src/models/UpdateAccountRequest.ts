@@ -44,6 +44,10 @@ export interface UpdateAccountRequest {
      */
     password?: string;
     /**
+     * POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.
+     */
+    pop3DeleteOnServer?: boolean;
+    /**
      * 
      */
     isSyncEnabled?: boolean;
@@ -130,6 +134,7 @@ export function UpdateAccountRequestFromJSONTyped(json: any, ignoreDiscriminator
         'encryption': json['encryption'] == null ? undefined : json['encryption'],
         'username': json['username'] == null ? undefined : json['username'],
         'password': json['password'] == null ? undefined : json['password'],
+        'pop3DeleteOnServer': json['pop3DeleteOnServer'] == null ? undefined : json['pop3DeleteOnServer'],
         'isSyncEnabled': json['isSyncEnabled'] == null ? undefined : json['isSyncEnabled'],
         'syncInterval': json['syncInterval'] == null ? undefined : json['syncInterval'],
         'isEnabled': json['isEnabled'] == null ? undefined : json['isEnabled'],
@@ -160,6 +165,7 @@ export function UpdateAccountRequestToJSONTyped(value?: Omit<UpdateAccountReques
         'encryption': value['encryption'],
         'username': value['username'],
         'password': value['password'],
+        'pop3DeleteOnServer': value['pop3DeleteOnServer'],
         'isSyncEnabled': value['isSyncEnabled'],
         'syncInterval': value['syncInterval'],
         'isEnabled': value['isEnabled'],

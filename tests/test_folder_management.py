@@ -1,0 +1,117 @@
+"""Creating, renaming and deleting folders through the API, checked on Dovecot with imaplib."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from helpers import assert_error_shape
+from mailservers import imap_utf7_decode, quote_mailbox
+from messages import plain_message, to_bytes
+from syncing import create_account, folders_by_name, imap_account, messages, run_sync
+
+from email_service.api.app import create_app
+from email_service.mail.folders import parse_list_response
+from email_service.runtime import Runtime
+
+
+@pytest.fixture(scope="module")
+def client(backing, dovecot):
+    """Folder requests reach the mail server from the API itself: its runtime trusts the test CA."""
+    runtime = Runtime.build(replace(backing, rate_limits_enabled=False, ca_file=dovecot.ca_file))
+    with create_app(runtime).test_client() as test_client:
+        yield test_client
+    runtime.close()
+
+
+def server_folders(dovecot, mail_user) -> set[str]:
+    """Decoded folder names as another IMAP client lists them."""
+    with dovecot.imap(mail_user) as other:
+        _, lines = other.list('""', '"*"')
+    return {imap_utf7_decode(parse_list_response(line).name) for line in lines}
+
+
+def server_count(dovecot, mail_user, folder: str) -> int:
+    with dovecot.imap(mail_user) as other:
+        _, data = other.select(quote_mailbox(folder), readonly=True)
+    return int(data[0])
+
+
+@pytest.fixture
+def account(client, user, dovecot, mail_user, worker):
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    return account_id
+
+
+def create(client, user, account_id, **body):
+    return client.post(f"/api/{account_id}/folders", json=body, headers=user.headers)
+
+
+def test_create_rename_with_children_and_delete_stay_in_step_with_the_server(client, user, dovecot, mail_user, account):
+    made = create(client, user, account, name="Kunden & Partner")
+    assert made.status_code == 201, made.text
+    parent = made.json()
+    assert parent["name"] == "Kunden &- Partner" and parent["displayName"] == "Kunden & Partner"
+    assert parent["type"] == "custom"
+    child = create(client, user, account, name="Größere Aufträge", parentId=parent["id"]).json()
+    assert child["name"] == "Kunden &- Partner/Gr&APYA3w-ere Auftr&AOQ-ge" and child["parentId"] == parent["id"]
+    assert {"Kunden & Partner", "Kunden & Partner/Größere Aufträge"} <= server_folders(dovecot, mail_user)
+    dovecot.append(mail_user, "Kunden & Partner/Größere Aufträge", to_bytes(plain_message("Auftrag")))
+    run_sync(client, user, account)
+    [message] = messages(client, user, account, child["id"])["messages"]
+
+    renamed = client.patch(f"/api/{account}/folders/{parent['id']}", json={"name": "Clients"}, headers=user.headers)
+    assert renamed.status_code == 200, renamed.text
+    assert renamed.json()["name"] == "Clients" and renamed.json()["id"] == parent["id"]
+    on_server = server_folders(dovecot, mail_user)
+    assert {"Clients", "Clients/Größere Aufträge"} <= on_server and "Kunden & Partner" not in on_server
+    folders = folders_by_name(client, user, account)
+    assert folders["Clients/Gr&APYA3w-ere Auftr&AOQ-ge"]["id"] == child["id"]  # same folder, new name
+    status, _ = run_sync(client, user, account)
+    assert status["result"]["messagesAdded"] == 0 and status["result"]["messagesRemoved"] == 0
+    assert [m["id"] for m in messages(client, user, account, child["id"])["messages"]] == [message["id"]]
+
+    # A folder with sub-folders is not deleted; its sub-folder, mail and all, is.
+    assert_error_shape(client.delete(f"/api/{account}/folders/{parent['id']}", headers=user.headers), 409)
+    gone = client.delete(f"/api/{account}/folders/{child['id']}", headers=user.headers)
+    assert gone.status_code == 204, gone.text
+    assert "Clients/Größere Aufträge" not in server_folders(dovecot, mail_user)
+    assert_error_shape(client.get(f"/api/{account}/messages/{message['id']}", headers=user.headers), 404)
+    assert client.delete(f"/api/{account}/folders/{parent['id']}", headers=user.headers).status_code == 204
+    run_sync(client, user, account)
+    assert not {"Clients", "Clients/Gr&APYA3w-ere Auftr&AOQ-ge"} & set(folders_by_name(client, user, account))
+
+
+def test_inbox_and_role_folders_are_protected(client, user, dovecot, mail_user, account):
+    folders = folders_by_name(client, user, account)
+    for name in ("INBOX", "Drafts", "Sent", "Trash", "Junk"):
+        folder_id = folders[name]["id"]
+        assert_error_shape(client.delete(f"/api/{account}/folders/{folder_id}", headers=user.headers), 409)
+        renamed = client.patch(f"/api/{account}/folders/{folder_id}", json={"name": "X"}, headers=user.headers)
+        assert_error_shape(renamed, 409)
+    assert {"INBOX", "Drafts", "Sent", "Trash", "Junk"} <= server_folders(dovecot, mail_user)
+
+
+def test_bad_folder_requests_are_refused_cleanly(client, user, make_user, dovecot, mail_user, account):
+    assert_error_shape(create(client, user, account, name="a/b"), 400)
+    assert_error_shape(create(client, user, account, name="   "), 400)
+    assert_error_shape(create(client, user, account, name="Tab\there"), 400)
+    assert_error_shape(create(client, user, account, name="Drafts"), 409)
+    assert_error_shape(create(client, user, account, name="inbox"), 409)
+    assert_error_shape(create(client, user, account, name="x", parentId="nope"), 404)
+    assert_error_shape(create(client, make_user(), account, name="Mine"), 404)
+    made = create(client, user, account, name="Eins").json()
+    assert_error_shape(
+        client.patch(f"/api/{account}/folders/{made['id']}", json={"parentId": made["id"]}, headers=user.headers), 400
+    )
+    assert_error_shape(client.patch(f"/api/{account}/folders/{made['id']}", json={}, headers=user.headers), 400)
+    stranger = make_user()
+    assert_error_shape(client.delete(f"/api/{account}/folders/{made['id']}", headers=stranger.headers), 404)
+    assert "Eins" in server_folders(dovecot, mail_user)
+
+
+def test_pop3_accounts_have_no_server_folders(client, user, dovecot, mail_user, worker):
+    body = imap_account(dovecot, mail_user, protocol="pop3", port=dovecot.pop3s_port)
+    account_id = create_account(client, user, body)
+    assert_error_shape(create(client, user, account_id, name="Archiv"), 409)
