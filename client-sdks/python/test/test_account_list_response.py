@@ -65,7 +65,8 @@ class TestAccountListResponse(unittest.TestCase):
                 pagination = email_service_client.models.pagination.Pagination(
                     total = 56, 
                     limit = 56, 
-                    offset = 56, )
+                    offset = 56, 
+                    next_cursor = '', )
             )
         else:
             return AccountListResponse(
@@ -99,7 +100,8 @@ class TestAccountListResponse(unittest.TestCase):
                 pagination = email_service_client.models.pagination.Pagination(
                     total = 56, 
                     limit = 56, 
-                    offset = 56, ),
+                    offset = 56, 
+                    next_cursor = '', ),
         )
         """
 

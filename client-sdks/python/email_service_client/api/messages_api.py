@@ -344,6 +344,7 @@ class MessagesApi:
         offset: Optional[StrictInt] = None,
         sort: Annotated[Optional[StrictStr], Field(description="Sort field and direction (e.g., \"receivedAt:desc\")")] = None,
         filter: Annotated[Optional[StrictStr], Field(description="Filter by read status (all, read, unread)")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1024)]], Field(description="Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -373,6 +374,8 @@ class MessagesApi:
         :type sort: str
         :param filter: Filter by read status (all, read, unread)
         :type filter: str
+        :param cursor: Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
+        :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -402,6 +405,7 @@ class MessagesApi:
             offset=offset,
             sort=sort,
             filter=filter,
+            cursor=cursor,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -437,6 +441,7 @@ class MessagesApi:
         offset: Optional[StrictInt] = None,
         sort: Annotated[Optional[StrictStr], Field(description="Sort field and direction (e.g., \"receivedAt:desc\")")] = None,
         filter: Annotated[Optional[StrictStr], Field(description="Filter by read status (all, read, unread)")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1024)]], Field(description="Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -466,6 +471,8 @@ class MessagesApi:
         :type sort: str
         :param filter: Filter by read status (all, read, unread)
         :type filter: str
+        :param cursor: Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
+        :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -495,6 +502,7 @@ class MessagesApi:
             offset=offset,
             sort=sort,
             filter=filter,
+            cursor=cursor,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -530,6 +538,7 @@ class MessagesApi:
         offset: Optional[StrictInt] = None,
         sort: Annotated[Optional[StrictStr], Field(description="Sort field and direction (e.g., \"receivedAt:desc\")")] = None,
         filter: Annotated[Optional[StrictStr], Field(description="Filter by read status (all, read, unread)")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1024)]], Field(description="Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -559,6 +568,8 @@ class MessagesApi:
         :type sort: str
         :param filter: Filter by read status (all, read, unread)
         :type filter: str
+        :param cursor: Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
+        :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -588,6 +599,7 @@ class MessagesApi:
             offset=offset,
             sort=sort,
             filter=filter,
+            cursor=cursor,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -618,6 +630,7 @@ class MessagesApi:
         offset,
         sort,
         filter,
+        cursor,
         _request_auth,
         _content_type,
         _headers,
@@ -659,6 +672,10 @@ class MessagesApi:
         if filter is not None:
             
             _query_params.append(('filter', filter))
+            
+        if cursor is not None:
+            
+            _query_params.append(('cursor', cursor))
             
         # process the header parameters
         # process the form parameters
