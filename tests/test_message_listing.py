@@ -168,10 +168,10 @@ def _raw_cursor(text: bytes) -> str:
         ("from:asc", _raw_cursor(b'["from:asc","all","a","\\u0000"]')),
     ],
 )
-def test_a_cursor_not_issued_for_the_query_answers_400(box, sort, cursor):
+def test_a_cursor_not_issued_for_the_query_answers_409(box, sort, cursor):
     box.add(2)
     response = box.get(f"/folders/{box.folders['INBOX'].id}/messages", limit=1, sort=sort, cursor=cursor)
-    assert_error_shape(response, 400, "INVALID_CURSOR")
+    assert_error_shape(response, 409, "INVALID_CURSOR")
 
 
 def test_a_cursor_of_the_wrong_shape_is_refused_by_the_contract(box):

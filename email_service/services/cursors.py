@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from email_service.errors import BadRequestError
+from email_service.errors import ConflictError
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
@@ -38,7 +38,11 @@ def encode(sort: str, filter_: str, key: datetime | str, item_id: str) -> str:
 
 
 def decode(cursor: str, sort: str, filter_: str, *, time_key: bool) -> Position:
-    """The position ``cursor`` names; 400 ``INVALID_CURSOR`` if it is not one for this sort and filter."""
+    """The position ``cursor`` names; 409 ``INVALID_CURSOR`` if it is not one for this sort and filter.
+
+    409, not 400: the cursor is well-formed by the contract (as getChanges answers a well-formed
+    cursor it cannot use); it conflicts with the listing asked for.
+    """
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         made_for_sort, made_for_filter, value, item_id = json.loads(raw)
@@ -68,5 +72,5 @@ def _storable(value: object) -> bool:
     return True
 
 
-def _invalid(message: str) -> BadRequestError:
-    return BadRequestError(message, code="INVALID_CURSOR")
+def _invalid(message: str) -> ConflictError:
+    return ConflictError(message, code="INVALID_CURSOR")
