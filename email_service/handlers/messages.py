@@ -3,8 +3,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Row
-
 from email_service.handlers import principal, runtime
 from email_service.handlers.views import ms
 from email_service.mailbox import changes as message_changes
@@ -21,8 +19,8 @@ def _addresses(values: list[str]) -> list[str]:
     return [value for value in values if "@" in value]
 
 
-def message_view(message: Message | Row[Any]) -> dict[str, Any]:
-    """A list item; ``message`` is a Message or a row of ``services.mail.LIST_COLUMNS``."""
+def message_view(message: Message | service.ListItem) -> dict[str, Any]:
+    """A list item, from a Message or a row of ``services.mail.LIST_COLUMNS``."""
     return {
         "id": message.id,
         "accountId": message.account_id,
