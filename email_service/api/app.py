@@ -27,6 +27,7 @@ from email_service.api.paths import TrailingSlashMiddleware
 from email_service.api.rate_limit import RateLimitMiddleware, UserRateLimiter, rules_from_spec
 from email_service.api.resolver import TagResolver, handler_path
 from email_service.api.scope import ScopeValuesMiddleware
+from email_service.api.uri_parsing import OnceURIParser
 from email_service.api.validation import (
     SafeJSONRequestBodyValidator,
     SafeMultiPartFormDataValidator,
@@ -170,6 +171,7 @@ def create_app(runtime: Runtime) -> FlaskApp:
         swagger_ui_options=SwaggerUIOptions(swagger_ui_path=DOCS_PATH),
         lifespan=hub_lifespan(hub),
         jsonifier=COMPACT_JSON,
+        uri_parser_class=OnceURIParser,
     )
     # Service errors raised in handlers must reach Connexion's error handlers, not Flask's 500 page.
     app.app.config["PROPAGATE_EXCEPTIONS"] = True
