@@ -344,7 +344,7 @@ class MessagesApi:
         offset: Optional[StrictInt] = None,
         sort: Annotated[Optional[StrictStr], Field(description="Sort field and direction (e.g., \"receivedAt:desc\")")] = None,
         filter: Annotated[Optional[StrictStr], Field(description="Filter by read status (all, read, unread)")] = None,
-        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1024)]], Field(description="Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1024)]], Field(description="Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -374,7 +374,7 @@ class MessagesApi:
         :type sort: str
         :param filter: Filter by read status (all, read, unread)
         :type filter: str
-        :param cursor: Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
+        :param cursor: Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
         :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -417,6 +417,7 @@ class MessagesApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
@@ -441,7 +442,7 @@ class MessagesApi:
         offset: Optional[StrictInt] = None,
         sort: Annotated[Optional[StrictStr], Field(description="Sort field and direction (e.g., \"receivedAt:desc\")")] = None,
         filter: Annotated[Optional[StrictStr], Field(description="Filter by read status (all, read, unread)")] = None,
-        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1024)]], Field(description="Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1024)]], Field(description="Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -471,7 +472,7 @@ class MessagesApi:
         :type sort: str
         :param filter: Filter by read status (all, read, unread)
         :type filter: str
-        :param cursor: Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
+        :param cursor: Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
         :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -514,6 +515,7 @@ class MessagesApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
@@ -538,7 +540,7 @@ class MessagesApi:
         offset: Optional[StrictInt] = None,
         sort: Annotated[Optional[StrictStr], Field(description="Sort field and direction (e.g., \"receivedAt:desc\")")] = None,
         filter: Annotated[Optional[StrictStr], Field(description="Filter by read status (all, read, unread)")] = None,
-        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1024)]], Field(description="Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1024)]], Field(description="Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -568,7 +570,7 @@ class MessagesApi:
         :type sort: str
         :param filter: Filter by read status (all, read, unread)
         :type filter: str
-        :param cursor: Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
+        :param cursor: Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
         :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -611,6 +613,7 @@ class MessagesApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",

@@ -71,7 +71,7 @@ export interface ListMessagesRequest {
      */
     filter?: ListMessagesFilterEnum;
     /**
-     * Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 400 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
+     * Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
      */
     cursor?: string;
 }
