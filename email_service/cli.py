@@ -88,7 +88,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             children.append(ChildSupervisor("webhooks", env, what="webhook dispatcher"))
         for child in children:
             child.start()
-        runtime = Runtime.build(resolved)
+        # No ping before each request's transaction: a round trip on every request, where a
+        # connection lost to a database restart is retried on its first statement instead.
+        runtime = Runtime.build(resolved, pre_ping=False)
         metrics.serve_port(resolved, runtime)
         try:
             uvicorn.run(

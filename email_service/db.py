@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, Executable, create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, SessionTransaction
 
 from email_service.tenancy import Principal
 
@@ -29,28 +30,59 @@ def libpq_url(url: str) -> str:
     return sqlalchemy_url(url).replace("postgresql+psycopg://", "postgresql://", 1)
 
 
+_ENTER_TENANT = text(
+    "SELECT set_config('role', :role, true), set_config('app.tenant_id', :tenant, true),"
+    " set_config('app.user_id', :user, true)"
+)
+_ENTER_MAINTENANCE = text("SELECT set_config('app.maintenance', 'on', true)")
+
+
 class Database:
-    def __init__(self, url: str, app_role: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, app_role: str, *, pool_size: int = 10, pre_ping: bool = True) -> None:
         self.engine: Engine = create_engine(
             sqlalchemy_url(url),
             pool_size=pool_size,
             max_overflow=pool_size,
-            pool_pre_ping=True,
+            # A ping is a round trip on every checkout. Without it, sessions still survive a
+            # database restart: see _begin.
+            pool_pre_ping=pre_ping,
             pool_recycle=1800,
             connect_args={"connect_timeout": 5, "application_name": "email_service"},
         )
-        # Validated as an identifier by the settings; quoted anyway because it is spliced into SQL.
-        self._set_role = text(f'SET LOCAL ROLE "{app_role}"')
+        self._app_role = app_role
+
+    def _begin(self, first: Executable, parameters: dict[str, str]) -> tuple[Session, SessionTransaction]:
+        """A session in a transaction whose first statement has run.
+
+        A pooled connection that died while idle (the database restarted) fails on that first
+        statement, before anything was done; SQLAlchemy then drops it and every connection older
+        than it, so trying once more on a fresh one is safe and repeats nothing.
+        """
+        for attempt in (1, 2):
+            session = Session(self.engine, expire_on_commit=False)
+            transaction = session.begin()
+            try:
+                session.execute(first, parameters)
+            except DBAPIError as exc:
+                session.close()
+                if attempt == 1 and exc.connection_invalidated:
+                    continue
+                raise
+            return session, transaction
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     @contextmanager
     def tenant_session(self, principal: Principal) -> Iterator[Session]:
-        """One transaction in which RLS shows only ``principal``'s rows."""
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            session.execute(self._set_role)
-            session.execute(
-                text("SELECT set_config('app.tenant_id', :tenant, true), set_config('app.user_id', :user, true)"),
-                {"tenant": str(principal.tenant_id), "user": str(principal.user_id)},
-            )
+        """One transaction in which RLS shows only ``principal``'s rows.
+
+        The role switch and both settings are one statement (``set_config('role', ...)`` is
+        ``SET LOCAL ROLE``, with the name as a parameter rather than spliced into SQL): every API
+        request pays for this round trip, so it is one, not two.
+        """
+        session, transaction = self._begin(
+            _ENTER_TENANT, {"role": self._app_role, "tenant": str(principal.tenant_id), "user": str(principal.user_id)}
+        )
+        with session, transaction:
             yield session
 
     @contextmanager
@@ -60,8 +92,8 @@ class Database:
         For operator commands such as key rotation. The owner is subject to RLS too (FORCE),
         and only its maintenance policy, switched on here explicitly, lets it see rows.
         """
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            session.execute(text("SELECT set_config('app.maintenance', 'on', true)"))
+        session, transaction = self._begin(_ENTER_MAINTENANCE, {})
+        with session, transaction:
             yield session
 
     def ping(self) -> None:

@@ -22,14 +22,15 @@ class Runtime:
     objects: ObjectStore
 
     @classmethod
-    def build(cls, settings: Settings) -> Runtime:
+    def build(cls, settings: Settings, *, pre_ping: bool = True) -> Runtime:
+        """``pre_ping=False`` for the API: its sessions recover from dead connections without it."""
         if settings.database_url is None or settings.redis_url is None:
             raise ValueError("Runtime.build needs resolved DATABASE_URL and REDIS_URL")
         objects = object_store(settings)
         objects.ensure_bucket()
         return cls(
             settings=settings,
-            db=Database(settings.database_url, settings.db_app_role),
+            db=Database(settings.database_url, settings.db_app_role, pre_ping=pre_ping),
             cipher=CredentialCipher(settings.credential_keys),
             redis=redis_from_url(settings.redis_url, timeout=2.0),
             objects=objects,

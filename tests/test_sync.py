@@ -196,7 +196,10 @@ def test_sort_filter_and_pages(client, user, dovecot, mail_user, worker):
     assert subjects(filter="unread") == ["Message 3", "Message 1"]
     page = messages(client, user, account_id, inbox, limit=2, offset=1)
     assert [m["subject"] for m in page["messages"]] == ["Message 3", "Message 2"]
-    assert page["pagination"] == {"total": 5, "limit": 2, "offset": 1}
+    assert page["pagination"] == {"total": 5, "limit": 2, "offset": 1, "nextCursor": page["pagination"]["nextCursor"]}
+    after = messages(client, user, account_id, inbox, limit=2, cursor=page["pagination"]["nextCursor"])
+    assert [m["subject"] for m in after["messages"]] == ["Message 1", "Message 0"]
+    assert after["pagination"]["nextCursor"] is None
     assert messages(client, user, account_id, inbox, filter="unread", limit=1)["pagination"]["total"] == 2
 
 

@@ -663,6 +663,7 @@ type ApiListMessagesRequest struct {
 	offset     *int32
 	sort       *string
 	filter     *string
+	cursor     *string
 }
 
 func (r ApiListMessagesRequest) Limit(limit int32) ApiListMessagesRequest {
@@ -684,6 +685,12 @@ func (r ApiListMessagesRequest) Sort(sort string) ApiListMessagesRequest {
 // Filter by read status (all, read, unread)
 func (r ApiListMessagesRequest) Filter(filter string) ApiListMessagesRequest {
 	r.filter = &filter
+	return r
+}
+
+// Where the page starts: the previous page&#39;s &#x60;pagination.nextCursor&#x60;. Opaque; valid only with the sort and filter it was issued for (another answers 409 &#x60;INVALID_CURSOR&#x60;). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. &#x60;offset&#x60;, if given too, counts from the cursor.
+func (r ApiListMessagesRequest) Cursor(cursor string) ApiListMessagesRequest {
+	r.cursor = &cursor
 	return r
 }
 
@@ -762,6 +769,9 @@ func (a *MessagesAPIService) ListMessagesExecute(r ApiListMessagesRequest) (*Lis
 		parameterAddToHeaderOrQuery(localVarQueryParams, "filter", defaultValue, "form", "")
 		r.filter = &defaultValue
 	}
+	if r.cursor != nil {
+		parameterAddToHeaderOrQuery(localVarQueryParams, "cursor", r.cursor, "form", "")
+	}
 	// to determine the Content-Type header
 	localVarHTTPContentTypes := []string{}
 
@@ -838,6 +848,17 @@ func (a *MessagesAPIService) ListMessagesExecute(r ApiListMessagesRequest) (*Lis
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 404 {
+			var v ErrorResponse
+			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
+			if err != nil {
+				newErr.error = err.Error()
+				return localVarReturnValue, localVarHTTPResponse, newErr
+			}
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
+			return localVarReturnValue, localVarHTTPResponse, newErr
+		}
+		if localVarHTTPResponse.StatusCode == 409 {
 			var v ErrorResponse
 			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
 			if err != nil {

@@ -27,6 +27,8 @@ type Pagination struct {
 	Limit int32 `json:"limit"`
 	// Items skipped
 	Offset int32 `json:"offset"`
+	// listMessages only: pass as `cursor` to get the page after this one; null on the last page.
+	NextCursor NullableString `json:"nextCursor,omitempty"`
 }
 
 type _Pagination Pagination
@@ -123,6 +125,49 @@ func (o *Pagination) SetOffset(v int32) {
 	o.Offset = v
 }
 
+// GetNextCursor returns the NextCursor field value if set, zero value otherwise (both if not set or set to explicit null).
+func (o *Pagination) GetNextCursor() string {
+	if o == nil || IsNil(o.NextCursor.Get()) {
+		var ret string
+		return ret
+	}
+	return *o.NextCursor.Get()
+}
+
+// GetNextCursorOk returns a tuple with the NextCursor field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+// NOTE: If the value is an explicit nil, `nil, true` will be returned
+func (o *Pagination) GetNextCursorOk() (*string, bool) {
+	if o == nil {
+		return nil, false
+	}
+	return o.NextCursor.Get(), o.NextCursor.IsSet()
+}
+
+// HasNextCursor returns a boolean if a field has been set.
+func (o *Pagination) HasNextCursor() bool {
+	if o != nil && o.NextCursor.IsSet() {
+		return true
+	}
+
+	return false
+}
+
+// SetNextCursor gets a reference to the given NullableString and assigns it to the NextCursor field.
+func (o *Pagination) SetNextCursor(v string) {
+	o.NextCursor.Set(&v)
+}
+
+// SetNextCursorNil sets the value for NextCursor to be an explicit nil
+func (o *Pagination) SetNextCursorNil() {
+	o.NextCursor.Set(nil)
+}
+
+// UnsetNextCursor ensures that no value is present for NextCursor, not even an explicit nil
+func (o *Pagination) UnsetNextCursor() {
+	o.NextCursor.Unset()
+}
+
 func (o Pagination) MarshalJSON() ([]byte, error) {
 	toSerialize, err := o.ToMap()
 	if err != nil {
@@ -136,6 +181,9 @@ func (o Pagination) ToMap() (map[string]interface{}, error) {
 	toSerialize["total"] = o.Total
 	toSerialize["limit"] = o.Limit
 	toSerialize["offset"] = o.Offset
+	if o.NextCursor.IsSet() {
+		toSerialize["nextCursor"] = o.NextCursor.Get()
+	}
 	return toSerialize, nil
 }
 

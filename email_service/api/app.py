@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from functools import cache
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 from connexion import FlaskApp
 from connexion import context as connexion_context
 from connexion.datastructures import MediaTypeDict
+from connexion.jsonifier import Jsonifier
 from connexion.middleware import MiddlewarePosition
 from connexion.options import SwaggerUIOptions
 from connexion.validators import VALIDATOR_MAP
@@ -25,6 +27,7 @@ from email_service.api.paths import TrailingSlashMiddleware
 from email_service.api.rate_limit import RateLimitMiddleware, UserRateLimiter, rules_from_spec
 from email_service.api.resolver import TagResolver, handler_path
 from email_service.api.scope import ScopeValuesMiddleware
+from email_service.api.uri_parsing import OnceURIParser
 from email_service.api.validation import (
     SafeJSONRequestBodyValidator,
     SafeMultiPartFormDataValidator,
@@ -39,6 +42,9 @@ SPEC_PATH = Path(__file__).resolve().parent.parent / "spec" / "openapi.yaml"
 DOCS_PATH = "/docs"
 RUNTIME_KEY = "email_service"
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
+# Connexion's Flask default indents by 2 (and Flask's sorts keys), which takes the pure-Python
+# encoder: about four times the C encoder's time on a 50-message page, for bytes no client reads.
+COMPACT_JSON = Jsonifier(json, separators=(",", ":"))
 
 
 @cache
@@ -167,6 +173,8 @@ def create_app(runtime: Runtime) -> FlaskApp:
         },
         swagger_ui_options=SwaggerUIOptions(swagger_ui_path=DOCS_PATH),
         lifespan=hub_lifespan(hub),
+        jsonifier=COMPACT_JSON,
+        uri_parser_class=OnceURIParser,
     )
     # Service errors raised in handlers must reach Connexion's error handlers, not Flask's 500 page.
     app.app.config["PROPAGATE_EXCEPTIONS"] = True

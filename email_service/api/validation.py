@@ -67,6 +67,22 @@ def quote_names(names: Iterable[str]) -> str:
     return ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
 
 
+# Parameter schemas are the spec's own dicts, alive as long as the app: one validator each,
+# built on first use, instead of one per parameter per request (most of a check's cost).
+_parameter_validators: dict[int, tuple[dict, Draft4Validator]] = {}
+MAX_CACHED_VALIDATORS = 4096
+
+
+def _parameter_validator(schema: dict) -> Draft4Validator:
+    cached = _parameter_validators.get(id(schema))
+    if cached is None or cached[0] is not schema:
+        if len(_parameter_validators) > MAX_CACHED_VALIDATORS:
+            _parameter_validators.clear()  # a bound, should schemas ever be built per request
+        cached = (schema, Draft4Validator(schema, format_checker=Draft4Validator.FORMAT_CHECKER))
+        _parameter_validators[id(schema)] = cached
+    return cached[1]
+
+
 class SafeParameterValidator(ParameterValidator):
     """Query, path and header parameters, with messages like ``query parameter limit must be at least 1``."""
 
@@ -77,7 +93,7 @@ class SafeParameterValidator(ParameterValidator):
         if value is None:
             return f"{parameter_type} parameter {param['name']} is required" if param.get("required") else None
         try:
-            Draft4Validator(param.get("schema", param), format_checker=Draft4Validator.FORMAT_CHECKER).validate(value)
+            _parameter_validator(param.get("schema", param)).validate(value)
         except ValidationError as exc:
             return f"{parameter_type} parameter {param['name']} {rule(exc)}"
         return None

@@ -52,7 +52,5 @@ def adopt_server_folder(db: Database, principal: Principal, folder_id: str, mess
             .where(Message.id == message_id, Message.folder_id == folder.id)
             .values(folder_id=existing.id)
         ).rowcount
-        if moved:
-            folder.message_count = max(0, folder.message_count - 1)
-            existing.message_count += 1
+        if moved:  # the folders' counts follow in the database (the messages trigger)
             record(session, principal, folder.account_id, [changes.message_moved(message_id, folder.id, existing.id)])

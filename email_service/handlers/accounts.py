@@ -11,7 +11,7 @@ from email_service.services import accounts as service
 MAX_OFFSET = 2**62
 
 
-def account_view(account: Account, syncing: set[str]) -> dict[str, Any]:
+def account_view(account: Account, syncing: set[str] | frozenset[str]) -> dict[str, Any]:
     """The API form of an account; credentials never leave the service."""
     return {
         "id": account.id,
@@ -45,9 +45,8 @@ def account_view(account: Account, syncing: set[str]) -> dict[str, Any]:
 def list_accounts(limit: int = 100, offset: int = 0) -> tuple[dict, int]:
     rt = runtime()
     page = service.list_accounts(rt.db, principal(), limit, min(offset, MAX_OFFSET))
-    syncing = service.syncing(rt, principal(), [a.id for a in page.items])
     return {
-        "accounts": [account_view(a, syncing) for a in page.items],
+        "accounts": [account_view(a, page.syncing) for a in page.items],
         "pagination": {"total": page.total, "limit": limit, "offset": offset},
     }, 200
 

@@ -21,7 +21,8 @@ def _addresses(values: list[str]) -> list[str]:
     return [value for value in values if "@" in value]
 
 
-def message_view(message: Message) -> dict[str, Any]:
+def message_view(message: Message | service.ListItem) -> dict[str, Any]:
+    """A list item, from a Message or a row of ``services.mail.LIST_COLUMNS``."""
     return {
         "id": message.id,
         "accountId": message.account_id,
@@ -72,6 +73,7 @@ def list_messages(
     offset: int = 0,
     sort: str = "receivedAt:desc",
     filter_: str = "all",
+    cursor: str | None = None,
 ) -> tuple[dict, int]:
     # The spec sets no minimum: a negative offset reads from the start, as PostgreSQL refuses one.
     offset = max(offset, 0)
@@ -84,10 +86,11 @@ def list_messages(
         offset=min(offset, 2**62),
         sort=sort,
         filter_=filter_,
+        cursor=cursor,
     )
     return {
         "messages": [message_view(m) for m in page.items],
-        "pagination": {"total": page.total, "limit": limit, "offset": offset},
+        "pagination": {"total": page.total, "limit": limit, "offset": offset, "nextCursor": page.next_cursor},
     }, 200
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from email_service.changes import entries as changes
 from email_service.changes.log import record
 from email_service.errors import NotFoundError
-from email_service.models import Account, Folder, Message, TaskKind
+from email_service.models import Account, Message, TaskKind
 from email_service.queue import tasks
 from email_service.runtime import Runtime
 from email_service.services.mail import MessageDetail, get_message
@@ -40,16 +40,8 @@ def update_message(
         if changed:
             message.updated_at = datetime.now(UTC)
             message.writeback_pending = writes_to_server
+            # The flush runs the UPDATE, and with it the trigger that keeps the folder's counts.
             session.flush()
-            folder = session.get(Folder, message.folder_id)
-            folder.unread_count = (
-                session.scalar(
-                    select(func.count())
-                    .select_from(Message)
-                    .where(Message.folder_id == folder.id, Message.is_read.is_(False))
-                )
-                or 0
-            )
             # Last in the transaction: taking the account's sequence locks its row until commit.
             record(session, principal, account_id, [changes.message_updated(message.id, message.folder_id, columns)])
     if changed and writes_to_server:

@@ -170,7 +170,6 @@ class ImapSync:
             uidvalidity=mailbox.uidvalidity,
             uidnext=mailbox.uidnext,
             highestmodseq=mailbox.highestmodseq,
-            message_count=mailbox.messages,
         )
 
     def _parse_pool(self, count: int) -> ParsePool | None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, load_only
 
 from email_service.changes import entries as changes
@@ -151,7 +151,7 @@ def _apply(
         if doomed:
             removed_keys = object_keys(session, doomed)
             session.execute(delete(Message).where(Message.id.in_([m.id for m in doomed])))
-        _recount(session, [folders[f] for f in touched], now)
+        _touch([folders[f] for f in touched], now)
         # Last in the transaction: taking the account's sequence locks its row until commit.
         record(session, principal, account_id, logged)
     delete_objects(runtime, removed_keys)
@@ -243,12 +243,9 @@ def object_keys(session: Session, messages: Sequence[Message]) -> list[str]:
     return keys + list(session.scalars(select(Attachment.object_key).where(Attachment.message_id.in_(ids))))
 
 
-def _recount(session: Session, folders: list[Folder], now: datetime) -> None:
+def _touch(folders: list[Folder], now: datetime) -> None:
+    # Their counts follow in the database (the messages trigger); only the change time is ours.
     for folder in folders:
-        counts = session.execute(
-            select(func.count(), func.count().filter(Message.is_read.is_(False))).where(Message.folder_id == folder.id)
-        ).one()
-        folder.message_count, folder.unread_count = counts[0], counts[1]
         folder.updated_at = now
 
 

@@ -44,7 +44,6 @@ class Pop3Sync:
             uidvalidity=None,
             uidnext=None,
             highestmodseq=None,
-            message_count=len(known) + self.result.messages_added,
         )
         self.result.folders_synced = 1
         self.progress(100)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cuid2 import Cuid
-from sqlalchemy import Text, any_, bindparam, delete, func, select, update
+from sqlalchemy import Text, any_, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Session
@@ -205,29 +205,24 @@ class MailStore:
         uidvalidity: int | None,
         uidnext: int | None,
         highestmodseq: int | None,
-        message_count: int,
     ) -> None:
+        # The counts are the database's (a trigger keeps them with every message change): read, never written.
         with self.db.tenant_session(self.principal) as session:
-            unread = session.scalar(
-                select(func.count())
-                .select_from(Message)
-                .where(Message.folder_id == folder.id, Message.is_read.is_(False))
-            )
-            session.execute(
+            counts = session.execute(
                 update(Folder)
                 .where(Folder.id == folder.id)
                 .values(
                     uidvalidity=uidvalidity,
                     uidnext=uidnext,
                     highestmodseq=highestmodseq,
-                    message_count=message_count,
-                    unread_count=unread or 0,
                     synced_at=datetime.now(UTC),
                     updated_at=datetime.now(UTC),
                 )
-            )
+                .returning(Folder.message_count, Folder.unread_count)
+            ).one_or_none()
         folder.uidvalidity, folder.uidnext, folder.highestmodseq = uidvalidity, uidnext, highestmodseq
-        folder.message_count = message_count
+        if counts is not None:
+            folder.message_count, folder.unread_count = counts
 
     def touch_folders(self, folders: Sequence[Folder]) -> None:
         """Mark folders that had nothing new as synced now, in one transaction."""

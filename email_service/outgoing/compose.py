@@ -199,7 +199,6 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
         session.flush()
         for attachment in chosen:
             _attach(runtime, session, principal, account.id, message.id, attachment)
-        folder.message_count += 1
         logged = [changes.folder_created(folder.id)] if folder_is_new else []
         # Last in the transaction: taking the account's sequence locks its row until commit.
         record(session, principal, account.id, [*logged, changes.message_created(message.id, folder.id)])

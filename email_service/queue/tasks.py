@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.rate_limit import RateLimit
 from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session
 
 from email_service.models import Task, TaskKind, TaskStatus
 from email_service.observability import logs
@@ -242,14 +243,21 @@ def syncing_accounts(runtime: Runtime, principal: Principal, account_ids: list[s
     """Which of these accounts a worker is syncing right now: a started sync task with a live heartbeat."""
     if not account_ids:
         return set()
-    fresh = datetime.now(UTC) - timedelta(seconds=STALE_SECONDS)
     with runtime.db.tenant_session(principal) as session:
-        rows = session.scalars(
-            select(Task.account_id).where(
-                Task.account_id.in_(account_ids),
-                Task.kind == TaskKind.SYNC,
-                Task.status == TaskStatus.STARTED,
-                Task.heartbeat_at > fresh,
-            )
+        return syncing_in(session, account_ids)
+
+
+def syncing_in(session: Session, account_ids: list[str]) -> set[str]:
+    """``syncing_accounts`` inside a transaction the caller already has (one less per request)."""
+    if not account_ids:
+        return set()
+    fresh = datetime.now(UTC) - timedelta(seconds=STALE_SECONDS)
+    rows = session.scalars(
+        select(Task.account_id).where(
+            Task.account_id.in_(account_ids),
+            Task.kind == TaskKind.SYNC,
+            Task.status == TaskStatus.STARTED,
+            Task.heartbeat_at > fresh,
         )
-        return {row for row in rows if row is not None}
+    )
+    return {row for row in rows if row is not None}

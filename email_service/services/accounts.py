@@ -49,6 +49,7 @@ RETRY_NOW_FIELDS = frozenset({"hostname", "port", "encryption", "username", "pas
 class Page:
     items: list[Account]
     total: int
+    syncing: frozenset[str] = frozenset()  # ids of the listed accounts a sync is running for
 
 
 def canonical_email(address: str) -> str:
@@ -143,13 +144,22 @@ def _owned(session: Any, account_id: str) -> Account:
 def list_accounts(db: Database, principal: Principal, limit: int, offset: int) -> Page:
     with db.tenant_session(principal) as session:
         live = Account.deleted_at.is_(None)
-        total = session.scalar(select(func.count()).select_from(Account).where(live)) or 0
-        items = list(
-            session.scalars(
-                select(Account).where(live).order_by(Account.created_at, Account.id).limit(limit).offset(offset)
-            )
-        )
-    return Page(items=items, total=total)
+        # The total rides on the page (a user has few accounts); only a page past the end counts apart.
+        rows = session.execute(
+            select(Account, func.count().over().label("total"))
+            .where(live)
+            .order_by(Account.created_at, Account.id)
+            .limit(limit)
+            .offset(offset)
+        ).all()
+        items = [row.Account for row in rows]
+        if rows:
+            total = rows[0].total
+        else:
+            total = session.scalar(select(func.count()).select_from(Account).where(live)) if offset else 0
+        # In the same transaction as the page, not one of its own.
+        syncing = tasks.syncing_in(session, [account.id for account in items])
+    return Page(items=items, total=total or 0, syncing=frozenset(syncing))
 
 
 def get_account(db: Database, principal: Principal, account_id: str) -> Account:

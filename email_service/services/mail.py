@@ -2,29 +2,72 @@
 
 from __future__ import annotations
 
+from collections import namedtuple
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, and_, select, tuple_
 from sqlalchemy.orm import Session
 
 from email_service.db import Database
 from email_service.errors import NotFoundError
 from email_service.models import Account, Attachment, Folder, Message
+from email_service.services import cursors
 from email_service.tenancy import Principal
 
+# sort -> (key column, descending). Every order ends with the id, so it is total and a cursor
+# (key, id) names one position in it; each is an index of 0002 read forwards or backwards.
 SORTS = {
-    "receivedAt:asc": (Message.received_at.asc(), Message.id.asc()),
-    "receivedAt:desc": (Message.received_at.desc(), Message.id.desc()),
-    "from:asc": (Message.from_address.asc(), Message.id.asc()),
-    "from:desc": (Message.from_address.desc(), Message.id.desc()),
+    "receivedAt:asc": (Message.received_at, False),
+    "receivedAt:desc": (Message.received_at, True),
+    "from:asc": (Message.from_address, False),
+    "from:desc": (Message.from_address, True),
 }
 FILTERS = {"all": None, "read": Message.is_read.is_(True), "unread": Message.is_read.is_(False)}
+# What a list item shows (handlers.messages.message_view), and nothing else: bodies and headers
+# are most of a row's bytes and only getMessage returns them.
+LIST_COLUMNS = (
+    Message.id,
+    Message.account_id,
+    Message.folder_id,
+    Message.from_address,
+    Message.to_addresses,
+    Message.cc_addresses,
+    Message.bcc_addresses,
+    Message.subject,
+    Message.preview,
+    Message.is_read,
+    Message.is_starred,
+    Message.is_spam,
+    Message.is_deleted,
+    Message.keywords,
+    Message.delivery_status,
+    Message.attachment_count,
+    Message.received_at,
+    Message.created_at,
+    Message.updated_at,
+)
+
+
+# A list item as a plain named tuple: SQLAlchemy's Row resolves each attribute by name through
+# its metadata, which cost more than everything else in building a 50-message page.
+ListItem = namedtuple("ListItem", [column.key for column in LIST_COLUMNS])
 
 
 @dataclass(frozen=True)
 class MessagePage:
-    items: list[Message]
+    items: list[ListItem]
     total: int
+    next_cursor: str | None
+
+
+def total_for(filter_: str, message_count: int, unread_count: int) -> int:
+    """``pagination.total`` from the folder's counts, which the database keeps exact (migration 0013)."""
+    if filter_ == "unread":
+        return unread_count
+    if filter_ == "read":
+        return message_count - unread_count
+    return message_count
 
 
 @dataclass(frozen=True)
@@ -36,13 +79,35 @@ class MessageDetail:
 def _require_account(session: Session, account_id: str) -> None:
     exists = session.scalar(select(Account.id).where(Account.id == account_id, Account.deleted_at.is_(None)))
     if exists is None:
-        raise NotFoundError(f"Account with ID '{account_id}' does not exist", code="ACCOUNT_NOT_FOUND")
+        raise _account_missing(account_id)
+
+
+def _in_live_account(account_id: str, *columns: Any, joined: Any, on: Any) -> Select:
+    """``columns`` of the ``joined`` row matching ``on``, beside the account's id: one round trip.
+
+    No row: the account does not exist (or is deleted). A row whose ``columns`` are NULL: the
+    account exists but has no such item.
+    """
+    return (
+        select(Account.id, *columns).outerjoin(joined, on).where(Account.id == account_id, Account.deleted_at.is_(None))
+    )
+
+
+def _account_missing(account_id: str) -> NotFoundError:
+    return NotFoundError(f"Account with ID '{account_id}' does not exist", code="ACCOUNT_NOT_FOUND")
 
 
 def list_folders(db: Database, principal: Principal, account_id: str) -> list[Folder]:
     with db.tenant_session(principal) as session:
-        _require_account(session, account_id)
-        return list(session.scalars(select(Folder).where(Folder.account_id == account_id).order_by(Folder.name)))
+        # The account's existence and its folders in one round trip: no row means no account.
+        rows = session.execute(
+            _in_live_account(account_id, Folder, joined=Folder, on=Folder.account_id == Account.id).order_by(
+                Folder.name
+            )
+        ).all()
+    if not rows:
+        raise _account_missing(account_id)
+    return [row.Folder for row in rows if row.Folder is not None]
 
 
 def list_messages(
@@ -55,32 +120,66 @@ def list_messages(
     offset: int,
     sort: str,
     filter_: str,
+    cursor: str | None = None,
 ) -> MessagePage:
+    key, descending = SORTS[sort]
+    conditions = [Message.folder_id == folder_id]
+    if FILTERS[filter_] is not None:
+        conditions.append(FILTERS[filter_])
+    if cursor is not None:
+        after = cursors.decode(cursor, sort, filter_, time_key=key is Message.received_at)
+        position = tuple_(key, Message.id)
+        conditions.append(position < (after.key, after.id) if descending else position > (after.key, after.id))
+    order = (key.desc(), Message.id.desc()) if descending else (key.asc(), Message.id.asc())
     with db.tenant_session(principal) as session:
-        _require_account(session, account_id)
-        folder = session.scalar(select(Folder.id).where(Folder.id == folder_id, Folder.account_id == account_id))
-        if folder is None:
+        # One round trip answers both "does the account exist" and "does the folder, with what counts".
+        # Core execution (the connection, not the ORM session): only columns come back, and the
+        # ORM's per-statement bookkeeping would be a measurable share of a page's cost.
+        connection = session.connection()
+        found = connection.execute(
+            _in_live_account(
+                account_id,
+                Folder.message_count,
+                Folder.unread_count,
+                joined=Folder,
+                on=and_(Folder.id == folder_id, Folder.account_id == Account.id),
+            )
+        ).one_or_none()
+        if found is None:
+            raise _account_missing(account_id)
+        if found.message_count is None:
             raise NotFoundError(f"Folder with ID '{folder_id}' does not exist", code="FOLDER_NOT_FOUND")
-        conditions = [Message.folder_id == folder_id]
-        if FILTERS[filter_] is not None:
-            conditions.append(FILTERS[filter_])
-        total = session.scalar(select(func.count()).select_from(Message).where(*conditions)) or 0
-        items = list(
-            session.scalars(select(Message).where(*conditions).order_by(*SORTS[sort]).limit(limit).offset(offset))
-        )
-    return MessagePage(items=items, total=total)
+        # One row more than asked says whether a next page exists, without counting.
+        rows = [
+            ListItem._make(row)
+            for row in connection.execute(
+                select(*LIST_COLUMNS).where(*conditions).order_by(*order).limit(limit + 1).offset(offset)
+            )
+        ]
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = cursors.encode(sort, filter_, getattr(last, key.key), last.id)
+    total = total_for(filter_, found.message_count, found.unread_count)
+    return MessagePage(items=rows, total=total, next_cursor=next_cursor)
 
 
 def get_message(db: Database, principal: Principal, account_id: str, message_id: str) -> MessageDetail:
     with db.tenant_session(principal) as session:
-        _require_account(session, account_id)
-        message = session.scalar(select(Message).where(Message.id == message_id, Message.account_id == account_id))
-        if message is None:
+        found = session.execute(
+            _in_live_account(
+                account_id, Message, joined=Message, on=and_(Message.id == message_id, Message.account_id == Account.id)
+            )
+        ).one_or_none()
+        if found is None:
+            raise _account_missing(account_id)
+        if found.Message is None:
             raise NotFoundError(f"Message with ID '{message_id}' does not exist", code="MESSAGE_NOT_FOUND")
         attachments = list(
             session.scalars(select(Attachment).where(Attachment.message_id == message_id).order_by(Attachment.id))
         )
-    return MessageDetail(message=message, attachments=attachments)
+    return MessageDetail(message=found.Message, attachments=attachments)
 
 
 def get_attachment(db: Database, principal: Principal, account_id: str, attachment_id: str) -> Attachment:

@@ -66,7 +66,8 @@ class TestListMessages200Response(unittest.TestCase):
                 pagination = email_service_client.models.pagination.Pagination(
                     total = 56, 
                     limit = 56, 
-                    offset = 56, )
+                    offset = 56, 
+                    next_cursor = '', )
             )
         else:
             return ListMessages200Response(

@@ -37,7 +37,8 @@ class TestPagination(unittest.TestCase):
             return Pagination(
                 total = 56,
                 limit = 56,
-                offset = 56
+                offset = 56,
+                next_cursor = ''
             )
         else:
             return Pagination(

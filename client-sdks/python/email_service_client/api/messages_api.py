@@ -980,6 +980,7 @@ class MessagesApi:
         offset: Optional[StrictInt] = None,
         sort: Annotated[Optional[StrictStr], Field(description="Sort field and direction (e.g., \"receivedAt:desc\")")] = None,
         filter: Annotated[Optional[StrictStr], Field(description="Filter by read status (all, read, unread)")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1024)]], Field(description="Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -1009,6 +1010,8 @@ class MessagesApi:
         :type sort: str
         :param filter: Filter by read status (all, read, unread)
         :type filter: str
+        :param cursor: Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
+        :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -1038,6 +1041,7 @@ class MessagesApi:
             offset=offset,
             sort=sort,
             filter=filter,
+            cursor=cursor,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -1049,6 +1053,7 @@ class MessagesApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
@@ -1073,6 +1078,7 @@ class MessagesApi:
         offset: Optional[StrictInt] = None,
         sort: Annotated[Optional[StrictStr], Field(description="Sort field and direction (e.g., \"receivedAt:desc\")")] = None,
         filter: Annotated[Optional[StrictStr], Field(description="Filter by read status (all, read, unread)")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1024)]], Field(description="Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -1102,6 +1108,8 @@ class MessagesApi:
         :type sort: str
         :param filter: Filter by read status (all, read, unread)
         :type filter: str
+        :param cursor: Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
+        :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -1131,6 +1139,7 @@ class MessagesApi:
             offset=offset,
             sort=sort,
             filter=filter,
+            cursor=cursor,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -1142,6 +1151,7 @@ class MessagesApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
@@ -1166,6 +1176,7 @@ class MessagesApi:
         offset: Optional[StrictInt] = None,
         sort: Annotated[Optional[StrictStr], Field(description="Sort field and direction (e.g., \"receivedAt:desc\")")] = None,
         filter: Annotated[Optional[StrictStr], Field(description="Filter by read status (all, read, unread)")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1024)]], Field(description="Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -1195,6 +1206,8 @@ class MessagesApi:
         :type sort: str
         :param filter: Filter by read status (all, read, unread)
         :type filter: str
+        :param cursor: Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
+        :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -1224,6 +1237,7 @@ class MessagesApi:
             offset=offset,
             sort=sort,
             filter=filter,
+            cursor=cursor,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -1235,6 +1249,7 @@ class MessagesApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
@@ -1254,6 +1269,7 @@ class MessagesApi:
         offset,
         sort,
         filter,
+        cursor,
         _request_auth,
         _content_type,
         _headers,
@@ -1295,6 +1311,10 @@ class MessagesApi:
         if filter is not None:
             
             _query_params.append(('filter', filter))
+            
+        if cursor is not None:
+            
+            _query_params.append(('cursor', cursor))
             
         # process the header parameters
         # process the form parameters

@@ -17,8 +17,8 @@ import pprint
 import re  # noqa: F401
 import json
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
-from typing import Any, ClassVar, Dict, List
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from typing import Any, ClassVar, Dict, List, Optional
 from typing import Optional, Set
 from typing_extensions import Self
 from pydantic_core import to_jsonable_python
@@ -30,7 +30,8 @@ class Pagination(BaseModel):
     total: StrictInt = Field(description="Total number of items")
     limit: StrictInt = Field(description="Items per page")
     offset: StrictInt = Field(description="Items skipped")
-    __properties: ClassVar[List[str]] = ["total", "limit", "offset"]
+    next_cursor: Optional[StrictStr] = Field(default=None, description="listMessages only: pass as `cursor` to get the page after this one; null on the last page.", alias="nextCursor")
+    __properties: ClassVar[List[str]] = ["total", "limit", "offset", "nextCursor"]
 
     model_config = ConfigDict(
         validate_by_name=True,
@@ -71,6 +72,11 @@ class Pagination(BaseModel):
             exclude=excluded_fields,
             exclude_none=True,
         )
+        # set to None if next_cursor (nullable) is None
+        # and model_fields_set contains the field
+        if self.next_cursor is None and "next_cursor" in self.model_fields_set:
+            _dict['nextCursor'] = None
+
         return _dict
 
     @classmethod
@@ -85,7 +91,8 @@ class Pagination(BaseModel):
         _obj = cls.model_validate({
             "total": obj.get("total"),
             "limit": obj.get("limit"),
-            "offset": obj.get("offset")
+            "offset": obj.get("offset"),
+            "nextCursor": obj.get("nextCursor")
         })
         return _obj
 

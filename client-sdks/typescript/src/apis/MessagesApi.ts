@@ -116,6 +116,10 @@ export interface ListMessagesRequest {
      * Filter by read status (all, read, unread)
      */
     filter?: ListMessagesFilterEnum;
+    /**
+     * Where the page starts: the previous page's `pagination.nextCursor`. Opaque; valid only with the sort and filter it was issued for (another answers 409 `INVALID_CURSOR`). The page is read from that position in the index, so it costs the same however deep it is, and messages added or removed meanwhile neither repeat nor skip an item. `offset`, if given too, counts from the cursor.
+     */
+    cursor?: string;
 }
 
 export interface MoveMessageOperationRequest {
@@ -405,6 +409,10 @@ export class MessagesApi extends runtime.BaseAPI {
 
         if (requestParameters['filter'] != null) {
             queryParameters['filter'] = requestParameters['filter'];
+        }
+
+        if (requestParameters['cursor'] != null) {
+            queryParameters['cursor'] = requestParameters['cursor'];
         }
 
         const headerParameters: runtime.HTTPHeaders = {};

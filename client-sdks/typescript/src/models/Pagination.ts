@@ -31,6 +31,10 @@ export interface Pagination {
      * Items skipped
      */
     offset: number;
+    /**
+     * listMessages only: pass as `cursor` to get the page after this one; null on the last page.
+     */
+    nextCursor?: string | null;
 }
 
 /**
@@ -56,6 +60,7 @@ export function PaginationFromJSONTyped(json: any, ignoreDiscriminator: boolean)
         'total': json['total'],
         'limit': json['limit'],
         'offset': json['offset'],
+        'nextCursor': json['nextCursor'] === undefined ? undefined : json['nextCursor'] === null ? null : json['nextCursor'],
     };
 }
 
@@ -73,6 +78,7 @@ export function PaginationToJSONTyped(value?: Pagination | null, ignoreDiscrimin
         'total': value['total'],
         'limit': value['limit'],
         'offset': value['offset'],
+        'nextCursor': value['nextCursor'],
     };
 }
 
