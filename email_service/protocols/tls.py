@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 
-def client_context(ca_file: Path | None) -> ssl.SSLContext:
+def client_context(ca_file: Path | str | None) -> ssl.SSLContext:
     """A client context that verifies the chain and the host name, against the system store or ``ca_file``.
 
     Shared by every connection of the process: nothing may change it after it is built.
@@ -25,7 +25,7 @@ def client_context(ca_file: Path | None) -> ssl.SSLContext:
     if ca_file is None:
         return _context(None, 0)
     try:
-        changed = ca_file.stat().st_mtime_ns
+        changed = Path(ca_file).stat().st_mtime_ns
     except OSError:
         changed = 0  # let ssl report the missing file, as it did before
     return _context(str(ca_file), changed)
