@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from authlib.integrations.flask_oauth2 import AuthorizationServer
+from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, TokenMixin, grants
 from authlib.oauth2.rfc6750 import BearerTokenGenerator
 from authlib.oauth2.rfc7009 import RevocationEndpoint
@@ -37,6 +38,8 @@ SCOPE = "mail offline_access"
 PROVIDER = "testidp"  # the name the service knows this server by
 # Where the test service's consent flow returns (its default public URL).
 SERVICE_CALLBACK = "http://127.0.0.1:5000/api/oauth2/callback"
+# Where the tests' consent flows return the browser to (on the services' allow-list).
+RETURN_URL = "https://app.example.com/settings/mail"
 
 
 @dataclass
@@ -316,7 +319,12 @@ class OAuth2TestServer:
         @app.get("/authorize")
         def authorize() -> Any:
             # The user signs in and consents at once: who they are is the test's choice.
-            return server.create_authorization_response(grant_user=request.args["test_user"])
+            user = request.args["test_user"]
+            try:
+                grant = server.get_consent_grant(end_user=user)
+            except OAuth2Error as error:
+                return server.handle_error_response(None, error)
+            return server.create_authorization_response(grant=grant, grant_user=user)
 
         @app.post("/token")
         def issue_token() -> Any:

@@ -11,10 +11,12 @@ import threading
 import time
 import uuid
 from dataclasses import replace
+from urllib.parse import parse_qs, urlencode, urlsplit
 
+import httpx
 import pytest
 from helpers import assert_error_shape
-from oauth2server import PROVIDER
+from oauth2server import PROVIDER, RETURN_URL, SERVICE_CALLBACK
 from sqlalchemy import text
 from syncing import create_account, eventually, imap_account, inbox_subjects, run_sync, wait_task, watcher
 
@@ -25,9 +27,6 @@ from email_service.runtime import Runtime
 from email_service.tenancy import Principal
 
 pytestmark = pytest.mark.usefixtures("worker")
-
-
-RETURN_URL = "https://app.example.com/settings/mail"
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +316,90 @@ def test_the_idle_watcher_logs_in_with_the_token_and_brings_new_mail_in(
         oauth2_dovecot.append(mailbox, "INBOX", b"Subject: While watching\r\n\r\nBody\r\n")
         assert eventually(lambda: "While watching" in inbox_subjects(api, user, account_id), 10), log.read_text()
     assert grant.refresh_token not in log.read_text()
+
+
+# ---------------------------------------------------------------------------- consent flow
+
+
+def begin(api, user, **fields):
+    body = {"returnUrl": RETURN_URL + "?tab=accounts", "emailAddress": f"c{uuid.uuid4().hex[:10]}@example.com"}
+    body.update(fields)
+    return api.post(f"/api/oauth2/{PROVIDER}/authorize", json=body, headers=user.headers), body
+
+
+def consent(authorization_url: str, who: str) -> str:
+    """The user's browser at the provider: signs in as ``who``, consents; answers the callback path."""
+    answer = httpx.get(f"{authorization_url}&{urlencode({'test_user': who})}", follow_redirects=False, timeout=10)
+    assert answer.status_code == 302, answer.text
+    location = answer.headers["location"]
+    assert location.startswith(SERVICE_CALLBACK + "?")
+    return location.removeprefix("http://127.0.0.1:5000")
+
+
+def test_the_consent_flow_creates_an_account_that_syncs_and_its_state_works_once(
+    api, rt, user, make_user, oauth2_server
+):
+    started, body = begin(api, user, accountName="Consented")
+    assert started.status_code == 200, started.text
+    url = started.json()["authorizationUrl"]
+    query = parse_qs(urlsplit(url).query)
+    assert query["code_challenge_method"] == ["S256"] and query["code_challenge"][0]
+    assert query["redirect_uri"] == [SERVICE_CALLBACK] and query["client_id"] == [oauth2_server.service.client_id]
+    assert started.json()["expiresAt"] > time.time() * 1000
+
+    callback = consent(url, body["emailAddress"])
+    finished = api.get(callback, follow_redirects=False)
+    assert finished.status_code == 303, finished.text
+    target = urlsplit(finished.headers["location"])
+    assert f"{target.scheme}://{target.netloc}{target.path}" == RETURN_URL
+    outcome = parse_qs(target.query)
+    assert outcome["tab"] == ["accounts"] and outcome["status"] == ["connected"]
+    [account_id] = outcome["accountId"]
+
+    shown = account(api, user, account_id)
+    assert shown["accountName"] == "Consented" and shown["username"] == body["emailAddress"]
+    assert shown["authType"] == "oauth2" and shown["oauth2"]["tokenState"] == "valid"
+    assert run_sync(api, user, account_id)[0]["status"] == "success"
+
+    # The same redirect again (a replay, or a reload): nothing more is made.
+    replayed = api.get(callback, follow_redirects=False)
+    assert_error_shape(replayed, 403, "OAUTH2_STATE_INVALID")
+    assert api.get("/api/accounts", headers=user.headers).json()["pagination"]["total"] == 1
+    # Another user never sees what the flow made.
+    assert make_user().headers and account_id not in api.get("/api/accounts", headers=make_user().headers).text
+
+
+def test_unknown_expired_and_declined_flows_create_nothing(api, rt, user, oauth2_server):
+    assert_error_shape(
+        api.get("/api/oauth2/callback?state=made-up&code=x", follow_redirects=False), 403, "OAUTH2_STATE_INVALID"
+    )
+    assert_error_shape(api.get("/api/oauth2/callback", follow_redirects=False), 403, "OAUTH2_STATE_INVALID")
+
+    started, body = begin(api, user)
+    callback = consent(started.json()["authorizationUrl"], body["emailAddress"])
+    with rt.db.maintenance_session() as session:
+        session.execute(text("UPDATE oauth2_states SET expires_at = now() - interval '1 second'"))
+    assert_error_shape(api.get(callback, follow_redirects=False), 403, "OAUTH2_STATE_INVALID")
+
+    started, body = begin(api, user)
+    state = parse_qs(urlsplit(started.json()["authorizationUrl"]).query)["state"][0]
+    declined = api.get(f"/api/oauth2/callback?state={state}&error=access_denied", follow_redirects=False)
+    assert declined.status_code == 303
+    assert parse_qs(urlsplit(declined.headers["location"]).query)["status"] == ["failed"]
+    assert api.get("/api/accounts", headers=user.headers).json()["pagination"]["total"] == 0
+
+
+def test_a_flow_must_return_to_an_allowed_url_and_use_a_configured_provider(api, user):
+    for bad in (
+        "https://evil.example.net/settings/mail",
+        "https://app.example.com/other",
+        "https://app.example.com@evil.example.net/settings/mail",
+    ):
+        assert_error_shape(begin(api, user, returnUrl=bad)[0], 400, "RETURN_URL_NOT_ALLOWED")
+    unknown = api.post(
+        "/api/oauth2/nobody/authorize",
+        json={"returnUrl": RETURN_URL, "emailAddress": "a@example.com"},
+        headers=user.headers,
+    )
+    assert_error_shape(unknown, 400, "OAUTH2_PROVIDER_UNKNOWN")
+    assert_error_shape(begin(api, user, accountId="not-mine")[0], 404)
