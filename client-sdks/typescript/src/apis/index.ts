@@ -7,6 +7,7 @@ export * from './ComposeApi';
 export * from './EventsApi';
 export * from './FoldersApi';
 export * from './MessagesApi';
+export * from './OAuth2Api';
 export * from './StorageApi';
 export * from './SyncApi';
 export * from './SystemApi';
