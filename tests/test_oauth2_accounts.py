@@ -7,6 +7,7 @@ token they are given. Nothing in between is simulated.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -15,16 +16,22 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 from helpers import assert_error_shape
 from oauth2server import PROVIDER, RETURN_URL, SERVICE_CALLBACK
 from sqlalchemy import text
 from syncing import create_account, eventually, imap_account, inbox_subjects, run_sync, wait_task, watcher
 
 from email_service.api.app import create_app
+from email_service.crypto import CredentialCipher
 from email_service.oauth2.providers import load_providers
-from email_service.oauth2.tokens import TokenSource
+from email_service.oauth2.tokens import TokenRefreshFailed, TokenSource
+from email_service.protocols.tls import client_context
 from email_service.runtime import Runtime
+from email_service.services.accounts import rotate_credentials
+from email_service.services.servers import load_servers
 from email_service.tenancy import Principal
+from email_service.watch.idle import IdleConnection
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -316,6 +323,39 @@ def test_the_idle_watcher_logs_in_with_the_token_and_brings_new_mail_in(
         oauth2_dovecot.append(mailbox, "INBOX", b"Subject: While watching\r\n\r\nBody\r\n")
         assert eventually(lambda: "While watching" in inbox_subjects(api, user, account_id), 10), log.read_text()
     assert grant.refresh_token not in log.read_text()
+
+
+def test_an_idle_login_with_a_revoked_token_ends_in_refresh_failed_without_hanging(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox
+):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, with_access_token(oauth2_dovecot, mailbox, grant))
+    oauth2_server.revoke_user(mailbox.name)
+    servers = load_servers(rt.db, rt.cipher, user.principal, account_id)
+    settings = replace(
+        rt.settings,
+        ca_file=oauth2_dovecot.ca_file,
+        imap_timeout_seconds=10,
+        oauth2_providers=load_providers(oauth2_server.provider_env()),
+    )
+    started = time.monotonic()
+    with pytest.raises(TokenRefreshFailed):
+        asyncio.run(IdleConnection.open(servers.incoming, settings, client_context(oauth2_dovecot.ca_file)))
+    # Refused at once (the server's challenge after a refused token is answered), not at the timeout.
+    assert time.monotonic() - started < 5
+    assert account(api, user, account_id)["oauth2"]["tokenState"] == "refresh_failed"
+
+
+def test_rotate_keys_re_encrypts_the_tokens(api, rt, user, oauth2_server, oauth2_dovecot, mailbox):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, with_access_token(oauth2_dovecot, mailbox, grant))
+    new_key = Fernet.generate_key().decode()
+    rotated = CredentialCipher((new_key, *rt.settings.credential_keys))
+    assert rotate_credentials(rt.db, rotated) >= 2
+    only_new = CredentialCipher((new_key,))
+    row = stored(rt, account_id)
+    assert only_new.decrypt(row.oauth2_refresh_token_encrypted) == grant.refresh_token
+    assert only_new.decrypt(row.oauth2_access_token_encrypted) == grant.access_token
 
 
 # ---------------------------------------------------------------------------- consent flow
