@@ -213,7 +213,8 @@ def test_revoked_consent_shows_refresh_failed_and_backs_off_without_asking_again
     before = oauth2_server.refreshes
     status, _ = run_sync(api, user, account_id)
     assert status["status"] == "failure" and "refused to refresh the token (invalid_grant)" in status["error"]
-    shown = account(api, user, account_id)
+    # The task ends before its failure hook has written the account's record: wait for that.
+    shown = eventually(lambda: (found := account(api, user, account_id))["lastSyncError"] and found, 10)
     assert shown["oauth2"]["tokenState"] == "refresh_failed"
     assert "invalid_grant" in shown["oauth2"]["tokenError"] and shown["lastSyncError"] == status["error"]
     # Backed off like any refused login: 15 minutes at first.
@@ -350,12 +351,15 @@ def test_rotate_keys_re_encrypts_the_tokens(api, rt, user, oauth2_server, oauth2
     grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
     account_id = create_account(api, user, with_access_token(oauth2_dovecot, mailbox, grant))
     new_key = Fernet.generate_key().decode()
-    rotated = CredentialCipher((new_key, *rt.settings.credential_keys))
-    assert rotate_credentials(rt.db, rotated) >= 2
-    only_new = CredentialCipher((new_key,))
-    row = stored(rt, account_id)
-    assert only_new.decrypt(row.oauth2_refresh_token_encrypted) == grant.refresh_token
-    assert only_new.decrypt(row.oauth2_access_token_encrypted) == grant.access_token
+    try:
+        assert rotate_credentials(rt.db, CredentialCipher((new_key, *rt.settings.credential_keys))) >= 2
+        only_new = CredentialCipher((new_key,))
+        row = stored(rt, account_id)
+        assert only_new.decrypt(row.oauth2_refresh_token_encrypted) == grant.refresh_token
+        assert only_new.decrypt(row.oauth2_access_token_encrypted) == grant.access_token
+    finally:
+        # Every credential of the shared database back under the suite's key, for the tests that follow.
+        rotate_credentials(rt.db, CredentialCipher((*rt.settings.credential_keys, new_key)))
 
 
 # ---------------------------------------------------------------------------- consent flow
