@@ -336,14 +336,14 @@ def test_an_idle_login_with_a_revoked_token_ends_in_refresh_failed_without_hangi
     settings = replace(
         rt.settings,
         ca_file=oauth2_dovecot.ca_file,
-        imap_timeout_seconds=10,
+        imap_timeout_seconds=30,
         oauth2_providers=load_providers(oauth2_server.provider_env()),
     )
     started = time.monotonic()
     with pytest.raises(TokenRefreshFailed):
         asyncio.run(IdleConnection.open(servers.incoming, settings, client_context(oauth2_dovecot.ca_file)))
     # Refused at once (the server's challenge after a refused token is answered), not at the timeout.
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15
     assert account(api, user, account_id)["oauth2"]["tokenState"] == "refresh_failed"
 
 
