@@ -54,6 +54,13 @@ def api_schema(fuzz_runtime):
         fit_oauth2(case)
         return case
 
+    @schema.hook
+    def before_add_examples(context, examples):
+        # Cases of the examples phase (spec examples completed with generated values) skip map_case.
+        for case in examples:
+            fit_destinations(case.body, schema.raw_schema, policy)
+            fit_oauth2(case)
+
     return schema
 
 
