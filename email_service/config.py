@@ -13,11 +13,12 @@ import os
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography.fernet import Fernet
 
+from email_service.oauth2.providers import OAuth2Provider, ProviderConfigError, allowed_return_urls, load_providers
 from email_service.protocols.destinations import DestinationPolicy, parse_allowed
 
 MIN_JWT_SECRET_BYTES = 32
@@ -98,6 +99,12 @@ class Settings:
     webhook_endpoint_concurrency: int = 4
     webhook_tenant_concurrency: int = 16
     webhook_catchup_seconds: float = 5.0
+    # OAuth2 accounts: the providers (oauth2/providers.py reads them), where the consent flow may
+    # return the browser to, how long a consent flow may take, and the token endpoint timeout.
+    oauth2_providers: Mapping[str, OAuth2Provider] = field(default_factory=dict)
+    oauth2_return_urls: tuple[str, ...] = ()
+    oauth2_state_seconds: int = 600
+    oauth2_timeout_seconds: float = 20.0
 
     @property
     def embedded_postgres(self) -> bool:
@@ -284,6 +291,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket):
         raise ConfigError("MINIO_BUCKET must be 3-63 characters of a-z, 0-9, '.' and '-'")
 
+    try:
+        oauth2_providers = load_providers(env)
+        oauth2_return_urls = allowed_return_urls(env)
+    except ProviderConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
     return Settings(
         data_dir=data_dir,
         database_url=database_url,
@@ -335,4 +348,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         webhook_endpoint_concurrency=_int(env, "EMAIL_SERVICE_WEBHOOK_ENDPOINT_CONCURRENCY", 4),
         webhook_tenant_concurrency=_int(env, "EMAIL_SERVICE_WEBHOOK_TENANT_CONCURRENCY", 16),
         webhook_catchup_seconds=_seconds(env, "EMAIL_SERVICE_WEBHOOK_CATCHUP_SECONDS", 5.0),
+        oauth2_providers=oauth2_providers,
+        oauth2_return_urls=oauth2_return_urls,
+        oauth2_state_seconds=_int(env, "EMAIL_SERVICE_OAUTH2_STATE_SECONDS", 600, minimum=30),
+        oauth2_timeout_seconds=_seconds(env, "EMAIL_SERVICE_OAUTH2_TIMEOUT_SECONDS", 20.0),
     )

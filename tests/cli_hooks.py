@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import schemathesis
-from contract_hooks import fit_destinations
+from contract_hooks import fit_destinations, fit_oauth2
 from helpers import TEST_DESTINATIONS
 
 
 def _fit(context, case) -> None:
     fit_destinations(case.body, context.operation.schema.raw_schema, TEST_DESTINATIONS)
+    fit_oauth2(case)
 
 
 @schemathesis.hook

@@ -20,7 +20,7 @@ from email_service.config import Settings
 from email_service.queue.connection import redis_from_url
 from email_service.runtime import Runtime
 
-pytest_plugins = ["mailservers", "s3server", "syncing"]
+pytest_plugins = ["mailservers", "oauth2server", "s3server", "syncing"]
 
 
 @pytest.fixture(scope="session")

@@ -235,12 +235,21 @@ class Dovecot:
     ip = LOOPBACK
 
     def __init__(
-        self, base_dir: Path, tls: TlsFiles, *, extra_config: str = "", special_use: dict[str, str] | None = None
+        self,
+        base_dir: Path,
+        tls: TlsFiles,
+        *,
+        extra_config: str = "",
+        special_use: dict[str, str] | None = None,
+        oauth2_introspection_url: str = "",
     ) -> None:
         self.base_dir = base_dir
         self.special_use = SPECIAL_USE if special_use is None else special_use  # every user's role folders
         self.tls = tls
         self.extra_config = extra_config  # appended to the generated configuration (benchmarks)
+        # With an RFC 7662 introspection URL (credentials in it), IMAP also accepts XOAUTH2 and
+        # OAUTHBEARER, checking each token there, as a provider's server checks its own.
+        self.oauth2_introspection_url = oauth2_introspection_url
         self.ca_file = tls.ca_file
         self.instance = base_dir.name  # unique, and prefixes every process title of this instance
         self.config_file = base_dir / "dovecot.conf"
@@ -289,7 +298,7 @@ ssl_min_protocol = TLSv1.2
 
 # Plain-text logins on the plain ports too: the service must be testable with encryption "none".
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{" xoauth2 oauthbearer" if self.oauth2_introspection_url else ""}
 auth_cache_size = 0
 # Wrong-password tests should not wait: no fixed delay per failed login, and no penalty growing
 # per client IP (2, 4, ... 15 s), which the auth process skips when anvil has no penalty socket.
@@ -300,8 +309,9 @@ auth_failure_delay = 0
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.passwd_dir}/%u
+  mechanisms = plain login
 }}
-userdb {{
+{self._oauth2_passdb()}userdb {{
   driver = static
   args = uid=nobody gid=nogroup home={self.mail_root}/%u
 }}
@@ -362,6 +372,24 @@ service pop3-login {{
 {self.extra_config}
 """
         self.config_file.write_text(config)
+
+    def _oauth2_passdb(self) -> str:
+        if not self.oauth2_introspection_url:
+            return ""
+        # introspection_mode = post: the token is POSTed (RFC 7662) and the answer's username must
+        # be the user logging in; an inactive token's answer has none, so it is refused.
+        (self.base_dir / "oauth2.conf").write_text(
+            f"introspection_mode = post\n"
+            f"introspection_url = {self.oauth2_introspection_url}\n"
+            "username_attribute = username\n"
+            "active_attribute = active\n"
+            "active_value = true\n"
+            "force_introspection = yes\n"
+        )
+        return (
+            "passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+            f"  args = {self.base_dir}/oauth2.conf\n}}\n"
+        )
 
     @property
     def running(self) -> bool:
@@ -585,7 +613,8 @@ def mail_tls() -> Iterator[TlsFiles]:
 
 
 @contextlib.contextmanager
-def _running_dovecot(tls: TlsFiles, **options: Any) -> Iterator[Dovecot]:
+def running_dovecot(tls: TlsFiles, **options: Any) -> Iterator[Dovecot]:
+    """A started private Dovecot (``options`` go to ``Dovecot``), restarted if a test stops it."""
     ensure_dovecot_installed()
     # Short and under /tmp: Dovecot's unix sockets live in base_dir (108-byte path limit).
     server = Dovecot(Path(tempfile.mkdtemp(prefix="dvc-")), tls, **options)
@@ -611,14 +640,14 @@ def _running_dovecot(tls: TlsFiles, **options: Any) -> Iterator[Dovecot]:
 
 @pytest.fixture(scope="session")
 def dovecot(mail_tls: TlsFiles) -> Iterator[Dovecot]:
-    with _running_dovecot(mail_tls) as server:
+    with running_dovecot(mail_tls) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def german_dovecot(mail_tls: TlsFiles) -> Iterator[Dovecot]:
     """A second Dovecot whose users' role folders have German names (Entwürfe, Gesendet, ...)."""
-    with _running_dovecot(mail_tls, special_use=GERMAN_SPECIAL_USE) as server:
+    with running_dovecot(mail_tls, special_use=GERMAN_SPECIAL_USE) as server:
         yield server
 
 
@@ -683,8 +712,11 @@ class SmtpServer:
         username: str,
         password: str,
         behaviour: _Behaviour,
+        introspect: Callable[[str], dict] | None = None,
     ) -> None:
         self.tls = tls
+        # With it, AUTH XOAUTH2 and OAUTHBEARER are offered, each token checked by this call.
+        self.introspect = introspect
         self.ca_file = tls.ca_file
         self.encryption = encryption
         self.auth_required = auth_required
@@ -761,7 +793,8 @@ class SmtpServer:
             kwargs.update(auth_require_tls=False)
         for attempt in range(5):
             self.port = free_port()
-            controller = Controller(_SmtpHandler(self), port=self.port, **kwargs)
+            handler = _SmtpHandler(self) if self.introspect is None else _OAuth2SmtpHandler(self)
+            controller = Controller(handler, port=self.port, **kwargs)
             try:
                 controller.start()
             except Exception:
@@ -859,6 +892,39 @@ class _SmtpHandler:
         return "250 2.0.0 Message accepted"
 
 
+class _OAuth2SmtpHandler(_SmtpHandler):
+    """Also accepts AUTH XOAUTH2 and OAUTHBEARER, checking the bearer token by introspection."""
+
+    async def auth_XOAUTH2(self, server: Any, args: list[str]) -> Any:
+        return await self._bearer(server, args)
+
+    async def auth_OAUTHBEARER(self, server: Any, args: list[str]) -> Any:
+        return await self._bearer(server, args)
+
+    async def _bearer(self, server: Any, args: list[str]) -> Any:
+        from aiosmtpd.smtp import AuthResult
+
+        if len(args) < 2:
+            return AuthResult(success=False, handled=False)
+        try:
+            fields = base64.b64decode(args[1], validate=True).decode().split("\x01")
+        except ValueError:
+            return AuthResult(success=False, handled=False)
+        user = token = None
+        for item in fields:
+            if item.startswith("user="):
+                user = item[5:]
+            elif item.startswith("n,a="):  # OAUTHBEARER's GS2 header
+                user = item[4:].rstrip(",").replace("=2C", ",").replace("=3D", "=")
+            elif item.startswith("auth=Bearer "):
+                token = item[12:]
+        assert self.server.introspect is not None
+        answer = await asyncio.to_thread(self.server.introspect, token or "")
+        if not (user and answer.get("active") and answer.get("username") == user):
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=user)
+
+
 @pytest.fixture
 def smtp_server(mail_tls: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
     """Factory: ``smtp_server("starttls" | "tls" | "none", auth_required=..., temp_failures=N,
@@ -880,6 +946,7 @@ def smtp_server(mail_tls: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
         username: str = "smtp-user",
         password: str | None = None,
         silent_after_data: float = 0.0,
+        introspect: Callable[[str], dict] | None = None,
     ) -> SmtpServer:
         server = SmtpServer(
             mail_tls,
@@ -888,6 +955,7 @@ def smtp_server(mail_tls: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
             username=username,
             password=password or secrets.token_urlsafe(12),
             behaviour=_Behaviour(temp_failures, reject, fail_at, set(unknown_recipients), silent_after_data),
+            introspect=introspect,
         )
         server.start()
         started.append(server)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -27,13 +28,14 @@ def sync_client(backing):
 
 
 @pytest.fixture(scope="session")
-def worker(backing, dovecot, tmp_path_factory):
+def worker(backing, dovecot, oauth2_server, tmp_path_factory):
     """`email-service worker` as its own process, trusting the test servers' CA.
 
-    ``service_env`` hands it the tests' allow-list (127.0.0.1, where every test server listens).
+    ``service_env`` hands it the tests' allow-list (127.0.0.1, where every test server listens);
+    the test authorization server is its OAuth2 provider ``testidp``.
     """
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = worker_env(backing, dovecot)
+    env = worker_env(backing, dovecot, **oauth2_server.provider_env())
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "email_service", "worker", "--no-scheduler"], env=env, stdout=log, stderr=log
@@ -190,3 +192,39 @@ def silent_server():
     server = SilentServer()
     yield server
     server.close()
+
+
+@contextmanager
+def watcher(backing, dovecot, log_path, **extra: str):
+    """`email-service watch` as its own process, with the test workers' settings and ``extra``."""
+    env = worker_env(backing, dovecot, **extra)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "email_service", "watch"], env=env, stdout=log, stderr=log)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def eventually(condition, timeout: float, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    return condition()
+
+
+def inbox_subjects(client, user, account_id) -> dict[str, dict]:
+    folders = client.get(f"/api/{account_id}/folders", headers=user.headers).json().get("folders", [])
+    inbox = next((f for f in folders if f["name"] == "INBOX"), None)
+    if inbox is None:
+        return {}
+    listed = client.get(f"/api/{account_id}/folders/{inbox['id']}/messages", headers=user.headers).json()
+    return {m["subject"]: m for m in listed["messages"]}

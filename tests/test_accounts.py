@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from helpers import account_body, assert_error_shape
@@ -29,7 +30,9 @@ def test_create_returns_the_account_without_its_password(client, user):
     assert account["isSyncing"] is False and account["lastSyncAt"] is None and account["isEnabled"] is True
     assert before - 1000 <= account["createdAt"] <= int(time.time() * 1000) + 1000
     assert account["updatedAt"] == account["createdAt"]
-    assert "password" not in response.text.lower().replace("password not returned", "")
+    assert account["authType"] == "password" and account["oauth2"] is None
+    shown = {key: value for key, value in account.items() if key != "authType"}
+    assert "password" not in json.dumps(shown).lower().replace("password not returned", "")
     assert body["password"] not in response.text
 
 

@@ -20,6 +20,7 @@ import httpx
 import jwt
 import psycopg
 import pytest
+from contract_hooks import OAUTH2_ENV
 from helpers import JWT_SECRET, ServiceProcess, User, account_body, assert_error_shape, libpq_url, service_env
 from psycopg import sql
 from sqlalchemy.engine import make_url
@@ -383,6 +384,7 @@ def unlimited_service(backing, tmp_path_factory):
         EMAIL_SERVICE_RATE_LIMITS="false",
         EMAIL_SERVICE_VALIDATE_RESPONSES="true",
         EMAIL_SERVICE_ALLOWED_DESTINATIONS="0.0.0.0/0,::/0",
+        **OAUTH2_ENV,
     )
     process = ServiceProcess(env, tmp_path_factory.mktemp("schemathesis"))
     try:

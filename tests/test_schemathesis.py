@@ -8,12 +8,13 @@ from dataclasses import replace
 import hypothesis
 import pytest
 import schemathesis
-from contract_hooks import fit_destinations
+from contract_hooks import OAUTH2_ENV, fit_destinations, fit_oauth2
 from helpers import User
 from hypothesis import HealthCheck
 from schemathesis.config import SchemathesisConfig
 
 from email_service.api.app import create_app
+from email_service.oauth2.providers import allowed_return_urls, load_providers
 from email_service.runtime import Runtime
 
 CONFIG = SchemathesisConfig.from_dict(
@@ -30,7 +31,14 @@ FUZZ_SETTINGS = hypothesis.settings(deadline=None, suppress_health_check=list(He
 @pytest.fixture(scope="module")
 def fuzz_runtime(backing):
     # Limits are tested on their own; here they would turn most generated requests into 429s.
-    runtime = Runtime.build(replace(backing, rate_limits_enabled=False))
+    runtime = Runtime.build(
+        replace(
+            backing,
+            rate_limits_enabled=False,
+            oauth2_providers=load_providers(OAUTH2_ENV),
+            oauth2_return_urls=allowed_return_urls(OAUTH2_ENV),
+        )
+    )
     yield runtime
     runtime.close()
 
@@ -43,7 +51,15 @@ def api_schema(fuzz_runtime):
     @schema.hook
     def map_case(context, case):
         fit_destinations(case.body, schema.raw_schema, policy)
+        fit_oauth2(case)
         return case
+
+    @schema.hook
+    def before_add_examples(context, examples):
+        # Cases of the examples phase (spec examples completed with generated values) skip map_case.
+        for case in examples:
+            fit_destinations(case.body, schema.raw_schema, policy)
+            fit_oauth2(case)
 
     return schema
 

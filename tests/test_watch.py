@@ -7,15 +7,12 @@ from the watcher (the shared test worker runs no scheduler).
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 
 import psutil
 import pytest
 from messages import plain_message, to_bytes
-from syncing import create_account, imap_account, worker_env
+from syncing import create_account, eventually, imap_account, inbox_subjects, watcher
 
 from email_service.watch.leases import Leases
 
@@ -27,53 +24,20 @@ def client(sync_client):
     return sync_client
 
 
-@contextmanager
 def watcher_process(backing, dovecot, log_path):
-    env = worker_env(backing, dovecot, EMAIL_SERVICE_WATCH_LEASE_SECONDS=str(LEASE_SECONDS))
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "email_service", "watch"], env=env, stdout=log, stderr=log)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-
-
-def eventually(condition, timeout: float, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    return condition()
-
-
-def inbox_subjects(client, user, account_id) -> dict[str, dict]:
-    folders = client.get(f"/api/{account_id}/folders", headers=user.headers).json().get("folders", [])
-    inbox = next((f for f in folders if f["name"] == "INBOX"), None)
-    if inbox is None:
-        return {}
-    listed = client.get(f"/api/{account_id}/folders/{inbox['id']}/messages", headers=user.headers).json()
-    return {m["subject"]: m for m in listed["messages"]}
+    return watcher(backing, dovecot, log_path, EMAIL_SERVICE_WATCH_LEASE_SECONDS=str(LEASE_SECONDS))
 
 
 def test_new_mail_flags_and_expunges_arrive_within_a_second_without_a_sync(
     client, runtime, user, dovecot, mail_user, backing, tmp_path
 ):
     dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Before watching")))
-    account_id = create_account(
-        client, user, imap_account(dovecot, mail_user, isSyncEnabled=True, syncInterval=604800)
-    )
+    account_id = create_account(client, user, imap_account(dovecot, mail_user, isSyncEnabled=True, syncInterval=604800))
     with watcher_process(backing, dovecot, tmp_path / "watch.log"):
         # On taking the account the watcher catches up with what is already there.
         assert eventually(lambda: "Before watching" in inbox_subjects(client, user, account_id), 30), (
-            (tmp_path / "watch.log").read_text()
-        )
+            tmp_path / "watch.log"
+        ).read_text()
         assert Leases(runtime.redis, "probe").holder(account_id)
         time.sleep(0.5)  # the watcher is back in IDLE
 
@@ -114,6 +78,7 @@ def test_each_account_has_one_watcher_and_a_dead_watchers_accounts_move(
     leases = Leases(runtime.redis, "probe")
     with watcher_process(backing, dovecot, tmp_path / "a.log") as first:
         with watcher_process(backing, dovecot, tmp_path / "b.log") as second:
+
             def holders() -> dict[str, str | None]:
                 return {a: leases.holder(a) for a in accounts}
 

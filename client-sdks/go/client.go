@@ -62,6 +62,8 @@ type APIClient struct {
 
 	MessagesAPI *MessagesAPIService
 
+	OAuth2API *OAuth2APIService
+
 	StorageAPI *StorageAPIService
 
 	SyncAPI *SyncAPIService
@@ -94,6 +96,7 @@ func NewAPIClient(cfg *Configuration) *APIClient {
 	c.EventsAPI = (*EventsAPIService)(&c.common)
 	c.FoldersAPI = (*FoldersAPIService)(&c.common)
 	c.MessagesAPI = (*MessagesAPIService)(&c.common)
+	c.OAuth2API = (*OAuth2APIService)(&c.common)
 	c.StorageAPI = (*StorageAPIService)(&c.common)
 	c.SyncAPI = (*SyncAPIService)(&c.common)
 	c.SystemAPI = (*SystemAPIService)(&c.common)

@@ -68,7 +68,9 @@ type AccountResponse struct {
 	// When the last sync failed (ms); null after a success
 	LastSyncErrorAt NullableInt64 `json:"lastSyncErrorAt,omitempty"`
 	// When the next automatic sync is due (ms). After failures it backs off (temporary ones from 1 minute doubling to 1 hour, permanent ones such as a refused login from 15 minutes doubling to 6 hours); a success, or changing the server settings or password, resets it. Null when automatic sync is off.
-	NextSyncAt NullableInt64 `json:"nextSyncAt,omitempty"`
+	NextSyncAt NullableInt64        `json:"nextSyncAt,omitempty"`
+	AuthType   *AuthType            `json:"authType,omitempty"`
+	Oauth2     NullableOAuth2Status `json:"oauth2,omitempty"`
 }
 
 type _AccountResponse AccountResponse
@@ -95,6 +97,8 @@ func NewAccountResponse(id string, tenantId string, userId string, accountName s
 	this.IsEnabled = isEnabled
 	this.CreatedAt = createdAt
 	this.UpdatedAt = updatedAt
+	var authType AuthType = PASSWORD
+	this.AuthType = &authType
 	return &this
 }
 
@@ -113,6 +117,8 @@ func NewAccountResponseWithDefaults() *AccountResponse {
 	this.IsSyncing = &isSyncing
 	var isEnabled bool = true
 	this.IsEnabled = isEnabled
+	var authType AuthType = PASSWORD
+	this.AuthType = &authType
 	return &this
 }
 
@@ -892,6 +898,81 @@ func (o *AccountResponse) UnsetNextSyncAt() {
 	o.NextSyncAt.Unset()
 }
 
+// GetAuthType returns the AuthType field value if set, zero value otherwise.
+func (o *AccountResponse) GetAuthType() AuthType {
+	if o == nil || IsNil(o.AuthType) {
+		var ret AuthType
+		return ret
+	}
+	return *o.AuthType
+}
+
+// GetAuthTypeOk returns a tuple with the AuthType field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *AccountResponse) GetAuthTypeOk() (*AuthType, bool) {
+	if o == nil || IsNil(o.AuthType) {
+		return nil, false
+	}
+	return o.AuthType, true
+}
+
+// HasAuthType returns a boolean if a field has been set.
+func (o *AccountResponse) HasAuthType() bool {
+	if o != nil && !IsNil(o.AuthType) {
+		return true
+	}
+
+	return false
+}
+
+// SetAuthType gets a reference to the given AuthType and assigns it to the AuthType field.
+func (o *AccountResponse) SetAuthType(v AuthType) {
+	o.AuthType = &v
+}
+
+// GetOauth2 returns the Oauth2 field value if set, zero value otherwise (both if not set or set to explicit null).
+func (o *AccountResponse) GetOauth2() OAuth2Status {
+	if o == nil || IsNil(o.Oauth2.Get()) {
+		var ret OAuth2Status
+		return ret
+	}
+	return *o.Oauth2.Get()
+}
+
+// GetOauth2Ok returns a tuple with the Oauth2 field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+// NOTE: If the value is an explicit nil, `nil, true` will be returned
+func (o *AccountResponse) GetOauth2Ok() (*OAuth2Status, bool) {
+	if o == nil {
+		return nil, false
+	}
+	return o.Oauth2.Get(), o.Oauth2.IsSet()
+}
+
+// HasOauth2 returns a boolean if a field has been set.
+func (o *AccountResponse) HasOauth2() bool {
+	if o != nil && o.Oauth2.IsSet() {
+		return true
+	}
+
+	return false
+}
+
+// SetOauth2 gets a reference to the given NullableOAuth2Status and assigns it to the Oauth2 field.
+func (o *AccountResponse) SetOauth2(v OAuth2Status) {
+	o.Oauth2.Set(&v)
+}
+
+// SetOauth2Nil sets the value for Oauth2 to be an explicit nil
+func (o *AccountResponse) SetOauth2Nil() {
+	o.Oauth2.Set(nil)
+}
+
+// UnsetOauth2 ensures that no value is present for Oauth2, not even an explicit nil
+func (o *AccountResponse) UnsetOauth2() {
+	o.Oauth2.Unset()
+}
+
 func (o AccountResponse) MarshalJSON() ([]byte, error) {
 	toSerialize, err := o.ToMap()
 	if err != nil {
@@ -948,6 +1029,12 @@ func (o AccountResponse) ToMap() (map[string]interface{}, error) {
 	}
 	if o.NextSyncAt.IsSet() {
 		toSerialize["nextSyncAt"] = o.NextSyncAt.Get()
+	}
+	if !IsNil(o.AuthType) {
+		toSerialize["authType"] = o.AuthType
+	}
+	if o.Oauth2.IsSet() {
+		toSerialize["oauth2"] = o.Oauth2.Get()
 	}
 	return toSerialize, nil
 }

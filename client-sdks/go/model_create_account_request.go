@@ -30,8 +30,8 @@ type CreateAccountRequest struct {
 	Port       int32  `json:"port"`
 	Encryption string `json:"encryption"`
 	Username   string `json:"username" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
-	// Stored encrypted with an authenticated, reversible cipher (Fernet) under the service's credential keys; never returned or logged.
-	Password string `json:"password" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
+	// Stored encrypted with an authenticated, reversible cipher (Fernet) under the service's credential keys; never returned or logged. Required when `authType` is `password` (the default); an account with `authType: oauth2` logs in with tokens instead.
+	Password *string `json:"password,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
 	// POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.
 	Pop3DeleteOnServer *bool `json:"pop3DeleteOnServer,omitempty"`
 	IsSyncEnabled      *bool `json:"isSyncEnabled,omitempty"`
@@ -46,7 +46,9 @@ type CreateAccountRequest struct {
 	// SMTP login; the account's username when omitted
 	SmtpUsername *string `json:"smtpUsername,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
 	// SMTP password, encrypted like `password`; the account's password when omitted
-	SmtpPassword *string `json:"smtpPassword,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
+	SmtpPassword *string      `json:"smtpPassword,omitempty" validate:"regexp=^[^\\u0000-\\u001f\\u007f]*$"`
+	AuthType     *AuthType    `json:"authType,omitempty"`
+	Oauth2       *OAuth2Grant `json:"oauth2,omitempty"`
 }
 
 type _CreateAccountRequest CreateAccountRequest
@@ -55,7 +57,7 @@ type _CreateAccountRequest CreateAccountRequest
 // This constructor will assign default values to properties that have it defined,
 // and makes sure properties required by API are set, but the set of arguments
 // will change when the set of required properties is changed
-func NewCreateAccountRequest(accountName string, emailAddress string, protocol string, hostname string, port int32, encryption string, username string, password string) *CreateAccountRequest {
+func NewCreateAccountRequest(accountName string, emailAddress string, protocol string, hostname string, port int32, encryption string, username string) *CreateAccountRequest {
 	this := CreateAccountRequest{}
 	this.AccountName = accountName
 	this.EmailAddress = emailAddress
@@ -64,13 +66,14 @@ func NewCreateAccountRequest(accountName string, emailAddress string, protocol s
 	this.Port = port
 	this.Encryption = encryption
 	this.Username = username
-	this.Password = password
 	var pop3DeleteOnServer bool = false
 	this.Pop3DeleteOnServer = &pop3DeleteOnServer
 	var isSyncEnabled bool = true
 	this.IsSyncEnabled = &isSyncEnabled
 	var syncInterval int32 = 300
 	this.SyncInterval = &syncInterval
+	var authType AuthType = PASSWORD
+	this.AuthType = &authType
 	return &this
 }
 
@@ -89,6 +92,8 @@ func NewCreateAccountRequestWithDefaults() *CreateAccountRequest {
 	this.IsSyncEnabled = &isSyncEnabled
 	var syncInterval int32 = 300
 	this.SyncInterval = &syncInterval
+	var authType AuthType = PASSWORD
+	this.AuthType = &authType
 	return &this
 }
 
@@ -260,28 +265,36 @@ func (o *CreateAccountRequest) SetUsername(v string) {
 	o.Username = v
 }
 
-// GetPassword returns the Password field value
+// GetPassword returns the Password field value if set, zero value otherwise.
 func (o *CreateAccountRequest) GetPassword() string {
-	if o == nil {
+	if o == nil || IsNil(o.Password) {
 		var ret string
 		return ret
 	}
-
-	return o.Password
+	return *o.Password
 }
 
-// GetPasswordOk returns a tuple with the Password field value
+// GetPasswordOk returns a tuple with the Password field value if set, nil otherwise
 // and a boolean to check if the value has been set.
 func (o *CreateAccountRequest) GetPasswordOk() (*string, bool) {
-	if o == nil {
+	if o == nil || IsNil(o.Password) {
 		return nil, false
 	}
-	return &o.Password, true
+	return o.Password, true
 }
 
-// SetPassword sets field value
+// HasPassword returns a boolean if a field has been set.
+func (o *CreateAccountRequest) HasPassword() bool {
+	if o != nil && !IsNil(o.Password) {
+		return true
+	}
+
+	return false
+}
+
+// SetPassword gets a reference to the given string and assigns it to the Password field.
 func (o *CreateAccountRequest) SetPassword(v string) {
-	o.Password = v
+	o.Password = &v
 }
 
 // GetPop3DeleteOnServer returns the Pop3DeleteOnServer field value if set, zero value otherwise.
@@ -540,6 +553,70 @@ func (o *CreateAccountRequest) SetSmtpPassword(v string) {
 	o.SmtpPassword = &v
 }
 
+// GetAuthType returns the AuthType field value if set, zero value otherwise.
+func (o *CreateAccountRequest) GetAuthType() AuthType {
+	if o == nil || IsNil(o.AuthType) {
+		var ret AuthType
+		return ret
+	}
+	return *o.AuthType
+}
+
+// GetAuthTypeOk returns a tuple with the AuthType field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *CreateAccountRequest) GetAuthTypeOk() (*AuthType, bool) {
+	if o == nil || IsNil(o.AuthType) {
+		return nil, false
+	}
+	return o.AuthType, true
+}
+
+// HasAuthType returns a boolean if a field has been set.
+func (o *CreateAccountRequest) HasAuthType() bool {
+	if o != nil && !IsNil(o.AuthType) {
+		return true
+	}
+
+	return false
+}
+
+// SetAuthType gets a reference to the given AuthType and assigns it to the AuthType field.
+func (o *CreateAccountRequest) SetAuthType(v AuthType) {
+	o.AuthType = &v
+}
+
+// GetOauth2 returns the Oauth2 field value if set, zero value otherwise.
+func (o *CreateAccountRequest) GetOauth2() OAuth2Grant {
+	if o == nil || IsNil(o.Oauth2) {
+		var ret OAuth2Grant
+		return ret
+	}
+	return *o.Oauth2
+}
+
+// GetOauth2Ok returns a tuple with the Oauth2 field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *CreateAccountRequest) GetOauth2Ok() (*OAuth2Grant, bool) {
+	if o == nil || IsNil(o.Oauth2) {
+		return nil, false
+	}
+	return o.Oauth2, true
+}
+
+// HasOauth2 returns a boolean if a field has been set.
+func (o *CreateAccountRequest) HasOauth2() bool {
+	if o != nil && !IsNil(o.Oauth2) {
+		return true
+	}
+
+	return false
+}
+
+// SetOauth2 gets a reference to the given OAuth2Grant and assigns it to the Oauth2 field.
+func (o *CreateAccountRequest) SetOauth2(v OAuth2Grant) {
+	o.Oauth2 = &v
+}
+
 func (o CreateAccountRequest) MarshalJSON() ([]byte, error) {
 	toSerialize, err := o.ToMap()
 	if err != nil {
@@ -557,7 +634,9 @@ func (o CreateAccountRequest) ToMap() (map[string]interface{}, error) {
 	toSerialize["port"] = o.Port
 	toSerialize["encryption"] = o.Encryption
 	toSerialize["username"] = o.Username
-	toSerialize["password"] = o.Password
+	if !IsNil(o.Password) {
+		toSerialize["password"] = o.Password
+	}
 	if !IsNil(o.Pop3DeleteOnServer) {
 		toSerialize["pop3DeleteOnServer"] = o.Pop3DeleteOnServer
 	}
@@ -582,6 +661,12 @@ func (o CreateAccountRequest) ToMap() (map[string]interface{}, error) {
 	if !IsNil(o.SmtpPassword) {
 		toSerialize["smtpPassword"] = o.SmtpPassword
 	}
+	if !IsNil(o.AuthType) {
+		toSerialize["authType"] = o.AuthType
+	}
+	if !IsNil(o.Oauth2) {
+		toSerialize["oauth2"] = o.Oauth2
+	}
 	return toSerialize, nil
 }
 
@@ -597,7 +682,6 @@ func (o *CreateAccountRequest) UnmarshalJSON(data []byte) (err error) {
 		"port",
 		"encryption",
 		"username",
-		"password",
 	}
 
 	allProperties := make(map[string]interface{})

@@ -45,7 +45,9 @@ type UpdateAccountRequest struct {
 	// Read-only: an account's address cannot be changed; sending it answers 400 (IMMUTABLE_FIELD)
 	EmailAddress *string `json:"emailAddress,omitempty"`
 	// Read-only: an account's protocol cannot be changed; sending it answers 400 (IMMUTABLE_FIELD)
-	Protocol *string `json:"protocol,omitempty"`
+	Protocol *string      `json:"protocol,omitempty"`
+	AuthType *AuthType    `json:"authType,omitempty"`
+	Oauth2   *OAuth2Grant `json:"oauth2,omitempty"`
 }
 
 // NewUpdateAccountRequest instantiates a new UpdateAccountRequest object
@@ -54,6 +56,8 @@ type UpdateAccountRequest struct {
 // will change when the set of required properties is changed
 func NewUpdateAccountRequest() *UpdateAccountRequest {
 	this := UpdateAccountRequest{}
+	var authType AuthType = PASSWORD
+	this.AuthType = &authType
 	return &this
 }
 
@@ -62,6 +66,8 @@ func NewUpdateAccountRequest() *UpdateAccountRequest {
 // but it doesn't guarantee that properties required by API are set
 func NewUpdateAccountRequestWithDefaults() *UpdateAccountRequest {
 	this := UpdateAccountRequest{}
+	var authType AuthType = PASSWORD
+	this.AuthType = &authType
 	return &this
 }
 
@@ -609,6 +615,70 @@ func (o *UpdateAccountRequest) SetProtocol(v string) {
 	o.Protocol = &v
 }
 
+// GetAuthType returns the AuthType field value if set, zero value otherwise.
+func (o *UpdateAccountRequest) GetAuthType() AuthType {
+	if o == nil || IsNil(o.AuthType) {
+		var ret AuthType
+		return ret
+	}
+	return *o.AuthType
+}
+
+// GetAuthTypeOk returns a tuple with the AuthType field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *UpdateAccountRequest) GetAuthTypeOk() (*AuthType, bool) {
+	if o == nil || IsNil(o.AuthType) {
+		return nil, false
+	}
+	return o.AuthType, true
+}
+
+// HasAuthType returns a boolean if a field has been set.
+func (o *UpdateAccountRequest) HasAuthType() bool {
+	if o != nil && !IsNil(o.AuthType) {
+		return true
+	}
+
+	return false
+}
+
+// SetAuthType gets a reference to the given AuthType and assigns it to the AuthType field.
+func (o *UpdateAccountRequest) SetAuthType(v AuthType) {
+	o.AuthType = &v
+}
+
+// GetOauth2 returns the Oauth2 field value if set, zero value otherwise.
+func (o *UpdateAccountRequest) GetOauth2() OAuth2Grant {
+	if o == nil || IsNil(o.Oauth2) {
+		var ret OAuth2Grant
+		return ret
+	}
+	return *o.Oauth2
+}
+
+// GetOauth2Ok returns a tuple with the Oauth2 field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *UpdateAccountRequest) GetOauth2Ok() (*OAuth2Grant, bool) {
+	if o == nil || IsNil(o.Oauth2) {
+		return nil, false
+	}
+	return o.Oauth2, true
+}
+
+// HasOauth2 returns a boolean if a field has been set.
+func (o *UpdateAccountRequest) HasOauth2() bool {
+	if o != nil && !IsNil(o.Oauth2) {
+		return true
+	}
+
+	return false
+}
+
+// SetOauth2 gets a reference to the given OAuth2Grant and assigns it to the Oauth2 field.
+func (o *UpdateAccountRequest) SetOauth2(v OAuth2Grant) {
+	o.Oauth2 = &v
+}
+
 func (o UpdateAccountRequest) MarshalJSON() ([]byte, error) {
 	toSerialize, err := o.ToMap()
 	if err != nil {
@@ -669,6 +739,12 @@ func (o UpdateAccountRequest) ToMap() (map[string]interface{}, error) {
 	}
 	if !IsNil(o.Protocol) {
 		toSerialize["protocol"] = o.Protocol
+	}
+	if !IsNil(o.AuthType) {
+		toSerialize["authType"] = o.AuthType
+	}
+	if !IsNil(o.Oauth2) {
+		toSerialize["oauth2"] = o.Oauth2
 	}
 	return toSerialize, nil
 }

@@ -4,7 +4,7 @@ from typing import Any
 
 from email_service.handlers import principal, runtime
 from email_service.handlers.views import ms
-from email_service.models import Account
+from email_service.models import Account, AuthType
 from email_service.services import accounts as service
 
 # PostgreSQL's OFFSET is a bigint; anything larger than this can only be past the end.
@@ -39,6 +39,17 @@ def account_view(account: Account, syncing: set[str] | frozenset[str]) -> dict[s
         "lastSyncError": account.last_sync_error,
         "lastSyncErrorAt": ms(account.last_sync_error_at),
         "nextSyncAt": ms(account.next_sync_at) if account.is_sync_enabled and account.is_enabled else None,
+        "authType": account.auth_type,
+        "oauth2": (
+            {
+                "provider": account.oauth2_provider,
+                "tokenState": account.oauth2_token_state,
+                "tokenError": account.oauth2_token_error,
+                "accessTokenExpiresAt": ms(account.oauth2_expires_at),
+            }
+            if account.auth_type == AuthType.OAUTH2
+            else None
+        ),
     }
 
 
@@ -53,7 +64,9 @@ def list_accounts(limit: int = 100, offset: int = 0) -> tuple[dict, int]:
 
 def create_account(body: dict[str, Any]) -> tuple[dict, int]:
     rt = runtime()
-    account = service.create_account(rt.db, rt.cipher, principal(), body, rt.settings.destinations)
+    account = service.create_account(
+        rt.db, rt.cipher, principal(), body, rt.settings.destinations, rt.settings.oauth2_providers
+    )
     return account_view(account, set()), 201
 
 
@@ -65,7 +78,9 @@ def get_account(account_id: str) -> tuple[dict, int]:
 
 def update_account(account_id: str, body: dict[str, Any]) -> tuple[dict, int]:
     rt = runtime()
-    account = service.update_account(rt.db, rt.cipher, principal(), account_id, body, rt.settings.destinations)
+    account = service.update_account(
+        rt.db, rt.cipher, principal(), account_id, body, rt.settings.destinations, rt.settings.oauth2_providers
+    )
     return account_view(account, service.syncing(rt, principal(), [account.id])), 200
 
 

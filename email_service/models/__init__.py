@@ -1,6 +1,6 @@
 """Tables of the service. Every tenant-owned row carries ``tenant_id`` and ``user_id``."""
 
-from email_service.models.account import Account
+from email_service.models.account import Account, AuthType, OAuth2State, TokenState
 from email_service.models.base import Base
 from email_service.models.change import Change, ChangeEntity, ChangeKind
 from email_service.models.mail import Attachment, DeliveryStatus, Folder, Message, MessageMove
@@ -10,6 +10,7 @@ from email_service.models.webhook import WebhookAttempt, WebhookCursor, WebhookD
 __all__ = [
     "Account",
     "Attachment",
+    "AuthType",
     "Base",
     "Change",
     "ChangeEntity",
@@ -18,9 +19,11 @@ __all__ = [
     "Folder",
     "Message",
     "MessageMove",
+    "OAuth2State",
     "Task",
     "TaskKind",
     "TaskStatus",
+    "TokenState",
     "WebhookAttempt",
     "WebhookCursor",
     "WebhookDelivery",

@@ -2,15 +2,30 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, DateTime, Integer, LargeBinary, Text, Uuid, func
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from email_service.models.base import Base
 
 
+class AuthType(StrEnum):
+    PASSWORD = "password"  # noqa: S105 - the name of a login method, not a secret
+    OAUTH2 = "oauth2"
+
+
+class TokenState(StrEnum):
+    VALID = "valid"
+    # The provider refused a refresh, or the server refused a freshly refreshed token: only new
+    # tokens from the user end it.
+    REFRESH_FAILED = "refresh_failed"
+
+
 class Account(Base):
-    """A user's mail account. Passwords are Fernet tokens, never plaintext."""
+    """A user's mail account. Passwords and OAuth2 tokens are Fernet tokens, never plaintext."""
 
     __tablename__ = "accounts"
 
@@ -26,7 +41,14 @@ class Account(Base):
     port: Mapped[int] = mapped_column(Integer, nullable=False)
     encryption: Mapped[str] = mapped_column(Text, nullable=False)
     username: Mapped[str] = mapped_column(Text, nullable=False)
-    password_encrypted: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    auth_type: Mapped[str] = mapped_column(Text, nullable=False, default=AuthType.PASSWORD)
+    password_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)  # None for OAuth2 accounts
+    oauth2_provider: Mapped[str | None] = mapped_column(Text)
+    oauth2_refresh_token_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    oauth2_access_token_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    oauth2_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    oauth2_token_state: Mapped[str | None] = mapped_column(Text)
+    oauth2_token_error: Mapped[str | None] = mapped_column(Text)
     smtp_hostname: Mapped[str | None] = mapped_column(Text)
     smtp_port: Mapped[int | None] = mapped_column(Integer)
     smtp_encryption: Mapped[str | None] = mapped_column(Text)
@@ -49,3 +71,19 @@ class Account(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class OAuth2State(Base):
+    """A consent flow begun and not yet finished: single use, short-lived, bound to its user."""
+
+    __tablename__ = "oauth2_states"
+
+    state_hash: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    provider: Mapped[str] = mapped_column(Text, nullable=False)
+    code_verifier_encrypted: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    return_url: Mapped[str] = mapped_column(Text, nullable=False)
+    account: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())

@@ -51,7 +51,7 @@ def load(
             return None
         message, folder, account = row.Message, row.Folder, row.Account
         attachments = list(session.scalars(select(Attachment).where(Attachment.message_id == message.id)))
-        smtp = servers_of(account, cipher).smtp
+        smtp = servers_of(account, cipher, db).smtp
     headers = message.headers or {}
     original = None
     if headers.get("In-Reply-To"):

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from email_service.oauth2 import sasl
 from email_service.protocols.connect import imap_client
 from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError, describe, reply_line
 from email_service.protocols.session import MailSession
@@ -105,14 +106,36 @@ class ImapSession(MailSession):
             if "STARTTLS" not in conn.capabilities:
                 raise MailServerError(f"{self.host}:{self.port} does not offer STARTTLS")
             conn.starttls(ssl_context=context)
-        try:
-            conn.login(self.username, self._password)
-        except imaplib.IMAP4.error:
-            raise AuthenticationFailed(f"authentication failed for {self.username} at {self.host}") from None
+        if self.token_source is not None:
+            self._oauth2_login(lambda token: self._authenticate(conn, token))
+        else:
+            try:
+                conn.login(self.username, self._password)
+            except imaplib.IMAP4.error:
+                raise AuthenticationFailed(f"authentication failed for {self.username} at {self.host}") from None
         typ, data = conn.capability()
         self.capabilities = frozenset(data[0].decode().upper().split()) if typ == "OK" and data else frozenset()
         if "CONDSTORE" in self.capabilities:
             conn.enable("CONDSTORE")
+
+    def _authenticate(self, conn: imaplib.IMAP4, token: str) -> bool:
+        """SASL with the bearer token; False when the server refused it."""
+        offered = {c.split("=", 1)[1] for c in conn.capabilities if c.startswith("AUTH=")}
+        mechanism = sasl.choose(offered)
+        answers = iter([sasl.initial_response(mechanism, self.username, token, self.host, self.port)])
+
+        def respond(_challenge: bytes) -> bytes:
+            # The first challenge gets the token; one after it carries the refusal's details
+            # (RFC 7628 3.2.3), answered with an empty response so the server ends with NO.
+            return next(answers, b"")
+
+        try:
+            conn.authenticate(mechanism, respond)
+        except imaplib.IMAP4.abort:
+            raise
+        except imaplib.IMAP4.error:
+            return False
+        return True
 
     def _quit(self, conn: imaplib.IMAP4) -> None:
         conn.logout()

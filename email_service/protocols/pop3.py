@@ -5,13 +5,16 @@ from __future__ import annotations
 import poplib
 
 from email_service.protocols.connect import pop3_client
-from email_service.protocols.errors import AuthenticationFailed, describe
+from email_service.protocols.errors import AuthenticationFailed, MailServerError, describe
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
 
 
 class Pop3Session(MailSession):
     def _open(self) -> None:
+        if self.token_source is not None:
+            # Refused when the account is made; kept here so no path logs in with an empty password.
+            raise MailServerError("OAuth2 accounts use IMAP; POP3 logins with OAuth2 are not supported")
         context = client_context(self.ca_file)
         conn = pop3_client(
             self.host,

@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from email_service.observability import metrics
 from email_service.protocols.destinations import DestinationPolicy
 from email_service.protocols.errors import MailServerError, describe
+
+if TYPE_CHECKING:
+    from email_service.oauth2.tokens import TokenSource
 
 
 class MailSession:
@@ -27,6 +31,7 @@ class MailSession:
         ca_file: Path | None = None,
         timeout: float = 60.0,
         destinations: DestinationPolicy | None = None,
+        token_source: TokenSource | None = None,
     ) -> None:
         self.host, self.port = host, port
         # Without a policy from the settings only public addresses are reachable.
@@ -37,6 +42,22 @@ class MailSession:
         self.ca_file = ca_file
         self.timeout = timeout
         self._conn: Any = None
+        # Set for OAuth2 accounts: the session logs in with an access token instead of the password.
+        self.token_source = token_source
+
+    def _oauth2_login(self, attempt: Callable[[str], bool]) -> None:
+        """Log in with the account's token; ``attempt(token)`` says whether the server accepted it.
+
+        A refused token is refreshed once and tried once more; refused again, the account's token
+        state becomes refresh_failed and the permanent failure is raised (no retry storm).
+        """
+        assert self.token_source is not None
+        token = self.token_source.access_token()
+        if attempt(token):
+            return
+        if attempt(self.token_source.refused(token)):
+            return
+        raise self.token_source.server_refused_refreshed(f"{self.host}:{self.port}")
 
     def _open(self) -> None:
         raise NotImplementedError

@@ -19,10 +19,11 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import idna
 
+from email_service.oauth2 import sasl
 from email_service.protocols.connect import smtp_client
 from email_service.protocols.destinations import DestinationPolicy, DestinationRefused
 from email_service.protocols.errors import (
@@ -34,6 +35,9 @@ from email_service.protocols.errors import (
 )
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
+
+if TYPE_CHECKING:
+    from email_service.oauth2.tokens import TokenSource
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +118,18 @@ class SmtpSession(MailSession):
         data_timeout: float = 600.0,
         helo_name: str | None = None,
         destinations: DestinationPolicy | None = None,
+        token_source: TokenSource | None = None,
     ) -> None:
         super().__init__(
-            host, port, encryption, username, password, ca_file=ca_file, timeout=timeout, destinations=destinations
+            host,
+            port,
+            encryption,
+            username,
+            password,
+            ca_file=ca_file,
+            timeout=timeout,
+            destinations=destinations,
+            token_source=token_source,
         )
         self.helo_name = helo_name
         self.data_timeout = data_timeout
@@ -154,8 +167,31 @@ class SmtpSession(MailSession):
                 raise PermanentDeliveryError(f"{self.host}:{self.port} does not offer STARTTLS")
             conn.starttls(context=context)
             conn.ehlo()
-        if self.username and self._password and conn.has_extn("auth"):
+        if self.token_source is not None and conn.has_extn("auth"):
+            self._oauth2_login(lambda token: self._authenticate(conn, token))
+        elif self.username and self._password and conn.has_extn("auth"):
             self._login(conn)
+
+    def _authenticate(self, conn: smtplib.SMTP, token: str) -> bool:
+        """AUTH with the bearer token; False when the server refused it (5xx), a temporary error on 4xx."""
+        mechanism = sasl.choose(set(conn.esmtp_features.get("auth", "").upper().split()))
+        answers = iter([sasl.initial_response(mechanism, self.username, token, self.host, self.port).decode()])
+
+        def respond(_challenge: bytes | None = None) -> str:
+            # An error challenge after the token (RFC 7628 3.2.3) gets the empty response.
+            return next(answers, "")
+
+        try:
+            conn.auth(mechanism, respond, initial_response_ok=True)
+        except smtplib.SMTPAuthenticationError as exc:
+            if 400 <= exc.smtp_code < 500:
+                raise TemporaryDeliveryError(
+                    f"authentication failed for {self.username} at {self.host}, temporarily: "
+                    f"{self._scrub(exc.smtp_code, exc.smtp_error)}",
+                    exc.smtp_code,
+                ) from None
+            return False
+        return True
 
     def _login(self, conn: smtplib.SMTP) -> None:
         try:
@@ -312,6 +348,9 @@ class SmtpSession(MailSession):
         if isinstance(exc, DestinationRefused | UnexpectedGreeting):
             # Neither changes until the account's settings (or the operator's allow-list) do.
             return PermanentDeliveryError(str(exc))
+        if isinstance(exc, AuthenticationFailed) and not isinstance(exc, PermanentDeliveryError):
+            # An OAuth2 login that is gone (refresh refused): a send fails for good, like a refused password.
+            return SmtpAuthenticationFailed(str(exc))
         if isinstance(exc, MailServerError):
             return exc
         if isinstance(exc, smtplib.SMTPRecipientsRefused):

@@ -15,7 +15,8 @@ from email_service.addresses import InvalidAddress, canonical, comparison_key
 from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.errors import BadRequestError, ConflictError, NotFoundError
-from email_service.models import Account, TaskKind
+from email_service.models import Account, AuthType, TaskKind, TokenState
+from email_service.oauth2.providers import OAuth2Provider
 from email_service.protocols import destinations as destination_policy
 from email_service.protocols.destinations import DestinationPolicy
 from email_service.queue import tasks
@@ -23,6 +24,8 @@ from email_service.runtime import Runtime
 from email_service.tenancy import Principal
 
 _new_id = Cuid().generate
+# Year 9999: a later expiry is as good as never, and datetime cannot hold it.
+MAX_EPOCH_MS = 253_402_300_799_000
 UNIQUE_EMAIL_INDEX = "accounts_user_email_live"
 # API field -> column, for fields a client may set directly.
 PLAIN_FIELDS = {
@@ -41,8 +44,11 @@ PLAIN_FIELDS = {
     "smtpUsername": "smtp_username",
 }
 SECRET_FIELDS = {"password": "password_encrypted", "smtpPassword": "smtp_password_encrypted"}
+OAUTH2_SECRET_COLUMNS = ("oauth2_refresh_token_encrypted", "oauth2_access_token_encrypted")
 # Changing any of these ends an account's sync backoff: the next automatic sync is due at once.
-RETRY_NOW_FIELDS = frozenset({"hostname", "port", "encryption", "username", "password", "syncInterval"})
+RETRY_NOW_FIELDS = frozenset(
+    {"hostname", "port", "encryption", "username", "password", "syncInterval", "authType", "oauth2"}
+)
 
 
 @dataclass(frozen=True)
@@ -64,13 +70,58 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _apply(account: Account, body: Mapping[str, Any], cipher: CredentialCipher) -> None:
+def _apply(
+    account: Account, body: Mapping[str, Any], cipher: CredentialCipher, providers: Mapping[str, OAuth2Provider]
+) -> None:
     for field, column in PLAIN_FIELDS.items():
         if field in body:
             setattr(account, column, body[field])
-    for field, column in SECRET_FIELDS.items():
-        if field in body:
-            setattr(account, column, cipher.encrypt(body[field]))
+    auth_type = AuthType(body.get("authType", account.auth_type or AuthType.PASSWORD))
+    if auth_type is AuthType.OAUTH2:
+        if "password" in body or "smtpPassword" in body:
+            raise BadRequestError("an oauth2 account logs in with tokens: send no password or smtpPassword")
+        if account.protocol != "imap":
+            raise BadRequestError("an oauth2 account must use imap (POP3 logins with OAuth2 are not supported)")
+        if "oauth2" in body:
+            _apply_tokens(account, body["oauth2"], cipher, providers)
+        elif account.oauth2_refresh_token_encrypted is None:
+            raise BadRequestError("oauth2 is required when authType is oauth2")
+        # Tokens replace any password: nothing stale is kept to be decrypted later.
+        account.password_encrypted = account.smtp_password_encrypted = None
+    else:
+        if "oauth2" in body:
+            raise BadRequestError("oauth2 is only accepted with authType oauth2")
+        if "password" not in body and account.password_encrypted is None:
+            raise BadRequestError("password is required when authType is password")
+        for column in (*OAUTH2_SECRET_COLUMNS, "oauth2_provider", "oauth2_expires_at"):
+            setattr(account, column, None)
+        account.oauth2_token_state = account.oauth2_token_error = None
+        for field, column in SECRET_FIELDS.items():
+            if field in body:
+                setattr(account, column, cipher.encrypt(body[field]))
+    account.auth_type = auth_type.value
+
+
+def _apply_tokens(
+    account: Account, grant: Mapping[str, Any], cipher: CredentialCipher, providers: Mapping[str, OAuth2Provider]
+) -> None:
+    """New tokens from the caller: the token state starts over as valid."""
+    if grant["provider"] not in providers:
+        raise BadRequestError(
+            f"oauth2.provider {grant['provider']!r} is not a provider this service is configured for",
+            code="OAUTH2_PROVIDER_UNKNOWN",
+        )
+    if ("accessToken" in grant) != ("expiresAt" in grant):
+        raise BadRequestError("oauth2.accessToken and oauth2.expiresAt go together")
+    account.oauth2_provider = grant["provider"]
+    account.oauth2_refresh_token_encrypted = cipher.encrypt(grant["refreshToken"])
+    if "accessToken" in grant:
+        account.oauth2_access_token_encrypted = cipher.encrypt(grant["accessToken"])
+        account.oauth2_expires_at = datetime.fromtimestamp(min(grant["expiresAt"], MAX_EPOCH_MS) / 1000, UTC)
+    else:
+        account.oauth2_access_token_encrypted = account.oauth2_expires_at = None  # fetched at first use
+    account.oauth2_token_state = TokenState.VALID.value
+    account.oauth2_token_error = None
 
 
 def check_destinations(account: Account, policy: DestinationPolicy, changed: Mapping[str, Any] | None = None) -> None:
@@ -102,6 +153,7 @@ def create_account(
     principal: Principal,
     body: Mapping[str, Any],
     destinations: DestinationPolicy | None = None,
+    providers: Mapping[str, OAuth2Provider] | None = None,
 ) -> Account:
     email_address = canonical_email(body["emailAddress"])
     account = Account(
@@ -118,7 +170,7 @@ def create_account(
         next_sync_at=_now(),
     )
     account.updated_at = account.created_at
-    _apply(account, body, cipher)
+    _apply(account, body, cipher, providers or {})
     check_destinations(account, destinations or DestinationPolicy())
     try:
         with db.tenant_session(principal) as session:
@@ -174,10 +226,11 @@ def update_account(
     account_id: str,
     body: Mapping[str, Any],
     destinations: DestinationPolicy | None = None,
+    providers: Mapping[str, OAuth2Provider] | None = None,
 ) -> Account:
     with db.tenant_session(principal) as session:
         account = _owned(session, account_id)
-        _apply(account, body, cipher)
+        _apply(account, body, cipher, providers or {})
         # Only a changed host or port is checked: an operator's narrower allow-list must not
         # keep users from renaming an account (the connection is refused anyway).
         check_destinations(account, destinations or DestinationPolicy(), changed=body)
@@ -209,7 +262,7 @@ def rotate_credentials(db: Database, cipher: CredentialCipher, batch_size: int =
     changed = 0
     with db.maintenance_session() as session:
         for account in session.scalars(select(Account).execution_options(yield_per=batch_size)):
-            for column in SECRET_FIELDS.values():
+            for column in (*SECRET_FIELDS.values(), *OAUTH2_SECRET_COLUMNS):
                 token = getattr(account, column)
                 if token is not None and cipher.needs_rotation(token):
                     setattr(account, column, cipher.rotate(token))

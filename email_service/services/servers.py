@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import select
 
 from email_service.crypto import CredentialCipher
 from email_service.db import Database
-from email_service.models import Account
+from email_service.models import Account, AuthType
+from email_service.oauth2.tokens import TokenSource
 from email_service.protocols.servers import MailServer, Protocol
 from email_service.tenancy import Principal
 
@@ -21,9 +23,19 @@ class AccountServers:
     smtp: MailServer | None  # None when the account has no SMTP settings
 
 
-def servers_of(account: Account, cipher: CredentialCipher) -> AccountServers:
-    """Decrypts the account's secrets; raises ``CredentialError`` when no configured key can."""
-    password = cipher.decrypt(account.password_encrypted)
+def servers_of(account: Account, cipher: CredentialCipher, db: Database) -> AccountServers:
+    """Decrypts the account's secrets; raises ``CredentialError`` when no configured key can.
+
+    An OAuth2 account has no password: its servers carry a ``TokenSource`` instead, which reads
+    (and refreshes) the token only when a session logs in.
+    """
+    tokens = None
+    password = ""
+    if account.auth_type == AuthType.OAUTH2:
+        principal = Principal(uuid.UUID(str(account.tenant_id)), uuid.UUID(str(account.user_id)))
+        tokens = TokenSource(db, cipher, principal, account.id)
+    elif account.password_encrypted is not None:
+        password = cipher.decrypt(account.password_encrypted)
     smtp = None
     if account.smtp_hostname:
         smtp = MailServer(
@@ -34,12 +46,19 @@ def servers_of(account: Account, cipher: CredentialCipher) -> AccountServers:
             account.smtp_username or account.username,
             # The SMTP login defaults to the account's own.
             cipher.decrypt(account.smtp_password_encrypted) if account.smtp_password_encrypted else password,
+            token_source=tokens,
         )
     return AccountServers(
         account_id=account.id,
         email_address=account.email_address,
         incoming=MailServer(
-            Protocol(account.protocol), account.hostname, account.port, account.encryption, account.username, password
+            Protocol(account.protocol),
+            account.hostname,
+            account.port,
+            account.encryption,
+            account.username,
+            password,
+            token_source=tokens,
         ),
         smtp=smtp,
     )
@@ -55,4 +74,4 @@ def load_servers(
         ).one_or_none()
         if account is None:
             return None
-        return servers_of(account, cipher)
+        return servers_of(account, cipher, db)

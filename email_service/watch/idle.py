@@ -9,6 +9,7 @@ aioimaplib connects by host name and has no STARTTLS; both are supplied here.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 from contextlib import suppress
 
@@ -16,6 +17,8 @@ import aioimaplib
 from aioimaplib.aioimaplib import Command
 
 from email_service.config import Settings
+from email_service.oauth2 import sasl
+from email_service.oauth2.tokens import TokenSource
 from email_service.protocols import destinations
 from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, HostNotFound, MailServerError
 from email_service.protocols.servers import MailServer
@@ -23,6 +26,17 @@ from email_service.protocols.servers import MailServer
 # RFC 2177: servers may drop an IDLE after 30 minutes; renew well before.
 IDLE_RENEW_SECONDS = 25 * 60
 CHANGE_RESPONSES = (b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED")
+
+
+class _Protocol(aioimaplib.IMAP4ClientProtocol):
+    def _continuation(self, line: bytes) -> None:
+        command = self.pending_sync_command
+        if command is not None and command.name == "AUTHENTICATE" and self.transport is not None:
+            # A challenge after the initial response carries a refused token's details (RFC 7628
+            # 3.2.3); the empty response lets the server finish with NO instead of waiting.
+            self.transport.write(b"\r\n")
+            return
+        super()._continuation(line)
 
 
 class _CheckedImap(aioimaplib.IMAP4):
@@ -34,7 +48,7 @@ class _CheckedImap(aioimaplib.IMAP4):
 
     def create_client(self, host, port, loop, conn_lost_cb=None, ssl_context=None) -> None:  # noqa: ANN001
         local_loop = loop if loop is not None else asyncio.get_running_loop()
-        self.protocol = aioimaplib.IMAP4ClientProtocol(local_loop, conn_lost_cb)
+        self.protocol = _Protocol(local_loop, conn_lost_cb)
         server_hostname = self._server_hostname if ssl_context is not None else None
         self._client_task = local_loop.create_task(
             local_loop.create_connection(
@@ -70,9 +84,12 @@ class IdleConnection:
             await client.wait_hello_from_server()
             if server.encryption == "starttls":
                 await connection._starttls(tls, server.host)
-            response = await client.login(server.username, server.password)
-            if response.result != "OK":
-                raise AuthenticationFailed(f"authentication failed for {server.username} at {server.host}")
+            if server.token_source is not None:
+                await connection._oauth2_login(server, server.token_source.with_settings(settings))
+            else:
+                response = await client.login(server.username, server.password)
+                if response.result != "OK":
+                    raise AuthenticationFailed(f"authentication failed for {server.username} at {server.host}")
             await client.protocol.capability()
             # EXAMINE, not SELECT: watching never changes the folder (not even \Recent). aioimaplib
             # moves to the selected state only for its own SELECT, so the state is set here.
@@ -89,6 +106,30 @@ class IdleConnection:
                 raise ConnectionFailed(f"certificate verify failed for {where}: {exc.verify_message}") from None
             raise ConnectionFailed(f"connection to {where} failed ({type(exc).__name__})") from None
         return connection
+
+    async def _oauth2_login(self, server: MailServer, tokens: TokenSource) -> None:
+        """As ``MailSession._oauth2_login``: one refresh and one retry, then the token state says refresh_failed."""
+        loop = asyncio.get_running_loop()
+        token = await loop.run_in_executor(None, tokens.access_token)
+        if await self._authenticate(server, token):
+            return
+        token = await loop.run_in_executor(None, tokens.refused, token)
+        if await self._authenticate(server, token):
+            return
+        raise await loop.run_in_executor(None, tokens.server_refused_refreshed, self.where)
+
+    async def _authenticate(self, server: MailServer, token: str) -> bool:
+        protocol = self.client.protocol
+        offered = {c.split("=", 1)[1] for c in protocol.capabilities if c.startswith("AUTH=")}
+        mechanism = sasl.choose(offered)
+        response = base64.b64encode(sasl.initial_response(mechanism, server.username, token, server.host, server.port))
+        command = Command("AUTHENTICATE", protocol.new_tag(), mechanism, response.decode(), loop=protocol.loop)
+        # scrub keeps the token out of aioimaplib's debug log.
+        result = await asyncio.wait_for(protocol.execute(command, scrub=response.decode()), self.client.timeout)
+        if result.result != "OK":
+            return False
+        protocol.state = aioimaplib.AUTH
+        return True
 
     async def _starttls(self, tls: ssl.SSLContext, host: str) -> None:
         protocol = self.client.protocol

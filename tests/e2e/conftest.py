@@ -19,6 +19,7 @@ import email_service_client as sdk
 import psutil
 import pytest
 from helpers import ServiceProcess, service_env
+from oauth2server import PROVIDER, RETURN_URL
 
 
 class WorkerProcess:
@@ -106,8 +107,12 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(backing, dovecot, s3_server, tmp_path_factory) -> Iterator[Deployment]:
+def deployment(backing, dovecot, s3_server, oauth2_server, oauth2_dovecot, tmp_path_factory) -> Iterator[Deployment]:
     directory = tmp_path_factory.mktemp("deployment")
+    # The test authorization server is its OAuth2 provider; consent-flow accounts use its Dovecot.
+    oauth2 = oauth2_server.provider_env()
+    oauth2[f"EMAIL_SERVICE_OAUTH2_{PROVIDER.upper()}_IMAP"] = f"{oauth2_dovecot.host}:{oauth2_dovecot.imaps_port}/tls"
+    oauth2["EMAIL_SERVICE_OAUTH2_RETURN_URLS"] = RETURN_URL
     # service_env passes the tests' allow-list: 127.0.0.1 only, where Dovecot and aiosmtpd listen.
     env = service_env(
         backing,
@@ -126,6 +131,7 @@ def deployment(backing, dovecot, s3_server, tmp_path_factory) -> Iterator[Deploy
         MINIO_REGION=s3_server.region,
         MINIO_SECURE="false",
         MINIO_BUCKET=f"e2e-{uuid.uuid4().hex[:12]}",
+        **oauth2,
     )
     api = ServiceProcess(env, directory, "--migrate")
     deployment = Deployment(api, env, directory, [])

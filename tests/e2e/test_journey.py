@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
+from urllib.parse import parse_qs, urlsplit
 
 import email_service_client as sdk
 import httpx
@@ -22,6 +23,7 @@ from email_service_client.exceptions import ApiException
 from httpx_sse import connect_sse
 from mailservers import SmtpServer, _Behaviour, quote_mailbox
 from messages import attachments_message, plain_message, to_bytes
+from oauth2server import PROVIDER, RETURN_URL, SERVICE_CALLBACK
 from standardwebhooks import Webhook
 
 INBOX_FILLER = 1200  # enough that the first sync takes several progress reports
@@ -524,6 +526,36 @@ def test_8_mail_appended_on_the_server_arrives_with_no_sync_requested(deployment
     assert delivered_after < 10, deployment.logs()
     attempts = sdk.WebhooksApi(api).list_webhook_deliveries(hook.id)
     assert attempts.deliveries and attempts.deliveries[0].status_code == 200
+
+
+def test_9_a_mailbox_connected_through_oauth2_consent_syncs_with_its_tokens(
+    deployment, journey, oauth2_server, oauth2_dovecot
+):
+    address = f"j{uuid.uuid4().hex[:10]}@example.com"
+    oauth2_dovecot.append(oauth2_dovecot.add_user(address), "INBOX", to_bytes(plain_message("Over OAuth2")))
+    begun = sdk.OAuth2Api(journey.api).authorize_oauth2(
+        PROVIDER, sdk.OAuth2AuthorizeRequest(return_url=RETURN_URL, email_address=address)
+    )
+    # The user's browser: the provider's consent page (the user signs in and agrees), then back.
+    consented = httpx.get(f"{begun.authorization_url}&test_user={address}", timeout=30)
+    assert consented.status_code == 302
+    callback = consented.headers["location"].replace(SERVICE_CALLBACK, deployment.api.url + "/api/oauth2/callback")
+    back = httpx.get(callback, timeout=30)
+    assert back.status_code == 303 and back.headers["location"].startswith(RETURN_URL + "?status=connected")
+    account_id = parse_qs(urlsplit(back.headers["location"]).query)["accountId"][0]
+    # The same redirect twice connects nothing more.
+    assert httpx.get(callback, timeout=30).status_code == 403
+
+    account = _accounts(journey.api).get_account(account_id)
+    assert account.auth_type == "oauth2" and account.oauth2.token_state == "valid"
+    started = sdk.SyncApi(journey.api).sync_account(account_id)
+    status, _ = _wait_task(journey.api, started.task_id)
+    assert status.status == "success", deployment.logs()
+    inbox = _folders(journey.api, account_id)["INBOX"]
+    assert [m.subject for m in _all_messages(journey.api, account_id, inbox.id)] == ["Over OAuth2"]
+    raw = _accounts(journey.api).get_account_with_http_info(account_id).raw_data.decode()
+    issued = [t for t in oauth2_server.tokens if t.user == address]
+    assert issued and not any(t.access_token in raw or (t.refresh_token or "-") in raw for t in issued)
 
 
 class WebhookReceiver:

@@ -25,6 +25,7 @@ __all__ = [
     "EventsApi",
     "FoldersApi",
     "MessagesApi",
+    "OAuth2Api",
     "StorageApi",
     "SyncApi",
     "SystemApi",
@@ -42,6 +43,7 @@ __all__ = [
     "AccountListResponse",
     "AccountResponse",
     "Attachment",
+    "AuthType",
     "BulkDeleteRequest",
     "BulkMoveRequest",
     "ChangedIds",
@@ -60,6 +62,10 @@ __all__ = [
     "MessageDetail",
     "MessageOperationResult",
     "MoveMessageRequest",
+    "OAuth2AuthorizeRequest",
+    "OAuth2AuthorizeResponse",
+    "OAuth2Grant",
+    "OAuth2Status",
     "Pagination",
     "RetrySend202Response",
     "SaveDraft201Response",
@@ -87,6 +93,7 @@ from email_service_client.api.compose_api import ComposeApi as ComposeApi
 from email_service_client.api.events_api import EventsApi as EventsApi
 from email_service_client.api.folders_api import FoldersApi as FoldersApi
 from email_service_client.api.messages_api import MessagesApi as MessagesApi
+from email_service_client.api.o_auth2_api import OAuth2Api as OAuth2Api
 from email_service_client.api.storage_api import StorageApi as StorageApi
 from email_service_client.api.sync_api import SyncApi as SyncApi
 from email_service_client.api.system_api import SystemApi as SystemApi
@@ -108,6 +115,7 @@ from email_service_client.models.account import Account as Account
 from email_service_client.models.account_list_response import AccountListResponse as AccountListResponse
 from email_service_client.models.account_response import AccountResponse as AccountResponse
 from email_service_client.models.attachment import Attachment as Attachment
+from email_service_client.models.auth_type import AuthType as AuthType
 from email_service_client.models.bulk_delete_request import BulkDeleteRequest as BulkDeleteRequest
 from email_service_client.models.bulk_move_request import BulkMoveRequest as BulkMoveRequest
 from email_service_client.models.changed_ids import ChangedIds as ChangedIds
@@ -126,6 +134,10 @@ from email_service_client.models.message import Message as Message
 from email_service_client.models.message_detail import MessageDetail as MessageDetail
 from email_service_client.models.message_operation_result import MessageOperationResult as MessageOperationResult
 from email_service_client.models.move_message_request import MoveMessageRequest as MoveMessageRequest
+from email_service_client.models.o_auth2_authorize_request import OAuth2AuthorizeRequest as OAuth2AuthorizeRequest
+from email_service_client.models.o_auth2_authorize_response import OAuth2AuthorizeResponse as OAuth2AuthorizeResponse
+from email_service_client.models.o_auth2_grant import OAuth2Grant as OAuth2Grant
+from email_service_client.models.o_auth2_status import OAuth2Status as OAuth2Status
 from email_service_client.models.pagination import Pagination as Pagination
 from email_service_client.models.retry_send202_response import RetrySend202Response as RetrySend202Response
 from email_service_client.models.save_draft201_response import SaveDraft201Response as SaveDraft201Response

@@ -59,7 +59,13 @@ class TestAccountResponse(unittest.TestCase):
                 smtp_username = '',
                 last_sync_error = '',
                 last_sync_error_at = 56,
-                next_sync_at = 56
+                next_sync_at = 56,
+                auth_type = 'password',
+                oauth2 = email_service_client.models.o_auth2_status.OAuth2Status(
+                    provider = '', 
+                    token_state = 'valid', 
+                    token_error = '', 
+                    access_token_expires_at = 56, )
             )
         else:
             return AccountResponse(

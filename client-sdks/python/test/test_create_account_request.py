@@ -50,7 +50,13 @@ class TestCreateAccountRequest(unittest.TestCase):
                 smtp_port = 587,
                 smtp_encryption = 'none',
                 smtp_username = 'jUR,rZ#UM/?R,Fp^l6$ARj0',
-                smtp_password = 'jUR,rZ#UM/?R,Fp^l6$ARj01234567'
+                smtp_password = 'jUR,rZ#UM/?R,Fp^l6$ARj01234567',
+                auth_type = 'password',
+                oauth2 = email_service_client.models.o_auth2_grant.OAuth2Grant(
+                    provider = 'google', 
+                    refresh_token = 'k0', 
+                    access_token = 'k0', 
+                    expires_at = 0, )
             )
         else:
             return CreateAccountRequest(
@@ -61,7 +67,6 @@ class TestCreateAccountRequest(unittest.TestCase):
                 port = 993,
                 encryption = 'tls',
                 username = 'user@company.com',
-                password = 'SecurePassword123!',
         )
         """
 

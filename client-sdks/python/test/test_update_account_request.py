@@ -51,7 +51,13 @@ class TestUpdateAccountRequest(unittest.TestCase):
                 smtp_username = 'jUR,rZ#UM/?R,Fp^l6$ARj0',
                 smtp_password = 'jUR,rZ#UM/?R,Fp^l6$ARj01234567',
                 email_address = '',
-                protocol = ''
+                protocol = '',
+                auth_type = 'password',
+                oauth2 = email_service_client.models.o_auth2_grant.OAuth2Grant(
+                    provider = 'google', 
+                    refresh_token = 'k0', 
+                    access_token = 'k0', 
+                    expires_at = 0, )
             )
         else:
             return UpdateAccountRequest(

@@ -1,7 +1,7 @@
 """Moves and deletions made through the API that the mail server has not been told of yet.
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 
 A moved message shows in its new folder at once; until the server has moved it too, its UID
 in the old folder is kept here, so a sync in between neither fetches it again from the old
@@ -13,7 +13,7 @@ so it is not downloaded again).
 from alembic import op
 
 revision = "0011"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

@@ -17,6 +17,7 @@ from email_service_client.models.account import Account
 from email_service_client.models.account_list_response import AccountListResponse
 from email_service_client.models.account_response import AccountResponse
 from email_service_client.models.attachment import Attachment
+from email_service_client.models.auth_type import AuthType
 from email_service_client.models.bulk_delete_request import BulkDeleteRequest
 from email_service_client.models.bulk_move_request import BulkMoveRequest
 from email_service_client.models.changed_ids import ChangedIds
@@ -35,6 +36,10 @@ from email_service_client.models.message import Message
 from email_service_client.models.message_detail import MessageDetail
 from email_service_client.models.message_operation_result import MessageOperationResult
 from email_service_client.models.move_message_request import MoveMessageRequest
+from email_service_client.models.o_auth2_authorize_request import OAuth2AuthorizeRequest
+from email_service_client.models.o_auth2_authorize_response import OAuth2AuthorizeResponse
+from email_service_client.models.o_auth2_grant import OAuth2Grant
+from email_service_client.models.o_auth2_status import OAuth2Status
 from email_service_client.models.pagination import Pagination
 from email_service_client.models.retry_send202_response import RetrySend202Response
 from email_service_client.models.save_draft201_response import SaveDraft201Response

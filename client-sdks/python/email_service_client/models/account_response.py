@@ -20,6 +20,8 @@ import json
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 from typing import Any, ClassVar, Dict, List, Optional
 from uuid import UUID
+from email_service_client.models.auth_type import AuthType
+from email_service_client.models.o_auth2_status import OAuth2Status
 from typing import Optional, Set
 from typing_extensions import Self
 from pydantic_core import to_jsonable_python
@@ -53,7 +55,9 @@ class AccountResponse(BaseModel):
     last_sync_error: Optional[StrictStr] = Field(default=None, description="Why the last sync failed, in words; null after a success", alias="lastSyncError")
     last_sync_error_at: Optional[StrictInt] = Field(default=None, description="When the last sync failed (ms); null after a success", alias="lastSyncErrorAt")
     next_sync_at: Optional[StrictInt] = Field(default=None, description="When the next automatic sync is due (ms). After failures it backs off (temporary ones from 1 minute doubling to 1 hour, permanent ones such as a refused login from 15 minutes doubling to 6 hours); a success, or changing the server settings or password, resets it. Null when automatic sync is off.", alias="nextSyncAt")
-    __properties: ClassVar[List[str]] = ["id", "tenantId", "userId", "accountName", "emailAddress", "protocol", "hostname", "port", "encryption", "username", "pop3DeleteOnServer", "isSyncEnabled", "syncInterval", "lastSyncAt", "isSyncing", "isEnabled", "createdAt", "updatedAt", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "lastSyncError", "lastSyncErrorAt", "nextSyncAt"]
+    auth_type: Optional[AuthType] = Field(default=AuthType.PASSWORD, alias="authType")
+    oauth2: Optional[OAuth2Status] = None
+    __properties: ClassVar[List[str]] = ["id", "tenantId", "userId", "accountName", "emailAddress", "protocol", "hostname", "port", "encryption", "username", "pop3DeleteOnServer", "isSyncEnabled", "syncInterval", "lastSyncAt", "isSyncing", "isEnabled", "createdAt", "updatedAt", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "lastSyncError", "lastSyncErrorAt", "nextSyncAt", "authType", "oauth2"]
 
     @field_validator('protocol')
     def protocol_validate_enum(cls, value):
@@ -118,6 +122,9 @@ class AccountResponse(BaseModel):
             exclude=excluded_fields,
             exclude_none=True,
         )
+        # override the default output from pydantic by calling `to_dict()` of oauth2
+        if self.oauth2:
+            _dict['oauth2'] = self.oauth2.to_dict()
         # set to None if last_sync_at (nullable) is None
         # and model_fields_set contains the field
         if self.last_sync_at is None and "last_sync_at" in self.model_fields_set:
@@ -158,6 +165,11 @@ class AccountResponse(BaseModel):
         if self.next_sync_at is None and "next_sync_at" in self.model_fields_set:
             _dict['nextSyncAt'] = None
 
+        # set to None if oauth2 (nullable) is None
+        # and model_fields_set contains the field
+        if self.oauth2 is None and "oauth2" in self.model_fields_set:
+            _dict['oauth2'] = None
+
         return _dict
 
     @classmethod
@@ -194,7 +206,9 @@ class AccountResponse(BaseModel):
             "smtpUsername": obj.get("smtpUsername"),
             "lastSyncError": obj.get("lastSyncError"),
             "lastSyncErrorAt": obj.get("lastSyncErrorAt"),
-            "nextSyncAt": obj.get("nextSyncAt")
+            "nextSyncAt": obj.get("nextSyncAt"),
+            "authType": obj.get("authType") if obj.get("authType") is not None else AuthType.PASSWORD,
+            "oauth2": OAuth2Status.from_dict(obj["oauth2"]) if obj.get("oauth2") is not None else None
         })
         return _obj
 

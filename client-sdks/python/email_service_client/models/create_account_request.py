@@ -20,6 +20,8 @@ import json
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 from typing import Any, ClassVar, Dict, List, Optional
 from typing_extensions import Annotated
+from email_service_client.models.auth_type import AuthType
+from email_service_client.models.o_auth2_grant import OAuth2Grant
 from typing import Optional, Set
 from typing_extensions import Self
 from pydantic_core import to_jsonable_python
@@ -35,7 +37,7 @@ class CreateAccountRequest(BaseModel):
     port: Annotated[int, Field(le=65535, strict=True, ge=1)] = Field(json_schema_extra={"examples": [993]})
     encryption: StrictStr
     username: Annotated[str, Field(min_length=1, strict=True, max_length=320)] = Field(json_schema_extra={"examples": ["user@company.com"]})
-    password: Annotated[str, Field(min_length=8, strict=True, max_length=1024)] = Field(description="Stored encrypted with an authenticated, reversible cipher (Fernet) under the service's credential keys; never returned or logged.", json_schema_extra={"examples": ["SecurePassword123!"]})
+    password: Optional[Annotated[str, Field(min_length=8, strict=True, max_length=1024)]] = Field(default=None, description="Stored encrypted with an authenticated, reversible cipher (Fernet) under the service's credential keys; never returned or logged. Required when `authType` is `password` (the default); an account with `authType: oauth2` logs in with tokens instead.", json_schema_extra={"examples": ["SecurePassword123!"]})
     pop3_delete_on_server: Optional[StrictBool] = Field(default=False, description="POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.", alias="pop3DeleteOnServer")
     is_sync_enabled: Optional[StrictBool] = Field(default=True, alias="isSyncEnabled")
     sync_interval: Optional[Annotated[int, Field(le=604800, strict=True, ge=60)]] = Field(default=300, description="Minimum sync interval (seconds)", alias="syncInterval")
@@ -44,7 +46,9 @@ class CreateAccountRequest(BaseModel):
     smtp_encryption: Optional[StrictStr] = Field(default=None, description="SMTP encryption. Default starttls.", alias="smtpEncryption")
     smtp_username: Optional[Annotated[str, Field(min_length=1, strict=True, max_length=320)]] = Field(default=None, description="SMTP login; the account's username when omitted", alias="smtpUsername")
     smtp_password: Optional[Annotated[str, Field(min_length=8, strict=True, max_length=1024)]] = Field(default=None, description="SMTP password, encrypted like `password`; the account's password when omitted", alias="smtpPassword")
-    __properties: ClassVar[List[str]] = ["accountName", "emailAddress", "protocol", "hostname", "port", "encryption", "username", "password", "pop3DeleteOnServer", "isSyncEnabled", "syncInterval", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "smtpPassword"]
+    auth_type: Optional[AuthType] = Field(default=AuthType.PASSWORD, alias="authType")
+    oauth2: Optional[OAuth2Grant] = None
+    __properties: ClassVar[List[str]] = ["accountName", "emailAddress", "protocol", "hostname", "port", "encryption", "username", "password", "pop3DeleteOnServer", "isSyncEnabled", "syncInterval", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "smtpPassword", "authType", "oauth2"]
 
     @field_validator('account_name', mode="before")
     def account_name_validate_regular_expression(cls, value):
@@ -84,6 +88,9 @@ class CreateAccountRequest(BaseModel):
     @field_validator('password', mode="before")
     def password_validate_regular_expression(cls, value):
         """Validates the regular expression"""
+        if value is None:
+            return value
+
         if isinstance(value, str) and not re.match(r"^[^\u0000-\u001f\u007f]*$", value):
             raise ValueError(r"must validate the regular expression /^[^\u0000-\u001f\u007f]*$/")
         return value
@@ -167,6 +174,9 @@ class CreateAccountRequest(BaseModel):
             exclude=excluded_fields,
             exclude_none=True,
         )
+        # override the default output from pydantic by calling `to_dict()` of oauth2
+        if self.oauth2:
+            _dict['oauth2'] = self.oauth2.to_dict()
         return _dict
 
     @classmethod
@@ -194,7 +204,9 @@ class CreateAccountRequest(BaseModel):
             "smtpPort": obj.get("smtpPort"),
             "smtpEncryption": obj.get("smtpEncryption"),
             "smtpUsername": obj.get("smtpUsername"),
-            "smtpPassword": obj.get("smtpPassword")
+            "smtpPassword": obj.get("smtpPassword"),
+            "authType": obj.get("authType") if obj.get("authType") is not None else AuthType.PASSWORD,
+            "oauth2": OAuth2Grant.from_dict(obj["oauth2"]) if obj.get("oauth2") is not None else None
         })
         return _obj
 

@@ -20,6 +20,8 @@ import json
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 from typing import Any, ClassVar, Dict, List, Optional
 from typing_extensions import Annotated
+from email_service_client.models.auth_type import AuthType
+from email_service_client.models.o_auth2_grant import OAuth2Grant
 from typing import Optional, Set
 from typing_extensions import Self
 from pydantic_core import to_jsonable_python
@@ -45,7 +47,9 @@ class UpdateAccountRequest(BaseModel):
     smtp_password: Optional[Annotated[str, Field(min_length=8, strict=True, max_length=1024)]] = Field(default=None, description="SMTP password, encrypted like `password`; the account's password when omitted", alias="smtpPassword")
     email_address: Optional[StrictStr] = Field(default=None, description="Read-only: an account's address cannot be changed; sending it answers 400 (IMMUTABLE_FIELD)", alias="emailAddress")
     protocol: Optional[StrictStr] = Field(default=None, description="Read-only: an account's protocol cannot be changed; sending it answers 400 (IMMUTABLE_FIELD)")
-    __properties: ClassVar[List[str]] = ["accountName", "hostname", "port", "encryption", "username", "password", "pop3DeleteOnServer", "isSyncEnabled", "syncInterval", "isEnabled", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "smtpPassword", "emailAddress", "protocol"]
+    auth_type: Optional[AuthType] = Field(default=AuthType.PASSWORD, alias="authType")
+    oauth2: Optional[OAuth2Grant] = None
+    __properties: ClassVar[List[str]] = ["accountName", "hostname", "port", "encryption", "username", "password", "pop3DeleteOnServer", "isSyncEnabled", "syncInterval", "isEnabled", "smtpHostname", "smtpPort", "smtpEncryption", "smtpUsername", "smtpPassword", "emailAddress", "protocol", "authType", "oauth2"]
 
     @field_validator('account_name', mode="before")
     def account_name_validate_regular_expression(cls, value):
@@ -180,6 +184,9 @@ class UpdateAccountRequest(BaseModel):
             exclude=excluded_fields,
             exclude_none=True,
         )
+        # override the default output from pydantic by calling `to_dict()` of oauth2
+        if self.oauth2:
+            _dict['oauth2'] = self.oauth2.to_dict()
         return _dict
 
     @classmethod
@@ -208,7 +215,9 @@ class UpdateAccountRequest(BaseModel):
             "smtpUsername": obj.get("smtpUsername"),
             "smtpPassword": obj.get("smtpPassword"),
             "emailAddress": obj.get("emailAddress"),
-            "protocol": obj.get("protocol")
+            "protocol": obj.get("protocol"),
+            "authType": obj.get("authType") if obj.get("authType") is not None else AuthType.PASSWORD,
+            "oauth2": OAuth2Grant.from_dict(obj["oauth2"]) if obj.get("oauth2") is not None else None
         })
         return _obj
 

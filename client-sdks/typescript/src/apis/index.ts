@@ -7,6 +7,7 @@ export * from './ComposeApi.js';
 export * from './EventsApi.js';
 export * from './FoldersApi.js';
 export * from './MessagesApi.js';
+export * from './OAuth2Api.js';
 export * from './StorageApi.js';
 export * from './SyncApi.js';
 export * from './SystemApi.js';

@@ -13,6 +13,21 @@
  */
 
 import { mapValues } from '../runtime.js';
+import type { OAuth2Status } from './OAuth2Status.js';
+import {
+    OAuth2StatusFromJSON,
+    OAuth2StatusFromJSONTyped,
+    OAuth2StatusToJSON,
+    OAuth2StatusToJSONTyped,
+} from './OAuth2Status.js';
+import type { AuthType } from './AuthType.js';
+import {
+    AuthTypeFromJSON,
+    AuthTypeFromJSONTyped,
+    AuthTypeToJSON,
+    AuthTypeToJSONTyped,
+} from './AuthType.js';
+
 /**
  * 
  * @export
@@ -119,6 +134,14 @@ export interface AccountResponse {
      * When the next automatic sync is due (ms). After failures it backs off (temporary ones from 1 minute doubling to 1 hour, permanent ones such as a refused login from 15 minutes doubling to 6 hours); a success, or changing the server settings or password, resets it. Null when automatic sync is off.
      */
     nextSyncAt?: number | null;
+    /**
+     * 
+     */
+    authType?: AuthType;
+    /**
+     * 
+     */
+    oauth2?: OAuth2Status | null;
 }
 
 
@@ -208,6 +231,8 @@ export function AccountResponseFromJSONTyped(json: any, ignoreDiscriminator: boo
         'lastSyncError': json['lastSyncError'] === undefined ? undefined : json['lastSyncError'] === null ? null : json['lastSyncError'],
         'lastSyncErrorAt': json['lastSyncErrorAt'] === undefined ? undefined : json['lastSyncErrorAt'] === null ? null : json['lastSyncErrorAt'],
         'nextSyncAt': json['nextSyncAt'] === undefined ? undefined : json['nextSyncAt'] === null ? null : json['nextSyncAt'],
+        'authType': json['authType'] == null ? undefined : AuthTypeFromJSON(json['authType']),
+        'oauth2': json['oauth2'] === undefined ? undefined : json['oauth2'] === null ? null : OAuth2StatusFromJSON(json['oauth2']),
     };
 }
 
@@ -247,6 +272,8 @@ export function AccountResponseToJSONTyped(value?: AccountResponse | null, ignor
         'lastSyncError': value['lastSyncError'],
         'lastSyncErrorAt': value['lastSyncErrorAt'],
         'nextSyncAt': value['nextSyncAt'],
+        'authType': AuthTypeToJSON(value['authType']),
+        'oauth2': OAuth2StatusToJSON(value['oauth2']),
     };
 }
 

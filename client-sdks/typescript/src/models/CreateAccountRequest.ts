@@ -13,6 +13,21 @@
  */
 
 import { mapValues } from '../runtime.js';
+import type { OAuth2Grant } from './OAuth2Grant.js';
+import {
+    OAuth2GrantFromJSON,
+    OAuth2GrantFromJSONTyped,
+    OAuth2GrantToJSON,
+    OAuth2GrantToJSONTyped,
+} from './OAuth2Grant.js';
+import type { AuthType } from './AuthType.js';
+import {
+    AuthTypeFromJSON,
+    AuthTypeFromJSONTyped,
+    AuthTypeToJSON,
+    AuthTypeToJSONTyped,
+} from './AuthType.js';
+
 /**
  * 
  * @export
@@ -48,9 +63,9 @@ export interface CreateAccountRequest {
      */
     username: string;
     /**
-     * Stored encrypted with an authenticated, reversible cipher (Fernet) under the service's credential keys; never returned or logged.
+     * Stored encrypted with an authenticated, reversible cipher (Fernet) under the service's credential keys; never returned or logged. Required when `authType` is `password` (the default); an account with `authType: oauth2` logs in with tokens instead.
      */
-    password: string;
+    password?: string;
     /**
      * POP3 only; deleting a message through the API deletes it on the server too (DELE). Off by default, so the server keeps what is deleted here.
      */
@@ -83,6 +98,14 @@ export interface CreateAccountRequest {
      * SMTP password, encrypted like `password`; the account's password when omitted
      */
     smtpPassword?: string;
+    /**
+     * 
+     */
+    authType?: AuthType;
+    /**
+     * 
+     */
+    oauth2?: OAuth2Grant;
 }
 
 
@@ -127,7 +150,6 @@ export function instanceOfCreateAccountRequest(value: object): value is CreateAc
     if (!('port' in value) || value['port'] === undefined) return false;
     if (!('encryption' in value) || value['encryption'] === undefined) return false;
     if (!('username' in value) || value['username'] === undefined) return false;
-    if (!('password' in value) || value['password'] === undefined) return false;
     return true;
 }
 
@@ -148,7 +170,7 @@ export function CreateAccountRequestFromJSONTyped(json: any, ignoreDiscriminator
         'port': json['port'],
         'encryption': json['encryption'],
         'username': json['username'],
-        'password': json['password'],
+        'password': json['password'] == null ? undefined : json['password'],
         'pop3DeleteOnServer': json['pop3DeleteOnServer'] == null ? undefined : json['pop3DeleteOnServer'],
         'isSyncEnabled': json['isSyncEnabled'] == null ? undefined : json['isSyncEnabled'],
         'syncInterval': json['syncInterval'] == null ? undefined : json['syncInterval'],
@@ -157,6 +179,8 @@ export function CreateAccountRequestFromJSONTyped(json: any, ignoreDiscriminator
         'smtpEncryption': json['smtpEncryption'] == null ? undefined : json['smtpEncryption'],
         'smtpUsername': json['smtpUsername'] == null ? undefined : json['smtpUsername'],
         'smtpPassword': json['smtpPassword'] == null ? undefined : json['smtpPassword'],
+        'authType': json['authType'] == null ? undefined : AuthTypeFromJSON(json['authType']),
+        'oauth2': json['oauth2'] == null ? undefined : OAuth2GrantFromJSON(json['oauth2']),
     };
 }
 
@@ -187,6 +211,8 @@ export function CreateAccountRequestToJSONTyped(value?: CreateAccountRequest | n
         'smtpEncryption': value['smtpEncryption'],
         'smtpUsername': value['smtpUsername'],
         'smtpPassword': value['smtpPassword'],
+        'authType': AuthTypeToJSON(value['authType']),
+        'oauth2': OAuth2GrantToJSON(value['oauth2']),
     };
 }
 

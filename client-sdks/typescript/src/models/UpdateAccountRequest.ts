@@ -13,6 +13,21 @@
  */
 
 import { mapValues } from '../runtime.js';
+import type { OAuth2Grant } from './OAuth2Grant.js';
+import {
+    OAuth2GrantFromJSON,
+    OAuth2GrantFromJSONTyped,
+    OAuth2GrantToJSON,
+    OAuth2GrantToJSONTyped,
+} from './OAuth2Grant.js';
+import type { AuthType } from './AuthType.js';
+import {
+    AuthTypeFromJSON,
+    AuthTypeFromJSONTyped,
+    AuthTypeToJSON,
+    AuthTypeToJSONTyped,
+} from './AuthType.js';
+
 /**
  * 
  * @export
@@ -87,6 +102,14 @@ export interface UpdateAccountRequest {
      * Read-only: an account's protocol cannot be changed; sending it answers 400 (IMMUTABLE_FIELD)
      */
     readonly protocol?: string;
+    /**
+     * 
+     */
+    authType?: AuthType;
+    /**
+     * 
+     */
+    oauth2?: OAuth2Grant;
 }
 
 
@@ -145,6 +168,8 @@ export function UpdateAccountRequestFromJSONTyped(json: any, ignoreDiscriminator
         'smtpPassword': json['smtpPassword'] == null ? undefined : json['smtpPassword'],
         'emailAddress': json['emailAddress'] == null ? undefined : json['emailAddress'],
         'protocol': json['protocol'] == null ? undefined : json['protocol'],
+        'authType': json['authType'] == null ? undefined : AuthTypeFromJSON(json['authType']),
+        'oauth2': json['oauth2'] == null ? undefined : OAuth2GrantFromJSON(json['oauth2']),
     };
 }
 
@@ -174,6 +199,8 @@ export function UpdateAccountRequestToJSONTyped(value?: Omit<UpdateAccountReques
         'smtpEncryption': value['smtpEncryption'],
         'smtpUsername': value['smtpUsername'],
         'smtpPassword': value['smtpPassword'],
+        'authType': AuthTypeToJSON(value['authType']),
+        'oauth2': OAuth2GrantToJSON(value['oauth2']),
     };
 }
 

@@ -1,0 +1,203 @@
+"""An OAuth2 account's access token: handed out while fresh, refreshed once at a time across workers.
+
+Whoever opens a session to an OAuth2 account's server asks its ``TokenSource`` for a token. A
+token that expires within ``REFRESH_MARGIN`` is refreshed first. Refreshes of one account are
+serialised by a PostgreSQL advisory lock, so any number of workers, watchers and API processes
+make one request to the provider; the others wait, then find the new token in the row. A rotated
+refresh token is committed before the lock is released: a crash after the provider rotated it
+cannot leave the account holding the old, now spent, one.
+
+When the provider refuses to refresh (``invalid_grant``: revoked, expired, password changed) or
+the mail server refuses a token just refreshed, the account's token state becomes
+``refresh_failed`` and ``TokenRefreshFailed`` (a permanent ``AuthenticationFailed``) is raised:
+sync backs off as after any refused login, and nothing asks the provider again until the user
+gives new tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import requests
+from authlib.integrations.base_client import OAuthError
+from sqlalchemy import select, text, update
+
+from email_service.config import Settings
+from email_service.crypto import CredentialCipher
+from email_service.db import Database
+from email_service.models import Account, TokenState
+from email_service.oauth2.providers import OAuth2Provider
+from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, reply_line
+from email_service.tenancy import Principal
+
+log = logging.getLogger(__name__)
+REFRESH_MARGIN = timedelta(seconds=60)
+DEFAULT_LIFETIME = 3600.0
+
+
+class TokenRefreshFailed(AuthenticationFailed):
+    """The account's OAuth2 login is gone until the user gives new tokens."""
+
+
+@dataclass(frozen=True)
+class _Stored:
+    state: str | None
+    error: str | None
+    provider: str
+    refresh_token: str
+    access_token: str | None
+    expires_at: datetime | None
+
+    def fresh(self, now: datetime) -> bool:
+        return self.access_token is not None and self.expires_at is not None and self.expires_at - REFRESH_MARGIN > now
+
+
+class TokenSource:
+    """The access token of one account; ``repr`` shows no secret."""
+
+    def __init__(
+        self,
+        db: Database,
+        cipher: CredentialCipher,
+        principal: Principal,
+        account_id: str,
+        providers: Mapping[str, OAuth2Provider] | None = None,
+        timeout: float = 20.0,
+    ) -> None:
+        self.db, self.cipher, self.principal, self.account_id = db, cipher, principal, account_id
+        self.providers: Mapping[str, OAuth2Provider] = providers or {}
+        self.timeout = timeout
+
+    def with_settings(self, settings: Settings) -> TokenSource:
+        """The same account's tokens, refreshed with the providers and timeout of ``settings``."""
+        return TokenSource(
+            self.db,
+            self.cipher,
+            self.principal,
+            self.account_id,
+            settings.oauth2_providers,
+            settings.oauth2_timeout_seconds,
+        )
+
+    def __repr__(self) -> str:
+        return f"TokenSource(account={self.account_id})"
+
+    def access_token(self) -> str:
+        """A token valid for at least ``REFRESH_MARGIN``."""
+        stored = self._load()
+        if stored.state == TokenState.REFRESH_FAILED:
+            raise TokenRefreshFailed(self._failed_message(stored.error))
+        if stored.fresh(datetime.now(UTC)):
+            assert stored.access_token is not None
+            return stored.access_token
+        return self._refresh(refused=None)
+
+    def refused(self, token: str) -> str:
+        """The server refused ``token``: a new one, refreshed unless another process refreshed it already."""
+        return self._refresh(refused=token)
+
+    def server_refused_refreshed(self, where: str) -> TokenRefreshFailed:
+        """The server refused even a freshly refreshed token: mark the account, and the error to raise."""
+        reason = f"{where} refused the refreshed OAuth2 token"
+        self._mark_failed(reason)
+        return TokenRefreshFailed(self._failed_message(reason))
+
+    # ---- internals
+
+    def _failed_message(self, reason: str | None) -> str:
+        return f"OAuth2 login failed: {reason or 'the token could not be refreshed'}; sign in again to give new tokens"
+
+    def _load(self) -> _Stored:
+        with self.db.tenant_session(self.principal) as session:
+            account = session.scalars(select(Account).where(Account.id == self.account_id)).one_or_none()
+            if account is None or account.oauth2_refresh_token_encrypted is None or account.oauth2_provider is None:
+                raise TokenRefreshFailed("the account has no OAuth2 tokens")
+            return _Stored(
+                state=account.oauth2_token_state,
+                error=account.oauth2_token_error,
+                provider=account.oauth2_provider,
+                refresh_token=self.cipher.decrypt(account.oauth2_refresh_token_encrypted),
+                access_token=(
+                    self.cipher.decrypt(account.oauth2_access_token_encrypted)
+                    if account.oauth2_access_token_encrypted
+                    else None
+                ),
+                expires_at=account.oauth2_expires_at,
+            )
+
+    def _refresh(self, refused: str | None) -> str:
+        # The lock lives in a transaction of its own, held across the provider's answer and the
+        # committed write of the new tokens, and released when that transaction ends.
+        with self.db.tenant_session(self.principal) as lock:
+            lock.execute(
+                text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                {"key": f"oauth2-refresh:{self.account_id}"},
+            )
+            stored = self._load()
+            if stored.state == TokenState.REFRESH_FAILED:
+                raise TokenRefreshFailed(self._failed_message(stored.error))
+            if stored.fresh(datetime.now(UTC)) and stored.access_token != refused:
+                assert stored.access_token is not None
+                return stored.access_token  # refreshed by someone else while this one waited
+            provider = self.providers.get(stored.provider)
+            if provider is None:
+                reason = f"the OAuth2 provider {stored.provider!r} is not configured"
+                self._mark_failed(reason)
+                raise TokenRefreshFailed(self._failed_message(reason))
+            token = self._request(provider, stored.refresh_token)
+            access = token.get("access_token")
+            if not isinstance(access, str) or not access:
+                raise ConnectionFailed(f"the {provider.name} token endpoint answered without an access token")
+            try:
+                lifetime = float(token.get("expires_in", DEFAULT_LIFETIME))
+            except (TypeError, ValueError):
+                lifetime = DEFAULT_LIFETIME  # RFC 6749 makes expires_in optional
+            expires_at = datetime.now(UTC) + timedelta(seconds=lifetime)
+            rotated = token.get("refresh_token")
+            self._store(access, expires_at, rotated if isinstance(rotated, str) and rotated else None)
+            log.info("refreshed the OAuth2 token of account %s (%s)", self.account_id, provider.name)
+            return access
+
+    def _request(self, provider: OAuth2Provider, refresh_token: str) -> dict:
+        client = provider.session(self.timeout)
+        try:
+            return dict(client.refresh_token(provider.token_url, refresh_token=refresh_token))
+        except OAuthError as exc:
+            # The provider answered with an OAuth error (RFC 6749 5.2): only new tokens help.
+            reason = f"{provider.name} refused to refresh the token ({reply_line(exc.error or 'error', 60)})"
+            self._mark_failed(reason)
+            raise TokenRefreshFailed(self._failed_message(reason)) from None
+        except (requests.RequestException, ValueError):
+            # Unreachable, a 5xx or an answer that is not JSON: temporary, tried again later.
+            raise ConnectionFailed(f"the {provider.name} token endpoint could not be reached") from None
+        finally:
+            client.close()
+
+    def _store(self, access: str, expires_at: datetime, refresh_token: str | None) -> None:
+        values: dict = {
+            "oauth2_access_token_encrypted": self.cipher.encrypt(access),
+            "oauth2_expires_at": expires_at,
+            "oauth2_token_state": TokenState.VALID.value,
+            "oauth2_token_error": None,
+        }
+        if refresh_token is not None:
+            values["oauth2_refresh_token_encrypted"] = self.cipher.encrypt(refresh_token)
+        with self.db.tenant_session(self.principal) as session:
+            session.execute(update(Account).where(Account.id == self.account_id).values(**values))
+
+    def _mark_failed(self, reason: str) -> None:
+        log.warning("OAuth2 token of account %s: %s", self.account_id, reason)
+        with self.db.tenant_session(self.principal) as session:
+            session.execute(
+                update(Account)
+                .where(Account.id == self.account_id)
+                .values(
+                    oauth2_token_state=TokenState.REFRESH_FAILED.value,
+                    oauth2_token_error=reason,
+                    oauth2_access_token_encrypted=None,
+                    oauth2_expires_at=None,
+                )
+            )

@@ -1,0 +1,449 @@
+"""OAuth2 accounts against a real authorization server, a Dovecot that checks its tokens, and aiosmtpd.
+
+The authorization server (tests/oauth2server.py, authlib) issues, refreshes, rotates and revokes
+tokens; Dovecot's oauth2 passdb and the SMTP server ask its introspection endpoint about every
+token they are given. Nothing in between is simulated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from dataclasses import replace
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httpx
+import pytest
+from cryptography.fernet import Fernet
+from helpers import assert_error_shape
+from oauth2server import PROVIDER, RETURN_URL, SERVICE_CALLBACK
+from sqlalchemy import text
+from syncing import create_account, eventually, imap_account, inbox_subjects, run_sync, wait_task, watcher
+
+from email_service.api.app import create_app
+from email_service.crypto import CredentialCipher
+from email_service.oauth2.providers import load_providers
+from email_service.oauth2.tokens import TokenRefreshFailed, TokenSource
+from email_service.protocols.tls import client_context
+from email_service.runtime import Runtime
+from email_service.services.accounts import rotate_credentials
+from email_service.services.servers import load_servers
+from email_service.tenancy import Principal
+from email_service.watch.idle import IdleConnection
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+@pytest.fixture(scope="module")
+def service(backing, oauth2_server, oauth2_dovecot):
+    """The API with the test authorization server as provider ``testidp`` (as the worker has it).
+
+    Accounts made by its consent flow use the OAuth2 Dovecot's IMAP.
+    """
+    env = oauth2_server.provider_env()
+    env[f"EMAIL_SERVICE_OAUTH2_{PROVIDER.upper()}_IMAP"] = f"{oauth2_dovecot.host}:{oauth2_dovecot.imaps_port}/tls"
+    settings = replace(
+        backing,
+        rate_limits_enabled=False,
+        oauth2_providers=load_providers(env),
+        oauth2_return_urls=(RETURN_URL,),
+    )
+    runtime = Runtime.build(settings)
+    with create_app(runtime).test_client() as test_client:
+        yield test_client, runtime
+    runtime.close()
+
+
+@pytest.fixture
+def api(service):
+    return service[0]
+
+
+@pytest.fixture
+def rt(service):
+    return service[1]
+
+
+@pytest.fixture
+def mailbox(oauth2_dovecot):
+    return oauth2_dovecot.add_user()
+
+
+def oauth2_body(dovecot, mail_user, grant: dict, smtp=None, **overrides) -> dict:
+    """The tests' IMAP account on ``dovecot``, logging in with ``grant`` instead of a password."""
+    body = imap_account(
+        dovecot, mail_user, accountName="Work (OAuth2)", authType="oauth2", oauth2={"provider": PROVIDER, **grant}
+    )
+    del body["password"]
+    if smtp is not None:
+        body.update(smtpHostname=dovecot.host, smtpPort=smtp.port, smtpEncryption="starttls")
+    body.update(overrides)
+    return body
+
+
+def with_access_token(dovecot, mail_user, grant) -> dict:
+    """An account given the access token too, valid for an hour by its stated expiry."""
+    current = {
+        "refreshToken": grant.refresh_token,
+        "accessToken": grant.access_token,
+        "expiresAt": int(time.time() * 1000) + 3_600_000,
+    }
+    return oauth2_body(dovecot, mail_user, current)
+
+
+def stored(rt, account_id: str):
+    with rt.db.maintenance_session() as session:
+        return session.execute(
+            text("SELECT a.*, a::text AS whole FROM accounts a WHERE id = :id"), {"id": account_id}
+        ).one()
+
+
+def expire_access_token(rt, account_id: str) -> None:
+    with rt.db.maintenance_session() as session:
+        session.execute(
+            text("UPDATE accounts SET oauth2_expires_at = now() - interval '1 minute' WHERE id = :id"),
+            {"id": account_id},
+        )
+
+
+def account(api, user, account_id: str) -> dict:
+    response = api.get(f"/api/accounts/{account_id}", headers=user.headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_an_account_made_with_a_refresh_token_syncs_and_sends_with_tokens_it_fetched(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox, smtp_server
+):
+    smtp = smtp_server("starttls", introspect=oauth2_server.introspect)
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    oauth2_dovecot.append(mailbox, "INBOX", b"Subject: Hello over OAuth2\r\n\r\nBody\r\n")
+    created = api.post(
+        "/api/accounts",
+        json=oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}, smtp),
+        headers=user.headers,
+    )
+    assert created.status_code == 201, created.text
+    shown = created.json()
+    assert shown["authType"] == "oauth2"
+    assert shown["oauth2"] == {
+        "provider": PROVIDER,
+        "tokenState": "valid",
+        "tokenError": None,
+        "accessTokenExpiresAt": None,
+    }
+    assert grant.refresh_token not in created.text
+    account_id = shown["id"]
+
+    status, _ = run_sync(api, user, account_id)
+    assert status["status"] == "success", status
+    listed = api.get(f"/api/{account_id}/folders", headers=user.headers).json()
+    inbox = next(f for f in listed["folders"] if f["name"] == "INBOX")
+    page = api.get(f"/api/{account_id}/folders/{inbox['id']}/messages", headers=user.headers).json()
+    assert [m["subject"] for m in page["messages"]] == ["Hello over OAuth2"]
+
+    # The first use refreshed the token; the provider rotated the refresh token and the new one is kept.
+    row = stored(rt, account_id)
+    refresh_now = rt.cipher.decrypt(row.oauth2_refresh_token_encrypted)
+    access_now = rt.cipher.decrypt(row.oauth2_access_token_encrypted)
+    assert refresh_now != grant.refresh_token and oauth2_server.find(refresh=grant.refresh_token).refresh_revoked
+    assert oauth2_server.find(refresh=refresh_now).access_token == access_now
+    for secret in (refresh_now, access_now, grant.refresh_token):
+        assert secret not in row.whole and secret.encode() not in bytes(row.oauth2_refresh_token_encrypted)
+        assert secret not in api.get(f"/api/accounts/{account_id}", headers=user.headers).text
+    assert account(api, user, account_id)["oauth2"]["accessTokenExpiresAt"] > time.time() * 1000
+
+    sent = api.post(
+        "/api/compose/send",
+        json={"accountId": account_id, "to": ["bob@example.org"], "subject": "Sent with a token", "body": "Hi"},
+        headers=user.headers,
+    )
+    assert sent.status_code == 202, sent.text
+    assert wait_task(api, user, sent.json()["taskId"])["status"] == "success"
+    [received] = smtp.wait_for(1)
+    assert received.auth_login == mailbox.name and b"Sent with a token" in received.data
+
+
+def test_an_expired_access_token_is_refreshed_before_use_and_each_rotation_is_kept(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox
+):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    body = with_access_token(oauth2_dovecot, mailbox, grant)
+    account_id = create_account(api, user, body)
+    before = oauth2_server.refreshes
+    assert run_sync(api, user, account_id)[0]["status"] == "success"
+    assert oauth2_server.refreshes == before  # the given access token was still good: no refresh
+
+    seen_refresh_tokens = {grant.refresh_token}
+    for _ in range(2):
+        expire_access_token(rt, account_id)
+        assert run_sync(api, user, account_id)[0]["status"] == "success"
+        refresh_now = rt.cipher.decrypt(stored(rt, account_id).oauth2_refresh_token_encrypted)
+        assert refresh_now not in seen_refresh_tokens  # rotated, and the rotated one worked next time
+        seen_refresh_tokens.add(refresh_now)
+    assert oauth2_server.refreshes == before + 2
+
+
+def test_a_token_the_server_refuses_is_refreshed_once_and_the_login_retried(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox
+):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    body = with_access_token(oauth2_dovecot, mailbox, grant)
+    account_id = create_account(api, user, body)
+    grant.access_revoked = True  # the provider dropped the access token early (e.g. a policy change)
+    before = oauth2_server.refreshes
+    assert run_sync(api, user, account_id)[0]["status"] == "success"
+    assert oauth2_server.refreshes == before + 1
+    assert account(api, user, account_id)["oauth2"]["tokenState"] == "valid"
+
+
+def test_revoked_consent_shows_refresh_failed_and_backs_off_without_asking_again(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox
+):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(
+        api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}, isSyncEnabled=True)
+    )
+    assert run_sync(api, user, account_id)[0]["status"] == "success"
+    oauth2_server.revoke_user(mailbox.name)
+    expire_access_token(rt, account_id)
+
+    before = oauth2_server.refreshes
+    status, _ = run_sync(api, user, account_id)
+    assert status["status"] == "failure" and "refused to refresh the token (invalid_grant)" in status["error"]
+    # The task ends before its failure hook has written the account's record: wait for that.
+    shown = eventually(lambda: (found := account(api, user, account_id))["lastSyncError"] and found, 10)
+    assert shown["oauth2"]["tokenState"] == "refresh_failed"
+    assert "invalid_grant" in shown["oauth2"]["tokenError"] and shown["lastSyncError"] == status["error"]
+    # Backed off like any refused login: 15 minutes at first.
+    assert shown["nextSyncAt"] >= time.time() * 1000 + 14 * 60 * 1000
+    assert oauth2_server.refreshes == before + 1
+
+    # Asked again (a manual sync): fails at once, the provider is not asked again.
+    status, _ = run_sync(api, user, account_id)
+    assert status["status"] == "failure" and "sign in again" in status["error"]
+    assert oauth2_server.refreshes == before + 1
+
+    # New tokens from the user end it.
+    fresh = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    patched = api.put(
+        f"/api/accounts/{account_id}",
+        json={"oauth2": {"provider": PROVIDER, "refreshToken": fresh.refresh_token}},
+        headers=user.headers,
+    )
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["oauth2"]["tokenState"] == "valid" and patched.json()["oauth2"]["tokenError"] is None
+    assert run_sync(api, user, account_id)[0]["status"] == "success"
+
+
+def test_sessions_needing_a_token_at_once_cause_one_refresh(api, rt, user, oauth2_server, oauth2_dovecot, mailbox):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}))
+    providers = load_providers(oauth2_server.provider_env())
+    before = oauth2_server.refreshes
+    tokens: list[str] = []
+    errors: list[BaseException] = []
+
+    def take() -> None:
+        try:
+            tokens.append(TokenSource(rt.db, rt.cipher, user.principal, account_id, providers).access_token())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors and len(tokens) == 8 and len(set(tokens)) == 1
+    assert oauth2_server.refreshes == before + 1
+    assert oauth2_server.introspect(tokens[0])["active"] is True
+
+
+def test_another_tenant_or_user_can_neither_see_nor_use_the_tokens(
+    api, rt, user, make_user, verifier, oauth2_server, oauth2_dovecot, mailbox
+):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}))
+    for stranger in (make_user(), user.colleague(verifier)):
+        assert_error_shape(api.get(f"/api/accounts/{account_id}", headers=stranger.headers), 404)
+        assert_error_shape(api.post(f"/api/sync/{account_id}", json={}, headers=stranger.headers), 404)
+        replaced = {"oauth2": {"provider": PROVIDER, "refreshToken": "theirs"}}
+        assert_error_shape(api.put(f"/api/accounts/{account_id}", json=replaced, headers=stranger.headers), 404)
+        assert account_id not in api.get("/api/accounts", headers=stranger.headers).text
+        # Even handed the id, their token source finds no row under row-level security.
+        source = TokenSource(
+            rt.db, rt.cipher, stranger.principal, account_id, load_providers(oauth2_server.provider_env())
+        )
+        with pytest.raises(Exception, match="no OAuth2 tokens"):
+            source.access_token()
+    foreign = Principal(uuid.uuid4(), uuid.uuid4())
+    with pytest.raises(Exception, match="no OAuth2 tokens"):
+        TokenSource(rt.db, rt.cipher, foreign, account_id).access_token()
+    assert rt.cipher.decrypt(stored(rt, account_id).oauth2_refresh_token_encrypted) == grant.refresh_token
+
+
+def test_bad_oauth2_requests_are_refused_cleanly(api, user, oauth2_dovecot, mailbox):
+    def create(**overrides):
+        return api.post(
+            "/api/accounts",
+            json=oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": "r"}, **overrides),
+            headers=user.headers,
+        )
+
+    assert_error_shape(create(oauth2={"provider": "nobody", "refreshToken": "r"}), 400, "OAUTH2_PROVIDER_UNKNOWN")
+    assert_error_shape(create(oauth2={"provider": PROVIDER, "refreshToken": "r", "accessToken": "a"}), 400)
+    assert_error_shape(create(oauth2={"provider": PROVIDER}), 400)
+    assert_error_shape(create(protocol="pop3"), 400)
+    assert_error_shape(create(password="a-password-too"), 400)
+    no_password = oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": "r"})
+    del no_password["authType"], no_password["oauth2"]
+    assert_error_shape(api.post("/api/accounts", json=no_password, headers=user.headers), 400)
+    password_with_tokens = dict(no_password, password="long-enough", oauth2={"provider": PROVIDER, "refreshToken": "r"})
+    assert_error_shape(api.post("/api/accounts", json=password_with_tokens, headers=user.headers), 400)
+
+
+def test_the_idle_watcher_logs_in_with_the_token_and_brings_new_mail_in(
+    api, user, backing, oauth2_server, oauth2_dovecot, mailbox, tmp_path
+):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    oauth2_dovecot.append(mailbox, "INBOX", b"Subject: Before watching\r\n\r\nBody\r\n")
+    account_id = create_account(
+        api,
+        user,
+        oauth2_body(
+            oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}, isSyncEnabled=True, syncInterval=604800
+        ),
+    )
+    log = tmp_path / "watch.log"
+    with watcher(backing, oauth2_dovecot, log, **oauth2_server.provider_env()):
+        assert eventually(lambda: "Before watching" in inbox_subjects(api, user, account_id), 30), log.read_text()
+        time.sleep(0.5)  # back in IDLE
+        oauth2_dovecot.append(mailbox, "INBOX", b"Subject: While watching\r\n\r\nBody\r\n")
+        assert eventually(lambda: "While watching" in inbox_subjects(api, user, account_id), 10), log.read_text()
+    assert grant.refresh_token not in log.read_text()
+
+
+def test_an_idle_login_with_a_revoked_token_ends_in_refresh_failed_without_hanging(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox
+):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, with_access_token(oauth2_dovecot, mailbox, grant))
+    oauth2_server.revoke_user(mailbox.name)
+    servers = load_servers(rt.db, rt.cipher, user.principal, account_id)
+    settings = replace(
+        rt.settings,
+        ca_file=oauth2_dovecot.ca_file,
+        imap_timeout_seconds=30,
+        oauth2_providers=load_providers(oauth2_server.provider_env()),
+    )
+    started = time.monotonic()
+    with pytest.raises(TokenRefreshFailed):
+        asyncio.run(IdleConnection.open(servers.incoming, settings, client_context(oauth2_dovecot.ca_file)))
+    # Refused at once (the server's challenge after a refused token is answered), not at the timeout.
+    assert time.monotonic() - started < 15
+    assert account(api, user, account_id)["oauth2"]["tokenState"] == "refresh_failed"
+
+
+def test_rotate_keys_re_encrypts_the_tokens(api, rt, user, oauth2_server, oauth2_dovecot, mailbox):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, with_access_token(oauth2_dovecot, mailbox, grant))
+    new_key = Fernet.generate_key().decode()
+    try:
+        assert rotate_credentials(rt.db, CredentialCipher((new_key, *rt.settings.credential_keys))) >= 2
+        only_new = CredentialCipher((new_key,))
+        row = stored(rt, account_id)
+        assert only_new.decrypt(row.oauth2_refresh_token_encrypted) == grant.refresh_token
+        assert only_new.decrypt(row.oauth2_access_token_encrypted) == grant.access_token
+    finally:
+        # Every credential of the shared database back under the suite's key, for the tests that follow.
+        rotate_credentials(rt.db, CredentialCipher((*rt.settings.credential_keys, new_key)))
+
+
+# ---------------------------------------------------------------------------- consent flow
+
+
+def begin(api, user, **fields):
+    body = {"returnUrl": RETURN_URL + "?tab=accounts", "emailAddress": f"c{uuid.uuid4().hex[:10]}@example.com"}
+    body.update(fields)
+    return api.post(f"/api/oauth2/{PROVIDER}/authorize", json=body, headers=user.headers), body
+
+
+def consent(authorization_url: str, who: str) -> str:
+    """The user's browser at the provider: signs in as ``who``, consents; answers the callback path."""
+    answer = httpx.get(f"{authorization_url}&{urlencode({'test_user': who})}", follow_redirects=False, timeout=10)
+    assert answer.status_code == 302, answer.text
+    location = answer.headers["location"]
+    assert location.startswith(SERVICE_CALLBACK + "?")
+    return location.removeprefix("http://127.0.0.1:5000")
+
+
+def test_the_consent_flow_creates_an_account_that_syncs_and_its_state_works_once(
+    api, rt, user, make_user, oauth2_server
+):
+    started, body = begin(api, user, accountName="Consented")
+    assert started.status_code == 200, started.text
+    url = started.json()["authorizationUrl"]
+    query = parse_qs(urlsplit(url).query)
+    assert query["code_challenge_method"] == ["S256"] and query["code_challenge"][0]
+    assert query["redirect_uri"] == [SERVICE_CALLBACK] and query["client_id"] == [oauth2_server.service.client_id]
+    assert started.json()["expiresAt"] > time.time() * 1000
+
+    callback = consent(url, body["emailAddress"])
+    finished = api.get(callback, follow_redirects=False)
+    assert finished.status_code == 303, finished.text
+    target = urlsplit(finished.headers["location"])
+    assert f"{target.scheme}://{target.netloc}{target.path}" == RETURN_URL
+    outcome = parse_qs(target.query)
+    assert outcome["tab"] == ["accounts"] and outcome["status"] == ["connected"]
+    [account_id] = outcome["accountId"]
+
+    shown = account(api, user, account_id)
+    assert shown["accountName"] == "Consented" and shown["username"] == body["emailAddress"]
+    assert shown["authType"] == "oauth2" and shown["oauth2"]["tokenState"] == "valid"
+    assert run_sync(api, user, account_id)[0]["status"] == "success"
+
+    # The same redirect again (a replay, or a reload): nothing more is made.
+    replayed = api.get(callback, follow_redirects=False)
+    assert_error_shape(replayed, 403, "OAUTH2_STATE_INVALID")
+    assert api.get("/api/accounts", headers=user.headers).json()["pagination"]["total"] == 1
+    # Another user never sees what the flow made.
+    assert make_user().headers and account_id not in api.get("/api/accounts", headers=make_user().headers).text
+
+
+def test_unknown_expired_and_declined_flows_create_nothing(api, rt, user, oauth2_server):
+    assert_error_shape(
+        api.get("/api/oauth2/callback?state=made-up&code=x", follow_redirects=False), 403, "OAUTH2_STATE_INVALID"
+    )
+    assert_error_shape(api.get("/api/oauth2/callback", follow_redirects=False), 403, "OAUTH2_STATE_INVALID")
+
+    started, body = begin(api, user)
+    callback = consent(started.json()["authorizationUrl"], body["emailAddress"])
+    with rt.db.maintenance_session() as session:
+        session.execute(text("UPDATE oauth2_states SET expires_at = now() - interval '1 second'"))
+    assert_error_shape(api.get(callback, follow_redirects=False), 403, "OAUTH2_STATE_INVALID")
+
+    started, body = begin(api, user)
+    state = parse_qs(urlsplit(started.json()["authorizationUrl"]).query)["state"][0]
+    declined = api.get(f"/api/oauth2/callback?state={state}&error=access_denied", follow_redirects=False)
+    assert declined.status_code == 303
+    assert parse_qs(urlsplit(declined.headers["location"]).query)["status"] == ["failed"]
+    assert api.get("/api/accounts", headers=user.headers).json()["pagination"]["total"] == 0
+
+
+def test_a_flow_must_return_to_an_allowed_url_and_use_a_configured_provider(api, user):
+    for bad in (
+        "https://evil.example.net/settings/mail",
+        "https://app.example.com/other",
+        "https://app.example.com@evil.example.net/settings/mail",
+    ):
+        assert_error_shape(begin(api, user, returnUrl=bad)[0], 400, "RETURN_URL_NOT_ALLOWED")
+    unknown = api.post(
+        "/api/oauth2/nobody/authorize",
+        json={"returnUrl": RETURN_URL, "emailAddress": "a@example.com"},
+        headers=user.headers,
+    )
+    assert_error_shape(unknown, 400, "OAUTH2_PROVIDER_UNKNOWN")
+    assert_error_shape(begin(api, user, accountId="not-mine")[0], 404)
