@@ -426,8 +426,8 @@ def _parse(raw: bytes) -> ParsedMessage:
         defects.append("missing From header")
     elif not senders:
         defects.append("From header has no valid address")
-    if not senders and (sender_entry := _first(parsed, "sender", defects)):
-        senders = addresses(sender_entry[1])
+    # No fallback to Sender: the author is who From names, and mail without one shows as unknown
+    # (the API's unknown@unknown.invalid) rather than as whoever relayed it.
     from_name, from_address = senders[0] if senders else (None, None)
 
     date_entry = _first(parsed, "date", defects)
