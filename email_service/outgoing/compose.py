@@ -18,7 +18,7 @@ from email_service.addresses import InvalidAddress, normalize
 from email_service.changes import entries as changes
 from email_service.changes.log import record
 from email_service.errors import BadRequestError, ConflictError, NotFoundError, ServiceError
-from email_service.mail.htmltext import html_to_text, sanitize_html
+from email_service.mail.htmltext import html_to_text
 from email_service.models import Account, Attachment, DeliveryStatus, Folder, Message, TaskKind
 from email_service.outgoing.build import check_composition, new_message_id
 from email_service.queue import tasks
@@ -134,10 +134,9 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
         )
     except ValueError as exc:
         raise BadRequestError(str(exc), code="INVALID_MESSAGE") from None
-    # What the API shows is sanitised like received mail; what goes out is what the user wrote.
-    text, html = (
-        (html_to_text(body["body"]), sanitize_html(body["body"])) if body.get("isHtml") else (body["body"], None)
-    )
+    # Stored as written: what goes out (and into Drafts) is what the user wrote. The API sanitises
+    # this HTML when it shows it (handlers/messages.py), as received mail is sanitised when stored.
+    text, html = (html_to_text(body["body"]), body["body"]) if body.get("isHtml") else (body["body"], None)
     with runtime.db.tenant_session(principal) as session:
         if not draft and not account.smtp_hostname:
             raise ConflictError("the account has no SMTP server configured", code="SMTP_NOT_CONFIGURED")
