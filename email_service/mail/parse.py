@@ -385,6 +385,11 @@ def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()
 
 
+def conversation_of_new_thread(message_id: str) -> str:
+    """The conversation key a message that starts a thread gets: the same as parsing it gives."""
+    return _sha1("id:" + message_id)
+
+
 def _preview(text: str) -> str:
     """The first PREVIEW_LENGTH characters of the text with whitespace runs collapsed.
 

@@ -19,6 +19,7 @@ from email_service.changes import entries as changes
 from email_service.changes.log import record
 from email_service.errors import BadRequestError, ConflictError, NotFoundError, ServiceError
 from email_service.mail.htmltext import html_to_text
+from email_service.mail.parse import conversation_of_new_thread
 from email_service.models import Account, Attachment, DeliveryStatus, Folder, Message, TaskKind
 from email_service.outgoing.build import check_composition, new_message_id
 from email_service.queue import tasks
@@ -146,12 +147,16 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
         if total > limit:
             raise PayloadTooLargeError(f"the message would be {total} bytes, above the limit of {limit}")
         headers: dict[str, str] = {}
+        message_id_header = new_message_id(account.email_address.rpartition("@")[2])
+        conversation_id = conversation_of_new_thread(message_id_header)
         if body.get("inReplyTo"):
             original = session.scalar(
                 select(Message).where(Message.id == body["inReplyTo"], Message.account_id == account.id)
             )
             if original is None:
                 raise NotFoundError(f"Message with ID '{body['inReplyTo']}' does not exist", code="MESSAGE_NOT_FOUND")
+            # A reply joins the conversation of what it answers, whatever that conversation's root.
+            conversation_id = original.conversation_id or original.id
             if original.message_id_header:
                 headers["In-Reply-To"] = original.message_id_header
                 references = original.headers.get("References", "").split()
@@ -162,14 +167,14 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
             session, principal, account, "drafts" if draft else "sent", "Drafts" if draft else "Sent"
         )
         now = datetime.now(UTC)
-        domain = account.email_address.rpartition("@")[2]
         message = Message(
             id=new_id(),
             tenant_id=principal.tenant_id,
             user_id=principal.user_id,
             account_id=account.id,
             folder_id=folder.id,
-            message_id_header=new_message_id(domain),
+            message_id_header=message_id_header,
+            conversation_id=conversation_id,
             subject=subject,
             from_address=account.email_address,
             from_name=account.account_name,
