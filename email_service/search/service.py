@@ -1,9 +1,10 @@
 """Searching an account's messages: full text ranked by ts_rank, filters, keyset pages.
 
-The words are matched against ``messages.search_vector`` (see migration 0012) through its GIN
-index; the filters on sender, recipients and subject are prefix queries restricted to the
-vector's weight for that field, so they use the same index. Everything runs in the caller's
-tenant session: row-level security keeps other tenants' mail out whatever the query says.
+The words are matched against each message's tsvector through ``email_search()`` (see
+migration 0012), which uses the GIN index and returns only the caller's own matches; the
+filters on sender, recipients and subject are prefix queries restricted to the vector's weight
+for that field, so they use the same index. The matches are joined to ``messages`` in the
+caller's tenant session, under its row-level security like every other read.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from sqlalchemy import REAL, ColumnElement, Float, and_, any_, cast, func, literal_column, select, tuple_
-from sqlalchemy.dialects.postgresql import REGCONFIG, TSQUERY, TSVECTOR
+from sqlalchemy.dialects.postgresql import REGCONFIG, TSQUERY
 from sqlalchemy.orm import Session
 
 from email_service import cursors
@@ -22,7 +23,6 @@ from email_service.models import Folder, Message
 from email_service.services.mail import _require_account
 from email_service.tenancy import Principal
 
-SEARCH_VECTOR = literal_column("messages.search_vector", TSVECTOR)
 _SIMPLE = literal_column("'simple'::regconfig", REGCONFIG)
 _LANGUAGE = func.email_search_language(type_=REGCONFIG)
 # Weights the migration gives each field.
@@ -70,20 +70,31 @@ def _words_query(text: str) -> ColumnElement:
     )
 
 
-def _field_matches(value: str, weight: str) -> ColumnElement[bool]:
+def _field_query(value: str, weight: str) -> ColumnElement:
     """Every word of ``value`` begins a word of the field stored with ``weight``."""
-    return SEARCH_VECTOR.op("@@")(func.email_search_prefixes(value, weight, type_=TSQUERY))
+    return func.email_search_prefixes(value, weight, type_=TSQUERY)
 
 
-def _conditions(account_id: str, query: SearchQuery) -> list[ColumnElement[bool]]:
-    conditions: list[ColumnElement[bool]] = [Message.account_id == account_id]
+def _text_query(query: SearchQuery) -> ColumnElement | None:
+    """The tsquery every match must satisfy: the words and the field filters; None for neither."""
+    parts = [_words_query(query.text or "")] if has_words(query.text) else []
     for value, weight in (
         (query.sender, SENDER_WEIGHT),
         (query.recipient, RECIPIENT_WEIGHT),
         (query.subject, SUBJECT_WEIGHT),
     ):
         if has_words(value):
-            conditions.append(_field_matches(value or "", weight))
+            parts.append(_field_query(value or "", weight))
+    if not parts:
+        return None
+    combined = parts[0]
+    for part in parts[1:]:
+        combined = combined.op("&&")(part)
+    return combined
+
+
+def _conditions(account_id: str, query: SearchQuery) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = [Message.account_id == account_id]
     if query.after is not None:
         conditions.append(Message.received_at >= query.after)
     if query.before is not None:
@@ -116,14 +127,16 @@ def search(
     fingerprint = cursors.query_fingerprint("search", account_id, asdict(query))
     conditions = _conditions(account_id, query)
     newest_first = (Message.received_at.desc(), Message.id.desc())
-    if ranked:
-        words = _words_query(query.text or "")
-        conditions.append(SEARCH_VECTOR.op("@@")(words))
-        rank: ColumnElement = func.ts_rank(SEARCH_VECTOR, words, type_=Float)
-        order = (rank.desc(), *newest_first)
-    else:
-        rank = literal_column("NULL::float4", Float)
-        order = newest_first
+    statement = select(Message)
+    rank: ColumnElement = literal_column("NULL::real", Float)
+    order = newest_first
+    text_query = _text_query(query)
+    if text_query is not None:
+        matches = func.email_search(account_id, text_query).table_valued("message_id", "rank").alias("matches")
+        statement = statement.join(matches, matches.c.message_id == Message.id)
+        if ranked:
+            rank = matches.c.rank
+            order = (rank.desc(), *newest_first)
     if cursor is not None:
         if ranked:
             after_rank, when, last_id = cursors.decode(cursor, fingerprint, ((int, float), int, str))
@@ -138,7 +151,7 @@ def search(
     with db.tenant_session(principal) as session:
         _require(session, account_id, query.folder_id)
         rows = session.execute(
-            select(Message, rank.label("rank")).where(and_(*conditions)).order_by(*order).limit(limit + 1)
+            statement.add_columns(rank.label("rank")).where(and_(*conditions)).order_by(*order).limit(limit + 1)
         ).all()
     hits = [Hit(message=row.Message, rank=row.rank) for row in rows[:limit]]
     next_cursor = None

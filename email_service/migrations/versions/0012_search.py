@@ -1,15 +1,23 @@
-"""Full-text search over messages: a stored tsvector kept by PostgreSQL itself, and its GIN index.
+"""Full-text search over messages: a tsvector per message kept by triggers, and its GIN index.
 
 Revision ID: 0012
 Revises: 0009
 
-The vector is a generated column, so no write path (sync, compose, moves, flag changes) can
-forget it. Weights say where a word was: A the subject, B the sender, C the recipients, D the
-body and attachment names; the ``from``/``to``/``subject`` filters are weight-restricted queries
+The vectors live in ``message_search``, beside ``messages`` rather than in it: PostgreSQL never
+uses an index for a condition whose operator is not leakproof (``@@`` is not) on a table under
+row-level security, so a GIN index on ``messages`` would only ever be scanned whole. The side
+table has no policy and the application role has no privilege on it; it is written by a trigger
+on ``messages`` and read only through ``email_search(account, query)``, a SECURITY DEFINER
+function that returns the matches of the caller's own tenant and user (the same settings the
+policies read), joined back to ``messages`` under its policy.
+
+Weights say where a word was: A the subject, B the sender, C the recipients, D the body and
+attachment names; the ``from``/``to``/``subject`` filters are weight-restricted prefix queries
 on the same index. The short texts are indexed both as written ('simple': names, addresses,
-words of any language) and with the configured language's stemming (``EMAIL_SERVICE_SEARCH_LANGUAGE`` when
-this migration runs, 'english' by default), which ``email_search_language()`` names for queries.
-Attachment names live in another table; statement triggers copy them onto their message.
+words of any language) and with the configured language's stemming
+(``EMAIL_SERVICE_SEARCH_LANGUAGE`` when this migration runs, 'english' by default), which
+``email_search_language()`` names for queries. Attachment names live in another table;
+statement triggers copy them onto their message.
 """
 
 import os
@@ -28,9 +36,13 @@ depends_on = None
 # fail the row's INSERT. 50,000 characters
 # (some 8,000 words) is more than any person searches through.
 BODY_INDEXED_CHARS = 50_000
+# A search returns at most the newest this many matches (see email_search below).
+MAX_MATCHES = 1000
 
 
-def _vector() -> str:
+def _vector(row: str) -> str:
+    """The message's vector, from the columns of ``row`` (a record of type messages)."""
+
     def both(expression: str, weight: str) -> str:
         return (
             f"setweight(to_tsvector('simple'::regconfig, {expression}), '{weight}') || "
@@ -38,14 +50,14 @@ def _vector() -> str:
         )
 
     # An address is indexed whole and split at '@', so "alice" and "example.com" find it too.
-    sender = "coalesce(from_name, '') || ' ' || email_search_addresses(ARRAY[from_address])"
-    recipients = "email_search_addresses(to_addresses || cc_addresses || bcc_addresses)"
+    sender = f"coalesce({row}.from_name, '') || ' ' || email_search_addresses(ARRAY[{row}.from_address])"
+    recipients = f"email_search_addresses({row}.to_addresses || {row}.cc_addresses || {row}.bcc_addresses)"
     # File names are split at dots, dashes and underscores too, so "report" finds report_q3.pdf.
-    names = "attachment_names || ' ' || translate(attachment_names, '._-', '   ')"
+    names = f"{row}.attachment_names || ' ' || translate({row}.attachment_names, '._-', '   ')"
     # The body, the bulk of the text, only with the language's stemming: tokenising it twice
     # doubled the cost of storing mail, and a word of another language is indexed as written.
-    body = f"setweight(to_tsvector(email_search_language(), left(body_text, {BODY_INDEXED_CHARS})), 'D')"
-    return " || ".join([both("subject", "A"), both(sender, "B"), both(recipients, "C"), both(names, "D"), body])
+    body = f"setweight(to_tsvector(email_search_language(), left({row}.body_text, {BODY_INDEXED_CHARS})), 'D')"
+    return " || ".join([both(f"{row}.subject", "A"), both(sender, "B"), both(recipients, "C"), both(names, "D"), body])
 
 
 def upgrade(app_role: str) -> None:
@@ -60,7 +72,7 @@ def upgrade(app_role: str) -> None:
         CREATE FUNCTION email_search_language() RETURNS regconfig
         LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT '{language}'::regconfig $$
     """)
-    # array_to_string is only STABLE in general; on text[] it is immutable, as a generated column needs.
+    # array_to_string is only STABLE in general; on text[] it is immutable, as email_search_vector is.
     op.execute("""
         CREATE FUNCTION email_search_addresses(text[]) RETURNS text
         LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -78,6 +90,8 @@ def upgrade(app_role: str) -> None:
             FROM unnest(to_tsvector('simple'::regconfig, words))
         $$
     """)
+    # Existing mail is indexed below, across tenants: through the owner's maintenance policy.
+    op.execute("SELECT set_config('app.maintenance', 'on', true)")
     op.execute("ALTER TABLE messages ADD COLUMN attachment_names text NOT NULL DEFAULT ''")
     op.execute("""
         UPDATE messages m SET attachment_names = a.names
@@ -87,8 +101,69 @@ def upgrade(app_role: str) -> None:
         ) a
         WHERE a.message_id = m.id
     """)
-    op.execute(f"ALTER TABLE messages ADD COLUMN search_vector tsvector GENERATED ALWAYS AS ({_vector()}) STORED")
-    op.execute("CREATE INDEX messages_search ON messages USING gin (search_vector)")
+    schema = op.get_bind().scalar(text("SELECT current_schema()"))
+    op.execute(f"""
+        CREATE FUNCTION email_search_vector(m messages) RETURNS tsvector
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT {_vector("m")} $$
+    """)
+    op.execute("""
+        CREATE TABLE message_search (
+            message_id text PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
+            tenant_id uuid NOT NULL,
+            user_id uuid NOT NULL,
+            account_id text NOT NULL,
+            received_at timestamptz NOT NULL,
+            vector tsvector NOT NULL
+        )
+    """)
+    op.execute("REVOKE ALL ON message_search FROM PUBLIC")
+    op.execute("CREATE INDEX message_search_vector ON message_search USING gin (vector)")
+    # Definer functions pin their search path, so no caller's objects can stand in for ours.
+    op.execute(f"""
+        CREATE FUNCTION email_search_index() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = "{schema}", pg_catalog AS $$
+        BEGIN
+            INSERT INTO message_search (message_id, tenant_id, user_id, account_id, received_at, vector)
+            VALUES (NEW.id, NEW.tenant_id, NEW.user_id, NEW.account_id, NEW.received_at, email_search_vector(NEW))
+            ON CONFLICT (message_id) DO UPDATE
+                SET vector = EXCLUDED.vector, account_id = EXCLUDED.account_id, received_at = EXCLUDED.received_at;
+            RETURN NULL;
+        END
+        $$
+    """)
+    op.execute("""
+        CREATE TRIGGER messages_search_insert AFTER INSERT ON messages
+        FOR EACH ROW EXECUTE FUNCTION email_search_index()
+    """)
+    op.execute("""
+        CREATE TRIGGER messages_search_update AFTER UPDATE OF
+            subject, from_name, from_address, to_addresses, cc_addresses, bcc_addresses, body_text, attachment_names,
+            received_at
+        ON messages FOR EACH ROW EXECUTE FUNCTION email_search_index()
+    """)
+    # The caller's matches only: the tenant and user come from the settings the policies read.
+    # Only the newest MAX_MATCHES are ranked and returned: ranking reads every match's vector,
+    # and a common word matches most of a mailbox.
+    op.execute(f"""
+        CREATE FUNCTION email_search(account text, query tsquery)
+        RETURNS TABLE (message_id text, rank real)
+        LANGUAGE sql STABLE SECURITY DEFINER SET search_path = "{schema}", pg_catalog AS $$
+            SELECT newest.message_id, ts_rank(newest.vector, query) FROM (
+                SELECT s.message_id, s.vector FROM message_search s
+                WHERE s.vector @@ query AND s.account_id = account
+                  AND s.tenant_id = nullif(current_setting('app.tenant_id', true), '')::uuid
+                  AND s.user_id = nullif(current_setting('app.user_id', true), '')::uuid
+                ORDER BY s.received_at DESC, s.message_id DESC
+                LIMIT {MAX_MATCHES}
+            ) newest
+        $$
+    """)
+    op.execute("REVOKE ALL ON FUNCTION email_search(text, tsquery) FROM PUBLIC")
+    op.execute(f'GRANT EXECUTE ON FUNCTION email_search(text, tsquery) TO "{app_role}"')
+    op.execute("""
+        INSERT INTO message_search (message_id, tenant_id, user_id, account_id, received_at, vector)
+        SELECT m.id, m.tenant_id, m.user_id, m.account_id, m.received_at, email_search_vector(m) FROM messages m
+    """)
     # Search without words, and a conversation across folders, read an account newest first.
     op.execute("CREATE INDEX messages_by_account_received ON messages (account_id, received_at, id)")
     op.execute("CREATE INDEX messages_by_conversation ON messages (account_id, conversation_id, received_at, id)")
@@ -130,8 +205,12 @@ def downgrade(app_role: str) -> None:
     op.execute("CREATE INDEX messages_conversation ON messages (account_id, conversation_id)")
     op.execute("DROP INDEX messages_by_conversation")
     op.execute("DROP INDEX messages_by_account_received")
-    op.execute("DROP INDEX messages_search")
-    op.execute("ALTER TABLE messages DROP COLUMN search_vector")
+    op.execute("DROP FUNCTION email_search(text, tsquery)")
+    op.execute("DROP TRIGGER messages_search_update ON messages")
+    op.execute("DROP TRIGGER messages_search_insert ON messages")
+    op.execute("DROP FUNCTION email_search_index()")
+    op.execute("DROP TABLE message_search")
+    op.execute("DROP FUNCTION email_search_vector(messages)")
     op.execute("ALTER TABLE messages DROP COLUMN attachment_names")
     op.execute("DROP FUNCTION email_search_prefixes(text, text)")
     op.execute("DROP FUNCTION email_search_addresses(text[])")
