@@ -56,11 +56,15 @@ type APIClient struct {
 
 	ComposeAPI *ComposeAPIService
 
+	ConversationsAPI *ConversationsAPIService
+
 	EventsAPI *EventsAPIService
 
 	FoldersAPI *FoldersAPIService
 
 	MessagesAPI *MessagesAPIService
+
+	SearchAPI *SearchAPIService
 
 	StorageAPI *StorageAPIService
 
@@ -91,9 +95,11 @@ func NewAPIClient(cfg *Configuration) *APIClient {
 	c.AttachmentsAPI = (*AttachmentsAPIService)(&c.common)
 	c.ChangesAPI = (*ChangesAPIService)(&c.common)
 	c.ComposeAPI = (*ComposeAPIService)(&c.common)
+	c.ConversationsAPI = (*ConversationsAPIService)(&c.common)
 	c.EventsAPI = (*EventsAPIService)(&c.common)
 	c.FoldersAPI = (*FoldersAPIService)(&c.common)
 	c.MessagesAPI = (*MessagesAPIService)(&c.common)
+	c.SearchAPI = (*SearchAPIService)(&c.common)
 	c.StorageAPI = (*StorageAPIService)(&c.common)
 	c.SyncAPI = (*SyncAPIService)(&c.common)
 	c.SystemAPI = (*SystemAPIService)(&c.common)

@@ -19,6 +19,9 @@ from email_service_client.models.account_response import AccountResponse
 from email_service_client.models.attachment import Attachment
 from email_service_client.models.changed_ids import ChangedIds
 from email_service_client.models.changes_response import ChangesResponse
+from email_service_client.models.conversation import Conversation
+from email_service_client.models.conversation_list import ConversationList
+from email_service_client.models.conversation_summary import ConversationSummary
 from email_service_client.models.create_account_request import CreateAccountRequest
 from email_service_client.models.create_webhook_request import CreateWebhookRequest
 from email_service_client.models.created_webhook import CreatedWebhook
@@ -30,9 +33,11 @@ from email_service_client.models.list_folders200_response import ListFolders200R
 from email_service_client.models.list_messages200_response import ListMessages200Response
 from email_service_client.models.message import Message
 from email_service_client.models.message_detail import MessageDetail
+from email_service_client.models.message_summary import MessageSummary
 from email_service_client.models.pagination import Pagination
 from email_service_client.models.retry_send202_response import RetrySend202Response
 from email_service_client.models.save_draft201_response import SaveDraft201Response
+from email_service_client.models.search_response import SearchResponse
 from email_service_client.models.send_email202_response import SendEmail202Response
 from email_service_client.models.send_email_request import SendEmailRequest
 from email_service_client.models.stream_events200_response import StreamEvents200Response
