@@ -117,6 +117,17 @@ def test_a_cursor_from_another_query_or_made_up_is_refused(mailbox):
         assert_error_shape(response, 400, "INVALID_CURSOR")
 
 
+def test_odd_input_gives_results_or_a_clean_4xx(mailbox):
+    client, owner, account_id = mailbox
+    assert subjects(mailbox, q="lunch\x00") == ["Lunch on Friday"]
+    assert subjects(mailbox, label="Fin\x00ance") == []
+    assert subjects(mailbox, q='"unbalanced -- or or !!') is not None
+    response = client.get(f"/api/{account_id}/search", params={"folderId": "a\x00b"}, headers=owner.headers)
+    assert_error_shape(response, 404, "FOLDER_NOT_FOUND")
+    response = client.get(f"/api/{account_id}/search", params={"after": "yesterday"}, headers=owner.headers)
+    assert_error_shape(response, 400)
+
+
 def test_another_tenant_finds_nothing_of_it(mailbox, make_user):
     client, _owner, account_id = mailbox
     stranger = make_user()

@@ -9,7 +9,7 @@ caller's tenant session, under its row-level security like every other read.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import REAL, ColumnElement, Float, and_, any_, cast, func, literal_column, select, tuple_
@@ -25,6 +25,7 @@ from email_service.tenancy import Principal
 
 _SIMPLE = literal_column("'simple'::regconfig", REGCONFIG)
 _LANGUAGE = func.email_search_language(type_=REGCONFIG)
+_WORD_FIELDS = ("text", "sender", "recipient", "subject")
 # Weights the migration gives each field.
 SUBJECT_WEIGHT, SENDER_WEIGHT, RECIPIENT_WEIGHT = "A", "B", "C"
 
@@ -123,8 +124,17 @@ def _require(session: Session, account_id: str, folder_id: str | None) -> None:
 def search(
     db: Database, principal: Principal, account_id: str, query: SearchQuery, *, limit: int, cursor: str | None
 ) -> SearchPage:
-    ranked = has_words(query.text)
     fingerprint = cursors.query_fingerprint("search", account_id, asdict(query))
+    # PostgreSQL text cannot hold NUL: in words it means nothing; no label or folder id has one.
+    query = replace(
+        query,
+        **{name: value.replace("\x00", "") for name in _WORD_FIELDS if (value := getattr(query, name)) is not None},
+    )
+    if "\x00" in (query.folder_id or ""):
+        raise NotFoundError(f"Folder with ID '{query.folder_id}' does not exist", code="FOLDER_NOT_FOUND")
+    if "\x00" in (query.label or ""):
+        return SearchPage(hits=[], next_cursor=None)
+    ranked = has_words(query.text)
     conditions = _conditions(account_id, query)
     newest_first = (Message.received_at.desc(), Message.id.desc())
     statement = select(Message)
