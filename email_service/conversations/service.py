@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select, tuple_
-from sqlalchemy.dialects.postgresql import distinct_on
+from sqlalchemy import and_, exists, func, or_, select, tuple_
+from sqlalchemy.orm import aliased
 
 from email_service import cursors
 from email_service.db import Database
@@ -50,39 +50,49 @@ class ConversationMessages:
 def list_conversations(
     db: Database, principal: Principal, account_id: str, folder_id: str, *, limit: int, cursor: str | None
 ) -> ConversationPage:
-    """The folder's conversations, the one with the newest message first."""
+    """The folder's conversations, the one with the newest message first.
+
+    A conversation stands in the folder's order where its newest message there does: the folder
+    is walked newest first (its received_at index) keeping the messages no newer message of the
+    same conversation follows, so a page reads about as many rows as it shows instead of grouping
+    the whole folder. The cursor is the last shown conversation's newest message.
+    """
     fingerprint = cursors.query_fingerprint("conversations", account_id, folder_id)
-    latest = func.max(Message.received_at)
-    grouped = (
-        select(
-            CONVERSATION.label("conversation"),
-            latest.label("latest"),
-            func.count().label("total"),
-            func.count().filter(Message.is_read.is_(False)).label("unread"),
-        )
-        .where(Message.folder_id == folder_id)
-        .group_by(CONVERSATION)
+    newer = aliased(Message)
+    newest_of_its_conversation = ~exists().where(
+        newer.account_id == Message.account_id,
+        newer.conversation_id == Message.conversation_id,
+        newer.folder_id == Message.folder_id,
+        tuple_(newer.received_at, newer.id) > tuple_(Message.received_at, Message.id),
     )
+    heads = select(Message).where(Message.folder_id == folder_id, newest_of_its_conversation)
     if cursor is not None:
         when, last_id = cursors.decode(cursor, fingerprint, (int, str))
-        grouped = grouped.having(tuple_(latest, CONVERSATION) < tuple_(cursors.from_micros(when), last_id))
-    grouped = grouped.order_by(latest.desc(), CONVERSATION.desc()).limit(limit + 1)
+        heads = heads.where(tuple_(Message.received_at, Message.id) < tuple_(cursors.from_micros(when), last_id))
+    heads = heads.order_by(Message.received_at.desc(), Message.id.desc()).limit(limit + 1)
     with db.tenant_session(principal) as session:
         _require_account(session, account_id)
         folder = session.scalar(select(Folder.id).where(Folder.id == folder_id, Folder.account_id == account_id))
         if folder is None:
             raise NotFoundError(f"Folder with ID '{folder_id}' does not exist", code="FOLDER_NOT_FOUND")
-        groups = session.execute(grouped).all()[: limit + 1]
-        page = groups[:limit]
-        ids = [g.conversation for g in page]
-        in_page = and_(Message.folder_id == folder_id, CONVERSATION.in_(ids))
-        newest = {
-            m.conversation_id or m.id: m
-            for m in session.scalars(
-                select(Message)
+        found = list(session.scalars(heads))
+        page = found[:limit]
+        ids = [m.conversation_id or m.id for m in page]
+        in_page = and_(
+            Message.account_id == account_id,
+            Message.folder_id == folder_id,
+            or_(Message.conversation_id.in_(ids), and_(Message.conversation_id.is_(None), Message.id.in_(ids))),
+        )
+        counts = {
+            row.conversation: (row.total, row.unread)
+            for row in session.execute(
+                select(
+                    CONVERSATION.label("conversation"),
+                    func.count().label("total"),
+                    func.count().filter(Message.is_read.is_(False)).label("unread"),
+                )
                 .where(in_page)
-                .ext(distinct_on(CONVERSATION))
-                .order_by(CONVERSATION, Message.received_at.desc(), Message.id.desc())
+                .group_by(CONVERSATION)
             )
         }
         senders: dict[str, list[str]] = {conversation: [] for conversation in ids}
@@ -95,19 +105,19 @@ def list_conversations(
             senders[row.conversation].append(row.from_address)
     summaries = [
         ConversationSummary(
-            id=g.conversation,
-            latest=newest[g.conversation],
-            latest_received_at=g.latest,
-            message_count=g.total,
-            unread_count=g.unread,
-            participants=senders[g.conversation],
+            id=head.conversation_id or head.id,
+            latest=head,
+            latest_received_at=head.received_at,
+            message_count=counts[head.conversation_id or head.id][0],
+            unread_count=counts[head.conversation_id or head.id][1],
+            participants=senders[head.conversation_id or head.id],
         )
-        for g in page
+        for head in page
     ]
     next_cursor = None
-    if len(groups) > limit:
-        last = summaries[-1]
-        next_cursor = cursors.encode(fingerprint, [cursors.micros(last.latest_received_at), last.id])
+    if len(found) > limit:
+        last = page[-1]
+        next_cursor = cursors.encode(fingerprint, [cursors.micros(last.received_at), last.id])
     return ConversationPage(conversations=summaries, next_cursor=next_cursor)
 
 
