@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from email_service.errors import BadRequestError
+from email_service.errors import ConflictError
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A key is a few numbers and an id; anything longer was not made here.
@@ -38,7 +38,7 @@ def from_micros(value: int) -> datetime:
     try:
         return _EPOCH + timedelta(microseconds=value)
     except OverflowError:
-        raise BadRequestError("cursor is not one this service gave out", code="INVALID_CURSOR") from None
+        raise ConflictError("cursor is not one this service gave out", code="INVALID_CURSOR") from None
 
 
 def encode(fingerprint: str, key: Sequence[Any]) -> str:
@@ -47,7 +47,11 @@ def encode(fingerprint: str, key: Sequence[Any]) -> str:
 
 
 def decode(cursor: str, fingerprint: str, shape: Sequence[type | tuple[type, ...]]) -> list[Any]:
-    """The key in ``cursor``, whose items must have the types of ``shape``; 400 otherwise."""
+    """The key in ``cursor``, whose items must have the types of ``shape``; 409 otherwise.
+
+    The spec lets any base64url text through as a cursor, so one that was not made here is a
+    conflict with the service's state (as the changes feed answers), not a malformed request.
+    """
     try:
         if len(cursor) > _MAX_CURSOR_CHARS:
             raise ValueError
@@ -61,7 +65,7 @@ def decode(cursor: str, fingerprint: str, shape: Sequence[type | tuple[type, ...
                 raise ValueError
         matches = document["q"] == fingerprint
     except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError, RecursionError):
-        raise BadRequestError("cursor is not one this service gave out", code="INVALID_CURSOR") from None
+        raise ConflictError("cursor is not one this service gave out", code="INVALID_CURSOR") from None
     if not matches:
-        raise BadRequestError("cursor was given out for other query parameters", code="INVALID_CURSOR")
+        raise ConflictError("cursor was given out for other query parameters", code="INVALID_CURSOR")
     return key

