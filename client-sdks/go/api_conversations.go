@@ -36,7 +36,7 @@ func (r ApiGetConversationRequest) Limit(limit int32) ApiGetConversationRequest 
 	return r
 }
 
-// The &#x60;nextCursor&#x60; of the previous page; opaque
+// The &#x60;nextCursor&#x60; of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code &#x60;INVALID_CURSOR&#x60;.
 func (r ApiGetConversationRequest) Cursor(cursor string) ApiGetConversationRequest {
 	r.cursor = &cursor
 	return r
@@ -189,6 +189,17 @@ func (a *ConversationsAPIService) GetConversationExecute(r ApiGetConversationReq
 			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
+		if localVarHTTPResponse.StatusCode == 409 {
+			var v ErrorResponse
+			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
+			if err != nil {
+				newErr.error = err.Error()
+				return localVarReturnValue, localVarHTTPResponse, newErr
+			}
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
+			return localVarReturnValue, localVarHTTPResponse, newErr
+		}
 		if localVarHTTPResponse.StatusCode == 429 {
 			var v ErrorResponse
 			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
@@ -250,7 +261,7 @@ func (r ApiListConversationsRequest) Limit(limit int32) ApiListConversationsRequ
 	return r
 }
 
-// The &#x60;nextCursor&#x60; of the previous page; opaque
+// The &#x60;nextCursor&#x60; of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code &#x60;INVALID_CURSOR&#x60;.
 func (r ApiListConversationsRequest) Cursor(cursor string) ApiListConversationsRequest {
 	r.cursor = &cursor
 	return r
@@ -393,6 +404,17 @@ func (a *ConversationsAPIService) ListConversationsExecute(r ApiListConversation
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 404 {
+			var v ErrorResponse
+			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
+			if err != nil {
+				newErr.error = err.Error()
+				return localVarReturnValue, localVarHTTPResponse, newErr
+			}
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
+			return localVarReturnValue, localVarHTTPResponse, newErr
+		}
+		if localVarHTTPResponse.StatusCode == 409 {
 			var v ErrorResponse
 			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
 			if err != nil {

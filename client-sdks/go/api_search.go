@@ -109,7 +109,7 @@ func (r ApiSearchMessagesRequest) Limit(limit int32) ApiSearchMessagesRequest {
 	return r
 }
 
-// The &#x60;nextCursor&#x60; of the previous page; opaque
+// The &#x60;nextCursor&#x60; of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code &#x60;INVALID_CURSOR&#x60;.
 func (r ApiSearchMessagesRequest) Cursor(cursor string) ApiSearchMessagesRequest {
 	r.cursor = &cursor
 	return r
@@ -131,7 +131,7 @@ most) and then newest first; without it they are newest first. `from`, `to` and 
 narrow to messages whose sender, recipients (To, Cc, Bcc) or subject contain each given
 word, or a word beginning with it. The other filters combine with AND. Pages follow
 `nextCursor`: ask again with `cursor` set to it and the same query; it is null on the
-last page. A cursor given out for other query parameters answers 400 with code
+last page. A cursor given out for other query parameters answers 409 with code
 `INVALID_CURSOR`. When `q`, `from`, `to` or `subject` is given, the newest 1,000
 messages that match them are the ones ranked, filtered and returned: narrow the words
 or add a date range to reach older mail.
@@ -290,6 +290,17 @@ func (a *SearchAPIService) SearchMessagesExecute(r ApiSearchMessagesRequest) (*S
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 404 {
+			var v ErrorResponse
+			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
+			if err != nil {
+				newErr.error = err.Error()
+				return localVarReturnValue, localVarHTTPResponse, newErr
+			}
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
+			return localVarReturnValue, localVarHTTPResponse, newErr
+		}
+		if localVarHTTPResponse.StatusCode == 409 {
 			var v ErrorResponse
 			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
 			if err != nil {

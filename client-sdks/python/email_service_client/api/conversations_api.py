@@ -15,7 +15,7 @@ from pydantic import validate_call, Field, StrictFloat, StrictStr, StrictInt
 from typing import Any, Dict, List, Optional, Tuple, Union
 from typing_extensions import Annotated
 
-from pydantic import Field, StrictStr
+from pydantic import Field, StrictStr, field_validator
 from typing import Optional
 from typing_extensions import Annotated
 from email_service_client.models.conversation import Conversation
@@ -45,7 +45,7 @@ class ConversationsApi:
         account_id: Annotated[StrictStr, Field(description="Email account ID (never one of the API's fixed path segments)")],
         conversation_id: Annotated[str, Field(strict=True, max_length=100)],
         limit: Optional[Annotated[int, Field(le=500, strict=True, ge=1)]] = None,
-        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -69,7 +69,7 @@ class ConversationsApi:
         :type conversation_id: str
         :param limit:
         :type limit: int
-        :param cursor: The `nextCursor` of the previous page; opaque
+        :param cursor: The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.
         :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -109,6 +109,7 @@ class ConversationsApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
@@ -130,7 +131,7 @@ class ConversationsApi:
         account_id: Annotated[StrictStr, Field(description="Email account ID (never one of the API's fixed path segments)")],
         conversation_id: Annotated[str, Field(strict=True, max_length=100)],
         limit: Optional[Annotated[int, Field(le=500, strict=True, ge=1)]] = None,
-        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -154,7 +155,7 @@ class ConversationsApi:
         :type conversation_id: str
         :param limit:
         :type limit: int
-        :param cursor: The `nextCursor` of the previous page; opaque
+        :param cursor: The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.
         :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -194,6 +195,7 @@ class ConversationsApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
@@ -215,7 +217,7 @@ class ConversationsApi:
         account_id: Annotated[StrictStr, Field(description="Email account ID (never one of the API's fixed path segments)")],
         conversation_id: Annotated[str, Field(strict=True, max_length=100)],
         limit: Optional[Annotated[int, Field(le=500, strict=True, ge=1)]] = None,
-        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -239,7 +241,7 @@ class ConversationsApi:
         :type conversation_id: str
         :param limit:
         :type limit: int
-        :param cursor: The `nextCursor` of the previous page; opaque
+        :param cursor: The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.
         :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -279,6 +281,7 @@ class ConversationsApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
@@ -374,7 +377,7 @@ class ConversationsApi:
         account_id: Annotated[StrictStr, Field(description="Email account ID (never one of the API's fixed path segments)")],
         folder_id: StrictStr,
         limit: Optional[Annotated[int, Field(le=200, strict=True, ge=1)]] = None,
-        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -398,7 +401,7 @@ class ConversationsApi:
         :type folder_id: str
         :param limit:
         :type limit: int
-        :param cursor: The `nextCursor` of the previous page; opaque
+        :param cursor: The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.
         :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -438,6 +441,7 @@ class ConversationsApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
@@ -459,7 +463,7 @@ class ConversationsApi:
         account_id: Annotated[StrictStr, Field(description="Email account ID (never one of the API's fixed path segments)")],
         folder_id: StrictStr,
         limit: Optional[Annotated[int, Field(le=200, strict=True, ge=1)]] = None,
-        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -483,7 +487,7 @@ class ConversationsApi:
         :type folder_id: str
         :param limit:
         :type limit: int
-        :param cursor: The `nextCursor` of the previous page; opaque
+        :param cursor: The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.
         :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -523,6 +527,7 @@ class ConversationsApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
@@ -544,7 +549,7 @@ class ConversationsApi:
         account_id: Annotated[StrictStr, Field(description="Email account ID (never one of the API's fixed path segments)")],
         folder_id: StrictStr,
         limit: Optional[Annotated[int, Field(le=200, strict=True, ge=1)]] = None,
-        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -568,7 +573,7 @@ class ConversationsApi:
         :type folder_id: str
         :param limit:
         :type limit: int
-        :param cursor: The `nextCursor` of the previous page; opaque
+        :param cursor: The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.
         :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -608,6 +613,7 @@ class ConversationsApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",

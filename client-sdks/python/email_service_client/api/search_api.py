@@ -15,7 +15,7 @@ from pydantic import validate_call, Field, StrictFloat, StrictStr, StrictInt
 from typing import Any, Dict, List, Optional, Tuple, Union
 from typing_extensions import Annotated
 
-from pydantic import Field, StrictBool, StrictStr
+from pydantic import Field, StrictBool, StrictStr, field_validator
 from typing import Optional
 from typing_extensions import Annotated
 from email_service_client.models.search_response import SearchResponse
@@ -54,7 +54,7 @@ class SearchApi:
         label: Annotated[Optional[Annotated[str, Field(strict=True, max_length=200)]], Field(description="Only messages carrying this label (IMAP keyword)")] = None,
         folder_id: Annotated[Optional[Annotated[str, Field(strict=True, max_length=100)]], Field(description="Only messages in this folder")] = None,
         limit: Optional[Annotated[int, Field(le=200, strict=True, ge=1)]] = None,
-        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -70,7 +70,7 @@ class SearchApi:
     ) -> SearchResponse:
         """Search an account's messages across folders
 
-        Full-text search over every folder of the account: `q` is matched against the subject, the sender's name and address, the recipients' addresses, the body text and attachment file names, as words (`\"quoted phrases\"`, `or` and `-excluded` words work as in a web search box), both as written and with the service's configured language's stemming (so \"meetings\" finds \"meeting\"). With `q` the results are ranked (subject and sender count most) and then newest first; without it they are newest first. `from`, `to` and `subject` narrow to messages whose sender, recipients (To, Cc, Bcc) or subject contain each given word, or a word beginning with it. The other filters combine with AND. Pages follow `nextCursor`: ask again with `cursor` set to it and the same query; it is null on the last page. A cursor given out for other query parameters answers 400 with code `INVALID_CURSOR`. When `q`, `from`, `to` or `subject` is given, the newest 1,000 messages that match them are the ones ranked, filtered and returned: narrow the words or add a date range to reach older mail. 
+        Full-text search over every folder of the account: `q` is matched against the subject, the sender's name and address, the recipients' addresses, the body text and attachment file names, as words (`\"quoted phrases\"`, `or` and `-excluded` words work as in a web search box), both as written and with the service's configured language's stemming (so \"meetings\" finds \"meeting\"). With `q` the results are ranked (subject and sender count most) and then newest first; without it they are newest first. `from`, `to` and `subject` narrow to messages whose sender, recipients (To, Cc, Bcc) or subject contain each given word, or a word beginning with it. The other filters combine with AND. Pages follow `nextCursor`: ask again with `cursor` set to it and the same query; it is null on the last page. A cursor given out for other query parameters answers 409 with code `INVALID_CURSOR`. When `q`, `from`, `to` or `subject` is given, the newest 1,000 messages that match them are the ones ranked, filtered and returned: narrow the words or add a date range to reach older mail. 
 
         :param account_id: Email account ID (never one of the API's fixed path segments) (required)
         :type account_id: str
@@ -98,7 +98,7 @@ class SearchApi:
         :type folder_id: str
         :param limit:
         :type limit: int
-        :param cursor: The `nextCursor` of the previous page; opaque
+        :param cursor: The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.
         :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -148,6 +148,7 @@ class SearchApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
@@ -179,7 +180,7 @@ class SearchApi:
         label: Annotated[Optional[Annotated[str, Field(strict=True, max_length=200)]], Field(description="Only messages carrying this label (IMAP keyword)")] = None,
         folder_id: Annotated[Optional[Annotated[str, Field(strict=True, max_length=100)]], Field(description="Only messages in this folder")] = None,
         limit: Optional[Annotated[int, Field(le=200, strict=True, ge=1)]] = None,
-        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -195,7 +196,7 @@ class SearchApi:
     ) -> ApiResponse[SearchResponse]:
         """Search an account's messages across folders
 
-        Full-text search over every folder of the account: `q` is matched against the subject, the sender's name and address, the recipients' addresses, the body text and attachment file names, as words (`\"quoted phrases\"`, `or` and `-excluded` words work as in a web search box), both as written and with the service's configured language's stemming (so \"meetings\" finds \"meeting\"). With `q` the results are ranked (subject and sender count most) and then newest first; without it they are newest first. `from`, `to` and `subject` narrow to messages whose sender, recipients (To, Cc, Bcc) or subject contain each given word, or a word beginning with it. The other filters combine with AND. Pages follow `nextCursor`: ask again with `cursor` set to it and the same query; it is null on the last page. A cursor given out for other query parameters answers 400 with code `INVALID_CURSOR`. When `q`, `from`, `to` or `subject` is given, the newest 1,000 messages that match them are the ones ranked, filtered and returned: narrow the words or add a date range to reach older mail. 
+        Full-text search over every folder of the account: `q` is matched against the subject, the sender's name and address, the recipients' addresses, the body text and attachment file names, as words (`\"quoted phrases\"`, `or` and `-excluded` words work as in a web search box), both as written and with the service's configured language's stemming (so \"meetings\" finds \"meeting\"). With `q` the results are ranked (subject and sender count most) and then newest first; without it they are newest first. `from`, `to` and `subject` narrow to messages whose sender, recipients (To, Cc, Bcc) or subject contain each given word, or a word beginning with it. The other filters combine with AND. Pages follow `nextCursor`: ask again with `cursor` set to it and the same query; it is null on the last page. A cursor given out for other query parameters answers 409 with code `INVALID_CURSOR`. When `q`, `from`, `to` or `subject` is given, the newest 1,000 messages that match them are the ones ranked, filtered and returned: narrow the words or add a date range to reach older mail. 
 
         :param account_id: Email account ID (never one of the API's fixed path segments) (required)
         :type account_id: str
@@ -223,7 +224,7 @@ class SearchApi:
         :type folder_id: str
         :param limit:
         :type limit: int
-        :param cursor: The `nextCursor` of the previous page; opaque
+        :param cursor: The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.
         :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -273,6 +274,7 @@ class SearchApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
@@ -304,7 +306,7 @@ class SearchApi:
         label: Annotated[Optional[Annotated[str, Field(strict=True, max_length=200)]], Field(description="Only messages carrying this label (IMAP keyword)")] = None,
         folder_id: Annotated[Optional[Annotated[str, Field(strict=True, max_length=100)]], Field(description="Only messages in this folder")] = None,
         limit: Optional[Annotated[int, Field(le=200, strict=True, ge=1)]] = None,
-        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque")] = None,
+        cursor: Annotated[Optional[Annotated[str, Field(strict=True, max_length=1000)]], Field(description="The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -320,7 +322,7 @@ class SearchApi:
     ) -> RESTResponseType:
         """Search an account's messages across folders
 
-        Full-text search over every folder of the account: `q` is matched against the subject, the sender's name and address, the recipients' addresses, the body text and attachment file names, as words (`\"quoted phrases\"`, `or` and `-excluded` words work as in a web search box), both as written and with the service's configured language's stemming (so \"meetings\" finds \"meeting\"). With `q` the results are ranked (subject and sender count most) and then newest first; without it they are newest first. `from`, `to` and `subject` narrow to messages whose sender, recipients (To, Cc, Bcc) or subject contain each given word, or a word beginning with it. The other filters combine with AND. Pages follow `nextCursor`: ask again with `cursor` set to it and the same query; it is null on the last page. A cursor given out for other query parameters answers 400 with code `INVALID_CURSOR`. When `q`, `from`, `to` or `subject` is given, the newest 1,000 messages that match them are the ones ranked, filtered and returned: narrow the words or add a date range to reach older mail. 
+        Full-text search over every folder of the account: `q` is matched against the subject, the sender's name and address, the recipients' addresses, the body text and attachment file names, as words (`\"quoted phrases\"`, `or` and `-excluded` words work as in a web search box), both as written and with the service's configured language's stemming (so \"meetings\" finds \"meeting\"). With `q` the results are ranked (subject and sender count most) and then newest first; without it they are newest first. `from`, `to` and `subject` narrow to messages whose sender, recipients (To, Cc, Bcc) or subject contain each given word, or a word beginning with it. The other filters combine with AND. Pages follow `nextCursor`: ask again with `cursor` set to it and the same query; it is null on the last page. A cursor given out for other query parameters answers 409 with code `INVALID_CURSOR`. When `q`, `from`, `to` or `subject` is given, the newest 1,000 messages that match them are the ones ranked, filtered and returned: narrow the words or add a date range to reach older mail. 
 
         :param account_id: Email account ID (never one of the API's fixed path segments) (required)
         :type account_id: str
@@ -348,7 +350,7 @@ class SearchApi:
         :type folder_id: str
         :param limit:
         :type limit: int
-        :param cursor: The `nextCursor` of the previous page; opaque
+        :param cursor: The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.
         :type cursor: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -398,6 +400,7 @@ class SearchApi:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",

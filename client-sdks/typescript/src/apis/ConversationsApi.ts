@@ -43,7 +43,7 @@ export interface GetConversationRequest {
      */
     limit?: number;
     /**
-     * The `nextCursor` of the previous page; opaque
+     * The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.
      */
     cursor?: string;
 }
@@ -62,7 +62,7 @@ export interface ListConversationsRequest {
      */
     limit?: number;
     /**
-     * The `nextCursor` of the previous page; opaque
+     * The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.
      */
     cursor?: string;
 }

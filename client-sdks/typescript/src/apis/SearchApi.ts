@@ -78,7 +78,7 @@ export interface SearchMessagesRequest {
      */
     limit?: number;
     /**
-     * The `nextCursor` of the previous page; opaque
+     * The `nextCursor` of the previous page; opaque. One this service did not give out for the same query parameters answers 409 with code `INVALID_CURSOR`.
      */
     cursor?: string;
 }
@@ -180,7 +180,7 @@ export class SearchApi extends runtime.BaseAPI {
     }
 
     /**
-     * Full-text search over every folder of the account: `q` is matched against the subject, the sender\'s name and address, the recipients\' addresses, the body text and attachment file names, as words (`\"quoted phrases\"`, `or` and `-excluded` words work as in a web search box), both as written and with the service\'s configured language\'s stemming (so \"meetings\" finds \"meeting\"). With `q` the results are ranked (subject and sender count most) and then newest first; without it they are newest first. `from`, `to` and `subject` narrow to messages whose sender, recipients (To, Cc, Bcc) or subject contain each given word, or a word beginning with it. The other filters combine with AND. Pages follow `nextCursor`: ask again with `cursor` set to it and the same query; it is null on the last page. A cursor given out for other query parameters answers 400 with code `INVALID_CURSOR`. When `q`, `from`, `to` or `subject` is given, the newest 1,000 messages that match them are the ones ranked, filtered and returned: narrow the words or add a date range to reach older mail. 
+     * Full-text search over every folder of the account: `q` is matched against the subject, the sender\'s name and address, the recipients\' addresses, the body text and attachment file names, as words (`\"quoted phrases\"`, `or` and `-excluded` words work as in a web search box), both as written and with the service\'s configured language\'s stemming (so \"meetings\" finds \"meeting\"). With `q` the results are ranked (subject and sender count most) and then newest first; without it they are newest first. `from`, `to` and `subject` narrow to messages whose sender, recipients (To, Cc, Bcc) or subject contain each given word, or a word beginning with it. The other filters combine with AND. Pages follow `nextCursor`: ask again with `cursor` set to it and the same query; it is null on the last page. A cursor given out for other query parameters answers 409 with code `INVALID_CURSOR`. When `q`, `from`, `to` or `subject` is given, the newest 1,000 messages that match them are the ones ranked, filtered and returned: narrow the words or add a date range to reach older mail. 
      * Search an account\'s messages across folders
      */
     async searchMessagesRaw(requestParameters: SearchMessagesRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<SearchResponse>> {
@@ -191,7 +191,7 @@ export class SearchApi extends runtime.BaseAPI {
     }
 
     /**
-     * Full-text search over every folder of the account: `q` is matched against the subject, the sender\'s name and address, the recipients\' addresses, the body text and attachment file names, as words (`\"quoted phrases\"`, `or` and `-excluded` words work as in a web search box), both as written and with the service\'s configured language\'s stemming (so \"meetings\" finds \"meeting\"). With `q` the results are ranked (subject and sender count most) and then newest first; without it they are newest first. `from`, `to` and `subject` narrow to messages whose sender, recipients (To, Cc, Bcc) or subject contain each given word, or a word beginning with it. The other filters combine with AND. Pages follow `nextCursor`: ask again with `cursor` set to it and the same query; it is null on the last page. A cursor given out for other query parameters answers 400 with code `INVALID_CURSOR`. When `q`, `from`, `to` or `subject` is given, the newest 1,000 messages that match them are the ones ranked, filtered and returned: narrow the words or add a date range to reach older mail. 
+     * Full-text search over every folder of the account: `q` is matched against the subject, the sender\'s name and address, the recipients\' addresses, the body text and attachment file names, as words (`\"quoted phrases\"`, `or` and `-excluded` words work as in a web search box), both as written and with the service\'s configured language\'s stemming (so \"meetings\" finds \"meeting\"). With `q` the results are ranked (subject and sender count most) and then newest first; without it they are newest first. `from`, `to` and `subject` narrow to messages whose sender, recipients (To, Cc, Bcc) or subject contain each given word, or a word beginning with it. The other filters combine with AND. Pages follow `nextCursor`: ask again with `cursor` set to it and the same query; it is null on the last page. A cursor given out for other query parameters answers 409 with code `INVALID_CURSOR`. When `q`, `from`, `to` or `subject` is given, the newest 1,000 messages that match them are the ones ranked, filtered and returned: narrow the words or add a date range to reach older mail. 
      * Search an account\'s messages across folders
      */
     async searchMessages(requestParameters: SearchMessagesRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<SearchResponse> {
