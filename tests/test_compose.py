@@ -123,6 +123,54 @@ def test_html_with_uploaded_and_forwarded_attachments_arrives_byte_identical(cli
     assert "<script" not in (shown["bodyHtml"] or "") and shown["attachmentCount"] == 2
 
 
+WRITTEN_HTML = (
+    "<html><head><style>.note { color: #c00 }</style></head><body>\n"
+    '<p class="note">Hi <a href="https://example.org/r" target="_blank">Bob</a></p>\n'
+    '<img src="data:image/png;base64,iVBORw0KGgo=" alt="dot">\n'
+    "<script>track()</script></body></html>\n"
+)
+
+
+def _html_part(raw: bytes) -> str:
+    arrived = message_from_bytes(raw, policy=policy.default)
+    return arrived.get_body(preferencelist=("html",)).get_content()
+
+
+def test_html_goes_out_and_into_drafts_as_written_and_is_shown_sanitised(client, user, dovecot, mail_user, mailbox):
+    account_id, smtp = mailbox
+    response = send(client, user, account_id, subject="Styled", isHtml=True, body=WRITTEN_HTML)
+    assert wait_task(client, user, response.json()["taskId"])["status"] == "success"
+    # The recipient gets every byte the user wrote (only line ends canonicalised by MIME).
+    assert _html_part(smtp.wait_for(1)[0].data).replace("\r\n", "\n") == WRITTEN_HTML
+    shown = client.get(f"/api/{account_id}/messages/{response.json()['messageId']}", headers=user.headers).json()
+    for unsafe in ("<style", "<script", "track()", "data:image"):
+        assert unsafe not in shown["bodyHtml"]
+    assert "Bob</a>" in shown["bodyHtml"] and "Hi" in shown["body"]
+
+    draft = client.post(
+        "/api/compose/draft",
+        json={
+            "accountId": account_id,
+            "to": ["bob@example.org"],
+            "subject": "Styled draft",
+            "body": WRITTEN_HTML,
+            "isHtml": True,
+        },
+        headers=user.headers,
+    )
+    assert draft.status_code == 201, draft.text
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not server_subjects(dovecot, mail_user, "Drafts"):
+        time.sleep(0.2)
+    with dovecot.imap(mail_user) as other:
+        other.select(quote_mailbox("Drafts"), readonly=True)
+        _, data = other.uid("FETCH", "1:*", "(BODY.PEEK[])")
+    [filed] = [item[1] for item in data if isinstance(item, tuple)]
+    assert _html_part(filed).replace("\r\n", "\n") == WRITTEN_HTML
+    shown_draft = client.get(f"/api/{account_id}/messages/{draft.json()['draftId']}", headers=user.headers).json()
+    assert "<style" not in shown_draft["bodyHtml"] and "class=" not in shown_draft["bodyHtml"]
+
+
 def test_a_reply_carries_threading_headers(client, user, mailbox, dovecot, mail_user):
     account_id, smtp = mailbox
     dovecot.append(

@@ -334,6 +334,36 @@ def test_rfc2047_subject_in_two_charsets():
     assert " ".join(parsed.headers["Subject"].split()) == parsed.subject
 
 
+def test_character_split_across_two_encoded_words_is_joined():
+    # "Привет мир" in UTF-8, cut inside "р" (0xD1 0x80): neither word decodes on its own.
+    raw = (
+        b"From: =?utf-8?B?0J/R?= =?utf-8?B?gNC40LLQtdGC?= <ivan@example.ru>\r\n"
+        b"Subject: =?utf-8?B?0J/R?=\r\n =?utf-8?B?gNC40LLQtdGCINC80LjRgA==?= and =?utf-8?q?caf=C3?= =?utf-8?q?=A9?=\r\n"
+        b"\r\nbody\r\n"
+    )
+    parsed = parse_message(raw)
+    assert parsed.subject == "Привет мир and café"
+    assert parsed.headers["Subject"] == parsed.subject
+    assert parsed.from_name == "Привет"
+    assert not [d for d in parsed.defects if "Subject" in d or "From" in d]
+
+
+def test_split_character_in_a_mislabelled_run_is_joined_too():
+    # Labelled with a charset alias the codec table spells differently: repaired as one run.
+    raw = b"From: a@example.com\r\nSubject: =?UTF8?B?0J/R?= =?UTF8?B?gNC4?=\r\n\r\nbody\r\n"
+    assert parse_message(raw).subject == "При"
+
+
+def test_from_without_an_address_is_unknown_not_the_sender():
+    raw = (
+        b'From: "System" <>\r\nSender: relay@lists.example.org\r\nTo: bob@example.org\r\n'
+        b"Subject: Nightly report\r\nMessage-ID: <n1@example.org>\r\n\r\nAll green.\r\n"
+    )
+    parsed = parse_message(raw)
+    assert parsed.from_address is None
+    assert "From header has no valid address" in parsed.defects
+
+
 def test_subject_whitespace_is_folded():
     raw = b"From: a@example.com\r\nSubject: a\r\n\t  long\r\n   subject  \r\n\r\nbody"
     assert parse_message(raw).subject == "a long subject"

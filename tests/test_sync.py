@@ -214,6 +214,25 @@ def test_malformed_message_is_stored_and_the_rest_syncs(client, user, dovecot, m
         assert client.get(f"/api/{account_id}/messages/{message['id']}", headers=user.headers).status_code == 200
 
 
+def test_mail_without_a_usable_from_shows_the_unknown_sender_and_split_words_decode(
+    client, user, dovecot, mail_user, worker
+):
+    dovecot.append(
+        mail_user,
+        "INBOX",
+        b'From: "System" <>\r\nSender: relay@lists.example.org\r\nTo: bob@example.org\r\n'
+        # "Привет мир" with the bytes of "р" split across the two words.
+        b"Subject: =?utf-8?B?0J/R?= =?utf-8?B?gNC40LLQtdGCINC80LjRgA==?=\r\n"
+        b"Message-ID: <report-1@example.org>\r\nDate: Tue, 02 Jan 2024 10:30:00 +0000\r\n\r\nAll green.\r\n",
+    )
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    [listed] = messages(client, user, account_id, inbox["id"])["messages"]
+    assert listed["from"] == "unknown@unknown.invalid"
+    assert listed["subject"] == "Привет мир"
+
+
 def test_a_broken_folder_is_reported_and_does_not_stop_the_others(client, user, dovecot, mail_user, worker):
     dovecot.create_folder(mail_user, "Broken")
     dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Still synced")))

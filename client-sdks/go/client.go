@@ -56,6 +56,8 @@ type APIClient struct {
 
 	ComposeAPI *ComposeAPIService
 
+	ConversationsAPI *ConversationsAPIService
+
 	EventsAPI *EventsAPIService
 
 	FoldersAPI *FoldersAPIService
@@ -63,6 +65,8 @@ type APIClient struct {
 	MessagesAPI *MessagesAPIService
 
 	OAuth2API *OAuth2APIService
+
+	SearchAPI *SearchAPIService
 
 	StorageAPI *StorageAPIService
 
@@ -93,10 +97,12 @@ func NewAPIClient(cfg *Configuration) *APIClient {
 	c.AttachmentsAPI = (*AttachmentsAPIService)(&c.common)
 	c.ChangesAPI = (*ChangesAPIService)(&c.common)
 	c.ComposeAPI = (*ComposeAPIService)(&c.common)
+	c.ConversationsAPI = (*ConversationsAPIService)(&c.common)
 	c.EventsAPI = (*EventsAPIService)(&c.common)
 	c.FoldersAPI = (*FoldersAPIService)(&c.common)
 	c.MessagesAPI = (*MessagesAPIService)(&c.common)
 	c.OAuth2API = (*OAuth2APIService)(&c.common)
+	c.SearchAPI = (*SearchAPIService)(&c.common)
 	c.StorageAPI = (*StorageAPIService)(&c.common)
 	c.SyncAPI = (*SyncAPIService)(&c.common)
 	c.SystemAPI = (*SystemAPIService)(&c.common)

@@ -6,6 +6,7 @@ from typing import Any
 from email_service.errors import NotFoundError
 from email_service.handlers import principal, runtime
 from email_service.handlers.views import ms
+from email_service.mail.htmltext import sanitize_html
 from email_service.mailbox import changes as message_changes
 from email_service.mailbox import moves
 from email_service.models import Attachment, Message
@@ -99,11 +100,22 @@ def detail_view(detail: service.MessageDetail, objects: ObjectStore) -> dict[str
     return {
         **message_view(message),
         "body": message.body_text,
-        "bodyHtml": message.body_html,
+        "bodyHtml": shown_html(message),
         "headers": message.headers,
         "attachments": [attachment_view(a, objects) for a in detail.attachments],
         "conversationId": message.conversation_id,
     }
+
+
+def shown_html(message: Message) -> str | None:
+    """The HTML body as the API shows it: always sanitised.
+
+    Received mail is sanitised once, when stored. Mail written through the API (it has a delivery
+    status) is stored as the user wrote it, so that it goes out unchanged, and is sanitised here.
+    """
+    if message.body_html is None or message.delivery_status is None:
+        return message.body_html
+    return sanitize_html(message.body_html).strip()
 
 
 def get_message(account_id: str, message_id: str) -> tuple[dict, int]:

@@ -19,6 +19,8 @@ from email_service.mail.charsets import decode_bytes, fix_surrogates, resolve
 
 LONG_HEADER = 32768
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
+# Encoded words with only white space between them: RFC 2047 6.2 drops that white space.
+_ENCODED_WORD_RUN = re.compile(rf"{_ENCODED_WORD.pattern}(?:[ \t\r\n]+{_ENCODED_WORD.pattern})*")
 _MSG_ID = re.compile(r"<([^<>]*)>")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _WHITESPACE = re.compile(r"\s+")
@@ -113,28 +115,62 @@ def _repair_encoded_words(value: str, defects: list[str], name: str) -> str:
     """Re-encode RFC 2047 words whose charset is unknown or wrong as UTF-8, so decoding succeeds.
 
     The standard parser turns such words into U+FFFD; guessing UTF-8 then Windows-1252 recovers
-    the text in the usual cases (a typo in the label, Latin-1 labelled as ASCII).
+    the text in the usual cases (a typo in the label, Latin-1 labelled as ASCII). A run of adjacent
+    words (only white space between them) is decoded as a whole by ``email.header.decode_header``,
+    which joins the words of one charset first, as RFC 2047 6.2 asks: a character whose bytes are
+    split across two words is only valid once they are joined.
     """
 
     def fix(match: re.Match[str]) -> str:
+        run = match.group(0)
+        try:
+            chunks = decode_header(run)
+        except (HeaderParseError, ValueError, LookupError, IndexError):
+            return _ENCODED_WORD.sub(fix_word, run)
+        repaired: list[str] = []
+        # Joined words go to the header parser as one: its address parser decodes the words of a
+        # display name one by one, and would split a character again.
+        changed = len(chunks) < len(_ENCODED_WORD.findall(run))
+        for data, label in chunks:
+            if isinstance(data, str) or label is None:
+                # decode_header found a word it could not decode; leave the run to the word-by-word path.
+                return _ENCODED_WORD.sub(fix_word, run)
+            codec = resolve(label)
+            if codec is not None and _decodes(data, codec):
+                changed = changed or codec != label.lower()
+                text = data.decode(codec)
+            else:
+                changed = True
+                text = decode_bytes(data, label, defects, name)
+            repaired.append(_utf8_word(text))
+        # Words that decode as labelled, one to a charset, are left to the header parser.
+        return " ".join(repaired) if changed else run
+
+    def fix_word(match: re.Match[str]) -> str:
         label, encoding, payload = match.group(1), match.group(2), match.group(3)
         data = _decode_word_payload(encoding, payload)
         if data is None:
             return match.group(0)
         codec = resolve(label)
-        if codec is not None:
-            try:
-                data.decode(codec)
-            except (UnicodeError, LookupError, ValueError, TypeError):
-                pass
-            else:
-                return match.group(0) if codec == label.lower() else f"=?{codec}?{encoding}?{payload}?="
-        text = decode_bytes(data, label, defects, name)
-        return "=?utf-8?b?" + base64.b64encode(text.encode("utf-8")).decode("ascii") + "?="
+        if codec is not None and _decodes(data, codec):
+            return match.group(0) if codec == label.lower() else f"=?{codec}?{encoding}?{payload}?="
+        return _utf8_word(decode_bytes(data, label, defects, name))
 
     if "=?" not in value:
         return value
-    return _ENCODED_WORD.sub(fix, value)
+    return _ENCODED_WORD_RUN.sub(fix, value)
+
+
+def _decodes(data: bytes, codec: str) -> bool:
+    try:
+        data.decode(codec)
+    except (UnicodeError, LookupError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _utf8_word(text: str) -> str:
+    return "=?utf-8?b?" + base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii") + "?="
 
 
 def clean_text(value: str) -> str:

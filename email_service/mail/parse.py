@@ -385,6 +385,11 @@ def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()
 
 
+def conversation_of_new_thread(message_id: str) -> str:
+    """The conversation key a message that starts a thread gets: the same as parsing it gives."""
+    return _sha1("id:" + message_id)
+
+
 def _preview(text: str) -> str:
     """The first PREVIEW_LENGTH characters of the text with whitespace runs collapsed.
 
@@ -426,8 +431,8 @@ def _parse(raw: bytes) -> ParsedMessage:
         defects.append("missing From header")
     elif not senders:
         defects.append("From header has no valid address")
-    if not senders and (sender_entry := _first(parsed, "sender", defects)):
-        senders = addresses(sender_entry[1])
+    # No fallback to Sender: the author is who From names, and mail without one shows as unknown
+    # (the API's unknown@unknown.invalid) rather than as whoever relayed it.
     from_name, from_address = senders[0] if senders else (None, None)
 
     date_entry = _first(parsed, "date", defects)

@@ -18,7 +18,8 @@ from email_service.addresses import InvalidAddress, normalize
 from email_service.changes import entries as changes
 from email_service.changes.log import record
 from email_service.errors import BadRequestError, ConflictError, NotFoundError, ServiceError
-from email_service.mail.htmltext import html_to_text, sanitize_html
+from email_service.mail.htmltext import html_to_text
+from email_service.mail.parse import conversation_of_new_thread
 from email_service.models import Account, Attachment, DeliveryStatus, Folder, Message, TaskKind
 from email_service.outgoing.build import check_composition, new_message_id
 from email_service.queue import tasks
@@ -140,10 +141,9 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
         )
     except ValueError as exc:
         raise BadRequestError(str(exc), code="INVALID_MESSAGE") from None
-    # What the API shows is sanitised like received mail; what goes out is what the user wrote.
-    text, html = (
-        (html_to_text(body["body"]), sanitize_html(body["body"])) if body.get("isHtml") else (body["body"], None)
-    )
+    # Stored as written: what goes out (and into Drafts) is what the user wrote. The API sanitises
+    # this HTML when it shows it (handlers/messages.py), as received mail is sanitised when stored.
+    text, html = (html_to_text(body["body"]), body["body"]) if body.get("isHtml") else (body["body"], None)
     with runtime.db.tenant_session(principal) as session:
         if not draft and not account.smtp_hostname:
             raise ConflictError("the account has no SMTP server configured", code="SMTP_NOT_CONFIGURED")
@@ -153,12 +153,16 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
         if total > limit:
             raise PayloadTooLargeError(f"the message would be {total} bytes, above the limit of {limit}")
         headers: dict[str, str] = {}
+        message_id_header = new_message_id(account.email_address.rpartition("@")[2])
+        conversation_id = conversation_of_new_thread(message_id_header)
         if body.get("inReplyTo"):
             original = session.scalar(
                 select(Message).where(Message.id == body["inReplyTo"], Message.account_id == account.id)
             )
             if original is None:
                 raise NotFoundError(f"Message with ID '{body['inReplyTo']}' does not exist", code="MESSAGE_NOT_FOUND")
+            # A reply joins the conversation of what it answers, whatever that conversation's root.
+            conversation_id = original.conversation_id or original.id
             if original.message_id_header:
                 headers["In-Reply-To"] = original.message_id_header
                 references = original.headers.get("References", "").split()
@@ -169,14 +173,14 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
             session, principal, account, "drafts" if draft else "sent", "Drafts" if draft else "Sent"
         )
         now = datetime.now(UTC)
-        domain = account.email_address.rpartition("@")[2]
         message = Message(
             id=new_id(),
             tenant_id=principal.tenant_id,
             user_id=principal.user_id,
             account_id=account.id,
             folder_id=folder.id,
-            message_id_header=new_message_id(domain),
+            message_id_header=message_id_header,
+            conversation_id=conversation_id,
             subject=subject,
             from_address=account.email_address,
             from_name=account.account_name,

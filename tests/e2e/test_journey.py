@@ -285,6 +285,29 @@ def test_4_a_reply_with_an_upload_is_threaded_and_filed_once_in_sent(journey, sm
     assert len(copies) == 1 and copies[0].delivery_status == "sent"
 
 
+def test_4c_search_finds_the_reply_and_the_conversation_spans_inbox_and_sent(journey):
+    api, account = journey.api, journey.imap_account
+    search = sdk.SearchApi(api)
+    # Found by its attachment's name alone, and by words across folders.
+    by_attachment = search.search_messages(account, q="csv")  # minutes.csv
+    assert [m.subject for m in by_attachment.messages] == ["Re: Board pack"]
+    found = search.search_messages(account, q="board pack")
+    assert {m.subject for m in found.messages} >= {"Board pack", "Re: Board pack"}
+    sent_folder = _folders(api, account)["Sent"]
+    only_sent = search.search_messages(account, q="board pack", folder_id=sent_folder.id)
+    assert [m.subject for m in only_sent.messages] == ["Re: Board pack"]
+
+    conversation = sdk.ConversationsApi(api).get_conversation(account, journey.original.conversation_id)
+    assert {(m.subject, m.folder_id) for m in conversation.messages} == {
+        ("Board pack", journey.original.folder_id),
+        ("Re: Board pack", sent_folder.id),
+    }
+    received = [m.received_at for m in conversation.messages]
+    assert len(received) == 2 and received == sorted(received)
+    listed = sdk.ConversationsApi(api).list_conversations(account, journey.original.folder_id, limit=200)
+    assert journey.original.conversation_id in {c.id for c in listed.conversations}
+
+
 def test_4b_an_unanswered_send_is_ambiguous_and_sent_again_only_when_asked(journey, smtp):
     api = journey.api
     compose = sdk.ComposeApi(api)

@@ -22,10 +22,12 @@ __all__ = [
     "AttachmentsApi",
     "ChangesApi",
     "ComposeApi",
+    "ConversationsApi",
     "EventsApi",
     "FoldersApi",
     "MessagesApi",
     "OAuth2Api",
+    "SearchApi",
     "StorageApi",
     "SyncApi",
     "SystemApi",
@@ -48,6 +50,9 @@ __all__ = [
     "BulkMoveRequest",
     "ChangedIds",
     "ChangesResponse",
+    "Conversation",
+    "ConversationList",
+    "ConversationSummary",
     "CreateAccountRequest",
     "CreateFolderRequest",
     "CreateWebhookRequest",
@@ -61,6 +66,7 @@ __all__ = [
     "Message",
     "MessageDetail",
     "MessageOperationResult",
+    "MessageSummary",
     "MoveMessageRequest",
     "OAuth2AuthorizeRequest",
     "OAuth2AuthorizeResponse",
@@ -69,6 +75,7 @@ __all__ = [
     "Pagination",
     "RetrySend202Response",
     "SaveDraft201Response",
+    "SearchResponse",
     "SendEmail202Response",
     "SendEmailRequest",
     "StreamEvents200Response",
@@ -90,10 +97,12 @@ from email_service_client.api.accounts_api import AccountsApi as AccountsApi
 from email_service_client.api.attachments_api import AttachmentsApi as AttachmentsApi
 from email_service_client.api.changes_api import ChangesApi as ChangesApi
 from email_service_client.api.compose_api import ComposeApi as ComposeApi
+from email_service_client.api.conversations_api import ConversationsApi as ConversationsApi
 from email_service_client.api.events_api import EventsApi as EventsApi
 from email_service_client.api.folders_api import FoldersApi as FoldersApi
 from email_service_client.api.messages_api import MessagesApi as MessagesApi
 from email_service_client.api.o_auth2_api import OAuth2Api as OAuth2Api
+from email_service_client.api.search_api import SearchApi as SearchApi
 from email_service_client.api.storage_api import StorageApi as StorageApi
 from email_service_client.api.sync_api import SyncApi as SyncApi
 from email_service_client.api.system_api import SystemApi as SystemApi
@@ -120,6 +129,9 @@ from email_service_client.models.bulk_delete_request import BulkDeleteRequest as
 from email_service_client.models.bulk_move_request import BulkMoveRequest as BulkMoveRequest
 from email_service_client.models.changed_ids import ChangedIds as ChangedIds
 from email_service_client.models.changes_response import ChangesResponse as ChangesResponse
+from email_service_client.models.conversation import Conversation as Conversation
+from email_service_client.models.conversation_list import ConversationList as ConversationList
+from email_service_client.models.conversation_summary import ConversationSummary as ConversationSummary
 from email_service_client.models.create_account_request import CreateAccountRequest as CreateAccountRequest
 from email_service_client.models.create_folder_request import CreateFolderRequest as CreateFolderRequest
 from email_service_client.models.create_webhook_request import CreateWebhookRequest as CreateWebhookRequest
@@ -133,6 +145,7 @@ from email_service_client.models.list_messages200_response import ListMessages20
 from email_service_client.models.message import Message as Message
 from email_service_client.models.message_detail import MessageDetail as MessageDetail
 from email_service_client.models.message_operation_result import MessageOperationResult as MessageOperationResult
+from email_service_client.models.message_summary import MessageSummary as MessageSummary
 from email_service_client.models.move_message_request import MoveMessageRequest as MoveMessageRequest
 from email_service_client.models.o_auth2_authorize_request import OAuth2AuthorizeRequest as OAuth2AuthorizeRequest
 from email_service_client.models.o_auth2_authorize_response import OAuth2AuthorizeResponse as OAuth2AuthorizeResponse
@@ -141,6 +154,7 @@ from email_service_client.models.o_auth2_status import OAuth2Status as OAuth2Sta
 from email_service_client.models.pagination import Pagination as Pagination
 from email_service_client.models.retry_send202_response import RetrySend202Response as RetrySend202Response
 from email_service_client.models.save_draft201_response import SaveDraft201Response as SaveDraft201Response
+from email_service_client.models.search_response import SearchResponse as SearchResponse
 from email_service_client.models.send_email202_response import SendEmail202Response as SendEmail202Response
 from email_service_client.models.send_email_request import SendEmailRequest as SendEmailRequest
 from email_service_client.models.stream_events200_response import StreamEvents200Response as StreamEvents200Response

@@ -1,7 +1,7 @@
 """Exact folder counts, kept by the database in the transaction that changes the messages.
 
 Revision ID: 0013
-Revises: 0011
+Revises: 0012
 
 ``folders.message_count`` and ``unread_count`` answer ``pagination.total`` of every message
 list (all, read = message_count - unread_count, unread), so they must never drift. Counting
@@ -20,7 +20,7 @@ column here (TRUNCATE is not counted: nothing truncates messages).
 from alembic import op
 
 revision = "0013"
-down_revision = "0011"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 

@@ -22,6 +22,9 @@ from email_service_client.models.bulk_delete_request import BulkDeleteRequest
 from email_service_client.models.bulk_move_request import BulkMoveRequest
 from email_service_client.models.changed_ids import ChangedIds
 from email_service_client.models.changes_response import ChangesResponse
+from email_service_client.models.conversation import Conversation
+from email_service_client.models.conversation_list import ConversationList
+from email_service_client.models.conversation_summary import ConversationSummary
 from email_service_client.models.create_account_request import CreateAccountRequest
 from email_service_client.models.create_folder_request import CreateFolderRequest
 from email_service_client.models.create_webhook_request import CreateWebhookRequest
@@ -35,6 +38,7 @@ from email_service_client.models.list_messages200_response import ListMessages20
 from email_service_client.models.message import Message
 from email_service_client.models.message_detail import MessageDetail
 from email_service_client.models.message_operation_result import MessageOperationResult
+from email_service_client.models.message_summary import MessageSummary
 from email_service_client.models.move_message_request import MoveMessageRequest
 from email_service_client.models.o_auth2_authorize_request import OAuth2AuthorizeRequest
 from email_service_client.models.o_auth2_authorize_response import OAuth2AuthorizeResponse
@@ -43,6 +47,7 @@ from email_service_client.models.o_auth2_status import OAuth2Status
 from email_service_client.models.pagination import Pagination
 from email_service_client.models.retry_send202_response import RetrySend202Response
 from email_service_client.models.save_draft201_response import SaveDraft201Response
+from email_service_client.models.search_response import SearchResponse
 from email_service_client.models.send_email202_response import SendEmail202Response
 from email_service_client.models.send_email_request import SendEmailRequest
 from email_service_client.models.stream_events200_response import StreamEvents200Response

@@ -1,0 +1,1 @@
+"""Full-text search over an account's messages across folders."""

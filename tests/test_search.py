@@ -1,0 +1,191 @@
+"""Search across folders and conversations, on mail synced from a real Dovecot."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from helpers import User, assert_error_shape
+from messages import ALICE, BOB, JUERGEN, ZOE, attachments_message, plain_message, thread, to_bytes
+from syncing import create_account, folders_by_name, imap_account, run_sync
+
+JAN_2023 = dt.datetime(2023, 1, 10, 12, 0, tzinfo=dt.UTC)
+JUNE_2024 = dt.datetime(2024, 6, 3, 8, 30, tzinfo=dt.UTC)
+MS = 1000
+
+
+@pytest.fixture(scope="module")
+def mailbox(sync_client, verifier, dovecot, worker):
+    """One synced account with mail in several folders; read only by the tests below."""
+    owner = User(verifier)
+    mail_user = dovecot.add_user()
+    for folder in ("Projects", "Archive"):
+        dovecot.create_folder(mail_user, folder)
+    inbox = [
+        (plain_message("Quarterly budget review", "The numbers are in.\n", sender=ALICE), ["\\Seen", "\\Flagged"]),
+        (plain_message("Lunch on Friday", "Shall we discuss the meetings over lunch?\n", sender=JUERGEN), []),
+        (attachments_message("Files for you"), ["\\Seen", "Finance"]),
+        (plain_message("Holiday photos", "Nothing about money here.\n", sender=ZOE, to=[JUERGEN], cc=[BOB]), []),
+    ]
+    for hour, (message, flags) in enumerate(inbox):
+        received = JUNE_2024 + dt.timedelta(hours=hour)
+        dovecot.append(mail_user, "INBOX", to_bytes(message), flags=flags, internaldate=received)
+    dovecot.append(
+        mail_user, "Archive", to_bytes(plain_message("Old budget", "Budget of 2022.\n")), internaldate=JAN_2023
+    )
+    chain = thread(4, subject="Project kickoff")
+    for message in chain[:3]:
+        dovecot.append(mail_user, "Projects", to_bytes(message), internaldate=message["Date"].datetime)
+    # The last reply was filed elsewhere: the conversation spans folders.
+    dovecot.append(mail_user, "Archive", to_bytes(chain[3]), flags=["\\Seen"], internaldate=chain[3]["Date"].datetime)
+    account_id = create_account(sync_client, owner, imap_account(dovecot, mail_user))
+    assert run_sync(sync_client, owner, account_id)[0]["status"] == "success"
+    return sync_client, owner, account_id
+
+
+def search(mailbox, **params) -> dict:
+    client, owner, account_id = mailbox
+    response = client.get(f"/api/{account_id}/search", params=params, headers=owner.headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def subjects(mailbox, **params) -> list[str]:
+    return [m["subject"] for m in search(mailbox, **params)["messages"]]
+
+
+def test_words_are_found_across_folders_best_first(mailbox):
+    # In the subject and the body outranks the subject alone, however much newer; the archived
+    # message is found as well as the one in the inbox.
+    assert subjects(mailbox, q="budget") == ["Old budget", "Quarterly budget review"]
+    client, owner, account_id = mailbox
+    inbox = folders_by_name(client, owner, account_id)["INBOX"]
+    assert subjects(mailbox, q="budget", folderId=inbox["id"]) == ["Quarterly budget review"]
+
+
+def test_stemming_addresses_and_attachment_names_are_searchable(mailbox):
+    assert subjects(mailbox, q="meeting") == ["Lunch on Friday"]  # the body says "meetings"
+    # Found as the sender (ranked first) and as a recipient.
+    assert subjects(mailbox, q="juergen@example.de") == ["Lunch on Friday", "Holiday photos"]
+    assert subjects(mailbox, q="Müller") == ["Lunch on Friday"]  # the sender's name (recipients' are not kept)
+    assert subjects(mailbox, q="Résumé") == ["Files for you"]  # only in an attachment's name
+    assert subjects(mailbox, q='"quarterly budget"') == ["Quarterly budget review"]
+    assert subjects(mailbox, q="budget -quarterly") == ["Old budget"]
+    assert subjects(mailbox, q="nothingmatchesthis") == []
+    assert search(mailbox, q="!!!")["messages"]  # no words: the filters alone, all mail
+
+
+def test_filters_narrow_and_combine(mailbox):
+    assert subjects(mailbox, **{"from": "juergen"}) == ["Lunch on Friday"]
+    assert subjects(mailbox, **{"from": "Jürgen Mül"}) == ["Lunch on Friday"]  # word prefixes of the name
+    assert subjects(mailbox, to="juergen@example.de") == ["Holiday photos"]
+    assert subjects(mailbox, to="bob@example.org", q="photos") == ["Holiday photos"]  # Cc counts
+    assert subjects(mailbox, subject="lunch") == ["Lunch on Friday"]
+    assert subjects(mailbox, subject="numbers") == []  # a body word is not a subject word
+    assert subjects(mailbox, isStarred="true") == ["Quarterly budget review"]
+    assert subjects(mailbox, hasAttachment="true") == ["Files for you"]
+    assert subjects(mailbox, label="Finance") == ["Files for you"]
+    assert "Files for you" not in subjects(mailbox, isRead="false")
+    assert subjects(mailbox, q="budget", before=int(dt.datetime(2024, 1, 1, tzinfo=dt.UTC).timestamp()) * MS) == [
+        "Old budget"
+    ]
+    assert subjects(mailbox, q="budget", after=int(JUNE_2024.timestamp()) * MS) == ["Quarterly budget review"]
+    client, owner, account_id = mailbox
+    archive = folders_by_name(client, owner, account_id)["Archive"]
+    assert sorted(subjects(mailbox, folderId=archive["id"])) == ["Old budget", "Re: Project kickoff"]
+
+
+def test_pages_follow_the_cursor_without_gaps_or_repeats(mailbox):
+    for params in ({}, {"q": "budget or lunch or project"}):
+        everything = search(mailbox, limit=100, **params)
+        assert everything["nextCursor"] is None
+        walked, cursor = [], None
+        for _ in range(20):
+            page = search(mailbox, limit=2, **params, **({"cursor": cursor} if cursor else {}))
+            walked += [m["id"] for m in page["messages"]]
+            cursor = page["nextCursor"]
+            if cursor is None:
+                break
+        assert walked == [m["id"] for m in everything["messages"]] and len(walked) > 2
+
+
+def test_a_cursor_from_another_query_or_made_up_is_refused(mailbox):
+    client, owner, account_id = mailbox
+    cursor = search(mailbox, q="budget", limit=1)["nextCursor"]
+    for params in ({"q": "lunch", "cursor": cursor}, {"cursor": "bm90IGEgY3Vyc29y"}, {"cursor": "AAAA"}):
+        response = client.get(f"/api/{account_id}/search", params=params, headers=owner.headers)
+        assert_error_shape(response, 409, "INVALID_CURSOR")
+    response = client.get(f"/api/{account_id}/search", params={"cursor": "%%%"}, headers=owner.headers)
+    assert_error_shape(response, 400)
+
+
+def test_odd_input_gives_results_or_a_clean_4xx(mailbox):
+    client, owner, account_id = mailbox
+    assert subjects(mailbox, q="lunch\x00") == ["Lunch on Friday"]
+    assert subjects(mailbox, label="Fin\x00ance") == []
+    assert subjects(mailbox, q='"unbalanced -- or or !!') is not None
+    response = client.get(f"/api/{account_id}/search", params={"folderId": "a\x00b"}, headers=owner.headers)
+    assert_error_shape(response, 404, "FOLDER_NOT_FOUND")
+    response = client.get(f"/api/{account_id}/search", params={"after": "yesterday"}, headers=owner.headers)
+    assert_error_shape(response, 400)
+
+
+def test_another_tenant_finds_nothing_of_it(mailbox, make_user):
+    client, _owner, account_id = mailbox
+    stranger = make_user()
+    for path in (
+        f"/api/{account_id}/search?q=budget",
+        f"/api/{account_id}/conversations/anything",
+    ):
+        response = client.get(path, headers=stranger.headers)
+        assert response.status_code == 404 and response.json()["code"] == "ACCOUNT_NOT_FOUND"
+
+
+def test_a_folder_by_conversation_and_one_conversation_across_folders(mailbox):
+    client, owner, account_id = mailbox
+    projects = folders_by_name(client, owner, account_id)["Projects"]
+    response = client.get(f"/api/{account_id}/folders/{projects['id']}/conversations", headers=owner.headers)
+    assert response.status_code == 200, response.text
+    [conversation] = response.json()["conversations"]
+    assert conversation["messageCount"] == 3 and conversation["unreadCount"] == 3
+    assert conversation["participants"] == ["alice@example.com", "bob@example.org"]
+    assert conversation["latestMessage"]["subject"] == "Re: Project kickoff"
+    assert conversation["latestMessage"]["conversationId"] == conversation["id"]
+
+    whole = client.get(f"/api/{account_id}/conversations/{conversation['id']}", headers=owner.headers).json()
+    assert [m["subject"] for m in whole["messages"]] == ["Project kickoff"] + ["Re: Project kickoff"] * 3
+    received = [m["receivedAt"] for m in whole["messages"]]
+    assert received == sorted(received)
+    archive = folders_by_name(client, owner, account_id)["Archive"]
+    assert [m["folderId"] for m in whole["messages"]][-1] == archive["id"]
+    first = client.get(
+        f"/api/{account_id}/conversations/{conversation['id']}", params={"limit": 3}, headers=owner.headers
+    ).json()
+    rest = client.get(
+        f"/api/{account_id}/conversations/{conversation['id']}",
+        params={"limit": 3, "cursor": first["nextCursor"]},
+        headers=owner.headers,
+    ).json()
+    assert [m["id"] for m in first["messages"] + rest["messages"]] == [m["id"] for m in whole["messages"]]
+    assert rest["nextCursor"] is None
+
+    missing = client.get(f"/api/{account_id}/conversations/no-such-thing", headers=owner.headers)
+    assert missing.status_code == 404 and missing.json()["code"] == "CONVERSATION_NOT_FOUND"
+
+
+def test_the_inbox_by_conversation_pages_newest_first(mailbox):
+    client, owner, account_id = mailbox
+    inbox = folders_by_name(client, owner, account_id)["INBOX"]
+    url = f"/api/{account_id}/folders/{inbox['id']}/conversations"
+    everything = client.get(url, headers=owner.headers).json()["conversations"]
+    assert len(everything) == 4 and all(c["messageCount"] == 1 for c in everything)
+    latest = [c["latestReceivedAt"] for c in everything]
+    assert latest == sorted(latest, reverse=True)
+    walked, cursor = [], None
+    for _ in range(20):
+        page = client.get(url, params={"limit": 3, **({"cursor": cursor} if cursor else {})}, headers=owner.headers)
+        walked += [c["id"] for c in page.json()["conversations"]]
+        cursor = page.json()["nextCursor"]
+        if cursor is None:
+            break
+    assert walked == [c["id"] for c in everything]
