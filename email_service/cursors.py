@@ -63,9 +63,22 @@ def decode(cursor: str, fingerprint: str, shape: Sequence[type | tuple[type, ...
             # bool is an int to Python; no key here holds one.
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ValueError
+            if isinstance(value, str) and not _storable(value):
+                raise ValueError
         matches = document["q"] == fingerprint
     except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise ConflictError("cursor is not one this service gave out", code="INVALID_CURSOR") from None
     if not matches:
         raise ConflictError("cursor was given out for other query parameters", code="INVALID_CURSOR")
     return key
+
+
+def _storable(value: str) -> bool:
+    """Text PostgreSQL can compare: no NUL, no lone surrogate (which JSON can spell)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
