@@ -6,14 +6,13 @@ import re
 import time
 
 import pytest
-from helpers import TEST_DESTINATIONS, assert_error_shape
+from helpers import assert_error_shape
 from mailservers import quote_mailbox
 from messages import plain_message, to_bytes
-from syncing import create_account, folders_by_name, imap_account, messages, run_sync
+from syncing import create_account, folders_by_name, imap_account, imap_session, messages, run_sync
 
 from email_service.mailbox.imap_sync import ImapSync
 from email_service.mailbox.store import MailStore
-from email_service.protocols.imap import ImapSession
 from email_service.queue.locks import AccountLock
 
 SUBJECT = "Write me back"
@@ -128,15 +127,7 @@ def test_a_sync_before_the_write_back_does_not_undo_the_change(client, user, dov
         patch(client, user, account_id, message_id, {"isRead": True})
         time.sleep(1)
         assert "\\Seen" not in server_flags(dovecot, mail_user, "INBOX")
-        with ImapSession(
-            dovecot.host,
-            dovecot.imaps_port,
-            "tls",
-            mail_user.name,
-            mail_user.password,
-            ca_file=dovecot.ca_file,
-            destinations=TEST_DESTINATIONS,
-        ) as session:
+        with imap_session(dovecot, mail_user) as session:
             store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
             result = ImapSync(store, session, lambda _: None, force=True).run()
         assert result.messages_updated == 0
