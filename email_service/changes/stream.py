@@ -341,6 +341,9 @@ class EventStream:
         max_catch_up: int,
         max_per_user: int,
     ) -> EventStream:
+        if account_id is not None and "\x00" in account_id:
+            # PostgreSQL text cannot hold NUL, so no account's id has one (and the query would fail).
+            raise NotFoundError(f"Account with ID '{account_id}' does not exist", code="ACCOUNT_NOT_FOUND")
         try:
             resume = decode_position(last_event_id) if last_event_id else None
             unreadable = False
