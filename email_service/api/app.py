@@ -33,6 +33,7 @@ from email_service.api.validation import (
     SafeMultiPartFormDataValidator,
     SafeParameterValidator,
 )
+from email_service.api.wsgi import HoldingWSGIMiddleware
 from email_service.changes.stream import EventHub
 from email_service.db import libpq_url
 from email_service.observability.http import ObservabilityMiddleware
@@ -176,6 +177,7 @@ def create_app(runtime: Runtime) -> FlaskApp:
         jsonifier=COMPACT_JSON,
         uri_parser_class=OnceURIParser,
     )
+    app._middleware_app.asgi_app = HoldingWSGIMiddleware(app.app.wsgi_app)
     # Service errors raised in handlers must reach Connexion's error handlers, not Flask's 500 page.
     app.app.config["PROPAGATE_EXCEPTIONS"] = True
     app.app.extensions[RUNTIME_KEY] = runtime
