@@ -156,3 +156,28 @@ def test_health_needs_no_credentials(client):
     body = response.json()
     assert body["status"] == "healthy" and body["service"] == "email_service"
     assert abs(body["timestamp"] - time.time() * 1000) < 60_000
+
+
+def test_a_token_accepted_before_is_refused_once_it_expires(client, monkeypatch):
+    # The first request verifies the token in full; the next ones reuse that verification, which
+    # must not outlive the token: past its expiry (and the 30 s leeway) the same token is refused.
+    import email_service.api.auth as auth
+
+    token = jwt.encode(claims(exp=int(time.time()) + 60), JWT_SECRET, algorithm="HS256")
+    assert client.get("/api/accounts", headers=bearer(token)).status_code == 200
+    assert client.get("/api/accounts", headers=bearer(token)).status_code == 200
+    later = time.time() + 91
+    monkeypatch.setattr(auth.time, "time", lambda: later)
+    assert_rejected(client.get("/api/accounts", headers=bearer(token)))
+
+
+def test_a_token_is_verified_against_each_secret_it_is_presented_to():
+    # Verified tokens are remembered per verifier: another secret (a rotated one) checks afresh.
+    from connexion.exceptions import OAuthProblem
+
+    from email_service.api.auth import TokenVerifier
+
+    token = jwt.encode(claims(), JWT_SECRET, algorithm="HS256")
+    assert TokenVerifier(JWT_SECRET).verify(token)["sub"] == str(USER)
+    with pytest.raises(OAuthProblem):
+        TokenVerifier("another-secret-of-enough-length-for-hs256").verify(token)
