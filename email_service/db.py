@@ -8,9 +8,12 @@ does not own the tables. Only migrations and operator commands use the connectin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import psycopg
+from psycopg.rows import args_row, tuple_row
 from sqlalchemy import Engine, Executable, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -102,3 +105,14 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def driver_cursor(session: Session, row: Callable[..., Any] | None = None) -> psycopg.Cursor:
+    """A psycopg cursor in ``session``'s transaction (its role, settings and row-level security).
+
+    For the few hottest reads, whose SQL is fixed: rows come back as ``row(*values)`` (plain
+    tuples without ``row``), with none of SQLAlchemy's per-statement and per-row work. Use it as a
+    context manager; the transaction stays the session's.
+    """
+    connection = session.connection().connection.driver_connection
+    return connection.cursor(row_factory=args_row(row) if row is not None else tuple_row)
