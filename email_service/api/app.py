@@ -8,6 +8,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import yaml
 from connexion import FlaskApp
 from connexion import context as connexion_context
@@ -43,9 +44,27 @@ SPEC_PATH = Path(__file__).resolve().parent.parent / "spec" / "openapi.yaml"
 DOCS_PATH = "/docs"
 RUNTIME_KEY = "email_service"
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
-# Connexion's Flask default indents by 2 (and Flask's sorts keys), which takes the pure-Python
-# encoder: about four times the C encoder's time on a 50-message page, for bytes no client reads.
-COMPACT_JSON = Jsonifier(json, separators=(",", ":"))
+
+
+class _ResponseJSON:
+    """Shaped like the ``json`` module, as Connexion's Jsonifier wants: msgspec writes responses.
+
+    Connexion's Flask default indents by 2 (and Flask's sorts keys), which takes the pure-Python
+    encoder; even the standard library's compact C encoder took a tenth of the API process's CPU
+    on a 50-message page, and msgspec writes the same compact JSON in a fraction of that. Reading
+    stays the standard library's (request bodies are parsed and validated by Connexion anyway).
+    """
+
+    _encoder = msgspec.json.Encoder(decimal_format="number")
+
+    @staticmethod
+    def dumps(data: Any, **_options: Any) -> str:
+        return _ResponseJSON._encoder.encode(data).decode()
+
+    loads = staticmethod(json.loads)
+
+
+COMPACT_JSON = Jsonifier(_ResponseJSON)
 
 
 @cache
