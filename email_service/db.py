@@ -8,12 +8,10 @@ does not own the tables. Only migrations and operator commands use the connectin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import psycopg
-from psycopg.rows import args_row, tuple_row
 from sqlalchemy import Engine, Executable, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -36,6 +34,11 @@ def libpq_url(url: str) -> str:
 _ENTER_TENANT = text(
     "SELECT set_config('role', :role, true), set_config('app.tenant_id', :tenant, true),"
     " set_config('app.user_id', :user, true)"
+)
+# The same, in the driver's own parameter style, for connections used without the ORM.
+_ENTER_TENANT_DRIVER = (
+    "SELECT set_config('role', %(role)s, true), set_config('app.tenant_id', %(tenant)s, true),"
+    " set_config('app.user_id', %(user)s, true)"
 )
 _ENTER_MAINTENANCE = text("SELECT set_config('app.maintenance', 'on', true)")
 
@@ -82,11 +85,37 @@ class Database:
         ``SET LOCAL ROLE``, with the name as a parameter rather than spliced into SQL): every API
         request pays for this round trip, so it is one, not two.
         """
-        session, transaction = self._begin(
-            _ENTER_TENANT, {"role": self._app_role, "tenant": str(principal.tenant_id), "user": str(principal.user_id)}
-        )
+        session, transaction = self._begin(_ENTER_TENANT, self._tenant_parameters(principal))
         with session, transaction:
             yield session
+
+    @contextmanager
+    def tenant_connection(self, principal: Principal) -> Iterator[psycopg.Connection]:
+        """As ``tenant_session``, but the pooled psycopg connection itself, for fixed-SQL reads.
+
+        For the busiest reads, whose SQL never changes: a session, its statement building and
+        its row processing cost several times the database's own work there. The transaction
+        commits when the block ends and rolls back if it raises.
+        """
+        parameters = self._tenant_parameters(principal)
+        for attempt in (1, 2):
+            connection = self.engine.connect()
+            try:
+                transaction = connection.begin()
+                # Through SQLAlchemy, so a connection that died while idle is recognised (and the
+                # pool's older ones with it), exactly as in _begin.
+                connection.exec_driver_sql(_ENTER_TENANT_DRIVER, parameters)
+            except DBAPIError as exc:
+                connection.close()
+                if attempt == 1 and exc.connection_invalidated:
+                    continue
+                raise
+            with connection, transaction:
+                yield connection.connection.driver_connection
+            return
+
+    def _tenant_parameters(self, principal: Principal) -> dict[str, str]:
+        return {"role": self._app_role, "tenant": str(principal.tenant_id), "user": str(principal.user_id)}
 
     @contextmanager
     def maintenance_session(self) -> Iterator[Session]:
@@ -105,14 +134,3 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-
-def driver_cursor(session: Session, row: Callable[..., Any] | None = None) -> psycopg.Cursor:
-    """A psycopg cursor in ``session``'s transaction (its role, settings and row-level security).
-
-    For the few hottest reads, whose SQL is fixed: rows come back as ``row(*values)`` (plain
-    tuples without ``row``), with none of SQLAlchemy's per-statement and per-row work. Use it as a
-    context manager; the transaction stays the session's.
-    """
-    connection = session.connection().connection.driver_connection
-    return connection.cursor(row_factory=args_row(row) if row is not None else tuple_row)
