@@ -8,14 +8,15 @@ does not own the tables. Only migrations and operator commands use the connectin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import psycopg
-from sqlalchemy import Engine, Executable, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Session
 
 from email_service.tenancy import Principal
 
@@ -41,6 +42,7 @@ _ENTER_TENANT_DRIVER = (
     " set_config('app.user_id', %(user)s, true)"
 )
 _ENTER_MAINTENANCE = text("SELECT set_config('app.maintenance', 'on', true)")
+_Opened = TypeVar("_Opened", Session, Connection)
 
 
 class Database:
@@ -57,25 +59,28 @@ class Database:
         )
         self._app_role = app_role
 
-    def _begin(self, first: Executable, parameters: dict[str, str]) -> tuple[Session, SessionTransaction]:
-        """A session in a transaction whose first statement has run.
+    def _begin(self, open_: Callable[[], _Opened], first: Callable[[_Opened], object]) -> tuple[_Opened, Any]:
+        """A session or connection from ``open_()`` in a transaction whose ``first`` statement has run.
 
         A pooled connection that died while idle (the database restarted) fails on that first
         statement, before anything was done; SQLAlchemy then drops it and every connection older
         than it, so trying once more on a fresh one is safe and repeats nothing.
         """
         for attempt in (1, 2):
-            session = Session(self.engine, expire_on_commit=False)
-            transaction = session.begin()
+            opened = open_()
+            transaction = opened.begin()
             try:
-                session.execute(first, parameters)
+                first(opened)
             except DBAPIError as exc:
-                session.close()
+                opened.close()
                 if attempt == 1 and exc.connection_invalidated:
                     continue
                 raise
-            return session, transaction
+            return opened, transaction
         raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
 
     @contextmanager
     def tenant_session(self, principal: Principal) -> Iterator[Session]:
@@ -85,7 +90,8 @@ class Database:
         ``SET LOCAL ROLE``, with the name as a parameter rather than spliced into SQL): every API
         request pays for this round trip, so it is one, not two.
         """
-        session, transaction = self._begin(_ENTER_TENANT, self._tenant_parameters(principal))
+        parameters = self._tenant_parameters(principal)
+        session, transaction = self._begin(self._session, lambda session: session.execute(_ENTER_TENANT, parameters))
         with session, transaction:
             yield session
 
@@ -98,21 +104,13 @@ class Database:
         commits when the block ends and rolls back if it raises.
         """
         parameters = self._tenant_parameters(principal)
-        for attempt in (1, 2):
-            connection = self.engine.connect()
-            try:
-                transaction = connection.begin()
-                # Through SQLAlchemy, so a connection that died while idle is recognised (and the
-                # pool's older ones with it), exactly as in _begin.
-                connection.exec_driver_sql(_ENTER_TENANT_DRIVER, parameters)
-            except DBAPIError as exc:
-                connection.close()
-                if attempt == 1 and exc.connection_invalidated:
-                    continue
-                raise
-            with connection, transaction:
-                yield connection.connection.driver_connection
-            return
+        # The role switch goes through SQLAlchemy, so a connection that died while idle is
+        # recognised (and the pool's older ones with it), as for a session.
+        connection, transaction = self._begin(
+            self.engine.connect, lambda connection: connection.exec_driver_sql(_ENTER_TENANT_DRIVER, parameters)
+        )
+        with connection, transaction:
+            yield connection.connection.driver_connection
 
     def _tenant_parameters(self, principal: Principal) -> dict[str, str]:
         return {"role": self._app_role, "tenant": str(principal.tenant_id), "user": str(principal.user_id)}
@@ -124,7 +122,7 @@ class Database:
         For operator commands such as key rotation. The owner is subject to RLS too (FORCE),
         and only its maintenance policy, switched on here explicitly, lets it see rows.
         """
-        session, transaction = self._begin(_ENTER_MAINTENANCE, {})
+        session, transaction = self._begin(self._session, lambda session: session.execute(_ENTER_MAINTENANCE))
         with session, transaction:
             yield session
 
