@@ -71,9 +71,8 @@ def create_account(body: dict[str, Any]) -> tuple[dict, int]:
 
 
 def get_account(account_id: str) -> tuple[dict, int]:
-    rt = runtime()
-    account = service.get_account(rt.db, principal(), account_id)
-    return account_view(account, service.syncing(rt, principal(), [account.id])), 200
+    account, syncing = service.account_and_syncing(runtime().db, principal(), account_id)
+    return account_view(account, {account.id} if syncing else set()), 200
 
 
 def update_account(account_id: str, body: dict[str, Any]) -> tuple[dict, int]:

@@ -219,6 +219,13 @@ def get_account(db: Database, principal: Principal, account_id: str) -> Account:
         return _owned(session, account_id)
 
 
+def account_and_syncing(db: Database, principal: Principal, account_id: str) -> tuple[Account, bool]:
+    """The account and whether a sync of it is running, read in one transaction."""
+    with db.tenant_session(principal) as session:
+        account = _owned(session, account_id)
+        return account, bool(tasks.syncing_in(session, [account.id]))
+
+
 def update_account(
     db: Database,
     cipher: CredentialCipher,
