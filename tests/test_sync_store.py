@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import pytest
 from messages import attachments_message, plain_message, realistic_mix, to_bytes
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from email_service.mail.parse import parse_message
 from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
-from email_service.models import Attachment, Message
+from email_service.models import Attachment, Change, ChangeEntity, ChangeKind, Folder, Message
 from email_service.services.accounts import create_account
 from email_service.storage import ObjectNotFound
 from email_service.tenancy import Principal
@@ -117,6 +117,49 @@ def test_messages_stored_before_are_refused_and_leave_no_objects(runtime, monkey
             continue
         with pytest.raises(ObjectNotFound):
             runtime.objects.open(key)
+
+
+def test_a_batch_keeps_folder_counts_change_log_and_search_exact(runtime):
+    box = mailbox(runtime)
+    first = [to_bytes(plain_message(f"first {n}")) for n in range(3)]
+    assert box.store.add_messages(box.folder, incoming(first))[0] == [1, 2, 3]
+    # Stored again with two new ones, unread: the three already there are refused.
+    raws = [*first, to_bytes(plain_message("unread one")), to_bytes(attachments_message("with files"))]
+    again = [IncomingMessage(raw=raw, uid=n + 1) for n, raw in enumerate(raws)]
+    assert box.store.add_messages(box.folder, again) == ([4, 5], [])
+
+    messages, attachments = stored(box)
+    principal, account_id = box.store.principal, box.store.account_id
+    with box.store.db.tenant_session(principal) as session:
+        folder = session.get(Folder, box.folder.id)
+        assert (folder.message_count, folder.unread_count) == (5, 2)
+        created = session.scalars(
+            select(Change.entity_id).where(
+                Change.account_id == account_id,
+                Change.entity == ChangeEntity.MESSAGE,
+                Change.kind == ChangeKind.CREATED,
+            )
+        ).all()
+        assert sorted(created) == sorted(m.id for m in messages)
+        # Each message is found by search, the one with files by a word of an attachment's name only.
+        for message in messages:
+            words = " & ".join(message.subject.split())
+            found = session.scalars(
+                text("SELECT message_id FROM email_search(:account, to_tsquery('simple', :words))"),
+                {"account": account_id, "words": words},
+            ).all()
+            assert message.id in found
+        found = session.scalars(
+            text("SELECT message_id FROM email_search(:account, plainto_tsquery('simple', 'Résumé'))"),
+            {"account": account_id},
+        ).all()
+        assert found == [messages[-1].id]
+        # The names sync wrote are those the attachments' own trigger would have written.
+        names = session.execute(
+            text("SELECT attachment_names FROM messages WHERE id = :id"), {"id": messages[-1].id}
+        ).scalar_one()
+    assert names == " ".join(a.filename for a in sorted(attachments, key=lambda a: a.id))
+    assert "Résumé" in names
 
 
 class OneAtATime:
