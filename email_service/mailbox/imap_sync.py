@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from email_service.mail.folders import assign_roles, display_name, parent_name, parse_list_line, selectable
 from email_service.mail.parse import parse_message
 from email_service.mail.parse_pool import ParseJob, ParsePool
+from email_service.mailbox.heap import return_large_buffers
 from email_service.mailbox.result import ProgressCallback, SyncResult
 from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
 from email_service.models import Folder
@@ -30,15 +31,15 @@ from email_service.protocols.imap import ImapSession
 log = logging.getLogger(__name__)
 # Up to three batches are held at once (one being fetched, one parsed, one written), so a
 # batch is kept smaller than when each was fetched and stored in turn.
-BATCH_BYTES = 4 * 1024 * 1024
-BATCH_MESSAGES = 200
+BATCH_BYTES = 2 * 1024 * 1024
+BATCH_MESSAGES = 100
 FIRST_BATCH_MESSAGES = 32
 # Below this many new messages a folder is parsed in the job's own process: starting workers
 # would cost more than it saves.
 POOL_MIN_MESSAGES = 64
 # One writer: on two cores a second one (a second PostgreSQL backend) did not pay for the batch
 # of memory it holds; more may on bigger machines.
-WRITER_THREADS = 1
+WRITER_THREADS = 2
 
 
 def remote_folders(lines: Iterable[bytes]) -> list[RemoteFolder]:
@@ -97,6 +98,8 @@ class ImapSync:
         self._pool_tried = False
 
     def run(self) -> SyncResult:
+        # Before the parse workers fork (they inherit it) and the writers start.
+        return_large_buffers()
         try:
             return metrics.sync_finished("imap", self._run())
         finally:
