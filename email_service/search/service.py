@@ -1,10 +1,18 @@
 """Searching an account's messages: full text ranked by ts_rank, filters, keyset pages.
 
-The words are matched against each message's tsvector through ``email_search()`` (see
-migration 0012), which uses the GIN index and returns only the caller's own matches; the
-filters on sender, recipients and subject are prefix queries restricted to the vector's weight
-for that field, so they use the same index. The matches are joined to ``messages`` in the
-caller's tenant session, under its row-level security like every other read.
+The words are matched against each message's tsvector through ``email_search_range()`` (see
+migrations 0012 and 0014), which returns only the caller's own matches, newest first, between
+keyset bounds; the filters on sender, recipients and subject are prefix queries restricted to
+the vector's weight for that field, so they are part of the same match. Filters on the
+message's own columns (read, starred, label, folder, attachments) are applied by joining the
+matches to ``messages`` in the caller's tenant session, under its row-level security like every
+other read; when they drop matches the walk continues below the last match it read, so a filter
+never hides an older message that passes it.
+
+A word query ranks a window: the newest ``RANKED_WINDOW`` matches that pass every filter, by
+``ts_rank``, ties newest first. A cursor keeps the window's oldest key, so later pages rank the
+same window (plus mail that arrived since) and nothing is skipped when new mail pushes older
+matches out of the newest ``RANKED_WINDOW``.
 """
 
 from __future__ import annotations
@@ -12,13 +20,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 
-from sqlalchemy import REAL, ColumnElement, Float, and_, any_, cast, func, literal_column, select, tuple_
+from sqlalchemy import ColumnElement, DateTime, Integer, Text, and_, any_, func, literal, literal_column, select, tuple_
 from sqlalchemy.dialects.postgresql import REGCONFIG, TSQUERY
 from sqlalchemy.orm import Session
 
 from email_service import cursors
 from email_service.db import Database
-from email_service.errors import NotFoundError
+from email_service.errors import ConflictError, NotFoundError
 from email_service.models import Folder, Message
 from email_service.services.mail import _require_account
 from email_service.tenancy import Principal
@@ -28,6 +36,12 @@ _LANGUAGE = func.email_search_language(type_=REGCONFIG)
 _WORD_FIELDS = ("text", "sender", "recipient", "subject")
 # Weights the migration gives each field.
 SUBJECT_WEIGHT, SENDER_WEIGHT, RECIPIENT_WEIGHT = "A", "B", "C"
+# A word query ranks the newest this many matches (that pass the filters): ranking reads every
+# ranked match's vector, and a common word matches most of a mailbox.
+RANKED_WINDOW = 1000
+# Matches read per pass when filters on messages drop some; later passes are sized from the
+# share that passed so far, up to the largest.
+FIRST_PASS, LARGEST_PASS = 1000, 20_000
 
 
 @dataclass(frozen=True)
@@ -94,12 +108,9 @@ def _text_query(query: SearchQuery) -> ColumnElement | None:
     return combined
 
 
-def _conditions(account_id: str, query: SearchQuery) -> list[ColumnElement[bool]]:
-    conditions: list[ColumnElement[bool]] = [Message.account_id == account_id]
-    if query.after is not None:
-        conditions.append(Message.received_at >= query.after)
-    if query.before is not None:
-        conditions.append(Message.received_at < query.before)
+def _message_filters(query: SearchQuery) -> list[ColumnElement[bool]]:
+    """The filters on a message's own columns, which the search index does not hold."""
+    conditions: list[ColumnElement[bool]] = []
     if query.has_attachment is not None:
         conditions.append(Message.attachment_count > 0 if query.has_attachment else Message.attachment_count == 0)
     if query.is_read is not None:
@@ -111,6 +122,126 @@ def _conditions(account_id: str, query: SearchQuery) -> list[ColumnElement[bool]
     if query.folder_id is not None:
         conditions.append(Message.folder_id == query.folder_id)
     return conditions
+
+
+def _conditions(account_id: str, query: SearchQuery) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = [Message.account_id == account_id]
+    if query.after is not None:
+        conditions.append(Message.received_at >= query.after)
+    if query.before is not None:
+        conditions.append(Message.received_at < query.before)
+    return conditions + _message_filters(query)
+
+
+@dataclass(frozen=True)
+class _Match:
+    message_id: str
+    received_at: datetime
+    rank: float
+
+    @property
+    def key(self) -> tuple[datetime, str]:
+        return (self.received_at, self.message_id)
+
+
+def _matches(
+    session: Session,
+    account_id: str,
+    text_query: ColumnElement,
+    query: SearchQuery,
+    *,
+    floor: tuple[datetime, str] | None,
+    older_than: tuple[datetime, str] | None,
+    want: int | None,
+) -> tuple[list[_Match], bool]:
+    """Matches newest first that pass every filter: at most ``want`` (None: all down to ``floor``).
+
+    Only keys at or above ``floor`` and below ``older_than`` count. Also says whether ``want``
+    were found, i.e. whether older matches may have been left out.
+    """
+    filters = _message_filters(query)
+    found: list[_Match] = []
+    read = 0
+    size = (min(FIRST_PASS, 4 * want) if want is not None else FIRST_PASS) if filters else want
+    while True:
+        at = DateTime(timezone=True)
+        matches = (
+            func.email_search_range(
+                literal(account_id, Text),
+                text_query,
+                literal(query.after, at),
+                literal(query.before, at),
+                literal(floor[0] if floor else None, at),
+                literal(floor[1] if floor else None, Text),
+                literal(older_than[0] if older_than else None, at),
+                literal(older_than[1] if older_than else None, Text),
+                literal(size, Integer),
+            )
+            .table_valued("message_id", "received_at", "rank", with_ordinality="n")
+            .render_derived(name="matches")
+        )
+        columns = [matches.c.message_id, matches.c.received_at, matches.c.rank]
+        if not filters:
+            rows = session.execute(select(*columns).order_by(matches.c.n)).all()
+            found = [_Match(row.message_id, row.received_at, row.rank) for row in rows]
+            return found, want is not None and len(found) >= want
+        passes = Message.id.is_not(None).label("passes")
+        rows = session.execute(
+            select(*columns, passes)
+            .select_from(matches.outerjoin(Message, and_(Message.id == matches.c.message_id, *filters)))
+            .order_by(matches.c.n)
+        ).all()
+        read += len(rows)
+        found += [_Match(row.message_id, row.received_at, row.rank) for row in rows if row.passes]
+        if want is not None and len(found) >= want:
+            return found[:want], True
+        if len(rows) < (size or 0):
+            return found, False
+        older_than = (rows[-1].received_at, rows[-1].message_id)
+        # Enough for what is missing at the share that has passed so far, with a margin.
+        needed = (want - len(found)) * read * 5 // (4 * len(found)) if want is not None and found else size * 4
+        size = min(LARGEST_PASS, max(size, needed))
+
+
+def _ranked_page(
+    session: Session,
+    account_id: str,
+    text_query: ColumnElement,
+    query: SearchQuery,
+    *,
+    limit: int,
+    cursor: str | None,
+    fingerprint: str,
+) -> tuple[list[_Match], str | None]:
+    after: tuple[float, datetime, str] | None = None
+    floor: tuple[datetime, str] | None = None
+    if cursor is None:
+        window, full = _matches(session, account_id, text_query, query, floor=None, older_than=None, want=RANKED_WINDOW)
+        # A full window ends at its oldest match; otherwise it held every match.
+        if full:
+            floor = window[-1].key
+    else:
+        after_rank, when, last_id, floor_when, floor_id = cursors.decode(
+            cursor, fingerprint, ((int, float), int, str, (int, type(None)), (str, type(None)))
+        )
+        if (floor_when is None) != (floor_id is None):
+            raise ConflictError("cursor is not one this service gave out", code="INVALID_CURSOR")
+        after = (float(after_rank), cursors.from_micros(when), last_id)
+        if floor_when is not None:
+            floor = (cursors.from_micros(floor_when), floor_id)
+        window, _ = _matches(session, account_id, text_query, query, floor=floor, older_than=None, want=None)
+    ordered = sorted(window, key=lambda match: (match.rank, *match.key), reverse=True)
+    if after is not None:
+        ordered = [match for match in ordered if (match.rank, *match.key) < after]
+    page = ordered[: limit + 1]
+    next_cursor = None
+    if len(page) > limit:
+        last = page[limit - 1]
+        window_end = [cursors.micros(floor[0]), floor[1]] if floor else [None, None]
+        next_cursor = cursors.encode(
+            fingerprint, [last.rank, cursors.micros(last.received_at), last.message_id, *window_end]
+        )
+    return page[:limit], next_cursor
 
 
 def _require(session: Session, account_id: str, folder_id: str | None) -> None:
@@ -135,38 +266,51 @@ def search(
     if "\x00" in (query.label or ""):
         return SearchPage(hits=[], next_cursor=None)
     ranked = has_words(query.text)
-    conditions = _conditions(account_id, query)
-    newest_first = (Message.received_at.desc(), Message.id.desc())
-    statement = select(Message)
-    rank: ColumnElement = literal_column("NULL::real", Float)
-    order = newest_first
     text_query = _text_query(query)
-    if text_query is not None:
-        matches = func.email_search(account_id, text_query).table_valued("message_id", "rank").alias("matches")
-        statement = statement.join(matches, matches.c.message_id == Message.id)
-        if ranked:
-            rank = matches.c.rank
-            order = (rank.desc(), *newest_first)
-    if cursor is not None:
-        if ranked:
-            after_rank, when, last_id = cursors.decode(cursor, fingerprint, ((int, float), int, str))
-            conditions.append(
-                tuple_(rank, Message.received_at, Message.id)
-                # ts_rank is a real; the cursor holds its shortest decimal, which is exact only as a real.
-                < tuple_(cast(float(after_rank), REAL), cursors.from_micros(when), last_id)
-            )
-        else:
-            when, last_id = cursors.decode(cursor, fingerprint, (int, str))
-            conditions.append(tuple_(Message.received_at, Message.id) < tuple_(cursors.from_micros(when), last_id))
     with db.tenant_session(principal) as session:
         _require(session, account_id, query.folder_id)
-        rows = session.execute(
-            statement.add_columns(rank.label("rank")).where(and_(*conditions)).order_by(*order).limit(limit + 1)
-        ).all()
-    hits = [Hit(message=row.Message, rank=row.rank) for row in rows[:limit]]
+        if text_query is None:
+            return _filtered_page(session, account_id, query, limit=limit, cursor=cursor, fingerprint=fingerprint)
+        if ranked:
+            matches, next_cursor = _ranked_page(
+                session, account_id, text_query, query, limit=limit, cursor=cursor, fingerprint=fingerprint
+            )
+        else:
+            older_than = None
+            if cursor is not None:
+                when, last_id = cursors.decode(cursor, fingerprint, (int, str))
+                older_than = (cursors.from_micros(when), last_id)
+            matches, more = _matches(
+                session, account_id, text_query, query, floor=None, older_than=older_than, want=limit + 1
+            )
+            matches = matches[:limit]
+            next_cursor = None
+            if more:
+                last = matches[-1]
+                next_cursor = cursors.encode(fingerprint, [cursors.micros(last.received_at), last.message_id])
+        ids = [match.message_id for match in matches]
+        messages = {message.id: message for message in session.scalars(select(Message).where(Message.id.in_(ids)))}
+    hits = [
+        Hit(message=messages[match.message_id], rank=match.rank if ranked else None)
+        for match in matches
+        if match.message_id in messages
+    ]
+    return SearchPage(hits=hits, next_cursor=next_cursor)
+
+
+def _filtered_page(
+    session: Session, account_id: str, query: SearchQuery, *, limit: int, cursor: str | None, fingerprint: str
+) -> SearchPage:
+    """No words: the messages that pass the filters, newest first."""
+    conditions = _conditions(account_id, query)
+    if cursor is not None:
+        when, last_id = cursors.decode(cursor, fingerprint, (int, str))
+        conditions.append(tuple_(Message.received_at, Message.id) < tuple_(cursors.from_micros(when), last_id))
+    newest_first = (Message.received_at.desc(), Message.id.desc())
+    rows = session.scalars(select(Message).where(and_(*conditions)).order_by(*newest_first).limit(limit + 1)).all()
+    hits = [Hit(message=message, rank=None) for message in rows[:limit]]
     next_cursor = None
     if len(rows) > limit:
-        last = hits[-1]
-        key = [cursors.micros(last.message.received_at), last.message.id]
-        next_cursor = cursors.encode(fingerprint, [last.rank, *key] if ranked else key)
+        last = hits[-1].message
+        next_cursor = cursors.encode(fingerprint, [cursors.micros(last.received_at), last.id])
     return SearchPage(hits=hits, next_cursor=next_cursor)
