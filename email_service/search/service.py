@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, DateTime, Integer, Text, and_, any_, func, literal, literal_column, select, tuple_
-from sqlalchemy.dialects.postgresql import REGCONFIG, TSQUERY
+from sqlalchemy.dialects.postgresql import ARRAY, REGCONFIG, TSQUERY
 from sqlalchemy.orm import Session
 
 from email_service import cursors
@@ -39,9 +39,9 @@ SUBJECT_WEIGHT, SENDER_WEIGHT, RECIPIENT_WEIGHT = "A", "B", "C"
 # A word query ranks the newest this many matches (that pass the filters): ranking reads every
 # ranked match's vector, and a common word matches most of a mailbox.
 RANKED_WINDOW = 1000
-# Matches read per pass when filters on messages drop some; later passes are sized from the
-# share that passed so far, up to the largest.
-FIRST_PASS, LARGEST_PASS = 1000, 20_000
+# Rows read by the first pass of a walk when filters on messages may drop matches; each later
+# pass reads twice as many, up to the largest.
+FIRST_PASS, LARGEST_PASS = 1000, 16_000
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,96 @@ class _Match:
         return (self.received_at, self.message_id)
 
 
+class _Walk:
+    """Matches that pass the filters, newest first, found a pass at a time below where the last pass stopped.
+
+    Complete down to the last key it read: ``found`` holds every match there that passes.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        account_id: str,
+        text_query: ColumnElement,
+        query: SearchQuery,
+        floor: tuple[datetime, str] | None,
+        older_than: tuple[datetime, str] | None,
+    ) -> None:
+        self.session, self.account_id, self.text_query, self.query = session, account_id, text_query, query
+        self.floor, self.older_than = floor, older_than
+        self.filters = _message_filters(query)
+        self.found: list[_Match] = []
+        self.exhausted = False
+
+    def done(self, want: int | None) -> bool:
+        return self.exhausted or (want is not None and len(self.found) >= want)
+
+    def _range(self, size: int | None):  # noqa: ANN202 - a SQLAlchemy table-valued function
+        at = DateTime(timezone=True)
+        floor, older = self.floor, self.older_than
+        return (
+            func.email_search_range(
+                literal(self.account_id, Text),
+                self.text_query,
+                literal(self.query.after, at),
+                literal(self.query.before, at),
+                literal(floor[0] if floor else None, at),
+                literal(floor[1] if floor else None, Text),
+                literal(older[0] if older else None, at),
+                literal(older[1] if older else None, Text),
+                literal(size, Integer),
+            )
+            .table_valued("message_id", "received_at", "rank", with_ordinality="n")
+            .render_derived(name="matches")
+        )
+
+
+class _WordWalk(_Walk):
+    """Reads the matches of the words, then keeps those whose message passes the filters."""
+
+    def step(self, size: int | None) -> None:
+        matches = self._range(size)
+        columns = [matches.c.message_id, matches.c.received_at, matches.c.rank]
+        if not self.filters:
+            rows = self.session.execute(select(*columns, literal(True).label("passes")).order_by(matches.c.n)).all()
+        else:
+            joined = matches.outerjoin(Message, and_(Message.id == matches.c.message_id, *self.filters))
+            passes = Message.id.is_not(None).label("passes")
+            rows = self.session.execute(select(*columns, passes).select_from(joined).order_by(matches.c.n)).all()
+        self.found += [_Match(row.message_id, row.received_at, row.rank) for row in rows if row.passes]
+        self.exhausted = size is None or len(rows) < size
+        if rows:
+            self.older_than = (rows[-1].received_at, rows[-1].message_id)
+
+
+class _FilterWalk(_Walk):
+    """Reads the messages that pass the filters, then asks which of them match the words.
+
+    Cheaper than reading the matches when the filters keep few of them (a folder, starred).
+    """
+
+    def step(self, size: int | None) -> None:
+        conditions = _conditions(self.account_id, self.query)
+        if self.floor is not None:
+            conditions.append(tuple_(Message.received_at, Message.id) >= tuple_(*self.floor))
+        if self.older_than is not None:
+            conditions.append(tuple_(Message.received_at, Message.id) < tuple_(*self.older_than))
+        candidates = self.session.execute(
+            select(Message.id, Message.received_at)
+            .where(and_(*conditions))
+            .order_by(Message.received_at.desc(), Message.id.desc())
+            .limit(size)
+        ).all()
+        if candidates:
+            among = func.email_search_among(
+                literal(self.account_id, Text), self.text_query, literal([row.id for row in candidates], ARRAY(Text))
+            ).table_valued("message_id", "rank")
+            ranks = {row.message_id: row.rank for row in self.session.execute(select(among.c.message_id, among.c.rank))}
+            self.found += [_Match(row.id, row.received_at, ranks[row.id]) for row in candidates if row.id in ranks]
+            self.older_than = (candidates[-1].received_at, candidates[-1].id)
+        self.exhausted = size is None or len(candidates) < size
+
+
 def _matches(
     session: Session,
     account_id: str,
@@ -158,49 +248,25 @@ def _matches(
 
     Only keys at or above ``floor`` and below ``older_than`` count. Also says whether ``want``
     were found, i.e. whether older matches may have been left out.
+
+    With filters on messages, two walks take turns, passes doubling: one through the matches
+    (best when the filters keep most of them, or the words are rare), one through the messages
+    that pass the filters (best when the filters keep few and the words are common). Each is
+    complete down to where it stopped, so the first to finish answers, at most about twice the
+    cost of the better one, without guessing which it is.
     """
-    filters = _message_filters(query)
-    found: list[_Match] = []
-    read = 0
-    size = (min(FIRST_PASS, 4 * want) if want is not None else FIRST_PASS) if filters else want
+    words = _WordWalk(session, account_id, text_query, query, floor, older_than)
+    if not words.filters:
+        words.step(want)
+        return words.found, want is not None and len(words.found) >= want
+    walks = [words, _FilterWalk(session, account_id, text_query, query, floor, older_than)]
+    size = min(FIRST_PASS, 4 * want) if want is not None else FIRST_PASS
     while True:
-        at = DateTime(timezone=True)
-        matches = (
-            func.email_search_range(
-                literal(account_id, Text),
-                text_query,
-                literal(query.after, at),
-                literal(query.before, at),
-                literal(floor[0] if floor else None, at),
-                literal(floor[1] if floor else None, Text),
-                literal(older_than[0] if older_than else None, at),
-                literal(older_than[1] if older_than else None, Text),
-                literal(size, Integer),
-            )
-            .table_valued("message_id", "received_at", "rank", with_ordinality="n")
-            .render_derived(name="matches")
-        )
-        columns = [matches.c.message_id, matches.c.received_at, matches.c.rank]
-        if not filters:
-            rows = session.execute(select(*columns).order_by(matches.c.n)).all()
-            found = [_Match(row.message_id, row.received_at, row.rank) for row in rows]
-            return found, want is not None and len(found) >= want
-        passes = Message.id.is_not(None).label("passes")
-        rows = session.execute(
-            select(*columns, passes)
-            .select_from(matches.outerjoin(Message, and_(Message.id == matches.c.message_id, *filters)))
-            .order_by(matches.c.n)
-        ).all()
-        read += len(rows)
-        found += [_Match(row.message_id, row.received_at, row.rank) for row in rows if row.passes]
-        if want is not None and len(found) >= want:
-            return found[:want], True
-        if len(rows) < (size or 0):
-            return found, False
-        older_than = (rows[-1].received_at, rows[-1].message_id)
-        # Enough for what is missing at the share that has passed so far, with a margin.
-        needed = (want - len(found)) * read * 5 // (4 * len(found)) if want is not None and found else size * 4
-        size = min(LARGEST_PASS, max(size, needed))
+        for walk in walks:
+            walk.step(size)
+            if walk.done(want):
+                return walk.found[:want], want is not None and len(walk.found) >= want
+        size = min(LARGEST_PASS, 2 * size)
 
 
 def _ranked_page(

@@ -17,7 +17,9 @@ them to the planner at once instead of at the next automatic analysis.
 The bounds (a received-at range for the ``after``/``before`` filters, and keyset bounds on
 (received_at, message_id)) let the caller page through matches and continue a walk where the
 last call stopped, which filters on ``messages`` need: the function cannot see those columns.
-Like the function it replaces, it returns only the caller's own tenant and user's matches.
+``email_search_among(account, query, ids)`` says which of some messages match, for the other
+way round: reading the messages that pass such filters and testing only those. Like the
+function they replace, both return only the caller's own tenant and user's matches.
 """
 
 from alembic import op
@@ -68,6 +70,20 @@ def upgrade(app_role: str) -> None:
     """)
     op.execute(f"REVOKE ALL ON FUNCTION email_search_range({RANGE_TYPES}) FROM PUBLIC")
     op.execute(f'GRANT EXECUTE ON FUNCTION email_search_range({RANGE_TYPES}) TO "{app_role}"')
+    # Which of some messages (those that passed filters on messages) match, for a common word
+    # with a filter that keeps few of its matches: read by primary key, not by walking matches.
+    op.execute(f"""
+        CREATE FUNCTION email_search_among(account text, query tsquery, ids text[])
+        RETURNS TABLE (message_id text, rank real)
+        LANGUAGE sql STABLE SECURITY DEFINER SET search_path = "{schema}", pg_catalog AS $$
+            SELECT s.message_id, ts_rank(s.vector, query) FROM message_search s
+            WHERE s.message_id = ANY (ids) AND s.account_id = account AND s.vector @@ query
+              AND s.tenant_id = nullif(current_setting('app.tenant_id', true), '')::uuid
+              AND s.user_id = nullif(current_setting('app.user_id', true), '')::uuid
+        $$
+    """)
+    op.execute("REVOKE ALL ON FUNCTION email_search_among(text, tsquery, text[]) FROM PUBLIC")
+    op.execute(f'GRANT EXECUTE ON FUNCTION email_search_among(text, tsquery, text[]) TO "{app_role}"')
     op.execute("DROP FUNCTION email_search(text, tsquery)")
     op.execute("ANALYZE message_search")
 
@@ -90,5 +106,6 @@ def downgrade(app_role: str) -> None:
     """)
     op.execute("REVOKE ALL ON FUNCTION email_search(text, tsquery) FROM PUBLIC")
     op.execute(f'GRANT EXECUTE ON FUNCTION email_search(text, tsquery) TO "{app_role}"')
+    op.execute("DROP FUNCTION email_search_among(text, tsquery, text[])")
     op.execute(f"DROP FUNCTION email_search_range({RANGE_TYPES})")
     op.execute("DROP INDEX message_search_by_account_received")
