@@ -17,6 +17,7 @@ matches out of the newest ``RANKED_WINDOW``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 
@@ -164,9 +165,34 @@ class _Walk:
         self.filters = _message_filters(query)
         self.found: list[_Match] = []
         self.exhausted = False
+        self.size = 0  # rows the last pass asked for
+        self.read = 0  # rows read so far: matches, or messages that passed the filters
+        self.seconds = 0.0
 
     def done(self, want: int | None) -> bool:
         return self.exhausted or (want is not None and len(self.found) >= want)
+
+    def step(self, size: int | None) -> None:
+        """One pass of at most ``size`` rows (None: to the end)."""
+        start = time.perf_counter()
+        self.read += self._read(size)
+        self.seconds += time.perf_counter() - start
+        self.size = size or 0
+
+    def _read(self, size: int | None) -> int:
+        raise NotImplementedError
+
+    def cost_of_the_rest(self, want: int | None) -> float:
+        """The time the missing matches should take at this walk's pace so far."""
+        missing = RANKED_WINDOW if want is None else want - len(self.found)
+        return missing * self.seconds / max(len(self.found), 0.5)
+
+    def next_size(self, want: int | None) -> int:
+        """Enough rows for the missing matches at the share of rows that passed so far, with a margin."""
+        if want is None or not self.found:
+            return min(LARGEST_PASS, 4 * self.size)
+        missing = want - len(self.found)
+        return max(10, min(LARGEST_PASS, missing * self.read * 5 // (4 * len(self.found)) + 10))
 
     def _range(self, size: int | None):  # noqa: ANN202 - a SQLAlchemy table-valued function
         at = DateTime(timezone=True)
@@ -191,7 +217,7 @@ class _Walk:
 class _WordWalk(_Walk):
     """Reads the matches of the words, then keeps those whose message passes the filters."""
 
-    def step(self, size: int | None) -> None:
+    def _read(self, size: int | None) -> int:
         matches = self._range(size)
         columns = [matches.c.message_id, matches.c.received_at, matches.c.rank]
         if not self.filters:
@@ -204,6 +230,7 @@ class _WordWalk(_Walk):
         self.exhausted = size is None or len(rows) < size
         if rows:
             self.older_than = (rows[-1].received_at, rows[-1].message_id)
+        return len(rows)
 
 
 class _FilterWalk(_Walk):
@@ -212,7 +239,7 @@ class _FilterWalk(_Walk):
     Cheaper than reading the matches when the filters keep few of them (a folder, starred).
     """
 
-    def step(self, size: int | None) -> None:
+    def _read(self, size: int | None) -> int:
         conditions = _conditions(self.account_id, self.query)
         if self.floor is not None:
             conditions.append(tuple_(Message.received_at, Message.id) >= tuple_(*self.floor))
@@ -232,6 +259,7 @@ class _FilterWalk(_Walk):
             self.found += [_Match(row.id, row.received_at, ranks[row.id]) for row in candidates if row.id in ranks]
             self.older_than = (candidates[-1].received_at, candidates[-1].id)
         self.exhausted = size is None or len(candidates) < size
+        return len(candidates)
 
 
 def _matches(
@@ -249,24 +277,26 @@ def _matches(
     Only keys at or above ``floor`` and below ``older_than`` count. Also says whether ``want``
     were found, i.e. whether older matches may have been left out.
 
-    With filters on messages, two walks take turns, passes doubling: one through the matches
-    (best when the filters keep most of them, or the words are rare), one through the messages
-    that pass the filters (best when the filters keep few and the words are common). Each is
-    complete down to where it stopped, so the first to finish answers, at most about twice the
-    cost of the better one, without guessing which it is.
+    With filters on messages there are two ways: walking the matches (best when the filters
+    keep most of them, or the words are rare) or the messages that pass the filters (best when
+    they keep few and the words are common). Each is complete down to where it stopped, so
+    either can answer alone. Both take a first pass; then the one whose pace promises the rest
+    sooner takes the next, sized for what is missing, until one is done.
     """
     words = _WordWalk(session, account_id, text_query, query, floor, older_than)
     if not words.filters:
         words.step(want)
         return words.found, want is not None and len(words.found) >= want
     walks = [words, _FilterWalk(session, account_id, text_query, query, floor, older_than)]
-    size = min(FIRST_PASS, 4 * want) if want is not None else FIRST_PASS
-    while True:
-        for walk in walks:
-            walk.step(size)
-            if walk.done(want):
-                return walk.found[:want], want is not None and len(walk.found) >= want
-        size = min(LARGEST_PASS, 2 * size)
+    first = min(FIRST_PASS, 4 * want) if want is not None else FIRST_PASS
+    for walk in walks:
+        walk.step(first)
+        if walk.done(want):
+            break
+    else:
+        while not (walk := min(walks, key=lambda each: each.cost_of_the_rest(want))).done(want):
+            walk.step(walk.next_size(want))
+    return walk.found[:want], want is not None and len(walk.found) >= want
 
 
 def _ranked_page(
