@@ -6,8 +6,9 @@ keyset bounds; the filters on sender, recipients and subject are prefix queries 
 the vector's weight for that field, so they are part of the same match. Filters on the
 message's own columns (read, starred, label, folder, attachments) are applied by joining the
 matches to ``messages`` in the caller's tenant session, under its row-level security like every
-other read; when they drop matches the walk continues below the last match it read, so a filter
-never hides an older message that passes it.
+other read; when they drop matches the walk continues below the last match it read (or walks
+the messages that pass them instead, see ``_matches``), so a filter never hides an older message
+that passes it.
 
 A word query ranks a window: the newest ``RANKED_WINDOW`` matches that pass every filter, by
 ``ts_rank``, ties newest first. A cursor keeps the window's oldest key, so later pages rank the
@@ -40,8 +41,8 @@ SUBJECT_WEIGHT, SENDER_WEIGHT, RECIPIENT_WEIGHT = "A", "B", "C"
 # A word query ranks the newest this many matches (that pass the filters): ranking reads every
 # ranked match's vector, and a common word matches most of a mailbox.
 RANKED_WINDOW = 1000
-# Rows read by the first pass of a walk when filters on messages may drop matches; each later
-# pass reads twice as many, up to the largest.
+# Rows read by the first pass of a walk when filters on messages may drop matches; later passes
+# are sized for what is missing, up to the largest.
 FIRST_PASS, LARGEST_PASS = 1000, 16_000
 
 
@@ -184,6 +185,8 @@ class _Walk:
 
     def cost_of_the_rest(self, want: int | None) -> float:
         """The time the missing matches should take at this walk's pace so far."""
+        if self.exhausted:
+            return 0.0
         missing = RANKED_WINDOW if want is None else want - len(self.found)
         return missing * self.seconds / max(len(self.found), 0.5)
 
