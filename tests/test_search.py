@@ -253,3 +253,31 @@ def test_a_common_word_with_a_selective_filter_finds_the_older_messages_that_pas
 def test_field_filters_page_through_every_match(status_reports, window_of_four):
     # Without words nothing is ranked, so there is no window: all nine, newest first.
     assert walk(status_reports, subject="status") == [f"Weekly status number{day}" for day in range(8, -1, -1)]
+
+
+def test_new_mail_between_pages_pushes_nothing_out_of_the_pages_still_to_come(
+    sync_client, verifier, dovecot, worker, window_of_four
+):
+    owner = User(verifier)
+    mail_user = dovecot.add_user()
+
+    def deliver(days):
+        for day in days:
+            message = plain_message(f"Weekly status number{day}", "The status is green.\n")
+            dovecot.append(mail_user, "INBOX", to_bytes(message), internaldate=JUNE_2024 + dt.timedelta(days=day))
+
+    deliver(range(6))
+    account_id = create_account(sync_client, owner, imap_account(dovecot, mail_user))
+    assert run_sync(sync_client, owner, account_id)[0]["status"] == "success"
+    mailbox = (sync_client, owner, account_id)
+    first = search(mailbox, q="status", limit=2)
+    assert [m["subject"] for m in first["messages"]] == ["Weekly status number5", "Weekly status number4"]
+    # Two newer reports arrive: the newest four matches are now others, but the pages still
+    # to come are the rest of the four the first page was ranked among.
+    deliver((6, 7))
+    assert run_sync(sync_client, owner, account_id)[0]["status"] == "success"
+    rest = search(mailbox, q="status", limit=2, cursor=first["nextCursor"])
+    assert [m["subject"] for m in rest["messages"]] == ["Weekly status number3", "Weekly status number2"]
+    assert rest["nextCursor"] is None
+    # A new search ranks the newest four.
+    assert walk(mailbox, q="status") == [f"Weekly status number{day}" for day in (7, 6, 5, 4)]
