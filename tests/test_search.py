@@ -189,3 +189,95 @@ def test_the_inbox_by_conversation_pages_newest_first(mailbox):
         if cursor is None:
             break
     assert walked == [c["id"] for c in everything]
+
+
+@pytest.fixture(scope="module")
+def status_reports(sync_client, verifier, dovecot, worker):
+    """Nine reports with the same words: six recent in the inbox, three older archived (one starred)."""
+    owner = User(verifier)
+    mail_user = dovecot.add_user()
+    dovecot.create_folder(mail_user, "Archive")
+    for day in range(9):
+        folder = "Archive" if day < 3 else "INBOX"
+        message = plain_message(f"Weekly status number{day}", "The status is green.\n")
+        flags = ["\\Flagged"] if day == 1 else []
+        dovecot.append(
+            mail_user, folder, to_bytes(message), flags=flags, internaldate=JUNE_2024 + dt.timedelta(days=day)
+        )
+    account_id = create_account(sync_client, owner, imap_account(dovecot, mail_user))
+    assert run_sync(sync_client, owner, account_id)[0]["status"] == "success"
+    return sync_client, owner, account_id
+
+
+def walk(mailbox, **params) -> list[str]:
+    """Every page of a search, by following its cursor, as subjects."""
+    walked, cursor = [], None
+    for _ in range(20):
+        page = search(mailbox, limit=2, **params, **({"cursor": cursor} if cursor else {}))
+        walked += [m["subject"] for m in page["messages"]]
+        cursor = page["nextCursor"]
+        if cursor is None:
+            return walked
+    raise AssertionError("the cursor never ended")
+
+
+@pytest.fixture
+def window_of_four(monkeypatch):
+    # The ranked window and the first pass over matches, made small enough for nine messages.
+    from email_service.search import service
+
+    monkeypatch.setattr(service, "RANKED_WINDOW", 4)
+    monkeypatch.setattr(service, "FIRST_PASS", 2)
+
+
+def test_a_word_ranks_its_newest_matches_only(status_reports, window_of_four):
+    # Equal ranks: newest first, and only the newest four of nine.
+    assert walk(status_reports, q="status") == [f"Weekly status number{day}" for day in (8, 7, 6, 5)]
+
+
+def test_a_common_word_with_a_selective_filter_finds_the_older_messages_that_pass_it(status_reports, window_of_four):
+    client, owner, account_id = status_reports
+    archive = folders_by_name(client, owner, account_id)["Archive"]
+    # None of the archived reports is among the newest four matches; they are still found.
+    assert walk(status_reports, q="status", folderId=archive["id"]) == [
+        "Weekly status number2",
+        "Weekly status number1",
+        "Weekly status number0",
+    ]
+    assert walk(status_reports, q="status", isStarred="true") == ["Weekly status number1"]
+    assert walk(status_reports, q="status", isRead="false", before=int(JUNE_2024.timestamp() + 86400 * 5) * MS) == [
+        f"Weekly status number{day}" for day in (4, 3, 2, 1)
+    ]
+
+
+def test_field_filters_page_through_every_match(status_reports, window_of_four):
+    # Without words nothing is ranked, so there is no window: all nine, newest first.
+    assert walk(status_reports, subject="status") == [f"Weekly status number{day}" for day in range(8, -1, -1)]
+
+
+def test_new_mail_between_pages_pushes_nothing_out_of_the_pages_still_to_come(
+    sync_client, verifier, dovecot, worker, window_of_four
+):
+    owner = User(verifier)
+    mail_user = dovecot.add_user()
+
+    def deliver(days):
+        for day in days:
+            message = plain_message(f"Weekly status number{day}", "The status is green.\n")
+            dovecot.append(mail_user, "INBOX", to_bytes(message), internaldate=JUNE_2024 + dt.timedelta(days=day))
+
+    deliver(range(6))
+    account_id = create_account(sync_client, owner, imap_account(dovecot, mail_user))
+    assert run_sync(sync_client, owner, account_id)[0]["status"] == "success"
+    mailbox = (sync_client, owner, account_id)
+    first = search(mailbox, q="status", limit=2)
+    assert [m["subject"] for m in first["messages"]] == ["Weekly status number5", "Weekly status number4"]
+    # Two newer reports arrive: the newest four matches are now others, but the pages still
+    # to come are the rest of the four the first page was ranked among.
+    deliver((6, 7))
+    assert run_sync(sync_client, owner, account_id)[0]["status"] == "success"
+    rest = search(mailbox, q="status", limit=2, cursor=first["nextCursor"])
+    assert [m["subject"] for m in rest["messages"]] == ["Weekly status number3", "Weekly status number2"]
+    assert rest["nextCursor"] is None
+    # A new search ranks the newest four.
+    assert walk(mailbox, q="status") == [f"Weekly status number{day}" for day in (7, 6, 5, 4)]

@@ -1,24 +1,48 @@
 """Searching an account's messages: full text ranked by ts_rank, filters, keyset pages.
 
-The words are matched against each message's tsvector through ``email_search()`` (see
-migration 0012), which uses the GIN index and returns only the caller's own matches; the
-filters on sender, recipients and subject are prefix queries restricted to the vector's weight
-for that field, so they use the same index. The matches are joined to ``messages`` in the
-caller's tenant session, under its row-level security like every other read.
+The words are matched against each message's tsvector through ``email_search_range()`` (see
+migrations 0012 and 0014), which returns only the caller's own matches, newest first, between
+keyset bounds; the filters on sender, recipients and subject are prefix queries restricted to
+the vector's weight for that field, so they are part of the same match. Filters on the
+message's own columns (read, starred, label, folder, attachments) are applied by joining the
+matches to ``messages`` in the caller's tenant session, under its row-level security like every
+other read; when they drop matches the walk continues below the last match it read (or walks
+the messages that pass them instead, see ``_matches``), so a filter never hides an older message
+that passes it.
+
+A word query ranks a window: the newest ``RANKED_WINDOW`` matches that pass every filter, by
+``ts_rank``, ties newest first. A cursor keeps the window's oldest key, so later pages rank the
+same window (plus mail that arrived since) and nothing is skipped when new mail pushes older
+matches out of the newest ``RANKED_WINDOW``.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 
-from sqlalchemy import REAL, ColumnElement, Float, and_, any_, cast, func, literal_column, select, tuple_
-from sqlalchemy.dialects.postgresql import REGCONFIG, TSQUERY
+from sqlalchemy import (
+    REAL,
+    ColumnElement,
+    DateTime,
+    Integer,
+    Text,
+    and_,
+    any_,
+    cast,
+    func,
+    literal,
+    literal_column,
+    select,
+    tuple_,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, REGCONFIG, TSQUERY
 from sqlalchemy.orm import Session
 
 from email_service import cursors
 from email_service.db import Database
-from email_service.errors import NotFoundError
+from email_service.errors import ConflictError, NotFoundError
 from email_service.models import Folder, Message
 from email_service.services.mail import _require_account
 from email_service.tenancy import Principal
@@ -28,6 +52,12 @@ _LANGUAGE = func.email_search_language(type_=REGCONFIG)
 _WORD_FIELDS = ("text", "sender", "recipient", "subject")
 # Weights the migration gives each field.
 SUBJECT_WEIGHT, SENDER_WEIGHT, RECIPIENT_WEIGHT = "A", "B", "C"
+# A word query ranks the newest this many matches (that pass the filters): ranking reads every
+# ranked match's vector, and a common word matches most of a mailbox.
+RANKED_WINDOW = 1000
+# Rows read by the first pass of a walk when filters on messages may drop matches; later passes
+# are sized for what is missing, up to the largest.
+FIRST_PASS, LARGEST_PASS = 1000, 16_000
 
 
 @dataclass(frozen=True)
@@ -94,12 +124,9 @@ def _text_query(query: SearchQuery) -> ColumnElement | None:
     return combined
 
 
-def _conditions(account_id: str, query: SearchQuery) -> list[ColumnElement[bool]]:
-    conditions: list[ColumnElement[bool]] = [Message.account_id == account_id]
-    if query.after is not None:
-        conditions.append(Message.received_at >= query.after)
-    if query.before is not None:
-        conditions.append(Message.received_at < query.before)
+def _message_filters(query: SearchQuery) -> list[ColumnElement[bool]]:
+    """The filters on a message's own columns, which the search index does not hold."""
+    conditions: list[ColumnElement[bool]] = []
     if query.has_attachment is not None:
         conditions.append(Message.attachment_count > 0 if query.has_attachment else Message.attachment_count == 0)
     if query.is_read is not None:
@@ -111,6 +138,274 @@ def _conditions(account_id: str, query: SearchQuery) -> list[ColumnElement[bool]
     if query.folder_id is not None:
         conditions.append(Message.folder_id == query.folder_id)
     return conditions
+
+
+def _conditions(account_id: str, query: SearchQuery) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = [Message.account_id == account_id]
+    if query.after is not None:
+        conditions.append(Message.received_at >= query.after)
+    if query.before is not None:
+        conditions.append(Message.received_at < query.before)
+    return conditions + _message_filters(query)
+
+
+@dataclass(frozen=True)
+class _Match:
+    message_id: str
+    received_at: datetime
+    rank: float
+
+    @property
+    def key(self) -> tuple[datetime, str]:
+        return (self.received_at, self.message_id)
+
+
+class _Walk:
+    """Matches that pass the filters, newest first, found a pass at a time below where the last pass stopped.
+
+    Complete down to the last key it read: ``found`` holds every match there that passes.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        account_id: str,
+        text_query: ColumnElement,
+        query: SearchQuery,
+        floor: tuple[datetime, str] | None,
+        older_than: tuple[datetime, str] | None,
+    ) -> None:
+        self.session, self.account_id, self.text_query, self.query = session, account_id, text_query, query
+        self.floor, self.older_than = floor, older_than
+        self.filters = _message_filters(query)
+        self.found: list[_Match] = []
+        self.exhausted = False
+        self.size = 0  # rows the last pass asked for
+        self.read = 0  # rows read so far: matches, or messages that passed the filters
+        self.seconds = 0.0
+
+    def done(self, want: int | None) -> bool:
+        return self.exhausted or (want is not None and len(self.found) >= want)
+
+    def step(self, size: int | None) -> None:
+        """One pass of at most ``size`` rows (None: to the end)."""
+        start = time.perf_counter()
+        self.read += self._read(size)
+        self.seconds += time.perf_counter() - start
+        self.size = size or 0
+
+    def _read(self, size: int | None) -> int:
+        raise NotImplementedError
+
+    def cost_of_the_rest(self, want: int | None) -> float:
+        """The time the missing matches should take at this walk's pace so far."""
+        if self.exhausted:
+            return 0.0
+        missing = RANKED_WINDOW if want is None else want - len(self.found)
+        return missing * self.seconds / max(len(self.found), 0.5)
+
+    def next_size(self, want: int | None) -> int:
+        """Enough rows for the missing matches at the share of rows that passed so far, with a margin."""
+        if want is None or not self.found:
+            return min(LARGEST_PASS, 4 * self.size)
+        missing = want - len(self.found)
+        return max(10, min(LARGEST_PASS, missing * self.read * 5 // (4 * len(self.found)) + 10))
+
+    def _range(self, size: int | None):  # noqa: ANN202 - a SQLAlchemy table-valued function
+        at = DateTime(timezone=True)
+        floor, older = self.floor, self.older_than
+        return (
+            func.email_search_range(
+                literal(self.account_id, Text),
+                self.text_query,
+                literal(self.query.after, at),
+                literal(self.query.before, at),
+                literal(floor[0] if floor else None, at),
+                literal(floor[1] if floor else None, Text),
+                literal(older[0] if older else None, at),
+                literal(older[1] if older else None, Text),
+                literal(size, Integer),
+            )
+            .table_valued("message_id", "received_at", "rank", with_ordinality="n")
+            .render_derived(name="matches")
+        )
+
+
+class _WordWalk(_Walk):
+    """Reads the matches of the words, then keeps those whose message passes the filters."""
+
+    def _read(self, size: int | None) -> int:
+        matches = self._range(size)
+        columns = [matches.c.message_id, matches.c.received_at, matches.c.rank]
+        if not self.filters:
+            rows = self.session.execute(select(*columns, literal(True).label("passes")).order_by(matches.c.n)).all()
+        else:
+            joined = matches.outerjoin(Message, and_(Message.id == matches.c.message_id, *self.filters))
+            passes = Message.id.is_not(None).label("passes")
+            rows = self.session.execute(select(*columns, passes).select_from(joined).order_by(matches.c.n)).all()
+        self.found += [_Match(row.message_id, row.received_at, row.rank) for row in rows if row.passes]
+        self.exhausted = size is None or len(rows) < size
+        if rows:
+            self.older_than = (rows[-1].received_at, rows[-1].message_id)
+        return len(rows)
+
+
+class _FilterWalk(_Walk):
+    """Reads the messages that pass the filters, then asks which of them match the words.
+
+    Cheaper than reading the matches when the filters keep few of them (a folder, starred).
+    """
+
+    def _read(self, size: int | None) -> int:
+        conditions = _conditions(self.account_id, self.query)
+        if self.floor is not None:
+            conditions.append(tuple_(Message.received_at, Message.id) >= tuple_(*self.floor))
+        if self.older_than is not None:
+            conditions.append(tuple_(Message.received_at, Message.id) < tuple_(*self.older_than))
+        candidates = self.session.execute(
+            select(Message.id, Message.received_at)
+            .where(and_(*conditions))
+            .order_by(Message.received_at.desc(), Message.id.desc())
+            .limit(size)
+        ).all()
+        if candidates:
+            among = func.email_search_among(
+                literal(self.account_id, Text), self.text_query, literal([row.id for row in candidates], ARRAY(Text))
+            ).table_valued("message_id", "rank")
+            ranks = {row.message_id: row.rank for row in self.session.execute(select(among.c.message_id, among.c.rank))}
+            self.found += [_Match(row.id, row.received_at, ranks[row.id]) for row in candidates if row.id in ranks]
+            self.older_than = (candidates[-1].received_at, candidates[-1].id)
+        self.exhausted = size is None or len(candidates) < size
+        return len(candidates)
+
+
+def _matches(
+    session: Session,
+    account_id: str,
+    text_query: ColumnElement,
+    query: SearchQuery,
+    *,
+    floor: tuple[datetime, str] | None,
+    older_than: tuple[datetime, str] | None,
+    want: int | None,
+) -> tuple[list[_Match], bool]:
+    """Matches newest first that pass every filter: at most ``want`` (None: all down to ``floor``).
+
+    Only keys at or above ``floor`` and below ``older_than`` count. Also says whether ``want``
+    were found, i.e. whether older matches may have been left out.
+
+    With filters on messages there are two ways: walking the matches (best when the filters
+    keep most of them, or the words are rare) or the messages that pass the filters (best when
+    they keep few and the words are common). Each is complete down to where it stopped, so
+    either can answer alone. Both take a first pass; then the one whose pace promises the rest
+    sooner takes the next, sized for what is missing, until one is done.
+    """
+    words = _WordWalk(session, account_id, text_query, query, floor, older_than)
+    if not words.filters:
+        words.step(want)
+        return words.found, want is not None and len(words.found) >= want
+    walks = [words, _FilterWalk(session, account_id, text_query, query, floor, older_than)]
+    first = min(FIRST_PASS, 4 * want) if want is not None else FIRST_PASS
+    for walk in walks:
+        walk.step(first)
+        if walk.done(want):
+            break
+    else:
+        while not (walk := min(walks, key=lambda each: each.cost_of_the_rest(want))).done(want):
+            walk.step(walk.next_size(want))
+    return walk.found[:want], want is not None and len(walk.found) >= want
+
+
+def _best_of_window(
+    session: Session,
+    account_id: str,
+    text_query: ColumnElement,
+    query: SearchQuery,
+    *,
+    floor: tuple[datetime, str] | None,
+    after: tuple[float, datetime, str] | None,
+    limit: int,
+) -> tuple[list[_Match], tuple[datetime, str] | None]:
+    """With no filters on messages: a page of the window, ranked by PostgreSQL, and the window's end.
+
+    Only the page comes back rather than the whole window: building 1,000 rows in Python per
+    search set off the interpreter's full garbage collections, 30 ms every few dozen searches.
+    The end is the window's oldest match when the window is full (first page only).
+    """
+    matches = _WordWalk(session, account_id, text_query, query, floor, None)._range(
+        RANKED_WINDOW if floor is None and after is None else None
+    )
+    oldest_first = {"order_by": matches.c.n.desc(), "rows": (None, None)}
+    window = select(
+        matches.c.message_id,
+        matches.c.received_at,
+        matches.c.rank,
+        func.count().over().label("size"),
+        func.first_value(matches.c.received_at).over(**oldest_first).label("end_at"),
+        func.first_value(matches.c.message_id).over(**oldest_first).label("end_id"),
+    ).subquery("window")
+    statement = select(
+        window.c.message_id, window.c.received_at, window.c.rank, window.c.size, window.c.end_at, window.c.end_id
+    )
+    if after is not None:
+        # ts_rank is a real; the cursor holds its shortest decimal, which is exact only as a real.
+        statement = statement.where(
+            tuple_(window.c.rank, window.c.received_at, window.c.message_id)
+            < tuple_(cast(after[0], REAL), after[1], after[2])
+        )
+    rows = session.execute(
+        statement.order_by(window.c.rank.desc(), window.c.received_at.desc(), window.c.message_id.desc()).limit(
+            limit + 1
+        )
+    ).all()
+    end = (rows[0].end_at, rows[0].end_id) if rows and rows[0].size >= RANKED_WINDOW else None
+    return [_Match(row.message_id, row.received_at, row.rank) for row in rows], end
+
+
+def _ranked_page(
+    session: Session,
+    account_id: str,
+    text_query: ColumnElement,
+    query: SearchQuery,
+    *,
+    limit: int,
+    cursor: str | None,
+    fingerprint: str,
+) -> tuple[list[_Match], str | None]:
+    after: tuple[float, datetime, str] | None = None
+    floor: tuple[datetime, str] | None = None
+    if cursor is not None:
+        after_rank, when, last_id, floor_when, floor_id = cursors.decode(
+            cursor, fingerprint, ((int, float), int, str, (int, type(None)), (str, type(None)))
+        )
+        if (floor_when is None) != (floor_id is None):
+            raise ConflictError("cursor is not one this service gave out", code="INVALID_CURSOR")
+        after = (float(after_rank), cursors.from_micros(when), last_id)
+        if floor_when is not None:
+            floor = (cursors.from_micros(floor_when), floor_id)
+    if not _message_filters(query):
+        page, end = _best_of_window(session, account_id, text_query, query, floor=floor, after=after, limit=limit)
+        if cursor is None:
+            floor = end
+    else:
+        # Later pages rank everything down to the first page's window end (None: every match).
+        want = RANKED_WINDOW if cursor is None else None
+        window, full = _matches(session, account_id, text_query, query, floor=floor, older_than=None, want=want)
+        # A full window ends at its oldest match; otherwise it held every match.
+        if cursor is None and full:
+            floor = window[-1].key
+        ordered = sorted(window, key=lambda match: (match.rank, *match.key), reverse=True)
+        if after is not None:
+            ordered = [match for match in ordered if (match.rank, *match.key) < after]
+        page = ordered[: limit + 1]
+    next_cursor = None
+    if len(page) > limit:
+        last = page[limit - 1]
+        window_end = [cursors.micros(floor[0]), floor[1]] if floor else [None, None]
+        next_cursor = cursors.encode(
+            fingerprint, [last.rank, cursors.micros(last.received_at), last.message_id, *window_end]
+        )
+    return page[:limit], next_cursor
 
 
 def _require(session: Session, account_id: str, folder_id: str | None) -> None:
@@ -135,38 +430,53 @@ def search(
     if "\x00" in (query.label or ""):
         return SearchPage(hits=[], next_cursor=None)
     ranked = has_words(query.text)
-    conditions = _conditions(account_id, query)
-    newest_first = (Message.received_at.desc(), Message.id.desc())
-    statement = select(Message)
-    rank: ColumnElement = literal_column("NULL::real", Float)
-    order = newest_first
     text_query = _text_query(query)
-    if text_query is not None:
-        matches = func.email_search(account_id, text_query).table_valued("message_id", "rank").alias("matches")
-        statement = statement.join(matches, matches.c.message_id == Message.id)
-        if ranked:
-            rank = matches.c.rank
-            order = (rank.desc(), *newest_first)
-    if cursor is not None:
-        if ranked:
-            after_rank, when, last_id = cursors.decode(cursor, fingerprint, ((int, float), int, str))
-            conditions.append(
-                tuple_(rank, Message.received_at, Message.id)
-                # ts_rank is a real; the cursor holds its shortest decimal, which is exact only as a real.
-                < tuple_(cast(float(after_rank), REAL), cursors.from_micros(when), last_id)
-            )
-        else:
-            when, last_id = cursors.decode(cursor, fingerprint, (int, str))
-            conditions.append(tuple_(Message.received_at, Message.id) < tuple_(cursors.from_micros(when), last_id))
     with db.tenant_session(principal) as session:
         _require(session, account_id, query.folder_id)
-        rows = session.execute(
-            statement.add_columns(rank.label("rank")).where(and_(*conditions)).order_by(*order).limit(limit + 1)
-        ).all()
-    hits = [Hit(message=row.Message, rank=row.rank) for row in rows[:limit]]
+        if text_query is None:
+            return _filtered_page(session, account_id, query, limit=limit, cursor=cursor, fingerprint=fingerprint)
+        if ranked:
+            matches, next_cursor = _ranked_page(
+                session, account_id, text_query, query, limit=limit, cursor=cursor, fingerprint=fingerprint
+            )
+        else:
+            older_than = None
+            if cursor is not None:
+                when, last_id = cursors.decode(cursor, fingerprint, (int, str))
+                older_than = (cursors.from_micros(when), last_id)
+            matches, more = _matches(
+                session, account_id, text_query, query, floor=None, older_than=older_than, want=limit + 1
+            )
+            matches = matches[:limit]
+            next_cursor = None
+            if more:
+                last = matches[-1]
+                next_cursor = cursors.encode(fingerprint, [cursors.micros(last.received_at), last.message_id])
+        ids = [match.message_id for match in matches]
+        # Not asked with no ids: an empty IN under row-level security is planned as a scan.
+        found = session.scalars(select(Message).where(Message.id.in_(ids))) if ids else []
+        messages = {message.id: message for message in found}
+    hits = [
+        Hit(message=messages[match.message_id], rank=match.rank if ranked else None)
+        for match in matches
+        if match.message_id in messages
+    ]
+    return SearchPage(hits=hits, next_cursor=next_cursor)
+
+
+def _filtered_page(
+    session: Session, account_id: str, query: SearchQuery, *, limit: int, cursor: str | None, fingerprint: str
+) -> SearchPage:
+    """No words: the messages that pass the filters, newest first."""
+    conditions = _conditions(account_id, query)
+    if cursor is not None:
+        when, last_id = cursors.decode(cursor, fingerprint, (int, str))
+        conditions.append(tuple_(Message.received_at, Message.id) < tuple_(cursors.from_micros(when), last_id))
+    newest_first = (Message.received_at.desc(), Message.id.desc())
+    rows = session.scalars(select(Message).where(and_(*conditions)).order_by(*newest_first).limit(limit + 1)).all()
+    hits = [Hit(message=message, rank=None) for message in rows[:limit]]
     next_cursor = None
     if len(rows) > limit:
-        last = hits[-1]
-        key = [cursors.micros(last.message.received_at), last.message.id]
-        next_cursor = cursors.encode(fingerprint, [last.rank, *key] if ranked else key)
+        last = hits[-1].message
+        next_cursor = cursors.encode(fingerprint, [cursors.micros(last.received_at), last.id])
     return SearchPage(hits=hits, next_cursor=next_cursor)
