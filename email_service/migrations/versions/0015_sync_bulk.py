@@ -16,7 +16,7 @@ from alembic import op
 from sqlalchemy import text
 
 revision = "0015"
-down_revision = "0013"  # re-chained to "0014" at merge
+down_revision = "0014"
 branch_labels = None
 depends_on = None
 
