@@ -145,13 +145,13 @@ def test_a_batch_keeps_folder_counts_change_log_and_search_exact(runtime):
         for message in messages:
             words = " & ".join(message.subject.split())
             found = session.scalars(
-                text("SELECT message_id FROM email_search(:account, to_tsquery('simple', :words))"),
-                {"account": account_id, "words": words},
+                text("SELECT message_id FROM email_search_among(:account, to_tsquery('simple', :words), :ids)"),
+                {"account": account_id, "words": words, "ids": [m.id for m in messages]},
             ).all()
             assert message.id in found
         found = session.scalars(
-            text("SELECT message_id FROM email_search(:account, plainto_tsquery('simple', 'Résumé'))"),
-            {"account": account_id},
+            text("SELECT message_id FROM email_search_among(:account, plainto_tsquery('simple', 'Résumé'), :ids)"),
+            {"account": account_id, "ids": [m.id for m in messages]},
         ).all()
         assert found == [messages[-1].id]
         # The names sync wrote are those the attachments' own trigger would have written.
