@@ -15,6 +15,7 @@ requests/s and the ratio service/baseline for each case. --million adds an accou
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -194,19 +195,90 @@ def serve_baseline() -> None:
     uvicorn.run(app, host="127.0.0.1", port=config["port"], http="h11", log_level="warning", lifespan="off")
 
 
+# -- the framework's floor ---------------------------------------------------------------------
+
+FLOOR_PATH = "/api/{account}/floor"
+FLOOR_SPEC = {
+    "openapi": "3.0.3",
+    "info": {"title": "floor", "version": "1"},
+    "paths": {
+        "/api/{accountId}/floor": {
+            "get": {
+                "operationId": "list.floor_operation",
+                "parameters": [{"name": "accountId", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "security": [{"bearer": []}],
+                "responses": {"200": {"description": "the page", "content": {"application/json": {}}}},
+            }
+        }
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "x-bearerInfoFunc": "list.floor_token_info"}}
+    },
+}
+
+
+def floor_token_info(token: str) -> dict:
+    return {"sub": "floor"}  # the framework's cost alone: no token is checked
+
+
+def floor_operation(account_id: str):  # noqa: ANN201 - a Flask response
+    import flask
+
+    return flask.Response(_floor_body(), mimetype="application/json")
+
+
+@functools.cache
+def _floor_body() -> bytes:
+    # Read here, not handed over: Connexion imports this file afresh as the module "list".
+    return Path(json.loads(os.environ["BENCH_FLOOR"])["body"]).read_bytes()
+
+
+def serve_floor() -> None:
+    """One operation answering fixed bytes: behind Connexion's FlaskApp (security, validation,
+    Flask in its threads), as the service's operations are, or in bare Starlette."""
+    import uvicorn
+
+    config = json.loads(os.environ["BENCH_FLOOR"])
+    if config["kind"] == "connexion":
+        from connexion import FlaskApp
+
+        app = FlaskApp(__name__)
+        app.add_api(FLOOR_SPEC)
+    else:
+        from starlette.applications import Starlette
+        from starlette.responses import Response
+        from starlette.routing import Route
+
+        def page(request: Request) -> Response:
+            return Response(_floor_body(), media_type="application/json")
+
+        app = Starlette(routes=[Route(FLOOR_PATH, page)])
+    uvicorn.run(app, host="127.0.0.1", port=config["port"], http="h11", log_level="warning", lifespan="off")
+
+
 class Baseline:
-    def __init__(self, settings, mailbox: Mailbox) -> None:
+    def __init__(self, settings, mailbox: Mailbox | None, *, floor: tuple[str, Path] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = {
-            "database_url": settings.database_url,
-            "app_role": settings.db_app_role,
-            "tenant": str(mailbox.principal.tenant_id),
-            "user": str(mailbox.principal.user_id),
-            "port": self.port,
-        }
-        env = {**os.environ, "BENCH_BASELINE": json.dumps(config)}
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-baseline"], env=env)
+        if floor is not None:
+            env = {
+                **os.environ,
+                "BENCH_FLOOR": json.dumps({"kind": floor[0], "body": str(floor[1]), "port": self.port}),
+            }
+            self.proc = subprocess.Popen(
+                [sys.executable, __file__, "--serve-floor"], env=env, cwd=Path(__file__).parent
+            )
+        else:
+            assert mailbox is not None
+            config = {
+                "database_url": settings.database_url,
+                "app_role": settings.db_app_role,
+                "tenant": str(mailbox.principal.tenant_id),
+                "user": str(mailbox.principal.user_id),
+                "port": self.port,
+            }
+            env = {**os.environ, "BENCH_BASELINE": json.dumps(config)}
+            self.proc = subprocess.Popen([sys.executable, __file__, "--serve-baseline"], env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -404,6 +476,41 @@ def run_100k(
         run_cases(args, service_url, baseline.url, box)
     finally:
         baseline.stop()
+    run_floor(args, service_url, box)
+
+
+def run_floor(args: argparse.Namespace, service_url: str, box: Mailbox) -> None:
+    """What any operation costs behind Connexion's FlaskApp, against bare Starlette, in this run.
+
+    Both answer the bytes of a 50-message page with no database and no token check, so the ratio
+    is the framework's alone: the most any operation of the service can reach within it.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".json") as body:
+        body.write(httpx.get(service_url + box.messages_path("small"), headers=box.headers).content)
+        body.flush()
+        apps = [Baseline(None, None, floor=(kind, Path(body.name))) for kind in ("connexion", "starlette")]
+        try:
+            connexion_app, starlette_app = apps
+            path = FLOOR_PATH.format(account=box.account_id)
+            with httpx.Client(base_url=connexion_app.url) as framed, httpx.Client(base_url=starlette_app.url) as bare:
+                spent = timed(framed, bare, lambda _i: path, args.requests, {"Authorization": "Bearer floor"})
+            line("floor: fixed page, Connexion FlaskApp vs Starlette", *spent)
+            framed_rate, bare_rate = paired_throughput(
+                connexion_app.url,
+                starlette_app.url,
+                path,
+                {"Authorization": "Bearer floor"},
+                args.clients,
+                args.duration,
+            )
+            print(
+                f"floor: {args.clients} clients, {args.duration:.0f} s, fixed page  Connexion {framed_rate:7.1f} req/s"
+                f" | Starlette {bare_rate:7.1f} req/s | ratio {framed_rate / bare_rate:.2f}x",
+                flush=True,
+            )
+        finally:
+            for app in apps:
+                app.stop()
 
 
 def vacuum(runtime: Runtime) -> None:
@@ -421,9 +528,13 @@ def main() -> None:
     parser.add_argument("--million", action="store_true", help="also build and time a 1,000,000-message folder")
     parser.add_argument("--only-million", action="store_true", help="the 1,000,000-message folder alone")
     parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_baseline:
         serve_baseline()
+        return
+    if args.serve_floor:
+        serve_floor()
         return
     if not (min(args.requests, args.deep_requests) >= 1 and max(args.requests, args.deep_requests) <= 100_000):
         parser.error("need 1 <= requests, deep-requests <= 100000")
