@@ -221,7 +221,7 @@ def floor_token_info(token: str) -> dict:
     return {"sub": "floor"}  # the framework's cost alone: no token is checked
 
 
-def floor_operation(account_id: str):  # noqa: ANN201 - a Flask response
+def floor_operation(accountId: str):  # noqa: ANN201, N803 - a Flask response; the spec's name
     import flask
 
     return flask.Response(_floor_body(), mimetype="application/json")
