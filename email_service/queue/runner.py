@@ -325,12 +325,15 @@ def reap(runtime: Runtime, *, lost_after: float = 60.0) -> dict[str, int]:
         removed = session.execute(
             delete(Task).where(and_(Task.finished_at.is_not(None), Task.finished_at < now - RETENTION))
         ).rowcount
+        for task in failed:
+            # As in _fail: what the task worked on says so before the task's failure commits (the
+            # rows stay locked meanwhile), so a stop in between leaves the task to be reaped again
+            # rather than failed with its message still "sending".
+            log.warning("task %s (%s) lost its worker too often; failing it", task.id, task.kind)
+            run_failure_hook(runtime, task.kind, _orphan_context(runtime, task), task.error or "", False)
     for task in resumed:
         log.warning("task %s (%s) lost its worker; resuming it", task.id, task.kind)
         push(runtime, task.id, _principal(task), task.kind)
-    for task in failed:
-        log.warning("task %s (%s) lost its worker too often; failing it", task.id, task.kind)
-        run_failure_hook(runtime, task.kind, _orphan_context(runtime, task), task.error or "", False)
     for task in waiting:
         if not _carrier_alive(runtime, task.carrier_id):
             log.warning("task %s (%s) had no carrier job (Redis lost it?); pushing it again", task.id, task.kind)
