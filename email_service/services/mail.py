@@ -25,7 +25,8 @@ SORTS = {
     "from:asc": (Message.from_address, False),
     "from:desc": (Message.from_address, True),
 }
-FILTERS = {"all": None, "read": Message.is_read.is_(True), "unread": Message.is_read.is_(False)}
+# filter -> the condition it adds to a page's WHERE clause (see _page_sql).
+FILTERS = {"all": "", "read": " AND is_read", "unread": " AND NOT is_read"}
 
 
 # What a list item shows (handlers.messages.message_view), and nothing else: bodies and headers
@@ -161,7 +162,6 @@ _FOLDER_OF_LIVE_ACCOUNT = (
     " LEFT JOIN folders ON folders.id = %(folder)s AND folders.account_id = accounts.id"
     " WHERE accounts.id = %(account)s AND accounts.deleted_at IS NULL"
 )
-_FILTER_SQL = {"all": "", "read": " AND is_read", "unread": " AND NOT is_read"}
 
 
 @cache
@@ -169,7 +169,7 @@ def _page_sql(sort: str, filter_: str, after: bool) -> str:
     """A page of ``LIST_COLUMNS`` in one of the SORTS and FILTERS, from a cursor position or an offset."""
     key, descending = SORTS[sort]
     direction, beyond = ("DESC", "<") if descending else ("ASC", ">")
-    where = f"folder_id = %(folder)s{_FILTER_SQL[filter_]}"
+    where = f"folder_id = %(folder)s{FILTERS[filter_]}"
     if after:
         where += f" AND ({key.key}, id) {beyond} (%(after_key)s, %(after_id)s)"
     columns = ", ".join(column.key for column in LIST_COLUMNS)
