@@ -44,14 +44,17 @@ class Server:
         self.mail = {uid: raw for uid, raw in enumerate(mail, start=1)}
         self.fail_on_fetch = fail_on_fetch
         self.fetches = 0
+        self.examined: list[str] = []
 
     def list_folders(self) -> list[bytes]:
         return [b'(\\HasNoChildren) "/" INBOX']
 
     def status(self, name: str) -> State:
+        self.examined.append(name)
         return State(uidnext=len(self.mail) + 1, messages=len(self.mail))
 
-    examine = status
+    def examine(self, name: str) -> State:
+        return State(uidnext=len(self.mail) + 1, messages=len(self.mail))
 
     def search_uids(self) -> list[int]:
         return sorted(self.mail)
@@ -155,10 +158,11 @@ def test_what_was_fetched_before_a_failure_is_stored(mail):
     server, store = Server(mail, fail_on_fetch=4), Store()
     with pytest.raises(ConnectionFailed):
         ImapSync(store, server, lambda _p: None).run()
-    # Three batches arrived before the connection broke; all of them were written.
-    uids = sorted(server.mail)
+    # Three batches arrived before the connection broke; all of them were written. Newest
+    # first: what is left for the next sync is the oldest mail.
+    uids = sorted(server.mail, reverse=True)
     first_three = sum(len(batch) for batch in list(imap_sync.batches(uids, server.sizes(uids)))[:3])
-    assert sorted(store.stored) == list(range(1, first_three + 1))
+    assert sorted(store.stored) == list(range(len(mail) - first_three + 1, len(mail) + 1))
     assert children() - before == set()
 
 
@@ -178,3 +182,23 @@ def test_first_batch_is_small_and_batches_are_bounded():
     assert [uid for group in groups for uid in group] == sorted(sizes)
     assert len(groups[0]) == imap_sync.FIRST_BATCH_MESSAGES
     assert all(len(g) <= imap_sync.BATCH_MESSAGES and sum(sizes[u] for u in g) <= imap_sync.BATCH_BYTES for g in groups)
+
+
+def test_the_inbox_syncs_first_and_newest_mail_first(mail):
+    class TwoFolders(Store):
+        def reconcile_folders(self, remote):
+            archive = Folder(id="f0", name="Archive", display_name="Archive", type="archive")
+            return {"Archive": archive, "INBOX": Folder()}, 0
+
+    class Recording(Server):
+        def fetch_messages(self, uids: list[int]):
+            self.requested.append(list(uids))
+            return super().fetch_messages(uids)
+
+    server = Recording(mail)
+    server.requested = []
+    ImapSync(TwoFolders(), server, lambda _p: None).run()
+    assert server.examined == ["INBOX", "Archive"]
+    # The first batch asked for holds the newest messages (highest UIDs) the folder has.
+    first = server.requested[0]
+    assert sorted(first) == list(range(len(mail) - len(first) + 1, len(mail) + 1))

@@ -2,7 +2,9 @@
 
 Per folder the state the server gave last time (UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, message
 count) is kept. An unchanged folder costs one STATUS round trip whatever its size. New mail is
-the UIDs the server has and the store has not, fetched in batches bounded by bytes. Flag
+the UIDs the server has and the store has not, fetched in batches bounded by bytes, newest
+first and the Inbox before other folders: during a first sync of a large mailbox the mail a
+user looks at first is listable after the first batch, not after the whole folder. Flag
 changes come from CONDSTORE's CHANGEDSINCE when the server has it, else from a flags scan.
 Expunged messages are the stored UIDs the server no longer lists. A UIDVALIDITY change
 means the old UIDs are void, so that folder is rebuilt. Batches commit as they go, so a sync
@@ -17,7 +19,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from email_service.mail.folders import assign_roles, display_name, parent_name, parse_list_line, selectable
+from email_service.mail.folders import INBOX, assign_roles, display_name, parent_name, parse_list_line, selectable
 from email_service.mail.parse import parse_message
 from email_service.mail.parse_pool import ParseJob, ParsePool
 from email_service.mailbox.heap import return_large_buffers
@@ -112,7 +114,8 @@ class ImapSync:
         if not any(f.name in self.only for f in folders.values()):
             folders, removed = self.store.reconcile_folders(remote_folders(self.session.list_folders()))
             self.result.messages_removed += removed
-        chosen = [f for f in folders.values() if selectable(f.attributes)]
+        # The Inbox first (a stable sort keeps the others in their order): it is what a user opens.
+        chosen = sorted((f for f in folders.values() if selectable(f.attributes)), key=lambda f: f.type != INBOX)
         if self.only:
             chosen = [f for f in chosen if f.name in self.only or f.display_name in self.only or f.id in self.only]
         self.progress(5)
@@ -154,7 +157,8 @@ class ImapSync:
         # One UID SEARCH gives both what is new and what went; a message that failed to store
         # last time is simply still "new".
         server_uids = set(session.search_uids())
-        self._fetch_new(folder, sorted(server_uids - local), progress)
+        # Newest (highest UID) first; a sync cut off half way leaves the oldest mail for the next one.
+        self._fetch_new(folder, sorted(server_uids - local, reverse=True), progress)
 
         kept = local & server_uids
         if kept:
