@@ -8,17 +8,16 @@ refused leave no objects behind.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import random
 import threading
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import msgspec
 from cuid2 import Cuid
 from sqlalchemy import TextClause, delete, select, text, update
 from sqlalchemy.orm import Session
@@ -642,17 +641,14 @@ def _insert_rows(table: str, conflict: tuple[str, ...]) -> TextClause:
     )
 
 
-def _json_default(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    raise TypeError(f"cannot store {type(value).__name__} in a batch row")
+# msgspec writes the rows' JSON (UTF-8 as is, datetimes in RFC 3339, UUIDs as strings) in a
+# tenth of the standard library's time: a batch's bodies and headers are megabytes of text,
+# encoded under the interpreter lock of the process that also fetches and hands out the mail.
+_ROWS_ENCODER = msgspec.json.Encoder()
 
 
 def _json_rows(rows: list[dict]) -> str:
-    # ensure_ascii=False: mail text goes through as UTF-8, not six bytes per non-ASCII character.
-    return json.dumps(rows, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+    return _ROWS_ENCODER.encode(rows).decode()
 
 
 def _folder_view(folder: Folder) -> dict[str, object]:
