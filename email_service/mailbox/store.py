@@ -31,6 +31,9 @@ from email_service.storage import ObjectStore
 from email_service.tenancy import Principal
 
 log = logging.getLogger(__name__)
+# Messages indexed for search per statement when a backlog is indexed: a statement holds its
+# rows' vectors in memory and its claimed rows locked until it commits.
+INDEX_BATCH = 500
 
 
 class _BufferedSystemRandom(random.SystemRandom):
@@ -279,12 +282,19 @@ class MailStore:
         return self.add_parsed(folder, incoming, [parse_message(item.raw) for item in incoming])
 
     def add_parsed(
-        self, folder: Folder, incoming: Sequence[IncomingMessage], parsed: Sequence[ParsedMessage]
+        self,
+        folder: Folder,
+        incoming: Sequence[IncomingMessage],
+        parsed: Sequence[ParsedMessage],
+        *,
+        defer_search: bool = False,
     ) -> tuple[list[int | str], list[str]]:
         """Store a batch already parsed (``parsed[i]`` is ``parse_message(incoming[i].raw)``).
 
         Objects are written while the rows are inserted, and the transaction commits only once
-        every object is durable. Returns (the UIDs/UIDLs now stored, per-message errors).
+        every object is durable. With ``defer_search`` the messages are stored without search
+        vectors and wait for ``index_pending`` (migration 0018). Returns (the UIDs/UIDLs now
+        stored, per-message errors).
         """
         errors: dict[int, str] = {}
         prepared: list[_Prepared] = []
@@ -295,7 +305,7 @@ class MailStore:
                 errors[index] = self._not_stored(folder, item, exc)
         if prepared:
             conflict = ["folder_id", "uid"] if folder_uses_uids(incoming) else ["folder_id", "pop3_uidl"]
-            inserted = self._write(folder, incoming, prepared, conflict, errors)
+            inserted = self._write(folder, incoming, prepared, conflict, errors, defer_search)
         else:
             inserted = []
         return [item.uid if item.uid is not None else item.uidl for item in inserted], [
@@ -309,13 +319,14 @@ class MailStore:
         prepared: list[_Prepared],
         conflict: list[str],
         errors: dict[int, str],
+        defer_search: bool,
     ) -> list[IncomingMessage]:
         put_many = getattr(self.objects, "put_many", None)
         if put_many is not None:
             writer = _Background(put_many, [obj for p in prepared for obj in p.objects])
             try:
                 with self.db.tenant_session(self.principal) as session:
-                    inserted = self._insert(session, prepared, conflict)
+                    inserted = self._insert(session, prepared, conflict, defer_search)
                     # The rows must not commit before the objects they point at are durable; a
                     # failed write raises here and rolls the rows back.
                     writer.result()
@@ -341,13 +352,15 @@ class MailStore:
         if not kept:
             return []
         with self.db.tenant_session(self.principal) as session:
-            inserted = self._insert(session, kept, conflict)
+            inserted = self._insert(session, kept, conflict, defer_search)
         return self._keep_inserted(incoming, kept, inserted)
 
-    def _insert(self, session: Session, prepared: list[_Prepared], conflict: list[str]) -> set[str]:
+    def _insert(self, session: Session, prepared: list[_Prepared], conflict: list[str], defer_search: bool) -> set[str]:
         # One statement per batch, not one per row: the statement-level triggers on messages
         # (folder counts, search index) then run once per batch, and RETURNING names exactly the
         # rows the conflict rule let in, with no second query.
+        if defer_search:
+            session.execute(_DEFER_SEARCH)
         inserted = set(
             session.scalars(_insert_rows("messages", tuple(conflict)), {"rows": _json_rows([p.row for p in prepared])})
         )
@@ -431,6 +444,15 @@ class MailStore:
             **flag_columns(item.flags, folder.type),
         }
         return _Prepared(index, row, attachments, objects)
+
+    def index_pending(self, max_rows: int = INDEX_BATCH) -> int:
+        """Compute the search vectors of up to ``max_rows`` messages stored with ``defer_search``.
+
+        Returns how many were indexed: 0 once none is left. Calls from several threads share
+        the work (each claims rows the others have not, see migration 0018).
+        """
+        with self.db.tenant_session(self.principal) as session:
+            return session.execute(_INDEX_PENDING, {"account": self.account_id, "rows": max_rows}).scalar_one()
 
     def apply_flags(self, folder: Folder, changes: dict[int, tuple[tuple[str, ...], int | None]]) -> int:
         """Update rows whose flags differ from the server's; returns how many changed."""
@@ -609,6 +631,20 @@ class _Background:
     def join(self) -> None:
         self._thread.join()
 
+
+# For this transaction only: new messages wait in message_search_pending (migration 0018).
+_DEFER_SEARCH = text("SELECT set_config('app.search_deferred', 'on', true)")
+# The vectors are computed here, as the caller and under its row-level security, from the
+# messages it can read; the definer functions only claim and store them.
+_INDEX_PENDING = text("""
+    WITH claimed AS (SELECT message_id FROM email_search_claim_pending(:account, :rows))
+    SELECT email_search_store_pending(
+        coalesce(array_agg(m.id), '{}'),
+        coalesce(array_agg(m.received_at), '{}'),
+        coalesce(array_agg(email_search_vector(m)), '{}')
+    )
+    FROM messages m JOIN claimed c ON c.message_id = m.id
+""")
 
 # The columns each batch insert names; the others take their defaults.
 _ROW_COLUMNS = {
