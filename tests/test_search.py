@@ -281,3 +281,57 @@ def test_new_mail_between_pages_pushes_nothing_out_of_the_pages_still_to_come(
     assert rest["nextCursor"] is None
     # A new search ranks the newest four.
     assert walk(mailbox, q="status") == [f"Weekly status number{day}" for day in (7, 6, 5, 4)]
+
+
+def test_a_phrase_in_one_folder_or_among_starred_mail_pages_through_its_window_once(status_reports, window_of_four):
+    client, owner, account_id = status_reports
+    folders = folders_by_name(client, owner, account_id)
+    phrase = '"status is green"'
+    # Pages of two: the newest four inbox matches, each once; the three archived ones; the starred one.
+    assert walk(status_reports, q=phrase, folderId=folders["INBOX"]["id"]) == [
+        f"Weekly status number{day}" for day in (8, 7, 6, 5)
+    ]
+    assert walk(status_reports, q=phrase, folderId=folders["Archive"]["id"]) == [
+        f"Weekly status number{day}" for day in (2, 1, 0)
+    ]
+    assert walk(status_reports, q=phrase, isStarred="true") == ["Weekly status number1"]
+    assert walk(status_reports, q=phrase, isStarred="false", folderId=folders["Archive"]["id"]) == [
+        "Weekly status number2",
+        "Weekly status number0",
+    ]
+
+
+def test_a_moved_or_starred_message_is_found_where_it_is_now(sync_client, verifier, dovecot, worker):
+    owner = User(verifier)
+    mail_user = dovecot.add_user()
+    dovecot.create_folder(mail_user, "Archive")
+    for day in range(3):
+        message = plain_message(f"Budget plan {day}", "The budget is final.\n")
+        dovecot.append(mail_user, "INBOX", to_bytes(message), internaldate=JUNE_2024 + dt.timedelta(days=day))
+    account_id = create_account(sync_client, owner, imap_account(dovecot, mail_user))
+    assert run_sync(sync_client, owner, account_id)[0]["status"] == "success"
+    mailbox = (sync_client, owner, account_id)
+    folders = folders_by_name(sync_client, owner, account_id)
+    inbox, archive = folders["INBOX"]["id"], folders["Archive"]["id"]
+    ids = {m["subject"]: m["id"] for m in search(mailbox, q="budget")["messages"]}
+
+    response = sync_client.post(
+        f"/api/{account_id}/messages/move",
+        json={"messageIds": [ids["Budget plan 0"], ids["Budget plan 1"]], "folderId": archive},
+        headers=owner.headers,
+    )
+    assert response.status_code == 200, response.text
+    assert subjects(mailbox, q="budget", folderId=archive) == ["Budget plan 1", "Budget plan 0"]
+    assert subjects(mailbox, q="budget", folderId=inbox) == ["Budget plan 2"]
+
+    def star(subject: str, starred: bool) -> None:
+        response = sync_client.patch(
+            f"/api/{account_id}/messages/{ids[subject]}", json={"isStarred": starred}, headers=owner.headers
+        )
+        assert response.status_code == 200, response.text
+
+    star("Budget plan 1", True)
+    assert subjects(mailbox, q="budget", isStarred="true") == ["Budget plan 1"]
+    assert subjects(mailbox, q="budget", isStarred="false") == ["Budget plan 2", "Budget plan 0"]
+    star("Budget plan 1", False)
+    assert subjects(mailbox, q="budget", isStarred="true") == []

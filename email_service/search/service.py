@@ -3,12 +3,13 @@
 The words are matched against each message's tsvector through ``email_search_range()`` (see
 migrations 0012 and 0014), which returns only the caller's own matches, newest first, between
 keyset bounds; the filters on sender, recipients and subject are prefix queries restricted to
-the vector's weight for that field, so they are part of the same match. Filters on the
-message's own columns (read, starred, label, folder, attachments) are applied by joining the
-matches to ``messages`` in the caller's tenant session, under its row-level security like every
-other read; when they drop matches the walk continues below the last match it read (or walks
-the messages that pass them instead, see ``_matches``), so a filter never hides an older message
-that passes it.
+the vector's weight for that field, so they are part of the same match. The folder and the
+star are kept beside each vector too (migration 0017), so the function walks one folder's or the
+starred matches alone. Filters on the message's other columns (read, label, attachments) are
+applied by joining the matches to ``messages`` in the caller's tenant session, under its
+row-level security like every other read; when they drop matches the walk continues below the
+last match it read (or walks the messages that pass them instead, see ``_matches``), so a filter
+never hides an older message that passes it.
 
 A word query ranks a window: the newest ``RANKED_WINDOW`` matches that pass every filter, by
 ``ts_rank``, ties newest first. A cursor keeps the window's oldest key, so later pages rank the
@@ -24,6 +25,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     REAL,
+    Boolean,
     ColumnElement,
     DateTime,
     Integer,
@@ -125,27 +127,28 @@ def _text_query(query: SearchQuery) -> ColumnElement | None:
 
 
 def _message_filters(query: SearchQuery) -> list[ColumnElement[bool]]:
-    """The filters on a message's own columns, which the search index does not hold."""
+    """The filters on a message's own columns that the search index does not hold."""
     conditions: list[ColumnElement[bool]] = []
     if query.has_attachment is not None:
         conditions.append(Message.attachment_count > 0 if query.has_attachment else Message.attachment_count == 0)
     if query.is_read is not None:
         conditions.append(Message.is_read.is_(query.is_read))
-    if query.is_starred is not None:
-        conditions.append(Message.is_starred.is_(query.is_starred))
     if query.label is not None:
         conditions.append(any_(Message.keywords) == query.label)
-    if query.folder_id is not None:
-        conditions.append(Message.folder_id == query.folder_id)
     return conditions
 
 
 def _conditions(account_id: str, query: SearchQuery) -> list[ColumnElement[bool]]:
+    """Every filter, on ``messages``: for reading the messages that pass them."""
     conditions: list[ColumnElement[bool]] = [Message.account_id == account_id]
     if query.after is not None:
         conditions.append(Message.received_at >= query.after)
     if query.before is not None:
         conditions.append(Message.received_at < query.before)
+    if query.is_starred is not None:
+        conditions.append(Message.is_starred.is_(query.is_starred))
+    if query.folder_id is not None:
+        conditions.append(Message.folder_id == query.folder_id)
     return conditions + _message_filters(query)
 
 
@@ -225,6 +228,8 @@ class _Walk:
                 literal(older[0] if older else None, at),
                 literal(older[1] if older else None, Text),
                 literal(size, Integer),
+                literal(self.query.folder_id, Text),
+                literal(self.query.is_starred, Boolean),
             )
             .table_valued("message_id", "received_at", "rank", with_ordinality="n")
             .render_derived(name="matches")
@@ -253,7 +258,7 @@ class _WordWalk(_Walk):
 class _FilterWalk(_Walk):
     """Reads the messages that pass the filters, then asks which of them match the words.
 
-    Cheaper than reading the matches when the filters keep few of them (a folder, starred).
+    Cheaper than reading the matches when the filters keep few of them (a label).
     """
 
     def _read(self, size: int | None) -> int:

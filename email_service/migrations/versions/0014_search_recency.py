@@ -37,6 +37,17 @@ RANGE_ARGUMENTS = (
 RANGE_TYPES = "text, tsquery, timestamptz, timestamptz, timestamptz, text, timestamptz, text, integer"
 # As 0012 made it, for the downgrade.
 MAX_MATCHES = 1000
+# The range's matches and their order, apart so that a later revision can add conditions.
+RANGE_MATCHES = """
+    SELECT s.message_id, s.received_at, ts_rank(s.vector, $2) FROM message_search s
+    WHERE s.vector @@ $2 AND s.account_id = $1
+      AND s.tenant_id = nullif(current_setting('app.tenant_id', true), '')::uuid
+      AND s.user_id = nullif(current_setting('app.user_id', true), '')::uuid
+      AND ($3 IS NULL OR s.received_at >= $3)
+      AND ($4 IS NULL OR s.received_at < $4)
+      AND ($5 IS NULL OR (s.received_at, s.message_id) >= ($5, $6))
+      AND ($7 IS NULL OR (s.received_at, s.message_id) < ($7, $8))"""
+RANGE_ORDER = "ORDER BY s.received_at DESC, s.message_id DESC LIMIT $9"
 
 
 def upgrade(app_role: str) -> None:
@@ -52,18 +63,7 @@ def upgrade(app_role: str) -> None:
         RETURNS TABLE (message_id text, received_at timestamptz, rank real)
         LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = "{schema}", pg_catalog AS $$
         BEGIN
-            RETURN QUERY EXECUTE $query$
-                SELECT s.message_id, s.received_at, ts_rank(s.vector, $2) FROM message_search s
-                WHERE s.vector @@ $2 AND s.account_id = $1
-                  AND s.tenant_id = nullif(current_setting('app.tenant_id', true), '')::uuid
-                  AND s.user_id = nullif(current_setting('app.user_id', true), '')::uuid
-                  AND ($3 IS NULL OR s.received_at >= $3)
-                  AND ($4 IS NULL OR s.received_at < $4)
-                  AND ($5 IS NULL OR (s.received_at, s.message_id) >= ($5, $6))
-                  AND ($7 IS NULL OR (s.received_at, s.message_id) < ($7, $8))
-                ORDER BY s.received_at DESC, s.message_id DESC
-                LIMIT $9
-            $query$
+            RETURN QUERY EXECUTE $query$ {RANGE_MATCHES} {RANGE_ORDER} $query$
             USING account, query, after, before, floor_at, floor_id, older_than_at, older_than_id, max_rows;
         END
         $$
