@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 from messages import attachments_message, plain_message, realistic_mix, to_bytes
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, select, text, update
 from syncing import imap_session
 
 from email_service.mail.parse import parse_message
@@ -258,8 +258,8 @@ def test_an_unchanged_folder_list_writes_no_folder_row(runtime):
     assert changed["Archive"].updated_at > before["Archive"] and changed["Archive"].display_name == "Archiv"
 
 
-def found(box: Mailbox, words: str, principal: Principal | None = None) -> list[str]:
-    query = search.SearchQuery(text=words)
+def found(box: Mailbox, words: str, principal: Principal | None = None, **filters: object) -> list[str]:
+    query = search.SearchQuery(text=words, **filters)
     page = search.search(
         box.store.db, principal or box.store.principal, box.store.account_id, query, limit=50, cursor=None
     )
@@ -281,11 +281,15 @@ def test_mail_stored_with_search_deferred_is_listed_at_once_and_found_once_index
     assert index_backlog(stranger) == 0
     assert found(box, "quarterly") == []
 
-    # A message deleted before it was indexed leaves the backlog with it.
+    # A message deleted before it was indexed leaves the backlog with it; one starred meanwhile
+    # is found as starred.
     with box.store.db.tenant_session(box.store.principal) as session:
         session.execute(delete(Message).where(Message.id == messages[0].id))
+        session.execute(update(Message).where(Message.id == messages[2].id).values(is_starred=True))
     assert index_backlog(box.store) == 3
     assert sorted(found(box, "quarterly")) == sorted(m.id for m in messages[1:3])
+    assert sorted(found(box, "quarterly", folder_id=box.folder.id)) == sorted(m.id for m in messages[1:3])
+    assert found(box, "quarterly", is_starred=True) == [messages[2].id]
     assert found(box, "Résumé") == [messages[3].id]
     assert index_backlog(box.store) == 0
 

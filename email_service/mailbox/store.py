@@ -32,8 +32,9 @@ from email_service.tenancy import Principal
 
 log = logging.getLogger(__name__)
 # Messages indexed for search per statement when a backlog is indexed: a statement holds its
-# rows' vectors in memory and its claimed rows locked until it commits.
-INDEX_BATCH = 500
+# rows' vectors in memory and its messages locked against moves and star changes until it
+# commits (about a second for 200 large messages).
+INDEX_BATCH = 200
 
 
 class _BufferedSystemRandom(random.SystemRandom):
@@ -635,15 +636,24 @@ class _Background:
 # For this transaction only: new messages wait in message_search_pending (migration 0018).
 _DEFER_SEARCH = text("SELECT set_config('app.search_deferred', 'on', true)")
 # The vectors are computed here, as the caller and under its row-level security, from the
-# messages it can read; the definer functions only claim and store them.
+# messages it can read; the definer functions only claim and store them. The messages are
+# locked (FOR SHARE) until the vectors are stored: a move or star change made meanwhile waits,
+# then updates the stored row instead of finding none and being lost to search.
 _INDEX_PENDING = text("""
-    WITH claimed AS (SELECT message_id FROM email_search_claim_pending(:account, :rows))
-    SELECT email_search_store_pending(
-        coalesce(array_agg(m.id), '{}'),
-        coalesce(array_agg(m.received_at), '{}'),
-        coalesce(array_agg(email_search_vector(m)), '{}')
+    WITH claimed AS (SELECT message_id FROM email_search_claim_pending(:account, :rows)),
+    pending AS (
+        SELECT m.id, m.received_at, m.folder_id, m.is_starred, email_search_vector(m) AS vector
+        FROM messages m JOIN claimed c ON c.message_id = m.id
+        FOR SHARE OF m
     )
-    FROM messages m JOIN claimed c ON c.message_id = m.id
+    SELECT email_search_store_pending(
+        coalesce(array_agg(id), '{}'),
+        coalesce(array_agg(received_at), '{}'),
+        coalesce(array_agg(folder_id), '{}'),
+        coalesce(array_agg(is_starred), '{}'),
+        coalesce(array_agg(vector), '{}')
+    )
+    FROM pending
 """)
 
 # The columns each batch insert names; the others take their defaults.
