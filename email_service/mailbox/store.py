@@ -640,10 +640,10 @@ _DEFER_SEARCH = text("SELECT set_config('app.search_deferred', 'on', true)")
 # locked (FOR SHARE) until the vectors are stored: a move or star change made meanwhile waits,
 # then updates the stored row instead of finding none and being lost to search.
 _INDEX_PENDING = text("""
-    WITH claimed AS (SELECT message_id FROM email_search_claim_pending(:account, :rows)),
-    pending AS (
+    WITH pending AS (
         SELECT m.id, m.received_at, m.folder_id, m.is_starred, email_search_vector(m) AS vector
-        FROM messages m JOIN claimed c ON c.message_id = m.id
+        FROM messages m
+        WHERE m.id = ANY(ARRAY(SELECT message_id FROM email_search_claim_pending(:account, :rows)))
         FOR SHARE OF m
     )
     SELECT email_search_store_pending(
