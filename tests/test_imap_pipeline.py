@@ -98,10 +98,7 @@ class Store:
     def uids(self, folder) -> set[int]:
         return set(self.stored)
 
-    def index_pending(self) -> int:
-        return 0
-
-    def add_parsed(self, folder, incoming, parsed, defer_search=False):
+    def add_parsed(self, folder, incoming, parsed):
         self.calls += 1
         self.threads.add(threading.current_thread().name)
         if self.fail_after is not None and self.calls > self.fail_after:

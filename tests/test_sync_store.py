@@ -8,15 +8,11 @@ from dataclasses import dataclass
 
 import pytest
 from messages import attachments_message, plain_message, realistic_mix, to_bytes
-from sqlalchemy import delete, select, text, update
-from syncing import imap_session
+from sqlalchemy import select, text
 
 from email_service.mail.parse import parse_message
-from email_service.mailbox import imap_sync
-from email_service.mailbox.imap_sync import ImapSync, index_backlog
 from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
 from email_service.models import Attachment, Change, ChangeEntity, ChangeKind, Folder, Message
-from email_service.search import service as search
 from email_service.services.accounts import create_account
 from email_service.storage import ObjectNotFound
 from email_service.tenancy import Principal
@@ -256,66 +252,3 @@ def test_an_unchanged_folder_list_writes_no_folder_row(runtime):
     changed, _ = box.store.reconcile_folders([INBOX, renamed])
     assert changed["INBOX"].updated_at == before["INBOX"]
     assert changed["Archive"].updated_at > before["Archive"] and changed["Archive"].display_name == "Archiv"
-
-
-def found(box: Mailbox, words: str, principal: Principal | None = None, **filters: object) -> list[str]:
-    query = search.SearchQuery(text=words, **filters)
-    page = search.search(
-        box.store.db, principal or box.store.principal, box.store.account_id, query, limit=50, cursor=None
-    )
-    return [hit.message.id for hit in page.hits]
-
-
-def test_mail_stored_with_search_deferred_is_listed_at_once_and_found_once_indexed(runtime, make_user):
-    box = mailbox(runtime)
-    raws = [to_bytes(plain_message(f"quarterly {word}")) for word in ("aardvark", "bison", "capybara")]
-    raws.append(to_bytes(attachments_message("dromedary files")))
-    parsed = [parse_message(raw) for raw in raws]
-    assert box.store.add_parsed(box.folder, incoming(raws), parsed, defer_search=True) == ([1, 2, 3, 4], [])
-    messages, _ = stored(box)
-    assert [m.subject for m in messages] == [p.subject for p in parsed]
-    assert found(box, "quarterly") == []
-
-    # Another user's indexing neither sees nor indexes this account's backlog.
-    stranger = MailStore(runtime.db, runtime.objects, make_user().principal, box.store.account_id)
-    assert index_backlog(stranger) == 0
-    assert found(box, "quarterly") == []
-
-    # A message deleted before it was indexed leaves the backlog with it; one starred meanwhile
-    # is found as starred.
-    with box.store.db.tenant_session(box.store.principal) as session:
-        session.execute(delete(Message).where(Message.id == messages[0].id))
-        session.execute(update(Message).where(Message.id == messages[2].id).values(is_starred=True))
-    assert index_backlog(box.store) == 3
-    assert sorted(found(box, "quarterly")) == sorted(m.id for m in messages[1:3])
-    assert sorted(found(box, "quarterly", folder_id=box.folder.id)) == sorted(m.id for m in messages[1:3])
-    assert found(box, "quarterly", is_starred=True) == [messages[2].id]
-    assert found(box, "Résumé") == [messages[3].id]
-    assert index_backlog(box.store) == 0
-
-
-def test_a_large_first_sync_is_searchable_when_it_ends_and_a_dead_syncs_backlog_is_indexed_by_the_next(
-    runtime, dovecot, mail_user, monkeypatch
-):
-    monkeypatch.setattr(imap_sync, "DEFER_SEARCH_MIN_MESSAGES", 2)
-    for word in ("ermine", "ferret", "gazelle"):
-        dovecot.append(mail_user, "INBOX", to_bytes(plain_message(f"zoo {word}")))
-    box = mailbox(runtime)
-    with imap_session(dovecot, mail_user) as session:
-        result = ImapSync(box.store, session, lambda _p: None).run()
-    assert result.messages_added == 3
-    assert len(found(box, "zoo")) == 3 and len(found(box, "gazelle")) == 1
-
-    # A sync that stored without vectors and died before indexing: the next sync indexes them.
-    late = [to_bytes(plain_message(f"late {word}")) for word in ("heron", "ibis")]
-    for raw in late:
-        dovecot.append(mail_user, "INBOX", raw)
-    inbox = next(f for f in box.store.folders().values() if f.name == "INBOX")
-    stored_uids, _ = box.store.add_parsed(
-        inbox, incoming(late, first_uid=4), [parse_message(r) for r in late], defer_search=True
-    )
-    assert stored_uids == [4, 5]
-    assert found(box, "late") == []
-    with imap_session(dovecot, mail_user) as session:
-        ImapSync(box.store, session, lambda _p: None).run()
-    assert len(found(box, "late")) == 2

@@ -42,11 +42,6 @@ POOL_MIN_MESSAGES = 64
 # One writer: on two cores a second one (a second PostgreSQL backend) did not pay for the batch
 # of memory it holds; more may on bigger machines.
 WRITER_THREADS = 2
-# A folder with at least this many new messages is stored without search vectors and indexed
-# as the sync's last step (MailStore.index_pending): the vectors are most of the database's
-# work when a large mailbox arrives, and the mail is listable without waiting for them. Fewer
-# new messages are indexed as they are stored, so new mail is searchable the moment it shows.
-DEFER_SEARCH_MIN_MESSAGES = 500
 
 
 def remote_folders(lines: Iterable[bytes]) -> list[RemoteFolder]:
@@ -137,9 +132,6 @@ class ImapSync:
                 log.warning("folder %s failed: %s", folder.name, exc)
                 self.result.errors.append(f"{folder.display_name}: {exc}")
         self.store.touch_folders(self._unchanged)
-        self.progress(96)
-        # Also what an earlier sync that died left unindexed.
-        index_backlog(self.store)
         self.progress(100)
         return self.result
 
@@ -201,13 +193,7 @@ class ImapSync:
         pool = self._parse_pool(len(uids))
         # A pipeline: this thread fetches, the pool parses, a writer thread stores. While one
         # batch is written the next is parsed and the one after fetched.
-        writer = _BatchWriter(
-            self.store,
-            folder,
-            self.result,
-            lambda done: progress(done / len(uids)),
-            defer_search=len(uids) >= DEFER_SEARCH_MIN_MESSAGES,
-        )
+        writer = _BatchWriter(self.store, folder, self.result, lambda done: progress(done / len(uids)))
         try:
             for batch in batches(uids, sizes):
                 incoming = [
@@ -224,32 +210,6 @@ class ImapSync:
                 log.exception("storing the batches fetched before a failure failed too")
             raise
         writer.close()
-
-
-def index_backlog(store: MailStore, threads: int = WRITER_THREADS) -> int:
-    """Index every message of the account stored without search vectors; returns how many.
-
-    From ``threads`` connections at once: each statement computes its rows' vectors on one
-    PostgreSQL backend, and the claims keep the threads' rows apart.
-    """
-    indexed = [0] * threads
-    failures: list[BaseException] = []
-
-    def work(slot: int) -> None:
-        try:
-            while (count := store.index_pending()) > 0:
-                indexed[slot] += count
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the sync's thread
-            failures.append(exc)
-
-    workers = [threading.Thread(target=work, args=(n,), name=f"search-index-{n}") for n in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    if failures:
-        raise failures[0]
-    return sum(indexed)
 
 
 class _BatchWriter:
@@ -269,11 +229,8 @@ class _BatchWriter:
         result: SyncResult,
         progress: Callable[[int], None],
         threads: int = WRITER_THREADS,
-        *,
-        defer_search: bool = False,
     ) -> None:
         self.store, self.folder, self.result, self.progress = store, folder, result, progress
-        self.defer_search = defer_search
         self._queue: queue.Queue[tuple[int, list[IncomingMessage], ParseJob | None] | None] = queue.Queue(maxsize=1)
         self._lock = threading.Lock()
         self._error: BaseException | None = None
@@ -322,7 +279,7 @@ class _BatchWriter:
             sequence, incoming, job = item
             try:
                 parsed = job.result() if job is not None else [parse_message(m.raw) for m in incoming]
-                added, errors = self.store.add_parsed(self.folder, incoming, parsed, defer_search=self.defer_search)
+                added, errors = self.store.add_parsed(self.folder, incoming, parsed)
                 with self._lock:
                     self.result.messages_added += len(added)
                     self._errors[sequence] = errors

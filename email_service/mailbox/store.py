@@ -31,10 +31,6 @@ from email_service.storage import ObjectStore
 from email_service.tenancy import Principal
 
 log = logging.getLogger(__name__)
-# Messages indexed for search per statement when a backlog is indexed: a statement holds its
-# rows' vectors in memory and its messages locked against moves and star changes until it
-# commits (about a second for 200 large messages).
-INDEX_BATCH = 200
 
 
 class _BufferedSystemRandom(random.SystemRandom):
@@ -283,19 +279,12 @@ class MailStore:
         return self.add_parsed(folder, incoming, [parse_message(item.raw) for item in incoming])
 
     def add_parsed(
-        self,
-        folder: Folder,
-        incoming: Sequence[IncomingMessage],
-        parsed: Sequence[ParsedMessage],
-        *,
-        defer_search: bool = False,
+        self, folder: Folder, incoming: Sequence[IncomingMessage], parsed: Sequence[ParsedMessage]
     ) -> tuple[list[int | str], list[str]]:
         """Store a batch already parsed (``parsed[i]`` is ``parse_message(incoming[i].raw)``).
 
         Objects are written while the rows are inserted, and the transaction commits only once
-        every object is durable. With ``defer_search`` the messages are stored without search
-        vectors and wait for ``index_pending`` (migration 0018). Returns (the UIDs/UIDLs now
-        stored, per-message errors).
+        every object is durable. Returns (the UIDs/UIDLs now stored, per-message errors).
         """
         errors: dict[int, str] = {}
         prepared: list[_Prepared] = []
@@ -306,7 +295,7 @@ class MailStore:
                 errors[index] = self._not_stored(folder, item, exc)
         if prepared:
             conflict = ["folder_id", "uid"] if folder_uses_uids(incoming) else ["folder_id", "pop3_uidl"]
-            inserted = self._write(folder, incoming, prepared, conflict, errors, defer_search)
+            inserted = self._write(folder, incoming, prepared, conflict, errors)
         else:
             inserted = []
         return [item.uid if item.uid is not None else item.uidl for item in inserted], [
@@ -320,14 +309,13 @@ class MailStore:
         prepared: list[_Prepared],
         conflict: list[str],
         errors: dict[int, str],
-        defer_search: bool,
     ) -> list[IncomingMessage]:
         put_many = getattr(self.objects, "put_many", None)
         if put_many is not None:
             writer = _Background(put_many, [obj for p in prepared for obj in p.objects])
             try:
                 with self.db.tenant_session(self.principal) as session:
-                    inserted = self._insert(session, prepared, conflict, defer_search)
+                    inserted = self._insert(session, prepared, conflict)
                     # The rows must not commit before the objects they point at are durable; a
                     # failed write raises here and rolls the rows back.
                     writer.result()
@@ -353,15 +341,13 @@ class MailStore:
         if not kept:
             return []
         with self.db.tenant_session(self.principal) as session:
-            inserted = self._insert(session, kept, conflict, defer_search)
+            inserted = self._insert(session, kept, conflict)
         return self._keep_inserted(incoming, kept, inserted)
 
-    def _insert(self, session: Session, prepared: list[_Prepared], conflict: list[str], defer_search: bool) -> set[str]:
+    def _insert(self, session: Session, prepared: list[_Prepared], conflict: list[str]) -> set[str]:
         # One statement per batch, not one per row: the statement-level triggers on messages
         # (folder counts, search index) then run once per batch, and RETURNING names exactly the
         # rows the conflict rule let in, with no second query.
-        if defer_search:
-            session.execute(_DEFER_SEARCH)
         inserted = set(
             session.scalars(_insert_rows("messages", tuple(conflict)), {"rows": _json_rows([p.row for p in prepared])})
         )
@@ -445,15 +431,6 @@ class MailStore:
             **flag_columns(item.flags, folder.type),
         }
         return _Prepared(index, row, attachments, objects)
-
-    def index_pending(self, max_rows: int = INDEX_BATCH) -> int:
-        """Compute the search vectors of up to ``max_rows`` messages stored with ``defer_search``.
-
-        Returns how many were indexed: 0 once none is left. Calls from several threads share
-        the work (each claims rows the others have not, see migration 0018).
-        """
-        with self.db.tenant_session(self.principal) as session:
-            return session.execute(_INDEX_PENDING, {"account": self.account_id, "rows": max_rows}).scalar_one()
 
     def apply_flags(self, folder: Folder, changes: dict[int, tuple[tuple[str, ...], int | None]]) -> int:
         """Update rows whose flags differ from the server's; returns how many changed."""
@@ -632,29 +609,6 @@ class _Background:
     def join(self) -> None:
         self._thread.join()
 
-
-# For this transaction only: new messages wait in message_search_pending (migration 0018).
-_DEFER_SEARCH = text("SELECT set_config('app.search_deferred', 'on', true)")
-# The vectors are computed here, as the caller and under its row-level security, from the
-# messages it can read; the definer functions only claim and store them. The messages are
-# locked (FOR SHARE) until the vectors are stored: a move or star change made meanwhile waits,
-# then updates the stored row instead of finding none and being lost to search.
-_INDEX_PENDING = text("""
-    WITH pending AS (
-        SELECT m.id, m.received_at, m.folder_id, m.is_starred, email_search_vector(m) AS vector
-        FROM messages m
-        WHERE m.id = ANY(ARRAY(SELECT message_id FROM email_search_claim_pending(:account, :rows)))
-        FOR SHARE OF m
-    )
-    SELECT email_search_store_pending(
-        coalesce(array_agg(id), '{}'),
-        coalesce(array_agg(received_at), '{}'),
-        coalesce(array_agg(folder_id), '{}'),
-        coalesce(array_agg(is_starred), '{}'),
-        coalesce(array_agg(vector), '{}')
-    )
-    FROM pending
-""")
 
 # The columns each batch insert names; the others take their defaults.
 _ROW_COLUMNS = {
