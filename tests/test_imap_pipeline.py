@@ -45,6 +45,7 @@ class Server:
         self.fail_on_fetch = fail_on_fetch
         self.fetches = 0
         self.examined: list[str] = []
+        self.requested: list[list[int]] = []
 
     def list_folders(self) -> list[bytes]:
         return [b'(\\HasNoChildren) "/" INBOX']
@@ -64,6 +65,7 @@ class Server:
 
     def fetch_messages(self, uids: list[int]):
         self.fetches += 1
+        self.requested.append(list(uids))
         if self.fetches == self.fail_on_fetch:
             raise ConnectionFailed("connection reset by imap.example.com")
         return [Fetched(uid, self.mail[uid]) for uid in uids]
@@ -190,13 +192,7 @@ def test_the_inbox_syncs_first_and_newest_mail_first(mail):
             archive = Folder(id="f0", name="Archive", display_name="Archive", type="archive")
             return {"Archive": archive, "INBOX": Folder()}, 0
 
-    class Recording(Server):
-        def fetch_messages(self, uids: list[int]):
-            self.requested.append(list(uids))
-            return super().fetch_messages(uids)
-
-    server = Recording(mail)
-    server.requested = []
+    server = Server(mail)
     ImapSync(TwoFolders(), server, lambda _p: None).run()
     assert server.examined == ["INBOX", "Archive"]
     # The first batch asked for holds the newest messages (highest UIDs) the folder has.
