@@ -344,7 +344,8 @@ def main() -> None:
     print(f"service initial sync (job)        {initial:8.2f} s   ({initial_wall:.2f} s with worker start)")
     print(f"service re-sync, nothing changed  {resync * 1000:8.0f} ms  ({per_folder_ms:.0f} ms per folder)")
     print(f"initial / mbsync                  {initial / mb:8.2f}x   (target <= 1.0x)")
-    for label, at in (("Inbox's newest 50 listable after", first_page), ("all mail listable after", all_listable)):
+    newest = f"Inbox's newest {ListableWatch.PAGE} listable after"
+    for label, at in ((newest, first_page), ("all mail listable after", all_listable)):
         if at is None:
             print(f"{label:33} {'(not seen)':>8}")
         else:
