@@ -9,7 +9,8 @@ tenant's 20% more, so row-level security has rows to keep out. Then times typica
 through the service functions the API calls (tenant session, RLS, SQLAlchemy), each run
 ``--runs`` times with varying words, and prints p50/p95/p99 in ms and the ratio of each p99 to
 the baseline's: reading one message by id through the same stack. Target: every search p99
-< 50 ms.
+< 50 ms. A ranked page ends with its window, so the bench also times what a client waits for
+when it follows a phrase's cursor until it has 50 hits, and says how full its first page is.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from email_service.tenancy import Principal  # noqa: E402
 VOCABULARY = 5000
 SENDERS = 600
 TARGET_P99_MS = 50.0
+# Cases timed across several requests, as a client sees them; not held to the per-request target.
+FOLLOWING = "following: "
 
 # Words are "w<rank>" drawn log-uniformly over the ranks (low ranks common, as in real text);
 # bodies are 40-200 of them. Everything is made by PostgreSQL, so 100,000 rows take seconds.
@@ -217,6 +220,15 @@ def main() -> int:
                 ("q: two words", lambda i: find(search.SearchQuery(text=f"{common(i)} {rare(i)}"))),
                 ("q: a phrase", lambda i: find(search.SearchQuery(text=f'"{common(i)} {common(i)}"'))),
                 (
+                    "q: a phrase, one folder (10%)",
+                    lambda i: find(search.SearchQuery(text=f'"{common(i)} {common(i)}"', folder_id=folders["Sent"])),
+                ),
+                (
+                    "q: a phrase, unread",
+                    lambda i: find(search.SearchQuery(text=f'"{common(i)} {common(i)}"', is_read=False)),
+                ),
+                ("q: a word minus a common word", lambda i: find(search.SearchQuery(text=f"{common(i)} -w1"))),
+                (
                     "q: common word, page 2",
                     lambda i: find(search.SearchQuery(text=f"w{i % 19 + 1}"), cursor=page_two[f"w{i % 19 + 1}"]),
                 ),
@@ -265,18 +277,38 @@ def main() -> int:
                     ),
                 ),
             ]
+            hits: list[int] = []
+
+            def until_fifty(i: int) -> None:
+                # What a client that wants 50 hits waits for: a ranked page ends with its window.
+                query, cursor, found = search.SearchQuery(text=f'"{common(i)} {common(i)}"'), None, 0
+                while True:
+                    page = find(query, cursor)
+                    found += len(page.hits)
+                    cursor = page.next_cursor
+                    if found >= 50 or cursor is None:
+                        hits.append(found)
+                        return
+
+            cases.append((FOLLOWING + "a phrase, pages to 50 hits", until_fifty))
             results = [(label, _time(label, args.runs, call)) for label, call in cases]
             baseline = _quantile(results[0][1], 0.99)
             print(f"{'query':45} {'p50':>8} {'p95':>8} {'p99':>8} {'p99/base':>9}")
             worst = 0.0
             for label, samples in results:
                 p99 = _quantile(samples, 0.99)
-                if not label.startswith(("baseline", "conversations")):
+                if not label.startswith(("baseline", "conversations", FOLLOWING)):
                     worst = max(worst, p99)
                 print(
                     f"{label:45} {statistics.median(samples):8.2f} {_quantile(samples, 0.95):8.2f} "
                     f"{p99:8.2f} {p99 / baseline:9.1f}"
                 )
+            first_pages = [len(find(search.SearchQuery(text=f'"{common(i)} {common(i)}"')).hits) for i in range(100)]
+            print(
+                f"a phrase's first page holds {statistics.mean(first_pages):.0f} hits on average (of 50 asked for);"
+                f" {statistics.mean(hits):.0f} hits after following"
+                " its cursor to 50 (or its end)"
+            )
             verdict = "meets" if worst < TARGET_P99_MS else "MISSES"
             print(f"worst search p99 {worst:.2f} ms: {verdict} the target of {TARGET_P99_MS:.0f} ms")
             db.dispose()

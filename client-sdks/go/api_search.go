@@ -132,9 +132,12 @@ narrow to messages whose sender, recipients (To, Cc, Bcc) or subject contain eac
 word, or a word beginning with it. The other filters combine with AND. Pages follow
 `nextCursor`: ask again with `cursor` set to it and the same query; it is null on the
 last page. A cursor given out for other query parameters answers 409 with code
-`INVALID_CURSOR`. When `q`, `from`, `to` or `subject` is given, the newest 1,000
-messages that match them are the ones ranked, filtered and returned: narrow the words
-or add a date range to reach older mail.
+`INVALID_CURSOR`. With `q`, results are ranked in windows, newest mail first: each
+window holds the newest matches below the previous one (at most 1,000, and only those
+among the mail one bounded read of the index reaches, so that no page waits on a whole
+mailbox), ranked within it. A page ends with its window, so a page may hold fewer than
+`limit` messages, or none, while `nextCursor` still leads on to older matches; only a
+null `nextCursor` says there are no more.
 
 	@param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
 	@param accountId Email account ID (never one of the API's fixed path segments)

@@ -11,10 +11,15 @@ row-level security like every other read; when they drop matches the walk contin
 last match it read (or walks the messages that pass them instead, see ``_matches``), so a filter
 never hides an older message that passes it.
 
-A word query ranks a window: the newest ``RANKED_WINDOW`` matches that pass every filter, by
-``ts_rank``, ties newest first. A cursor keeps the window's oldest key, so later pages rank the
-same window (plus mail that arrived since) and nothing is skipped when new mail pushes older
-matches out of the newest ``RANKED_WINDOW``.
+A word query ranks windows, newest first: each holds the newest matches below the window
+before it that pass every filter, at most ``RANKED_WINDOW``, ranked by ``ts_rank``, ties newest
+first. Without filters on messages a window is also bounded by the rows it reads
+(``SCANNED_ROWS``, see migration 0018), so a phrase of common words that rarely stand together
+costs one bounded read per page instead of a read of the whole account; such a window ends at
+the last row read. A cursor keeps the window's oldest key, so later pages rank the same window
+(plus, in the first window, mail that arrived since) and nothing is skipped when new mail pushes
+older matches out of it; when a window is done, the next page begins the window below it. A
+page ends with its window, so it may hold fewer hits than asked for, and still have a cursor.
 """
 
 from __future__ import annotations
@@ -54,12 +59,20 @@ _LANGUAGE = func.email_search_language(type_=REGCONFIG)
 _WORD_FIELDS = ("text", "sender", "recipient", "subject")
 # Weights the migration gives each field.
 SUBJECT_WEIGHT, SENDER_WEIGHT, RECIPIENT_WEIGHT = "A", "B", "C"
-# A word query ranks the newest this many matches (that pass the filters): ranking reads every
-# ranked match's vector, and a common word matches most of a mailbox.
+# A word query ranks windows of at most this many matches (that pass the filters): ranking reads
+# every ranked match's vector, and a common word matches most of a mailbox.
 RANKED_WINDOW = 1000
-# Rows read by the first pass of a walk when filters on messages may drop matches; later passes
-# are sized for what is missing, up to the largest.
-FIRST_PASS, LARGEST_PASS = 1000, 16_000
+# A window found by walking the account's rows reads at most this many (about 10-20 ms here): a
+# phrase of common words, or a word minus a common one, may match few of the rows that hold its words.
+SCANNED_ROWS = 4000
+# With filters on messages, a window (or a page of words without ranking) is found by passes of
+# walks (a bounded read takes 10-20 ms); no pass begins that the time left is not expected to
+# hold, and once it has gone the window ends where the furthest walk got to.
+WINDOW_SECONDS = 0.015
+# Rows read by the first pass of a walk when filters on messages may drop matches (small enough
+# for both walks' first passes to fit in WINDOW_SECONDS); later passes are sized for what is
+# missing at the pace so far, up to the largest.
+FIRST_PASS, LARGEST_PASS = 250, 16_000
 
 
 @dataclass(frozen=True)
@@ -207,12 +220,17 @@ class _Walk:
         missing = RANKED_WINDOW if want is None else want - len(self.found)
         return missing * self.seconds / max(len(self.found), 0.5)
 
-    def next_size(self, want: int | None) -> int:
-        """Enough rows for the missing matches at the share of rows that passed so far, with a margin."""
+    def next_size(self, want: int | None, seconds_left: float | None) -> int:
+        """Enough rows for the missing matches at the share of rows that passed so far, with a margin,
+        and no more than this walk's pace reads in ``seconds_left`` (None: no limit)."""
         if want is None or not self.found:
-            return min(LARGEST_PASS, 4 * self.size)
-        missing = want - len(self.found)
-        return max(10, min(LARGEST_PASS, missing * self.read * 5 // (4 * len(self.found)) + 10))
+            size = min(LARGEST_PASS, 4 * self.size)
+        else:
+            missing = want - len(self.found)
+            size = max(10, min(LARGEST_PASS, missing * self.read * 5 // (4 * len(self.found)) + 10))
+        if seconds_left is not None and self.seconds > 0:
+            size = max(10, min(size, int(seconds_left * self.read / self.seconds)))
+        return size
 
     def _range(self, size: int | None):  # noqa: ANN202 - a SQLAlchemy table-valued function
         at = DateTime(timezone=True)
@@ -237,19 +255,37 @@ class _Walk:
 
 
 class _WordWalk(_Walk):
-    """Reads the matches of the words, then keeps those whose message passes the filters."""
+    """Reads the matches of the words, then keeps those whose message passes the filters.
+
+    With no floor (a window found afresh) each pass reads a bounded number of rows (see
+    ``_window``), so no single statement waits on a whole account.
+    """
 
     def _read(self, size: int | None) -> int:
-        matches = self._range(size)
+        bounded = self.floor is None
+        matches = (
+            _window(self.session, self.account_id, self.text_query, self.query, self.older_than, size)
+            if bounded
+            else self._range(size)
+        )
         columns = [matches.c.message_id, matches.c.received_at, matches.c.rank]
+        last_read = matches.c.last_read if bounded else literal(False)
         if not self.filters:
-            rows = self.session.execute(select(*columns, literal(True).label("passes")).order_by(matches.c.n)).all()
+            passes = matches.c.rank.is_not(None)
+            rows = self.session.execute(
+                select(*columns, last_read.label("last_read"), passes.label("passes")).order_by(matches.c.n)
+            ).all()
         else:
             joined = matches.outerjoin(Message, and_(Message.id == matches.c.message_id, *self.filters))
-            passes = Message.id.is_not(None).label("passes")
-            rows = self.session.execute(select(*columns, passes).select_from(joined).order_by(matches.c.n)).all()
+            passes = and_(Message.id.is_not(None), matches.c.rank.is_not(None))
+            rows = self.session.execute(
+                select(*columns, last_read.label("last_read"), passes.label("passes"))
+                .select_from(joined)
+                .order_by(matches.c.n)
+            ).all()
         self.found += [_Match(row.message_id, row.received_at, row.rank) for row in rows if row.passes]
-        self.exhausted = size is None or len(rows) < size
+        stopped = bool(rows) and rows[-1].last_read
+        self.exhausted = not stopped and (size is None or len(rows) < size)
         if rows:
             self.older_than = (rows[-1].received_at, rows[-1].message_id)
         return len(rows)
@@ -293,32 +329,86 @@ def _matches(
     floor: tuple[datetime, str] | None,
     older_than: tuple[datetime, str] | None,
     want: int | None,
-) -> tuple[list[_Match], bool]:
+) -> tuple[list[_Match], tuple[datetime, str] | None]:
     """Matches newest first that pass every filter: at most ``want`` (None: all down to ``floor``).
 
-    Only keys at or above ``floor`` and below ``older_than`` count. Also says whether ``want``
-    were found, i.e. whether older matches may have been left out.
+    Only keys at or above ``floor`` and below ``older_than`` count. Also says where the matches
+    end when older ones may have been left out: the ``want``-th match's key, or the key down to
+    which the walk is complete when it stopped at ``WINDOW_SECONDS`` with fewer; None when none
+    were left out.
 
     With filters on messages there are two ways: walking the matches (best when the filters
     keep most of them, or the words are rare) or the messages that pass the filters (best when
     they keep few and the words are common). Each is complete down to where it stopped, so
     either can answer alone. Both take a first pass; then the one whose pace promises the rest
-    sooner takes the next, sized for what is missing, until one is done.
+    sooner takes the next, sized for what is missing, until one is done or the time is up.
     """
+    deadline = None if want is None else time.perf_counter() + WINDOW_SECONDS
+
+    def seconds_left() -> float | None:
+        return None if deadline is None else deadline - time.perf_counter()
+
     words = _WordWalk(session, account_id, text_query, query, floor, older_than)
-    if not words.filters:
-        words.step(want)
-        return words.found, want is not None and len(words.found) >= want
-    walks = [words, _FilterWalk(session, account_id, text_query, query, floor, older_than)]
-    first = min(FIRST_PASS, 4 * want) if want is not None else FIRST_PASS
-    for walk in walks:
+    walks: list[_Walk] = [words]
+    first = want
+    if words.filters:
+        walks.append(_FilterWalk(session, account_id, text_query, query, floor, older_than))
+        first = min(FIRST_PASS, 4 * want) if want is not None else FIRST_PASS
+    for walk in list(walks):
+        # The other walk's first pass begins only if a pass like the first still fits in the time.
+        if walk is not words and (left := seconds_left()) is not None and left < words.seconds:
+            walks.remove(walk)
+            break
         walk.step(first)
         if walk.done(want):
-            break
-    else:
-        while not (walk := min(walks, key=lambda each: each.cost_of_the_rest(want))).done(want):
-            walk.step(walk.next_size(want))
-    return walk.found[:want], want is not None and len(walk.found) >= want
+            return _answer(walk, want)
+    while not (walk := min(walks, key=lambda each: each.cost_of_the_rest(want))).done(want):
+        if (left := seconds_left()) is not None and left <= 0:
+            # Out of time: each walk is complete down to where it stopped; the one that went
+            # furthest answers, and the matches end there.
+            walk = max(walks, key=lambda each: len(each.found))
+            return walk.found, walk.older_than
+        walk.step(walk.next_size(want, left))
+    return _answer(walk, want)
+
+
+def _answer(walk: _Walk, want: int | None) -> tuple[list[_Match], tuple[datetime, str] | None]:
+    """What a walk that is done found, and where its matches end (None: at the oldest)."""
+    if want is not None and len(walk.found) >= want:
+        return walk.found[:want], walk.found[want - 1].key
+    return walk.found, None
+
+
+def _window(
+    session: Session,
+    account_id: str,
+    text_query: ColumnElement,
+    query: SearchQuery,
+    older_than: tuple[datetime, str] | None,
+    size: int | None,
+):  # noqa: ANN202 - a SQLAlchemy table-valued function
+    """At most ``size`` matches below ``older_than``, found by a read of at most ``SCANNED_ROWS`` rows.
+
+    When the read stops at its bound, its last row is the last row read (``last_read``, with a
+    NULL rank if it does not match): the matches are complete down to it (see migration 0018).
+    """
+    at = DateTime(timezone=True)
+    return (
+        func.email_search_window(
+            literal(account_id, Text),
+            text_query,
+            literal(query.after, at),
+            literal(query.before, at),
+            literal(older_than[0] if older_than else None, at),
+            literal(older_than[1] if older_than else None, Text),
+            literal(size, Integer),
+            literal(query.folder_id, Text),
+            literal(query.is_starred, Boolean),
+            literal(SCANNED_ROWS, Integer),
+        )
+        .table_valued("message_id", "received_at", "rank", "last_read", with_ordinality="n")
+        .render_derived(name="matches")
+    )
 
 
 def _best_of_window(
@@ -328,6 +418,7 @@ def _best_of_window(
     query: SearchQuery,
     *,
     floor: tuple[datetime, str] | None,
+    top: tuple[datetime, str] | None,
     after: tuple[float, datetime, str] | None,
     limit: int,
 ) -> tuple[list[_Match], tuple[datetime, str] | None]:
@@ -335,11 +426,16 @@ def _best_of_window(
 
     Only the page comes back rather than the whole window: building 1,000 rows in Python per
     search set off the interpreter's full garbage collections, 30 ms every few dozen searches.
-    The end is the window's oldest match when the window is full (first page only).
+    The end is where a window found afresh stopped (the first page of a window only): its
+    oldest row when it is full or stopped at its bound on rows read, None when it reached the
+    oldest match.
     """
-    matches = _WordWalk(session, account_id, text_query, query, floor, None)._range(
-        RANKED_WINDOW if floor is None and after is None else None
-    )
+    starting = after is None
+    if starting:  # found afresh, with a bound on the rows read
+        matches = _window(session, account_id, text_query, query, top, RANKED_WINDOW)
+    else:  # the window found by the first page, down to its floor
+        matches = _WordWalk(session, account_id, text_query, query, floor, top)._range(None)
+    last_read = matches.c.last_read if starting else literal(False)
     oldest_first = {"order_by": matches.c.n.desc(), "rows": (None, None)}
     window = select(
         matches.c.message_id,
@@ -348,9 +444,16 @@ def _best_of_window(
         func.count().over().label("size"),
         func.first_value(matches.c.received_at).over(**oldest_first).label("end_at"),
         func.first_value(matches.c.message_id).over(**oldest_first).label("end_id"),
+        func.first_value(last_read).over(**oldest_first).label("end_last_read"),
     ).subquery("window")
     statement = select(
-        window.c.message_id, window.c.received_at, window.c.rank, window.c.size, window.c.end_at, window.c.end_id
+        window.c.message_id,
+        window.c.received_at,
+        window.c.rank,
+        window.c.size,
+        window.c.end_at,
+        window.c.end_id,
+        window.c.end_last_read,
     )
     if after is not None:
         # ts_rank is a real; the cursor holds its shortest decimal, which is exact only as a real.
@@ -358,13 +461,17 @@ def _best_of_window(
             tuple_(window.c.rank, window.c.received_at, window.c.message_id)
             < tuple_(cast(after[0], REAL), after[1], after[2])
         )
+    # The row a bounded read stopped at (no rank) comes last, so that even a window without a
+    # match says where it ends.
     rows = session.execute(
-        statement.order_by(window.c.rank.desc(), window.c.received_at.desc(), window.c.message_id.desc()).limit(
-            limit + 1
-        )
+        statement.order_by(
+            window.c.rank.is_(None), window.c.rank.desc(), window.c.received_at.desc(), window.c.message_id.desc()
+        ).limit(limit + 1)
     ).all()
-    end = (rows[0].end_at, rows[0].end_id) if rows and rows[0].size >= RANKED_WINDOW else None
-    return [_Match(row.message_id, row.received_at, row.rank) for row in rows], end
+    stopped = bool(rows) and (rows[0].size >= RANKED_WINDOW or rows[0].end_last_read)
+    end = (rows[0].end_at, rows[0].end_id) if stopped else None
+    page = [_Match(row.message_id, row.received_at, row.rank) for row in rows if row.rank is not None]
+    return page, end
 
 
 def _ranked_page(
@@ -377,39 +484,66 @@ def _ranked_page(
     cursor: str | None,
     fingerprint: str,
 ) -> tuple[list[_Match], str | None]:
+    """A page of ranked windows: each ranks the newest matches below the last window's end.
+
+    A cursor holds the last hit's rank and key (None: the next window begins), the window's
+    end (its floor; None: the window holds every older match) and the key it began below (None:
+    the first window, which takes in mail that arrived since).
+    """
     after: tuple[float, datetime, str] | None = None
     floor: tuple[datetime, str] | None = None
+    top: tuple[datetime, str] | None = None
     if cursor is not None:
-        after_rank, when, last_id, floor_when, floor_id = cursors.decode(
-            cursor, fingerprint, ((int, float), int, str, (int, type(None)), (str, type(None)))
+        after_rank, when, last_id, floor_when, floor_id, top_when, top_id = cursors.decode(
+            cursor,
+            fingerprint,
+            (
+                (int, float, type(None)),
+                (int, type(None)),
+                (str, type(None)),
+                (int, type(None)),
+                (str, type(None)),
+                (int, type(None)),
+                (str, type(None)),
+            ),
         )
-        if (floor_when is None) != (floor_id is None):
+        given = (after_rank, when, last_id), (floor_when, floor_id), (top_when, top_id)
+        if any(len({value is None for value in pair}) > 1 for pair in given):
             raise ConflictError("cursor is not one this service gave out", code="INVALID_CURSOR")
-        after = (float(after_rank), cursors.from_micros(when), last_id)
+        if after_rank is not None:
+            after = (float(after_rank), cursors.from_micros(when), last_id)
         if floor_when is not None:
             floor = (cursors.from_micros(floor_when), floor_id)
+        if top_when is not None:
+            top = (cursors.from_micros(top_when), top_id)
+    starting = after is None
     if not _message_filters(query):
-        page, end = _best_of_window(session, account_id, text_query, query, floor=floor, after=after, limit=limit)
-        if cursor is None:
+        page, end = _best_of_window(
+            session, account_id, text_query, query, floor=floor, top=top, after=after, limit=limit
+        )
+        if starting:
             floor = end
     else:
-        # Later pages rank everything down to the first page's window end (None: every match).
-        want = RANKED_WINDOW if cursor is None else None
-        window, full = _matches(session, account_id, text_query, query, floor=floor, older_than=None, want=want)
-        # A full window ends at its oldest match; otherwise it held every match.
-        if cursor is None and full:
-            floor = window[-1].key
+        # Later pages rank everything down to the first page's window end.
+        want = RANKED_WINDOW if starting else None
+        window, end = _matches(session, account_id, text_query, query, floor=floor, older_than=top, want=want)
+        if starting:
+            floor = end
         ordered = sorted(window, key=lambda match: (match.rank, *match.key), reverse=True)
         if after is not None:
             ordered = [match for match in ordered if (match.rank, *match.key) < after]
         page = ordered[: limit + 1]
+    window_end = [cursors.micros(floor[0]), floor[1]] if floor else [None, None]
+    window_top = [cursors.micros(top[0]), top[1]] if top else [None, None]
     next_cursor = None
     if len(page) > limit:
         last = page[limit - 1]
-        window_end = [cursors.micros(floor[0]), floor[1]] if floor else [None, None]
         next_cursor = cursors.encode(
-            fingerprint, [last.rank, cursors.micros(last.received_at), last.message_id, *window_end]
+            fingerprint, [last.rank, cursors.micros(last.received_at), last.message_id, *window_end, *window_top]
         )
+    elif floor is not None:
+        # The window is done and older mail may match: the next page begins the window below it.
+        next_cursor = cursors.encode(fingerprint, [None, None, None, None, None, *window_end])
     return page[:limit], next_cursor
 
 
@@ -449,14 +583,16 @@ def search(
             if cursor is not None:
                 when, last_id = cursors.decode(cursor, fingerprint, (int, str))
                 older_than = (cursors.from_micros(when), last_id)
-            matches, more = _matches(
+            matches, end = _matches(
                 session, account_id, text_query, query, floor=None, older_than=older_than, want=limit + 1
             )
-            matches = matches[:limit]
             next_cursor = None
-            if more:
-                last = matches[-1]
-                next_cursor = cursors.encode(fingerprint, [cursors.micros(last.received_at), last.message_id])
+            if len(matches) > limit:
+                matches = matches[:limit]
+                end = matches[-1].key
+            # Fewer than asked for with an end: the walk's time was up there, and the next page goes on below it.
+            if end is not None:
+                next_cursor = cursors.encode(fingerprint, [cursors.micros(end[0]), end[1]])
         ids = [match.message_id for match in matches]
         # Not asked with no ids: an empty IN under row-level security is planned as a scan.
         found = session.scalars(select(Message).where(Message.id.in_(ids))) if ids else []

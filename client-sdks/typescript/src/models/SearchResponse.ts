@@ -32,7 +32,9 @@ export interface SearchResponse {
      */
     messages: Array<MessageSummary>;
     /**
-     * Pass as `cursor` for the next page; null on the last page
+     * Pass as `cursor` for the next page; null when there are no more matches. A ranked
+     * page may hold fewer than `limit` messages, even none, and still have one.
+     * 
      */
     nextCursor: string | null;
 }
