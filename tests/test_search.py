@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import importlib
+import json
 
 import psycopg
 import pytest
@@ -119,6 +121,14 @@ def test_a_cursor_from_another_query_or_made_up_is_refused(mailbox):
         assert_error_shape(response, 409, "INVALID_CURSOR")
     response = client.get(f"/api/{account_id}/search", params={"cursor": "%%%"}, headers=owner.headers)
     assert_error_shape(response, 400)
+    # The query's own cursor, rewritten: a window's floor without a place in the window, or half a key.
+    document = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    for key in ([None, None, None, 1, "x", None, None], [*document["k"][:5], 1, None]):
+        forged = base64.urlsafe_b64encode(json.dumps({**document, "k": key}).encode()).decode().rstrip("=")
+        response = client.get(
+            f"/api/{account_id}/search", params={"q": "budget", "cursor": forged}, headers=owner.headers
+        )
+        assert_error_shape(response, 409, "INVALID_CURSOR")
 
 
 def test_odd_input_gives_results_or_a_clean_4xx(mailbox):

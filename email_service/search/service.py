@@ -508,7 +508,10 @@ def _ranked_page(
             ),
         )
         given = (after_rank, when, last_id), (floor_when, floor_id), (top_when, top_id)
-        if any(len({value is None for value in pair}) > 1 for pair in given):
+        # Each part whole or absent, and a window's floor only with a place in it.
+        if any(len({value is None for value in part}) > 1 for part in given) or (
+            after_rank is None and floor_when is not None
+        ):
             raise ConflictError("cursor is not one this service gave out", code="INVALID_CURSOR")
         if after_rank is not None:
             after = (float(after_rank), cursors.from_micros(when), last_id)
