@@ -290,13 +290,18 @@ def pages(mailbox, limit=2, **params) -> list[str]:
 
 
 def test_a_window_that_reads_few_rows_ends_where_it_stopped_and_the_next_goes_on(
-    status_reports, window_of_four, rows_walked
+    status_reports, window_of_four, rows_walked, monkeypatch
 ):
+    from email_service.search import service
+
     # Each window reads three rows: a page ends with its window, shorter than asked for, and
     # the next page begins the window below; every match comes once, newest first (equal ranks).
     assert pages(status_reports, q='"status is green"') == ["87", "6", "54", "3", "21", "0"]
     # Rows read that do not match still count: the third window holds one match, not three.
     assert pages(status_reports, q="status -number4 -number3") == ["87", "6", "5", "21", "0"]
+    # Unranked, with no time for a second read: a page holds what one read of three rows found.
+    monkeypatch.setattr(service, "WINDOW_SECONDS", 0)
+    assert pages(status_reports, limit=4, subject="status") == ["876", "543", "210"]
 
 
 def test_a_window_whose_time_is_up_ends_where_its_walks_got_to(status_reports, window_of_four, monkeypatch):

@@ -135,9 +135,10 @@ last page. A cursor given out for other query parameters answers 409 with code
 `INVALID_CURSOR`. With `q`, results are ranked in windows, newest mail first: each
 window holds the newest matches below the previous one (at most 1,000, and only those
 among the mail one bounded read of the index reaches, so that no page waits on a whole
-mailbox), ranked within it. A page ends with its window, so a page may hold fewer than
-`limit` messages, or none, while `nextCursor` still leads on to older matches; only a
-null `nextCursor` says there are no more.
+mailbox), ranked within it, and a page ends with its window. Without `q`, a search by
+`from`, `to` or `subject` reads the same bounded amount per page. So whenever words are
+given, a page may hold fewer than `limit` messages, or none, while `nextCursor` still
+leads on to older matches; only a null `nextCursor` says there are no more.
 
 	@param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
 	@param accountId Email account ID (never one of the API's fixed path segments)

@@ -22,7 +22,7 @@ var _ MappedNullable = &SearchResponse{}
 // SearchResponse struct for SearchResponse
 type SearchResponse struct {
 	Messages []MessageSummary `json:"messages"`
-	// Pass as `cursor` for the next page; null when there are no more matches. A ranked page may hold fewer than `limit` messages, even none, and still have one.
+	// Pass as `cursor` for the next page; null when there are no more matches. A page may hold fewer than `limit` messages, even none, and still have one.
 	NextCursor NullableString `json:"nextCursor"`
 }
 

@@ -13,13 +13,15 @@ never hides an older message that passes it.
 
 A word query ranks windows, newest first: each holds the newest matches below the window
 before it that pass every filter, at most ``RANKED_WINDOW``, ranked by ``ts_rank``, ties newest
-first. Without filters on messages a window is also bounded by the rows it reads
-(``SCANNED_ROWS``, see migration 0018), so a phrase of common words that rarely stand together
-costs one bounded read per page instead of a read of the whole account; such a window ends at
-the last row read. A cursor keeps the window's oldest key, so later pages rank the same window
+first. A window found afresh is also bounded by the work it takes: each read of matches takes
+at most ``SCANNED_ROWS`` rows (see migration 0018), and with filters on messages the walks stop
+after ``WINDOW_SECONDS``; so a phrase of common words that rarely stand together costs one
+bounded read per page instead of a read of the whole account, and the window ends where the
+reading stopped. A cursor keeps the window's oldest key, so later pages rank the same window
 (plus, in the first window, mail that arrived since) and nothing is skipped when new mail pushes
 older matches out of it; when a window is done, the next page begins the window below it. A
 page ends with its window, so it may hold fewer hits than asked for, and still have a cursor.
+Without words to rank (the field filters alone) pages are bounded the same way.
 """
 
 from __future__ import annotations

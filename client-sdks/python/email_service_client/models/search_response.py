@@ -29,7 +29,7 @@ class SearchResponse(BaseModel):
     SearchResponse
     """ # noqa: E501
     messages: List[MessageSummary]
-    next_cursor: Optional[StrictStr] = Field(description="Pass as `cursor` for the next page; null when there are no more matches. A ranked page may hold fewer than `limit` messages, even none, and still have one. ", alias="nextCursor")
+    next_cursor: Optional[StrictStr] = Field(description="Pass as `cursor` for the next page; null when there are no more matches. A page may hold fewer than `limit` messages, even none, and still have one. ", alias="nextCursor")
     __properties: ClassVar[List[str]] = ["messages", "nextCursor"]
 
     model_config = ConfigDict(

@@ -32,8 +32,8 @@ export interface SearchResponse {
      */
     messages: Array<MessageSummary>;
     /**
-     * Pass as `cursor` for the next page; null when there are no more matches. A ranked
-     * page may hold fewer than `limit` messages, even none, and still have one.
+     * Pass as `cursor` for the next page; null when there are no more matches. A page
+     * may hold fewer than `limit` messages, even none, and still have one.
      * 
      */
     nextCursor: string | null;
