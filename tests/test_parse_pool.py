@@ -22,7 +22,9 @@ def mail() -> list[bytes]:
 
 
 def children() -> set[int]:
-    return {child.pid for child in psutil.Process().children(recursive=True)}
+    # This process's own children: a parse pool's workers are forked from it. Their descendants
+    # are not counted: the session's worker process forks job horses of its own at any time.
+    return {child.pid for child in psutil.Process().children()}
 
 
 def wait_gone(pids: set[int], timeout: float = 10) -> set[int]:
