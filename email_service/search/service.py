@@ -1,15 +1,16 @@
 """Searching an account's messages: full text ranked by ts_rank, filters, keyset pages.
 
 The words are matched against each message's tsvector through ``email_search_range()`` (see
-migrations 0012 and 0014), which returns only the caller's own matches, newest first, between
-keyset bounds; the filters on sender, recipients and subject are prefix queries restricted to
-the vector's weight for that field, so they are part of the same match. The folder and the
-star are kept beside each vector too (migration 0017), so the function walks one folder's or the
-starred matches alone. Filters on the message's other columns (read, label, attachments) are
-applied by joining the matches to ``messages`` in the caller's tenant session, under its
-row-level security like every other read; when they drop matches the walk continues below the
-last match it read (or walks the messages that pass them instead, see ``_matches``), so a filter
-never hides an older message that passes it.
+migrations 0012 and 0014) and, for a window found afresh, ``email_search_window()`` (0018), which
+return only the caller's own matches, newest first, between keyset bounds; the filters on
+sender, recipients and subject are prefix queries restricted to the vector's weight for that
+field, so they are part of the same match. The folder and the star are kept beside each vector
+too (migration 0017), so the functions walk one folder's or the starred matches alone.
+Filters on the message's other columns (read, label, attachments) are applied by joining the
+matches to ``messages`` in the caller's tenant session, under its row-level security like every
+other read; when they drop matches the walk continues below the last match it read (or walks
+the messages that pass them instead, see ``_matches``), so a filter never hides an older
+message that passes it.
 
 A word query ranks windows, newest first: each holds the newest matches below the window
 before it that pass every filter, at most ``RANKED_WINDOW``, ranked by ``ts_rank``, ties newest
@@ -255,36 +256,50 @@ class _Walk:
             .render_derived(name="matches")
         )
 
+    def _bounded(self, size: int | None):  # noqa: ANN202 - a SQLAlchemy table-valued function
+        """At most ``size`` matches below ``older_than``, from a read of at most ``SCANNED_ROWS`` rows.
+
+        When the read stops at its bound, its last row is the last row read (``last_read``, with
+        a NULL rank if it does not match): the matches are complete down to it (migration 0018).
+        """
+        at = DateTime(timezone=True)
+        older = self.older_than
+        return (
+            func.email_search_window(
+                literal(self.account_id, Text),
+                self.text_query,
+                literal(self.query.after, at),
+                literal(self.query.before, at),
+                literal(older[0] if older else None, at),
+                literal(older[1] if older else None, Text),
+                literal(size, Integer),
+                literal(self.query.folder_id, Text),
+                literal(self.query.is_starred, Boolean),
+                literal(SCANNED_ROWS, Integer),
+            )
+            .table_valued("message_id", "received_at", "rank", "last_read", with_ordinality="n")
+            .render_derived(name="matches")
+        )
+
 
 class _WordWalk(_Walk):
     """Reads the matches of the words, then keeps those whose message passes the filters.
 
     With no floor (a window found afresh) each pass reads a bounded number of rows (see
-    ``_window``), so no single statement waits on a whole account.
+    ``_bounded``), so no single statement waits on a whole account.
     """
 
     def _read(self, size: int | None) -> int:
         bounded = self.floor is None
-        matches = (
-            _window(self.session, self.account_id, self.text_query, self.query, self.older_than, size)
-            if bounded
-            else self._range(size)
-        )
-        columns = [matches.c.message_id, matches.c.received_at, matches.c.rank]
+        matches = self._bounded(size) if bounded else self._range(size)
         last_read = matches.c.last_read if bounded else literal(False)
-        if not self.filters:
-            passes = matches.c.rank.is_not(None)
-            rows = self.session.execute(
-                select(*columns, last_read.label("last_read"), passes.label("passes")).order_by(matches.c.n)
-            ).all()
-        else:
+        passes = matches.c.rank.is_not(None)  # not the row a bounded read stopped at
+        statement = select(matches.c.message_id, matches.c.received_at, matches.c.rank, last_read.label("last_read"))
+        if self.filters:
             joined = matches.outerjoin(Message, and_(Message.id == matches.c.message_id, *self.filters))
-            passes = and_(Message.id.is_not(None), matches.c.rank.is_not(None))
-            rows = self.session.execute(
-                select(*columns, last_read.label("last_read"), passes.label("passes"))
-                .select_from(joined)
-                .order_by(matches.c.n)
-            ).all()
+            passes = and_(passes, Message.id.is_not(None))
+            statement = statement.select_from(joined)
+        rows = self.session.execute(statement.add_columns(passes.label("passes")).order_by(matches.c.n)).all()
         self.found += [_Match(row.message_id, row.received_at, row.rank) for row in rows if row.passes]
         stopped = bool(rows) and rows[-1].last_read
         self.exhausted = not stopped and (size is None or len(rows) < size)
@@ -381,38 +396,6 @@ def _answer(walk: _Walk, want: int | None) -> tuple[list[_Match], tuple[datetime
     return walk.found, None
 
 
-def _window(
-    session: Session,
-    account_id: str,
-    text_query: ColumnElement,
-    query: SearchQuery,
-    older_than: tuple[datetime, str] | None,
-    size: int | None,
-):  # noqa: ANN202 - a SQLAlchemy table-valued function
-    """At most ``size`` matches below ``older_than``, found by a read of at most ``SCANNED_ROWS`` rows.
-
-    When the read stops at its bound, its last row is the last row read (``last_read``, with a
-    NULL rank if it does not match): the matches are complete down to it (see migration 0018).
-    """
-    at = DateTime(timezone=True)
-    return (
-        func.email_search_window(
-            literal(account_id, Text),
-            text_query,
-            literal(query.after, at),
-            literal(query.before, at),
-            literal(older_than[0] if older_than else None, at),
-            literal(older_than[1] if older_than else None, Text),
-            literal(size, Integer),
-            literal(query.folder_id, Text),
-            literal(query.is_starred, Boolean),
-            literal(SCANNED_ROWS, Integer),
-        )
-        .table_valued("message_id", "received_at", "rank", "last_read", with_ordinality="n")
-        .render_derived(name="matches")
-    )
-
-
 def _best_of_window(
     session: Session,
     account_id: str,
@@ -433,10 +416,9 @@ def _best_of_window(
     oldest match.
     """
     starting = after is None
-    if starting:  # found afresh, with a bound on the rows read
-        matches = _window(session, account_id, text_query, query, top, RANKED_WINDOW)
-    else:  # the window found by the first page, down to its floor
-        matches = _WordWalk(session, account_id, text_query, query, floor, top)._range(None)
+    walk = _WordWalk(session, account_id, text_query, query, floor, top)
+    # Found afresh with a bound on the rows read, or (later pages) the first page's window down to its floor.
+    matches = walk._bounded(RANKED_WINDOW) if starting else walk._range(None)
     last_read = matches.c.last_read if starting else literal(False)
     oldest_first = {"order_by": matches.c.n.desc(), "rows": (None, None)}
     window = select(
