@@ -28,6 +28,7 @@ from email_service.api.paths import TrailingSlashMiddleware
 from email_service.api.rate_limit import RateLimitMiddleware, UserRateLimiter, rules_from_spec
 from email_service.api.resolver import TagResolver, handler_path
 from email_service.api.scope import ScopeValuesMiddleware
+from email_service.api.security import SECURITY_MAP
 from email_service.api.uri_parsing import OnceURIParser
 from email_service.api.validation import (
     SafeJSONRequestBodyValidator,
@@ -195,6 +196,7 @@ def create_app(runtime: Runtime) -> FlaskApp:
         lifespan=hub_lifespan(hub),
         jsonifier=COMPACT_JSON,
         uri_parser_class=OnceURIParser,
+        security_map=SECURITY_MAP,
     )
     app._middleware_app.asgi_app = HoldingWSGIMiddleware(app.app.wsgi_app)
     # Service errors raised in handlers must reach Connexion's error handlers, not Flask's 500 page.
