@@ -242,6 +242,7 @@ class Dovecot:
         extra_config: str = "",
         special_use: dict[str, str] | None = None,
         oauth2_introspection_url: str = "",
+        oauth2_mechanisms: tuple[str, ...] = ("xoauth2", "oauthbearer"),
     ) -> None:
         self.base_dir = base_dir
         self.special_use = SPECIAL_USE if special_use is None else special_use  # every user's role folders
@@ -250,6 +251,8 @@ class Dovecot:
         # With an RFC 7662 introspection URL (credentials in it), IMAP also accepts XOAUTH2 and
         # OAUTHBEARER, checking each token there, as a provider's server checks its own.
         self.oauth2_introspection_url = oauth2_introspection_url
+        # Which of the two token mechanisms it offers (Microsoft's servers offer only XOAUTH2).
+        self.oauth2_mechanisms = oauth2_mechanisms
         self.ca_file = tls.ca_file
         self.instance = base_dir.name  # unique, and prefixes every process title of this instance
         self.config_file = base_dir / "dovecot.conf"
@@ -298,7 +301,7 @@ ssl_min_protocol = TLSv1.2
 
 # Plain-text logins on the plain ports too: the service must be testable with encryption "none".
 disable_plaintext_auth = no
-auth_mechanisms = plain login{" xoauth2 oauthbearer" if self.oauth2_introspection_url else ""}
+auth_mechanisms = plain login{" " + " ".join(self.oauth2_mechanisms) if self.oauth2_introspection_url else ""}
 auth_cache_size = 0
 # Wrong-password tests should not wait: no fixed delay per failed login, and no penalty growing
 # per client IP (2, 4, ... 15 s), which the auth process skips when anvil has no penalty socket.
@@ -387,7 +390,7 @@ service pop3-login {{
             "force_introspection = yes\n"
         )
         return (
-            "passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+            f"passdb {{\n  driver = oauth2\n  mechanisms = {' '.join(self.oauth2_mechanisms)}\n"
             f"  args = {self.base_dir}/oauth2.conf\n}}\n"
         )
 
@@ -670,6 +673,8 @@ def mail_user(dovecot: Dovecot) -> MailUser:
 
 Encryption = Literal["none", "tls", "starttls"]  # the values of the spec's smtpEncryption
 FailStage = Literal["mail", "rcpt", "data"]
+# The SASL mechanisms for bearer tokens a test SMTP server with ``introspect`` offers by default.
+OAUTH2_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
 
 
 @dataclass(frozen=True)
@@ -713,10 +718,13 @@ class SmtpServer:
         password: str,
         behaviour: _Behaviour,
         introspect: Callable[[str], dict] | None = None,
+        oauth2_mechanisms: tuple[str, ...] = OAUTH2_MECHANISMS,
     ) -> None:
         self.tls = tls
-        # With it, AUTH XOAUTH2 and OAUTHBEARER are offered, each token checked by this call.
+        # With it, the token mechanisms in oauth2_mechanisms are offered, each token checked by this call.
         self.introspect = introspect
+        self.oauth2_mechanisms = oauth2_mechanisms
+        self.oauth2_logins: list[str] = []  # the mechanism of each successful token login, in order
         self.ca_file = tls.ca_file
         self.encryption = encryption
         self.auth_required = auth_required
@@ -791,6 +799,8 @@ class SmtpServer:
             kwargs.update(ssl_context=self.tls.server_context(), auth_require_tls=False)
         else:
             kwargs.update(auth_require_tls=False)
+        if self.introspect is not None:
+            kwargs.update(auth_exclude_mechanism=[m for m in OAUTH2_MECHANISMS if m not in self.oauth2_mechanisms])
         for attempt in range(5):
             self.port = free_port()
             handler = _SmtpHandler(self) if self.introspect is None else _OAuth2SmtpHandler(self)
@@ -922,6 +932,7 @@ class _OAuth2SmtpHandler(_SmtpHandler):
         answer = await asyncio.to_thread(self.server.introspect, token or "")
         if not (user and answer.get("active") and answer.get("username") == user):
             return AuthResult(success=False, handled=False)
+        self.server.oauth2_logins.append(args[0].upper())
         return AuthResult(success=True, auth_data=user)
 
 
@@ -947,6 +958,7 @@ def smtp_server(mail_tls: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
         password: str | None = None,
         silent_after_data: float = 0.0,
         introspect: Callable[[str], dict] | None = None,
+        oauth2_mechanisms: tuple[str, ...] = OAUTH2_MECHANISMS,
     ) -> SmtpServer:
         server = SmtpServer(
             mail_tls,
@@ -956,6 +968,7 @@ def smtp_server(mail_tls: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
             password=password or secrets.token_urlsafe(12),
             behaviour=_Behaviour(temp_failures, reject, fail_at, set(unknown_recipients), silent_after_data),
             introspect=introspect,
+            oauth2_mechanisms=oauth2_mechanisms,
         )
         server.start()
         started.append(server)

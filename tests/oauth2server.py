@@ -366,9 +366,20 @@ def oauth2_server() -> Iterator[OAuth2TestServer]:
         server.stop()
 
 
+def _introspection_with_credentials(oauth2_server: OAuth2TestServer) -> str:
+    return oauth2_server.introspection_url.replace("://", f"://{RESOURCE_CLIENT_ID}:{oauth2_server.resource_secret}@")
+
+
 @pytest.fixture(scope="session")
 def oauth2_dovecot(mail_tls: TlsFiles, oauth2_server: OAuth2TestServer) -> Iterator[Dovecot]:
     """A private Dovecot whose IMAP also logs users in with this server's access tokens."""
-    url = oauth2_server.introspection_url.replace("://", f"://{RESOURCE_CLIENT_ID}:{oauth2_server.resource_secret}@")
-    with running_dovecot(mail_tls, oauth2_introspection_url=url) as server:
+    with running_dovecot(mail_tls, oauth2_introspection_url=_introspection_with_credentials(oauth2_server)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def xoauth2_dovecot(mail_tls: TlsFiles, oauth2_server: OAuth2TestServer) -> Iterator[Dovecot]:
+    """As ``oauth2_dovecot``, but offering XOAUTH2 alone, as Microsoft's servers do (no OAUTHBEARER)."""
+    url = _introspection_with_credentials(oauth2_server)
+    with running_dovecot(mail_tls, oauth2_introspection_url=url, oauth2_mechanisms=("xoauth2",)) as server:
         yield server

@@ -8,6 +8,7 @@ token they are given. Nothing in between is simulated.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 import uuid
@@ -114,6 +115,28 @@ def account(api, user, account_id: str) -> dict:
     return response.json()
 
 
+def send_and_receive(api, user, account_id: str, smtp, mail_user, subject: str) -> None:
+    """Send one message through the API and see the SMTP server receive it from ``mail_user``'s login."""
+    sent = api.post(
+        "/api/compose/send",
+        json={"accountId": account_id, "to": ["bob@example.org"], "subject": subject, "body": "Hi"},
+        headers=user.headers,
+    )
+    assert sent.status_code == 202, sent.text
+    assert wait_task(api, user, sent.json()["taskId"])["status"] == "success"
+    [received] = smtp.wait_for(1)
+    assert received.auth_login == mail_user.name and subject.encode() in received.data
+
+
+def token_logins(dovecot, mail_user) -> list[str]:
+    """The SASL mechanism of each of ``mail_user``'s token logins, from the Dovecot's log, in order.
+
+    The tests' own logins (appending mail) use the password, with PLAIN or LOGIN: left out.
+    """
+    logins = re.findall(rf"Login: user=<{re.escape(mail_user.name)}>, method=([A-Z0-9-]+)", dovecot.log_tail(10**7))
+    return [method for method in logins if method not in ("PLAIN", "LOGIN")]
+
+
 def test_an_account_made_with_a_refresh_token_syncs_and_sends_with_tokens_it_fetched(
     api, rt, user, oauth2_server, oauth2_dovecot, mailbox, smtp_server
 ):
@@ -155,15 +178,37 @@ def test_an_account_made_with_a_refresh_token_syncs_and_sends_with_tokens_it_fet
         assert secret not in api.get(f"/api/accounts/{account_id}", headers=user.headers).text
     assert account(api, user, account_id)["oauth2"]["accessTokenExpiresAt"] > time.time() * 1000
 
-    sent = api.post(
-        "/api/compose/send",
-        json={"accountId": account_id, "to": ["bob@example.org"], "subject": "Sent with a token", "body": "Hi"},
+    send_and_receive(api, user, account_id, smtp, mailbox, "Sent with a token")
+    # Where both are offered, the standard mechanism is the one used.
+    assert smtp.oauth2_logins == ["OAUTHBEARER"]
+    methods = token_logins(oauth2_dovecot, mailbox)
+    assert methods and set(methods) == {"OAUTHBEARER"}
+
+
+def test_a_server_offering_only_xoauth2_gets_xoauth2_logins_to_sync_and_send(
+    api, user, oauth2_server, xoauth2_dovecot, smtp_server
+):
+    # Microsoft's IMAP and SMTP offer XOAUTH2 and no OAUTHBEARER; the service prefers the latter.
+    mail_user = xoauth2_dovecot.add_user()
+    smtp = smtp_server("starttls", introspect=oauth2_server.introspect, oauth2_mechanisms=("XOAUTH2",))
+    grant = oauth2_server.issue(oauth2_server.service, mail_user.name)
+    xoauth2_dovecot.append(mail_user, "INBOX", b"Subject: Hello over XOAUTH2\r\n\r\nBody\r\n")
+    created = api.post(
+        "/api/accounts",
+        json=oauth2_body(xoauth2_dovecot, mail_user, {"refreshToken": grant.refresh_token}, smtp),
         headers=user.headers,
     )
-    assert sent.status_code == 202, sent.text
-    assert wait_task(api, user, sent.json()["taskId"])["status"] == "success"
-    [received] = smtp.wait_for(1)
-    assert received.auth_login == mailbox.name and b"Sent with a token" in received.data
+    assert created.status_code == 201, created.text
+    account_id = created.json()["id"]
+
+    status, _ = run_sync(api, user, account_id)
+    assert status["status"] == "success", status
+    assert list(inbox_subjects(api, user, account_id)) == ["Hello over XOAUTH2"]
+    methods = token_logins(xoauth2_dovecot, mail_user)
+    assert methods and set(methods) == {"XOAUTH2"}
+
+    send_and_receive(api, user, account_id, smtp, mail_user, "Sent over XOAUTH2")
+    assert smtp.oauth2_logins == ["XOAUTH2"]
 
 
 def test_an_expired_access_token_is_refreshed_before_use_and_each_rotation_is_kept(
