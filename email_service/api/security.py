@@ -15,7 +15,9 @@ from collections.abc import Callable
 from connexion.security import AbstractSecurityHandler, ApiKeySecurityHandler, BearerSecurityHandler
 
 
-@functools.cache
+# Bounded all the same: should a Connexion release ever hand over a function made per request,
+# the cache would stop helping but could not grow.
+@functools.lru_cache(maxsize=64)
 def _accepts_kwarg(func: Callable, keyword: str) -> bool:
     return AbstractSecurityHandler._accepts_kwarg(func, keyword)
 
