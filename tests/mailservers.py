@@ -223,6 +223,10 @@ class MailUser:
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@-]*$")
 
 
+# The SASL mechanisms for bearer tokens the test servers offer by default (with introspection).
+OAUTH2_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
+
+
 class Dovecot:
     """A private Dovecot on 127.0.0.1 with its own config, users and maildirs under ``base_dir``.
 
@@ -242,7 +246,7 @@ class Dovecot:
         extra_config: str = "",
         special_use: dict[str, str] | None = None,
         oauth2_introspection_url: str = "",
-        oauth2_mechanisms: tuple[str, ...] = ("xoauth2", "oauthbearer"),
+        oauth2_mechanisms: tuple[str, ...] = OAUTH2_MECHANISMS,
     ) -> None:
         self.base_dir = base_dir
         self.special_use = SPECIAL_USE if special_use is None else special_use  # every user's role folders
@@ -301,7 +305,7 @@ ssl_min_protocol = TLSv1.2
 
 # Plain-text logins on the plain ports too: the service must be testable with encryption "none".
 disable_plaintext_auth = no
-auth_mechanisms = plain login{" " + " ".join(self.oauth2_mechanisms) if self.oauth2_introspection_url else ""}
+auth_mechanisms = plain login{" " + self._oauth2_mechanism_names if self.oauth2_introspection_url else ""}
 auth_cache_size = 0
 # Wrong-password tests should not wait: no fixed delay per failed login, and no penalty growing
 # per client IP (2, 4, ... 15 s), which the auth process skips when anvil has no penalty socket.
@@ -376,6 +380,10 @@ service pop3-login {{
 """
         self.config_file.write_text(config)
 
+    @property
+    def _oauth2_mechanism_names(self) -> str:
+        return " ".join(mechanism.lower() for mechanism in self.oauth2_mechanisms)
+
     def _oauth2_passdb(self) -> str:
         if not self.oauth2_introspection_url:
             return ""
@@ -390,7 +398,7 @@ service pop3-login {{
             "force_introspection = yes\n"
         )
         return (
-            f"passdb {{\n  driver = oauth2\n  mechanisms = {' '.join(self.oauth2_mechanisms)}\n"
+            f"passdb {{\n  driver = oauth2\n  mechanisms = {self._oauth2_mechanism_names}\n"
             f"  args = {self.base_dir}/oauth2.conf\n}}\n"
         )
 
@@ -673,8 +681,6 @@ def mail_user(dovecot: Dovecot) -> MailUser:
 
 Encryption = Literal["none", "tls", "starttls"]  # the values of the spec's smtpEncryption
 FailStage = Literal["mail", "rcpt", "data"]
-# The SASL mechanisms for bearer tokens a test SMTP server with ``introspect`` offers by default.
-OAUTH2_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
 
 
 @dataclass(frozen=True)

@@ -381,5 +381,5 @@ def oauth2_dovecot(mail_tls: TlsFiles, oauth2_server: OAuth2TestServer) -> Itera
 def xoauth2_dovecot(mail_tls: TlsFiles, oauth2_server: OAuth2TestServer) -> Iterator[Dovecot]:
     """As ``oauth2_dovecot``, but offering XOAUTH2 alone, as Microsoft's servers do (no OAUTHBEARER)."""
     url = _introspection_with_credentials(oauth2_server)
-    with running_dovecot(mail_tls, oauth2_introspection_url=url, oauth2_mechanisms=("xoauth2",)) as server:
+    with running_dovecot(mail_tls, oauth2_introspection_url=url, oauth2_mechanisms=("XOAUTH2",)) as server:
         yield server
