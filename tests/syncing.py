@@ -14,7 +14,9 @@ import pytest
 from helpers import TEST_DESTINATIONS, service_env
 
 from email_service.api.app import create_app
+from email_service.models import Task, TaskKind, TaskStatus
 from email_service.protocols.imap import ImapSession
+from email_service.queue.tasks import new_task_id
 from email_service.runtime import Runtime
 
 
@@ -107,6 +109,26 @@ def smtp_account(dovecot, mail_user, smtp, **overrides) -> dict:
         smtpPassword=smtp.password,
         **overrides,
     )
+
+
+def add_task(runtime, user, account_id, **values) -> str:
+    """A task row written directly, as a worker would have left it: a sync of the account, started."""
+    row = dict(
+        id=new_task_id(),
+        tenant_id=user.principal.tenant_id,
+        user_id=user.principal.user_id,
+        account_id=account_id,
+        kind=TaskKind.SYNC,
+        status=TaskStatus.STARTED,
+        params={},
+        progress=10,
+        attempts=1,
+        abandoned=0,
+    )
+    row.update(values)
+    with runtime.db.maintenance_session() as session:
+        session.add(Task(**row))
+    return row["id"]
 
 
 def create_account(client, user, body) -> str:

@@ -15,7 +15,7 @@ import pytest
 from helpers import free_port
 from messages import plain_message, to_bytes
 from sqlalchemy import select, text
-from syncing import create_account, imap_account, run_sync, wait_task
+from syncing import add_task, create_account, imap_account, run_sync, wait_task
 
 from email_service.models import Task, TaskKind, TaskStatus
 from email_service.queue.policy import PERMANENT_BACKOFF, TEMPORARY_BACKOFF, sync_backoff
@@ -142,24 +142,9 @@ def test_requests_join_a_waiting_or_running_sync_and_nothing_asked_for_is_droppe
 
 
 def insert_task(runtime, user, account_id, **values) -> str:
-    task_id = uuid.uuid4().hex
-    row = dict(
-        id=task_id,
-        tenant_id=user.principal.tenant_id,
-        user_id=user.principal.user_id,
-        account_id=account_id,
-        kind=TaskKind.SYNC,
-        status=TaskStatus.STARTED,
-        params={},
-        progress=10,
-        attempts=1,
-        abandoned=0,
-        carrier_id="carrier-of-a-dead-worker",
-    )
-    row.update(values)
+    """A started task whose worker stopped beating two minutes ago."""
+    task_id = add_task(runtime, user, account_id, **{"carrier_id": "carrier-of-a-dead-worker", **values})
     with runtime.db.maintenance_session() as session:
-        session.add(Task(**row))
-        session.flush()
         session.execute(
             text(
                 "UPDATE tasks SET heartbeat_at = now() - interval '2 minutes',"

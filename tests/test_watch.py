@@ -1,19 +1,27 @@
 """Real time: `email-service watch` holds IMAP IDLE on Dovecot and brings changes in, unasked.
 
-No sync is requested in these tests: whatever the API shows after the account is created comes
-from the watcher (the shared test worker runs no scheduler).
+No sync is requested in the watcher's tests: whatever the API shows after the account is created
+comes from the watcher (the shared test worker runs no scheduler). The last test calls what the
+watcher's threads run on a reported change (``refresh_folder``) directly, with the shared worker
+running the sync it queues.
 """
 
 from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 
 import psutil
 import pytest
 from messages import plain_message, to_bytes
-from syncing import create_account, eventually, imap_account, inbox_subjects, watcher
+from sqlalchemy import select, update
+from syncing import add_task, create_account, eventually, imap_account, inbox_subjects, wait_task, watcher
 
+from email_service.mailbox.live import refresh_folder
+from email_service.models import Task, TaskKind, TaskStatus
+from email_service.queue.locks import AccountLock
+from email_service.runtime import Runtime
 from email_service.watch.leases import Leases
 from email_service.watch.watcher import watchable_accounts
 
@@ -118,3 +126,43 @@ def test_each_account_has_one_watcher_and_a_dead_watchers_accounts_move(
         assert eventually(lambda: "Taken over" in inbox_subjects(client, owner, account_id), 30)
     # A clean stop hands the leases back at once.
     assert all(leases.holder(a) is None for a in accounts)
+
+
+@pytest.fixture(scope="module")
+def live_runtime(backing, dovecot):
+    """What the watcher's threads run with: trusting the test servers' CA."""
+    runtime = Runtime.build(replace(backing, ca_file=dovecot.ca_file))
+    yield runtime
+    runtime.close()
+
+
+def sync_tasks(runtime, account_id) -> list[Task]:
+    with runtime.db.maintenance_session() as session:
+        return list(
+            session.scalars(
+                select(Task).where(Task.account_id == account_id, Task.kind == TaskKind.SYNC).order_by(Task.created_at)
+            )
+        )
+
+
+def test_a_change_reported_while_a_sync_runs_is_fetched_by_a_sync_after_it(
+    client, live_runtime, user, dovecot, mail_user, worker
+):
+    runtime = live_runtime
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    # A sync of every folder is running: its task says so and it holds the account.
+    running = add_task(runtime, user, account_id, progress=50)
+    lock = AccountLock(runtime.db, account_id)
+    assert lock.acquire()
+    try:
+        # The server reports new mail; the running sync may have looked at the Inbox before it came.
+        dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Arrived mid-sync")))
+        assert refresh_folder(runtime, user.principal, account_id, "INBOX") is None
+        after = [task for task in sync_tasks(runtime, account_id) if task.id != running]
+        assert [(task.status, task.params) for task in after] == [(TaskStatus.PENDING, {"folders": ["INBOX"]})]
+    finally:
+        lock.release()
+        with runtime.db.maintenance_session() as session:
+            session.execute(update(Task).where(Task.id == running).values(status=TaskStatus.SUCCESS))
+    assert wait_task(client, user, after[0].id)["status"] == "success"
+    assert "Arrived mid-sync" in inbox_subjects(client, user, account_id)

@@ -31,8 +31,9 @@ def refresh_folder(
     """
     lock = AccountLock(runtime.db, account_id)
     if not lock.acquire():
+        # Never joined to a sync already running: it may have looked at the folder before the change.
         params = {"folders": [folder]} if folder else {}
-        tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account_id, params=params)
+        tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account_id, params=params, join_running=False)
         return None
     try:
         try:

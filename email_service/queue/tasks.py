@@ -113,12 +113,15 @@ def enqueue(
     account_id: str | None = None,
     message_id: str | None = None,
     params: dict[str, Any] | None = None,
+    join_running: bool = True,
 ) -> Enqueued:
     """Create a task and hand it to the workers; a sync may instead join the account's sync.
 
     A sync request joins a sync of the same account that is still waiting (widening it with
     ``force``/``folders`` if asked), or one that is running when that one already does all the
     request asks; otherwise it is queued to run after the running one, never dropped.
+    ``join_running=False`` is for a change the server reported just now: a running sync may have
+    looked at the folder before it happened, so only a sync that has not started yet will do.
     """
     params = dict(params or {})
     after_running = False
@@ -147,7 +150,7 @@ def enqueue(
                     waiting.params = _widened(waiting.params, params)
                     waiting.updated_at = func.now()
                 return Enqueued(waiting.id, waiting.status, created=False)
-            if running is not None and _covers(running.params, params):
+            if running is not None and join_running and _covers(running.params, params):
                 return Enqueued(running.id, running.status, created=False)
             after_running = running is not None
         task = Task(
