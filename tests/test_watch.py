@@ -1,9 +1,9 @@
 """Real time: `email-service watch` holds IMAP IDLE on Dovecot and brings changes in, unasked.
 
 No sync is requested in the watcher's tests: whatever the API shows after the account is created
-comes from the watcher (the shared test worker runs no scheduler). The last test calls what the
+comes from the watcher (the shared test worker runs no scheduler). The last tests call what the
 watcher's threads run on a reported change (``refresh_folder``) directly, with the shared worker
-running the sync it queues.
+running the syncs it queues.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import replace
 import psutil
 import pytest
 from messages import plain_message, to_bytes
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from syncing import add_task, create_account, eventually, imap_account, inbox_subjects, wait_task, watcher
 
 from email_service.mailbox.live import refresh_folder
@@ -143,6 +143,33 @@ def sync_tasks(runtime, account_id) -> list[Task]:
                 select(Task).where(Task.account_id == account_id, Task.kind == TaskKind.SYNC).order_by(Task.created_at)
             )
         )
+
+
+def test_a_backlog_gets_its_newest_mail_at_once_and_the_rest_from_a_queued_sync(
+    client, live_runtime, user, dovecot, mail_user, worker
+):
+    runtime = live_runtime
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    for n in range(12):
+        dovecot.append(mail_user, "INBOX", to_bytes(plain_message(f"Backlog {n:02d}")))
+
+    result = refresh_folder(runtime, user.principal, account_id, "INBOX", max_new=5)
+    assert result is not None and result.messages_added == 5 and result.folders_left == ["INBOX"]
+    # What the change stored at once is the newest five, committed before anything of the sync's.
+    with runtime.db.maintenance_session() as session:
+        first_stored = session.execute(
+            text(
+                "SELECT subject FROM messages WHERE account_id = :account"
+                " AND created_at = (SELECT min(created_at) FROM messages WHERE account_id = :account)"
+            ),
+            {"account": account_id},
+        ).scalars()
+        assert set(first_stored) == {f"Backlog {n:02d}" for n in range(7, 12)}
+
+    queued = sync_tasks(runtime, account_id)
+    assert [task.params for task in queued] == [{"folders": ["INBOX"]}]
+    assert wait_task(client, user, queued[0].id)["status"] == "success"
+    assert set(inbox_subjects(client, user, account_id)) == {f"Backlog {n:02d}" for n in range(12)}
 
 
 def test_a_change_reported_while_a_sync_runs_is_fetched_by_a_sync_after_it(

@@ -88,9 +88,16 @@ class ImapSync:
         force: bool = False,
         only_folders: Sequence[str] | None = None,
         list_folders: bool = True,
+        max_new: int | None = None,
+        parse_pool: bool = True,
     ) -> None:
         self.store, self.session, self.progress = store, session, progress
         self.force = force
+        # At most this many new messages per folder (the newest); the folder is then named in
+        # ``result.folders_left`` for a queued sync to finish. None: all of them.
+        self.max_new = max_new
+        # False where forking parse workers is out of place (a process full of other threads).
+        self.parse_pool = parse_pool
         self.only = set(only_folders or ())
         # A change reported on a known folder (IDLE) does not need the folder list checked again.
         self.list_folders = list_folders or not self.only
@@ -158,7 +165,11 @@ class ImapSync:
         # last time is simply still "new".
         server_uids = set(session.search_uids())
         # Newest (highest UID) first; a sync cut off half way leaves the oldest mail for the next one.
-        self._fetch_new(folder, sorted(server_uids - local, reverse=True), progress)
+        new = sorted(server_uids - local, reverse=True)
+        left = self.max_new is not None and len(new) > self.max_new
+        if left:
+            new = new[: self.max_new]
+        self._fetch_new(folder, new, progress)
 
         kept = local & server_uids
         if kept:
@@ -172,6 +183,14 @@ class ImapSync:
             )
         self.result.messages_removed += self.store.remove_uids(folder, local - server_uids)
 
+        if left:
+            # Older mail is still to fetch: the folder must not look unchanged to the next sync, so
+            # its UIDNEXT is not kept, nor a HIGHESTMODSEQ past the flags already applied.
+            self.result.folders_left.append(folder.name)
+            self.store.save_folder_state(
+                folder, uidvalidity=mailbox.uidvalidity, uidnext=None, highestmodseq=folder.highestmodseq
+            )
+            return
         self.store.save_folder_state(
             folder,
             uidvalidity=mailbox.uidvalidity,
@@ -181,7 +200,7 @@ class ImapSync:
 
     def _parse_pool(self, count: int) -> ParsePool | None:
         """The job's parse pool, started the first time a folder has enough new mail to pay for it."""
-        if self._pool is None and not self._pool_tried and count >= POOL_MIN_MESSAGES:
+        if self.parse_pool and self._pool is None and not self._pool_tried and count >= POOL_MIN_MESSAGES:
             self._pool_tried = True
             self._pool = ParsePool.start()
         return self._pool

@@ -15,6 +15,8 @@ class SyncResult:
     messages_removed: int = 0
     folders_synced: int = 0
     errors: list[str] = field(default_factory=list)
+    # Folders synced only in part (a bounded sync took the newest mail); a queued sync finishes them.
+    folders_left: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
