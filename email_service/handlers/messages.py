@@ -22,8 +22,8 @@ def _addresses(values: list[str]) -> list[str]:
     return [value for value in values if "@" in value]
 
 
-def message_view(message: Message | service.ListItem) -> dict[str, Any]:
-    """A list item, from a Message or a row of ``services.mail.LIST_COLUMNS``."""
+def message_view(message: Message | service.ListItem | service.MessageRow) -> dict[str, Any]:
+    """A list item, from a Message or a row of ``services.mail.LIST_COLUMNS`` (or more)."""
     return {
         "id": message.id,
         "accountId": message.account_id,
@@ -47,7 +47,7 @@ def message_view(message: Message | service.ListItem) -> dict[str, Any]:
     }
 
 
-def attachment_view(attachment: Attachment, objects: ObjectStore) -> dict[str, Any]:
+def attachment_view(attachment: Attachment | service.AttachmentRow, objects: ObjectStore) -> dict[str, Any]:
     view = {
         "id": attachment.id,
         "filename": attachment.filename,
@@ -107,7 +107,7 @@ def detail_view(detail: service.MessageDetail, objects: ObjectStore) -> dict[str
     }
 
 
-def shown_html(message: Message) -> str | None:
+def shown_html(message: service.MessageRow) -> str | None:
     """The HTML body as the API shows it: always sanitised.
 
     Received mail is sanitised once, when stored. Mail written through the API (it has a delivery

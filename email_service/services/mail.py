@@ -8,7 +8,7 @@ from functools import cache
 from typing import Any
 
 from psycopg.rows import args_row
-from sqlalchemy import Select, and_, select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from email_service.db import Database
@@ -58,6 +58,21 @@ LIST_COLUMNS = (
 # its metadata, which cost more than everything else in building a 50-message page.
 ListItem = namedtuple("ListItem", [column.key for column in LIST_COLUMNS])
 
+# What getMessage shows (handlers.messages.detail_view): a list item's columns and the content.
+DETAIL_COLUMNS = (*LIST_COLUMNS, Message.body_text, Message.body_html, Message.headers, Message.conversation_id)
+MessageRow = namedtuple("MessageRow", [column.key for column in DETAIL_COLUMNS])
+ATTACHMENT_COLUMNS = (
+    Attachment.id,
+    Attachment.message_id,
+    Attachment.filename,
+    Attachment.mime_type,
+    Attachment.size,
+    Attachment.content_id,
+    Attachment.is_inline,
+    Attachment.object_key,
+)
+AttachmentRow = namedtuple("AttachmentRow", [column.key for column in ATTACHMENT_COLUMNS])
+
 
 @dataclass(frozen=True)
 class MessagePage:
@@ -77,8 +92,8 @@ def total_for(filter_: str, message_count: int, unread_count: int) -> int:
 
 @dataclass(frozen=True)
 class MessageDetail:
-    message: Message
-    attachments: list[Attachment]
+    message: MessageRow
+    attachments: list[AttachmentRow]
 
 
 def _require_account(session: Session, account_id: str) -> None:
@@ -180,20 +195,33 @@ def _page_sql(sort: str, filter_: str, after: bool) -> str:
 
 
 def get_message(db: Database, principal: Principal, account_id: str, message_id: str) -> MessageDetail:
-    with db.tenant_session(principal) as session:
-        found = session.execute(
-            _in_live_account(
-                account_id, Message, joined=Message, on=and_(Message.id == message_id, Message.account_id == Account.id)
-            )
-        ).one_or_none()
+    # Fixed SQL on the tenant's psycopg connection, as list_messages: through the ORM, loading one
+    # message and its attachments cost twice the database's own work.
+    parameters = {"account": account_id, "message": message_id}
+    with (
+        db.tenant_connection(principal) as connection,
+        connection.cursor() as found_cursor,
+        connection.cursor(row_factory=args_row(AttachmentRow)) as attachments_cursor,
+    ):
+        # One row: the account exists; its message columns are NULL when it has no such message.
+        found = found_cursor.execute(_MESSAGE_OF_LIVE_ACCOUNT, parameters).fetchone()
         if found is None:
             raise _account_missing(account_id)
-        if found.Message is None:
+        if found[1] is None:
             raise NotFoundError(f"Message with ID '{message_id}' does not exist", code="MESSAGE_NOT_FOUND")
-        attachments = list(
-            session.scalars(select(Attachment).where(Attachment.message_id == message_id).order_by(Attachment.id))
-        )
-    return MessageDetail(message=found.Message, attachments=attachments)
+        attachments = attachments_cursor.execute(_ATTACHMENTS_OF_MESSAGE, parameters).fetchall()
+    return MessageDetail(message=MessageRow(*found[1:]), attachments=attachments)
+
+
+_MESSAGE_OF_LIVE_ACCOUNT = (
+    f"SELECT accounts.id, {', '.join(f'messages.{column.key}' for column in DETAIL_COLUMNS)} FROM accounts"  # noqa: S608 - column names from the model
+    " LEFT JOIN messages ON messages.id = %(message)s AND messages.account_id = accounts.id"
+    " WHERE accounts.id = %(account)s AND accounts.deleted_at IS NULL"
+)
+_ATTACHMENTS_OF_MESSAGE = (
+    f"SELECT {', '.join(column.key for column in ATTACHMENT_COLUMNS)} FROM attachments"  # noqa: S608 - as above
+    " WHERE message_id = %(message)s ORDER BY id"
+)
 
 
 def get_attachment(db: Database, principal: Principal, account_id: str, attachment_id: str) -> Attachment:
