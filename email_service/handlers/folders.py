@@ -9,7 +9,7 @@ from email_service.models import Folder
 from email_service.services import mail as service
 
 
-def folder_view(folder: Folder) -> dict[str, Any]:
+def folder_view(folder: Folder | service.FolderRow) -> dict[str, Any]:
     return {
         "id": folder.id,
         "accountId": folder.account_id,
@@ -23,7 +23,7 @@ def folder_view(folder: Folder) -> dict[str, Any]:
     }
 
 
-def _view(folder: Folder) -> dict[str, Any]:
+def _view(folder: Folder | service.FolderRow) -> dict[str, Any]:
     view = folder_view(folder)
     # The spec's Folder.syncedAt is not nullable: a folder never synced leaves it out.
     if view["syncedAt"] is None:

@@ -8,7 +8,7 @@ from functools import cache
 from typing import Any
 
 from psycopg.rows import args_row
-from sqlalchemy import Select, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from email_service.db import Database
@@ -58,6 +58,20 @@ LIST_COLUMNS = (
 # its metadata, which cost more than everything else in building a 50-message page.
 ListItem = namedtuple("ListItem", [column.key for column in LIST_COLUMNS])
 
+# What a folder shows (handlers.folders.folder_view).
+FOLDER_COLUMNS = (
+    Folder.id,
+    Folder.account_id,
+    Folder.name,
+    Folder.display_name,
+    Folder.type,
+    Folder.parent_id,
+    Folder.message_count,
+    Folder.unread_count,
+    Folder.synced_at,
+)
+FolderRow = namedtuple("FolderRow", [column.key for column in FOLDER_COLUMNS])
+
 # What getMessage shows (handlers.messages.detail_view): a list item's columns and the content.
 DETAIL_COLUMNS = (*LIST_COLUMNS, Message.body_text, Message.body_html, Message.headers, Message.conversation_id)
 MessageRow = namedtuple("MessageRow", [column.key for column in DETAIL_COLUMNS])
@@ -102,32 +116,25 @@ def _require_account(session: Session, account_id: str) -> None:
         raise _account_missing(account_id)
 
 
-def _in_live_account(account_id: str, *columns: Any, joined: Any, on: Any) -> Select:
-    """``columns`` of the ``joined`` row matching ``on``, beside the account's id: one round trip.
-
-    No row: the account does not exist (or is deleted). A row whose ``columns`` are NULL: the
-    account exists but has no such item.
-    """
-    return (
-        select(Account.id, *columns).outerjoin(joined, on).where(Account.id == account_id, Account.deleted_at.is_(None))
-    )
-
-
 def _account_missing(account_id: str) -> NotFoundError:
     return NotFoundError(f"Account with ID '{account_id}' does not exist", code="ACCOUNT_NOT_FOUND")
 
 
-def list_folders(db: Database, principal: Principal, account_id: str) -> list[Folder]:
-    with db.tenant_session(principal) as session:
+def list_folders(db: Database, principal: Principal, account_id: str) -> list[FolderRow]:
+    # Fixed SQL on psycopg, as list_messages: through the ORM the folders cost twice the database's work.
+    with db.tenant_connection(principal) as connection, connection.cursor() as cursor:
         # The account's existence and its folders in one round trip: no row means no account.
-        rows = session.execute(
-            _in_live_account(account_id, Folder, joined=Folder, on=Folder.account_id == Account.id).order_by(
-                Folder.name
-            )
-        ).all()
+        rows = cursor.execute(_FOLDERS_OF_LIVE_ACCOUNT, {"account": account_id}).fetchall()
     if not rows:
         raise _account_missing(account_id)
-    return [row.Folder for row in rows if row.Folder is not None]
+    return [FolderRow(*row[1:]) for row in rows if row[1] is not None]
+
+
+_FOLDERS_OF_LIVE_ACCOUNT = (
+    f"SELECT accounts.id, {', '.join(f'folders.{column.key}' for column in FOLDER_COLUMNS)} FROM accounts"  # noqa: S608 - column names from the model
+    " LEFT JOIN folders ON folders.account_id = accounts.id"
+    " WHERE accounts.id = %(account)s AND accounts.deleted_at IS NULL ORDER BY folders.name"
+)
 
 
 def list_messages(
