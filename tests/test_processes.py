@@ -157,3 +157,39 @@ def test_serve_notices_when_its_worker_dies_and_starts_another(tmp_path, dovecot
         assert healthy(api)
     finally:
         assert api.stop() == 0, api.log()[-3000:]
+
+
+# A pool killed while it forks: its child asks to die with its parent only after the parent is gone.
+ORPHANED_CHILD = """
+import multiprocessing, os, sys, time
+from email_service.queue.worker import die_with_parent
+
+def child(path):
+    with open(path, "w") as out:
+        out.write(str(os.getpid()))
+    time.sleep(1)
+    die_with_parent()
+    time.sleep(60)
+
+if __name__ == "__main__":
+    multiprocessing.get_context("fork").Process(target=child, args=(sys.argv[1],)).start()
+    os._exit(0)
+"""
+
+
+def test_a_worker_whose_pool_died_before_it_started_stops_at_once(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    subprocess.run([sys.executable, "-c", ORPHANED_CHILD, str(pid_file)], check=True, timeout=30)
+    pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 10, "the child never started"))
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    try:
+        wait_for(gone, 10, "the orphaned worker did not stop")
+    finally:
+        if not gone():
+            psutil.Process(pid).kill()

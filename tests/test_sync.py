@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 import pytest
 from helpers import assert_error_shape, free_port, service_env
 from mailservers import make_tls_files
@@ -525,12 +526,28 @@ def test_worker_runs_the_scheduler_beside_it(backing, dovecot, tmp_path):
     env = service_env(backing, EMAIL_SERVICE_CA_FILE=str(dovecot.ca_file), EMAIL_SERVICE_DATA_DIR=str(backing.data_dir))
     log = tmp_path / "worker.log"
     with log.open("wb") as out:
+        started = time.time() - 1
         proc = subprocess.Popen([sys.executable, "-m", "email_service", "worker"], env=env, stdout=out, stderr=out)
         try:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and "scheduler started" not in log.read_text():
                 time.sleep(0.2)
         finally:
+            # Stopped while it is still starting its pool: none of the pool's processes may stay behind.
             proc.terminate()
             proc.wait(timeout=20)
     assert "scheduler started" in Path(log).read_text()
+
+    def left_behind() -> list[int]:
+        return [
+            p.pid
+            for p in psutil.process_iter(["cmdline", "create_time", "status"])
+            if (p.info["cmdline"] or [])[1:] == ["-m", "email_service", "worker"]
+            and p.info["create_time"] >= started
+            and p.info["status"] != psutil.STATUS_ZOMBIE
+        ]
+
+    deadline = time.monotonic() + 15
+    while left_behind() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left_behind() == []

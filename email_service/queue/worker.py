@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 from typing import Any
@@ -31,12 +32,20 @@ _PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent dies, so no worker outlives who started it."""
+    """Ask Linux to SIGTERM this process when its parent dies, so no worker outlives who started it.
+
+    A pool that dies while still forking (a SIGTERM during start-up, before it handles signals)
+    can die before its child gets here: the request then never fires, and the child would work
+    the queues forever as an orphan. A child whose parent is already gone stops at once.
+    """
+    parent = multiprocessing.parent_process()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the parent's clean stop still ends its children
         return
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(0)  # nothing taken yet, nothing to clean up
 
 
 class ServiceWorker(Worker):
