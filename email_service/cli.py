@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
@@ -143,7 +144,9 @@ class ChildSupervisor:
         from email_service.queue.worker import die_with_parent
 
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "email_service", self.command], env=self.env, preexec_fn=die_with_parent
+            [sys.executable, "-m", "email_service", self.command],
+            env=self.env,
+            preexec_fn=functools.partial(die_with_parent, os.getpid()),
         )
 
     def _watch(self) -> None:

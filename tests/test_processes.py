@@ -15,6 +15,7 @@ import uuid
 
 import httpx
 import psutil
+import pytest
 from helpers import ALLOWED_DESTINATIONS, ServiceProcess, service_env
 from messages import plain_message, to_bytes
 from syncing import imap_account
@@ -159,27 +160,36 @@ def test_serve_notices_when_its_worker_dies_and_starts_another(tmp_path, dovecot
         assert api.stop() == 0, api.log()[-3000:]
 
 
-# A pool killed while it forks: its child asks to die with its parent only after the parent is gone.
+# A parent killed while it forks: its child asks to die with its parent only after the parent is
+# gone. Started as a worker pool starts its processes (multiprocessing) or as `serve` starts its
+# worker (a plain fork, the parent's pid handed over).
 ORPHANED_CHILD = """
 import multiprocessing, os, sys, time
 from email_service.queue.worker import die_with_parent
 
-def child(path):
+def child(path, parent_pid):
     with open(path, "w") as out:
         out.write(str(os.getpid()))
     time.sleep(1)
-    die_with_parent()
+    die_with_parent(parent_pid)
     time.sleep(60)
 
 if __name__ == "__main__":
-    multiprocessing.get_context("fork").Process(target=child, args=(sys.argv[1],)).start()
+    path, how = sys.argv[1], sys.argv[2]
+    if how == "multiprocessing":
+        multiprocessing.get_context("fork").Process(target=child, args=(path, None)).start()
+    else:
+        parent = os.getpid()
+        if os.fork() == 0:
+            child(path, parent)
     os._exit(0)
 """
 
 
-def test_a_worker_whose_pool_died_before_it_started_stops_at_once(tmp_path):
+@pytest.mark.parametrize("how", ["multiprocessing", "fork"])
+def test_a_worker_whose_parent_died_before_it_started_stops_at_once(tmp_path, how):
     pid_file = tmp_path / "child.pid"
-    subprocess.run([sys.executable, "-c", ORPHANED_CHILD, str(pid_file)], check=True, timeout=30)
+    subprocess.run([sys.executable, "-c", ORPHANED_CHILD, str(pid_file), how], check=True, timeout=30)
     pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 10, "the child never started"))
 
     def gone() -> bool:

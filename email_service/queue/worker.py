@@ -31,20 +31,24 @@ MAINTENANCE_SECONDS = 20
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent_pid: int | None = None) -> None:
     """Ask Linux to SIGTERM this process when its parent dies, so no worker outlives who started it.
 
-    A pool that dies while still forking (a SIGTERM during start-up, before it handles signals)
-    can die before its child gets here: the request then never fires, and the child would work
-    the queues forever as an orphan. A child whose parent is already gone stops at once.
+    A parent that dies while still forking (a pool stopped during start-up, before it handles
+    signals) can die before its child gets here: the request then never fires, and the child
+    would work the queues forever as an orphan. A child whose parent is already gone stops at
+    once. ``parent_pid``: the parent's pid, taken before the fork, where this runs in a child
+    that multiprocessing did not start (``subprocess``'s ``preexec_fn``).
     """
-    parent = multiprocessing.parent_process()
+    if parent_pid is None:
+        parent = multiprocessing.parent_process()
+        parent_pid = parent.pid if parent is not None else None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the parent's clean stop still ends its children
         return
-    if parent is not None and os.getppid() != parent.pid:
+    if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(0)  # nothing taken yet, nothing to clean up
 
 
