@@ -54,9 +54,33 @@ LIST_COLUMNS = (
 )
 
 
-# A list item as a plain named tuple: SQLAlchemy's Row resolves each attribute by name through
-# its metadata, which cost more than everything else in building a 50-message page.
-ListItem = namedtuple("ListItem", [column.key for column in LIST_COLUMNS])
+def _row_type(name: str, columns: tuple[Any, ...]) -> type:
+    # Read rows as plain named tuples: SQLAlchemy's Row resolves each attribute by name through
+    # its metadata, which cost more than everything else in building a 50-message page.
+    return namedtuple(name, [column.key for column in columns])
+
+
+def _column_list(columns: tuple[Any, ...], table: str = "") -> str:
+    prefix = f"{table}." if table else ""
+    return ", ".join(prefix + column.key for column in columns)
+
+
+def _in_live_account(table: str, columns: tuple[Any, ...], match: str = "") -> str:
+    """SQL for ``columns`` of the ``table`` rows of the account (those that also ``match``),
+    each beside the account's id: one round trip.
+
+    No row: the account does not exist (or is deleted). A row whose columns are NULL: the
+    account exists but has no such row. Names come from the model, values are parameters.
+    """
+    condition = f"{match} AND " if match else ""
+    return (
+        f"SELECT accounts.id, {_column_list(columns, table)} FROM accounts"  # noqa: S608 - names from the model
+        f" LEFT JOIN {table} ON {condition}{table}.account_id = accounts.id"
+        " WHERE accounts.id = %(account)s AND accounts.deleted_at IS NULL"
+    )
+
+
+ListItem = _row_type("ListItem", LIST_COLUMNS)
 
 # What a folder shows (handlers.folders.folder_view).
 FOLDER_COLUMNS = (
@@ -70,11 +94,11 @@ FOLDER_COLUMNS = (
     Folder.unread_count,
     Folder.synced_at,
 )
-FolderRow = namedtuple("FolderRow", [column.key for column in FOLDER_COLUMNS])
+FolderRow = _row_type("FolderRow", FOLDER_COLUMNS)
 
 # What getMessage shows (handlers.messages.detail_view): a list item's columns and the content.
 DETAIL_COLUMNS = (*LIST_COLUMNS, Message.body_text, Message.body_html, Message.headers, Message.conversation_id)
-MessageRow = namedtuple("MessageRow", [column.key for column in DETAIL_COLUMNS])
+MessageRow = _row_type("MessageRow", DETAIL_COLUMNS)
 ATTACHMENT_COLUMNS = (
     Attachment.id,
     Attachment.message_id,
@@ -85,7 +109,7 @@ ATTACHMENT_COLUMNS = (
     Attachment.is_inline,
     Attachment.object_key,
 )
-AttachmentRow = namedtuple("AttachmentRow", [column.key for column in ATTACHMENT_COLUMNS])
+AttachmentRow = _row_type("AttachmentRow", ATTACHMENT_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -130,11 +154,7 @@ def list_folders(db: Database, principal: Principal, account_id: str) -> list[Fo
     return [FolderRow(*row[1:]) for row in rows if row[1] is not None]
 
 
-_FOLDERS_OF_LIVE_ACCOUNT = (
-    f"SELECT accounts.id, {', '.join(f'folders.{column.key}' for column in FOLDER_COLUMNS)} FROM accounts"  # noqa: S608 - column names from the model
-    " LEFT JOIN folders ON folders.account_id = accounts.id"
-    " WHERE accounts.id = %(account)s AND accounts.deleted_at IS NULL ORDER BY folders.name"
-)
+_FOLDERS_OF_LIVE_ACCOUNT = _in_live_account("folders", FOLDER_COLUMNS) + " ORDER BY folders.name"
 
 
 def list_messages(
@@ -166,7 +186,7 @@ def list_messages(
         found = found_cursor.execute(_FOLDER_OF_LIVE_ACCOUNT, parameters).fetchone()
         if found is None:
             raise _account_missing(account_id)
-        if found[0] is None:
+        if found[1] is None:
             raise NotFoundError(f"Folder with ID '{folder_id}' does not exist", code="FOLDER_NOT_FOUND")
         # One row more than asked says whether a next page exists, without counting.
         rows = rows_cursor.execute(_page_sql(sort, filter_, cursor is not None), parameters).fetchall()
@@ -175,14 +195,12 @@ def list_messages(
         rows = rows[:limit]
         last = rows[-1]
         next_cursor = cursors.encode(sort, filter_, getattr(last, key.key), last.id)
-    total = total_for(filter_, found[0], found[1])
+    total = total_for(filter_, found[1], found[2])
     return MessagePage(items=rows, total=total, next_cursor=next_cursor)
 
 
-_FOLDER_OF_LIVE_ACCOUNT = (
-    "SELECT folders.message_count, folders.unread_count FROM accounts"
-    " LEFT JOIN folders ON folders.id = %(folder)s AND folders.account_id = accounts.id"
-    " WHERE accounts.id = %(account)s AND accounts.deleted_at IS NULL"
+_FOLDER_OF_LIVE_ACCOUNT = _in_live_account(
+    "folders", (Folder.message_count, Folder.unread_count), "folders.id = %(folder)s"
 )
 
 
@@ -194,9 +212,8 @@ def _page_sql(sort: str, filter_: str, after: bool) -> str:
     where = f"folder_id = %(folder)s{FILTERS[filter_]}"
     if after:
         where += f" AND ({key.key}, id) {beyond} (%(after_key)s, %(after_id)s)"
-    columns = ", ".join(column.key for column in LIST_COLUMNS)
     return (
-        f"SELECT {columns} FROM messages WHERE {where}"
+        f"SELECT {_column_list(LIST_COLUMNS)} FROM messages WHERE {where}"
         f" ORDER BY {key.key} {direction}, id {direction} LIMIT %(limit)s OFFSET %(offset)s"
     )
 
@@ -220,14 +237,9 @@ def get_message(db: Database, principal: Principal, account_id: str, message_id:
     return MessageDetail(message=MessageRow(*found[1:]), attachments=attachments)
 
 
-_MESSAGE_OF_LIVE_ACCOUNT = (
-    f"SELECT accounts.id, {', '.join(f'messages.{column.key}' for column in DETAIL_COLUMNS)} FROM accounts"  # noqa: S608 - column names from the model
-    " LEFT JOIN messages ON messages.id = %(message)s AND messages.account_id = accounts.id"
-    " WHERE accounts.id = %(account)s AND accounts.deleted_at IS NULL"
-)
+_MESSAGE_OF_LIVE_ACCOUNT = _in_live_account("messages", DETAIL_COLUMNS, "messages.id = %(message)s")
 _ATTACHMENTS_OF_MESSAGE = (
-    f"SELECT {', '.join(column.key for column in ATTACHMENT_COLUMNS)} FROM attachments"  # noqa: S608 - as above
-    " WHERE message_id = %(message)s ORDER BY id"
+    f"SELECT {_column_list(ATTACHMENT_COLUMNS)} FROM attachments WHERE message_id = %(message)s ORDER BY id"  # noqa: S608 - names from the model
 )
 
 
