@@ -184,18 +184,14 @@ class ImapSync:
         self.result.messages_removed += self.store.remove_uids(folder, local - server_uids)
 
         if left:
-            # Older mail is still to fetch: the folder must not look unchanged to the next sync, so
-            # its UIDNEXT is not kept, nor a HIGHESTMODSEQ past the flags already applied.
             self.result.folders_left.append(folder.name)
-            self.store.save_folder_state(
-                folder, uidvalidity=mailbox.uidvalidity, uidnext=None, highestmodseq=folder.highestmodseq
-            )
-            return
+        # With older mail still to fetch the folder must not look unchanged to the next sync: its
+        # UIDNEXT is not kept, nor a HIGHESTMODSEQ past the flags already applied.
         self.store.save_folder_state(
             folder,
             uidvalidity=mailbox.uidvalidity,
-            uidnext=mailbox.uidnext,
-            highestmodseq=mailbox.highestmodseq,
+            uidnext=None if left else mailbox.uidnext,
+            highestmodseq=folder.highestmodseq if left else mailbox.highestmodseq,
         )
 
     def _parse_pool(self, count: int) -> ParsePool | None:
