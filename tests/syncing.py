@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 from helpers import TEST_DESTINATIONS, service_env
+from sqlalchemy import select
 
 from email_service.api.app import create_app
 from email_service.models import Task, TaskKind, TaskStatus
@@ -129,6 +130,12 @@ def add_task(runtime, user, account_id, **values) -> str:
     with runtime.db.maintenance_session() as session:
         session.add(Task(**row))
     return row["id"]
+
+
+def tasks_of(runtime, account_id) -> list[Task]:
+    """Every task of the account, oldest first."""
+    with runtime.db.maintenance_session() as session:
+        return list(session.scalars(select(Task).where(Task.account_id == account_id).order_by(Task.created_at)))
 
 
 def create_account(client, user, body) -> str:

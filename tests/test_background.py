@@ -15,7 +15,7 @@ import pytest
 from helpers import free_port
 from messages import plain_message, to_bytes
 from sqlalchemy import select, text
-from syncing import add_task, create_account, imap_account, run_sync, wait_task
+from syncing import add_task, create_account, imap_account, run_sync, tasks_of, wait_task
 
 from email_service.models import Task, TaskKind, TaskStatus
 from email_service.queue.policy import PERMANENT_BACKOFF, TEMPORARY_BACKOFF, sync_backoff
@@ -52,11 +52,6 @@ def wait_account(client, user, account_id, condition, timeout=60) -> dict:
             return current
         time.sleep(0.1)
     raise AssertionError(f"account never got there: {current}")
-
-
-def tasks_of(runtime, account_id) -> list[Task]:
-    with runtime.db.maintenance_session() as session:
-        return list(session.scalars(select(Task).where(Task.account_id == account_id).order_by(Task.created_at)))
 
 
 def test_backoff_grows_with_failures_and_stops_at_its_cap():

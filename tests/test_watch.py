@@ -15,11 +15,11 @@ from dataclasses import replace
 import psutil
 import pytest
 from messages import plain_message, to_bytes
-from sqlalchemy import select, text, update
-from syncing import add_task, create_account, eventually, imap_account, inbox_subjects, wait_task, watcher
+from sqlalchemy import text, update
+from syncing import add_task, create_account, eventually, imap_account, inbox_subjects, tasks_of, wait_task, watcher
 
 from email_service.mailbox.live import refresh_folder
-from email_service.models import Task, TaskKind, TaskStatus
+from email_service.models import Task, TaskStatus
 from email_service.queue.locks import AccountLock
 from email_service.runtime import Runtime
 from email_service.watch.leases import Leases
@@ -136,15 +136,6 @@ def live_runtime(backing, dovecot):
     runtime.close()
 
 
-def sync_tasks(runtime, account_id) -> list[Task]:
-    with runtime.db.maintenance_session() as session:
-        return list(
-            session.scalars(
-                select(Task).where(Task.account_id == account_id, Task.kind == TaskKind.SYNC).order_by(Task.created_at)
-            )
-        )
-
-
 def test_a_backlog_gets_its_newest_mail_at_once_and_the_rest_from_a_queued_sync(
     client, live_runtime, user, dovecot, mail_user, worker
 ):
@@ -166,7 +157,7 @@ def test_a_backlog_gets_its_newest_mail_at_once_and_the_rest_from_a_queued_sync(
         ).scalars()
         assert set(first_stored) == {f"Backlog {n:02d}" for n in range(7, 12)}
 
-    queued = sync_tasks(runtime, account_id)
+    queued = tasks_of(runtime, account_id)
     assert [task.params for task in queued] == [{"folders": ["INBOX"]}]
     assert wait_task(client, user, queued[0].id)["status"] == "success"
     assert set(inbox_subjects(client, user, account_id)) == {f"Backlog {n:02d}" for n in range(12)}
@@ -185,7 +176,7 @@ def test_a_change_reported_while_a_sync_runs_is_fetched_by_a_sync_after_it(
         # The server reports new mail; the running sync may have looked at the Inbox before it came.
         dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Arrived mid-sync")))
         assert refresh_folder(runtime, user.principal, account_id, "INBOX") is None
-        after = [task for task in sync_tasks(runtime, account_id) if task.id != running]
+        after = [task for task in tasks_of(runtime, account_id) if task.id != running]
         assert [(task.status, task.params) for task in after] == [(TaskStatus.PENDING, {"folders": ["INBOX"]})]
     finally:
         lock.release()
