@@ -106,10 +106,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                 port=args.port,
                 lifespan="on",
                 log_level=resolved.log_level.lower(),
-                # Uvicorn logs through the root logger in the service's format. In JSON the access
-                # line is the service's own (observability.http): request id, no query string.
+                # Uvicorn logs through the root logger in the service's format. The access line is
+                # the service's own (observability.http), in both formats: uvicorn's would carry
+                # the query string, where signed links and OAuth2 callbacks hold credentials.
                 log_config=None,
-                access_log=resolved.log_format == "text",
+                access_log=False,
                 proxy_headers=True,
                 # h11, bounded: the default httptools parser reads a header block of any size.
                 http=BoundedH11Protocol,

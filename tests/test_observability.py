@@ -15,7 +15,7 @@ import uuid
 
 import httpx
 import pytest
-from helpers import ServiceProcess, account_body
+from helpers import ServiceProcess, account_body, service_env
 from messages import plain_message, to_bytes
 from syncing import imap_account
 from test_embedded import mint
@@ -232,3 +232,29 @@ def test_a_rate_limited_request_is_counted_by_operation(client, user):
     assert sample(rejected[0], **rejected[1]) == before + 1
     labels = {"operation": "createAccount", "method": "POST", "status": "429"}
     assert sample("email_service_http_requests_total", **labels) >= 1
+
+
+def test_text_access_lines_leave_out_query_strings_and_quote_paths(tmp_path):
+    # Text logs, the default: a signed link's signature or an OAuth2 callback's code in a query
+    # string is a credential, and whoever reads the log must not be able to use it.
+    env = service_env(None, EMAIL_SERVICE_DATA_DIR=str(tmp_path / "var"))
+    api = ServiceProcess(env, tmp_path)
+    signature, code = f"sig{uuid.uuid4().hex}", f"code{uuid.uuid4().hex}"
+    try:
+        api.wait_healthy()
+        headers = {"Authorization": f"Bearer {mint(env, uuid.uuid4(), uuid.uuid4())}"}
+        link = httpx.get(f"{api.url}/storage/objects?key=k&expires=1&signature={signature}", timeout=10)
+        callback = httpx.get(f"{api.url}/api/oauth2/callback?state=s&code={code}", timeout=10)
+        assert link.status_code >= 400 and callback.status_code >= 400
+        assert httpx.get(f"{api.url}/api/accounts?limit=7", headers=headers, timeout=10).status_code == 200
+        # A decoded %0A in the path must not start a line of its own.
+        forged = httpx.get(f"{api.url}/api/accounts/x%0AFORGED-LINE", headers=headers, timeout=10)
+        assert forged.status_code == 404
+    finally:
+        api.stop()
+    log = api.log()
+    assert signature not in log and code not in log
+    assert re.search(r"email_service\.access: GET /api/accounts 200 \d+ ms \(listAccounts\)", log), log[-3000:]
+    assert "limit=7" not in log
+    assert "/api/accounts/x%0AFORGED-LINE 404" in log
+    assert not any(line.startswith("FORGED-LINE") for line in log.splitlines())

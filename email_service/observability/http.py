@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -43,8 +44,6 @@ class ObservabilityMiddleware:
     def __init__(self, app: ASGIApp, spec: Mapping[str, Any], runtime: Runtime) -> None:
         self.app = app
         self.token = runtime.settings.metrics_token
-        # Text logs keep uvicorn's access line; JSON ones get this middleware's, with the ids.
-        self.access_lines = runtime.settings.log_format == "json"
         self.registry = metrics.registry(runtime)
         metrics.OPERATION_NAMES.update(_operation_names(spec))
 
@@ -83,17 +82,18 @@ class ObservabilityMiddleware:
             method = scope["method"] if scope["method"] in _METHOD_LABELS else "OTHER"
             metrics.HTTP_REQUESTS.labels(operation, method, str(status)).inc()
             metrics.HTTP_DURATION.labels(operation, method).observe(elapsed)
-            # The path without its query string: queries may hold search words or addresses.
-            if self.access_lines:
-                access_log.info(
-                    "%s %s %d %.0f ms (%s)",
-                    method,
-                    scope["path"],
-                    status,
-                    elapsed * 1000,
-                    operation,
-                    extra={"operation": operation, "status": status, "duration_ms": round(elapsed * 1000, 1)},
-                )
+            # The path without its query string: queries may hold search words, addresses, or
+            # the credentials of a signed link or an OAuth2 callback.
+            access_log.info(
+                "%s %s %d %.0f ms (%s)",
+                method,
+                # Quoted, as uvicorn quotes it: a decoded %0A must not start a forged line.
+                urllib.parse.quote(scope["path"]),
+                status,
+                elapsed * 1000,
+                operation,
+                extra={"operation": operation, "status": status, "duration_ms": round(elapsed * 1000, 1)},
+            )
 
     async def _metrics(self, headers: dict[bytes, bytes], send: Send) -> None:
         authorization = headers.get(b"authorization", b"").decode("latin-1")
