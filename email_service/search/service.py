@@ -27,6 +27,7 @@ Without words to rank (the field filters alone) pages are bounded the same way.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
@@ -76,6 +77,8 @@ WINDOW_SECONDS = 0.015
 # for both walks' first passes to fit in WINDOW_SECONDS); later passes are sized for what is
 # missing at the pace so far, up to the largest.
 FIRST_PASS, LARGEST_PASS = 250, 16_000
+# The largest finite value of PostgreSQL's real (float4), the type of ts_rank.
+REAL_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -458,6 +461,14 @@ def _best_of_window(
     return page, end
 
 
+def _rank_of_cursor(value: float) -> float:
+    """A rank a search gave out: a finite value PostgreSQL's ``real`` holds (ts_rank's type)."""
+    rank = float(value)
+    if not math.isfinite(rank) or abs(rank) > REAL_MAX:
+        raise ConflictError("cursor is not one this service gave out", code="INVALID_CURSOR")
+    return rank
+
+
 def _ranked_page(
     session: Session,
     account_id: str,
@@ -498,7 +509,7 @@ def _ranked_page(
         ):
             raise ConflictError("cursor is not one this service gave out", code="INVALID_CURSOR")
         if after_rank is not None:
-            after = (float(after_rank), cursors.from_micros(when), last_id)
+            after = (_rank_of_cursor(after_rank), cursors.from_micros(when), last_id)
         if floor_when is not None:
             floor = (cursors.from_micros(floor_when), floor_id)
         if top_when is not None:
