@@ -40,6 +40,18 @@ def test_an_upload_becomes_an_attachment_whose_bytes_come_back(client, user, acc
     assert hashlib.sha256(fetched.content).digest() == hashlib.sha256(data).digest()
 
 
+def test_an_attachment_whose_object_is_gone_answers_404(client, user, account_id, runtime):
+    # A clean-up (a deleted account, a rebuilt folder) may remove the bytes just after the row was read.
+    attachment = upload(client, user, account_id, "gone.pdf", b"%PDF-1.4 soon gone").json()
+    path = f"/api/{account_id}/attachments/{attachment['id']}/download"
+    assert client.get(path, headers=user.headers).content == b"%PDF-1.4 soon gone"
+    with runtime.db.tenant_session(user.principal) as session:
+        found = session.execute(text("SELECT object_key FROM attachments WHERE id = :i"), {"i": attachment["id"]})
+        key = found.scalar()
+    runtime.objects.delete(key)
+    assert_error_shape(client.get(path, headers=user.headers), 404, "ATTACHMENT_NOT_FOUND")
+
+
 def test_names_lose_paths_and_odd_types_become_octet_stream(client, user, account_id):
     attachment = upload(client, user, account_id, "../../etc/passwd", b"x", "not a type").json()
     assert attachment["filename"] == "passwd" and attachment["mimeType"] == "application/octet-stream"

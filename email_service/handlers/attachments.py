@@ -20,8 +20,7 @@ def _chunks(reader: ObjectReader) -> Iterator[bytes]:
 
 def download_attachment(account_id: str, attachment_id: str) -> Response:
     rt = runtime()
-    attachment = service.get_attachment(rt.db, principal(), account_id, attachment_id)
-    reader = rt.objects.open(attachment.object_key)
+    attachment, reader = service.open_attachment(rt.db, rt.objects, principal(), account_id, attachment_id)
     # Streamed chunk by chunk: a large attachment is never held whole in memory.
     return Response(
         _chunks(reader),

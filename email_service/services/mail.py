@@ -15,6 +15,7 @@ from email_service.db import Database
 from email_service.errors import NotFoundError
 from email_service.models import Account, Attachment, Folder, Message
 from email_service.services import cursors
+from email_service.storage import ObjectNotFound, ObjectReader, ObjectStore
 from email_service.tenancy import Principal
 
 # sort -> (key column, descending). Every order ends with the id, so it is total and a cursor
@@ -243,12 +244,21 @@ _ATTACHMENTS_OF_MESSAGE = (
 )
 
 
-def get_attachment(db: Database, principal: Principal, account_id: str, attachment_id: str) -> Attachment:
+def open_attachment(
+    db: Database, objects: ObjectStore, principal: Principal, account_id: str, attachment_id: str
+) -> tuple[Attachment, ObjectReader]:
+    """The attachment and a reader of its bytes (the caller closes it)."""
+    missing = NotFoundError(f"Attachment with ID '{attachment_id}' does not exist", code="ATTACHMENT_NOT_FOUND")
     with db.tenant_session(principal) as session:
         _require_account(session, account_id)
         attachment = session.scalar(
             select(Attachment).where(Attachment.id == attachment_id, Attachment.account_id == account_id)
         )
-        if attachment is None:
-            raise NotFoundError(f"Attachment with ID '{attachment_id}' does not exist", code="ATTACHMENT_NOT_FOUND")
-        return attachment
+    if attachment is None:
+        raise missing
+    try:
+        return attachment, objects.open(attachment.object_key)
+    except ObjectNotFound:
+        # Its row was read just before a clean-up (a deleted account, a rebuilt folder) removed
+        # the object: gone, as the row is a moment later.
+        raise missing from None
