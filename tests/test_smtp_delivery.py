@@ -476,6 +476,28 @@ def test_a_hang_up_after_the_final_dot_is_ambiguous(scripted) -> None:
     assert server.received_data
 
 
+@pytest.mark.parametrize("reply", ["251 2.0.0 queued as 12345", "299 fine"])
+def test_any_2xx_to_the_final_dot_is_sent(scripted, reply) -> None:
+    # RFC 5321 4.2.1: every 2yz completes; taking it for a refusal would send the message again.
+    server = scripted(after_data=reply)
+    assert send_one(server) == ["data going out"]
+
+
+@pytest.mark.parametrize(
+    ("reply", "shown"),
+    [
+        ("OK: queued as 12345", "(a line without a reply code)"),
+        ("2.0.0 Ok", "(a line without a reply code)"),
+        ("354 more?", "(354 more?)"),
+    ],
+)
+def test_a_final_reply_that_is_neither_yes_nor_no_is_ambiguous(scripted, reply, shown) -> None:
+    server = scripted(after_data=reply)
+    with pytest.raises(AmbiguousDeliveryError, match="may or may not have been accepted") as failure:
+        send_one(server)
+    assert shown in str(failure.value) and server.received_data
+
+
 def test_a_hang_up_while_the_data_goes_out_is_temporary(scripted) -> None:
     # The final dot never left whole, so nothing can have been accepted: safe to try again.
     server = scripted(after_data="close-during")

@@ -4,9 +4,9 @@ Failures are split by what a retry can achieve: ``TemporaryDeliveryError`` (4xx 
 or refused connections, timeouts before the message data was complete) is worth retrying;
 ``PermanentDeliveryError`` (5xx replies, bad credentials, certificates that do not verify,
 missing STARTTLS) is not. ``AmbiguousDeliveryError`` is the third case: the whole message went
-out and the reply to its final dot never came (RFC 5321 6.1 and 4.5.3.2), so the server may have
-accepted it. Retrying that could deliver it twice, so it is reported as it is and never retried
-automatically.
+out and the reply to its final dot never came (RFC 5321 6.1 and 4.5.3.2), or said neither yes nor
+no, so the server may have accepted it. Retrying that could deliver it twice, so it is reported
+as it is and never retried automatically.
 """
 
 from __future__ import annotations
@@ -275,8 +275,8 @@ class SmtpSession(MailSession):
         except Exception as exc:  # noqa: BLE001 - every failure becomes one classified, readable error
             raise self._classify(exc) from None
         code, reply = self._final_reply(conn)
-        if code != 250:
-            raise self._classify(smtplib.SMTPDataError(code, reply))
+        if not 200 <= code < 300:
+            raise self._refusal_of_data(code, reply)
         outcome = SendOutcome({rcpt: (code, _text(reply)) for rcpt, (code, reply) in refused.items()})
         log.debug(
             "smtp %s:%s accepted a message of %d bytes for %d of %d recipients",
@@ -324,6 +324,20 @@ class SmtpSession(MailSession):
         finally:
             if conn.sock is not None:
                 conn.sock.settimeout(self.timeout)
+
+    def _refusal_of_data(self, code: int, reply: bytes) -> MailServerError:
+        """The error for a final reply that is not a 2xx (RFC 5321 4.2.1: any 2yz completes)."""
+        if 400 <= code < 600:
+            # A clear no: 4xx says to try again, 5xx not to.
+            return self._classify(smtplib.SMTPDataError(code, reply))
+        # A 1xx or 3xx, or a line that is no reply at all (smtplib's -1): nothing says whether
+        # the server took the message, so it is reported as unknown and not sent again.
+        # (smtplib keeps no whole line of a reply without a code to show.)
+        shown = self._scrub(code, reply) if code > 0 else "a line without a reply code"
+        return AmbiguousDeliveryError(
+            f"{self.host}:{self.port} answered the whole message with neither yes nor no ({shown}):"
+            " it may or may not have been accepted, so it is not sent again unless asked to"
+        )
 
     def _all_refused(self, refusals: dict[str, tuple[int, bytes]]) -> MailServerError:
         details = "; ".join(f"{rcpt}: {code} {_text(reply)}" for rcpt, (code, reply) in refusals.items())
