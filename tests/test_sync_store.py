@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -252,3 +254,21 @@ def test_an_unchanged_folder_list_writes_no_folder_row(runtime):
     changed, _ = box.store.reconcile_folders([INBOX, renamed])
     assert changed["INBOX"].updated_at == before["INBOX"]
     assert changed["Archive"].updated_at > before["Archive"] and changed["Archive"].display_name == "Archiv"
+
+
+def test_flags_from_the_server_never_undo_a_change_made_while_they_are_applied(runtime):
+    box = mailbox(runtime)
+    box.store.add_messages(box.folder, incoming([to_bytes(plain_message("Read it here"))]))
+    [message], _ = stored(box)
+    # The user marks the message unread through the API; the change is not committed yet when
+    # a sync, which read the row before, writes the server's flags (still \Seen, and starred).
+    with runtime.db.tenant_session(box.store.principal) as session:
+        session.execute(
+            text("UPDATE messages SET is_read = false, writeback_pending = true WHERE id = :id"), {"id": message.id}
+        )
+        applying = ThreadPoolExecutor(1).submit(box.store.apply_flags, box.folder, {1: (("\\Seen", "\\Flagged"), None)})
+        time.sleep(1)  # the sync now waits for the row
+        assert not applying.done()
+    assert applying.result(timeout=30) == 0
+    [message], _ = stored(box)
+    assert message.is_read is False and message.is_starred is False and message.writeback_pending is True

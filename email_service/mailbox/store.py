@@ -467,12 +467,16 @@ class MailStore:
                     "is_spam": row.is_spam,
                     "keywords": sorted(row.keywords),
                 }
-                if wanted != have:
-                    session.execute(
-                        update(Message)
-                        .where(Message.id == row.id)
-                        .values(**wanted, modseq=modseq, updated_at=datetime.now(UTC))
-                    )
+                if wanted == have:
+                    continue
+                # Checked again as the row is written: a change made through the API since the
+                # read above (it waits for this row, or this waits for it) must not be undone.
+                done = session.execute(
+                    update(Message)
+                    .where(Message.id == row.id, Message.writeback_pending.is_(False))
+                    .values(**wanted, modseq=modseq, updated_at=datetime.now(UTC))
+                )
+                if done.rowcount:
                     updated.append(
                         changelog.message_updated(row.id, folder.id, changelog.changed_columns(have, wanted))
                     )
