@@ -12,10 +12,12 @@ from helpers import assert_error_shape
 from mailservers import quote_mailbox
 from messages import attachments_message, plain_message, to_bytes
 from sqlalchemy import text
-from syncing import create_account, folders_by_name, messages, run_sync, smtp_account, wait_task
+from syncing import create_account, folders_by_name, messages, run_sync, smtp_account, tasks_of, wait_task
 
 from email_service.api.app import create_app
 from email_service.mail.parse import parse_message
+from email_service.models import TaskStatus
+from email_service.queue import tasks
 from email_service.queue.runner import reap
 from email_service.runtime import Runtime
 
@@ -450,3 +452,26 @@ def test_a_send_job_that_breaks_unexpectedly_marks_its_message_failed(client, ru
     detail = sent_detail(client, user, account_id, response.json()["messageId"])
     assert detail["deliveryStatus"] == "failed"
     assert smtp.attempts == 0
+
+
+@pytest.fixture
+def held_back(monkeypatch):
+    """Tasks are written but not handed to the workers: the test runs the send job itself."""
+    monkeypatch.setattr(tasks, "push", lambda *args, **kwargs: None)
+
+
+def test_a_message_whose_task_cannot_be_written_is_not_left_queued(
+    client, runtime, user, dovecot, mail_user, smtp_server, held_back, monkeypatch
+):
+    smtp = smtp_server("starttls")
+    account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
+    first = send(client, user, account_id, subject="First").json()
+    # The next task's row cannot be written (its id is taken): the message must not stay behind,
+    # queued for ever with nothing to send it.
+    monkeypatch.setattr(tasks, "new_task_id", lambda: first["taskId"])
+    assert_error_shape(send(client, user, account_id, subject="Orphan"), 500)
+    with runtime.db.tenant_session(user.principal) as session:
+        subjects = session.scalars(text("SELECT subject FROM messages WHERE account_id = :a"), {"a": account_id})
+        assert list(subjects) == ["First"]
+    [task] = tasks_of(runtime, account_id)
+    assert task.message_id == first["messageId"] and task.status == TaskStatus.PENDING

@@ -204,15 +204,17 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
         for attachment in chosen:
             _attach(runtime, session, principal, account.id, message.id, attachment)
         logged = [changes.folder_created(folder.id)] if folder_is_new else []
+        # In the message's transaction: a message queued to send always has its task.
+        enqueued = tasks.enqueue(
+            runtime,
+            TaskKind.DRAFT if draft else TaskKind.SEND,
+            principal,
+            account_id=account.id,
+            message_id=message.id,
+            session=session,
+        )
         # Last in the transaction: taking the account's sequence locks its row until commit.
         record(session, principal, account.id, [*logged, changes.message_created(message.id, folder.id)])
-    enqueued = tasks.enqueue(
-        runtime,
-        TaskKind.DRAFT if draft else TaskKind.SEND,
-        principal,
-        account_id=account.id,
-        message_id=message.id,
-    )
     return Composed(message=message, task_id=enqueued.task_id)
 
 
@@ -240,13 +242,15 @@ def retry_send(runtime: Runtime, principal: Principal, account_id: str, message_
         message.delivery_status = str(DeliveryStatus.QUEUED)
         message.delivery_error = None
         message.updated_at = datetime.now(UTC)
+        enqueued = tasks.enqueue(
+            runtime, TaskKind.SEND, principal, account_id=account_id, message_id=message_id, session=session
+        )
         record(
             session,
             principal,
             account_id,
             [changes.message_updated(message.id, message.folder_id, ["delivery_status"])],
         )
-    enqueued = tasks.enqueue(runtime, TaskKind.SEND, principal, account_id=account_id, message_id=message_id)
     return Composed(message=message, task_id=enqueued.task_id)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.rate_limit import RateLimit
-from sqlalchemy import func, select, text, update
+from sqlalchemy import event, func, select, text, update
 from sqlalchemy.orm import Session
 
 from email_service.models import Task, TaskKind, TaskStatus
@@ -114,6 +114,7 @@ def enqueue(
     message_id: str | None = None,
     params: dict[str, Any] | None = None,
     join_running: bool = True,
+    session: Session | None = None,
 ) -> Enqueued:
     """Create a task and hand it to the workers; a sync may instead join the account's sync.
 
@@ -122,52 +123,83 @@ def enqueue(
     request asks; otherwise it is queued to run after the running one, never dropped.
     ``join_running=False`` is for a change the server reported just now: a running sync may have
     looked at the folder before it happened, so only a sync that has not started yet will do.
+
+    With ``session``, the task is written in the caller's transaction, so it exists exactly
+    when what it works on does (a message queued to send is never left without its task), and
+    is handed to the workers once that transaction commits.
     """
-    params = dict(params or {})
+    if session is None:
+        with runtime.db.tenant_session(principal) as own:
+            enqueued = _add(own, kind, principal, account_id, message_id, dict(params or {}), join_running)
+        if enqueued.created:
+            push(runtime, enqueued.task_id, principal, kind)
+        return enqueued
+    enqueued = _add(session, kind, principal, account_id, message_id, dict(params or {}), join_running)
+    if enqueued.created:
+
+        def push_after_commit(_session: Session) -> None:
+            try:
+                push(runtime, enqueued.task_id, principal, kind)
+            except Exception:  # noqa: BLE001 - the commit stands; the reaper pushes a task left without a carrier
+                log.exception("task %s was saved but not handed to the workers; the reaper will", enqueued.task_id)
+
+        event.listen(session, "after_commit", push_after_commit, once=True)
+    return enqueued
+
+
+def _add(
+    session: Session,
+    kind: TaskKind,
+    principal: Principal,
+    account_id: str | None,
+    message_id: str | None,
+    params: dict[str, Any],
+    join_running: bool,
+) -> Enqueued:
+    """The task row (or the waiting or running sync it joins), in ``session``'s transaction."""
     after_running = False
-    with runtime.db.tenant_session(principal) as session:
-        if kind is TaskKind.SYNC:
-            # Two requests for one account at once must not both decide to create a task.
-            session.execute(
-                text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"sync-enqueue:{account_id}"}
-            )
-            active = list(
-                session.scalars(
-                    select(Task)
-                    .where(
-                        Task.account_id == account_id,
-                        Task.kind == TaskKind.SYNC,
-                        Task.status.in_([TaskStatus.PENDING, TaskStatus.RETRY, TaskStatus.STARTED]),
-                    )
-                    .order_by(Task.created_at)
-                    .with_for_update()
-                )
-            )
-            waiting = next((t for t in active if t.status is not TaskStatus.STARTED), None)
-            running = next((t for t in active if t.status is TaskStatus.STARTED), None)
-            if waiting is not None:
-                if not _covers(waiting.params, params):
-                    waiting.params = _widened(waiting.params, params)
-                    waiting.updated_at = func.now()
-                return Enqueued(waiting.id, waiting.status, created=False)
-            if running is not None and join_running and _covers(running.params, params):
-                return Enqueued(running.id, running.status, created=False)
-            after_running = running is not None
-        task = Task(
-            id=new_task_id(),
-            tenant_id=principal.tenant_id,
-            user_id=principal.user_id,
-            account_id=account_id,
-            message_id=message_id,
-            kind=kind,
-            status=TaskStatus.PENDING,
-            params=params,
-            progress=0,
-            attempts=0,
-            abandoned=0,
+    if kind is TaskKind.SYNC:
+        # Two requests for one account at once must not both decide to create a task.
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"sync-enqueue:{account_id}"}
         )
-        session.add(task)
-    push(runtime, task.id, principal, kind)
+        active = list(
+            session.scalars(
+                select(Task)
+                .where(
+                    Task.account_id == account_id,
+                    Task.kind == TaskKind.SYNC,
+                    Task.status.in_([TaskStatus.PENDING, TaskStatus.RETRY, TaskStatus.STARTED]),
+                )
+                .order_by(Task.created_at)
+                .with_for_update()
+            )
+        )
+        waiting = next((t for t in active if t.status is not TaskStatus.STARTED), None)
+        running = next((t for t in active if t.status is TaskStatus.STARTED), None)
+        if waiting is not None:
+            if not _covers(waiting.params, params):
+                waiting.params = _widened(waiting.params, params)
+                waiting.updated_at = func.now()
+            return Enqueued(waiting.id, waiting.status, created=False)
+        if running is not None and join_running and _covers(running.params, params):
+            return Enqueued(running.id, running.status, created=False)
+        after_running = running is not None
+    task = Task(
+        id=new_task_id(),
+        tenant_id=principal.tenant_id,
+        user_id=principal.user_id,
+        account_id=account_id,
+        message_id=message_id,
+        kind=kind,
+        status=TaskStatus.PENDING,
+        params=params,
+        progress=0,
+        attempts=0,
+        abandoned=0,
+    )
+    session.add(task)
+    session.flush()
     return Enqueued(task.id, TaskStatus.PENDING, created=True, after_running=after_running)
 
 
