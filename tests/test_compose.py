@@ -16,9 +16,11 @@ from syncing import create_account, folders_by_name, messages, run_sync, smtp_ac
 
 from email_service.api.app import create_app
 from email_service.mail.parse import parse_message
-from email_service.models import TaskStatus
+from email_service.models import TaskKind, TaskStatus
+from email_service.outgoing import jobs
 from email_service.queue import tasks
-from email_service.queue.runner import reap
+from email_service.queue.runner import TaskContext, reap, run_failure_hook
+from email_service.queue.tasks import TaskFailed
 from email_service.runtime import Runtime
 
 
@@ -460,6 +462,38 @@ def held_back(monkeypatch):
     monkeypatch.setattr(tasks, "push", lambda *args, **kwargs: None)
 
 
+@pytest.fixture
+def send_runtime(backing, dovecot):
+    """What a worker runs a send with: trusting the test servers' CA."""
+    runtime = Runtime.build(replace(backing, ca_file=dovecot.ca_file))
+    yield runtime
+    runtime.close()
+
+
+def run_as(runtime, user, accepted, carrier) -> TaskContext:
+    """The context a worker's run of the message's send task gets, the task started by ``carrier``."""
+    with runtime.db.maintenance_session() as session:
+        session.execute(
+            text(
+                "UPDATE tasks SET status = 'started', carrier_id = :carrier, attempts = attempts + 1,"
+                " heartbeat_at = now() WHERE id = :id"
+            ),
+            {"id": accepted["taskId"], "carrier": carrier},
+        )
+        account_id = session.scalar(text("SELECT account_id FROM tasks WHERE id = :id"), {"id": accepted["taskId"]})
+    return TaskContext(
+        runtime=runtime,
+        task_id=accepted["taskId"],
+        kind=TaskKind.SEND,
+        principal=user.principal,
+        account_id=account_id,
+        message_id=accepted["messageId"],
+        params={},
+        attempt=1,
+        carrier_id=carrier,
+    )
+
+
 def test_a_message_whose_task_cannot_be_written_is_not_left_queued(
     client, runtime, user, dovecot, mail_user, smtp_server, held_back, monkeypatch
 ):
@@ -475,3 +509,44 @@ def test_a_message_whose_task_cannot_be_written_is_not_left_queued(
         assert list(subjects) == ["First"]
     [task] = tasks_of(runtime, account_id)
     assert task.message_id == first["messageId"] and task.status == TaskStatus.PENDING
+
+
+def test_a_run_that_lost_its_task_to_another_worker_sends_nothing(
+    client, send_runtime, user, dovecot, mail_user, smtp_server, held_back
+):
+    smtp = smtp_server("starttls")
+    account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
+    accepted = send(client, user, account_id, subject="Only once").json()
+    stalled = run_as(send_runtime, user, accepted, "stalled")
+    # Its worker stalled past the heartbeat, and the reaper gave the task to another carrier.
+    with send_runtime.db.maintenance_session() as session:
+        session.execute(
+            text("UPDATE tasks SET status = 'pending', carrier_id = 'successor' WHERE id = :id"),
+            {"id": accepted["taskId"]},
+        )
+    with pytest.raises(TaskFailed, match="no longer waiting to be sent by this run"):
+        jobs.run_send(stalled)
+    assert smtp.messages == []
+    assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "queued"
+    result = jobs.run_send(run_as(send_runtime, user, accepted, "successor"))
+    assert result["delivered"] is True and len(smtp.messages) == 1
+    assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "sent"
+
+
+def test_a_retry_asked_for_once_a_send_failed_is_not_undone_by_the_failed_run(
+    client, send_runtime, user, dovecot, mail_user, smtp_server, held_back
+):
+    smtp = smtp_server("starttls", reject=True)
+    account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
+    accepted = send(client, user, account_id, subject="Refused, then retried").json()
+    context = run_as(send_runtime, user, accepted, "first")
+    with pytest.raises(TaskFailed, match="550") as failure:
+        jobs.run_send(context)
+    # Until the run's failure is recorded, the message cannot be sent again.
+    path = f"/api/{account_id}/messages/{accepted['messageId']}/send"
+    assert_error_shape(client.post(path, headers=user.headers), 409, "NOT_RETRYABLE")
+    run_failure_hook(send_runtime, TaskKind.SEND, context, failure.value.message, True)
+    assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "failed"
+    again = client.post(path, headers=user.headers)
+    assert again.status_code == 202, again.text
+    assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "queued"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from email_service.changes import entries as changes
 from email_service.changes.log import record
@@ -105,15 +107,19 @@ def set_status(
     error: str | None = None,
     *,
     unless: tuple[DeliveryStatus, ...] = (),
+    guard: Callable[[Session], bool] | None = None,
 ) -> bool:
-    """Set the delivery status (not over one of ``unless``); returns whether the row changed."""
+    """Set the delivery status (not over one of ``unless``); returns whether the row changed.
+
+    ``guard``, if given, must also hold in the same transaction (it may lock what it reads).
+    """
     with db.tenant_session(principal) as session:
         # Locked, so the status compared is the one replaced, and the log says so only if it differs.
         query = select(Message.account_id, Message.folder_id, Message.delivery_status).where(Message.id == message_id)
         if unless:
             query = query.where(Message.delivery_status.not_in([str(s) for s in unless]))
         row = session.execute(query.with_for_update()).one_or_none()
-        if row is None:
+        if row is None or (guard is not None and not guard(session)):
             return False
         session.execute(
             update(Message).where(Message.id == message_id).values(delivery_status=str(status), delivery_error=error)

@@ -20,13 +20,15 @@ from email_service.models import DeliveryStatus
 from email_service.outgoing import delivery
 from email_service.protocols.errors import MailServerError
 from email_service.protocols.servers import Protocol
-from email_service.protocols.smtp import AmbiguousDeliveryError, PermanentDeliveryError
+from email_service.protocols.smtp import AmbiguousDeliveryError, DataWithheld, PermanentDeliveryError
 from email_service.queue.locks import AccountLock
 from email_service.queue.runner import TaskContext
 from email_service.queue.tasks import TaskDeferred, TaskFailed, TaskRetry
 from email_service.services.servers import load_servers
 
 log = logging.getLogger(__name__)
+FINAL = (DeliveryStatus.SENT, DeliveryStatus.AMBIGUOUS, DeliveryStatus.FAILED)
+NOT_QUEUED = tuple(status for status in DeliveryStatus if status is not DeliveryStatus.QUEUED)
 LOST_WHILE_SENDING = (
     "the worker sending it stopped after the message data went out: the server may or may not have "
     "accepted it, so it is not sent again unless asked to"
@@ -62,23 +64,42 @@ def run_send(context: TaskContext) -> dict[str, Any]:
 
         def data_goes_out() -> None:
             # Committed before the first byte of the data leaves: from here on, a lost worker or a
-            # missing reply means the server may have the message.
-            delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.SENDING)
+            # missing reply means the server may have the message. Only from queued, and only
+            # while this run still holds the task: a run the reaper gave to another worker (this
+            # one stalled past its heartbeat) must not send a second copy beside it.
+            if not delivery.set_status(
+                runtime.db,
+                principal,
+                message.message_id,
+                DeliveryStatus.SENDING,
+                unless=NOT_QUEUED,
+                guard=context.still_running,
+            ):
+                raise DataWithheld("the message is no longer waiting to be sent by this run")
+
+        def back_to_queued(error: str) -> None:
+            delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.QUEUED, error, unless=FINAL)
 
         try:
             with message.smtp.session(runtime.settings) as session:
                 outcome = session.send(
                     message.envelope_from, message.recipients, message.data, before_data_end=data_goes_out
                 )
+        except DataWithheld as exc:
+            # Another run holds the task now (whose outcome counts), or the message is gone.
+            raise TaskFailed(str(exc)) from None
+        # The failure hook (``send_failed``) marks the message failed or ambiguous, after this
+        # run: once marked, the user may send it again, and nothing of this run may undo that.
+        # Until then it says what is known: still sending (the outcome is unknown) or queued
+        # (nothing was accepted).
         except AmbiguousDeliveryError as exc:
-            delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.AMBIGUOUS, str(exc))
             raise TaskFailed(str(exc)) from None
         except PermanentDeliveryError as exc:
-            delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.FAILED, str(exc))
+            back_to_queued(str(exc))
             raise TaskFailed(str(exc), permanent=True) from None
         except MailServerError as exc:
             # Nothing was accepted (the data did not go out whole, or the server said 4xx): safe to try again.
-            delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.QUEUED, str(exc))
+            back_to_queued(str(exc))
             raise TaskRetry(str(exc)) from None
         delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.SENT)
         result["refusedRecipients"] = {addr: f"{code} {text}" for addr, (code, text) in outcome.refused.items()}
@@ -93,16 +114,15 @@ def send_failed(context: TaskContext, message: str, permanent: bool) -> None:
     runtime, principal = context.runtime, context.principal
     if context.message_id is None:
         return
-    final = (DeliveryStatus.SENT, DeliveryStatus.AMBIGUOUS, DeliveryStatus.FAILED)
     if not delivery.set_status(
         runtime.db,
         principal,
         context.message_id,
         DeliveryStatus.AMBIGUOUS,
         message,
-        unless=(*final, DeliveryStatus.QUEUED, DeliveryStatus.DRAFT),
+        unless=(*FINAL, DeliveryStatus.QUEUED, DeliveryStatus.DRAFT),
     ):
-        delivery.set_status(runtime.db, principal, context.message_id, DeliveryStatus.FAILED, message, unless=final)
+        delivery.set_status(runtime.db, principal, context.message_id, DeliveryStatus.FAILED, message, unless=FINAL)
 
 
 def run_draft(context: TaskContext) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import re
 import smtplib
 import ssl
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,14 @@ class PermanentDeliveryError(MailServerError):
 
 class AmbiguousDeliveryError(MailServerError):
     """The message data went out whole and no reply came: it may or may not have been accepted."""
+
+
+class DataWithheld(Exception):
+    """Raised by a ``before_data_end`` hook: the caller no longer wants the message sent.
+
+    It reaches the caller as it is (not classified as a delivery failure), and no byte of the
+    data has gone out.
+    """
 
 
 class SmtpAuthenticationFailed(PermanentDeliveryError, AuthenticationFailed):
@@ -247,7 +256,8 @@ class SmtpSession(MailSession):
 
         ``before_data_end`` runs after the server agreed to take the data and before any of it is
         sent: the last moment at which the message certainly has not been accepted. The caller
-        records there that the outcome may become unknowable; if it raises, nothing is sent.
+        records there that the outcome may become unknowable; if it raises, nothing is sent
+        (``DataWithheld`` comes back as it is, anything else as a temporary failure).
 
         Returns the recipients the server refused while it accepted others. Raises
         ``PermanentDeliveryError`` when all were refused (``TemporaryDeliveryError`` if a retry
@@ -272,6 +282,13 @@ class SmtpSession(MailSession):
                 payload += b"\r\n"
             # A failure while sending means the final dot did not leave whole: nothing was accepted.
             conn.send(payload + b".\r\n")
+        except DataWithheld:
+            # The server waits for the data: a QUIT now would be read as data. Hanging up
+            # makes it drop the transaction, and ends this session.
+            self._conn = None
+            with suppress(OSError):
+                conn.close()
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes one classified, readable error
             raise self._classify(exc) from None
         code, reply = self._final_reply(conn)

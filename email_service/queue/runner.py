@@ -32,6 +32,7 @@ from rq.job import Job, JobStatus
 from rq.timeouts import JobTimeoutException
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from email_service.models import Task, TaskKind, TaskStatus
 from email_service.observability import logs, metrics
@@ -82,6 +83,19 @@ class TaskContext:
     _progress: int = 0
     _reported_at: float = field(default=0.0)
     started: float = field(default_factory=time.monotonic)
+
+    def still_running(self, session: Session) -> bool:
+        """Whether this run still holds its task, checked in the caller's transaction.
+
+        The task's row stays share-locked until that transaction ends, so the reaper cannot hand
+        the task to another worker in between (it skips locked rows and looks again later).
+        """
+        held = session.execute(
+            select(Task.id)
+            .where(Task.id == self.task_id, Task.carrier_id == self.carrier_id, Task.status == TaskStatus.STARTED)
+            .with_for_update(read=True)
+        ).first()
+        return held is not None
 
     def progress(self, percent: int) -> None:
         """Record progress (0-100); written at most twice a second and never backwards."""
