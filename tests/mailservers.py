@@ -985,3 +985,31 @@ def smtp_server(mail_tls: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
     finally:
         for server in started:
             server.stop()
+
+
+class ScriptedImapServer:
+    """An IMAP server on 127.0.0.1 for one connection, for what Dovecot cannot be made to do.
+
+    ``answer(tag, command)`` gives the bytes to send for each command line (its verb upper-cased);
+    ``b""`` says nothing, as a stalled server would. It stops after LOGOUT or a hang-up.
+    """
+
+    def __init__(self, answer: Callable[[bytes, bytes], bytes], greeting: bytes = b"* OK [CAPABILITY IMAP4rev1] ready"):
+        self.answer, self.greeting = answer, greeting
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(self.greeting + b"\r\n")
+            while line := lines.readline():
+                tag, command = line.split()[0], line.split()[1].upper()
+                if reply := self.answer(tag, command):
+                    conn.sendall(reply)
+                if command == b"LOGOUT":
+                    return
+
+    def close(self) -> None:
+        self.listener.close()

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 from helpers import TEST_DESTINATIONS, assert_error_shape, free_port, service_env
-from mailservers import make_tls_files
+from mailservers import ScriptedImapServer, make_tls_files
 from messages import (
     ATTACHMENT_NAME,
     attachments_message,
@@ -554,40 +554,21 @@ def test_worker_runs_the_scheduler_beside_it(backing, dovecot, tmp_path):
     assert left_behind() == []
 
 
-class SearchingServer:
-    """An IMAP server on 127.0.0.1 with one folder of ``count`` messages, answering UID SEARCH on one line."""
-
-    def __init__(self, count: int) -> None:
-        self.uids = b" ".join(str(uid).encode() for uid in range(1, count + 1))
-        self.count = count
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        with conn, conn.makefile("rb") as lines:
-            conn.sendall(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
-            while line := lines.readline():
-                tag, command = line.split()[0], line.split()[1].upper()
-                if command == b"EXAMINE":
-                    conn.sendall(
-                        b"* %d EXISTS\r\n* OK [UIDVALIDITY 1] ok\r\n* OK [UIDNEXT %d] ok\r\n"
-                        % (self.count, self.count + 1)
-                    )
-                elif command == b"UID":
-                    conn.sendall(b"* SEARCH " + self.uids + b"\r\n")
-                elif command == b"CAPABILITY":
-                    conn.sendall(b"* CAPABILITY IMAP4rev1\r\n")
-                conn.sendall(tag + b" OK done\r\n")
-                if command == b"LOGOUT":
-                    return
+def searching_server(count: int) -> ScriptedImapServer:
+    """One folder of ``count`` messages, whose UID SEARCH answers on one line."""
+    uids = b" ".join(str(uid).encode() for uid in range(1, count + 1))
+    untagged = {
+        b"EXAMINE": b"* %d EXISTS\r\n* OK [UIDVALIDITY 1] ok\r\n* OK [UIDNEXT %d] ok\r\n" % (count, count + 1),
+        b"UID": b"* SEARCH " + uids + b"\r\n",
+        b"CAPABILITY": b"* CAPABILITY IMAP4rev1\r\n",
+    }
+    return ScriptedImapServer(lambda tag, command: untagged.get(command, b"") + tag + b" OK done\r\n")
 
 
 def test_a_folder_of_200000_messages_lists_its_uids_and_the_session_goes_on():
     # One line of 1.3 MB: more than imaplib reads by default, which failed the folder and left
     # the rest of the line to be read as the next command's answer.
-    server = SearchingServer(200_000)
+    server = searching_server(200_000)
     session = ImapSession(
         "127.0.0.1", server.port, "none", "user", "secret", timeout=10, destinations=TEST_DESTINATIONS
     )
@@ -596,4 +577,4 @@ def test_a_folder_of_200000_messages_lists_its_uids_and_the_session_goes_on():
         uids = session.search_uids()
         assert len(uids) == 200_000 and uids[0] == 1 and uids[-1] == 200_000
         assert session.examine("INBOX").uidnext == 200_001
-    server.listener.close()
+    server.close()
