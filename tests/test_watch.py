@@ -8,20 +8,27 @@ running the syncs it queues.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from dataclasses import replace
 
 import psutil
 import pytest
+from helpers import TEST_DESTINATIONS
+from mailservers import ScriptedImapServer
 from messages import plain_message, to_bytes
 from sqlalchemy import text, update
 from syncing import add_task, create_account, eventually, imap_account, inbox_subjects, tasks_of, wait_task, watcher
 
 from email_service.mailbox.live import refresh_folder
 from email_service.models import Task, TaskStatus
+from email_service.protocols.errors import ConnectionFailed
+from email_service.protocols.servers import MailServer, Protocol
+from email_service.protocols.tls import client_context
 from email_service.queue.locks import AccountLock
 from email_service.runtime import Runtime
+from email_service.watch.idle import IdleConnection
 from email_service.watch.leases import Leases
 from email_service.watch.watcher import watchable_accounts
 
@@ -184,3 +191,30 @@ def test_a_change_reported_while_a_sync_runs_is_fetched_by_a_sync_after_it(
             session.execute(update(Task).where(Task.id == running).values(status=TaskStatus.SUCCESS))
     assert wait_task(client, user, after[0].id)["status"] == "success"
     assert "Arrived mid-sync" in inbox_subjects(client, user, account_id)
+
+
+def stalling_server(answers: int) -> ScriptedImapServer:
+    """Logs anyone in and answers the first ``answers`` CAPABILITY commands, then nothing."""
+    left = [answers]
+
+    def answer(tag: bytes, command: bytes) -> bytes:
+        if command == b"LOGIN":
+            return tag + b" OK logged in\r\n"
+        if command == b"CAPABILITY" and left[0] > 0:
+            left[0] -= 1
+            return b"* CAPABILITY IMAP4rev1 IDLE\r\n" + tag + b" OK done\r\n"
+        return b""
+
+    return ScriptedImapServer(answer, greeting=b"* OK [CAPABILITY IMAP4rev1 IDLE] ready")
+
+
+@pytest.mark.parametrize("answers", [0, 1], ids=["after-the-greeting", "after-the-login"])
+def test_a_server_that_stops_answering_fails_the_watch_in_its_timeout(backing, answers):
+    server = stalling_server(answers)
+    settings = replace(backing, imap_timeout_seconds=2, destinations=TEST_DESTINATIONS)
+    mail_server = MailServer(Protocol.IMAP, "127.0.0.1", server.port, "none", "user", "secret")
+    started = time.monotonic()
+    with pytest.raises(ConnectionFailed, match="Timeout"):
+        asyncio.run(asyncio.wait_for(IdleConnection.open(mail_server, settings, client_context(None)), 30))
+    assert time.monotonic() - started < 10
+    server.close()

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import ssl
 from contextlib import suppress
+from typing import Any
 
 import aioimaplib
 from aioimaplib.aioimaplib import Command
@@ -29,6 +30,19 @@ CHANGE_RESPONSES = (b"EXISTS", b"EXPUNGE", b"FETCH", b"VANISHED")
 
 
 class _Protocol(aioimaplib.IMAP4ClientProtocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn_lost_cb: Any, command_timeout: float) -> None:
+        super().__init__(loop, conn_lost_cb)
+        self.command_timeout = command_timeout
+
+    async def execute(self, command: Command, scrub: str | None = None) -> aioimaplib.Response:
+        # aioimaplib sends some commands with no time limit (the CAPABILITY after the greeting and
+        # the protocol-level one): a server that stops answering would hold the watch for ever,
+        # its lease renewed all along. Every command but IDLE (which sets its own) gets one.
+        if command.name != "IDLE" and command._timeout is None:  # noqa: SLF001 - no public setter
+            command._timeout = self.command_timeout  # noqa: SLF001
+            command._reset_timer()  # noqa: SLF001
+        return await super().execute(command, scrub=scrub)
+
     def _continuation(self, line: bytes) -> None:
         command = self.pending_sync_command
         if command is not None and command.name == "AUTHENTICATE" and self.transport is not None:
@@ -48,7 +62,7 @@ class _CheckedImap(aioimaplib.IMAP4):
 
     def create_client(self, host, port, loop, conn_lost_cb=None, ssl_context=None) -> None:  # noqa: ANN001
         local_loop = loop if loop is not None else asyncio.get_running_loop()
-        self.protocol = _Protocol(local_loop, conn_lost_cb)
+        self.protocol = _Protocol(local_loop, conn_lost_cb, self.timeout)
         server_hostname = self._server_hostname if ssl_context is not None else None
         self._client_task = local_loop.create_task(
             local_loop.create_connection(
@@ -100,7 +114,7 @@ class IdleConnection:
         except MailServerError:
             await connection.close()
             raise
-        except (OSError, TimeoutError, aioimaplib.Abort, aioimaplib.Error) as exc:
+        except (OSError, TimeoutError, aioimaplib.AioImapException) as exc:
             await connection.close()
             if isinstance(exc, ssl.SSLCertVerificationError):
                 raise ConnectionFailed(f"certificate verify failed for {where}: {exc.verify_message}") from None
@@ -156,7 +170,7 @@ class IdleConnection:
         """
         try:
             return await self._idle(stopping, renew)
-        except (TimeoutError, aioimaplib.Abort, aioimaplib.Error, OSError) as exc:
+        except (TimeoutError, aioimaplib.AioImapException, OSError) as exc:
             raise ConnectionFailed(f"IDLE on {self.where} ended ({type(exc).__name__})") from None
 
     async def _idle(self, stopping: asyncio.Event, renew: float) -> bool:
