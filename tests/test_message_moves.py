@@ -265,3 +265,34 @@ def test_a_message_another_client_deletes_before_the_server_moves_it_is_gone_not
     assert subjects(client, user, account_id, target) == []
     assert subjects(client, user, account_id, folders["INBOX"]) == ["Three", "Two"]
     assert server_subjects(dovecot, mail_user, "Projekte/Ärger") == []
+
+
+def server_flags(dovecot, mail_user, folder: str) -> set[str]:
+    """The flags of the messages in a server folder (none: empty), as another IMAP client sees them."""
+    with dovecot.imap(mail_user) as other:
+        other.select(quote_mailbox(folder), readonly=True)
+        _, data = other.uid("FETCH", "1:*", "(FLAGS)")
+    lines = [item.decode() for item in data if isinstance(item, bytes)]
+    return {flag for line in lines for flag in line.split("FLAGS (", 1)[1].split(")", 1)[0].split()}
+
+
+def test_flags_changed_while_a_move_waits_for_the_server_reach_it_after_the_move(
+    client, user, dovecot, mail_user, mailbox, runtime
+):
+    account_id, folders, ids = mailbox
+    target = folders["Projekte/&AMQ-rger"]
+    # A running sync holds the account, so the move waits; meanwhile the user reads and stars it.
+    held = AccountLock(runtime.db, account_id)
+    assert held.acquire()
+    try:
+        move(client, user, account_id, ids["One"], target["id"])
+        patched = client.patch(
+            f"/api/{account_id}/messages/{ids['One']}", json={"isRead": True, "isStarred": True}, headers=user.headers
+        )
+        assert patched.status_code == 200 and patched.json()["isRead"] and patched.json()["isStarred"]
+    finally:
+        held.release()
+    assert eventually(lambda: {"\\Seen", "\\Flagged"} <= server_flags(dovecot, mail_user, "Projekte/Ärger"), 60)
+    run_sync(client, user, account_id)
+    shown = client.get(f"/api/{account_id}/messages/{ids['One']}", headers=user.headers).json()
+    assert shown["folderId"] == target["id"] and shown["isRead"] and shown["isStarred"]

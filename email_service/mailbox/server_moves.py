@@ -152,9 +152,7 @@ def _finish(
             session.execute(delete(Message).where(Message.id.in_([m.id for m in gone])))
         record(session, principal, account_id, logged)
     delete_objects(runtime, removed_keys)
-    for message_id in flags_pending:
-        # Flags changed while the move waited: written now that the message has its UID.
-        tasks.enqueue(runtime, TaskKind.WRITEBACK, principal, account_id=account_id, message_id=message_id)
+    _write_flags(runtime, principal, account_id, flags_pending)
     if again:
         enqueue_server_moves(runtime, principal, account_id)
     return len(done)
@@ -175,8 +173,15 @@ def _lock_followed(session: Session, move_ids: list[int]) -> dict[str, Message]:
     }
 
 
+def _write_flags(runtime: Runtime, principal: Principal, account_id: str, message_ids: list[str]) -> None:
+    """Flags changed while a move waited: written now that each message has its UID again."""
+    for message_id in message_ids:
+        tasks.enqueue(runtime, TaskKind.WRITEBACK, principal, account_id=account_id, message_id=message_id)
+
+
 def _put_back(runtime: Runtime, principal: Principal, account_id: str, refused: list[MessageMove]) -> None:
     """The server refused the move: each row goes back to the folder the server still has it in."""
+    flags_pending: list[str] = []
     with runtime.db.tenant_session(principal) as session:
         logged: list[Entry] = []
         rows = _lock_followed(session, [r.id for r in refused])
@@ -188,8 +193,11 @@ def _put_back(runtime: Runtime, principal: Principal, account_id: str, refused: 
             if message is not None and move.uid is not None:
                 logged.append(changes.message_moved(message.id, message.folder_id, move.source_folder_id))
                 message.folder_id, message.uid = move.source_folder_id, move.uid
+                if message.writeback_pending:
+                    flags_pending.append(message.id)
             session.delete(move)
         record(session, principal, account_id, logged)
+    _write_flags(runtime, principal, account_id, flags_pending)
 
 
 def _pop3_deletions(
