@@ -12,12 +12,13 @@ from helpers import assert_error_shape
 from mailservers import quote_mailbox
 from messages import attachments_message, plain_message, to_bytes
 from sqlalchemy import text
-from syncing import create_account, folders_by_name, messages, run_sync, smtp_account, tasks_of, wait_task
+from syncing import create_account, eventually, folders_by_name, messages, run_sync, smtp_account, tasks_of, wait_task
 
 from email_service.api.app import create_app
 from email_service.mail.parse import parse_message
 from email_service.models import TaskKind, TaskStatus
 from email_service.outgoing import jobs
+from email_service.protocols.smtp import SmtpSession
 from email_service.queue import tasks
 from email_service.queue.runner import TaskContext, reap, run_failure_hook
 from email_service.queue.tasks import TaskFailed
@@ -550,3 +551,46 @@ def test_a_retry_asked_for_once_a_send_failed_is_not_undone_by_the_failed_run(
     again = client.post(path, headers=user.headers)
     assert again.status_code == 202, again.text
     assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "queued"
+
+
+def test_a_message_moved_while_it_is_sent_keeps_its_place_and_its_copy_follows(
+    client, send_runtime, user, dovecot, mail_user, mailbox, monkeypatch
+):
+    account_id, smtp = mailbox
+    folders = folders_by_name(client, user, account_id)
+    with monkeypatch.context() as held:
+        held.setattr(tasks, "push", lambda *args, **kwargs: None)
+        accepted = send(client, user, account_id, subject="Moved while sending").json()
+    deliver = SmtpSession.send
+
+    def deliver_then_move(session, *args, **kwargs):
+        outcome = deliver(session, *args, **kwargs)
+        # The user files the message in the inbox while the job is still to store the copy.
+        moved = client.post(
+            f"/api/{account_id}/messages/{accepted['messageId']}/move",
+            json={"folderId": folders["INBOX"]["id"]},
+            headers=user.headers,
+        )
+        assert moved.status_code == 200, moved.text
+        return outcome
+
+    monkeypatch.setattr(SmtpSession, "send", deliver_then_move)
+    result = jobs.run_send(run_as(send_runtime, user, accepted, "only"))
+    assert result["delivered"] is True and result["sentCopy"] == "filed in Sent"
+
+    def on_server(folder):
+        return [
+            subject for subject, _ in server_subjects(dovecot, mail_user, folder) if subject == "Moved while sending"
+        ]
+
+    assert eventually(lambda: on_server("INBOX") and not on_server("Sent"), 30)
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    detail = sent_detail(client, user, account_id, accepted["messageId"])
+    assert detail["folderId"] == folders["INBOX"]["id"] and detail["deliveryStatus"] == "sent"
+    everywhere = [
+        m
+        for folder in folders.values()
+        for m in messages(client, user, account_id, folder["id"])["messages"]
+        if m["subject"] == "Moved while sending"
+    ]
+    assert [m["id"] for m in everywhere] == [accepted["messageId"]]

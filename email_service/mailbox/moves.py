@@ -160,6 +160,46 @@ def _apply(
     return outcome
 
 
+def filed_on_server(
+    runtime: Runtime, principal: Principal, message_id: str, folder_id: str, uid: int, size: int
+) -> None:
+    """A copy of a message written here was stored on the server in ``folder_id`` under ``uid``.
+
+    The row takes the UID, so the next sync sees one copy, not two. If the row was moved (it had
+    no UID, so it simply moved) or deleted while the copy was stored, the copy follows it there:
+    a ``MessageMove`` from where the server has it, for the account's next write-back.
+    """
+    with runtime.db.tenant_session(principal) as session:
+        message = session.scalar(
+            select(Message).options(load_only(*MOVED_COLUMNS)).where(Message.id == message_id).with_for_update()
+        )
+        if message is not None and message.folder_id == folder_id and message.uid is None:
+            message.uid, message.size = uid, size
+            return
+        if message is not None and message.uid is not None:
+            return  # it has its place on the server already (not a case the service makes)
+        account_id = (
+            message.account_id
+            if message is not None
+            else session.scalar(select(Folder.account_id).where(Folder.id == folder_id))
+        )
+        if account_id is None:
+            return  # the account and its folders are gone, and its clean-up empties the server side too
+        session.add(
+            MessageMove(
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                account_id=account_id,
+                message_id=message.id if message is not None else None,
+                source_folder_id=folder_id,
+                uid=uid,
+                target_folder_id=message.folder_id if message is not None else None,
+            )
+        )
+    log.info("message %s moved while its copy was filed; the copy follows it on the server", message_id)
+    enqueue_server_moves(runtime, principal, account_id)
+
+
 def _target(folders: dict[str, Folder], folder_id: str | None, *, trash_optional: bool = False) -> Folder | None:
     if folder_id is None:
         trash = sorted((f for f in folders.values() if f.type == TRASH), key=lambda f: (f.name, f.id))

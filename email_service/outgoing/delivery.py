@@ -133,8 +133,3 @@ def set_status(
                 [changes.message_updated(message_id, row.folder_id, ["delivery_status"])],
             )
         return True
-
-
-def set_uid(db: Database, principal: Principal, message_id: str, uid: int, size: int) -> None:
-    with db.tenant_session(principal) as session:
-        session.execute(update(Message).where(Message.id == message_id).values(uid=uid, size=size))

@@ -16,6 +16,7 @@ from typing import Any
 
 from email_service.crypto import CredentialError
 from email_service.folders.roles import adopt_server_folder, role_folder_on_server
+from email_service.mailbox import moves
 from email_service.models import DeliveryStatus
 from email_service.outgoing import delivery
 from email_service.protocols.errors import MailServerError
@@ -173,7 +174,9 @@ def _file_copy(
             return f"not filed on the server: {exc}"
         if appended is not None:
             # The row takes the server's UID, so the next sync sees one copy, not two.
-            delivery.set_uid(runtime.db, principal, message.message_id, appended[1], len(message.data))
+            moves.filed_on_server(
+                runtime, principal, message.message_id, message.folder_id, appended[1], len(message.data)
+            )
     finally:
         if lock is not None:
             lock.release()
