@@ -11,7 +11,9 @@ from messages import plain_message, to_bytes
 from syncing import create_account, folders_by_name, imap_account, messages, run_sync
 
 from email_service.api.app import create_app
+from email_service.folders import service as folder_service
 from email_service.mail.folders import parse_list_response
+from email_service.queue.locks import AccountLock
 from email_service.runtime import Runtime
 
 
@@ -115,3 +117,30 @@ def test_pop3_accounts_have_no_server_folders(client, user, dovecot, mail_user, 
     body = imap_account(dovecot, mail_user, protocol="pop3", port=dovecot.pop3s_port)
     account_id = create_account(client, user, body)
     assert_error_shape(create(client, user, account_id, name="Archiv"), 409)
+
+
+def test_folder_rows_change_while_the_account_is_held(client, user, dovecot, mail_user, account, backing, monkeypatch):
+    # A sync that took the account between the server's change and the rows' would see folders
+    # the rows do not know yet (and take a renamed folder for a deleted one, with its mail).
+    runtime = Runtime.build(backing)
+    held_while_written: list[bool] = []
+    retype = folder_service._retype
+
+    def retype_and_check(session, account_id, logged):
+        probe = AccountLock(runtime.db, account_id)
+        free = probe.acquire()
+        if free:
+            probe.release()
+        held_while_written.append(not free)
+        return retype(session, account_id, logged)
+
+    monkeypatch.setattr(folder_service, "_retype", retype_and_check)
+    try:
+        made = create(client, user, account, name="Held")
+        assert made.status_code == 201, made.text
+        path = f"/api/{account}/folders/{made.json()['id']}"
+        assert client.patch(path, json={"name": "Still held"}, headers=user.headers).status_code == 200
+        assert client.delete(path, headers=user.headers).status_code == 204
+    finally:
+        runtime.close()
+    assert held_while_written == [True, True, True]

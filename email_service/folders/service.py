@@ -165,27 +165,29 @@ def create_folder(runtime: Runtime, principal: Principal, account_id: str, body:
         name = f"{parent.name}{delimiter}{leaf}" if parent is not None else leaf
         _free(held, name)
         held.session.create_folder(name)
-    now = datetime.now(UTC)
-    with runtime.db.tenant_session(principal) as session:
-        folder = Folder(
-            id=new_id(),
-            tenant_id=principal.tenant_id,
-            user_id=principal.user_id,
-            account_id=account_id,
-            name=name,
-            display_name=display_name(name, delimiter),
-            type=CUSTOM,
-            delimiter=delimiter,
-            parent_id=parent.id if parent is not None else None,
-            attributes=[],
-            created_at=now,
-            updated_at=now,
-        )
-        session.add(folder)
-        session.flush()
-        logged = [changes.folder_created(folder.id)]
-        _retype(session, account_id, logged)
-        record(session, principal, account_id, logged)
+        # The rows change while the account is still held: a sync in between would see the
+        # server's new folders and write rows of its own.
+        now = datetime.now(UTC)
+        with runtime.db.tenant_session(principal) as session:
+            folder = Folder(
+                id=new_id(),
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                account_id=account_id,
+                name=name,
+                display_name=display_name(name, delimiter),
+                type=CUSTOM,
+                delimiter=delimiter,
+                parent_id=parent.id if parent is not None else None,
+                attributes=[],
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(folder)
+            session.flush()
+            logged = [changes.folder_created(folder.id)]
+            _retype(session, account_id, logged)
+            record(session, principal, account_id, logged)
     return folder
 
 
@@ -208,25 +210,26 @@ def update_folder(
         _free(held, name)
         held.session.rename_folder(folder.name, name)
         old = folder.name
-    now = datetime.now(UTC)
-    with runtime.db.tenant_session(principal) as session:
-        rows = list(session.scalars(select(Folder).where(Folder.account_id == account_id)))
-        logged: list[Entry] = []
-        for row in rows:
-            if row.name != old and not row.name.startswith(old + delimiter):
-                continue
-            row.name = name + row.name[len(old) :]
-            row.display_name = display_name(row.name, row.delimiter)
-            row.updated_at = now
-            logged.append(changes.folder_updated(row.id, ["name", "displayName"]))
-        moved = next(row for row in rows if row.id == folder_id)
-        if moved.parent_id != (parent.id if parent is not None else None):
-            moved.parent_id = parent.id if parent is not None else None
-            logged.append(changes.folder_updated(moved.id, ["parentId"]))
-        _retype(session, account_id, logged)
-        record(session, principal, account_id, logged)
-        session.flush()
-        session.refresh(moved)
+        # Still held (see create_folder): a sync would take the old name for a deleted folder.
+        now = datetime.now(UTC)
+        with runtime.db.tenant_session(principal) as session:
+            rows = list(session.scalars(select(Folder).where(Folder.account_id == account_id)))
+            logged: list[Entry] = []
+            for row in rows:
+                if row.name != old and not row.name.startswith(old + delimiter):
+                    continue
+                row.name = name + row.name[len(old) :]
+                row.display_name = display_name(row.name, row.delimiter)
+                row.updated_at = now
+                logged.append(changes.folder_updated(row.id, ["name", "displayName"]))
+            moved = next(row for row in rows if row.id == folder_id)
+            if moved.parent_id != (parent.id if parent is not None else None):
+                moved.parent_id = parent.id if parent is not None else None
+                logged.append(changes.folder_updated(moved.id, ["parentId"]))
+            _retype(session, account_id, logged)
+            record(session, principal, account_id, logged)
+            session.flush()
+            session.refresh(moved)
     return moved
 
 
@@ -240,13 +243,14 @@ def delete_folder(runtime: Runtime, principal: Principal, account_id: str, folde
         ):
             raise ConflictError("delete the folder's sub-folders first", code="FOLDER_HAS_CHILDREN")
         held.session.delete_folder(folder.name)
-    MailStore(runtime.db, runtime.objects, principal, account_id).clear_folder(folder)
-    with runtime.db.tenant_session(principal) as session:
-        row = session.get(Folder, folder.id, with_for_update=True)
-        if row is None:
-            return
-        session.delete(row)
-        session.flush()
-        logged = [changes.folder_destroyed(folder.id)]
-        _retype(session, account_id, logged)
-        record(session, principal, account_id, logged)
+        # Still held (see create_folder).
+        MailStore(runtime.db, runtime.objects, principal, account_id).clear_folder(folder)
+        with runtime.db.tenant_session(principal) as session:
+            row = session.get(Folder, folder.id, with_for_update=True)
+            if row is None:
+                return
+            session.delete(row)
+            session.flush()
+            logged = [changes.folder_destroyed(folder.id)]
+            _retype(session, account_id, logged)
+            record(session, principal, account_id, logged)
