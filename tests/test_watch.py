@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from dataclasses import replace
 
@@ -30,7 +31,7 @@ from email_service.queue.locks import AccountLock
 from email_service.runtime import Runtime
 from email_service.watch.idle import IdleConnection
 from email_service.watch.leases import Leases
-from email_service.watch.watcher import watchable_accounts
+from email_service.watch.watcher import Watcher, watchable_accounts
 
 LEASE_SECONDS = 3
 
@@ -218,3 +219,20 @@ def test_a_server_that_stops_answering_fails_the_watch_in_its_timeout(backing, a
         asyncio.run(asyncio.wait_for(IdleConnection.open(mail_server, settings, client_context(None)), 30))
     assert time.monotonic() - started < 10
     server.close()
+
+
+def test_leases_are_renewed_while_every_refresh_thread_waits_on_a_slow_server(backing):
+    watcher_ = Watcher(replace(backing, watch_threads=2))
+    slow_servers = threading.Event()
+
+    async def one_round() -> None:
+        try:
+            for _ in range(2):
+                watcher_.executor.submit(slow_servers.wait, 60)
+            # A whole round (account list, watchers, renewal, claims) goes on beside them.
+            await asyncio.wait_for(watcher_.balance(), 10)
+        finally:
+            slow_servers.set()
+            await watcher_.shutdown()
+
+    asyncio.run(one_round())

@@ -86,6 +86,10 @@ class Watcher:
         # One TLS context for every connection: building one per account would cost memory per account.
         self.tls: ssl.SSLContext = client_context(settings.ca_file)
         self.executor = ThreadPoolExecutor(max_workers=settings.watch_threads, thread_name_prefix="refresh")
+        # Leases and the account list on a thread of their own: refreshes may each wait on a slow
+        # server for the whole IMAP timeout, and a renewal queued behind them would let the
+        # leases lapse, so other watchers would take the accounts over while they are watched.
+        self.leasing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leases")
         self.stopping = asyncio.Event()
         self.watching: dict[str, tuple[Watchable, asyncio.Task]] = {}
         self.paused: dict[str, float] = {}  # account id -> loop time until which it is not watched
@@ -111,10 +115,10 @@ class Watcher:
 
     async def balance(self) -> None:
         loop = asyncio.get_running_loop()
-        wanted = await loop.run_in_executor(self.executor, watchable_accounts, self.runtime)
-        watchers = await loop.run_in_executor(self.executor, self.leases.live_watchers)
+        wanted = await loop.run_in_executor(self.leasing, watchable_accounts, self.runtime)
+        watchers = await loop.run_in_executor(self.leasing, self.leases.live_watchers)
         share = Leases.fair_share(len(wanted), watchers)
-        kept = await loop.run_in_executor(self.executor, self.leases.renew, list(self.watching))
+        kept = await loop.run_in_executor(self.leasing, self.leases.renew, list(self.watching))
         ending = {
             account_id: account_id in kept
             for account_id, (watched, _) in self.watching.items()
@@ -132,7 +136,7 @@ class Watcher:
         random.shuffle(candidates)
         room = share - len(self.watching)
         if room > 0 and candidates:
-            taken = await loop.run_in_executor(self.executor, self.leases.claim, candidates, room)
+            taken = await loop.run_in_executor(self.leasing, self.leases.claim, candidates, room)
             for account_id in taken:
                 self.start_watching(wanted[account_id])
             if taken:
@@ -151,7 +155,7 @@ class Watcher:
         await asyncio.gather(*tasks, return_exceptions=True)
         released = [account_id for account_id, release in accounts.items() if release]
         if released:
-            await asyncio.get_running_loop().run_in_executor(self.executor, self.leases.release, released)
+            await asyncio.get_running_loop().run_in_executor(self.leasing, self.leases.release, released)
 
     async def shutdown(self) -> None:
         held = list(self.watching)
@@ -161,6 +165,7 @@ class Watcher:
         except Exception:  # noqa: BLE001 - the leases run out by themselves
             log.warning("could not hand the leases back; they run out within %d s", self.settings.watch_lease_seconds)
         self.executor.shutdown(wait=True)
+        self.leasing.shutdown(wait=True)
         self.runtime.close()
         log.info("watcher %s stopped", self.name)
 
