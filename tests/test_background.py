@@ -204,3 +204,26 @@ def test_tasks_are_rows_under_row_level_security(client, runtime, user, make_use
         assert session.scalar(select(Task).where(Task.id == status["taskId"])) is None
     with runtime.db.tenant_session(user.principal) as session:
         assert session.scalar(select(Task.kind).where(Task.id == status["taskId"])) is TaskKind.SYNC
+
+
+def test_object_storage_being_down_does_not_stop_syncs_being_scheduled(
+    client, runtime, user, dovecot, mail_user, scheduler, monkeypatch
+):
+    account_id = create_account(client, user, imap_account(dovecot, mail_user, isSyncEnabled=True, syncInterval=60))
+    upload = client.post(f"/api/{account_id}/attachments", files={"file": ("old.txt", b"o")}, headers=user.headers)
+    with runtime.db.maintenance_session() as session:
+        session.execute(
+            text("UPDATE attachments SET created_at = now() - interval '2 days' WHERE id = :id"),
+            {"id": upload.json()["id"]},
+        )
+
+    def storage_down(key: str) -> None:
+        raise ConnectionRefusedError("object storage is down")
+
+    # Removing the old upload fails; resuming lost tasks and scheduling due syncs go on.
+    monkeypatch.setattr(runtime.objects, "delete", storage_down)
+    counts = scheduler.run_once()
+    assert "uploads removed" not in counts and counts["scheduled"] >= 1
+    assert [t.kind for t in tasks_of(runtime, account_id)] == [TaskKind.SYNC]
+    monkeypatch.undo()
+    assert scheduler.run_once()["uploads removed"] >= 1

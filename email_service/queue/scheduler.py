@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 from datetime import timedelta
 
 from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
 
 from email_service.mailbox.schedule import due_for_sync
 from email_service.models import TaskKind
@@ -60,19 +60,33 @@ class Scheduler:
         """One pass: enqueue due syncs, resume or fail tasks whose worker died. Only the leader acts."""
         if not self._is_leader():
             return {}
-        counts = reap(self.runtime)
-        counts["uploads removed"] = remove_unused_uploads(
-            self.runtime, timedelta(hours=self.runtime.settings.upload_retention_hours)
-        )
-        counts["changes pruned"] = prune_changes(
-            self.runtime, timedelta(days=self.runtime.settings.change_retention_days)
-        )
+        settings = self.runtime.settings
+        steps: dict[str, Callable[[], dict[str, int] | int]] = {
+            "reaping": lambda: reap(self.runtime),
+            "uploads removed": lambda: remove_unused_uploads(
+                self.runtime, timedelta(hours=settings.upload_retention_hours)
+            ),
+            "changes pruned": lambda: prune_changes(self.runtime, timedelta(days=settings.change_retention_days)),
+            "scheduled": self._schedule_due,
+        }
+        counts: dict[str, int] = {}
+        for name, step in steps.items():
+            # Each step on its own: object storage being down must not stop syncs being scheduled
+            # or dead workers' tasks being resumed.
+            try:
+                done = step()
+            except Exception as exc:  # noqa: BLE001 - logged; the step runs again next round
+                log.warning("scheduler: %s failed this round: %s", name, type(exc).__name__)
+                continue
+            counts.update(done if isinstance(done, dict) else {name: done})
+        return counts
+
+    def _schedule_due(self) -> int:
         scheduled = 0
         for account in due_for_sync(self.runtime.db):
             enqueued = tasks.enqueue(self.runtime, TaskKind.SYNC, account.principal, account_id=account.id)
             scheduled += enqueued.created
-        counts["scheduled"] = scheduled
-        return counts
+        return scheduled
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -80,6 +94,6 @@ class Scheduler:
                 counts = self.run_once()
                 if any(counts.values()):
                     log.info("scheduler: %s", ", ".join(f"{k} {v}" for k, v in counts.items() if v))
-            except (RedisError, SQLAlchemyError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any one round
                 log.warning("scheduler round failed: %s", type(exc).__name__)
             self._stop.wait(self.interval)
