@@ -7,10 +7,13 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 import pytest
+from helpers import account_body, assert_error_shape
 from messages import attachments_message, to_bytes
 from sqlalchemy import text
-from syncing import create_account, folders_by_name, imap_account, messages, run_sync
+from syncing import create_account, folders_by_name, imap_account, messages, run_sync, tasks_of
 
+from email_service.models import TaskKind
+from email_service.queue import tasks
 from email_service.retention.cleanup import account_prefix
 from email_service.retention.uploads import remove_unused_uploads
 from email_service.storage import ObjectNotFound
@@ -113,3 +116,18 @@ def test_uploads_no_message_took_are_removed_after_the_retention_time(client, ru
     assert left == {ids["fresh"], ids["used"]}
     assert not object_exists(runtime, keys[ids["old"]])
     assert object_exists(runtime, keys[ids["fresh"]]) and object_exists(runtime, keys[ids["used"]])
+
+
+def test_an_account_whose_clean_up_cannot_be_queued_is_not_deleted(client, runtime, user, monkeypatch):
+    first = client.post("/api/accounts", json=account_body(), headers=user.headers).json()["id"]
+    second = client.post("/api/accounts", json=account_body(), headers=user.headers).json()["id"]
+    assert client.delete(f"/api/accounts/{first}", headers=user.headers).status_code == 204
+    [taken] = [t.id for t in tasks_of(runtime, first)]
+    # The clean-up task cannot be written (its id is taken): the account must not be left
+    # deleted with nothing to remove its mail and files.
+    monkeypatch.setattr(tasks, "new_task_id", lambda: taken)
+    assert_error_shape(client.delete(f"/api/accounts/{second}", headers=user.headers), 500)
+    monkeypatch.undo()
+    assert client.get(f"/api/accounts/{second}", headers=user.headers).status_code == 200
+    assert client.delete(f"/api/accounts/{second}", headers=user.headers).status_code == 204
+    assert [t.kind for t in tasks_of(runtime, second)] == [TaskKind.CLEANUP]

@@ -256,7 +256,8 @@ def delete_account(runtime: Runtime, principal: Principal, account_id: str) -> N
         account.deleted_at = _now()
         account.updated_at = account.deleted_at
         account.is_sync_enabled = False
-    tasks.enqueue(runtime, TaskKind.CLEANUP, principal, account_id=account_id)
+        # In the same transaction: an account deleted here always has the job that removes it.
+        tasks.enqueue(runtime, TaskKind.CLEANUP, principal, account_id=account_id, session=session)
 
 
 def syncing(runtime: Runtime, principal: Principal, account_ids: list[str]) -> set[str]:
