@@ -133,6 +133,9 @@ class OAuth2TestServer:
         self.codes: dict[str, Code] = {}
         self.tokens: list[Token] = []
         self.expires_in = 3600  # of the access tokens issued from now on
+        # (HTTP status, OAuth2 error code) the token endpoint answers with instead, while set:
+        # a provider throttling or briefly down.
+        self.token_outage: tuple[int, str] | None = None
         self.refreshes = 0  # refresh-token grants answered, successful or not
         self.introspections = 0
         self.resource_secret = secrets.token_urlsafe(16)
@@ -328,6 +331,9 @@ class OAuth2TestServer:
 
         @app.post("/token")
         def issue_token() -> Any:
+            if server_state.token_outage is not None:
+                status, error = server_state.token_outage
+                return {"error": error, "error_description": "try again later"}, status, {"Retry-After": "5"}
             return server.create_token_response()
 
         @app.post("/revoke")

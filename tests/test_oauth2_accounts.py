@@ -283,6 +283,22 @@ def test_revoked_consent_shows_refresh_failed_and_backs_off_without_asking_again
     assert run_sync(api, user, account_id)[0]["status"] == "success"
 
 
+def test_a_throttled_token_endpoint_is_tried_again_later_and_the_grant_kept(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox
+):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}))
+    oauth2_server.token_outage = (429, "temporarily_unavailable")
+    try:
+        status, _ = run_sync(api, user, account_id)
+    finally:
+        oauth2_server.token_outage = None
+    assert status["status"] == "failure" and "not answering now (temporarily_unavailable)" in status["error"]
+    assert account(api, user, account_id)["oauth2"]["tokenState"] == "valid"
+    # The provider is back: the same grant works, with nothing asked of the user.
+    assert run_sync(api, user, account_id)[0]["status"] == "success"
+
+
 def test_sessions_needing_a_token_at_once_cause_one_refresh(api, rt, user, oauth2_server, oauth2_dovecot, mailbox):
     grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
     account_id = create_account(api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}))

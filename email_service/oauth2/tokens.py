@@ -36,6 +36,18 @@ from email_service.tenancy import Principal
 log = logging.getLogger(__name__)
 REFRESH_MARGIN = timedelta(seconds=60)
 DEFAULT_LIFETIME = 3600.0
+# The token endpoint's error codes (RFC 6749 5.2) that refuse the grant or the client for good;
+# any other error (a throttled or busy provider) is worth trying again with the same grant.
+REFUSALS = frozenset(
+    {
+        "invalid_grant",
+        "invalid_client",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "invalid_request",
+    }
+)
 
 
 class TokenRefreshFailed(AuthenticationFailed):
@@ -166,8 +178,13 @@ class TokenSource:
         try:
             return dict(client.refresh_token(provider.token_url, refresh_token=refresh_token))
         except OAuthError as exc:
-            # The provider answered with an OAuth error (RFC 6749 5.2): only new tokens help.
-            reason = f"{provider.name} refused to refresh the token ({reply_line(exc.error or 'error', 60)})"
+            code = reply_line(exc.error or "error", 60)
+            if exc.error not in REFUSALS:
+                # Throttled (429, "temporarily_unavailable", "slow_down") or another passing
+                # trouble: the grant may be fine, so the account keeps it and tries again later.
+                raise ConnectionFailed(f"the {provider.name} token endpoint is not answering now ({code})") from None
+            # The provider refused the grant itself (RFC 6749 5.2): only new tokens help.
+            reason = f"{provider.name} refused to refresh the token ({code})"
             self._mark_failed(reason)
             raise TokenRefreshFailed(self._failed_message(reason)) from None
         except (requests.RequestException, ValueError):
