@@ -97,3 +97,29 @@ def test_rotation_reencrypts_every_credential_under_the_newest_key(client, make_
         rotate_credentials(runtime.db, CredentialCipher((old_key, new_key)))
     finally:
         rotated.close()
+
+
+def test_a_password_changed_while_keys_rotate_is_kept(client, user, runtime, settings_with):
+    account_id = client.post("/api/accounts", json=account_body(password=PASSWORD), headers=user.headers).json()["id"]
+    read = stored(runtime, user, account_id).password_encrypted
+    old_key = runtime.settings.credential_keys[0]
+    new_key = Fernet.generate_key().decode()
+    rotated = Runtime.build(settings_with(credential_keys=(new_key, old_key)))
+    rotate = rotated.cipher.rotate
+
+    def rotate_while_the_user_changes_it(token: bytes) -> bytes:
+        if token == read:
+            # The API (still on the old key list) commits a new password after rotation read the old.
+            changed = client.put(
+                f"/api/accounts/{account_id}", json={"password": "changed-meanwhile"}, headers=user.headers
+            )
+            assert changed.status_code == 200
+        return rotate(token)
+
+    rotated.cipher.rotate = rotate_while_the_user_changes_it
+    try:
+        rotate_credentials(rotated.db, rotated.cipher)
+        assert rotated.cipher.decrypt(stored(runtime, user, account_id).password_encrypted) == "changed-meanwhile"
+    finally:
+        rotate_credentials(runtime.db, CredentialCipher((old_key, new_key)))
+        rotated.close()

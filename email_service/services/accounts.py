@@ -15,12 +15,13 @@ from email_service.addresses import InvalidAddress, canonical, comparison_key
 from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.errors import BadRequestError, ConflictError, NotFoundError
-from email_service.models import Account, AuthType, TaskKind, TokenState
+from email_service.models import Account, AuthType, OAuth2State, TaskKind, TokenState
 from email_service.oauth2.providers import OAuth2Provider
 from email_service.protocols import destinations as destination_policy
 from email_service.protocols.destinations import DestinationPolicy
 from email_service.queue import tasks
 from email_service.runtime import Runtime
+from email_service.services import key_rotation
 from email_service.tenancy import Principal
 
 _new_id = Cuid().generate
@@ -266,13 +267,12 @@ def syncing(runtime: Runtime, principal: Principal, account_ids: list[str]) -> s
 
 
 def rotate_credentials(db: Database, cipher: CredentialCipher, batch_size: int = 500) -> int:
-    """Re-encrypt every stored credential under the newest key; returns how many changed."""
-    changed = 0
-    with db.maintenance_session() as session:
-        for account in session.scalars(select(Account).execution_options(yield_per=batch_size)):
-            for column in (*SECRET_FIELDS.values(), *OAUTH2_SECRET_COLUMNS):
-                token = getattr(account, column)
-                if token is not None and cipher.needs_rotation(token):
-                    setattr(account, column, cipher.rotate(token))
-                    changed += 1
-    return changed
+    """Re-encrypt every stored credential under the newest key; returns how many changed.
+
+    Mail passwords, OAuth2 tokens, and the PKCE verifiers of consent flows still under way.
+    """
+    columns = (*SECRET_FIELDS.values(), *OAUTH2_SECRET_COLUMNS)
+    changed = key_rotation.rotate_columns(db, cipher, Account.__table__, columns, batch_size=batch_size)
+    flows = OAuth2State.__table__
+    verifiers = ["code_verifier_encrypted"]
+    return changed + key_rotation.rotate_columns(db, cipher, flows, verifiers, key="state_hash", batch_size=batch_size)

@@ -16,6 +16,7 @@ from email_service.db import Database
 from email_service.errors import BadRequestError, ConflictError, NotFoundError
 from email_service.models import Account, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from email_service.protocols.destinations import DestinationPolicy, DestinationRefused
+from email_service.services import key_rotation
 from email_service.tenancy import Principal
 from email_service.webhooks import signing, urls
 
@@ -143,10 +144,4 @@ def attempts(db: Database, principal: Principal, webhook_id: str, limit: int) ->
 
 def rotate_secrets(db: Database, cipher: CredentialCipher) -> int:
     """Re-encrypt every endpoint's secret under the newest key (``rotate-keys``); returns how many changed."""
-    changed = 0
-    with db.maintenance_session() as session:
-        for endpoint in session.scalars(select(WebhookEndpoint).execution_options(yield_per=500)):
-            if cipher.needs_rotation(endpoint.secret_encrypted):
-                endpoint.secret_encrypted = cipher.rotate(endpoint.secret_encrypted)
-                changed += 1
-    return changed
+    return key_rotation.rotate_columns(db, cipher, WebhookEndpoint.__table__, ["secret_encrypted"])
