@@ -29,6 +29,7 @@ from email_service.config import load_settings
 from email_service.crypto import CredentialCipher
 from email_service.models import ChangeEntity, ChangeKind, WebhookEndpoint
 from email_service.queue.policy import webhook_retry_delay
+from email_service.webhooks import urls
 from email_service.webhooks.fanout import prune
 from email_service.webhooks.service import rotate_secrets
 
@@ -480,11 +481,25 @@ def test_urls_the_policy_refuses_are_refused_at_create_and_never_contacted(
 
 @pytest.mark.parametrize(
     "url",
-    ["ftp://hooks.example.com/x", "https://user:pw@hooks.example.com/x", "https:///nohost", "not a url"],
+    [
+        "ftp://hooks.example.com/x",
+        "https://user:pw@hooks.example.com/x",
+        "https:///nohost",
+        "not a url",
+        "https://\u2603.example/x",  # not a valid international name
+    ],
 )
 def test_malformed_urls_are_refused(sync_client, user, url):
     answer = sync_client.post("/api/webhooks", json={"url": url}, headers=user.headers)
     assert_error_shape(answer, 400)
+
+
+def test_an_international_host_name_is_called_by_its_a_label():
+    # Host header, SNI and the certificate check take ASCII only; a Unicode name stopped every
+    # delivery before a request was made.
+    target = urls.parse("https://Bücher.Example:8443/hook")
+    assert target.host == "xn--bcher-kva.example" and target.host_header == "xn--bcher-kva.example:8443"
+    assert urls.parse("https://münchen.de/hook").host_header == "xn--mnchen-3ya.de"
 
 
 def test_the_policy_is_applied_again_at_every_delivery(sync_client, user, runtime, dispatcher, receiver):

@@ -264,6 +264,11 @@ class Dispatcher:
             except TimeoutError:
                 words = f"no complete answer within {self._total_timeout:.0f} s"
                 outcome = Outcome(None, words, int(self._total_timeout * 1000))
+            except Exception:
+                # Whatever broke, the attempt is recorded as failed, so the delivery backs off
+                # (and its endpoint is disabled in time) instead of being claimed again at once.
+                log.exception("webhook delivery %s failed unexpectedly", delivery.id)
+                outcome = Outcome(None, "the request could not be made (an internal error)", 0)
             await asyncio.to_thread(self._record, delivery, outcome)
         except SQLAlchemyError as exc:
             # The claim runs out and the delivery is sent again: receivers dedupe on webhook-id.

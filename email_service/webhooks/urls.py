@@ -14,6 +14,8 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import idna
+
 from email_service.protocols.destinations import DestinationPolicy, DestinationRefused, normalize_host, resolve
 
 MAX_URL_LENGTH = 2048
@@ -28,7 +30,7 @@ class WebhookUrlError(ValueError):
 class Target:
     url: str
     scheme: str
-    host: str  # normalized: lower case, no brackets, no trailing dot
+    host: str  # normalized: lower case, no brackets, no trailing dot; an A-label if international
     port: int
 
     @property
@@ -54,6 +56,13 @@ def parse(url: str) -> Target:
     if any(ch.isspace() or ord(ch) < 0x20 for ch in url):
         raise WebhookUrlError("url must not contain spaces or control characters")
     host = normalize_host(parts.hostname)
+    if not host.isascii():
+        # An international name travels as its A-label (RFC 5891): in the Host header, for SNI and
+        # for the certificate check alike, which all take ASCII only.
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
+            raise WebhookUrlError("url's host is not a valid international domain name") from None
     return Target(url=url, scheme=parts.scheme, host=host, port=port or DEFAULT_PORTS[parts.scheme])
 
 
