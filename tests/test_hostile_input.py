@@ -431,7 +431,7 @@ def test_schemathesis_with_every_check_and_the_stateful_phase_finds_nothing(unli
     assert "Traceback" not in unlimited_service.log()
     # It reached real resources, not only 401s: accounts were created through it (the stateful
     # phase may delete every one of them again, so the service's access log is the witness).
-    assert '"POST /api/accounts HTTP/1.1" 201' in unlimited_service.log()
+    assert "email_service.access: POST /api/accounts 201 " in unlimited_service.log()
 
 
 def test_upload_form_errors_name_the_field_without_echoing_it(api, service, verifier):
