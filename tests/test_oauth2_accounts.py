@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 import pytest
 from cryptography.fernet import Fernet
-from helpers import assert_error_shape
+from helpers import account_body, assert_error_shape
 from oauth2server import PROVIDER, RETURN_URL, SERVICE_CALLBACK
 from sqlalchemy import text
 from syncing import create_account, eventually, imap_account, inbox_subjects, run_sync, wait_task, watcher
@@ -508,3 +508,18 @@ def test_a_flow_must_return_to_an_allowed_url_and_use_a_configured_provider(api,
     )
     assert_error_shape(unknown, 400, "OAUTH2_PROVIDER_UNKNOWN")
     assert_error_shape(begin(api, user, accountId="not-mine")[0], 404)
+
+
+def test_a_flow_for_an_account_that_cannot_take_tokens_ends_back_on_the_callers_page(api, user, oauth2_server):
+    pop3 = api.post("/api/accounts", json=account_body(protocol="pop3", port=995), headers=user.headers)
+    assert pop3.status_code == 201, pop3.text
+    assert_error_shape(begin(api, user, accountId=pop3.json()["id"])[0], 400, "OAUTH2_NOT_SUPPORTED")
+
+    # The account goes while the user is at the provider: the browser still returns to the page.
+    imap = api.post("/api/accounts", json=account_body(), headers=user.headers).json()["id"]
+    started, body = begin(api, user, accountId=imap)
+    callback = consent(started.json()["authorizationUrl"], body["emailAddress"])
+    assert api.delete(f"/api/accounts/{imap}", headers=user.headers).status_code == 204
+    answer = api.get(callback, follow_redirects=False)
+    assert answer.status_code == 303, answer.text
+    assert parse_qs(urlsplit(answer.headers["location"]).query)["reason"] == ["account_not_found"]

@@ -49,7 +49,8 @@ consents, the provider sends the browser to `GET /api/oauth2/callback`, which cr
 account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be
 on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400
 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400
-`OAUTH2_PROVIDER_UNKNOWN`.
+`OAUTH2_PROVIDER_UNKNOWN`; an `accountId` that is not an IMAP account answers 400
+`OAUTH2_NOT_SUPPORTED` (POP3 logins with OAuth2 are not supported).
 
 	@param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
 	@param provider
@@ -287,7 +288,9 @@ Called by the user's browser on the provider's redirect, so it carries no JWT: t
 the PKCE verifier) for tokens, the account is created or updated for the user who began
 the flow, and the browser is redirected (303) to that flow's `returnUrl` with
 `status=connected&accountId=...`, or `status=failed&reason=...` (`access_denied`,
-`exchange_failed`, `provider_unreachable`, `no_refresh_token`, `email_duplicate`). A
+`exchange_failed`, `provider_unreachable`, `no_refresh_token`, `email_duplicate`,
+`account_not_found` when `accountId` was deleted meanwhile, `account_not_usable` when it
+can no longer take tokens). A
 missing, unknown, expired, foreign or replayed state answers 403 `OAUTH2_STATE_INVALID`
 and changes nothing.
 

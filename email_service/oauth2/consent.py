@@ -23,7 +23,7 @@ import requests
 from authlib.integrations.base_client import OAuthError
 from sqlalchemy import delete
 
-from email_service.errors import BadRequestError, ConflictError, ForbiddenError
+from email_service.errors import BadRequestError, ConflictError, ForbiddenError, NotFoundError
 from email_service.models import OAuth2State
 from email_service.oauth2.providers import OAuth2Provider
 from email_service.runtime import Runtime
@@ -82,7 +82,12 @@ def begin(runtime: Runtime, principal: Principal, provider_name: str, body: Mapp
         raise BadRequestError("returnUrl is not on this service's allow-list", code="RETURN_URL_NOT_ALLOWED")
     email_address = accounts.canonical_email(body["emailAddress"])
     if body.get("accountId"):
-        accounts.get_account(runtime.db, principal, body["accountId"])  # 404 unless the caller's own
+        account = accounts.get_account(runtime.db, principal, body["accountId"])  # 404 unless the caller's own
+        if account.protocol != "imap":
+            # Found now, not after the user consented (whose grant would then be thrown away).
+            raise BadRequestError(
+                "OAuth2 needs an IMAP account (POP3 logins with OAuth2 are not supported)", code="OAUTH2_NOT_SUPPORTED"
+            )
     state, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(64)
     expires_at = datetime.now(UTC) + timedelta(seconds=runtime.settings.oauth2_state_seconds)
     wanted = {key: body[key] for key in ("accountName", "accountId", "isSyncEnabled", "syncInterval") if key in body}
@@ -185,6 +190,12 @@ def finish(runtime: Runtime, state: str | None, code: str | None, error: str | N
             )
     except ConflictError:
         return _back(flow, status="failed", reason="email_duplicate")
+    # The browser always goes back to the caller's page, with fixed words, whatever changed since
+    # the flow began: the account deleted, or no longer one that takes tokens.
+    except NotFoundError:
+        return _back(flow, status="failed", reason="account_not_found")
+    except BadRequestError:
+        return _back(flow, status="failed", reason="account_not_usable")
     return _back(flow, status="connected", accountId=account.id)
 
 

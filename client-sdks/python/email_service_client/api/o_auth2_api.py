@@ -59,7 +59,7 @@ class OAuth2Api:
     ) -> OAuth2AuthorizeResponse:
         """Begin connecting a mailbox through its provider's consent screen
 
-        For callers that do not run an OAuth2 flow of their own. Answers the provider's authorization URL (authorization code with PKCE) to send the user's browser to. Its `state` is bound to the caller's tenant and user, is stored only as a hash, expires after `EMAIL_SERVICE_OAUTH2_STATE_SECONDS` (10 minutes by default) and works once. After the user consents, the provider sends the browser to `GET /api/oauth2/callback`, which creates the account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400 `OAUTH2_PROVIDER_UNKNOWN`. 
+        For callers that do not run an OAuth2 flow of their own. Answers the provider's authorization URL (authorization code with PKCE) to send the user's browser to. Its `state` is bound to the caller's tenant and user, is stored only as a hash, expires after `EMAIL_SERVICE_OAUTH2_STATE_SECONDS` (10 minutes by default) and works once. After the user consents, the provider sends the browser to `GET /api/oauth2/callback`, which creates the account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400 `OAUTH2_PROVIDER_UNKNOWN`; an `accountId` that is not an IMAP account answers 400 `OAUTH2_NOT_SUPPORTED` (POP3 logins with OAuth2 are not supported). 
 
         :param provider: (required)
         :type provider: str
@@ -138,7 +138,7 @@ class OAuth2Api:
     ) -> ApiResponse[OAuth2AuthorizeResponse]:
         """Begin connecting a mailbox through its provider's consent screen
 
-        For callers that do not run an OAuth2 flow of their own. Answers the provider's authorization URL (authorization code with PKCE) to send the user's browser to. Its `state` is bound to the caller's tenant and user, is stored only as a hash, expires after `EMAIL_SERVICE_OAUTH2_STATE_SECONDS` (10 minutes by default) and works once. After the user consents, the provider sends the browser to `GET /api/oauth2/callback`, which creates the account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400 `OAUTH2_PROVIDER_UNKNOWN`. 
+        For callers that do not run an OAuth2 flow of their own. Answers the provider's authorization URL (authorization code with PKCE) to send the user's browser to. Its `state` is bound to the caller's tenant and user, is stored only as a hash, expires after `EMAIL_SERVICE_OAUTH2_STATE_SECONDS` (10 minutes by default) and works once. After the user consents, the provider sends the browser to `GET /api/oauth2/callback`, which creates the account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400 `OAUTH2_PROVIDER_UNKNOWN`; an `accountId` that is not an IMAP account answers 400 `OAUTH2_NOT_SUPPORTED` (POP3 logins with OAuth2 are not supported). 
 
         :param provider: (required)
         :type provider: str
@@ -217,7 +217,7 @@ class OAuth2Api:
     ) -> RESTResponseType:
         """Begin connecting a mailbox through its provider's consent screen
 
-        For callers that do not run an OAuth2 flow of their own. Answers the provider's authorization URL (authorization code with PKCE) to send the user's browser to. Its `state` is bound to the caller's tenant and user, is stored only as a hash, expires after `EMAIL_SERVICE_OAUTH2_STATE_SECONDS` (10 minutes by default) and works once. After the user consents, the provider sends the browser to `GET /api/oauth2/callback`, which creates the account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400 `OAUTH2_PROVIDER_UNKNOWN`. 
+        For callers that do not run an OAuth2 flow of their own. Answers the provider's authorization URL (authorization code with PKCE) to send the user's browser to. Its `state` is bound to the caller's tenant and user, is stored only as a hash, expires after `EMAIL_SERVICE_OAUTH2_STATE_SECONDS` (10 minutes by default) and works once. After the user consents, the provider sends the browser to `GET /api/oauth2/callback`, which creates the account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400 `OAUTH2_PROVIDER_UNKNOWN`; an `accountId` that is not an IMAP account answers 400 `OAUTH2_NOT_SUPPORTED` (POP3 logins with OAuth2 are not supported). 
 
         :param provider: (required)
         :type provider: str
@@ -374,7 +374,7 @@ class OAuth2Api:
     ) -> None:
         """Where the provider returns the user's browser after consent
 
-        Called by the user's browser on the provider's redirect, so it carries no JWT: the `state` authenticates it. A valid state is used up at once; the code is exchanged (with the PKCE verifier) for tokens, the account is created or updated for the user who began the flow, and the browser is redirected (303) to that flow's `returnUrl` with `status=connected&accountId=...`, or `status=failed&reason=...` (`access_denied`, `exchange_failed`, `provider_unreachable`, `no_refresh_token`, `email_duplicate`). A missing, unknown, expired, foreign or replayed state answers 403 `OAUTH2_STATE_INVALID` and changes nothing. 
+        Called by the user's browser on the provider's redirect, so it carries no JWT: the `state` authenticates it. A valid state is used up at once; the code is exchanged (with the PKCE verifier) for tokens, the account is created or updated for the user who began the flow, and the browser is redirected (303) to that flow's `returnUrl` with `status=connected&accountId=...`, or `status=failed&reason=...` (`access_denied`, `exchange_failed`, `provider_unreachable`, `no_refresh_token`, `email_duplicate`, `account_not_found` when `accountId` was deleted meanwhile, `account_not_usable` when it can no longer take tokens). A missing, unknown, expired, foreign or replayed state answers 403 `OAUTH2_STATE_INVALID` and changes nothing. 
 
         :param state:
         :type state: str
@@ -454,7 +454,7 @@ class OAuth2Api:
     ) -> ApiResponse[None]:
         """Where the provider returns the user's browser after consent
 
-        Called by the user's browser on the provider's redirect, so it carries no JWT: the `state` authenticates it. A valid state is used up at once; the code is exchanged (with the PKCE verifier) for tokens, the account is created or updated for the user who began the flow, and the browser is redirected (303) to that flow's `returnUrl` with `status=connected&accountId=...`, or `status=failed&reason=...` (`access_denied`, `exchange_failed`, `provider_unreachable`, `no_refresh_token`, `email_duplicate`). A missing, unknown, expired, foreign or replayed state answers 403 `OAUTH2_STATE_INVALID` and changes nothing. 
+        Called by the user's browser on the provider's redirect, so it carries no JWT: the `state` authenticates it. A valid state is used up at once; the code is exchanged (with the PKCE verifier) for tokens, the account is created or updated for the user who began the flow, and the browser is redirected (303) to that flow's `returnUrl` with `status=connected&accountId=...`, or `status=failed&reason=...` (`access_denied`, `exchange_failed`, `provider_unreachable`, `no_refresh_token`, `email_duplicate`, `account_not_found` when `accountId` was deleted meanwhile, `account_not_usable` when it can no longer take tokens). A missing, unknown, expired, foreign or replayed state answers 403 `OAUTH2_STATE_INVALID` and changes nothing. 
 
         :param state:
         :type state: str
@@ -534,7 +534,7 @@ class OAuth2Api:
     ) -> RESTResponseType:
         """Where the provider returns the user's browser after consent
 
-        Called by the user's browser on the provider's redirect, so it carries no JWT: the `state` authenticates it. A valid state is used up at once; the code is exchanged (with the PKCE verifier) for tokens, the account is created or updated for the user who began the flow, and the browser is redirected (303) to that flow's `returnUrl` with `status=connected&accountId=...`, or `status=failed&reason=...` (`access_denied`, `exchange_failed`, `provider_unreachable`, `no_refresh_token`, `email_duplicate`). A missing, unknown, expired, foreign or replayed state answers 403 `OAUTH2_STATE_INVALID` and changes nothing. 
+        Called by the user's browser on the provider's redirect, so it carries no JWT: the `state` authenticates it. A valid state is used up at once; the code is exchanged (with the PKCE verifier) for tokens, the account is created or updated for the user who began the flow, and the browser is redirected (303) to that flow's `returnUrl` with `status=connected&accountId=...`, or `status=failed&reason=...` (`access_denied`, `exchange_failed`, `provider_unreachable`, `no_refresh_token`, `email_duplicate`, `account_not_found` when `accountId` was deleted meanwhile, `account_not_usable` when it can no longer take tokens). A missing, unknown, expired, foreign or replayed state answers 403 `OAUTH2_STATE_INVALID` and changes nothing. 
 
         :param state:
         :type state: str
