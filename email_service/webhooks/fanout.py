@@ -42,6 +42,9 @@ def fan_out(db: Database, account_id: str, *, batch: int = BATCH) -> tuple[int, 
         position = session.scalar(
             select(WebhookCursor.seq).where(WebhookCursor.account_id == account_id).with_for_update()
         )
+        # Read before the endpoints (each statement sees what is committed when it starts): an
+        # endpoint made, and a change committed, between the two reads must not be skipped past.
+        latest = session.scalar(select(Account.change_seq).where(Account.id == account_id)) or 0
         endpoints = list(
             session.scalars(
                 select(WebhookEndpoint).where(
@@ -53,8 +56,7 @@ def fan_out(db: Database, account_id: str, *, batch: int = BATCH) -> tuple[int, 
             )
         )
         if not endpoints:
-            # Nobody listens: move past what is committed without reading it.
-            latest = session.scalar(select(Account.change_seq).where(Account.id == account_id)) or 0
+            # Nobody listens: move past what was committed before the endpoints were read.
             if latest > position:
                 _move(session, account_id, latest)
             return 0, False
