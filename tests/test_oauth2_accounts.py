@@ -12,6 +12,7 @@ import re
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -26,7 +27,7 @@ from syncing import create_account, eventually, imap_account, inbox_subjects, ru
 from email_service.api.app import create_app
 from email_service.crypto import CredentialCipher
 from email_service.oauth2.providers import load_providers
-from email_service.oauth2.tokens import TokenRefreshFailed, TokenSource
+from email_service.oauth2.tokens import TokenRefreshFailed, TokenSource, hold_refresh
 from email_service.protocols.tls import client_context
 from email_service.runtime import Runtime
 from email_service.services.accounts import rotate_credentials
@@ -523,3 +524,24 @@ def test_a_flow_for_an_account_that_cannot_take_tokens_ends_back_on_the_callers_
     answer = api.get(callback, follow_redirects=False)
     assert answer.status_code == 303, answer.text
     assert parse_qs(urlsplit(answer.headers["location"]).query)["reason"] == ["account_not_found"]
+
+
+def test_tokens_given_while_a_refresh_is_under_way_are_the_ones_kept(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox
+):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}))
+    fresh = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    given = {"oauth2": {"provider": PROVIDER, "refreshToken": fresh.refresh_token}}
+    with ThreadPoolExecutor(1) as pool, rt.db.tenant_session(user.principal) as refreshing:
+        # A refresh holds the account's tokens and is about to store what the provider gave it.
+        hold_refresh(refreshing, account_id)
+        put = pool.submit(api.put, f"/api/accounts/{account_id}", json=given, headers=user.headers)
+        time.sleep(0.5)
+        refreshing.execute(
+            text("UPDATE accounts SET oauth2_refresh_token_encrypted = :token WHERE id = :id"),
+            {"token": rt.cipher.encrypt("rotated-by-the-refresh"), "id": account_id},
+        )
+    assert put.result(timeout=30).status_code == 200
+    kept = rt.cipher.decrypt(stored(rt, account_id).oauth2_refresh_token_encrypted)
+    assert kept == fresh.refresh_token

@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 import requests
 from authlib.integrations.base_client import OAuthError
 from sqlalchemy import select, text, update
+from sqlalchemy.orm import Session
 
 from email_service.config import Settings
 from email_service.crypto import CredentialCipher
@@ -65,6 +66,17 @@ class _Stored:
 
     def fresh(self, now: datetime) -> bool:
         return self.access_token is not None and self.expires_at is not None and self.expires_at - REFRESH_MARGIN > now
+
+
+def hold_refresh(session: Session, account_id: str) -> None:
+    """Take the account's token lock until ``session``'s transaction ends.
+
+    A refresh holds it from reading the tokens until its new ones are committed; new tokens given
+    through the API take it too, so a refresh under way cannot overwrite them with its own.
+    """
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"oauth2-refresh:{account_id}"}
+    )
 
 
 class TokenSource:
@@ -144,10 +156,7 @@ class TokenSource:
         # The lock lives in a transaction of its own, held across the provider's answer and the
         # committed write of the new tokens, and released when that transaction ends.
         with self.db.tenant_session(self.principal) as lock:
-            lock.execute(
-                text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-                {"key": f"oauth2-refresh:{self.account_id}"},
-            )
+            hold_refresh(lock, self.account_id)
             stored = self._load()
             if stored.state == TokenState.REFRESH_FAILED:
                 raise TokenRefreshFailed(self._failed_message(stored.error))

@@ -16,6 +16,7 @@ from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.errors import BadRequestError, ConflictError, NotFoundError
 from email_service.models import Account, AuthType, OAuth2State, TaskKind, TokenState
+from email_service.oauth2 import tokens
 from email_service.oauth2.providers import OAuth2Provider
 from email_service.protocols import destinations as destination_policy
 from email_service.protocols.destinations import DestinationPolicy
@@ -237,6 +238,10 @@ def update_account(
     providers: Mapping[str, OAuth2Provider] | None = None,
 ) -> Account:
     with db.tenant_session(principal) as session:
+        if "oauth2" in body:
+            # Before the row is read: a refresh under way commits its tokens first, and these
+            # new ones then replace them (never the other way round).
+            tokens.hold_refresh(session, account_id)
         account = _owned(session, account_id)
         _apply(account, body, cipher, providers or {})
         # Only a changed host or port is checked: an operator's narrower allow-list must not
