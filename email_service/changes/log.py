@@ -20,6 +20,10 @@ from email_service.models import Account, Change, ChangeEntity, ChangeKind
 from email_service.tenancy import Principal
 
 CHANNEL = "email_service_changes"
+# For the connections that LISTEN on CHANNEL: such a connection only ever reads, so one a NAT or
+# load balancer dropped without a word would wait for ever while its listeners hear nothing.
+# TCP keepalives find it dead within about a minute; the listener then reconnects and catches up.
+LISTEN_CONNECTION = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import psycopg
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from email_service.changes.log import CHANNEL
+from email_service.changes.log import CHANNEL, LISTEN_CONNECTION
 from email_service.errors import BadRequestError, DependencyUnavailableError, NotFoundError, TooManyRequestsError
 from email_service.observability import metrics
 from email_service.tenancy import Principal
@@ -213,7 +213,7 @@ class EventHub:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self.conninfo, autocommit=True, application_name="email_service_listen"
+                    self.conninfo, autocommit=True, application_name="email_service_listen", **LISTEN_CONNECTION
                 )
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")

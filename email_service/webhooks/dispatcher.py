@@ -33,7 +33,7 @@ import psycopg
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from email_service.changes.log import CHANNEL
+from email_service.changes.log import CHANNEL, LISTEN_CONNECTION
 from email_service.config import Settings
 from email_service.crypto import CredentialCipher, CredentialError
 from email_service.db import Database, sqlalchemy_url
@@ -184,7 +184,7 @@ class Dispatcher:
         delay = 1.0
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, **LISTEN_CONNECTION) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     log.info("listening for changes on %s", CHANNEL)
                     self._catch_up.set()
