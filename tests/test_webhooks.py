@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -15,10 +18,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import psutil
 import pytest
 from cryptography.fernet import Fernet
-from helpers import ServiceProcess, account_body, assert_error_shape, service_env
+from helpers import TEST_DESTINATIONS, ServiceProcess, account_body, assert_error_shape, service_env
 from mailservers import make_tls_files
 from sqlalchemy import text, update
 from standardwebhooks import Webhook
@@ -28,8 +32,10 @@ from email_service.changes.log import Entry, record
 from email_service.config import load_settings
 from email_service.crypto import CredentialCipher
 from email_service.models import ChangeEntity, ChangeKind, WebhookEndpoint
+from email_service.protocols import destinations
 from email_service.queue.policy import webhook_retry_delay
-from email_service.webhooks import urls
+from email_service.webhooks import signing, urls
+from email_service.webhooks.dispatcher import Claimed, Dispatcher, Outcome
 from email_service.webhooks.fanout import prune
 from email_service.webhooks.service import rotate_secrets
 
@@ -747,3 +753,44 @@ def test_a_receiver_that_is_down_is_not_stormed_with_retries(sync_client, user, 
     time.sleep(0.3)
     delivered = [json.loads(r["body"])["data"]["seq"] for r in hook.requests[before:]]
     assert len(delivered) == len(set(delivered)) == waiting
+
+
+def test_a_tenant_whose_receivers_resolve_slowly_does_not_delay_another_tenant(runtime, receiver, monkeypatch):
+    healthy = receiver()
+    port = healthy.url.split(":")[2].split("/")[0]
+    real = socket.getaddrinfo
+
+    def resolver(host, *args, **kwargs):
+        if host.startswith("slow"):
+            time.sleep(2)  # a name server that drops queries
+        return real("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(urls, "resolve", functools.partial(destinations.resolve, resolver=resolver))
+    settings = replace(runtime.settings, destinations=TEST_DESTINATIONS)
+    sender = Dispatcher(settings, runtime.db, runtime.cipher, name="fairness-test")
+    recorded: dict[str, tuple[float, Outcome]] = {}
+    # What each delivery ended with, and when (the rows themselves are not the subject here).
+    monkeypatch.setattr(
+        sender, "_record", lambda delivery, outcome: recorded.update({delivery.id: (time.monotonic(), outcome)})
+    )
+    secret = runtime.cipher.encrypt(signing.new_secret())
+
+    def claimed(delivery_id: str, tenant: str, host: str) -> Claimed:
+        url = f"http://{host}:{port}/hook"
+        return Claimed(delivery_id, f"wh_{delivery_id}", tenant, "message.created", {}, url, secret)
+
+    async def deliver() -> float:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            sender._client = client
+            slow = [
+                asyncio.create_task(sender._deliver(claimed(f"slow{n}", "a", f"slow{n}.example"))) for n in range(8)
+            ]
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            await sender._deliver(claimed("fast", "b", "fast.example"))
+            await asyncio.gather(*slow)
+            return recorded["fast"][0] - started
+
+    took = asyncio.run(deliver())
+    assert recorded["fast"][1].status_code == 204 and took < 1.0, took
+    assert all(recorded[f"slow{n}"][1].status_code == 204 for n in range(8))

@@ -24,6 +24,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -49,6 +50,12 @@ log = logging.getLogger(__name__)
 CLAIM_BATCH = 100
 POLL_SECONDS = 1.0  # the longest a delivery made by another process waits to be noticed
 USER_AGENT = "email-service-webhooks/1"
+# Name look-ups block a thread each (getaddrinfo cannot be cancelled), and a receiver's name server
+# may take the resolver's whole timeout. They get threads of their own (the database work every
+# delivery needs keeps asyncio's), at most a few per tenant, so one tenant's slow DNS holds up
+# neither that work nor other tenants' look-ups.
+DNS_THREADS = 32
+DNS_PER_TENANT = 4
 
 # Requests open now are the claimed deliveries (a claim is cleared when its outcome is recorded),
 # so the limits hold across every dispatcher process, not per process. Claims take turns under an
@@ -134,6 +141,8 @@ class Dispatcher:
         # A receiver that trickles its answer a byte at a time would beat any per-read timeout.
         self._total_timeout = timeout * 3
         self._lease = self._total_timeout + 30
+        self._resolving = ThreadPoolExecutor(max_workers=DNS_THREADS, thread_name_prefix="webhook-dns")
+        self._lookups: dict[str, tuple[asyncio.Semaphore, int]] = {}  # tenant -> its slots, look-ups using them
 
     # ------------------------------------------------------------------------------ running
 
@@ -171,6 +180,7 @@ class Dispatcher:
                 await asyncio.to_thread(self._release_claims)
             except SQLAlchemyError as exc:
                 log.warning("releasing claims failed (%s); they run out by themselves", type(exc).__name__)
+        self._resolving.shutdown(wait=False, cancel_futures=True)
         log.info("webhook dispatcher %s stopped", self.name)
         if crashed:
             # A loop that died would leave a process that looks alive and sends nothing: exit, and
@@ -285,7 +295,7 @@ class Dispatcher:
         try:
             target = urls.parse(delivery.url)
             # Resolved and checked now, at every delivery: DNS may answer differently than at create.
-            addresses = await asyncio.to_thread(urls.permitted_addresses, target, self.settings.destinations)
+            addresses = await self._look_up(delivery.tenant_id, target)
             secret = self.cipher.decrypt(delivery.secret_encrypted)
         except DestinationRefused as exc:
             return done(None, str(exc))
@@ -326,6 +336,23 @@ class Dispatcher:
                 return done(response.status_code, None)
             return done(response.status_code, _status_words(response.status_code))
         return done(None, error)
+
+    async def _look_up(self, tenant_id: str, target: urls.Target) -> list[tuple[int, tuple]]:
+        slots, users = self._lookups.get(tenant_id) or (asyncio.Semaphore(DNS_PER_TENANT), 0)
+        self._lookups[tenant_id] = (slots, users + 1)
+        try:
+            async with slots:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(
+                    self._resolving, urls.permitted_addresses, target, self.settings.destinations
+                )
+        finally:
+            # Kept only while a look-up of the tenant waits or runs.
+            slots, users = self._lookups[tenant_id]
+            if users == 1:
+                del self._lookups[tenant_id]
+            else:
+                self._lookups[tenant_id] = (slots, users - 1)
 
     # -------------------------------------------------------------------------- database
 
