@@ -202,6 +202,7 @@ def test_a_reply_carries_threading_headers(client, user, mailbox, dovecot, mail_
         {"to": ["bob@example.org\r\nBcc: victim@example.com"]},
         {"cc": ["carol@example.org\nX-Injected: yes"]},
         {"replyTo": "a@example.com\r\nBcc: victim@example.com"},
+        {"subject": "=?utf-8?q?Hi=0D=0ABcc:_victim@example.com?="},  # encoded, decoded by the builder
     ],
 )
 def test_header_injection_is_refused_and_nothing_is_queued(client, user, mailbox, fields):

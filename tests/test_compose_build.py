@@ -354,7 +354,17 @@ def test_new_message_id() -> None:
     assert roundtrip(msg).message_id == msg["Message-ID"]
 
 
-INJECTIONS = ["x\r\nBcc: evil@example.com", "x\nBcc: evil@example.com", "x\rBcc: evil@example.com", "x\x00", "x\u2028y"]
+INJECTIONS = [
+    "x\r\nBcc: evil@example.com",
+    "x\nBcc: evil@example.com",
+    "x\rBcc: evil@example.com",
+    "x\x00",
+    "x\u2028y",
+    # The same, as RFC 2047 encoded words the header parser decodes.
+    "=?utf-8?q?hi=0D=0ABcc:_evil@example.com?=",
+    "=?utf-8?b?aGkNCkJjYzogZXZpbEBleGFtcGxlLmNvbQ==?=",
+    "Bank =?utf-8?q?=0AReply-To:_a@evil.example?=",
+]
 
 
 @pytest.mark.parametrize("value", INJECTIONS)

@@ -34,6 +34,8 @@ _MAX_ID_LENGTH = 500
 # Anything that ends a header line or that header syntax forbids. str.splitlines() also breaks on
 # \v, \f, \x1c-\x1e, \x85, U+2028 and U+2029, and the email package splits on those too.
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+# A line break in a written header that is not a fold (CRLF then white space) starts a new header.
+_BARE_LINE_BREAK = re.compile(rb"\r\n(?![ \t])|\r(?!\n)|(?<!\r)\n|[\x00]")
 _MSG_ID = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+>")
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
@@ -87,6 +89,20 @@ def _single_line(value: str, what: str) -> str:
     if _FORBIDDEN.search(value):
         raise ValueError(f"{what} must not contain line breaks or control characters")
     return value
+
+
+def _written_safely(name: str, value: Any, what: str) -> None:
+    """Refuse a header whose written form would hold a line break of its own.
+
+    ``_single_line`` sees the text as given; the header parser then decodes RFC 2047 encoded
+    words in it ("=?utf-8?q?hi=0D=0ABcc:_x?="), and some Python versions write a decoded line
+    break out raw: a forged header.
+    """
+    message = EmailMessage(policy=POLICY)
+    message[name] = value
+    written = POLICY.fold_binary(name, message[name]).removesuffix(b"\r\n")
+    if _BARE_LINE_BREAK.search(written):
+        raise ValueError(f"{what} must not contain line breaks or control characters, even encoded")
 
 
 def _ascii_domain(domain: str, what: str) -> str:
@@ -228,7 +244,9 @@ def check_composition(
     if from_name is not None:
         _single_line(from_name, "sender name (the account's name)")
     _single_line(subject, "subject")
-    _address(from_address, "sender address", from_name)
+    sender = _address(from_address, "sender address", from_name)
+    _written_safely("Subject", subject, "subject")
+    _written_safely("From", sender, "sender name (the account's name)")
     for field, values in (("to", to), ("cc", cc), ("bcc", bcc)):
         for value in values:
             _address(value, f"{field} address")
