@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from email_service.mail.charsets import decode_bytes
 from email_service.mail.headers import (
+    MODERN_HEADER_BUDGET,
     PARSE_POLICY,
     addresses,
     base_subject,
@@ -45,6 +46,10 @@ _MAX_DEFECTS = 100
 _MAX_HTML_DEPTH = 1000
 # Repeated trace fields read better one per line; other repeated headers are list-like.
 _TRACE_HEADERS = {"received", "return-path", "authentication-results", "dkim-signature", "x-received"}
+# The headers whose parsed objects are read after the walk (sender, recipients, threading, date).
+_READ_HEADERS = frozenset(
+    {"from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id", "in-reply-to", "references"}
+)
 _BODY_TYPES = ("text/plain", "text/html")
 _EXTENSIONS = {
     "message/rfc822": ".eml",
@@ -347,15 +352,25 @@ def _headers(msg: Message, policy: EmailPolicy, defects: list[str]) -> tuple[dic
     shown: dict[str, str] = {}
     names: dict[str, str] = {}
     parsed: dict[str, list] = {}
+    budget, over_budget = MODERN_HEADER_BUDGET, False
     for raw_name, raw_value in msg.raw_items():
         name = clean_text(raw_name).strip()
         if not name:
             continue
         key = name.lower()
-        header = header_object(policy, name, raw_value if isinstance(raw_value, str) else str(raw_value), defects)
+        raw = raw_value if isinstance(raw_value, str) else str(raw_value)
+        # A share of the modern parser per message; what does not fit is decoded plainly.
+        modern = len(raw) <= budget
+        if modern:
+            budget -= len(raw)
+        elif not over_budget:
+            defects.append(f"headers: more than {MODERN_HEADER_BUDGET} characters; some decoded plainly")
+            over_budget = True
+        header = header_object(policy, name, raw, defects, modern=modern)
         text = str(header) if header is not None else " ".join(str(raw_value).split())
         text = clean_text(text).strip()
-        parsed.setdefault(key, []).append((text, header))
+        # Only the header objects read later are kept: the others are large and done with.
+        parsed.setdefault(key, []).append((text, header if key in _READ_HEADERS else None))
         if key in names:
             separator = "\n" if key in _TRACE_HEADERS else ", "
             shown[names[key]] = f"{shown[names[key]]}{separator}{text}"
