@@ -55,6 +55,8 @@ def test_an_attachment_whose_object_is_gone_answers_404(client, user, account_id
 def test_names_lose_paths_and_odd_types_become_octet_stream(client, user, account_id):
     attachment = upload(client, user, account_id, "../../etc/passwd", b"x", "not a type").json()
     assert attachment["filename"] == "passwd" and attachment["mimeType"] == "application/octet-stream"
+    # A bidirectional override would show "report\u202efdp.exe" as "reportexe.pdf".
+    assert upload(client, user, account_id, "report\u202efdp.exe", b"x").json()["filename"] == "reportfdp.exe"
 
 
 def test_uploads_above_the_limit_are_413_and_store_nothing(backing, user, account_id, runtime):

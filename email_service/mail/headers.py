@@ -26,6 +26,9 @@ _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
 _ENCODED_WORD_RUN = re.compile(rf"{_ENCODED_WORD.pattern}(?:[ \t\r\n]+{_ENCODED_WORD.pattern})*")
 _MSG_ID = re.compile(r"<([^<>]*)>")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Bidirectional controls: in a file name they reverse what is shown ("invoice\u202efdp.exe" reads
+# as "invoiceexe.pdf"), so names lose them wherever they come from.
+BIDI_CONTROLS = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _WHITESPACE = re.compile(r"\s+")
 # Reply/forward markers in the languages mail clients commonly localise them to.
 _REPLY_PREFIX = re.compile(

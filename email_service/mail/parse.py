@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from email_service.mail.charsets import decode_bytes
 from email_service.mail.headers import (
+    BIDI_CONTROLS,
     MODERN_HEADER_BUDGET,
     PARSE_POLICY,
     addresses,
@@ -65,6 +66,7 @@ _EXTENSIONS = {
 # A private instance: it knows only the built-in table, so names do not depend on /etc/mime.types.
 _MIME_TYPES = mimetypes.MimeTypes()
 _UNSAFE_FILENAME = re.compile(r'[\x00-\x1f\x7f<>:"|?*]')
+_MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 
 T = TypeVar("T")
 
@@ -139,9 +141,12 @@ class _Walker:
         # Asked several times per part (walk, alternative, attachment); the answer cannot change.
         known = self._content_types.get(id(part))
         if known is None:
-            known = self._content_types[id(part)] = self.guard(
-                "Content-Type", part.get_content_type, "text/plain"
-            ).lower()
+            known = self.guard("Content-Type", part.get_content_type, "text/plain").lower()
+            if not _MIME_TYPE.fullmatch(known):
+                # Stored, shown, and sent back as a response header: only a well-formed type.
+                self.defects.append("Content-Type: not a valid type; treated as application/octet-stream")
+                known = "application/octet-stream"
+            self._content_types[id(part)] = known
         return known
 
     def walk(self, part: Message, depth: int = 0) -> _Bodies:
@@ -280,7 +285,7 @@ def _content_id(part: Message) -> str | None:
 
 
 def _safe_filename(name: str) -> str:
-    name = clean_text(name).strip()
+    name = BIDI_CONTROLS.sub("", clean_text(name)).strip()
     # Keep only the last path component so a name can never point outside a directory.
     name = re.split(r"[\\/]", name)[-1]
     name = _UNSAFE_FILENAME.sub("_", name).strip(" .")

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import idna
 
+from email_service.mail.headers import BIDI_CONTROLS
 from email_service.mail.htmltext import html_to_text, nesting_depth
 
 _CHUNK = 64 * 1024
@@ -208,7 +209,7 @@ def safe_filename(name: str) -> str:
     Names come from uploads and from received mail, not from what the user typed into the
     message, so they are made safe rather than refused.
     """
-    return _FORBIDDEN.sub("_", name).strip() or "attachment"
+    return BIDI_CONTROLS.sub("", _FORBIDDEN.sub("_", name)).strip() or "attachment"
 
 
 def _attachment_part(attachment: OutgoingAttachment) -> MIMEPart:
