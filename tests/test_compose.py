@@ -595,3 +595,12 @@ def test_a_message_moved_while_it_is_sent_keeps_its_place_and_its_copy_follows(
         if m["subject"] == "Moved while sending"
     ]
     assert [m["id"] for m in everywhere] == [accepted["messageId"]]
+
+
+def test_html_too_deep_to_show_in_time_is_refused(client, user, mailbox):
+    account_id, smtp = mailbox
+    # 1,500 nested elements, written as the self-closed "<div/>" an HTML5 parser opens all the same.
+    answer = send(client, user, account_id, body="<p>hi</p>" + "<div/>" * 1500, isHtml=True)
+    body = assert_error_shape(answer, 400, "INVALID_MESSAGE")
+    assert "nests deeper than 1000" in body["message"]
+    assert send(client, user, account_id, body="<div>" * 50 + "fine" + "</div>" * 50, isHtml=True).status_code == 202

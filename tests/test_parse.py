@@ -14,6 +14,7 @@ import pytest
 from messages import attachments_message, malformed_message, realistic_mix, to_bytes
 
 from email_service.mail import parse as parse_module
+from email_service.mail.htmltext import nesting_depth
 from email_service.mail.parse import PREVIEW_LENGTH, ParsedMessage, _preview, parse_message
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
@@ -724,3 +725,14 @@ def test_bidirectional_controls_leave_attachment_names():
     )
     [attachment] = parse_message(raw).attachments
     assert attachment.filename == "invoicefdp.exe"
+
+
+@pytest.mark.parametrize(
+    "markup",
+    ["<div/>" * 5000, "<div></span>" * 5000, "<b>" * 3000 + "</i>" * 3000],
+    ids=["self-closed", "stray-ends", "unmatched"],
+)
+def test_html_that_only_looks_shallow_is_measured_as_the_tree_builder_builds_it(markup):
+    # The HTML5 tree builder opens an element for "<div/>" and ignores end tags that close nothing.
+    assert nesting_depth(markup) > 1000
+    assert nesting_depth("<div>" * 800 + "</div>" * 800 + "<br/><img/>" * 2000) == 800

@@ -218,23 +218,45 @@ _FLAT = {
 }  # fmt: skip
 
 
+# Void elements: "<br/>" and "<br>" alike open nothing. Any other "<x/>" opens an element in
+# HTML5 (the slash is ignored), as the tree builder behind nh3 does.
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
 class _DepthMeter(HTMLParser):
+    """Depth as an HTML5 tree builder would reach it: an end tag closes only an element that is
+    open (up to the innermost of that name); one that matches nothing is ignored, as there."""
+
     def __init__(self) -> None:
         super().__init__(convert_charrefs=False)
-        self.depth = 0
+        self.open: list[str] = []
+        self.open_by_name: dict[str, int] = {}
         self.deepest = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag not in _FLAT:
-            self.depth += 1
-            self.deepest = max(self.deepest, self.depth)
+            self.open.append(tag)
+            self.open_by_name[tag] = self.open_by_name.get(tag, 0) + 1
+            self.deepest = max(self.deepest, len(self.open))
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        pass
+        if tag not in _VOID:
+            self.handle_starttag(tag, attrs)
 
     def handle_endtag(self, tag: str) -> None:
-        if tag not in _FLAT:
-            self.depth = max(0, self.depth - 1)
+        if tag in _FLAT or not self.open_by_name.get(tag):
+            return
+        # Each element is popped once, so this stays linear however the tags are arranged.
+        while True:
+            closed = self.open.pop()
+            self.open_by_name[closed] -= 1
+            if closed == tag:
+                return
+
+
+# Beyond this depth the HTML5 tree builder behind nh3 turns quadratic (see nesting_depth): such
+# HTML is kept as text only when received, and refused when written through the API.
+MAX_HTML_DEPTH = 1000
 
 
 def nesting_depth(html: str) -> int:

@@ -36,7 +36,7 @@ from email_service.mail.headers import (
     message_ids,
     parse_date,
 )
-from email_service.mail.htmltext import html_to_text, nesting_depth, referenced_cids, sanitize_html
+from email_service.mail.htmltext import MAX_HTML_DEPTH, html_to_text, nesting_depth, referenced_cids, sanitize_html
 from email_service.mail.mimetree import parse_bytes
 
 PREVIEW_LENGTH = 200
@@ -44,7 +44,6 @@ PREVIEW_LENGTH = 200
 _MAX_DEPTH = 30
 _MAX_PARTS = 1000
 _MAX_DEFECTS = 100
-_MAX_HTML_DEPTH = 1000
 # Repeated trace fields read better one per line; other repeated headers are list-like.
 _TRACE_HEADERS = {"received", "return-path", "authentication-results", "dkim-signature", "x-received"}
 # The headers whose parsed objects are read after the walk (sender, recipients, threading, date).
@@ -478,7 +477,7 @@ def _parse(raw: bytes) -> ParsedMessage:
     html_body = None
     text_body = "\n".join(t.strip("\n") for t in bodies.plain).strip("\n")
     # Each level of nesting needs a start tag, so HTML with few "<" cannot be too deep.
-    if html is not None and html.count("<") > _MAX_HTML_DEPTH and nesting_depth(html) > _MAX_HTML_DEPTH:
+    if html is not None and html.count("<") > MAX_HTML_DEPTH and nesting_depth(html) > MAX_HTML_DEPTH:
         defects.append("HTML nested too deeply; only its text is kept")
         if not text_body.strip():
             text_body = html_to_text(html, sanitized=True)

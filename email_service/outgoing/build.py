@@ -21,12 +21,9 @@ from typing import Any, BinaryIO
 import idna
 
 from email_service.mail.headers import BIDI_CONTROLS
-from email_service.mail.htmltext import html_to_text, nesting_depth
+from email_service.mail.htmltext import MAX_HTML_DEPTH, html_to_text, nesting_depth
 
 _CHUNK = 64 * 1024
-# Beyond this depth the HTML5 tree builder behind html_to_text turns quadratic (see nesting_depth);
-# the same bound as when parsing incoming mail.
-_MAX_HTML_DEPTH = 1000
 # Long threads would otherwise grow References without bound; RFC 5322 3.6.4 lets a reply keep
 # the first id (the thread root) and the most recent ones, which is what threading relies on.
 _MAX_REFERENCES = 30
@@ -179,8 +176,14 @@ def _threading(original: Original) -> tuple[str | None, list[str]]:
     return parent, references
 
 
+def check_html(html: str) -> None:
+    """Refuse HTML written through the API that nests too deeply to be sanitised and shown in time."""
+    if html.count("<") > MAX_HTML_DEPTH and nesting_depth(html) > MAX_HTML_DEPTH:
+        raise ValueError(f"body: HTML nests deeper than {MAX_HTML_DEPTH} elements")
+
+
 def _text_alternative(html: str) -> str:
-    if nesting_depth(html) > _MAX_HTML_DEPTH:
+    if nesting_depth(html) > MAX_HTML_DEPTH:
         # html.parser alone copes with any depth (it only keeps <title> text it should drop).
         return html_to_text(html, sanitized=True)
     return html_to_text(html)

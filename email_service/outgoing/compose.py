@@ -21,7 +21,7 @@ from email_service.errors import BadRequestError, ConflictError, NotFoundError, 
 from email_service.mail.htmltext import html_to_text
 from email_service.mail.parse import conversation_of_new_thread
 from email_service.models import Account, Attachment, DeliveryStatus, Folder, Message, TaskKind
-from email_service.outgoing.build import check_composition, new_message_id
+from email_service.outgoing.build import check_composition, check_html, new_message_id
 from email_service.queue import tasks
 from email_service.runtime import Runtime
 from email_service.storage.streams import ChunkStream
@@ -139,6 +139,9 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
             reply_to=reply_to,
             subject=subject,
         )
+        if body.get("isHtml"):
+            # Shown sanitised on every read, and turned into text now: bounded work, however written.
+            check_html(body["body"])
     except ValueError as exc:
         raise BadRequestError(str(exc), code="INVALID_MESSAGE") from None
     # Stored as written: what goes out (and into Drafts) is what the user wrote. The API sanitises
