@@ -699,31 +699,33 @@ def test_headers_past_the_modern_parsers_share_are_decoded_plainly_and_lose_noth
     assert any("decoded plainly" in defect for defect in parsed.defects)
 
 
+def with_one_attachment(part_headers: bytes) -> bytes:
+    """A message of a text part and one attachment, "data", whose part has ``part_headers``."""
+    return (
+        b"From: a@example.com\r\nTo: b@example.com\r\nSubject: files\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        b"--B\r\n" + part_headers + b"\r\ndata\r\n--B--\r\n"
+    )
+
+
 @pytest.mark.parametrize(
     "content_type",
     [b"application/x\x00y", b"application/x\x0bq", "application/x\u2028y".encode(), b"application/" + b"x" * 300],
 )
 def test_an_attachment_type_that_is_not_a_valid_type_becomes_octet_stream(content_type):
     # It is stored, shown and sent back as a response header: only a well-formed type may be.
-    raw = (
-        b"From: a@example.com\r\nTo: b@example.com\r\nSubject: files\r\nMIME-Version: 1.0\r\n"
-        b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
-        b"--B\r\nContent-Type: " + content_type + b"\r\nContent-Disposition: attachment; filename=a.bin\r\n\r\n"
-        b"data\r\n--B--\r\n"
-    )
-    [attachment] = parse_message(raw).attachments
+    part = b"Content-Type: " + content_type + b"\r\nContent-Disposition: attachment; filename=a.bin\r\n"
+    [attachment] = parse_message(with_one_attachment(part)).attachments
     assert attachment.mime_type == "application/octet-stream" and attachment.data == b"data"
 
 
 def test_bidirectional_controls_leave_attachment_names():
     # "invoice\u202efdp.exe" shows as "invoiceexe.pdf".
-    raw = (
-        b"From: a@example.com\r\nTo: b@example.com\r\nSubject: files\r\nMIME-Version: 1.0\r\n"
-        b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
-        b"--B\r\nContent-Type: application/octet-stream\r\n"
-        b"Content-Disposition: attachment; filename*=utf-8''invoice%E2%80%AEfdp.exe\r\n\r\ndata\r\n--B--\r\n"
+    part = (
+        b"Content-Type: application/octet-stream\r\n"
+        b"Content-Disposition: attachment; filename*=utf-8''invoice%E2%80%AEfdp.exe\r\n"
     )
-    [attachment] = parse_message(raw).attachments
+    [attachment] = parse_message(with_one_attachment(part)).attachments
     assert attachment.filename == "invoicefdp.exe"
 
 
