@@ -604,3 +604,25 @@ def test_html_too_deep_to_show_in_time_is_refused(client, user, mailbox):
     body = assert_error_shape(answer, 400, "INVALID_MESSAGE")
     assert "nests deeper than 1000" in body["message"]
     assert send(client, user, account_id, body="<div>" * 50 + "fine" + "</div>" * 50, isHtml=True).status_code == 202
+
+
+def test_a_reply_keeps_ancestors_however_the_original_spelt_its_references(client, user, mailbox, dovecot, mail_user):
+    account_id, smtp = mailbox
+    original = to_bytes(plain_message("Spelt oddly", message_id="<q-2@example.com>", references=["<root@example.com>"]))
+    # Upper-case, and a second References header (stored joined by ", ").
+    original = original.replace(
+        b"References: <root@example.com>\r\n",
+        b"REFERENCES: <root@example.com>\r\nreferences: <middle@example.com>\r\n",
+        1,
+    )
+    assert b"REFERENCES" in original
+    dovecot.append(mail_user, "INBOX", original)
+    run_sync(client, user, account_id)
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    [question] = [
+        m for m in messages(client, user, account_id, inbox["id"])["messages"] if m["subject"] == "Spelt oddly"
+    ]
+    response = send(client, user, account_id, subject="Re: Spelt oddly", inReplyTo=question["id"])
+    assert wait_task(client, user, response.json()["taskId"])["status"] == "success"
+    arrived = message_from_bytes(smtp.wait_for(1)[0].data, policy=policy.default)
+    assert arrived["References"].split() == ["<root@example.com>", "<middle@example.com>", "<q-2@example.com>"]

@@ -6,6 +6,7 @@ in its Drafts folder; a job then delivers it over SMTP and files the copy on the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -168,7 +169,7 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
             conversation_id = original.conversation_id or original.id
             if original.message_id_header:
                 headers["In-Reply-To"] = original.message_id_header
-                references = original.headers.get("References", "").split()
+                references = _message_ids(_header(original.headers, "References"))
                 headers["References"] = " ".join([*references, original.message_id_header])
         if reply_to:
             headers["Reply-To"] = reply_to
@@ -219,6 +220,17 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
         # Last in the transaction: taking the account's sequence locks its row until commit.
         record(session, principal, account.id, [*logged, changes.message_created(message.id, folder.id)])
     return Composed(message=message, task_id=enqueued.task_id)
+
+
+def _header(headers: dict[str, str], name: str) -> str:
+    """A stored header by name, however the message spelt it ("REFERENCES", "references")."""
+    wanted = name.lower()
+    return next((value for key, value in headers.items() if key.lower() == wanted), "")
+
+
+def _message_ids(value: str) -> list[str]:
+    """The <ids> in a header value, whatever separates them (repeated headers are stored joined by ", ")."""
+    return re.findall(r"<[^<>\s]+>", value)
 
 
 def retry_send(runtime: Runtime, principal: Principal, account_id: str, message_id: str) -> Composed:
