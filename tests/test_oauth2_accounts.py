@@ -514,7 +514,7 @@ def test_a_flow_must_return_to_an_allowed_url_and_use_a_configured_provider(api,
 def test_a_flow_for_an_account_that_cannot_take_tokens_ends_back_on_the_callers_page(api, user, oauth2_server):
     pop3 = api.post("/api/accounts", json=account_body(protocol="pop3", port=995), headers=user.headers)
     assert pop3.status_code == 201, pop3.text
-    assert_error_shape(begin(api, user, accountId=pop3.json()["id"])[0], 400, "OAUTH2_NOT_SUPPORTED")
+    assert_error_shape(begin(api, user, accountId=pop3.json()["id"])[0], 409, "OAUTH2_NOT_SUPPORTED")
 
     # The account goes while the user is at the provider: the browser still returns to the page.
     imap = api.post("/api/accounts", json=account_body(), headers=user.headers).json()["id"]

@@ -49,7 +49,7 @@ consents, the provider sends the browser to `GET /api/oauth2/callback`, which cr
 account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be
 on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400
 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400
-`OAUTH2_PROVIDER_UNKNOWN`; an `accountId` that is not an IMAP account answers 400
+`OAUTH2_PROVIDER_UNKNOWN`; an `accountId` that is not an IMAP account answers 409
 `OAUTH2_NOT_SUPPORTED` (POP3 logins with OAuth2 are not supported).
 
 	@param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
@@ -174,6 +174,17 @@ func (a *OAuth2APIService) AuthorizeOauth2Execute(r ApiAuthorizeOauth2Request) (
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
 		if localVarHTTPResponse.StatusCode == 404 {
+			var v ErrorResponse
+			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
+			if err != nil {
+				newErr.error = err.Error()
+				return localVarReturnValue, localVarHTTPResponse, newErr
+			}
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
+			return localVarReturnValue, localVarHTTPResponse, newErr
+		}
+		if localVarHTTPResponse.StatusCode == 409 {
 			var v ErrorResponse
 			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
 			if err != nil {

@@ -85,7 +85,8 @@ def begin(runtime: Runtime, principal: Principal, provider_name: str, body: Mapp
         account = accounts.get_account(runtime.db, principal, body["accountId"])  # 404 unless the caller's own
         if account.protocol != "imap":
             # Found now, not after the user consented (whose grant would then be thrown away).
-            raise BadRequestError(
+            # The request is well-formed; the account it names is the wrong kind: a conflict.
+            raise ConflictError(
                 "OAuth2 needs an IMAP account (POP3 logins with OAuth2 are not supported)", code="OAUTH2_NOT_SUPPORTED"
             )
     state, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(64)

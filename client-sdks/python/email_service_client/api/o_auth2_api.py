@@ -59,7 +59,7 @@ class OAuth2Api:
     ) -> OAuth2AuthorizeResponse:
         """Begin connecting a mailbox through its provider's consent screen
 
-        For callers that do not run an OAuth2 flow of their own. Answers the provider's authorization URL (authorization code with PKCE) to send the user's browser to. Its `state` is bound to the caller's tenant and user, is stored only as a hash, expires after `EMAIL_SERVICE_OAUTH2_STATE_SECONDS` (10 minutes by default) and works once. After the user consents, the provider sends the browser to `GET /api/oauth2/callback`, which creates the account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400 `OAUTH2_PROVIDER_UNKNOWN`; an `accountId` that is not an IMAP account answers 400 `OAUTH2_NOT_SUPPORTED` (POP3 logins with OAuth2 are not supported). 
+        For callers that do not run an OAuth2 flow of their own. Answers the provider's authorization URL (authorization code with PKCE) to send the user's browser to. Its `state` is bound to the caller's tenant and user, is stored only as a hash, expires after `EMAIL_SERVICE_OAUTH2_STATE_SECONDS` (10 minutes by default) and works once. After the user consents, the provider sends the browser to `GET /api/oauth2/callback`, which creates the account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400 `OAUTH2_PROVIDER_UNKNOWN`; an `accountId` that is not an IMAP account answers 409 `OAUTH2_NOT_SUPPORTED` (POP3 logins with OAuth2 are not supported). 
 
         :param provider: (required)
         :type provider: str
@@ -101,6 +101,7 @@ class OAuth2Api:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '413': "ErrorResponse",
             '415': "ErrorResponse",
             '429': "ErrorResponse",
@@ -138,7 +139,7 @@ class OAuth2Api:
     ) -> ApiResponse[OAuth2AuthorizeResponse]:
         """Begin connecting a mailbox through its provider's consent screen
 
-        For callers that do not run an OAuth2 flow of their own. Answers the provider's authorization URL (authorization code with PKCE) to send the user's browser to. Its `state` is bound to the caller's tenant and user, is stored only as a hash, expires after `EMAIL_SERVICE_OAUTH2_STATE_SECONDS` (10 minutes by default) and works once. After the user consents, the provider sends the browser to `GET /api/oauth2/callback`, which creates the account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400 `OAUTH2_PROVIDER_UNKNOWN`; an `accountId` that is not an IMAP account answers 400 `OAUTH2_NOT_SUPPORTED` (POP3 logins with OAuth2 are not supported). 
+        For callers that do not run an OAuth2 flow of their own. Answers the provider's authorization URL (authorization code with PKCE) to send the user's browser to. Its `state` is bound to the caller's tenant and user, is stored only as a hash, expires after `EMAIL_SERVICE_OAUTH2_STATE_SECONDS` (10 minutes by default) and works once. After the user consents, the provider sends the browser to `GET /api/oauth2/callback`, which creates the account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400 `OAUTH2_PROVIDER_UNKNOWN`; an `accountId` that is not an IMAP account answers 409 `OAUTH2_NOT_SUPPORTED` (POP3 logins with OAuth2 are not supported). 
 
         :param provider: (required)
         :type provider: str
@@ -180,6 +181,7 @@ class OAuth2Api:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '413': "ErrorResponse",
             '415': "ErrorResponse",
             '429': "ErrorResponse",
@@ -217,7 +219,7 @@ class OAuth2Api:
     ) -> RESTResponseType:
         """Begin connecting a mailbox through its provider's consent screen
 
-        For callers that do not run an OAuth2 flow of their own. Answers the provider's authorization URL (authorization code with PKCE) to send the user's browser to. Its `state` is bound to the caller's tenant and user, is stored only as a hash, expires after `EMAIL_SERVICE_OAUTH2_STATE_SECONDS` (10 minutes by default) and works once. After the user consents, the provider sends the browser to `GET /api/oauth2/callback`, which creates the account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400 `OAUTH2_PROVIDER_UNKNOWN`; an `accountId` that is not an IMAP account answers 400 `OAUTH2_NOT_SUPPORTED` (POP3 logins with OAuth2 are not supported). 
+        For callers that do not run an OAuth2 flow of their own. Answers the provider's authorization URL (authorization code with PKCE) to send the user's browser to. Its `state` is bound to the caller's tenant and user, is stored only as a hash, expires after `EMAIL_SERVICE_OAUTH2_STATE_SECONDS` (10 minutes by default) and works once. After the user consents, the provider sends the browser to `GET /api/oauth2/callback`, which creates the account (or gives `accountId` new tokens) and redirects to `returnUrl`. `returnUrl` must be on the operator's allow-list (`EMAIL_SERVICE_OAUTH2_RETURN_URLS`): otherwise 400 `RETURN_URL_NOT_ALLOWED`. A provider that is not configured answers 400 `OAUTH2_PROVIDER_UNKNOWN`; an `accountId` that is not an IMAP account answers 409 `OAUTH2_NOT_SUPPORTED` (POP3 logins with OAuth2 are not supported). 
 
         :param provider: (required)
         :type provider: str
@@ -259,6 +261,7 @@ class OAuth2Api:
             '400': "ErrorResponse",
             '401': "ErrorResponse",
             '404': "ErrorResponse",
+            '409': "ErrorResponse",
             '413': "ErrorResponse",
             '415': "ErrorResponse",
             '429': "ErrorResponse",
