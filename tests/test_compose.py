@@ -21,7 +21,7 @@ from email_service.outgoing import jobs
 from email_service.protocols.smtp import SmtpSession
 from email_service.queue import tasks
 from email_service.queue.runner import TaskContext, reap, run_failure_hook
-from email_service.queue.tasks import TaskFailed
+from email_service.queue.tasks import TaskFailed, TaskRetry
 from email_service.runtime import Runtime
 
 
@@ -444,7 +444,7 @@ def test_an_upload_whose_name_would_break_a_header_is_sent_with_a_safe_name(clie
     assert [p.get_filename() for p in arrived.walk() if p.get_filename()] == ["report_final_.txt"]
 
 
-def test_a_send_job_that_breaks_unexpectedly_marks_its_message_failed(client, runtime, user, mailbox):
+def test_a_send_whose_attached_file_is_gone_fails_in_words(client, runtime, user, mailbox):
     account_id, smtp = mailbox
     upload = client.post(f"/api/{account_id}/attachments", files={"file": ("a.txt", b"abc")}, headers=user.headers)
     with runtime.db.tenant_session(user.principal) as session:
@@ -452,7 +452,7 @@ def test_a_send_job_that_breaks_unexpectedly_marks_its_message_failed(client, ru
     response = send(client, user, account_id, attachmentIds=[upload.json()["id"]])
     runtime.objects.delete(key)  # the stored file is gone before the worker builds the message
     status = wait_task(client, user, response.json()["taskId"])
-    assert status["status"] == "failure" and status["error"].startswith("an internal error stopped it (reference ")
+    assert status["status"] == "failure" and status["error"] == "a file the message attaches is no longer stored"
     detail = sent_detail(client, user, account_id, response.json()["messageId"])
     assert detail["deliveryStatus"] == "failed"
     assert smtp.attempts == 0
@@ -626,3 +626,23 @@ def test_a_reply_keeps_ancestors_however_the_original_spelt_its_references(clien
     assert wait_task(client, user, response.json()["taskId"])["status"] == "success"
     arrived = message_from_bytes(smtp.wait_for(1)[0].data, policy=policy.default)
     assert arrived["References"].split() == ["<root@example.com>", "<middle@example.com>", "<q-2@example.com>"]
+
+
+def test_a_send_that_cannot_read_its_message_for_a_moment_is_tried_again(
+    client, send_runtime, user, dovecot, mail_user, smtp_server, held_back, monkeypatch
+):
+    smtp = smtp_server("starttls")
+    account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
+    upload = client.post(f"/api/{account_id}/attachments", files={"file": ("a.txt", b"abc")}, headers=user.headers)
+    accepted = send(client, user, account_id, attachmentIds=[upload.json()["id"]]).json()
+
+    def storage_down(key):
+        raise ConnectionRefusedError("object storage is down")
+
+    with monkeypatch.context() as outage:
+        outage.setattr(send_runtime.objects, "open", storage_down)
+        with pytest.raises(TaskRetry, match="could not be read now"):
+            jobs.run_send(run_as(send_runtime, user, accepted, "first"))
+    assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "queued"
+    assert jobs.run_send(run_as(send_runtime, user, accepted, "second"))["delivered"] is True
+    assert len(smtp.messages) == 1

@@ -14,6 +14,8 @@ import logging
 import random
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 from email_service.crypto import CredentialError
 from email_service.folders.roles import adopt_server_folder, role_folder_on_server
 from email_service.mailbox import moves
@@ -26,6 +28,7 @@ from email_service.queue.locks import AccountLock
 from email_service.queue.runner import TaskContext
 from email_service.queue.tasks import TaskDeferred, TaskFailed, TaskRetry
 from email_service.services.servers import load_servers
+from email_service.storage import UNREACHABLE, ObjectNotFound
 
 log = logging.getLogger(__name__)
 FINAL = (DeliveryStatus.SENT, DeliveryStatus.AMBIGUOUS, DeliveryStatus.FAILED)
@@ -45,6 +48,12 @@ def _load(context: TaskContext) -> delivery.Outgoing:
         raise TaskFailed("the stored SMTP password cannot be decrypted; set it again", permanent=True) from None
     except ValueError as exc:  # the stored message cannot be built (checked at compose; data changed since)
         raise TaskFailed(f"the message cannot be built: {exc}", permanent=True) from None
+    except ObjectNotFound:
+        raise TaskFailed("a file the message attaches is no longer stored", permanent=True) from None
+    except (OperationalError, *UNREACHABLE) as exc:
+        # The database or object storage could not be reached for a moment. Nothing has been
+        # sent yet, so the send policy's retries apply rather than failing the message.
+        raise TaskRetry(f"the message could not be read now ({type(exc).__name__}); it is tried again") from None
     if message is None:
         raise TaskFailed("the message or its account no longer exists", permanent=True)
     return message

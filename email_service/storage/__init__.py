@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+import urllib3
+
 if TYPE_CHECKING:
     from email_service.config import Settings
 
@@ -21,6 +23,11 @@ MAX_LINK_LIFETIME = timedelta(days=7)
 
 class ObjectNotFound(Exception):
     """No object is stored under the key."""
+
+
+# What a store raises when it cannot be reached for now (the filesystem's OS errors, the S3
+# client's transport errors after its own retries): worth trying again later, unlike the rest.
+UNREACHABLE: tuple[type[Exception], ...] = (OSError, urllib3.exceptions.HTTPError)
 
 
 class ObjectReader:
