@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import queue
 import threading
 import time
@@ -576,6 +577,13 @@ def test_9_a_mailbox_connected_through_oauth2_consent_syncs_with_its_tokens(
     deployment, journey, oauth2_server, oauth2_dovecot
 ):
     address = f"j{uuid.uuid4().hex[:10]}@example.com"
+    # The POP3 mailbox cannot log in with tokens: refused before the user is sent to the provider.
+    with pytest.raises(ApiException) as not_imap:
+        sdk.OAuth2Api(journey.api).authorize_oauth2(
+            PROVIDER,
+            sdk.OAuth2AuthorizeRequest(return_url=RETURN_URL, email_address=address, account_id=journey.pop3_account),
+        )
+    assert not_imap.value.status == 409 and json.loads(not_imap.value.body)["code"] == "OAUTH2_NOT_SUPPORTED"
     oauth2_dovecot.append(oauth2_dovecot.add_user(address), "INBOX", to_bytes(plain_message("Over OAuth2")))
     begun = sdk.OAuth2Api(journey.api).authorize_oauth2(
         PROVIDER, sdk.OAuth2AuthorizeRequest(return_url=RETURN_URL, email_address=address)
