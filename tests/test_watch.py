@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import threading
 import time
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import psutil
 import pytest
@@ -31,7 +33,7 @@ from email_service.queue.locks import AccountLock
 from email_service.runtime import Runtime
 from email_service.watch.idle import IdleConnection
 from email_service.watch.leases import Leases
-from email_service.watch.watcher import Watcher, watchable_accounts
+from email_service.watch.watcher import Watchable, Watcher, watchable_accounts
 
 LEASE_SECONDS = 3
 
@@ -236,3 +238,47 @@ def test_leases_are_renewed_while_every_refresh_thread_waits_on_a_slow_server(ba
             await watcher_.shutdown()
 
     asyncio.run(one_round())
+
+
+def test_a_reported_change_does_not_wait_behind_catch_ups(client, user, dovecot, mail_user, backing):
+    # A server that takes connections and never greets: each catch-up on it holds a thread for
+    # the whole IMAP timeout, as a herd of accounts taken over from a dead watcher would.
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)
+    port = silent.getsockname()[1]
+    settings = replace(backing, ca_file=dovecot.ca_file, watch_threads=4, imap_timeout_seconds=60)
+    watcher_ = Watcher(settings)
+
+    def watchable(body: dict) -> Watchable:
+        return Watchable(create_account(client, user, body), user.principal, datetime.now(UTC), 3600)
+
+    slow = [
+        watchable(
+            imap_account(
+                dovecot,
+                mail_user,
+                hostname="127.0.0.1",
+                port=port,
+                encryption="none",
+                emailAddress=f"slow{n}@example.com",
+            )
+        )
+        for n in range(settings.watch_threads)
+    ]
+    watched = watchable(imap_account(dovecot, mail_user))
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Reported at once")))
+
+    async def scenario() -> float:
+        catch_ups = [asyncio.create_task(watcher_.catch_up(account)) for account in slow]
+        try:
+            await asyncio.sleep(1)  # every catch-up that may run is waiting on the silent server
+            started = time.monotonic()
+            await asyncio.wait_for(watcher_.refresh(watched), 30)
+            return time.monotonic() - started
+        finally:
+            silent.close()  # the waiting connections are reset and their threads come back
+            await asyncio.gather(*catch_ups, return_exceptions=True)
+            await watcher_.shutdown()
+
+    took = asyncio.run(scenario())
+    assert took < 30
+    assert "Reported at once" in inbox_subjects(client, user, watched.account_id)

@@ -163,26 +163,26 @@ class IdleConnection:
     def supports_idle(self) -> bool:
         return "IDLE" in self.client.protocol.capabilities
 
-    async def wait_for_change(self, stopping: asyncio.Event, renew: float = IDLE_RENEW_SECONDS) -> bool:
-        """IDLE until the server reports a change (True), or renewal time or a stop comes (False).
+    async def wait_for_change(self, *stops: asyncio.Event, renew: float = IDLE_RENEW_SECONDS) -> bool:
+        """IDLE until the server reports a change (True), or renewal time or any of ``stops`` comes (False).
 
         Raises ``ConnectionFailed`` when the server refuses IDLE or the connection breaks.
         """
         try:
-            return await self._idle(stopping, renew)
+            return await self._idle(stops, renew)
         except (TimeoutError, aioimaplib.AioImapException, OSError) as exc:
             raise ConnectionFailed(f"IDLE on {self.where} ended ({type(exc).__name__})") from None
 
-    async def _idle(self, stopping: asyncio.Event, renew: float) -> bool:
+    async def _idle(self, stops: tuple[asyncio.Event, ...], renew: float) -> bool:
         client = self.client
         idle = await client.idle_start(timeout=renew)
         changed = False
-        stop_wait = asyncio.ensure_future(stopping.wait())
+        stop_waits = {asyncio.ensure_future(stop.wait()) for stop in stops}
         try:
             while client.has_pending_idle():
                 push = asyncio.ensure_future(client.wait_server_push(timeout=renew + 60))
-                done, _ = await asyncio.wait({push, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if stop_wait in done:
+                done, _ = await asyncio.wait({push, *stop_waits}, return_when=asyncio.FIRST_COMPLETED)
+                if push not in done:
                     push.cancel()
                     client.idle_done()
                     break
@@ -196,7 +196,8 @@ class IdleConnection:
                     break
             await asyncio.wait_for(idle, client.timeout)
         finally:
-            stop_wait.cancel()
+            for stop_wait in stop_waits:
+                stop_wait.cancel()
         return changed
 
     async def close(self) -> None:

@@ -3,7 +3,7 @@
 Every ``LEASE_SECONDS / 3`` the watcher looks at which accounts should be watched (enabled IMAP
 accounts with sync on), renews the leases it holds, gives back what it holds beyond its fair
 share, takes free leases up to it, and starts or stops one watching task per account. A task
-logs in, examines INBOX, catches up once, then waits in IDLE; each change the server reports
+logs in, examines INBOX and waits in IDLE while it catches up once; each change the server reports
 (EXISTS, EXPUNGE, FETCH) brings INBOX up to date in a thread of this process, within about a
 second of the change. Every folder gets a look at the account's sync interval (one STATUS per
 unchanged folder, in this process: it is the account's automatic sync, and the scheduler then
@@ -86,6 +86,10 @@ class Watcher:
         # One TLS context for every connection: building one per account would cost memory per account.
         self.tls: ssl.SSLContext = client_context(settings.ca_file)
         self.executor = ThreadPoolExecutor(max_workers=settings.watch_threads, thread_name_prefix="refresh")
+        # Catching up (a watch starting, a look at every folder) may take all but a quarter of the
+        # threads: when a watcher takes over a dead one's accounts, hundreds of catch-ups queue at
+        # once, and a change a server reports on an account already watched must not wait behind them.
+        self.catching_up = asyncio.Semaphore(max(1, settings.watch_threads - max(1, settings.watch_threads // 4)))
         # Leases and the account list on a thread of their own: refreshes may each wait on a slow
         # server for the whole IMAP timeout, and a renewal queued behind them would let the
         # leases lapse, so other watchers would take the accounts over while they are watched.
@@ -175,7 +179,7 @@ class Watcher:
         loop = asyncio.get_running_loop()
         wait = RETRY_FIRST
         while not self.stopping.is_set():
-            connection = None
+            connection, catch_up = None, None
             try:
                 servers = await loop.run_in_executor(
                     self.executor,
@@ -193,33 +197,33 @@ class Watcher:
                     log.info("account %s: server has no IDLE; left to interval sync", account.account_id)
                     self.paused[account.account_id] = loop.time() + NO_IDLE_PAUSE
                     return
-                # Whatever changed while nobody watched, then every change as it happens. Every
-                # folder gets a look at the account's interval (this is its automatic sync, so the
-                # scheduler need not fork a job for it), spread out so looks do not come together.
-                await self.refresh(account)
-                wait = RETRY_FIRST
+                # Whatever changed while nobody watched, caught up beside the IDLE (behind other
+                # accounts' catch-ups maybe), then every change as it happens. Every folder gets a
+                # look at the account's interval (this is its automatic sync, so the scheduler need
+                # not fork a job for it), spread out so looks do not come together.
+                catch_up = _CatchUp(self, account)
                 next_look = loop.time() + account.sync_interval * random.uniform(0.5, 1.0)
                 while not self.stopping.is_set():
                     renew = max(1.0, min(IDLE_RENEW_SECONDS, next_look - loop.time()))
-                    if await connection.wait_for_change(self.stopping, renew=renew):
+                    changed = await connection.wait_for_change(self.stopping, catch_up.failed, renew=renew)
+                    catch_up.raise_failure()
+                    if changed:
+                        await catch_up.settle()  # the change's refresh covers it, unless it has begun
                         await self.refresh(account)
+                        wait = RETRY_FIRST
                     if loop.time() >= next_look:
-                        await self.refresh(account, folder=None)
+                        await self.catch_up(account, folder=None)
                         next_look = loop.time() + account.sync_interval
             except asyncio.CancelledError:
                 raise
-            except (MailServerError, CredentialError, OSError, TimeoutError) as exc:
-                metrics.connection_failed("imap", exc)
-                if isinstance(exc, CredentialError | DestinationRefused) or getattr(exc, "permanent", False):
-                    # A refused login, an unknown host, a certificate or a destination the policy
-                    # refuses stays so until someone changes the account, which restarts its watch;
-                    # meanwhile the account's own sync (and its backoff) reports it.
-                    log.info("account %s: not watched until its settings change (%s)", account.account_id, exc)
+            except Exception as exc:  # noqa: BLE001 - every failure ends this connection; _interrupted sorts them
+                if catch_up is not None and catch_up.succeeded:
+                    wait = RETRY_FIRST  # it was watching well: a new interruption starts the waits over
+                if not _interrupted(account, exc, wait):
                     return
-                log.info("account %s: watch interrupted (%s); again in %.0f s", account.account_id, exc, wait)
-            except Exception:
-                log.exception("account %s: watch failed; again in %.0f s", account.account_id, wait)
             finally:
+                if catch_up is not None:
+                    catch_up.drop()
                 if connection is not None:
                     metrics.IDLE_CONNECTIONS.dec()
                     await connection.close()
@@ -228,13 +232,75 @@ class Watcher:
             await asyncio.sleep(wait * random.uniform(0.8, 1.2))
             wait = min(wait * 2, RETRY_MAX)
 
+    async def catch_up(
+        self, account: Watchable, folder: str | None = "INBOX", *, begun: asyncio.Event | None = None
+    ) -> None:
+        """``refresh``, in the share of the threads that leaves room for reported changes."""
+        async with self.catching_up:
+            if begun is not None:
+                begun.set()
+            await self.refresh(account, folder)
+
     async def refresh(self, account: Watchable, folder: str | None = "INBOX") -> None:
+        """Bring ``folder`` (every folder with None) up to date now: a change the server reported."""
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(
             self.executor, refresh_folder, self.runtime, account.principal, account.account_id, folder
         )
         if result is not None and (result.messages_added or result.messages_updated or result.messages_removed):
             log.debug("account %s: %s", account.account_id, result.as_dict())
+
+
+class _CatchUp:
+    """A watch's first catch-up, beside its IDLE: a reported change overtakes it if it has not begun."""
+
+    def __init__(self, watcher: Watcher, account: Watchable) -> None:
+        self.begun = asyncio.Event()
+        self.failed = asyncio.Event()  # ends the IDLE: the watch starts over, as when a refresh fails
+        self.error: BaseException | None = None
+        self.task = asyncio.create_task(watcher.catch_up(account, begun=self.begun))
+        self.task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.error = error
+            self.failed.set()
+
+    @property
+    def succeeded(self) -> bool:
+        return self.task.done() and not self.task.cancelled() and self.error is None
+
+    def raise_failure(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    async def settle(self) -> None:
+        """Drop it while it waits its turn; once begun, let it finish (its thread cannot be stopped)."""
+        if not self.begun.is_set():
+            self.task.cancel()
+            return
+        await asyncio.wait({self.task})
+        self.raise_failure()
+
+    def drop(self) -> None:
+        # Not waited for: a watch that ends (a stop, a hand-over) must not wait on a slow server.
+        self.task.cancel()
+
+
+def _interrupted(account: Watchable, exc: Exception, wait: float) -> bool:
+    """Log why a watch ended; False when it is not to be tried again until the account changes."""
+    if not isinstance(exc, MailServerError | CredentialError | OSError | TimeoutError):
+        log.error("account %s: watch failed; again in %.0f s", account.account_id, wait, exc_info=exc)
+        return True
+    metrics.connection_failed("imap", exc)
+    if isinstance(exc, CredentialError | DestinationRefused) or getattr(exc, "permanent", False):
+        # A refused login, an unknown host, a certificate or a destination the policy refuses
+        # stays so until someone changes the account, which restarts its watch; meanwhile the
+        # account's own sync (and its backoff) reports it.
+        log.info("account %s: not watched until its settings change (%s)", account.account_id, exc)
+        return False
+    log.info("account %s: watch interrupted (%s); again in %.0f s", account.account_id, exc, wait)
+    return True
 
 
 def _raise_open_files_limit() -> None:
