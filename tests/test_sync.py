@@ -30,7 +30,7 @@ from messages import (
     to_bytes,
 )
 from sqlalchemy import text
-from syncing import create_account, folders_by_name, imap_account, messages, run_sync
+from syncing import create_account, folders_by_name, imap_account, messages, run_sync, wait_task
 
 from email_service.mailbox.schedule import due_for_sync
 from email_service.protocols.imap import ImapSession
@@ -332,6 +332,51 @@ def test_wrong_password_fails_in_words(client, runtime, user, dovecot, mail_user
     time.sleep(1.5)
     again = client.get(f"/api/sync/task/{status['taskId']}", headers=user.headers).json()
     assert again["status"] == "failure" and again["error"] == status["error"] and again["attempts"] == 1
+
+
+def test_a_sync_that_fails_while_the_password_is_fixed_does_not_back_the_account_off(client, user, worker):
+    # The server holds the login until the user has put the right password in, then refuses it:
+    # the refusal is of the password just replaced.
+    logging_in, password_fixed = threading.Event(), threading.Event()
+
+    def answer(tag: bytes, command: bytes) -> bytes:
+        if command == b"CAPABILITY":
+            return b"* CAPABILITY IMAP4rev1\r\n" + tag + b" OK done\r\n"
+        if command == b"LOGIN":
+            logging_in.set()
+            password_fixed.wait(60)
+            return tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+        return tag + b" OK done\r\n"
+
+    server = ScriptedImapServer(answer)
+    body = {
+        "accountName": "Being fixed",
+        "emailAddress": "being-fixed@example.com",
+        "protocol": "imap",
+        "hostname": "127.0.0.1",
+        "port": server.port,
+        "encryption": "none",
+        "username": "someone",
+        "password": "the-old-one",
+        "isSyncEnabled": True,
+        "syncInterval": 604800,
+    }
+    account_id = create_account(client, user, body)
+    started = client.post(f"/api/sync/{account_id}", json={}, headers=user.headers)
+    assert started.status_code == 202, started.text
+    try:
+        assert logging_in.wait(60)
+        fixed = client.put(f"/api/accounts/{account_id}", json={"password": "the-new-one"}, headers=user.headers)
+        assert fixed.status_code == 200, fixed.text
+    finally:
+        password_fixed.set()
+    status = wait_task(client, user, started.json()["taskId"])
+    assert status["status"] == "failure" and status["error"].startswith("authentication failed")
+    # The task tells how that run ended; the account is not backed off for the old password.
+    account = client.get(f"/api/accounts/{account_id}", headers=user.headers).json()
+    assert account["lastSyncError"] is None
+    assert account["nextSyncAt"] <= time.time() * 1000
+    server.close()
 
 
 def test_unreachable_server_fails_in_words(client, user, dovecot, mail_user, worker):

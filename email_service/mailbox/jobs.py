@@ -52,7 +52,14 @@ def run_sync(context: TaskContext) -> dict[str, Any]:
 def sync_failed(context: TaskContext, message: str, permanent: bool) -> None:
     """However a sync failed, the account shows why and its automatic sync backs off."""
     if context.account_id is not None:
-        record_failure(context.runtime.db, context.principal, context.account_id, message, permanent=permanent)
+        record_failure(
+            context.runtime.db,
+            context.principal,
+            context.account_id,
+            message,
+            permanent=permanent,
+            attempted_at=context.started_at,
+        )
 
 
 def run_writeback(context: TaskContext) -> dict[str, Any]:

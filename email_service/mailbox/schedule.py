@@ -6,6 +6,7 @@ after a success its interval on, after a failure the backoff of ``queue.policy.s
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ from email_service.db import Database
 from email_service.models import Account
 from email_service.queue.policy import sync_backoff
 from email_service.tenancy import Principal
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,28 @@ def record_success(db: Database, principal: Principal, account_id: str, *, full:
         session.execute(update(Account).where(Account.id == account_id).values(**values))
 
 
-def record_failure(db: Database, principal: Principal, account_id: str, message: str, *, permanent: bool) -> None:
-    """A sync failed: show why on the account and back its automatic sync off."""
+def record_failure(
+    db: Database,
+    principal: Principal,
+    account_id: str,
+    message: str,
+    *,
+    permanent: bool,
+    attempted_at: datetime | None = None,
+) -> None:
+    """A sync failed: show why on the account and back its automatic sync off.
+
+    Not when the account's settings changed after the sync began (``attempted_at``): the
+    failure may be of the settings just replaced (a password being fixed), and the change
+    has made the next sync due at once; a sync that fails with the new settings counts.
+    """
     now = datetime.now(UTC)
     with db.tenant_session(principal) as session:
         account = session.get(Account, account_id, with_for_update=True)
         if account is None:
+            return
+        if attempted_at is not None and account.updated_at > attempted_at:
+            log.info("account %s: sync failed, but its settings changed since it began; not backed off", account_id)
             return
         account.sync_failures += 1
         account.last_sync_error = message

@@ -80,6 +80,7 @@ class TaskContext:
     attempt: int
     carrier_id: str
     holds_account: bool = False  # the runner holds the account's lock for the whole run
+    started_at: datetime | None = None  # when this run of the task began (None: not known)
     _progress: int = 0
     _reported_at: float = field(default=0.0)
     started: float = field(default_factory=time.monotonic)
@@ -224,6 +225,7 @@ def _claim(runtime: Runtime, principal: Principal, task_id: str, carrier_id: str
         params=dict(task.params or {}),
         attempt=task.attempts,
         carrier_id=carrier_id,
+        started_at=task.started_at,
         _progress=task.progress,
     )
 
@@ -373,6 +375,7 @@ def _orphan_context(runtime: Runtime, task: Task) -> TaskContext:
         params=dict(task.params or {}),
         attempt=task.attempts,
         carrier_id=task.carrier_id or "",
+        started_at=task.started_at,
     )
 
 
