@@ -6,12 +6,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from email_service.changes import entries as changes
 from email_service.changes.log import record
 from email_service.errors import NotFoundError
-from email_service.models import Account, Message, MessageMove, TaskKind
+from email_service.mailbox.moves import waits_for_server_move
+from email_service.models import Account, Message, TaskKind
 from email_service.queue import tasks
 from email_service.runtime import Runtime
 from email_service.services.mail import MessageDetail, get_message
@@ -40,7 +40,7 @@ def update_message(
         if changed:
             # A message moved here and not yet on the server has no UID until the move is done;
             # its flags wait with it, and the move's end writes them (server_moves).
-            moving = message.uid is None and _moving(session, message.id)
+            moving = message.uid is None and waits_for_server_move(session, message.id)
             on_server = account.protocol == "imap" and (message.uid is not None or moving)
             message.updated_at = datetime.now(UTC)
             # Never cleared here: a change still waiting for the server keeps waiting.
@@ -59,8 +59,3 @@ def update_message(
             # Last in the transaction: taking the account's sequence locks its row until commit.
             record(session, principal, account_id, [changes.message_updated(message.id, message.folder_id, columns)])
     return get_message(runtime.db, principal, account_id, message_id)
-
-
-def _moving(session: Session, message_id: str) -> bool:
-    """Whether a move of the message waits to be made on the server."""
-    return session.scalar(select(MessageMove.id).where(MessageMove.message_id == message_id).limit(1)) is not None

@@ -297,6 +297,11 @@ def delete_objects(runtime: Runtime, keys: list[str]) -> None:
             log.warning("could not delete object %s: %s", key, type(exc).__name__)
 
 
+def waits_for_server_move(session: Session, message_id: str) -> bool:
+    """Whether a move of the message made here waits to be made on the server."""
+    return session.scalar(select(MessageMove.id).where(MessageMove.message_id == message_id).limit(1)) is not None
+
+
 def enqueue_server_moves(runtime: Runtime, principal: Principal, account_id: str) -> None:
     """One waiting task per account carries every move and deletion made until it starts."""
     with runtime.db.tenant_session(principal) as session:
