@@ -296,3 +296,28 @@ def test_flags_changed_while_a_move_waits_for_the_server_reach_it_after_the_move
     run_sync(client, user, account_id)
     shown = client.get(f"/api/{account_id}/messages/{ids['One']}", headers=user.headers).json()
     assert shown["folderId"] == target["id"] and shown["isRead"] and shown["isStarred"]
+
+
+def test_nothing_is_written_to_a_folder_the_server_renumbered(client, user, dovecot, mail_user, mailbox):
+    account_id, folders, _ = mailbox
+    target = folders["Projekte/&AMQ-rger"]
+    for subject in ("Ours 1", "Ours 2"):
+        dovecot.append(mail_user, "Projekte/Ärger", to_bytes(plain_message(subject)))
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    ours = {m["subject"]: m["id"] for m in messages(client, user, account_id, target["id"])["messages"]}
+    # The server rebuilds the folder: a new UIDVALIDITY, and the UIDs of ours name other mail.
+    dovecot.recreate_folder(mail_user, "Projekte/Ärger")
+    for subject in ("Stranger 1", "Stranger 2"):
+        dovecot.append(mail_user, "Projekte/Ärger", to_bytes(plain_message(subject)))
+
+    patched = client.patch(
+        f"/api/{account_id}/messages/{ours['Ours 1']}", json={"isRead": True, "isStarred": True}, headers=user.headers
+    )
+    assert patched.status_code == 200, patched.text
+    gone = client.delete(f"/api/{account_id}/messages/{ours['Ours 2']}?permanent=true", headers=user.headers)
+    assert gone.status_code == 200, gone.text
+
+    # The write-backs find the folder renumbered, write nothing, and have the folder synced again.
+    assert eventually(lambda: subjects(client, user, account_id, target) == ["Stranger 1", "Stranger 2"], 60)
+    assert server_subjects(dovecot, mail_user, "Projekte/Ärger") == ["Stranger 1", "Stranger 2"]
+    assert not {"\\Seen", "\\Flagged"} & server_flags(dovecot, mail_user, "Projekte/Ärger")

@@ -11,9 +11,11 @@ from email_service.mailbox.pop3_sync import Pop3Sync
 from email_service.mailbox.schedule import record_failure, record_success
 from email_service.mailbox.server_moves import write_moves
 from email_service.mailbox.store import MailStore
-from email_service.mailbox.writeback import load_pending, write_back
+from email_service.mailbox.writeback import FolderRenumbered, load_pending, write_back
+from email_service.models import TaskKind
 from email_service.protocols.errors import MailServerError
 from email_service.protocols.servers import Protocol
+from email_service.queue import tasks
 from email_service.queue.runner import TaskContext
 from email_service.queue.tasks import TaskFailed, TaskRetry
 from email_service.services.servers import load_servers
@@ -83,6 +85,11 @@ def run_writeback(context: TaskContext) -> dict[str, Any]:
             return {"result": "nothing to write"}
         with servers.incoming.imap(runtime.settings) as session:
             outcome = write_back(runtime.db, principal, session, change)
+    except FolderRenumbered as exc:
+        # What waits to be written is dropped with the folder's old rows by the sync queued here,
+        # which brings the folder in again as the server numbers it now.
+        tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account_id, params={"folders": exc.folders})
+        return {"result": f"nothing written: {exc}"}
     except MailServerError as exc:
         if exc.permanent:
             raise TaskFailed(str(exc), permanent=True) from None

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, load_only
 from email_service.changes import entries as changes
 from email_service.changes.log import Entry, record
 from email_service.mailbox.moves import MOVED_COLUMNS, delete_objects, enqueue_server_moves, object_keys
+from email_service.mailbox.writeback import FolderRenumbered, renumbered
 from email_service.models import Account, Folder, Message, MessageMove, TaskKind
 from email_service.protocols.errors import ConnectionFailed, MailServerError
 from email_service.protocols.imap import ImapSession
@@ -41,13 +42,16 @@ def write_moves(runtime: Runtime, principal: Principal, account_id: str, servers
                 select(MessageMove).where(MessageMove.account_id == account_id).order_by(MessageMove.created_at)
             )
         )
-        names = {f.id: f.name for f in session.scalars(select(Folder).where(Folder.account_id == account_id))}
+        folders = list(session.scalars(select(Folder).where(Folder.account_id == account_id)))
+        names = {f.id: f.name for f in folders}
+        uidvalidities = {f.id: f.uidvalidity for f in folders}
         session.expunge_all()
     if account is None or not moves:
         return {"result": "nothing to write"}
     if servers.incoming.protocol is Protocol.POP3:
         return _pop3_deletions(runtime, principal, servers, account, moves)
     moved = expunged = 0
+    renumbered_folders: list[str] = []
     by_source: dict[str, list[MessageMove]] = defaultdict(list)
     for move in moves:
         if move.uid is not None:
@@ -55,7 +59,11 @@ def write_moves(runtime: Runtime, principal: Principal, account_id: str, servers
     with servers.incoming.imap(runtime.settings) as session:
         for source_id, items in by_source.items():
             try:
-                session.select(names[source_id])
+                if renumbered(uidvalidities[source_id], session.select(names[source_id])):
+                    # The stored UIDs name other messages now: moving or expunging them would
+                    # act on those. The folder's sync drops these moves and reloads the folder.
+                    renumbered_folders.append(names[source_id])
+                    continue
             except ConnectionFailed:
                 raise
             except MailServerError as exc:
@@ -77,6 +85,8 @@ def write_moves(runtime: Runtime, principal: Principal, account_id: str, servers
                     _put_back(runtime, principal, account_id, group)
                     continue
                 moved += _finish(runtime, principal, account_id, group, target_id, new_uids)
+    if renumbered_folders:
+        raise FolderRenumbered(renumbered_folders)
     return {"result": f"{moved} moved, {expunged} deleted on the server"}
 
 

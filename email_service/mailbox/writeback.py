@@ -19,12 +19,26 @@ from email_service.changes import entries as changes
 from email_service.changes.log import Entry, record
 from email_service.db import Database
 from email_service.models import Folder, Message
-from email_service.protocols.imap import ImapSession
+from email_service.protocols.imap import ImapSession, MailboxState
 from email_service.tenancy import Principal
 
 log = logging.getLogger(__name__)
 SPAM_KEYWORD = "$Junk"
 MANAGED_SYSTEM_FLAGS = {"\\seen": "\\Seen", "\\flagged": "\\Flagged"}
+
+
+class FolderRenumbered(Exception):
+    """The server gave folders new UIDs (a new UIDVALIDITY): the stored UIDs now name other messages."""
+
+    def __init__(self, folders: list[str]) -> None:
+        super().__init__(f"renumbered on the server: {', '.join(folders)}")
+        self.folders = folders
+
+
+def renumbered(stored_uidvalidity: int | None, state: MailboxState) -> bool:
+    """Whether a folder opened for writing no longer has the UIDs its stored rows were synced with."""
+    # A server that sends no UIDVALIDITY (0) cannot be checked; the sync catches it up.
+    return bool(stored_uidvalidity and state.uidvalidity and state.uidvalidity != stored_uidvalidity)
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,7 @@ class PendingChange:
     uid: int
     folder_name: str
     folder_type: str
+    folder_uidvalidity: int | None
     is_read: bool
     is_starred: bool
     is_spam: bool
@@ -56,6 +71,7 @@ def load_pending(db: Database, principal: Principal, message_id: str) -> Pending
         uid=message.uid,
         folder_name=folder.name,
         folder_type=folder.type,
+        folder_uidvalidity=folder.uidvalidity,
         is_read=message.is_read,
         is_starred=message.is_starred,
         is_spam=message.is_spam,
@@ -82,8 +98,12 @@ def flag_changes(change: PendingChange, server_flags: tuple[str, ...]) -> tuple[
 
 
 def write_back(db: Database, principal: Principal, session: ImapSession, change: PendingChange) -> str:
-    """Apply one pending change on the server; returns what happened, for the task result."""
-    session.select(change.folder_name)
+    """Apply one pending change on the server; returns what happened, for the task result.
+
+    Raises ``FolderRenumbered`` (writing nothing) when the message's UID may name another message now.
+    """
+    if renumbered(change.folder_uidvalidity, session.select(change.folder_name)):
+        raise FolderRenumbered([change.folder_name])
     server = session.flags(str(change.uid)).get(change.uid)
     if server is None:
         # Expunged elsewhere meanwhile: the next sync removes the row.
