@@ -463,9 +463,13 @@ def _best_of_window(
 
 def _rank_of_cursor(value: float) -> float:
     """A rank a search gave out: a finite value PostgreSQL's ``real`` holds (ts_rank's type)."""
-    rank = float(value)
+    invalid = ConflictError("cursor is not one this service gave out", code="INVALID_CURSOR")
+    try:
+        rank = float(value)
+    except OverflowError:  # an integer too large for a float: no rank ever looked like that
+        raise invalid from None
     if not math.isfinite(rank) or abs(rank) > REAL_MAX:
-        raise ConflictError("cursor is not one this service gave out", code="INVALID_CURSOR")
+        raise invalid
     return rank
 
 
