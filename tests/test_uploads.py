@@ -78,6 +78,11 @@ def test_an_upload_needs_a_file_and_an_owned_account(client, user, account_id, m
         f"/api/{account_id}/attachments", files={"other": ("x.txt", b"x", "text/plain")}, headers=user.headers
     )
     assert_error_shape(wrong_field, 400)
+    # A text field named file (curl -F 'file=hello'): a part without a filename.
+    text_field = client.post(
+        f"/api/{account_id}/attachments", files={"file": (None, b"hello", "text/plain")}, headers=user.headers
+    )
+    assert_error_shape(text_field, 400)
     not_multipart = client.post(f"/api/{account_id}/attachments", data={"file": "x"}, headers=user.headers)
     assert_error_shape(not_multipart, 415)
     for stranger in (user.colleague(verifier), make_user()):

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from flask import Response
 from werkzeug.datastructures import FileStorage
 
+from email_service.errors import BadRequestError
 from email_service.handlers import principal, runtime
 from email_service.handlers.messages import attachment_view
 from email_service.services import mail as service
@@ -32,7 +33,10 @@ def download_attachment(account_id: str, attachment_id: str) -> Response:
     )
 
 
-def upload_attachment(account_id: str, file: FileStorage) -> tuple[dict, int]:
+def upload_attachment(account_id: str, file: FileStorage | None = None) -> tuple[dict, int]:
+    if file is None:
+        # A ``file`` part without a filename is a form field, not a file: the schema cannot tell.
+        raise BadRequestError("file must be a file part (with a filename), not a text field")
     rt = runtime()
     attachment = uploads.store_upload(rt, principal(), account_id, file.stream, file.filename, file.mimetype)
     return attachment_view(attachment, rt.objects), 201
