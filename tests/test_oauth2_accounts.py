@@ -509,6 +509,9 @@ def test_a_flow_must_return_to_an_allowed_url_and_use_a_configured_provider(api,
     )
     assert_error_shape(unknown, 400, "OAUTH2_PROVIDER_UNKNOWN")
     assert_error_shape(begin(api, user, accountId="not-mine")[0], 404)
+    # A NUL no column can hold, in a field with no pattern: the caller's error, not the service's.
+    for fields in ({"accountId": "\x00"}, {"returnUrl": RETURN_URL + "\x00"}, {"accountName": "Work\x00"}):
+        assert_error_shape(begin(api, user, **fields)[0], 400)
 
 
 def test_a_flow_for_an_account_that_cannot_take_tokens_ends_back_on_the_callers_page(api, user, oauth2_server):

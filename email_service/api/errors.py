@@ -7,6 +7,8 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
+import psycopg
+import sqlalchemy.exc
 from connexion.exceptions import ProblemException
 from connexion.lifecycle import ConnexionRequest, ConnexionResponse
 from starlette.exceptions import HTTPException
@@ -36,6 +38,16 @@ RATE_LIMIT_HEADERS_KEY = "email_service.rate_limit_headers"
 # error never mirrors a large input back.
 MAX_MESSAGE_CHARS = 240
 UNAUTHORIZED_MESSAGE = "Missing or invalid authentication credentials"
+NUL_MESSAGE = "text must not contain NUL characters"
+
+
+def _nul_in_text(exc: Exception) -> bool:
+    """Whether PostgreSQL (or psycopg, before sending) refused a NUL character in text or JSON."""
+    error = exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc
+    # Client side: psycopg cannot send NUL in text; server side: 22P05, \u0000 in jsonb.
+    return isinstance(error, psycopg.errors.UntranslatableCharacter) or (
+        isinstance(error, psycopg.DataError) and "NUL (0x00)" in str(error)
+    )
 
 
 class RateLimitExceeded(Exception):
@@ -116,6 +128,13 @@ def install(app: object, allowed_methods: Callable[[str], list[str]]) -> None:
         )
         return error_response(400, message, headers=_rate_headers(request))
 
+    def data_error(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+        # Nothing stored holds a NUL, so one can only have come with the request: a field that
+        # has no check of its own is the caller's error, not a 500.
+        if _nul_in_text(exc):
+            return error_response(400, NUL_MESSAGE, headers=_rate_headers(request))
+        return unexpected(request, exc)
+
     def unexpected(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
         # The trace goes to the log only; it must not reach the client.
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -127,4 +146,6 @@ def install(app: object, allowed_methods: Callable[[str], list[str]]) -> None:
     app.add_error_handler(RateLimitExceeded, rate_limited)
     app.add_error_handler(ProblemException, problem)
     app.add_error_handler(HTTPException, http_error)
+    app.add_error_handler(sqlalchemy.exc.DataError, data_error)
+    app.add_error_handler(psycopg.DataError, data_error)
     app.add_error_handler(Exception, unexpected)
