@@ -646,3 +646,36 @@ def test_a_send_that_cannot_read_its_message_for_a_moment_is_tried_again(
     assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "queued"
     assert jobs.run_send(run_as(send_runtime, user, accepted, "second"))["delivered"] is True
     assert len(smtp.messages) == 1
+
+
+def test_a_disabled_account_sends_nothing_until_it_is_enabled_and_asked_again(
+    client, send_runtime, user, dovecot, mail_user, smtp_server, held_back
+):
+    smtp = smtp_server("starttls")
+    account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
+    accepted = send(client, user, account_id, subject="Queued, then disabled").json()
+
+    def set_enabled(on: bool) -> None:
+        answer = client.put(f"/api/accounts/{account_id}", json={"isEnabled": on}, headers=user.headers)
+        assert answer.status_code == 200, answer.text
+
+    set_enabled(False)
+    assert_error_shape(send(client, user, account_id, subject="While disabled"), 409, "ACCOUNT_DISABLED")
+    draft = {"accountId": account_id, "to": ["bob@example.org"], "subject": "Draft", "body": "Later"}
+    assert_error_shape(client.post("/api/compose/draft", json=draft, headers=user.headers), 409, "ACCOUNT_DISABLED")
+    # What was queued before goes nowhere, and says why.
+    context = run_as(send_runtime, user, accepted, "first")
+    with pytest.raises(TaskFailed, match="disabled") as failure:
+        jobs.run_send(context)
+    run_failure_hook(send_runtime, TaskKind.SEND, context, failure.value.message, True)
+    assert smtp.messages == []
+    assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "failed"
+    path = f"/api/{account_id}/messages/{accepted['messageId']}/send"
+    assert_error_shape(client.post(path, headers=user.headers), 409, "ACCOUNT_DISABLED")
+
+    set_enabled(True)
+    again = client.post(path, headers=user.headers)
+    assert again.status_code == 202, again.text
+    assert jobs.run_send(run_as(send_runtime, user, again.json(), "second"))["delivered"] is True
+    assert len(smtp.messages) == 1
+    assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "sent"

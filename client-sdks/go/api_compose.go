@@ -232,7 +232,7 @@ SaveDraft Save draft
 
 Save a draft: it is stored at once, shows in listMessages of the account's drafts folder, and
 is appended to the server's Drafts folder with the \Draft flag by a background job. The same
-checks as sendEmail apply.
+checks as sendEmail apply; a disabled account answers 409 `ACCOUNT_DISABLED`.
 
 	@param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
 	@return ApiSaveDraftRequest
@@ -346,6 +346,17 @@ func (a *ComposeAPIService) SaveDraftExecute(r ApiSaveDraftRequest) (*SaveDraft2
 			newErr.model = v
 			return localVarReturnValue, localVarHTTPResponse, newErr
 		}
+		if localVarHTTPResponse.StatusCode == 409 {
+			var v ErrorResponse
+			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
+			if err != nil {
+				newErr.error = err.Error()
+				return localVarReturnValue, localVarHTTPResponse, newErr
+			}
+			newErr.error = formatErrorMessage(localVarHTTPResponse.Status, &v)
+			newErr.model = v
+			return localVarReturnValue, localVarHTTPResponse, newErr
+		}
 		if localVarHTTPResponse.StatusCode == 413 {
 			var v ErrorResponse
 			err = a.client.decode(&v, localVarBody, localVarHTTPResponse.Header.Get("Content-Type"))
@@ -445,8 +456,10 @@ func (r ApiSendEmailRequest) Execute() (*SendEmail202Response, *http.Response, e
 SendEmail Send email
 
 Send email via SMTP from the specified account, as a background job whose `taskId` is followed
-with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP
-settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400),
+with getSyncStatus. Everything is checked before queueing: an enabled account the caller owns
+with SMTP settings (409 `ACCOUNT_DISABLED` when it is disabled; a send queued before it was
+disabled fails with nothing sent, and retrySend sends it once it is enabled again), valid
+addresses, no CR/LF in subject or addresses (header injection is a 400),
 attachment ids (uploads or attachments of the account's messages), and the total size (413
 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc
 recipients get it but no Bcc header is written. At most 100 addresses each in to, cc and

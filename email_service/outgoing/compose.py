@@ -33,6 +33,7 @@ PREVIEW_LENGTH = 200
 # The spec caps to, cc and bcc at 100 each (maxItems); the envelope as a whole gets the same cap,
 # the RCPT limit RFC 5321 4.5.3.1.8 asks servers to accept at least.
 MAX_RECIPIENTS = 100
+DISABLED_MESSAGE = "the account is disabled; enable it to send or save drafts"
 
 
 class PayloadTooLargeError(ServiceError):
@@ -120,6 +121,7 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
         account = session.scalar(select(Account).where(Account.id == body["accountId"], Account.deleted_at.is_(None)))
     if account is None:
         raise NotFoundError(f"Account with ID '{body['accountId']}' does not exist", code="ACCOUNT_NOT_FOUND")
+    _require_enabled(account)
     subject = _single_line(body["subject"], "subject")
     to = _addresses(body.get("to"), "to")
     cc = _addresses(body.get("cc"), "cc")
@@ -233,6 +235,12 @@ def _message_ids(value: str) -> list[str]:
     return re.findall(r"<[^<>\s]+>", value)
 
 
+def _require_enabled(account: Account) -> None:
+    # A disabled account talks to no server: nothing is sent or filed through it (as folders refuse).
+    if not account.is_enabled:
+        raise ConflictError(DISABLED_MESSAGE, code="ACCOUNT_DISABLED")
+
+
 def retry_send(runtime: Runtime, principal: Principal, account_id: str, message_id: str) -> Composed:
     """Send again a message whose delivery failed or whose outcome is unknown, because the caller asks.
 
@@ -241,14 +249,17 @@ def retry_send(runtime: Runtime, principal: Principal, account_id: str, message_
     """
     retryable = (str(DeliveryStatus.FAILED), str(DeliveryStatus.AMBIGUOUS))
     with runtime.db.tenant_session(principal) as session:
-        message = session.scalar(
-            select(Message)
+        row = session.execute(
+            select(Message, Account.is_enabled)
             .join(Account, Account.id == Message.account_id)
             .where(Message.id == message_id, Message.account_id == account_id, Account.deleted_at.is_(None))
             .with_for_update(of=Message)
-        )
-        if message is None:
+        ).one_or_none()
+        if row is None:
             raise NotFoundError(f"Message with ID '{message_id}' does not exist", code="MESSAGE_NOT_FOUND")
+        message = row.Message
+        if not row.is_enabled:
+            raise ConflictError(DISABLED_MESSAGE, code="ACCOUNT_DISABLED")
         if message.delivery_status not in retryable:
             state = message.delivery_status or "received mail"
             raise ConflictError(

@@ -37,6 +37,7 @@ class Outgoing:
     data: bytes
     date: datetime
     smtp: MailServer | None
+    account_enabled: bool
 
 
 def load(
@@ -96,6 +97,7 @@ def load(
         data=wire_bytes(built),
         date=message.created_at,
         smtp=smtp,
+        account_enabled=account.is_enabled,
     )
 
 

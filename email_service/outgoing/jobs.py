@@ -32,6 +32,7 @@ from email_service.storage import UNREACHABLE, ObjectNotFound
 
 log = logging.getLogger(__name__)
 FINAL = (DeliveryStatus.SENT, DeliveryStatus.AMBIGUOUS, DeliveryStatus.FAILED)
+ACCOUNT_DISABLED = "the account is disabled; enable it and send the message again"
 NOT_QUEUED = tuple(status for status in DeliveryStatus if status is not DeliveryStatus.QUEUED)
 LOST_WHILE_SENDING = (
     "the worker sending it stopped after the message data went out: the server may or may not have "
@@ -69,6 +70,10 @@ def run_send(context: TaskContext) -> dict[str, Any]:
     if message.status in (DeliveryStatus.AMBIGUOUS, DeliveryStatus.FAILED):
         raise TaskFailed(f"the message is {message.status}; send it again explicitly to retry")
     if message.status is not DeliveryStatus.SENT:
+        if not message.account_enabled:
+            # Disabled after the message was queued: nothing goes out through it until it is
+            # enabled again, and then only on the user's retrySend.
+            raise TaskFailed(ACCOUNT_DISABLED, permanent=True)
         if message.smtp is None:
             raise TaskFailed("the account has no SMTP server configured", permanent=True)
 
@@ -153,7 +158,12 @@ def _file_copy(
         servers = load_servers(runtime.db, runtime.cipher, principal, account_id)
     except CredentialError:
         raise TaskFailed("the stored password cannot be decrypted; set the account's password again") from None
-    if servers is None or servers.incoming.protocol is not Protocol.IMAP:
+    if servers is None:
+        # Disabled (or deleted) since: the copy is not filed; a draft's task fails in words.
+        if raise_errors:
+            raise TaskFailed("the account is disabled; the draft is kept here, not on the server", permanent=True)
+        return "not filed: the account is disabled"
+    if servers.incoming.protocol is not Protocol.IMAP:
         return "kept here only (POP3 has no server folders)"
     # A sync must not fetch the copy before its row has the UID. A draft's runner holds the
     # account already; a send (whose delivery did not wait for the account) takes it here.

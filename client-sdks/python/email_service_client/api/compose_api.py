@@ -353,7 +353,7 @@ class ComposeApi:
     ) -> SaveDraft201Response:
         """Save draft
 
-        Save a draft: it is stored at once, shows in listMessages of the account's drafts folder, and is appended to the server's Drafts folder with the \\Draft flag by a background job. The same checks as sendEmail apply. 
+        Save a draft: it is stored at once, shows in listMessages of the account's drafts folder, and is appended to the server's Drafts folder with the \\Draft flag by a background job. The same checks as sendEmail apply; a disabled account answers 409 `ACCOUNT_DISABLED`. 
 
         :param send_email_request: (required)
         :type send_email_request: SendEmailRequest
@@ -391,6 +391,7 @@ class ComposeApi:
             '201': "SaveDraft201Response",
             '400': "ErrorResponse",
             '401': "ErrorResponse",
+            '409': "ErrorResponse",
             '413': "ErrorResponse",
             '415': "ErrorResponse",
             '429': "ErrorResponse",
@@ -428,7 +429,7 @@ class ComposeApi:
     ) -> ApiResponse[SaveDraft201Response]:
         """Save draft
 
-        Save a draft: it is stored at once, shows in listMessages of the account's drafts folder, and is appended to the server's Drafts folder with the \\Draft flag by a background job. The same checks as sendEmail apply. 
+        Save a draft: it is stored at once, shows in listMessages of the account's drafts folder, and is appended to the server's Drafts folder with the \\Draft flag by a background job. The same checks as sendEmail apply; a disabled account answers 409 `ACCOUNT_DISABLED`. 
 
         :param send_email_request: (required)
         :type send_email_request: SendEmailRequest
@@ -466,6 +467,7 @@ class ComposeApi:
             '201': "SaveDraft201Response",
             '400': "ErrorResponse",
             '401': "ErrorResponse",
+            '409': "ErrorResponse",
             '413': "ErrorResponse",
             '415': "ErrorResponse",
             '429': "ErrorResponse",
@@ -503,7 +505,7 @@ class ComposeApi:
     ) -> RESTResponseType:
         """Save draft
 
-        Save a draft: it is stored at once, shows in listMessages of the account's drafts folder, and is appended to the server's Drafts folder with the \\Draft flag by a background job. The same checks as sendEmail apply. 
+        Save a draft: it is stored at once, shows in listMessages of the account's drafts folder, and is appended to the server's Drafts folder with the \\Draft flag by a background job. The same checks as sendEmail apply; a disabled account answers 409 `ACCOUNT_DISABLED`. 
 
         :param send_email_request: (required)
         :type send_email_request: SendEmailRequest
@@ -541,6 +543,7 @@ class ComposeApi:
             '201': "SaveDraft201Response",
             '400': "ErrorResponse",
             '401': "ErrorResponse",
+            '409': "ErrorResponse",
             '413': "ErrorResponse",
             '415': "ErrorResponse",
             '429': "ErrorResponse",
@@ -652,7 +655,7 @@ class ComposeApi:
     ) -> SendEmail202Response:
         """Send email
 
-        Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account's messages), and the total size (413 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc recipients get it but no Bcc header is written. At most 100 addresses each in to, cc and bcc, and 100 in all. Everything the message builder would refuse (line breaks or control characters in the subject or the account's name, addresses it cannot write) is a 400 here. Failures before the server could have accepted the message (connecting, AUTH, MAIL, RCPT, a 4xx to DATA) are retried with exponential backoff; permanent ones (5xx) fail at once with the server's reply in `error`. When the whole message went out and the server's reply never came (it has up to 10 minutes, RFC 5321), the server may or may not have accepted it: the message's `deliveryStatus` becomes `ambiguous`, the task fails saying so, and it is sent again only on an explicit retrySend. The service never sends a message twice on its own. After delivery the copy is appended to the server's Sent folder (unless the server files it itself, as Gmail does). 
+        Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an enabled account the caller owns with SMTP settings (409 `ACCOUNT_DISABLED` when it is disabled; a send queued before it was disabled fails with nothing sent, and retrySend sends it once it is enabled again), valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account's messages), and the total size (413 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc recipients get it but no Bcc header is written. At most 100 addresses each in to, cc and bcc, and 100 in all. Everything the message builder would refuse (line breaks or control characters in the subject or the account's name, addresses it cannot write) is a 400 here. Failures before the server could have accepted the message (connecting, AUTH, MAIL, RCPT, a 4xx to DATA) are retried with exponential backoff; permanent ones (5xx) fail at once with the server's reply in `error`. When the whole message went out and the server's reply never came (it has up to 10 minutes, RFC 5321), the server may or may not have accepted it: the message's `deliveryStatus` becomes `ambiguous`, the task fails saying so, and it is sent again only on an explicit retrySend. The service never sends a message twice on its own. After delivery the copy is appended to the server's Sent folder (unless the server files it itself, as Gmail does). 
 
         :param send_email_request: (required)
         :type send_email_request: SendEmailRequest
@@ -728,7 +731,7 @@ class ComposeApi:
     ) -> ApiResponse[SendEmail202Response]:
         """Send email
 
-        Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account's messages), and the total size (413 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc recipients get it but no Bcc header is written. At most 100 addresses each in to, cc and bcc, and 100 in all. Everything the message builder would refuse (line breaks or control characters in the subject or the account's name, addresses it cannot write) is a 400 here. Failures before the server could have accepted the message (connecting, AUTH, MAIL, RCPT, a 4xx to DATA) are retried with exponential backoff; permanent ones (5xx) fail at once with the server's reply in `error`. When the whole message went out and the server's reply never came (it has up to 10 minutes, RFC 5321), the server may or may not have accepted it: the message's `deliveryStatus` becomes `ambiguous`, the task fails saying so, and it is sent again only on an explicit retrySend. The service never sends a message twice on its own. After delivery the copy is appended to the server's Sent folder (unless the server files it itself, as Gmail does). 
+        Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an enabled account the caller owns with SMTP settings (409 `ACCOUNT_DISABLED` when it is disabled; a send queued before it was disabled fails with nothing sent, and retrySend sends it once it is enabled again), valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account's messages), and the total size (413 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc recipients get it but no Bcc header is written. At most 100 addresses each in to, cc and bcc, and 100 in all. Everything the message builder would refuse (line breaks or control characters in the subject or the account's name, addresses it cannot write) is a 400 here. Failures before the server could have accepted the message (connecting, AUTH, MAIL, RCPT, a 4xx to DATA) are retried with exponential backoff; permanent ones (5xx) fail at once with the server's reply in `error`. When the whole message went out and the server's reply never came (it has up to 10 minutes, RFC 5321), the server may or may not have accepted it: the message's `deliveryStatus` becomes `ambiguous`, the task fails saying so, and it is sent again only on an explicit retrySend. The service never sends a message twice on its own. After delivery the copy is appended to the server's Sent folder (unless the server files it itself, as Gmail does). 
 
         :param send_email_request: (required)
         :type send_email_request: SendEmailRequest
@@ -804,7 +807,7 @@ class ComposeApi:
     ) -> RESTResponseType:
         """Send email
 
-        Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an account the caller owns with SMTP settings, valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account's messages), and the total size (413 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc recipients get it but no Bcc header is written. At most 100 addresses each in to, cc and bcc, and 100 in all. Everything the message builder would refuse (line breaks or control characters in the subject or the account's name, addresses it cannot write) is a 400 here. Failures before the server could have accepted the message (connecting, AUTH, MAIL, RCPT, a 4xx to DATA) are retried with exponential backoff; permanent ones (5xx) fail at once with the server's reply in `error`. When the whole message went out and the server's reply never came (it has up to 10 minutes, RFC 5321), the server may or may not have accepted it: the message's `deliveryStatus` becomes `ambiguous`, the task fails saying so, and it is sent again only on an explicit retrySend. The service never sends a message twice on its own. After delivery the copy is appended to the server's Sent folder (unless the server files it itself, as Gmail does). 
+        Send email via SMTP from the specified account, as a background job whose `taskId` is followed with getSyncStatus. Everything is checked before queueing: an enabled account the caller owns with SMTP settings (409 `ACCOUNT_DISABLED` when it is disabled; a send queued before it was disabled fails with nothing sent, and retrySend sends it once it is enabled again), valid addresses, no CR/LF in subject or addresses (header injection is a 400), attachment ids (uploads or attachments of the account's messages), and the total size (413 beyond the configured limit). The message shows at once in the account's Sent folder; Bcc recipients get it but no Bcc header is written. At most 100 addresses each in to, cc and bcc, and 100 in all. Everything the message builder would refuse (line breaks or control characters in the subject or the account's name, addresses it cannot write) is a 400 here. Failures before the server could have accepted the message (connecting, AUTH, MAIL, RCPT, a 4xx to DATA) are retried with exponential backoff; permanent ones (5xx) fail at once with the server's reply in `error`. When the whole message went out and the server's reply never came (it has up to 10 minutes, RFC 5321), the server may or may not have accepted it: the message's `deliveryStatus` becomes `ambiguous`, the task fails saying so, and it is sent again only on an explicit retrySend. The service never sends a message twice on its own. After delivery the copy is appended to the server's Sent folder (unless the server files it itself, as Gmail does). 
 
         :param send_email_request: (required)
         :type send_email_request: SendEmailRequest
