@@ -8,17 +8,27 @@ does not own the tables. Only migrations and operator commands use the connectin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import ColumnElement, Engine, any_, bindparam, create_engine, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from email_service.tenancy import Principal
+
+
+def among(column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
+    """``column = ANY(values)``, the values sent as one array parameter.
+
+    ``IN (...)`` takes one parameter per value, and PostgreSQL's protocol allows at most 65,535 in
+    a statement: a list drawn from a folder's contents (every UID of a large folder) would fail.
+    """
+    return column == any_(bindparam(None, list(values), type_=ARRAY(column.type), expanding=False))
 
 
 def sqlalchemy_url(url: str) -> str:

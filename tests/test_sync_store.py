@@ -275,3 +275,33 @@ def test_flags_from_the_server_never_undo_a_change_made_while_they_are_applied(r
     assert applying.result(timeout=30) == 0
     [message], _ = stored(box)
     assert message.is_read is False and message.is_starred is False and message.writeback_pending is True
+
+
+def test_a_folder_beyond_65535_messages_has_its_flags_checked_and_can_be_emptied(runtime):
+    # Every UID of a large folder goes into one statement (a server without CONDSTORE reports the
+    # flags of all of them; a folder gone from the server is emptied): more values than
+    # PostgreSQL's protocol allows parameters in a statement.
+    box = mailbox(runtime)
+    size = 70_000
+    with runtime.db.maintenance_session() as session:
+        session.execute(
+            text(
+                "INSERT INTO messages (id, tenant_id, user_id, account_id, folder_id, uid, subject, from_address,"
+                " to_addresses, received_at)"
+                " SELECT 'big' || lpad(n::text, 6, '0'), :tenant, :user, :account, :folder, n, 'Generated', "
+                " 'someone@example.com', ARRAY['me@example.com'], now() FROM generate_series(1, :size) AS n"
+            ),
+            {
+                "tenant": box.store.principal.tenant_id,
+                "user": box.store.principal.user_id,
+                "account": box.store.account_id,
+                "folder": box.folder.id,
+                "size": size,
+            },
+        )
+    # The server says the first one was read; the rest are as stored.
+    changes = {uid: ((), None) for uid in range(2, size + 1)} | {1: (("\\Seen",), None)}
+    assert box.store.apply_flags(box.folder, changes) == 1
+    assert box.store.remove_uids(box.folder, range(size - 9, size + 1)) == 10
+    assert box.store.clear_folder(box.folder) == size - 10
+    assert stored(box) == ([], [])

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, load_only
 
 from email_service.changes import entries as changes
 from email_service.changes.log import Entry, record
+from email_service.db import among
 from email_service.errors import ConflictError, NotFoundError
 from email_service.mail.folders import SPAM, TRASH, selectable
 from email_service.models import Account, Attachment, Folder, Message, MessageMove, Task, TaskKind, TaskStatus
@@ -150,7 +151,7 @@ def _apply(
         session.flush()
         if doomed:
             removed_keys = object_keys(session, doomed)
-            session.execute(delete(Message).where(Message.id.in_([m.id for m in doomed])))
+            session.execute(delete(Message).where(among(Message.id, [m.id for m in doomed])))
         _touch([folders[f] for f in touched], now)
         # Last in the transaction: taking the account's sequence locks its row until commit.
         record(session, principal, account_id, logged)
@@ -280,7 +281,7 @@ def object_keys(session: Session, messages: Sequence[Message]) -> list[str]:
     """The stored objects of ``messages`` (raw message and attachments), to delete after commit."""
     keys = [m.raw_object_key for m in messages if m.raw_object_key]
     ids = [m.id for m in messages]
-    return keys + list(session.scalars(select(Attachment.object_key).where(Attachment.message_id.in_(ids))))
+    return keys + list(session.scalars(select(Attachment.object_key).where(among(Attachment.message_id, ids))))
 
 
 def _touch(folders: list[Folder], now: datetime) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, load_only
 
 from email_service.changes import entries as changes
 from email_service.changes.log import Entry, record
+from email_service.db import among
 from email_service.mailbox.moves import MOVED_COLUMNS, delete_objects, enqueue_server_moves, object_keys
 from email_service.mailbox.writeback import FolderRenumbered, renumbered
 from email_service.models import Account, Folder, Message, MessageMove, TaskKind
@@ -119,7 +120,7 @@ def _finish(
             m.id: m
             for m in session.scalars(
                 select(MessageMove)
-                .where(MessageMove.id.in_([d.id for d in done]))
+                .where(among(MessageMove.id, [d.id for d in done]))
                 .order_by(MessageMove.id)
                 .with_for_update()
             )
@@ -129,7 +130,7 @@ def _finish(
         if target_id is not None and new_uids:
             taken = set(
                 session.scalars(
-                    select(Message.uid).where(Message.folder_id == target_id, Message.uid.in_(list(new_uids.values())))
+                    select(Message.uid).where(Message.folder_id == target_id, among(Message.uid, new_uids.values()))
                 )
             )
         logged: list[Entry] = []
@@ -159,7 +160,7 @@ def _finish(
         session.flush()
         if gone:
             removed_keys = object_keys(session, gone)
-            session.execute(delete(Message).where(Message.id.in_([m.id for m in gone])))
+            session.execute(delete(Message).where(among(Message.id, [m.id for m in gone])))
         record(session, principal, account_id, logged)
     delete_objects(runtime, removed_keys)
     _write_flags(runtime, principal, account_id, flags_pending)
@@ -170,7 +171,7 @@ def _finish(
 
 def _lock_followed(session: Session, move_ids: list[int]) -> dict[str, Message]:
     """Lock the rows that follow these moves, before the moves themselves: the order every writer uses."""
-    followed = select(MessageMove.message_id).where(MessageMove.id.in_(move_ids))
+    followed = select(MessageMove.message_id).where(among(MessageMove.id, move_ids))
     return {
         m.id: m
         for m in session.scalars(
@@ -225,5 +226,5 @@ def _pop3_deletions(
         # Only a confirmed QUIT deletes; without it the deletions are tried again and remembered meanwhile.
         session.quit()
     with runtime.db.tenant_session(principal) as session:
-        session.execute(delete(MessageMove).where(MessageMove.id.in_([m.id for m in wanted])))
+        session.execute(delete(MessageMove).where(among(MessageMove.id, [m.id for m in wanted])))
     return {"result": f"{len(wanted)} deleted on the server"}

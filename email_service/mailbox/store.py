@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from email_service.changes import entries as changelog
 from email_service.changes.log import Entry, record
-from email_service.db import Database
+from email_service.db import Database, among
 from email_service.mail.parse import ParsedMessage, parse_message
 from email_service.models import Attachment, Folder, Message, MessageMove
 from email_service.storage import ObjectStore
@@ -272,7 +272,7 @@ class MailStore:
             ).all()
             gone = [row.id for row in deleted if row.pop3_uidl not in present]
             if gone:
-                session.execute(delete(MessageMove).where(MessageMove.id.in_(gone)))
+                session.execute(delete(MessageMove).where(among(MessageMove.id, gone)))
             return set(moved) | {row.pop3_uidl for row in deleted if row.pop3_uidl in present}
 
     def add_messages(self, folder: Folder, incoming: Sequence[IncomingMessage]) -> tuple[list[int | str], list[str]]:
@@ -451,7 +451,7 @@ class MailStore:
                     Message.keywords,
                 ).where(
                     Message.folder_id == folder.id,
-                    Message.uid.in_(list(changes)),
+                    among(Message.uid, changes),
                     # A change made through the API and not yet on the server wins over the server's flags.
                     Message.writeback_pending.is_(False),
                 )
@@ -494,7 +494,7 @@ class MailStore:
             more_ids, more_keys, more_logged = self._drop_leaving(session, folder.id, uids)
             ids, keys, logged = ids + more_ids, keys + more_keys, logged + more_logged
             session.flush()
-            session.execute(delete(Message).where(Message.id.in_(ids)))
+            session.execute(delete(Message).where(among(Message.id, ids)))
             record(session, self.principal, self.account_id, logged)
         self._delete_objects(keys)
         return len(ids)
@@ -508,7 +508,7 @@ class MailStore:
             more_ids, more_keys, more_logged = self._drop_leaving(session, folder.id, None)
             ids, keys, logged = ids + more_ids, keys + more_keys, logged + more_logged
             session.flush()
-            session.execute(delete(Message).where(Message.id.in_(ids)))
+            session.execute(delete(Message).where(among(Message.id, ids)))
             record(session, self.principal, self.account_id, logged)
         self._delete_objects(keys)
         return len(ids)
@@ -520,7 +520,7 @@ class MailStore:
         object keys, log entries) of the rows that followed them, for the caller to delete."""
         query = select(MessageMove).where(MessageMove.source_folder_id == folder_id)
         if uids is not None:
-            query = query.where(MessageMove.uid.in_(uids))
+            query = query.where(among(MessageMove.uid, uids))
         ids: list[str] = []
         keys: list[str] = []
         logged: list[Entry] = []
@@ -556,16 +556,16 @@ class MailStore:
         """
         query = select(Message.id, Message.raw_object_key).where(Message.folder_id == folder_id).order_by(Message.uid)
         if uids is not None:
-            query = query.where(Message.uid.in_(uids))
+            query = query.where(among(Message.uid, uids))
         if only is not None:
-            query = query.where(Message.id.in_(only))
+            query = query.where(among(Message.id, only))
         if lock:
             query = query.with_for_update()
         messages = session.execute(query).all()
         ids = [m.id for m in messages]
         keys = [m.raw_object_key for m in messages if m.raw_object_key]
         if ids:
-            keys += list(session.scalars(select(Attachment.object_key).where(Attachment.message_id.in_(ids))))
+            keys += list(session.scalars(select(Attachment.object_key).where(among(Attachment.message_id, ids))))
         return ids, keys
 
     def _delete_objects(self, keys: Iterable[str]) -> None:
