@@ -138,6 +138,23 @@ def test_a_lone_surrogate_in_an_update_is_400(api, service, verifier):
     assert "Traceback" not in service.log()
 
 
+def test_a_line_break_at_the_end_does_not_pass_a_pattern(api, verifier):
+    # The spec's patterns end in $, which in ECMA 262 (JSON Schema's regex) ends the input; in
+    # Python it also matches before a final newline, which let "bob\n" into a login line.
+    user = User(verifier)
+    account = api.post("/api/accounts", json=account_body(), headers=user.headers).json()
+    for field, value in (("accountName", "Work\n"), ("username", "bob\n"), ("password", "secretpw\n")):
+        assert_error_shape(api.put(f"/api/accounts/{account['id']}", json={field: value}, headers=user.headers), 400)
+    assert api.get(f"/api/accounts/{account['id']}", headers=user.headers).json()["username"] == "user@example.com"
+    # A label goes into IMAP commands as an atom: checked before the message is even looked up.
+    labels = api.patch(
+        f"/api/{account['id']}/messages/no-such-message", json={"labels": ["work\n"]}, headers=user.headers
+    )
+    assert_error_shape(labels, 400)
+    since = api.get(f"/api/{account['id']}/changes", params={"since": "1\n"}, headers=user.headers)
+    assert_error_shape(since, 400)
+
+
 @pytest.mark.parametrize("path", ["/api/accounts/", "/api/accounts/abc/", "/health/", "/api/sync/task/x/"])
 def test_trailing_slashes_answer_404_and_never_redirect_by_host(service, verifier, path):
     token = User(verifier).token

@@ -8,7 +8,9 @@ show callers internals. Each message here names the field and the rule it broke,
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
 from connexion.exceptions import BadRequestProblem
@@ -33,7 +35,37 @@ def _reject_read_only(validator: Any, read_only: bool, instance: Any, schema: di
         yield ValidationError("is read-only")
 
 
-RequestValidator = extend(Draft4RequestValidator, {"readOnly": _reject_read_only})
+@lru_cache(maxsize=256)
+def _ecma_regex(pattern: str) -> re.Pattern[str]:
+    """The spec's pattern (ECMA 262) as Python reads it: ``$`` ends the input, and nothing after it.
+
+    Python's ``$`` also matches before a final newline, so ``^[^\\u0000-\\u001f]*$`` let
+    ``"name\\n"`` through. An unescaped ``$`` outside a character class becomes ``\\Z``.
+    """
+    out: list[str] = []
+    escaped = in_class = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "$":
+            char = r"\Z"
+        out.append(char)
+    return re.compile("".join(out))
+
+
+def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: dict) -> Any:
+    if validator.is_type(instance, "string") and not _ecma_regex(pattern).search(instance):
+        yield ValidationError("does not match the pattern")
+
+
+RequestValidator = extend(Draft4RequestValidator, {"readOnly": _reject_read_only, "pattern": _ecma_pattern})
+ParameterSchemaValidator = extend(Draft4Validator, {"pattern": _ecma_pattern})
 
 
 def rule(error: ValidationError) -> str:
@@ -69,16 +101,16 @@ def quote_names(names: Iterable[str]) -> str:
 
 # Parameter schemas are the spec's own dicts, alive as long as the app: one validator each,
 # built on first use, instead of one per parameter per request (most of a check's cost).
-_parameter_validators: dict[int, tuple[dict, Draft4Validator]] = {}
+_parameter_validators: dict[int, tuple[dict, Any]] = {}
 MAX_CACHED_VALIDATORS = 4096
 
 
-def _parameter_validator(schema: dict) -> Draft4Validator:
+def _parameter_validator(schema: dict) -> Any:
     cached = _parameter_validators.get(id(schema))
     if cached is None or cached[0] is not schema:
         if len(_parameter_validators) > MAX_CACHED_VALIDATORS:
             _parameter_validators.clear()  # a bound, should schemas ever be built per request
-        cached = (schema, Draft4Validator(schema, format_checker=Draft4Validator.FORMAT_CHECKER))
+        cached = (schema, ParameterSchemaValidator(schema, format_checker=Draft4Validator.FORMAT_CHECKER))
         _parameter_validators[id(schema)] = cached
     return cached[1]
 
