@@ -1013,3 +1013,43 @@ class ScriptedImapServer:
 
     def close(self) -> None:
         self.listener.close()
+
+
+class ScriptedPop3Server:
+    """A POP3 server on 127.0.0.1 for one connection, for what Dovecot cannot be made to show.
+
+    ``messages`` are sent for RETR exactly as given, between the "+OK" and the final ".", so a
+    test chooses line lengths, line ends and dot-stuffing. Any USER and PASS are accepted; UIDL
+    lists ``uidl-1``, ``uidl-2``, ...; other commands get -ERR. ``commands`` records what came.
+    """
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self.messages = messages
+        self.commands: list[bytes] = []
+        self.listener = socket.create_server((LOOPBACK, 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _answer(self, verb: bytes, argument: bytes) -> bytes:
+        if verb in (b"USER", b"PASS", b"QUIT"):
+            return b"+OK\r\n"
+        if verb == b"UIDL":
+            listing = b"".join(b"%d uidl-%d\r\n" % (n, n) for n in range(1, len(self.messages) + 1))
+            return b"+OK\r\n" + listing + b".\r\n"
+        if verb == b"RETR" and argument.isdigit() and 1 <= int(argument) <= len(self.messages):
+            return b"+OK message follows\r\n" + self.messages[int(argument) - 1] + b".\r\n"
+        return b"-ERR not here\r\n"
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"+OK scripted POP3 ready\r\n")
+            while line := lines.readline():
+                self.commands.append(line.rstrip(b"\r\n"))
+                verb, _, argument = line.strip().partition(b" ")
+                conn.sendall(self._answer(verb.upper(), argument))
+                if verb.upper() == b"QUIT":
+                    return
+
+    def close(self) -> None:
+        self.listener.close()

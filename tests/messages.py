@@ -216,6 +216,19 @@ def thread(
     return messages
 
 
+def long_line_message(subject: str, line: str) -> bytes:
+    """An HTML message whose body is ``line`` on one unwrapped line, as some senders write them.
+
+    Built by hand: the ``email`` package would fold or encode a long line; this is what arrives.
+    """
+    head = (
+        f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: {subject}\r\nDate: Mon, 02 Mar 2026 10:00:00 +0000\r\n"
+        f"Message-ID: {make_message_id()}\r\nMIME-Version: 1.0\r\nContent-Type: text/html; charset=us-ascii\r\n"
+        "Content-Transfer-Encoding: 7bit\r\n\r\n"
+    )
+    return (head + f"<p>{line}</p>\r\n").encode("ascii")
+
+
 def malformed_message() -> bytes:
     """A message that breaks the rules in many ways yet must still be stored and synced.
 

@@ -17,12 +17,13 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 from helpers import TEST_DESTINATIONS, assert_error_shape, free_port, service_env
-from mailservers import ScriptedImapServer, make_tls_files
+from mailservers import ScriptedImapServer, ScriptedPop3Server, make_tls_files
 from messages import (
     ATTACHMENT_NAME,
     attachments_message,
     html_message,
     international_message,
+    long_line_message,
     malformed_message,
     plain_message,
     realistic_mix,
@@ -32,8 +33,12 @@ from messages import (
 from sqlalchemy import text
 from syncing import create_account, folders_by_name, imap_account, messages, run_sync, wait_task
 
+from email_service.mailbox.pop3_sync import Pop3Sync
 from email_service.mailbox.schedule import due_for_sync
+from email_service.mailbox.store import MailStore
+from email_service.protocols import pop3
 from email_service.protocols.imap import ImapSession
+from email_service.protocols.pop3 import Pop3Session
 from email_service.queue.locks import AccountLock
 from email_service.queue.scheduler import Scheduler
 
@@ -315,6 +320,77 @@ def test_pop3_downloads_each_message_once_and_deletes_nothing(client, user, dove
         ),
     )
     assert run_sync(client, user, stls)[0]["result"]["messagesAdded"] == 4
+
+
+def test_pop3_brings_a_message_with_a_10000_character_line_and_the_ones_after_it(
+    client, user, dovecot, mail_user, worker
+):
+    # Unwrapped HTML or base64 has lines far over poplib's 2,048 bytes; messages are fetched in
+    # server order, so such a message used to stop every sync at the same place.
+    line = "0123456789" * 1000
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Before the long line")))
+    dovecot.append(mail_user, "INBOX", long_line_message("One long line", line))
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("After the long line")))
+    body = imap_account(dovecot, mail_user, protocol="pop3", port=dovecot.pop3s_port)
+    account_id = create_account(client, user, body)
+    status, _ = run_sync(client, user, account_id)
+    assert status["status"] == "success", status
+    assert status["result"]["messagesAdded"] == 3 and status["result"]["errors"] == []
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    listed = {m["subject"]: m for m in messages(client, user, account_id, inbox["id"])["messages"]}
+    assert set(listed) == {"Before the long line", "One long line", "After the long line"}
+    detail = client.get(f"/api/{account_id}/messages/{listed['One long line']['id']}", headers=user.headers).json()
+    assert line in detail["bodyHtml"]
+
+
+def test_pop3_message_over_the_limits_is_reported_and_the_others_arrive(client, runtime, user, monkeypatch):
+    # Small limits so the test need not send 16 MB lines: one message has a line over the line
+    # limit, one is over the whole-message limit; both are read to their end and skipped, the
+    # session stays in step with the server, and the messages around them are stored exactly.
+    monkeypatch.setattr(pop3, "MAX_POP3_LINE", 1000)
+    monkeypatch.setattr(pop3, "MAX_POP3_MESSAGE", 10_000)
+    fits = to_bytes(plain_message("Fits", "A line with a dot next.\n.starts with a dot\n"))
+    stuffed = fits.replace(b"\r\n.starts", b"\r\n..starts")
+    bare_lf = to_bytes(plain_message("Bare line ends")).replace(b"\r\n", b"\n")
+    server = ScriptedPop3Server(
+        [
+            long_line_message("Line too long", "x" * 5000),
+            stuffed,
+            long_line_message("Too large", ("y" * 900 + "\r\n") * 20),
+            bare_lf,
+        ]
+    )
+    body = {
+        "accountName": "Scripted POP3",
+        "emailAddress": "scripted-pop3@example.com",
+        "protocol": "pop3",
+        "hostname": "127.0.0.1",
+        "port": server.port,
+        "encryption": "none",
+        "username": "someone",
+        "password": "secret-password",
+        "isSyncEnabled": False,
+    }
+    account_id = create_account(client, user, body)
+    store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
+    session = Pop3Session(
+        "127.0.0.1", server.port, "none", "someone", "secret-password", destinations=TEST_DESTINATIONS
+    )
+    with session:
+        result = Pop3Sync(store, session, lambda _progress: None).run()
+    server.close()
+    assert result.messages_added == 2
+    assert [error.split(" is over ")[0] for error in result.errors] == [
+        f"message 1 at 127.0.0.1:{server.port}",
+        f"message 3 at 127.0.0.1:{server.port}",
+    ]
+    assert all(error.endswith("it was not downloaded") for error in result.errors)
+    assert b"RETR 4" in server.commands and server.commands[-1] == b"QUIT"
+    inbox = store.folders()["INBOX"]
+    stored = {m["subject"]: m for m in messages(client, user, account_id, inbox.id)["messages"]}
+    assert set(stored) == {"Fits", "Bare line ends"}
+    detail = client.get(f"/api/{account_id}/messages/{stored['Fits']['id']}", headers=user.headers).json()
+    assert "\n.starts with a dot" in detail["body"]
 
 
 def test_wrong_password_fails_in_words(client, runtime, user, dovecot, mail_user, worker):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from email_service.mailbox.result import ProgressCallback, SyncResult
 from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
 from email_service.observability import metrics
-from email_service.protocols.pop3 import Pop3Session
+from email_service.protocols.pop3 import MessageTooLarge, Pop3Session
 
 INBOX = RemoteFolder(name="INBOX", display_name="Inbox", type="inbox", delimiter=None, parent_name=None, attributes=())
 BATCH_MESSAGES = 50
@@ -33,7 +33,14 @@ class Pop3Sync:
         self.progress(5)
         for start in range(0, len(new), BATCH_MESSAGES):
             chunk = new[start : start + BATCH_MESSAGES]
-            incoming = [IncomingMessage(raw=self.session.retrieve(on_server[uidl]), uidl=uidl) for uidl in chunk]
+            incoming = []
+            for uidl in chunk:
+                try:
+                    incoming.append(IncomingMessage(raw=self.session.retrieve(on_server[uidl]), uidl=uidl))
+                except MessageTooLarge as exc:
+                    # Said and skipped: in server order, failing the sync here would stop it at
+                    # this message every time. It stays new, so a later sync tries it again.
+                    self.result.errors.append(str(exc))
             metrics.fetched("pop3", (item.raw for item in incoming))
             added, errors = self.store.add_messages(inbox, incoming)
             self.result.messages_added += len(added)

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import poplib
+from typing import BinaryIO
 
-from email_service.protocols.connect import pop3_client
+from email_service.protocols.connect import MAX_IMAP_LINE, pop3_client
 from email_service.protocols.errors import AuthenticationFailed, MailServerError, describe
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
+
+# poplib refuses any line over 2,048 bytes ("line too long"), and unwrapped HTML or base64 mail
+# has longer ones: as messages come in server order, one such message stopped every sync at the
+# same place. Message lines are read here up to the IMAP side's generous cap instead.
+MAX_POP3_LINE = MAX_IMAP_LINE
+# The most of one message held in memory: above what providers accept in one message (Microsoft
+# 365 up to 150 MB), and a bound on what a hostile server can make a worker hold.
+MAX_POP3_MESSAGE = 160 * 1024 * 1024
+
+
+class MessageTooLarge(MailServerError):
+    """One message is over the limits above; it was read to its end, so the session goes on."""
 
 
 class Pop3Session(MailSession):
@@ -65,9 +78,53 @@ class Pop3Session(MailSession):
             raise describe(exc, self.host, self.port) from None
 
     def retrieve(self, number: int) -> bytes:
+        """The whole message ``number`` with CRLF line ends; ``MessageTooLarge`` when over the limits."""
+        conn = self.conn
         try:
-            _, lines, _ = self.conn.retr(number)
+            # poplib's retr() reads the message through its 2,048-byte line limit; only the
+            # command and its status line (short by definition) go through poplib here.
+            conn._putcmd(f"RETR {number}")  # noqa: SLF001 - poplib has no public way to send a command alone
+            conn._getresp()  # noqa: SLF001 - raises error_proto for -ERR
+            raw = _read_multiline(conn.file)
         except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
             raise describe(exc, self.host, self.port) from None
-        # poplib strips line ends and un-stuffs leading dots; put the CRLFs back.
-        return b"\r\n".join(lines) + b"\r\n"
+        if raw is None:
+            raise MessageTooLarge(
+                f"message {number} at {self.host}:{self.port} is over {MAX_POP3_MESSAGE // (1024 * 1024)} MB "
+                f"or has a line over {MAX_POP3_LINE // (1024 * 1024)} MB; it was not downloaded"
+            )
+        return raw
+
+
+def _read_multiline(file: BinaryIO) -> bytes | None:
+    """A multi-line POP3 response up to its terminating ".", dots un-stuffed and lines ended with CRLF.
+
+    None when a line or the whole is over the limits: the rest is still read (and dropped), so the
+    next command's answer is not mistaken for part of this one and memory stays bounded.
+    """
+    data = bytearray()
+    fits = True
+    while True:
+        line = file.readline(MAX_POP3_LINE + 1)
+        if not line.endswith(b"\n"):
+            if len(line) <= MAX_POP3_LINE:
+                raise ConnectionAbortedError("connection closed")  # the server hung up mid-response
+            fits = False
+            data = bytearray()
+            while line and not line.endswith(b"\n"):  # the rest of the over-long line
+                line = file.readline(MAX_POP3_LINE + 1)
+            if not line:
+                raise ConnectionAbortedError("connection closed")
+            continue
+        # Servers end lines with CRLF, some with a bare LF; the stored message has CRLF throughout.
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if line == b".":
+            return bytes(data) if fits else None
+        if line.startswith(b"."):
+            line = line[1:]  # RFC 1939 3: a line starting with "." was sent with one more
+        if fits and len(data) + len(line) + 2 > MAX_POP3_MESSAGE:
+            fits = False
+            data = bytearray()
+        if fits:
+            data += line
+            data += b"\r\n"
