@@ -220,7 +220,10 @@ class MailUser:
     address: str  # an e-mail address for From/To headers; not routed anywhere
 
 
-_USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@-]*$")
+# What a passwd-file entry and its file name can hold: no ":", "/" or control characters, and
+# not a dot file. Spaces, quotes, backslashes and non-ASCII are fine (Dovecot allows them, see
+# auth_username_chars below); use lower case, as Dovecot looks names up lower-cased.
+_USER_NAME = re.compile(r"^[^\s:/.\x00-\x1f\x7f][^:/\x00-\x1f\x7f]*$")
 
 
 # The SASL mechanisms for bearer tokens the test servers offer by default (with introspection).
@@ -307,6 +310,9 @@ ssl_min_protocol = TLSv1.2
 disable_plaintext_auth = no
 auth_mechanisms = plain login{" " + self._oauth2_mechanism_names if self.oauth2_introspection_url else ""}
 auth_cache_size = 0
+# Any user name, as servers that take DOMAIN\\user or "first last" do (the default allows only
+# letters, digits and ".-_@").
+auth_username_chars =
 # Wrong-password tests should not wait: no fixed delay per failed login, and no penalty growing
 # per client IP (2, 4, ... 15 s), which the auth process skips when anvil has no penalty socket.
 auth_failure_delay = 0
@@ -522,7 +528,9 @@ service pop3-login {{
             self.users[name] = user
         # Written whole and renamed into place so the auth process never reads half a file.
         tmp = self.passwd_dir / f".{name}.tmp"
-        tmp.write_text(f"{name}:{{PLAIN}}{password}::::::\n")
+        # Dovecot looks a user up in a passwd-file by the name with "\\" and '"' escaped.
+        entry = name.replace("\\", "\\\\").replace('"', '\\"')
+        tmp.write_text(f"{entry}:{{PLAIN}}{password}::::::\n")
         tmp.chmod(0o644)  # read by the auth process, which runs as the dovecot user
         tmp.replace(self.passwd_dir / name)
         return user
@@ -542,7 +550,10 @@ service pop3-login {{
             client.starttls(ssl_context=self.ssl_context())
         else:
             client = imaplib.IMAP4_SSL(self.host, self.imaps_port, ssl_context=self.ssl_context(), timeout=30)
-        client.login(user.name, user.password)
+        # AUTHENTICATE PLAIN (UTF-8) rather than imaplib's login(), which sends the name unquoted
+        # and refuses non-ASCII: test users may have any name and password.
+        credentials = b"\0" + user.name.encode() + b"\0" + user.password.encode()
+        client.authenticate("PLAIN", lambda _challenge: credentials)
         return client
 
     def pop3(self, user: MailUser, *, stls: bool = False) -> poplib.POP3:
@@ -1050,6 +1061,52 @@ class ScriptedPop3Server:
                 conn.sendall(self._answer(verb.upper(), argument))
                 if verb.upper() == b"QUIT":
                     return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class CapabilityHidingProxy:
+    """A plain-text TCP proxy to an IMAP server that hides some of its capabilities.
+
+    For servers unlike Dovecot, which always offers AUTH=PLAIN beside LOGIN (its LOGIN is PLAIN
+    inside). Every connection goes to ``port`` on 127.0.0.1; what the client sends passes
+    unchanged and is kept in ``sent``; the server's lines lose the capabilities in ``hide``.
+    """
+
+    def __init__(self, port: int, hide: Iterable[str]) -> None:
+        self.target = port
+        self.hide = re.compile(rb"(?i) (?:" + b"|".join(re.escape(c.encode()) for c in hide) + rb")(?=[ \]\r])")
+        self.sent: list[bytes] = []
+        self.listener = socket.create_server((LOOPBACK, 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection((LOOPBACK, self.target))
+            threading.Thread(target=self._to_server, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._to_client, args=(server, client), daemon=True).start()
+
+    def _to_server(self, client: socket.socket, server: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                self.sent.append(data)
+                server.sendall(data)
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_WR)
+
+    def _to_client(self, server: socket.socket, client: socket.socket) -> None:
+        with contextlib.suppress(OSError), server.makefile("rb") as lines:
+            while line := lines.readline():
+                client.sendall(self.hide.sub(b"", line) if b"CAPABILITY" in line.upper() else line)
+        for sock in (client, server):
+            with contextlib.suppress(OSError):
+                sock.close()
 
     def close(self) -> None:
         self.listener.close()

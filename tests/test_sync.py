@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import secrets
 import socket
 import ssl
 import subprocess
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 from helpers import TEST_DESTINATIONS, assert_error_shape, free_port, service_env
-from mailservers import ScriptedImapServer, ScriptedPop3Server, make_tls_files
+from mailservers import CapabilityHidingProxy, ScriptedImapServer, ScriptedPop3Server, make_tls_files
 from messages import (
     ATTACHMENT_NAME,
     attachments_message,
@@ -391,6 +392,40 @@ def test_pop3_message_over_the_limits_is_reported_and_the_others_arrive(client, 
     assert set(stored) == {"Fits", "Bare line ends"}
     detail = client.get(f"/api/{account_id}/messages/{stored['Fits']['id']}", headers=user.headers).json()
     assert "\n.starts with a dot" in detail["body"]
+
+
+LOGINS = {
+    # A non-ASCII password goes as AUTHENTICATE PLAIN in UTF-8, where the server offers it.
+    "non-ascii-password": ("", "Pässwort123", False),
+    "non-ascii-user-name": ("jörg-", "Pässwort123", False),
+    # User names and passwords with a backslash, a space or a quote go as escaped quoted strings.
+    "user-name-needing-quotes": ('domain\\ "first" last-', 'pa"ss\\word 123', False),
+    # Without AUTH=PLAIN a non-ASCII password goes in LOGIN as a literal.
+    "literal-without-auth-plain": ("domain\\jörg-", "Pässwort123", True),
+}
+
+
+@pytest.mark.parametrize("case", LOGINS)
+def test_imap_logs_in_with_any_user_name_and_password(client, user, dovecot, worker, case):
+    # imaplib's login() sent the user name unquoted (BAD, reported as a refused login) and
+    # encoded the password as ASCII (UnicodeEncodeError, "unexpected failure talking to host").
+    prefix, password, hide_plain = LOGINS[case]
+    mail_user = dovecot.add_user(f"{prefix}{secrets.token_hex(4)}", password)
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message(f"For {case}")))
+    body = imap_account(dovecot, mail_user, emailAddress=f"login-{case}-{secrets.token_hex(4)}@example.com")
+    proxy = None
+    if hide_plain:
+        proxy = CapabilityHidingProxy(dovecot.imap_port, hide=["AUTH=PLAIN"])
+        body.update(hostname="127.0.0.1", port=proxy.port, encryption="none")
+    account_id = create_account(client, user, body)
+    status, _ = run_sync(client, user, account_id)
+    assert status["status"] == "success", status
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    assert [m["subject"] for m in messages(client, user, account_id, inbox["id"])["messages"]] == [f"For {case}"]
+    if proxy is not None:
+        proxy.close()
+        sent = b"".join(proxy.sent)
+        assert b" LOGIN {" in sent and b"AUTHENTICATE" not in sent
 
 
 def test_wrong_password_fails_in_words(client, runtime, user, dovecot, mail_user, worker):

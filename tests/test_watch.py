@@ -9,6 +9,7 @@ running the syncs it queues.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 import socket
 import threading
@@ -19,7 +20,7 @@ from datetime import UTC, datetime
 import psutil
 import pytest
 from helpers import TEST_DESTINATIONS
-from mailservers import ScriptedImapServer
+from mailservers import CapabilityHidingProxy, ScriptedImapServer
 from messages import plain_message, to_bytes
 from sqlalchemy import text, update
 from syncing import add_task, create_account, eventually, imap_account, inbox_subjects, tasks_of, wait_task, watcher
@@ -221,6 +222,41 @@ def test_a_server_that_stops_answering_fails_the_watch_in_its_timeout(backing, a
         asyncio.run(asyncio.wait_for(IdleConnection.open(mail_server, settings, client_context(None)), 30))
     assert time.monotonic() - started < 10
     server.close()
+
+
+LOGINS = {
+    "non-ascii-password": ("", "Pässwort123", False),
+    "non-ascii-user-name": ("jörg-", "Pässwort123", False),
+    "user-name-needing-quotes": ('domain\\ "first" last-', 'pa"ss\\word 123', False),
+    "literal-without-auth-plain": ("domain\\jörg-", "Pässwort123", True),
+}
+
+
+@pytest.mark.parametrize("case", LOGINS)
+def test_the_watch_logs_in_with_any_user_name_and_password(backing, dovecot, case):
+    # aioimaplib's login() sends the user name unquoted and a non-ASCII password as raw UTF-8
+    # inside a quoted string; the watcher logs in as sync does.
+    prefix, password, hide_plain = LOGINS[case]
+    mail_user = dovecot.add_user(f"{prefix}{secrets.token_hex(4)}", password)
+    settings = replace(backing, destinations=TEST_DESTINATIONS)
+    server = MailServer(Protocol.IMAP, dovecot.host, dovecot.imaps_port, "tls", mail_user.name, password)
+    proxy = None
+    if hide_plain:
+        proxy = CapabilityHidingProxy(dovecot.imap_port, hide=["AUTH=PLAIN"])
+        server = MailServer(Protocol.IMAP, "127.0.0.1", proxy.port, "none", mail_user.name, password)
+
+    async def watch() -> bool:
+        connection = await IdleConnection.open(server, settings, client_context(dovecot.ca_file))
+        try:
+            return connection.supports_idle
+        finally:
+            await connection.close()
+
+    assert asyncio.run(asyncio.wait_for(watch(), 30))
+    if proxy is not None:
+        proxy.close()
+        sent = b"".join(proxy.sent)
+        assert b" LOGIN {" in sent and b"AUTHENTICATE" not in sent
 
 
 def test_leases_are_renewed_while_every_refresh_thread_waits_on_a_slow_server(backing):

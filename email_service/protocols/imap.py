@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import imaplib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -51,6 +51,46 @@ class FetchedMessage:
 def quote(name: str) -> str:
     """A mailbox name as an IMAP quoted string (names may hold spaces, quotes, backslashes)."""
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def quotable(text: str) -> bool:
+    """Whether ``text`` can be sent as an IMAP quoted string: 7-bit, without CR, LF or NUL (RFC 3501 9)."""
+    return text.isascii() and not any(char in text for char in "\r\n\0")
+
+
+def login_pieces(username: str, password: str) -> list[bytes]:
+    """LOGIN's arguments as sent: the first piece on the command line, each further one after a "+".
+
+    Each argument goes as a quoted string, escaped (a user name such as ``DOMAIN\\user`` or one with a
+    space or '"' is one argument, not a BAD command); one that cannot be quoted (non-ASCII) goes
+    as a literal ``{n}`` of its UTF-8 bytes (RFC 6855), sent after the server's continuation.
+    """
+    pieces = [b""]
+    for value in (username, password):
+        if quotable(value):
+            pieces[-1] += b" " + quote(value).encode("ascii")
+        else:
+            data = value.encode("utf-8")
+            pieces[-1] += b" {%d}" % len(data)
+            pieces.append(data)
+    pieces[0] = pieces[0].lstrip(b" ")
+    return pieces
+
+
+def plain_credentials(username: str, password: str) -> bytes:
+    """The RFC 4616 PLAIN message in UTF-8: no authorization identity, the user name, the password."""
+    return b"\0" + username.encode("utf-8") + b"\0" + password.encode("utf-8")
+
+
+def use_plain(username: str, password: str, capabilities: Iterable[str]) -> bool:
+    """Whether to log in with AUTHENTICATE PLAIN rather than LOGIN.
+
+    Only for credentials that cannot be quoted, and only where the server offers PLAIN: PLAIN
+    carries UTF-8 by definition (RFC 4616, as RFC 6855 advises for non-ASCII credentials), while
+    how a server reads non-ASCII in LOGIN is up to it. Everything else keeps LOGIN, which every
+    server takes.
+    """
+    return not (quotable(username) and quotable(password)) and "AUTH=PLAIN" in capabilities
 
 
 def uid_set(uids: Sequence[int]) -> str:
@@ -109,14 +149,35 @@ class ImapSession(MailSession):
         if self.token_source is not None:
             self._oauth2_login(lambda token: self._authenticate(conn, token))
         else:
-            try:
-                conn.login(self.username, self._password)
-            except imaplib.IMAP4.error:
-                raise AuthenticationFailed(f"authentication failed for {self.username} at {self.host}") from None
+            self._login(conn)
         typ, data = conn.capability()
         self.capabilities = frozenset(data[0].decode().upper().split()) if typ == "OK" and data else frozenset()
         if "CONDSTORE" in self.capabilities:
             conn.enable("CONDSTORE")
+
+    def _login(self, conn: imaplib.IMAP4) -> None:
+        """Log in with the password; raises ``AuthenticationFailed`` when the server refuses.
+
+        Not imaplib's login(): it sends the user name unquoted (a space, '"' or '\\' in it makes
+        the command BAD) and encodes as ASCII (a non-ASCII password raised UnicodeEncodeError).
+        """
+        refused = AuthenticationFailed(f"authentication failed for {self.username} at {self.host}")
+        try:
+            if use_plain(self.username, self._password, conn.capabilities):
+                answers = iter([plain_credentials(self.username, self._password)])
+                # A second challenge gets None, which imaplib sends as "*": the exchange is cancelled.
+                conn.authenticate("PLAIN", lambda _challenge: next(answers, None))
+                return
+            pieces = login_pieces(self.username, self._password)
+            if len(pieces) > 1:
+                # imaplib sends what a bound method returns after each continuation, then CRLF.
+                conn.literal = _Continuations(pieces[1:]).next
+            typ, _ = conn._simple_command("LOGIN", pieces[0])  # noqa: SLF001 - login() cannot quote
+        except imaplib.IMAP4.error:
+            raise refused from None
+        if typ != "OK":
+            raise refused
+        conn.state = "AUTH"  # what imaplib's login() would set
 
     def _authenticate(self, conn: imaplib.IMAP4, token: str) -> bool:
         """SASL with the bearer token; False when the server refused it."""
@@ -366,6 +427,16 @@ class ImapSession(MailSession):
                 modseq = _MODSEQ.search(line)
                 result[int(uid.group(1))] = (_parse_flags(line), int(modseq.group(1)) if modseq else None)
         return result
+
+
+class _Continuations:
+    """The pieces of a command sent one per server continuation (imaplib's literal callback)."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = list(pieces)
+
+    def next(self, _continuation: bytes) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
 
 
 def _flatten(data: list) -> list[bytes]:

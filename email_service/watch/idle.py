@@ -22,6 +22,7 @@ from email_service.oauth2 import sasl
 from email_service.oauth2.tokens import TokenSource
 from email_service.protocols import destinations
 from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, HostNotFound, MailServerError
+from email_service.protocols.imap import login_pieces, plain_credentials, quote, use_plain
 from email_service.protocols.servers import MailServer
 
 # RFC 2177: servers may drop an IDLE after 30 minutes; renew well before.
@@ -33,6 +34,8 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, conn_lost_cb: Any, command_timeout: float) -> None:
         super().__init__(loop, conn_lost_cb)
         self.command_timeout = command_timeout
+        # What the pending LOGIN or AUTHENTICATE sends after each server continuation, in turn.
+        self.continuations: list[bytes] = []
 
     async def execute(self, command: Command, scrub: str | None = None) -> aioimaplib.Response:
         # aioimaplib sends some commands with no time limit (the CAPABILITY after the greeting and
@@ -45,11 +48,16 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):
 
     def _continuation(self, line: bytes) -> None:
         command = self.pending_sync_command
-        if command is not None and command.name == "AUTHENTICATE" and self.transport is not None:
-            # A challenge after the initial response carries a refused token's details (RFC 7628
-            # 3.2.3); the empty response lets the server finish with NO instead of waiting.
-            self.transport.write(b"\r\n")
-            return
+        if command is not None and command.name in ("LOGIN", "AUTHENTICATE") and self.transport is not None:
+            if self.continuations:
+                # The next literal of a LOGIN, or the PLAIN response of an AUTHENTICATE.
+                self.transport.write(self.continuations.pop(0) + b"\r\n")
+                return
+            if command.name == "AUTHENTICATE":
+                # A challenge after the initial response carries a refused token's details (RFC
+                # 7628 3.2.3); the empty response lets the server finish with NO instead of waiting.
+                self.transport.write(b"\r\n")
+                return
         super()._continuation(line)
 
 
@@ -101,9 +109,7 @@ class IdleConnection:
             if server.token_source is not None:
                 await connection._oauth2_login(server, server.token_source.with_settings(settings))
             else:
-                response = await client.login(server.username, server.password)
-                if response.result != "OK":
-                    raise AuthenticationFailed(f"authentication failed for {server.username} at {server.host}")
+                await connection._login(server)
             await client.protocol.capability()
             # EXAMINE, not SELECT: watching never changes the folder (not even \Recent). aioimaplib
             # moves to the selected state only for its own SELECT, so the state is set here.
@@ -120,6 +126,33 @@ class IdleConnection:
                 raise ConnectionFailed(f"certificate verify failed for {where}: {exc.verify_message}") from None
             raise ConnectionFailed(f"connection to {where} failed ({type(exc).__name__})") from None
         return connection
+
+    async def _login(self, server: MailServer) -> None:
+        """Log in with the password as ``ImapSession._login`` does; ``AuthenticationFailed`` when refused.
+
+        Not aioimaplib's login(): it sends the user name unquoted (a space, '"' or '\\' in it makes
+        the command BAD) and a non-ASCII password as raw UTF-8 inside a quoted string, which IMAP
+        does not allow.
+        """
+        protocol = self.client.protocol
+        if use_plain(server.username, server.password, protocol.capabilities):
+            credentials = base64.b64encode(plain_credentials(server.username, server.password))
+            command = Command("AUTHENTICATE", protocol.new_tag(), "PLAIN", loop=protocol.loop)
+            protocol.continuations = [credentials]
+        else:
+            pieces = login_pieces(server.username, server.password)
+            command = Command("LOGIN", protocol.new_tag(), pieces[0].decode("ascii"), loop=protocol.loop)
+            protocol.continuations = pieces[1:]
+        try:
+            # scrub keeps a quoted password out of aioimaplib's debug log (the rest is never logged).
+            result = await asyncio.wait_for(
+                protocol.execute(command, scrub=quote(server.password)), self.client.timeout
+            )
+        finally:
+            protocol.continuations = []
+        if result.result != "OK":
+            raise AuthenticationFailed(f"authentication failed for {server.username} at {server.host}")
+        protocol.state = aioimaplib.AUTH
 
     async def _oauth2_login(self, server: MailServer, tokens: TokenSource) -> None:
         """As ``MailSession._oauth2_login``: one refresh and one retry, then the token state says refresh_failed."""
