@@ -1002,11 +1002,13 @@ class ScriptedImapServer:
     """An IMAP server on 127.0.0.1 for one connection, for what Dovecot cannot be made to do.
 
     ``answer(tag, command)`` gives the bytes to send for each command line (its verb upper-cased);
-    ``b""`` says nothing, as a stalled server would. It stops after LOGOUT or a hang-up.
+    ``b""`` says nothing, as a stalled server would. It stops after LOGOUT or a hang-up. The
+    lines received so far are in ``lines`` (the last one is the command being answered).
     """
 
     def __init__(self, answer: Callable[[bytes, bytes], bytes], greeting: bytes = b"* OK [CAPABILITY IMAP4rev1] ready"):
         self.answer, self.greeting = answer, greeting
+        self.lines: list[bytes] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
@@ -1016,6 +1018,7 @@ class ScriptedImapServer:
         with conn, conn.makefile("rb") as lines:
             conn.sendall(self.greeting + b"\r\n")
             while line := lines.readline():
+                self.lines.append(line.rstrip(b"\r\n"))
                 tag, command = line.split()[0], line.split()[1].upper()
                 if reply := self.answer(tag, command):
                     conn.sendall(reply)

@@ -200,3 +200,27 @@ def test_the_inbox_syncs_first_and_newest_mail_first(mail):
     # The first batch asked for holds the newest messages (highest UIDs) the folder has.
     first = server.requested[0]
     assert sorted(first) == list(range(len(mail) - len(first) + 1, len(mail) + 1))
+
+
+@pytest.mark.parametrize(
+    ("asked", "synced"),
+    [(["INBOX"], ["Inbox"]), (["inbox"], ["Inbox"]), (["Archive"], ["Archive"]), (["archive"], [])],
+)
+def test_inbox_is_asked_for_in_any_case_and_other_folders_by_their_exact_name(mail, asked, synced):
+    # RFC 3501 5.1: INBOX is case-insensitive, so "INBOX" is the folder a server lists as "Inbox";
+    # every other name is the server's own and matched as it is.
+    class Listed(Store):
+        def __init__(self) -> None:
+            super().__init__()
+            archive = Folder(id="f0", name="Archive", display_name="Archive", type="archive")
+            self.listed = {"Inbox": Folder(name="Inbox"), "Archive": archive}
+
+        def folders(self):
+            return self.listed
+
+        def reconcile_folders(self, remote):
+            return self.listed, 0
+
+    server = Server(mail[:3])
+    ImapSync(Listed(), server, lambda _p: None, only_folders=asked, list_folders=False).run()
+    assert server.examined == synced

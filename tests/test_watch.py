@@ -25,7 +25,9 @@ from messages import plain_message, to_bytes
 from sqlalchemy import text, update
 from syncing import add_task, create_account, eventually, imap_account, inbox_subjects, tasks_of, wait_task, watcher
 
+from email_service.mailbox.imap_sync import remote_folders
 from email_service.mailbox.live import refresh_folder
+from email_service.mailbox.store import MailStore
 from email_service.models import Task, TaskStatus
 from email_service.protocols.errors import ConnectionFailed
 from email_service.protocols.servers import MailServer, Protocol
@@ -257,6 +259,66 @@ def test_the_watch_logs_in_with_any_user_name_and_password(backing, dovecot, cas
         proxy.close()
         sent = b"".join(proxy.sent)
         assert b" LOGIN {" in sent and b"AUTHENTICATE" not in sent
+
+
+def server_listing_inbox_as(name: bytes, raw: bytes) -> ScriptedImapServer:
+    """One message in the inbox of a server that lists it as ``name`` (RFC 3501 5.1: any case of INBOX)."""
+
+    def answer(tag: bytes, command: bytes) -> bytes:
+        line = server.lines[-1].upper()
+        untagged = b""
+        if command == b"CAPABILITY":
+            untagged = b"* CAPABILITY IMAP4rev1\r\n"
+        elif command == b"LIST":
+            untagged = b'* LIST (\\HasNoChildren) "/" ' + name + b"\r\n"
+        elif command == b"STATUS":
+            untagged = b"* STATUS " + name + b" (MESSAGES 1 UIDNEXT 2 UIDVALIDITY 5 UNSEEN 1)\r\n"
+        elif command == b"EXAMINE":
+            untagged = b"* 1 EXISTS\r\n* OK [UIDVALIDITY 5] ok\r\n* OK [UIDNEXT 2] ok\r\n"
+        elif b" SEARCH" in line:
+            untagged = b"* SEARCH 1\r\n"
+        elif b"RFC822.SIZE" in line:
+            untagged = b"* 1 FETCH (UID 1 RFC822.SIZE %d)\r\n" % len(raw)
+        elif b"BODY.PEEK[]" in line:
+            meta = b'* 1 FETCH (UID 1 FLAGS () INTERNALDATE "02-Mar-2026 10:00:00 +0000" BODY[] {%d}\r\n' % len(raw)
+            untagged = meta + raw + b")\r\n"
+        elif command == b"LOGOUT":
+            untagged = b"* BYE\r\n"
+        return untagged + tag + b" OK done\r\n"
+
+    server = ScriptedImapServer(answer)
+    return server
+
+
+def test_a_reported_change_reaches_an_inbox_the_server_lists_in_another_case(client, live_runtime, user):
+    # The watcher reports changes of "INBOX"; a server listing "Inbox" (the same folder: INBOX is
+    # case-insensitive) had nothing refreshed, as the folder was looked for by its exact name.
+    server = server_listing_inbox_as(b"Inbox", to_bytes(plain_message("Into the Inbox")))
+    body = {
+        "accountName": "Inbox in another case",
+        "emailAddress": "inbox-case@example.com",
+        "protocol": "imap",
+        "hostname": "127.0.0.1",
+        "port": server.port,
+        "encryption": "none",
+        "username": "someone",
+        "password": "secret-password",
+        "isSyncEnabled": False,
+    }
+    account_id = create_account(client, user, body)
+    # The folders as the account's first sync left them.
+    store = MailStore(live_runtime.db, live_runtime.objects, user.principal, account_id)
+    store.reconcile_folders(remote_folders([b'(\\HasNoChildren) "/" Inbox']))
+
+    result = refresh_folder(live_runtime, user.principal, account_id, "INBOX")
+    server.close()
+    assert result is not None and result.folders_synced == 1 and result.messages_added == 1, result
+    # The folder was known: no LIST was needed to find it.
+    assert not [line for line in server.lines if line.split()[1].upper() == b"LIST"]
+    [inbox] = store.folders().values()
+    assert inbox.name == "Inbox" and inbox.uidnext == 2
+    listed = client.get(f"/api/{account_id}/folders/{inbox.id}/messages", headers=user.headers).json()
+    assert [m["subject"] for m in listed["messages"]] == ["Into the Inbox"]
 
 
 def test_leases_are_renewed_while_every_refresh_thread_waits_on_a_slow_server(backing):

@@ -99,6 +99,9 @@ class ImapSync:
         # False where forking parse workers is out of place (a process full of other threads).
         self.parse_pool = parse_pool
         self.only = set(only_folders or ())
+        # INBOX is the one name in any case (RFC 3501 5.1): the watcher asks for "INBOX" where the
+        # server lists "Inbox". Every other name is matched exactly.
+        self._inbox_asked = any(name.upper() == "INBOX" for name in self.only)
         # A change reported on a known folder (IDLE) does not need the folder list checked again.
         self.list_folders = list_folders or not self.only
         self.result = SyncResult()
@@ -118,13 +121,13 @@ class ImapSync:
     def _run(self) -> SyncResult:
         self.progress(1)
         folders = {} if self.list_folders else self.store.folders()
-        if not any(f.name in self.only for f in folders.values()):
+        if not any(self._named(f) for f in folders.values()):
             folders, removed = self.store.reconcile_folders(remote_folders(self.session.list_folders()))
             self.result.messages_removed += removed
         # The Inbox first (a stable sort keeps the others in their order): it is what a user opens.
         chosen = sorted((f for f in folders.values() if selectable(f.attributes)), key=lambda f: f.type != INBOX)
         if self.only:
-            chosen = [f for f in chosen if f.name in self.only or f.display_name in self.only or f.id in self.only]
+            chosen = [f for f in chosen if self._named(f) or f.display_name in self.only or f.id in self.only]
         self.progress(5)
         for index, folder in enumerate(chosen):
             start = 5 + 90 * index / len(chosen)
@@ -141,6 +144,10 @@ class ImapSync:
         self.store.touch_folders(self._unchanged)
         self.progress(100)
         return self.result
+
+    def _named(self, folder: Folder) -> bool:
+        """Whether ``only_folders`` names this folder by its server name."""
+        return folder.name in self.only or (self._inbox_asked and folder.name.upper() == "INBOX")
 
     def _sync_folder(self, folder: Folder, progress: ProgressCallback) -> None:
         session = self.session
