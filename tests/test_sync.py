@@ -34,11 +34,12 @@ from messages import (
 from sqlalchemy import text
 from syncing import create_account, folders_by_name, imap_account, messages, run_sync, wait_task
 
+from email_service.mailbox.imap_sync import ImapSync
 from email_service.mailbox.pop3_sync import Pop3Sync
 from email_service.mailbox.schedule import due_for_sync
 from email_service.mailbox.store import MailStore
 from email_service.protocols import pop3
-from email_service.protocols.imap import ImapSession
+from email_service.protocols.imap import ImapSession, quote
 from email_service.protocols.pop3 import Pop3Session
 from email_service.queue.locks import AccountLock
 from email_service.queue.scheduler import Scheduler
@@ -708,6 +709,55 @@ def test_worker_runs_the_scheduler_beside_it(backing, dovecot, tmp_path):
     while left_behind() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left_behind() == []
+
+
+def test_folder_names_sent_as_literals_come_through_exactly(client, runtime, user):
+    # A server may send any folder name as a literal. Joined back into a line, a backslash in it
+    # was read as an escape: "Work\\Q1" became "WorkQ1", and "C:\\" did not parse at all, so
+    # the next sync removed that folder and its messages.
+    names = ["Work\\Q1", "C:\\", 'Say "hi"', "Back\\\\slashes\\"]
+
+    def answer(tag: bytes, command: bytes) -> bytes:
+        untagged = b""
+        if command == b"CAPABILITY":
+            untagged = b"* CAPABILITY IMAP4rev1\r\n"
+        elif command == b"LIST":
+            untagged = b'* LIST (\\HasNoChildren) "/" INBOX\r\n' + b"".join(
+                b'* LIST (\\HasNoChildren) "/" {%d}\r\n%s\r\n' % (len(name.encode()), name.encode()) for name in names
+            )
+        elif command == b"STATUS":
+            untagged = b"* STATUS INBOX (MESSAGES 0 UIDNEXT 1 UIDVALIDITY 1 UNSEEN 0)\r\n"
+        elif command == b"EXAMINE":
+            untagged = b"* 0 EXISTS\r\n* OK [UIDVALIDITY 1] ok\r\n* OK [UIDNEXT 1] ok\r\n"
+        elif command == b"UID":
+            untagged = b"* SEARCH\r\n"
+        elif command == b"LOGOUT":
+            untagged = b"* BYE\r\n"
+        return untagged + tag + b" OK done\r\n"
+
+    server = ScriptedImapServer(answer)
+    body = {
+        "accountName": "Literal folder names",
+        "emailAddress": "literal-names@example.com",
+        "protocol": "imap",
+        "hostname": "127.0.0.1",
+        "port": server.port,
+        "encryption": "none",
+        "username": "someone",
+        "password": "secret-password",
+        "isSyncEnabled": False,
+    }
+    account_id = create_account(client, user, body)
+    store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
+    login = ("127.0.0.1", server.port, "none", "someone", "secret-password")
+    with ImapSession(*login, destinations=TEST_DESTINATIONS) as session:
+        result = ImapSync(store, session, lambda _progress: None).run()
+    server.close()
+    assert result.errors == [] and result.folders_synced == len(names) + 1
+    assert sorted(store.folders()) == sorted(["INBOX", *names])
+    # Every later command names each folder as the server listed it.
+    examined = [line.split(b" ", 2)[2] for line in server.lines if line.split()[1].upper() == b"EXAMINE"]
+    assert sorted(examined) == sorted(quote(name).encode() for name in ["INBOX", *names])
 
 
 def searching_server(count: int) -> ScriptedImapServer:

@@ -450,12 +450,18 @@ def _flatten(data: list) -> list[bytes]:
 
 
 def _join_literals(data: list) -> list[bytes]:
-    """LIST lines whose mailbox name came as a literal, put back into one line each."""
+    """LIST lines whose mailbox name came as a literal, put back into one line each.
+
+    The name becomes a quoted string with backslashes escaped as well as quotes: the parser reads
+    "\\x" as "x", which turned "Work\\Q1" into "WorkQ1" and left "C:\\" unparseable, and a folder
+    missing from the list is removed with its messages.
+    """
     lines = []
     for item in data:
         if isinstance(item, tuple):
             head, literal = item[0], item[1]
-            lines.append(re.sub(rb"\{\d+\}$", b"", head) + b'"' + literal.replace(b'"', b'\\"') + b'"')
+            escaped = literal.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+            lines.append(re.sub(rb"\{\d+\}$", b"", head) + b'"' + escaped + b'"')
         elif isinstance(item, bytes) and item:
             lines.append(item)
     return lines
