@@ -36,7 +36,7 @@ from email_service.protocols import destinations
 from email_service.queue.policy import webhook_retry_delay
 from email_service.webhooks import signing, urls
 from email_service.webhooks.dispatcher import Claimed, Dispatcher, Outcome
-from email_service.webhooks.fanout import prune
+from email_service.webhooks.fanout import BATCH, prune
 from email_service.webhooks.service import rotate_secrets
 
 ID_PATTERN = re.compile(r"^wh_[A-Za-z0-9]{8,64}$")
@@ -550,6 +550,50 @@ def test_a_hanging_endpoint_does_not_delay_another_tenants_delivery(
     assert hanging.open_requests == 2
     # Removing the hanging endpoint ends its deliveries; the dispatcher records nothing for it.
     assert sync_client.delete(f"/api/webhooks/{slow['id']}", headers=user.headers).status_code == 204
+
+
+def fan_out_position(runtime, account_id: str) -> int:
+    with runtime.db.maintenance_session() as session:
+        return session.scalar(
+            text("SELECT coalesce(max(seq), 0) FROM webhook_cursors WHERE account_id = :id"), {"id": account_id}
+        )
+
+
+def test_a_change_log_backlog_takes_turns_with_other_accounts(
+    sync_client, user, make_user, runtime, dispatcher, receiver
+):
+    # A first sync writes one change per message: its account's fan-out takes several batches.
+    # The receiver hangs so the backlog's deliveries are made but barely sent (two at a time).
+    busy_hook, other_hook = receiver(hang=True), receiver()
+    other = make_user()
+    busy_account, other_account = new_account(sync_client, user), new_account(sync_client, other)
+    busy = new_webhook(sync_client, user, busy_hook.url)
+    quiet = new_webhook(sync_client, other, other_hook.url)
+    backlog = 6 * BATCH
+    commit(runtime, user, busy_account, *[("message", "created")] * backlog)
+    deadline = time.monotonic() + 30
+    while fan_out_position(runtime, busy_account) == 0:
+        assert time.monotonic() < deadline, "fan-out of the backlog did not start"
+        time.sleep(0.01)
+
+    # Another tenant's change, committed while most of the backlog is still to be fanned out.
+    commit(runtime, other, other_account, ("message", "created"))
+    assert backlog - fan_out_position(runtime, busy_account) >= 2 * BATCH, "the backlog went too fast to test"
+    other_hook.wait_for(1, timeout=30)
+    fanned_out(runtime, busy_account, timeout=60)
+
+    # Each pass is one transaction, and a delivery row carries its transaction's start: the other
+    # account's delivery was made between the backlog's batches, not after the last of them.
+    with runtime.db.maintenance_session() as session:
+        made_after = session.scalar(
+            text(
+                "SELECT count(*) FROM webhook_deliveries b WHERE b.endpoint_id = :busy AND b.created_at >"
+                " (SELECT created_at FROM webhook_deliveries WHERE endpoint_id = :quiet)"
+            ),
+            {"busy": busy["id"], "quiet": quiet["id"]},
+        )
+    assert made_after >= BATCH, made_after
+    assert sync_client.delete(f"/api/webhooks/{busy['id']}", headers=user.headers).status_code == 204
 
 
 def test_webhook_urls_never_reach_account_operations(sync_client, user, runtime):

@@ -212,34 +212,46 @@ class Dispatcher:
                 delay = min(delay * 2, 30.0)
 
     async def _fan_out_loop(self) -> None:
+        """Passes over the accounts with new entries, each account one batch per pass.
+
+        A first sync writes one entry per message, so one account may owe hundreds of batches.
+        Taking turns keeps that backlog from holding up everyone else: an account heard of
+        meanwhile is fanned out after at most one more batch of each backlog, and the accounts
+        with entries left go round again, without waiting for a notification, until they are done.
+        """
         loop = asyncio.get_running_loop()
         next_catch_up = 0.0
+        unfinished: list[str] = []  # accounts whose last batch left entries, in turn order
         while True:
-            wait = max(0.0, next_catch_up - loop.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changes_noted.wait(), timeout=wait)
+            if not unfinished:
+                wait = max(0.0, next_catch_up - loop.time())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changes_noted.wait(), timeout=wait)
             self._changes_noted.clear()
-            accounts, self._accounts = self._accounts, set()
+            heard, self._accounts = self._accounts, set()
+            # Newly heard accounts first: a fresh change then waits for no backlog's batch of this pass.
+            turn = list(dict.fromkeys([*heard, *unfinished]))
+            unfinished = []
             try:
                 if self._catch_up.is_set() or loop.time() >= next_catch_up:
                     self._catch_up.clear()
                     # Nothing waits on a lost notification longer than one catch-up interval.
-                    accounts.update(await asyncio.to_thread(accounts_behind, self.db))
+                    behind = await asyncio.to_thread(accounts_behind, self.db)
+                    turn = list(dict.fromkeys([*turn, *behind]))
                     await asyncio.to_thread(prune, self.db)
                     next_catch_up = loop.time() + self.settings.webhook_catchup_seconds
-                for account_id in accounts:
-                    await self._fan_out_account(account_id)
+                for account_id in turn:
+                    created, more = await asyncio.to_thread(fan_out, self.db, account_id)
+                    if created:
+                        self._deliveries_due.set()
+                    if more:
+                        unfinished.append(account_id)
             except SQLAlchemyError as exc:
                 log.warning("webhook fan-out failed: %s", type(exc).__name__)
-                self._accounts.update(accounts)
+                # The whole turn again: a pass over an account with nothing new costs a read.
+                self._accounts.update(turn)
+                unfinished = []
                 await asyncio.sleep(1.0)
-
-    async def _fan_out_account(self, account_id: str) -> None:
-        more = True
-        while more:
-            created, more = await asyncio.to_thread(fan_out, self.db, account_id)
-            if created:
-                self._deliveries_due.set()
 
     async def _claim_loop(self) -> None:
         while True:
