@@ -54,7 +54,12 @@ class Receiver:
     """An HTTP server on ``host`` that records every request and answers as told."""
 
     def __init__(
-        self, host: str = "127.0.0.1", status: int = 204, hang: bool = False, tls: ssl.SSLContext | None = None
+        self,
+        host: str = "127.0.0.1",
+        status: int = 204,
+        hang: bool = False,
+        tls: ssl.SSLContext | None = None,
+        port: int = 0,
     ) -> None:
         self.status, self.hang = status, hang
         self.requests: list[dict] = []
@@ -84,7 +89,7 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 return
 
-        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://{host}:{self.server.server_address[1]}/hook"
         if tls is not None:
@@ -838,3 +843,53 @@ def test_a_tenant_whose_receivers_resolve_slowly_does_not_delay_another_tenant(r
     took = asyncio.run(deliver())
     assert recorded["fast"][1].status_code == 204 and took < 1.0, took
     assert all(recorded[f"slow{n}"][1].status_code == 204 for n in range(8))
+
+
+def test_a_connect_timeout_goes_on_to_the_next_permitted_address(runtime, receiver, monkeypatch):
+    # An address that takes no connections: a listening socket whose queue of connections not yet
+    # accepted is full. The kernel drops further SYNs, so a connect waits until its timeout, as it
+    # does to a host that is down or behind a firewall that drops packets.
+    silent = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        port = silent.getsockname()[1]
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        with pytest.raises(TimeoutError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        healthy = receiver(host="127.0.0.2", port=port)
+
+        def resolver(host, port, *args, **kwargs):
+            # The receiver's name has two addresses, the silent one first.
+            return [
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in ("127.0.0.1", "127.0.0.2")
+            ]
+
+        monkeypatch.setattr(urls, "resolve", functools.partial(destinations.resolve, resolver=resolver))
+        allowed = destinations.DestinationPolicy(destinations.parse_allowed("127.0.0.1,127.0.0.2"))
+        settings = replace(runtime.settings, destinations=allowed, webhook_timeout_seconds=1.0)
+        sender = Dispatcher(settings, runtime.db, runtime.cipher, name="connect-timeout-test")
+        recorded: dict[str, Outcome] = {}
+        monkeypatch.setattr(sender, "_record", lambda delivery, outcome: recorded.update({delivery.id: outcome}))
+        secret = runtime.cipher.encrypt(signing.new_secret())
+        delivery = Claimed("two", "wh_two", "a", "message.created", {}, f"http://two.example:{port}/hook", secret)
+
+        async def deliver() -> None:
+            # Timeouts as the dispatcher sets them: the connect timeout is the request timeout.
+            timeout = httpx.Timeout(settings.webhook_timeout_seconds, connect=settings.webhook_timeout_seconds)
+            async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
+                sender._client = client
+                await sender._deliver(delivery)
+
+        asyncio.run(deliver())
+        assert recorded["two"].status_code == 204, recorded["two"]
+        assert len(healthy.requests) == 1
+    finally:
+        for filler in fillers:
+            filler.close()
+        silent.close()

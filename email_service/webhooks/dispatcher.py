@@ -337,9 +337,11 @@ class Dispatcher:
             )
             try:
                 response = await self._client.send(request, stream=True)
-            except httpx.ConnectError as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Nothing was sent, so the next permitted address may answer: a host that is down
+                # or drops packets times out rather than refusing. _deliver's limit bounds them all.
                 error = _words(exc, self.settings.webhook_timeout_seconds)
-                continue  # the next permitted address may answer
+                continue
             except httpx.HTTPError as exc:
                 return done(None, _words(exc, self.settings.webhook_timeout_seconds))
             # The answer's body is never read: only its status counts, and a body could be endless.
