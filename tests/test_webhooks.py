@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -133,16 +134,19 @@ def receiver() -> Iterator[Callable[..., Receiver]]:
 class DispatcherProcess:
     """``email-service webhooks`` as its own process, as an operator runs it."""
 
-    def __init__(self, backing, log_dir) -> None:
+    def __init__(self, backing, log_dir, **env: str) -> None:
         # A CA of the tests' own and a receiver certificate for the name "localhost" only.
         self.tls = make_tls_files(log_dir, ip_san=False)
         self.env = service_env(
             backing,
-            EMAIL_SERVICE_CA_FILE=self.tls.ca_file,
-            EMAIL_SERVICE_DATA_DIR=str(backing.data_dir),
-            EMAIL_SERVICE_WEBHOOK_RETRY_SCHEDULE=RETRY_SCHEDULE,
-            EMAIL_SERVICE_WEBHOOK_CATCHUP_SECONDS=str(CATCH_UP_SECONDS),
-            EMAIL_SERVICE_WEBHOOK_ENDPOINT_CONCURRENCY="2",
+            **{
+                "EMAIL_SERVICE_CA_FILE": self.tls.ca_file,
+                "EMAIL_SERVICE_DATA_DIR": str(backing.data_dir),
+                "EMAIL_SERVICE_WEBHOOK_RETRY_SCHEDULE": RETRY_SCHEDULE,
+                "EMAIL_SERVICE_WEBHOOK_CATCHUP_SECONDS": str(CATCH_UP_SECONDS),
+                "EMAIL_SERVICE_WEBHOOK_ENDPOINT_CONCURRENCY": "2",
+                **env,
+            },
         )
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen] = []
@@ -184,6 +188,26 @@ def dispatcher(backing, tmp_path_factory) -> Iterator[DispatcherProcess]:
     processes.start()
     yield processes
     processes.stop_all()
+
+
+@pytest.fixture
+def own_dispatcher(dispatcher, backing, tmp_path) -> Iterator[Callable[..., DispatcherProcess]]:
+    """Runs a dispatcher with settings of the test's own, alone: the module's stop until the test ends."""
+    made: list[DispatcherProcess] = []
+
+    def start(**env: str) -> DispatcherProcess:
+        for proc in dispatcher.procs:
+            if proc.poll() is None:
+                dispatcher.stop(proc)
+        made.append(DispatcherProcess(backing, tmp_path, **env))
+        made[-1].start()
+        return made[-1]
+
+    yield start
+    for processes in made:
+        processes.stop_all()
+    if made:
+        dispatcher.start()
 
 
 # -------------------------------------------------------------------------------------- helpers
@@ -802,6 +826,58 @@ def test_a_receiver_that_is_down_is_not_stormed_with_retries(sync_client, user, 
     time.sleep(0.3)
     delivered = [json.loads(r["body"])["data"]["seq"] for r in hook.requests[before:]]
     assert len(delivered) == len(set(delivered)) == waiting
+
+
+def waiting_deliveries(runtime, webhook_id: str) -> list:
+    """The endpoint's waiting deliveries: attempts, when due, and when their own last failure scheduled them."""
+    with runtime.db.maintenance_session() as session:
+        return session.execute(
+            text(
+                "SELECT d.id, d.attempts, d.next_attempt_at, d.next_attempt_at - now() AS due_in,"
+                " (SELECT a.next_attempt_at FROM webhook_attempts a WHERE a.delivery_id = d.id"
+                "  ORDER BY a.id DESC LIMIT 1) AS own"
+                " FROM webhook_deliveries d WHERE d.endpoint_id = :id AND d.status = 'pending'"
+            ),
+            {"id": webhook_id},
+        ).all()
+
+
+def test_a_receiver_that_recovers_gets_its_held_back_deliveries_at_once(
+    sync_client, user, runtime, own_dispatcher, receiver
+):
+    # Retries an hour apart, as in production after a few failures: waiting for them is the bug.
+    own_dispatcher(EMAIL_SERVICE_WEBHOOK_RETRY_SCHEDULE="1h,1h")
+    hook = receiver(status=503)
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url)
+    commit(runtime, user, account, *[("message", "created")] * 6)
+    hook.wait_for(2)
+    # The two tried fail, and every other waiting delivery waits with them, about an hour.
+    deadline = time.monotonic() + 10
+    while True:
+        waiting = waiting_deliveries(runtime, created["id"])
+        if len(waiting) == 6 and all(row.due_in > timedelta(minutes=30) for row in waiting):
+            break
+        assert time.monotonic() < deadline, waiting
+        time.sleep(0.05)
+    failed_themselves = {row.id for row in waiting if row.attempts > 0}
+    held_back = len(waiting) - len(failed_themselves)
+    assert failed_themselves and held_back and len(hook.requests) == len(failed_themselves)
+
+    # The receiver is back: a new change is delivered at once, and succeeds. The deliveries held
+    # back only for the others' failures follow it without waiting the hour...
+    hook.status, before = 204, len(hook.requests)
+    commit(runtime, user, account, ("message", "created"))
+    hook.wait_for(before + 1 + held_back, timeout=5)
+    time.sleep(0.3)
+    sent = [r["headers"]["webhook-id"] for r in hook.requests[before:]]
+    assert len(sent) == len(set(sent)) == 1 + held_back and not set(sent) & failed_themselves
+    # ...and those that failed themselves keep the retry their own failure scheduled.
+    waiting = waiting_deliveries(runtime, created["id"])
+    assert {row.id for row in waiting} == failed_themselves
+    assert all(row.next_attempt_at == row.own and row.due_in > timedelta(minutes=30) for row in waiting)
+    assert webhook_state(sync_client, user, created["id"])["status"] == "enabled"
+    assert sync_client.delete(f"/api/webhooks/{created['id']}", headers=user.headers).status_code == 204
 
 
 def test_a_tenant_whose_receivers_resolve_slowly_does_not_delay_another_tenant(runtime, receiver, monkeypatch):

@@ -92,8 +92,10 @@ WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 WEBHOOK_JITTER = 0.2
 # While an endpoint fails, its other waiting deliveries wait for the failed one's next attempt
 # instead of each trying on its own: a receiver that is down sees a few requests per retry step
-# (its concurrency limit), not one per queued event, and gets them all once it answers again.
-# The deliveries that were tried carry the attempt count that disables the endpoint.
+# (its concurrency limit), not one per queued event. The first success to the endpoint ends the
+# wait: deliveries held back only for others' failures are due at once, and those that failed
+# themselves go back to their own next retry. The deliveries that were tried carry the attempt
+# count that disables the endpoint.
 WEBHOOK_ENDPOINT_BACKOFF = True
 
 

@@ -99,6 +99,21 @@ _RELEASE = text(
     "UPDATE webhook_deliveries SET claimed_by = NULL, claimed_until = NULL"
     " WHERE claimed_by = :me AND status = 'pending'"
 )
+# A success to an endpoint makes its deliveries held back for other deliveries' failures due again:
+# one never tried (since the endpoint was last enabled) at once, one that failed itself at the
+# retry its own failure scheduled (or at once, when that has passed). One being sent is left alone,
+# and so is one already at its own time (no row is rewritten for nothing). A single UPDATE without
+# a join, so the held rows are read through webhook_deliveries_waiting and nothing else.
+_OWN_RETRY = (
+    "CASE WHEN d.attempts > 0 THEN (SELECT a.next_attempt_at FROM webhook_attempts a"
+    " WHERE a.delivery_id = d.id ORDER BY a.id DESC LIMIT 1) END"
+)
+_HELD_BACK_DUE = text(f"""
+UPDATE webhook_deliveries d SET next_attempt_at = greatest(:now, {_OWN_RETRY})
+WHERE d.endpoint_id = :endpoint AND d.status = 'pending' AND d.next_attempt_at > :now
+  AND (d.claimed_until IS NULL OR d.claimed_until < :now)
+  AND d.next_attempt_at > greatest(:now, {_OWN_RETRY})
+""")
 _NEXT_DUE = text("""
 SELECT extract(epoch FROM min(d.next_attempt_at) - now())
 FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id
@@ -423,6 +438,9 @@ class Dispatcher:
             if outcome.succeeded:
                 delivery.status = "succeeded"
                 metrics.lag_since(metrics.WEBHOOK_LAG, delivery.created_at)
+                if WEBHOOK_ENDPOINT_BACKOFF:
+                    # The receiver answers again: its backlog is not held to the failures' retry times.
+                    session.execute(_HELD_BACK_DUE, {"endpoint": delivery.endpoint_id, "now": now})
             elif outcome.status_code == 410:
                 delivery.status = "failed"
                 reason = "the endpoint answered 410 Gone"
