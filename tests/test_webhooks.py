@@ -52,7 +52,10 @@ CATCH_UP_SECONDS = 3
 
 
 class Receiver:
-    """An HTTP server on ``host`` that records every request and answers as told."""
+    """An HTTP server on ``host`` that records every request and answers as told.
+
+    ``answer``, when given, decides each answer's status from the recorded request (it may wait).
+    """
 
     def __init__(
         self,
@@ -61,8 +64,9 @@ class Receiver:
         hang: bool = False,
         tls: ssl.SSLContext | None = None,
         port: int = 0,
+        answer: Callable[[dict], int] | None = None,
     ) -> None:
-        self.status, self.hang = status, hang
+        self.status, self.hang, self.answer = status, hang, answer
         self.requests: list[dict] = []
         self.open_requests = 0
         self._lock = threading.Lock()
@@ -74,13 +78,14 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with receiver._lock:
                     headers = {k.lower(): v for k, v in self.headers.items()}
-                    receiver.requests.append({"at": time.monotonic(), "headers": headers, "body": body.decode()})
+                    request = {"at": time.monotonic(), "headers": headers, "body": body.decode()}
+                    receiver.requests.append(request)
                     receiver.open_requests += 1
                 try:
                     if receiver.hang:
                         receiver._release.wait(60)
                         return
-                    self.send_response(receiver.status)
+                    self.send_response(receiver.answer(request) if receiver.answer else receiver.status)
                     self.send_header("content-length", "0")
                     self.end_headers()
                 finally:
@@ -878,6 +883,58 @@ def test_a_receiver_that_recovers_gets_its_held_back_deliveries_at_once(
     assert all(row.next_attempt_at == row.own and row.due_in > timedelta(minutes=30) for row in waiting)
     assert webhook_state(sync_client, user, created["id"])["status"] == "enabled"
     assert sync_client.delete(f"/api/webhooks/{created['id']}", headers=user.headers).status_code == 204
+
+
+def test_an_endpoint_enabled_again_starts_its_retries_over(sync_client, user, runtime, dispatcher, receiver):
+    lock = threading.Lock()
+    tries: dict[str, int] = {}
+    held: list[str] = []
+    disabled = threading.Event()
+    after_enable = [500]  # the answers once the endpoint is enabled again; 204 after them
+
+    def answer(request: dict) -> int:
+        delivery = request["headers"]["webhook-id"]
+        with lock:
+            tries[delivery] = tries.get(delivery, 0) + 1
+            hold = not held and tries[delivery] == len(RETRY_WAITS)
+            if hold:
+                held.append(delivery)
+            elif disabled.is_set():
+                return after_enable.pop(0) if after_enable else 204
+        if hold:
+            # The first delivery at its last retry but one is answered only once the other has used
+            # up its retries and disabled the endpoint: it is left waiting with one attempt to go.
+            disabled.wait(8)
+        return 500
+
+    hook = receiver(answer=answer)
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url)
+    commit(runtime, user, account, ("message", "created"), ("message", "created"))
+    deadline = time.monotonic() + 10
+    while webhook_state(sync_client, user, created["id"])["status"] == "enabled":
+        assert time.monotonic() < deadline, hook.requests
+        time.sleep(0.05)
+    assert "4 times" in webhook_state(sync_client, user, created["id"])["disabledReason"]
+    disabled.set()
+    deadline = time.monotonic() + 5
+    while [row.attempts for row in waiting_deliveries(runtime, created["id"])] != [len(RETRY_WAITS)]:
+        assert time.monotonic() < deadline, waiting_deliveries(runtime, created["id"])
+        time.sleep(0.05)
+    [left] = waiting_deliveries(runtime, created["id"])
+    assert left.id == held[0]
+
+    assert sync_client.post(f"/api/webhooks/{created['id']}/enable", headers=user.headers).status_code == 200
+    # A failure after enabling is retried like a first failure; the retry gets through.
+    hook.wait_for(len(RETRY_WAITS) + 4 + 2)
+    settled(runtime, created["id"])
+    state = webhook_state(sync_client, user, created["id"])
+    assert state["status"] == "enabled" and state["disabledReason"] is None
+    answers = sync_client.get(f"/api/webhooks/{created['id']}/deliveries?limit=2", headers=user.headers).json()
+    assert [(a["deliveryId"], a["attempt"], a["statusCode"]) for a in answers["deliveries"]] == [
+        (left.id, 2, 204),
+        (left.id, 1, 500),
+    ]
 
 
 def test_a_tenant_whose_receivers_resolve_slowly_does_not_delay_another_tenant(runtime, receiver, monkeypatch):

@@ -87,6 +87,7 @@ def sync_backoff(failures: int, *, permanent: bool) -> timedelta:
 # Webhook deliveries: about a day of retries in all (5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h),
 # as receivers that are down for a deploy or a night still get every event. After the last
 # failure the endpoint is disabled, so a dead receiver does not collect an ever longer queue.
+# Enabling it again starts the schedule over for every delivery still waiting.
 # EMAIL_SERVICE_WEBHOOK_RETRY_SCHEDULE replaces the waits (tests make them short).
 WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 WEBHOOK_JITTER = 0.2

@@ -114,17 +114,20 @@ def remove(db: Database, principal: Principal, webhook_id: str) -> None:
 
 
 def enable(db: Database, principal: Principal, webhook_id: str) -> WebhookEndpoint:
-    """Deliver again: the endpoint's deliveries still waiting are due now, not at their old times."""
+    """Deliver again: the endpoint's deliveries still waiting are due now, with their retries started over."""
     with db.tenant_session(principal) as session:
         endpoint = _owned(session, webhook_id)
         if endpoint.status != "enabled":
             now = _now()
             endpoint.status, endpoint.disabled_reason, endpoint.disabled_at = "enabled", None, None
             endpoint.updated_at = now
+            # The failures counted so far belong to the outage the user has just dealt with: a
+            # delivery left with its retries used up would otherwise disable the endpoint again
+            # at its first failure, with no retry at all.
             session.execute(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.endpoint_id == webhook_id, WebhookDelivery.status == "pending")
-                .values(next_attempt_at=now)
+                .values(next_attempt_at=now, attempts=0)
             )
         return endpoint
 
