@@ -710,6 +710,8 @@ class _Behaviour:
     fail_at: FailStage = "data"
     unknown_recipients: set[str] = field(default_factory=set)
     silent_after_data: float = 0.0  # seconds to say nothing after the final dot (then accept)
+    max_recipients: int = 0  # recipients a transaction takes (0: any); more get 452 4.5.3
+    busy_recipients: set[str] = field(default_factory=set)  # these get 450 4.2.1 at RCPT TO
 
 
 class SmtpServer:
@@ -719,7 +721,9 @@ class SmtpServer:
     ``451 4.7.1`` at ``fail_at``, later ones succeed. ``reject``: every transaction answers
     ``550 5.7.1`` at ``fail_at``. ``unknown_recipients``: these addresses get ``550 5.1.1`` at
     RCPT TO (partial failures). ``silent_after_data``: seconds of silence after the final dot
-    before the (accepting) reply. All of these can also be changed while the server runs.
+    before the (accepting) reply. ``max_recipients``: a transaction takes at most this many
+    recipients (452 4.5.3 beyond), ``busy_recipients`` get 450 4.2.1 every time. All of these
+    can also be changed while the server runs.
     """
 
     host = LOCALHOST
@@ -893,6 +897,10 @@ class _SmtpHandler:
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list) -> str:
         if address in self.server._behaviour.unknown_recipients:
             return "550 5.1.1 No such user here"
+        if address in self.server._behaviour.busy_recipients:
+            return "450 4.2.1 Mailbox busy, try again later"
+        if 0 < self.server._behaviour.max_recipients <= len(envelope.rcpt_tos):
+            return "452 4.5.3 Too many recipients"
         verdict = getattr(envelope, "test_verdict", None)
         if verdict and self.server._behaviour.fail_at == "rcpt":
             return verdict
@@ -974,6 +982,8 @@ def smtp_server(mail_tls: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
         username: str = "smtp-user",
         password: str | None = None,
         silent_after_data: float = 0.0,
+        max_recipients: int = 0,
+        busy_recipients: Iterable[str] = (),
         introspect: Callable[[str], dict] | None = None,
         oauth2_mechanisms: tuple[str, ...] = OAUTH2_MECHANISMS,
     ) -> SmtpServer:
@@ -983,7 +993,15 @@ def smtp_server(mail_tls: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
             auth_required=encryption != "none" if auth_required is None else auth_required,
             username=username,
             password=password or secrets.token_urlsafe(12),
-            behaviour=_Behaviour(temp_failures, reject, fail_at, set(unknown_recipients), silent_after_data),
+            behaviour=_Behaviour(
+                temp_failures,
+                reject,
+                fail_at,
+                set(unknown_recipients),
+                silent_after_data,
+                max_recipients,
+                set(busy_recipients),
+            ),
             introspect=introspect,
             oauth2_mechanisms=oauth2_mechanisms,
         )

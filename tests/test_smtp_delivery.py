@@ -188,6 +188,33 @@ def test_partial_refusal_is_reported(smtp_server) -> None:
     assert received.rcpt_tos == ["bob@example.org"] and received.data == data
 
 
+def test_recipients_beyond_a_servers_limit_get_the_message_in_further_transactions(smtp_server) -> None:
+    # RFC 5321 4.5.3.1.10: a server with a limit of recipients per message says 452 to the rest,
+    # which the client sends in another transaction; nobody gets the message twice.
+    server = smtp_server("starttls", max_recipients=3)
+    recipients = [f"r{n}@example.org" for n in range(7)]
+    data = message_bytes(recipients)
+    with session(server) as smtp:
+        outcome = smtp.send(SENDER, recipients, data)
+    assert outcome.refused == {}
+    assert [m.rcpt_tos for m in server.messages] == [recipients[0:3], recipients[3:6], recipients[6:7]]
+    assert all(m.data == data for m in server.messages)
+
+
+def test_a_recipient_still_busy_in_the_next_transaction_is_reported_not_reached(smtp_server) -> None:
+    server = smtp_server("starttls", busy_recipients=["busy@example.org"], unknown_recipients=["nobody@example.org"])
+    recipients = ["bob@example.org", "busy@example.org", "nobody@example.org"]
+    with session(server) as smtp:
+        outcome = smtp.send(SENDER, recipients, message_bytes(recipients))
+    assert outcome.refused == {
+        "busy@example.org": (450, "4.2.1 Mailbox busy, try again later"),
+        "nobody@example.org": (550, "5.1.1 No such user here"),
+    }
+    # Tried once more on its own; the message went out once, to the one who takes it.
+    assert [m.rcpt_tos for m in server.messages] == [["bob@example.org"]]
+    assert server.attempts == 2
+
+
 def test_all_recipients_refused_is_permanent(smtp_server) -> None:
     server = smtp_server("starttls", unknown_recipients=["nobody@example.org"])
     with session(server) as smtp, pytest.raises(PermanentDeliveryError) as failure:

@@ -472,7 +472,10 @@ came (it has up to 10 minutes, RFC 5321), the server may or may not have accepte
 message's `deliveryStatus` becomes `ambiguous`, the task fails saying so, and it is sent
 again only on an explicit retrySend. The service never sends a message twice on its own.
 After delivery the copy is appended to the server's Sent folder (unless the server files it
-itself, as Gmail does).
+itself, as Gmail does). Recipients the server turned away while it took others are listed in
+the task's `result.refusedRecipients` (address: the server's reply) and the message is sent;
+those turned away with a 4xx (such as a limit of recipients per message, 452) are tried at
+once in a further transaction.
 
 	@param ctx context.Context - for authentication, logging, cancellation, deadlines, tracing, etc. Passed from http.Request or context.Background().
 	@return ApiSendEmailRequest

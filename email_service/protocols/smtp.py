@@ -259,15 +259,58 @@ class SmtpSession(MailSession):
         records there that the outcome may become unknowable; if it raises, nothing is sent
         (``DataWithheld`` comes back as it is, anything else as a temporary failure).
 
-        Returns the recipients the server refused while it accepted others. Raises
-        ``PermanentDeliveryError`` when all were refused (``TemporaryDeliveryError`` if a retry
-        could still reach one), ``AmbiguousDeliveryError`` when the reply to the final dot never
+        Returns the recipients the message did not reach while it reached others. Those a server
+        turned away with a 4xx while it took others (a limit of recipients per message) are tried
+        at once in a further transaction of the session, as often as that reaches someone more.
+        Raises ``PermanentDeliveryError`` when all were refused (``TemporaryDeliveryError`` if a
+        retry could still reach one), ``AmbiguousDeliveryError`` when the reply to a final dot never
         came, and the other failures described in the module docstring.
         """
         sender = _envelope_address(envelope_from)
         targets = list(dict.fromkeys(_envelope_address(r) for r in recipients))
         if not targets:
             raise ValueError("no recipients")
+        not_delivered: dict[str, tuple[int, str]] = {}
+        remaining = targets
+        first = True
+        while remaining:
+            # Each pass is one transaction. Recipients a server turned away with a 4xx while it took
+            # others (its limit of recipients per message: 452, RFC 5321 4.5.3.1.10) go in the next.
+            refused, failure = self._transaction(sender, remaining, data, before_data_end if first else None)
+            if failure is not None:
+                if first:
+                    raise failure
+                # Others have the message already, so nothing is retried: these are not reached.
+                code = getattr(failure, "code", None) or 0
+                for target in remaining:
+                    own = refused.get(target)
+                    not_delivered[target] = (own[0], _text(own[1])) if own else (code, str(failure))
+                break
+            first = False
+            reached_some = len(refused) < len(remaining)
+            again = [target for target, (code, _) in refused.items() if 400 <= code < 500]
+            not_delivered.update(
+                {t: (c, _text(r)) for t, (c, r) in refused.items() if not (reached_some and t in again)}
+            )
+            remaining = again if reached_some else []
+        outcome = SendOutcome(not_delivered)
+        log.debug(
+            "smtp %s:%s accepted a message of %d bytes for %d of %d recipients",
+            self.host,
+            self.port,
+            len(data),
+            len(targets) - len(outcome.refused),
+            len(targets),
+        )
+        return outcome
+
+    def _transaction(
+        self, sender: str, targets: list[str], data: bytes, before_data_end: Callable[[], None] | None
+    ) -> tuple[dict[str, tuple[int, bytes]], MailServerError | None]:
+        """One MAIL, RCPT..., DATA: (the recipients refused, the failure if the message was not taken).
+
+        ``AmbiguousDeliveryError`` and ``DataWithheld`` are raised, never returned: either ends the send.
+        """
         conn = self.conn
         try:
             refused = self._envelope(conn, sender, targets, len(data))
@@ -290,20 +333,15 @@ class SmtpSession(MailSession):
                 conn.close()
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes one classified, readable error
-            raise self._classify(exc) from None
+            every = dict(exc.recipients) if isinstance(exc, smtplib.SMTPRecipientsRefused) else {}
+            return every, self._classify(exc)
         code, reply = self._final_reply(conn)
         if not 200 <= code < 300:
-            raise self._refusal_of_data(code, reply)
-        outcome = SendOutcome({rcpt: (code, _text(reply)) for rcpt, (code, reply) in refused.items()})
-        log.debug(
-            "smtp %s:%s accepted a message of %d bytes for %d of %d recipients",
-            self.host,
-            self.port,
-            len(data),
-            len(targets) - len(outcome.refused),
-            len(targets),
-        )
-        return outcome
+            failure = self._refusal_of_data(code, reply)
+            if isinstance(failure, AmbiguousDeliveryError):
+                raise failure
+            return {}, failure
+        return refused, None
 
     def _envelope(self, conn: smtplib.SMTP, sender: str, targets: list[str], size: int) -> dict:
         conn.ehlo_or_helo_if_needed()
