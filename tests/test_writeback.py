@@ -76,6 +76,21 @@ def test_read_and_starred_reach_the_server_and_sync_keeps_them(client, user, dov
     assert "\\Flagged" in server_flags(dovecot, mail_user, "INBOX")
 
 
+def test_a_change_here_keeps_what_another_client_changed_there(client, user, dovecot, mail_user, message):
+    account_id, message_id = message
+    # Another client stars it and tags it after the last sync; the row here knows neither.
+    with dovecot.imap(mail_user) as other:
+        other.select("INBOX")
+        _, found = other.uid("SEARCH", "HEADER", "Subject", f'"{SUBJECT}"')
+        other.uid("STORE", found[0].split()[0], "+FLAGS", "(\\Flagged $Forwarded)")
+    patch(client, user, account_id, message_id, {"isRead": True})
+    assert eventually(lambda: "\\Seen" in (server_flags(dovecot, mail_user, "INBOX") or set()))
+    assert {"\\Flagged", "$Forwarded"} <= server_flags(dovecot, mail_user, "INBOX")
+    run_sync(client, user, account_id)
+    detail = client.get(f"/api/{account_id}/messages/{message_id}", headers=user.headers).json()
+    assert detail["isRead"] is True and detail["isStarred"] is True
+
+
 def test_labels_become_keywords(client, user, dovecot, mail_user, message):
     account_id, message_id = message
     changed = patch(client, user, account_id, message_id, {"labels": ["work", "2026-q1"]})

@@ -45,6 +45,9 @@ def update_message(
             message.updated_at = datetime.now(UTC)
             # Never cleared here: a change still waiting for the server keeps waiting.
             message.writeback_pending = message.writeback_pending or on_server
+            if on_server:
+                # Only what changed here goes to the server: another client's flags stay.
+                message.writeback_fields = sorted(set(message.writeback_fields or ()) | set(columns))
             # The flush runs the UPDATE, and with it the trigger that keeps the folder's counts.
             session.flush()
             if on_server and not moving:

@@ -2,9 +2,11 @@
 
 The row already holds the state the user asked for (the API wrote it at once) and is marked
 ``writeback_pending``, which keeps sync from overwriting it with the server's older flags. Only
-the flags the service manages are touched (\\Seen, \\Flagged, keywords); others, like
-\\Answered, stay as the server has them. The mark is cleared only if the row did not change
-again meanwhile, so a second edit is never lost to a sync that runs between two write-backs.
+the fields changed here (``writeback_fields``) are written: marking a message read never takes
+off a star another client put on it since the last sync. Only the flags the service manages are
+touched (\\Seen, \\Flagged, keywords); others, like \\Answered, stay as the server has them.
+The mark is cleared only if the row did not change again meanwhile, so a second edit is never
+lost to a sync that runs between two write-backs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from email_service.tenancy import Principal
 log = logging.getLogger(__name__)
 SPAM_KEYWORD = "$Junk"
 MANAGED_SYSTEM_FLAGS = {"\\seen": "\\Seen", "\\flagged": "\\Flagged"}
+WRITTEN_FIELDS = frozenset({"is_read", "is_starred", "is_spam", "keywords"})
 
 
 class FolderRenumbered(Exception):
@@ -52,6 +55,7 @@ class PendingChange:
     is_starred: bool
     is_spam: bool
     keywords: tuple[str, ...]
+    fields: frozenset[str]  # those changed here; a row pending from before they were kept: all
     updated_at: datetime
     spam_folder: Folder | None
     inbox: Folder | None
@@ -76,6 +80,7 @@ def load_pending(db: Database, principal: Principal, message_id: str) -> Pending
         is_starred=message.is_starred,
         is_spam=message.is_spam,
         keywords=tuple(message.keywords),
+        fields=frozenset(message.writeback_fields or WRITTEN_FIELDS),
         updated_at=message.updated_at,
         spam_folder=next((f for f in folders if f.type == "spam"), None),
         inbox=next((f for f in folders if f.type == "inbox"), None),
@@ -83,18 +88,27 @@ def load_pending(db: Database, principal: Principal, message_id: str) -> Pending
 
 
 def flag_changes(change: PendingChange, server_flags: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(flags to add, flags to remove) to bring the server to the row's state."""
-    wanted = {flag for flag, on in (("\\Seen", change.is_read), ("\\Flagged", change.is_starred)) if on}
-    wanted |= set(change.keywords)
+    """(flags to add, flags to remove) to bring the server to the row's state in the fields changed here."""
     on_server = {MANAGED_SYSTEM_FLAGS.get(f.lower(), f) for f in server_flags}
-    managed_on_server = {f for f in on_server if f in MANAGED_SYSTEM_FLAGS.values() or not f.startswith("\\")}
-    if change.spam_folder is None:
+    wanted: set[str] = set()
+    unwanted: set[str] = set()
+
+    def state(flag: str, on: bool) -> None:
+        (wanted if on else unwanted).add(flag)
+
+    if "is_read" in change.fields:
+        state("\\Seen", change.is_read)
+    if "is_starred" in change.fields:
+        state("\\Flagged", change.is_starred)
+    if "keywords" in change.fields:
+        # The labels are the row's keywords as a whole: those the server has beyond them go.
+        keywords = set(change.keywords) - {SPAM_KEYWORD}
+        wanted |= keywords
+        unwanted |= {f for f in on_server if not f.startswith("\\") and f != SPAM_KEYWORD} - keywords
+    if change.spam_folder is None and "is_spam" in change.fields:
         # No spam folder to move to: the spam state travels as the $Junk keyword instead.
-        if change.is_spam:
-            wanted.add(SPAM_KEYWORD)
-    else:
-        managed_on_server.discard(SPAM_KEYWORD)
-    return sorted(wanted - on_server), sorted(managed_on_server - wanted)
+        state(SPAM_KEYWORD, change.is_spam)
+    return sorted(wanted - on_server), sorted(unwanted & on_server)
 
 
 def write_back(db: Database, principal: Principal, session: ImapSession, change: PendingChange) -> str:
@@ -113,7 +127,7 @@ def write_back(db: Database, principal: Principal, session: ImapSession, change:
     session.store(change.uid, add=add, remove=remove)
     in_spam = change.folder_type == "spam"
     destination = None
-    if change.spam_folder is not None and change.is_spam != in_spam:
+    if change.spam_folder is not None and "is_spam" in change.fields and change.is_spam != in_spam:
         destination = change.spam_folder if change.is_spam else change.inbox
     if destination is None:
         _clear(db, principal, change)
@@ -136,7 +150,7 @@ def write_back(db: Database, principal: Principal, session: ImapSession, change:
             tx.execute(
                 update(Message)
                 .where(Message.id == change.message_id)
-                .values(folder_id=destination.id, uid=new_uid, writeback_pending=False)
+                .values(folder_id=destination.id, uid=new_uid, writeback_pending=False, writeback_fields=[])
             )
             if row.folder_id != destination.id:
                 logged.append(changes.message_moved(change.message_id, row.folder_id, destination.id))
@@ -149,5 +163,5 @@ def _clear(db: Database, principal: Principal, change: PendingChange) -> None:
         tx.execute(
             update(Message)
             .where(Message.id == change.message_id, Message.updated_at == change.updated_at)
-            .values(writeback_pending=False)
+            .values(writeback_pending=False, writeback_fields=[])
         )

@@ -82,6 +82,8 @@ class Message(Base):
     attachment_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     raw_object_key: Mapped[str | None] = mapped_column(Text)
     writeback_pending: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # The fields (is_read, is_starred, is_spam, keywords) whose change waits for the server.
+    writeback_fields: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, default=list)
     delivery_status: Mapped[str | None] = mapped_column(Text)
     delivery_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
