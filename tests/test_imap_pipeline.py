@@ -63,7 +63,7 @@ class Server:
     def sizes(self, uids: list[int]) -> dict[int, int]:
         return {uid: len(self.mail[uid]) for uid in uids}
 
-    def fetch_messages(self, uids: list[int]):
+    def fetch_messages(self, uids: list[int], *, refusals: list[str] | None = None):
         self.fetches += 1
         self.requested.append(list(uids))
         if self.fetches == self.fail_on_fetch:

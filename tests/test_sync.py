@@ -784,3 +784,61 @@ def test_a_folder_of_200000_messages_lists_its_uids_and_the_session_goes_on():
         assert len(uids) == 200_000 and uids[0] == 1 and uids[-1] == 200_000
         assert session.examine("INBOX").uidnext == 200_001
     server.close()
+
+
+def test_a_fetch_the_server_answers_only_in_part_stores_the_rest_and_says_so(client, runtime, user):
+    # A server that cannot read one message answers NO after sending the others (Gmail: "Some
+    # messages could not be FETCHed"). That failed the whole folder, at the same message each time.
+    raws = {uid: to_bytes(plain_message(f"Message {uid}")) for uid in (1, 2, 3)}
+
+    def answer(tag: bytes, command: bytes) -> bytes:
+        line = server.lines[-1].upper()
+        untagged, done = b"", tag + b" OK done\r\n"
+        if command == b"CAPABILITY":
+            untagged = b"* CAPABILITY IMAP4rev1\r\n"
+        elif command == b"LIST":
+            untagged = b'* LIST (\\HasNoChildren) "/" INBOX\r\n'
+        elif command == b"STATUS":
+            untagged = b"* STATUS INBOX (MESSAGES 3 UIDNEXT 4 UIDVALIDITY 9 UNSEEN 3)\r\n"
+        elif command == b"EXAMINE":
+            untagged = b"* 3 EXISTS\r\n* OK [UIDVALIDITY 9] ok\r\n* OK [UIDNEXT 4] ok\r\n"
+        elif b" SEARCH" in line:
+            untagged = b"* SEARCH 1 2 3\r\n"
+        elif b"RFC822.SIZE" in line:
+            untagged = b"".join(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (u, u, len(r)) for u, r in raws.items())
+        elif b"BODY.PEEK[]" in line:
+            for uid in (3, 1):  # the broken message 2 is left out
+                untagged += b"* %d FETCH (UID %d FLAGS () BODY[] {%d}\r\n" % (uid, uid, len(raws[uid]))
+                untagged += raws[uid] + b")\r\n"
+            done = tag + b" NO Some messages could not be FETCHed (Failure)\r\n"
+        elif b" FLAGS" in line:
+            untagged = b""
+        elif command == b"LOGOUT":
+            untagged = b"* BYE\r\n"
+        return untagged + done
+
+    server = ScriptedImapServer(answer)
+    body = {
+        "accountName": "Partial fetch",
+        "emailAddress": "partial-fetch@example.com",
+        "protocol": "imap",
+        "hostname": "127.0.0.1",
+        "port": server.port,
+        "encryption": "none",
+        "username": "someone",
+        "password": "secret-password",
+        "isSyncEnabled": False,
+    }
+    account_id = create_account(client, user, body)
+    store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
+    login = ("127.0.0.1", server.port, "none", "someone", "secret-password")
+    with ImapSession(*login, destinations=TEST_DESTINATIONS) as session:
+        result = ImapSync(store, session, lambda _progress: None).run()
+    server.close()
+    assert result.messages_added == 2 and result.folders_synced == 1, result
+    assert result.errors == [
+        "Inbox: 1 new message(s) not given by the server this time (Some messages could not be FETCHed (Failure))"
+    ]
+    [inbox] = store.folders().values()
+    assert store.uids(inbox) == {1, 3}
+    assert inbox.uidnext is None  # the next sync looks again, and asks for message 2 once more

@@ -176,7 +176,7 @@ class ImapSync:
         left = self.max_new is not None and len(new) > self.max_new
         if left:
             new = new[: self.max_new]
-        self._fetch_new(folder, new, progress)
+        missed = self._fetch_new(folder, new, progress)
 
         kept = local & server_uids
         if kept:
@@ -192,13 +192,15 @@ class ImapSync:
 
         if left:
             self.result.folders_left.append(folder.name)
-        # With older mail still to fetch the folder must not look unchanged to the next sync: its
-        # UIDNEXT is not kept, nor a HIGHESTMODSEQ past the flags already applied.
+        # With older mail still to fetch (or mail the server would not give this time) the folder
+        # must not look unchanged to the next sync: its UIDNEXT is not kept, nor a HIGHESTMODSEQ
+        # past the flags already applied.
+        incomplete = left or missed
         self.store.save_folder_state(
             folder,
             uidvalidity=mailbox.uidvalidity,
-            uidnext=None if left else mailbox.uidnext,
-            highestmodseq=folder.highestmodseq if left else mailbox.highestmodseq,
+            uidnext=None if incomplete else mailbox.uidnext,
+            highestmodseq=folder.highestmodseq if incomplete else mailbox.highestmodseq,
         )
 
     def _parse_pool(self, count: int) -> ParsePool | None:
@@ -208,9 +210,12 @@ class ImapSync:
             self._pool = ParsePool.start()
         return self._pool
 
-    def _fetch_new(self, folder: Folder, uids: list[int], progress: ProgressCallback) -> None:
+    def _fetch_new(self, folder: Folder, uids: list[int], progress: ProgressCallback) -> bool:
+        """Fetch and store ``uids``; whether some of them the server would not give (said in the errors)."""
         if not uids:
-            return
+            return False
+        refusals: list[str] = []
+        missed = 0
         sizes = self.session.sizes(uids)
         pool = self._parse_pool(len(uids))
         # A pipeline: this thread fetches, the pool parses, a writer thread stores. While one
@@ -220,8 +225,11 @@ class ImapSync:
             for batch in batches(uids, sizes):
                 incoming = [
                     IncomingMessage(raw=m.raw, uid=m.uid, flags=m.flags, internaldate=m.internaldate, modseq=m.modseq)
-                    for m in self.session.fetch_messages(batch)
+                    for m in self.session.fetch_messages(batch, refusals=refusals)
                 ]
+                # A batch the server answered only in part: the rest is said, and the batches after
+                # it go on (failing the folder here would stop at the same message every time).
+                missed += len(set(batch) - {item.uid for item in incoming})
                 metrics.fetched("imap", (item.raw for item in incoming))
                 writer.put(incoming, pool.parse([item.raw for item in incoming]) if pool is not None else None)
         except BaseException:
@@ -232,6 +240,11 @@ class ImapSync:
                 log.exception("storing the batches fetched before a failure failed too")
             raise
         writer.close()
+        if refusals:
+            self.result.errors.append(
+                f"{folder.display_name}: {missed} new message(s) not given by the server this time ({refusals[0]})"
+            )
+        return bool(refusals)
 
 
 class _BatchWriter:

@@ -205,7 +205,8 @@ class ImapSession(MailSession):
     def condstore(self) -> bool:
         return "CONDSTORE" in self.capabilities
 
-    def _call(self, command: str, *args: str) -> list:
+    def _call(self, command: str, *args: str, refusals: list[str] | None = None) -> list:
+        """A command's untagged data. A refusal raises; a NO, given ``refusals``, is noted there instead."""
         conn = self.conn
         try:
             if command == "UID":
@@ -217,6 +218,12 @@ class ImapSession(MailSession):
         except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
             raise describe(exc, self.host, self.port) from None
         if typ != "OK":
+            if typ == "NO" and refusals is not None:
+                # A NO may come after data (RFC 3501 7.1.2: Gmail's "Some messages could not be
+                # FETCHed"): the reason is noted, and what the server did send is the answer.
+                refusals.append(reply_line(data[0] if data and isinstance(data[0], bytes) else typ))
+                untagged = "FETCH" if command == "UID" and args[0].upper() == "FETCH" else command
+                return conn.untagged_responses.pop(untagged, [])
             detail = reply_line(data[0] if data and isinstance(data[0], bytes) else typ)
             raise MailServerError(f"{self.host} refused {command} {reply_line(' '.join(args[:1]), 100)}: {detail}")
         return data
@@ -395,12 +402,16 @@ class ImapSession(MailSession):
                 result[int(uid.group(1))] = int(size.group(1))
         return result
 
-    def fetch_messages(self, uids: Sequence[int]) -> Iterator[FetchedMessage]:
-        """Whole messages, without setting \\Seen (BODY.PEEK)."""
+    def fetch_messages(self, uids: Sequence[int], *, refusals: list[str] | None = None) -> Iterator[FetchedMessage]:
+        """Whole messages, without setting \\Seen (BODY.PEEK).
+
+        With ``refusals``, a server that answers NO after sending some of them (a message it
+        cannot read, one expunged meanwhile) gives those, and its reason is added to the list.
+        """
         if not uids:
             return
         items = "(UID FLAGS INTERNALDATE BODY.PEEK[]" + (" MODSEQ)" if self.condstore else ")")
-        data = self._call("UID", "FETCH", uid_set(uids), items)
+        data = self._call("UID", "FETCH", uid_set(uids), items, refusals=refusals)
         for meta, raw in _fetch_records(data):
             uid = _UID.search(meta)
             if uid is None:
