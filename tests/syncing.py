@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -136,6 +137,23 @@ def tasks_of(runtime, account_id) -> list[Task]:
     """Every task of the account, oldest first."""
     with runtime.db.maintenance_session() as session:
         return list(session.scalars(select(Task).where(Task.account_id == account_id).order_by(Task.created_at)))
+
+
+def scripted_account(port: int, name: str, **overrides) -> dict:
+    """An IMAP account on a scripted server at 127.0.0.1:``port`` (plain text, any login)."""
+    body = {
+        "accountName": name,
+        "emailAddress": f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}@example.com",
+        "protocol": "imap",
+        "hostname": "127.0.0.1",
+        "port": port,
+        "encryption": "none",
+        "username": "someone",
+        "password": "secret-password",
+        "isSyncEnabled": False,
+    }
+    body.update(overrides)
+    return body
 
 
 def create_account(client, user, body) -> str:

@@ -32,7 +32,7 @@ from messages import (
     to_bytes,
 )
 from sqlalchemy import text
-from syncing import create_account, folders_by_name, imap_account, messages, run_sync, wait_task
+from syncing import create_account, folders_by_name, imap_account, messages, run_sync, scripted_account, wait_task
 
 from email_service.mailbox.imap_sync import ImapSync
 from email_service.mailbox.pop3_sync import Pop3Sync
@@ -461,18 +461,7 @@ def test_a_sync_that_fails_while_the_password_is_fixed_does_not_back_the_account
         return tag + b" OK done\r\n"
 
     server = ScriptedImapServer(answer)
-    body = {
-        "accountName": "Being fixed",
-        "emailAddress": "being-fixed@example.com",
-        "protocol": "imap",
-        "hostname": "127.0.0.1",
-        "port": server.port,
-        "encryption": "none",
-        "username": "someone",
-        "password": "the-old-one",
-        "isSyncEnabled": True,
-        "syncInterval": 604800,
-    }
+    body = scripted_account(server.port, "Being fixed", password="the-old-one", isSyncEnabled=True, syncInterval=604800)
     account_id = create_account(client, user, body)
     started = client.post(f"/api/sync/{account_id}", json={}, headers=user.headers)
     assert started.status_code == 202, started.text
@@ -736,17 +725,7 @@ def test_folder_names_sent_as_literals_come_through_exactly(client, runtime, use
         return untagged + tag + b" OK done\r\n"
 
     server = ScriptedImapServer(answer)
-    body = {
-        "accountName": "Literal folder names",
-        "emailAddress": "literal-names@example.com",
-        "protocol": "imap",
-        "hostname": "127.0.0.1",
-        "port": server.port,
-        "encryption": "none",
-        "username": "someone",
-        "password": "secret-password",
-        "isSyncEnabled": False,
-    }
+    body = scripted_account(server.port, "Literal folder names")
     account_id = create_account(client, user, body)
     store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
     login = ("127.0.0.1", server.port, "none", "someone", "secret-password")
@@ -818,17 +797,7 @@ def test_a_fetch_the_server_answers_only_in_part_stores_the_rest_and_says_so(cli
         return untagged + done
 
     server = ScriptedImapServer(answer)
-    body = {
-        "accountName": "Partial fetch",
-        "emailAddress": "partial-fetch@example.com",
-        "protocol": "imap",
-        "hostname": "127.0.0.1",
-        "port": server.port,
-        "encryption": "none",
-        "username": "someone",
-        "password": "secret-password",
-        "isSyncEnabled": False,
-    }
+    body = scripted_account(server.port, "Partial fetch")
     account_id = create_account(client, user, body)
     store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
     login = ("127.0.0.1", server.port, "none", "someone", "secret-password")

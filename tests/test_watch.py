@@ -23,7 +23,17 @@ from helpers import TEST_DESTINATIONS
 from mailservers import CapabilityHidingProxy, ScriptedImapServer
 from messages import plain_message, to_bytes
 from sqlalchemy import text, update
-from syncing import add_task, create_account, eventually, imap_account, inbox_subjects, tasks_of, wait_task, watcher
+from syncing import (
+    add_task,
+    create_account,
+    eventually,
+    imap_account,
+    inbox_subjects,
+    scripted_account,
+    tasks_of,
+    wait_task,
+    watcher,
+)
 
 from email_service.mailbox.imap_sync import remote_folders
 from email_service.mailbox.live import refresh_folder
@@ -294,17 +304,7 @@ def test_a_reported_change_reaches_an_inbox_the_server_lists_in_another_case(cli
     # The watcher reports changes of "INBOX"; a server listing "Inbox" (the same folder: INBOX is
     # case-insensitive) had nothing refreshed, as the folder was looked for by its exact name.
     server = server_listing_inbox_as(b"Inbox", to_bytes(plain_message("Into the Inbox")))
-    body = {
-        "accountName": "Inbox in another case",
-        "emailAddress": "inbox-case@example.com",
-        "protocol": "imap",
-        "hostname": "127.0.0.1",
-        "port": server.port,
-        "encryption": "none",
-        "username": "someone",
-        "password": "secret-password",
-        "isSyncEnabled": False,
-    }
+    body = scripted_account(server.port, "Inbox in another case")
     account_id = create_account(client, user, body)
     # The folders as the account's first sync left them.
     store = MailStore(live_runtime.db, live_runtime.objects, user.principal, account_id)
