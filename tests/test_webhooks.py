@@ -350,6 +350,27 @@ def test_a_committed_change_arrives_signed_within_a_second(sync_client, user, ru
     assert attempts[0]["deliveryId"] == request["headers"]["webhook-id"]
 
 
+def test_a_change_whose_transaction_began_before_the_endpoint_still_reaches_it(
+    sync_client, user, runtime, dispatcher, receiver
+):
+    hook = receiver()
+    account = new_account(sync_client, user)
+    commit(runtime, user, account, ("message", "created"))  # the account's history: not sent
+    fanned_out(runtime, account)
+    # A sync batch logs its change, then waits for its uploads before it commits; the user makes
+    # the endpoint meanwhile. The change is committed after the endpoint: it is new to it.
+    with runtime.db.tenant_session(user.principal) as session:
+        entry = Entry(ChangeEntity("message"), "message-late", ChangeKind("created"), "folder-1", {})
+        record(session, user.principal, account, [entry])
+        time.sleep(1.5)
+        new_webhook(sync_client, user, hook.url)
+    [request] = hook.wait_for(1, timeout=CATCH_UP_SECONDS + 5)
+    data = json.loads(request["body"])["data"]
+    assert data["seq"] == 2 and data["id"] == "message-late"
+    commit(runtime, user, account, ("message", "created"))
+    assert [json.loads(r["body"])["data"]["seq"] for r in hook.wait_for(2, timeout=5)] == [2, 3]
+
+
 def test_each_change_arrives_exactly_once_across_restarts_and_two_dispatchers(
     sync_client, user, runtime, dispatcher, receiver
 ):

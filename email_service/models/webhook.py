@@ -24,6 +24,9 @@ class WebhookEndpoint(Base):
     # None: every event type; otherwise only these (message.created, folder.destroyed, ...).
     event_types: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
     account_id: Mapped[str | None] = mapped_column(Text, ForeignKey("accounts.id", ondelete="CASCADE"))
+    # Account id -> the last change-log sequence committed when the endpoint was made: it gets the
+    # entries after it (accounts made later: all). None for endpoints older than this record.
+    start_seqs: Mapped[dict[str, int] | None] = mapped_column(JSONB)
     secret_encrypted: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     status: Mapped[str] = mapped_column(Text, nullable=False, default="enabled")
     disabled_reason: Mapped[str | None] = mapped_column(Text)

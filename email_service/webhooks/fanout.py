@@ -78,8 +78,7 @@ def fan_out(db: Database, account_id: str, *, batch: int = BATCH) -> tuple[int, 
             for endpoint in endpoints:
                 if endpoint.event_types is not None and kind not in endpoint.event_types:
                     continue
-                # An endpoint gets what was committed after it was made, not the account's history.
-                if change.created_at < endpoint.created_at - timedelta(seconds=1):
+                if not _new_to(endpoint, account_id, change):
                     continue
                 rows.append(
                     {
@@ -107,6 +106,14 @@ def fan_out(db: Database, account_id: str, *, batch: int = BATCH) -> tuple[int, 
             created = len(result.all())
         _move(session, account_id, changes[-1].seq)
         return created, len(changes) == batch
+
+
+def _new_to(endpoint: WebhookEndpoint, account_id: str, change: Change) -> bool:
+    """Whether ``change`` was committed after ``endpoint`` was made: it gets that, not the account's history."""
+    if endpoint.start_seqs is not None:
+        return change.seq > endpoint.start_seqs.get(account_id, 0)
+    # An endpoint made before start positions were kept: by time, as then.
+    return change.created_at >= endpoint.created_at - timedelta(seconds=1)
 
 
 def _move(session: object, account_id: str, seq: int) -> None:

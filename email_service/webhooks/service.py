@@ -85,6 +85,12 @@ def create(
                 f"at most {MAX_ENDPOINTS_PER_USER} webhook endpoints per user; delete one first",
                 code="TOO_MANY_WEBHOOKS",
             )
+        # What is committed now is the account's history; every entry numbered after it is new to
+        # this endpoint, whenever its transaction began (entries are numbered as they commit).
+        accounts = select(Account.id, Account.change_seq).where(Account.deleted_at.is_(None))
+        if endpoint.account_id is not None:
+            accounts = accounts.where(Account.id == endpoint.account_id)
+        endpoint.start_seqs = {row.id: row.change_seq for row in session.execute(accounts)}
         session.add(endpoint)
     return Created(endpoint=endpoint, secret=secret)
 
