@@ -70,11 +70,17 @@ WITH open_requests AS (
 ), busy_tenants AS (
     SELECT tenant_id, count(*) AS n FROM open_requests GROUP BY tenant_id
 ), candidates AS (
+    -- No endpoint takes more than its cap at once, so each is asked for that many of its due
+    -- deliveries (webhook_deliveries_waiting): a backlog of millions costs what its first rows do.
     SELECT d.id, d.endpoint_id, d.tenant_id, d.next_attempt_at,
            row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) AS n_endpoint
-    FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id
-    WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND e.status = 'enabled'
-      AND (d.claimed_until IS NULL OR d.claimed_until < now())
+    FROM webhook_endpoints e CROSS JOIN LATERAL (
+        SELECT w.id, w.endpoint_id, w.tenant_id, w.next_attempt_at FROM webhook_deliveries w
+        WHERE w.endpoint_id = e.id AND w.status = 'pending' AND w.next_attempt_at <= now()
+          AND (w.claimed_until IS NULL OR w.claimed_until < now())
+        ORDER BY w.next_attempt_at LIMIT :endpoint_cap
+    ) d
+    WHERE e.status = 'enabled'
 ), endpoint_room AS (
     SELECT c.*, row_number() OVER (PARTITION BY c.tenant_id ORDER BY c.next_attempt_at, c.id) AS n_tenant
     FROM candidates c LEFT JOIN busy_endpoints b ON b.endpoint_id = c.endpoint_id
