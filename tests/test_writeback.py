@@ -6,14 +6,28 @@ import re
 import time
 
 import pytest
-from helpers import assert_error_shape
-from mailservers import quote_mailbox
+from helpers import TEST_DESTINATIONS, assert_error_shape
+from mailservers import ScriptedImapServer, quote_mailbox
 from messages import plain_message, to_bytes
-from syncing import create_account, folders_by_name, imap_account, imap_session, messages, run_sync
+from sqlalchemy import text
+from syncing import (
+    create_account,
+    folders_by_name,
+    imap_account,
+    imap_session,
+    messages,
+    run_sync,
+    scripted_account,
+)
 
-from email_service.mailbox.imap_sync import ImapSync
-from email_service.mailbox.store import MailStore
+from email_service.mailbox.imap_sync import ImapSync, remote_folders
+from email_service.mailbox.server_moves import write_moves
+from email_service.mailbox.store import IncomingMessage, MailStore
+from email_service.mailbox.writeback import load_pending, write_back
+from email_service.protocols.imap import ImapSession
+from email_service.queue import tasks
 from email_service.queue.locks import AccountLock
+from email_service.services.servers import load_servers
 
 SUBJECT = "Write me back"
 
@@ -175,3 +189,69 @@ def test_other_users_cannot_change_a_message(client, user, make_user, verifier, 
         )
         assert_error_shape(response, 404)
     assert client.get(f"/api/{account_id}/messages/{message_id}", headers=user.headers).json()["isRead"] is False
+
+
+def read_only_server() -> ScriptedImapServer:
+    """A server on which this login may only read its folders (a shared mailbox)."""
+
+    def answer(tag: bytes, command: bytes) -> bytes:
+        if command == b"CAPABILITY":
+            return b"* CAPABILITY IMAP4rev1 UIDPLUS MOVE\r\n" + tag + b" OK done\r\n"
+        if command == b"SELECT":
+            return (
+                b"* 1 EXISTS\r\n* OK [UIDVALIDITY 5] ok\r\n* OK [READ-ONLY] shared\r\n"
+                + tag
+                + b" OK [READ-ONLY] done\r\n"
+            )
+        if command == b"LOGOUT":
+            return b"* BYE\r\n" + tag + b" OK done\r\n"
+        return tag + b" OK done\r\n"
+
+    return ScriptedImapServer(answer)
+
+
+def test_a_folder_the_server_lets_us_only_read_is_not_a_lost_connection(client, runtime, user, monkeypatch):
+    # imaplib says READ-ONLY with an exception it derives from "connection lost": write-backs were
+    # retried as lost connections until they gave up, and a move out of such a folder stopped
+    # every move of the account behind it.
+    monkeypatch.setattr(tasks, "push", lambda *args, **kwargs: None)  # this test runs the jobs itself
+    server = read_only_server()
+    account_id = create_account(client, user, scripted_account(server.port, "Shared mailbox"))
+    store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
+    folders, _ = store.reconcile_folders(
+        remote_folders([b'(\\HasNoChildren) "/" INBOX', b'(\\HasNoChildren \\Archive) "/" Archive'])
+    )
+    store.save_folder_state(folders["INBOX"], uidvalidity=5, uidnext=2, highestmodseq=None)
+    store.add_messages(folders["INBOX"], [IncomingMessage(raw=to_bytes(plain_message("Shared")), uid=1)])
+    [listed] = messages(client, user, account_id, folders["INBOX"].id)["messages"]
+    patch(client, user, account_id, listed["id"], {"isStarred": True})
+
+    login = ("127.0.0.1", server.port, "none", "someone", "secret-password")
+    with ImapSession(*login, destinations=TEST_DESTINATIONS) as session:
+        outcome = write_back(
+            runtime.db, user.principal, session, load_pending(runtime.db, user.principal, listed["id"])
+        )
+    server.close()
+    assert outcome == "not written: the server lets this account only read the folder"
+    assert not [line for line in server.lines if b"STORE" in line.upper()]
+    # Nothing waits any more: the next sync shows the flags the server has.
+    assert load_pending(runtime.db, user.principal, listed["id"]) is None
+
+    # A move out of it cannot be made either: the message is back where the server keeps it.
+    moved = client.post(
+        f"/api/{account_id}/messages/{listed['id']}/move",
+        json={"folderId": folders["Archive"].id},
+        headers=user.headers,
+    )
+    assert moved.status_code == 200, moved.text
+    server = read_only_server()
+    with runtime.db.maintenance_session() as session:
+        session.execute(
+            text("UPDATE accounts SET port = :port WHERE id = :id"), {"port": server.port, "id": account_id}
+        )
+    servers = load_servers(runtime.db, runtime.cipher, user.principal, account_id)
+    write_moves(runtime, user.principal, account_id, servers)
+    server.close()
+    assert not [line for line in server.lines if b"MOVE" in line.upper() or b"COPY" in line.upper()]
+    shown = client.get(f"/api/{account_id}/messages/{listed['id']}", headers=user.headers).json()
+    assert shown["folderId"] == folders["INBOX"].id

@@ -23,7 +23,7 @@ from email_service.db import among
 from email_service.mailbox.moves import MOVED_COLUMNS, delete_objects, enqueue_server_moves, object_keys
 from email_service.mailbox.writeback import FolderRenumbered, renumbered
 from email_service.models import Account, Folder, Message, MessageMove, TaskKind
-from email_service.protocols.errors import ConnectionFailed, MailServerError
+from email_service.protocols.errors import ConnectionFailed, FolderReadOnly, MailServerError
 from email_service.protocols.imap import ImapSession
 from email_service.protocols.servers import Protocol
 from email_service.queue import tasks
@@ -67,6 +67,10 @@ def write_moves(runtime: Runtime, principal: Principal, account_id: str, servers
                     continue
             except ConnectionFailed:
                 raise
+            except FolderReadOnly:
+                # Nothing can leave it: each message goes back to it here, as after a refused move.
+                _put_back(runtime, principal, account_id, items)
+                continue
             except MailServerError as exc:
                 # The folder is gone from the server, and its mail with it; the rows follow.
                 log.info("folder of pending moves cannot be opened: %s", exc)

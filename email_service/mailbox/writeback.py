@@ -21,6 +21,7 @@ from email_service.changes import entries as changes
 from email_service.changes.log import Entry, record
 from email_service.db import Database
 from email_service.models import Folder, Message
+from email_service.protocols.errors import FolderReadOnly
 from email_service.protocols.imap import ImapSession, MailboxState
 from email_service.tenancy import Principal
 
@@ -116,7 +117,13 @@ def write_back(db: Database, principal: Principal, session: ImapSession, change:
 
     Raises ``FolderRenumbered`` (writing nothing) when the message's UID may name another message now.
     """
-    if renumbered(change.folder_uidvalidity, session.select(change.folder_name)):
+    try:
+        state = session.select(change.folder_name)
+    except FolderReadOnly:
+        # Nothing can be written there, now or later: the next sync shows the server's flags again.
+        _clear(db, principal, change)
+        return "not written: the server lets this account only read the folder"
+    if renumbered(change.folder_uidvalidity, state):
         raise FolderRenumbered([change.folder_name])
     server = session.flags(str(change.uid)).get(change.uid)
     if server is None:

@@ -33,6 +33,12 @@ class AuthenticationFailed(MailServerError):
     permanent = True
 
 
+class FolderReadOnly(MailServerError):
+    """The server lets this login only read the folder (a shared one): nothing can be changed in it."""
+
+    permanent = True
+
+
 class ConnectionFailed(MailServerError):
     """The server cannot be reached or the connection broke: nothing more can be done in this session."""
 
@@ -84,6 +90,9 @@ def describe(exc: BaseException, host: str, port: int) -> MailServerError:
         return HostNotFound(f"host not found: {host}")
     if isinstance(exc, TimeoutError | socket.timeout):
         return ConnectionFailed(f"{where} did not answer in time")
+    if isinstance(exc, imaplib.IMAP4.readonly):
+        # imaplib's readonly subclasses abort, but nothing was lost: the folder is read-only for us.
+        return FolderReadOnly(f"{where} lets this account only read the folder: nothing can be changed in it")
     if isinstance(exc, ConnectionError | EOFError | imaplib.IMAP4.abort):
         return ConnectionFailed(f"connection to {where} was lost")
     if isinstance(exc, OSError):
