@@ -71,14 +71,15 @@ WITH open_requests AS (
     SELECT tenant_id, count(*) AS n FROM open_requests GROUP BY tenant_id
 ), candidates AS (
     -- No endpoint takes more than its cap at once, so each is asked for that many of its due
-    -- deliveries (webhook_deliveries_waiting): a backlog of millions costs what its first rows do.
+    -- deliveries, in order (webhook_deliveries_waiting_in_order): a backlog of millions costs what
+    -- its first rows do, and while the endpoint fails the same ones are retried, not each in turn.
     SELECT d.id, d.endpoint_id, d.tenant_id, d.next_attempt_at,
            row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) AS n_endpoint
     FROM webhook_endpoints e CROSS JOIN LATERAL (
         SELECT w.id, w.endpoint_id, w.tenant_id, w.next_attempt_at FROM webhook_deliveries w
         WHERE w.endpoint_id = e.id AND w.status = 'pending' AND w.next_attempt_at <= now()
           AND (w.claimed_until IS NULL OR w.claimed_until < now())
-        ORDER BY w.next_attempt_at LIMIT :endpoint_cap
+        ORDER BY w.next_attempt_at, w.id LIMIT :endpoint_cap
     ) d
     WHERE e.status = 'enabled'
 ), endpoint_room AS (
@@ -109,7 +110,7 @@ _RELEASE = text(
 # one never tried (since the endpoint was last enabled) at once, one that failed itself at the
 # retry its own failure scheduled (or at once, when that has passed). One being sent is left alone,
 # and so is one already at its own time (no row is rewritten for nothing). A single UPDATE without
-# a join, so the held rows are read through webhook_deliveries_waiting and nothing else.
+# a join, so the held rows are read through webhook_deliveries_waiting_in_order and nothing else.
 _OWN_RETRY = (
     "CASE WHEN d.attempts > 0 THEN (SELECT a.next_attempt_at FROM webhook_attempts a"
     " WHERE a.delivery_id = d.id ORDER BY a.id DESC LIMIT 1) END"
