@@ -32,8 +32,18 @@ from messages import (
     to_bytes,
 )
 from sqlalchemy import text
-from syncing import create_account, folders_by_name, imap_account, messages, run_sync, scripted_account, wait_task
+from syncing import (
+    create_account,
+    folders_by_name,
+    imap_account,
+    imap_session,
+    messages,
+    run_sync,
+    scripted_account,
+    wait_task,
+)
 
+from email_service.mailbox import imap_sync
 from email_service.mailbox.imap_sync import ImapSync
 from email_service.mailbox.pop3_sync import Pop3Sync
 from email_service.mailbox.schedule import due_for_sync
@@ -811,3 +821,27 @@ def test_a_fetch_the_server_answers_only_in_part_stores_the_rest_and_says_so(cli
     [inbox] = store.folders().values()
     assert store.uids(inbox) == {1, 3}
     assert inbox.uidnext is None  # the next sync looks again, and asks for message 2 once more
+
+
+def test_a_message_over_the_size_limit_is_said_and_not_downloaded(
+    client, runtime, user, dovecot, mail_user, monkeypatch
+):
+    # A message larger than a worker can hold would fail its folder's sync every time (and, out of
+    # memory, the other jobs of its worker): it is named in the errors and the rest arrives.
+    monkeypatch.setattr(imap_sync, "MAX_FETCHED_MESSAGE", 20_000)
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Small before")))
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Huge", "x" * 50_000)))
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Small after")))
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
+    for _ in range(2):  # said again while it is there, and never fetched
+        with imap_session(dovecot, mail_user) as session:
+            result = ImapSync(store, session, lambda _progress: None, only_folders=["INBOX"]).run()
+        assert [e for e in result.errors if "not downloaded" in e] == [
+            "Inbox: 1 message(s) over 19 KB not downloaded (UID 2)"
+        ]
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    assert sorted(m["subject"] for m in messages(client, user, account_id, inbox["id"])["messages"]) == [
+        "Small after",
+        "Small before",
+    ]

@@ -44,6 +44,11 @@ def open_socket(host: str, port: int, timeout: float | None, policy: Destination
 # a hostile server can make a worker hold. A longer line ends the connection: the rest of it
 # would be read as the next command's answer.
 MAX_IMAP_LINE = 16 * 1024 * 1024
+# The largest message downloaded, by IMAP or POP3: above what providers accept in one message
+# (Microsoft 365 up to 150 MB), and a bound on what one message makes a worker hold. Parsing and
+# storing take several times a message's size, and a larger one would fail its sync every time
+# (and, out of memory, the other jobs of its worker with it).
+MAX_FETCHED_MESSAGE = 160 * 1024 * 1024
 
 
 class _Imap(imaplib.IMAP4):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import poplib
 from typing import BinaryIO
 
-from email_service.protocols.connect import MAX_IMAP_LINE, pop3_client
+from email_service.protocols.connect import MAX_FETCHED_MESSAGE, MAX_IMAP_LINE, pop3_client
 from email_service.protocols.errors import AuthenticationFailed, MailServerError, describe
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
@@ -14,9 +14,8 @@ from email_service.protocols.tls import client_context
 # has longer ones: as messages come in server order, one such message stopped every sync at the
 # same place. Message lines are read here up to the IMAP side's generous cap instead.
 MAX_POP3_LINE = MAX_IMAP_LINE
-# The most of one message held in memory: above what providers accept in one message (Microsoft
-# 365 up to 150 MB), and a bound on what a hostile server can make a worker hold.
-MAX_POP3_MESSAGE = 160 * 1024 * 1024
+# The most of one message held in memory (a server announces no size it must keep to).
+MAX_POP3_MESSAGE = MAX_FETCHED_MESSAGE
 
 
 class MessageTooLarge(MailServerError):
