@@ -35,6 +35,7 @@ from email_service.crypto import CredentialCipher
 from email_service.models import ChangeEntity, ChangeKind, WebhookEndpoint
 from email_service.protocols import destinations
 from email_service.queue.policy import webhook_retry_delay
+from email_service.webhooks import dispatcher as dispatcher_module
 from email_service.webhooks import signing, urls
 from email_service.webhooks.dispatcher import Claimed, Dispatcher, Outcome
 from email_service.webhooks.fanout import BATCH, prune
@@ -997,6 +998,41 @@ def test_a_tenant_whose_receivers_resolve_slowly_does_not_delay_another_tenant(r
     took = asyncio.run(deliver())
     assert recorded["fast"][1].status_code == 204 and took < 1.0, took
     assert all(recorded[f"slow{n}"][1].status_code == 204 for n in range(8))
+
+
+def test_look_ups_cut_off_by_the_time_limit_keep_their_tenants_threads_until_they_end(runtime, receiver, monkeypatch):
+    # A look-up cannot be stopped: a delivery cut off at its time limit leaves its thread waiting
+    # on the name server. Its tenant's slot goes free only when that thread does, so a tenant
+    # whose name server drops queries never has more than its share of the threads.
+    monkeypatch.setattr(dispatcher_module, "DNS_THREADS", 4)
+    monkeypatch.setattr(dispatcher_module, "DNS_PER_TENANT", 2)
+    real = socket.getaddrinfo
+
+    def resolver(host, *args, **kwargs):
+        if host.startswith("slow"):
+            time.sleep(3)  # a name server that drops queries
+        return real("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(urls, "resolve", functools.partial(destinations.resolve, resolver=resolver))
+    settings = replace(runtime.settings, destinations=TEST_DESTINATIONS)
+    sender = Dispatcher(settings, runtime.db, runtime.cipher, name="dns-slots-test")
+
+    async def look_ups() -> float:
+        for round_ in range(3):  # each delivery gives up after 0.3 s, and the tenant tries again
+            cut_off = [
+                asyncio.wait_for(sender._look_up("a", urls.parse(f"http://slow{round_}{n}.example/hook")), 0.3)
+                for n in range(2)
+            ]
+            await asyncio.gather(*cut_off, return_exceptions=True)
+        started = time.monotonic()
+        await sender._look_up("b", urls.parse("http://fast.example/hook"))
+        return time.monotonic() - started
+
+    try:
+        took = asyncio.run(look_ups())
+    finally:
+        sender._resolving.shutdown(wait=True)
+    assert took < 1.0, took
 
 
 def test_a_connect_timeout_goes_on_to_the_next_permitted_address(runtime, receiver, monkeypatch):

@@ -374,21 +374,37 @@ class Dispatcher:
         return done(None, error)
 
     async def _look_up(self, tenant_id: str, target: urls.Target) -> list[tuple[int, tuple]]:
+        loop = asyncio.get_running_loop()
         slots, users = self._lookups.get(tenant_id) or (asyncio.Semaphore(DNS_PER_TENANT), 0)
         self._lookups[tenant_id] = (slots, users + 1)
         try:
-            async with slots:
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(
-                    self._resolving, urls.permitted_addresses, target, self.settings.destinations
-                )
-        finally:
-            # Kept only while a look-up of the tenant waits or runs.
-            slots, users = self._lookups[tenant_id]
-            if users == 1:
-                del self._lookups[tenant_id]
-            else:
-                self._lookups[tenant_id] = (slots, users - 1)
+            await slots.acquire()
+        except BaseException:
+            self._leave_lookup(tenant_id)
+            raise
+        thread = self._resolving.submit(urls.permitted_addresses, target, self.settings.destinations)
+
+        def finished(_thread: object) -> None:
+            # The slot is the thread's, not the waiting delivery's: a look-up that outlives its
+            # delivery (cancelled at the request's time limit) holds it until the resolver returns,
+            # so a tenant whose name server drops queries never has more than its share of threads.
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to free
+                loop.call_soon_threadsafe(self._end_lookup, tenant_id, slots)
+
+        thread.add_done_callback(finished)
+        return await asyncio.wrap_future(thread)
+
+    def _end_lookup(self, tenant_id: str, slots: asyncio.Semaphore) -> None:
+        slots.release()
+        self._leave_lookup(tenant_id)
+
+    def _leave_lookup(self, tenant_id: str) -> None:
+        # A tenant's slots are kept only while a look-up of it waits or runs.
+        slots, users = self._lookups[tenant_id]
+        if users == 1:
+            del self._lookups[tenant_id]
+        else:
+            self._lookups[tenant_id] = (slots, users - 1)
 
     # -------------------------------------------------------------------------- database
 
