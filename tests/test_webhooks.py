@@ -959,19 +959,23 @@ def test_an_endpoint_enabled_again_starts_its_retries_over(sync_client, user, ru
     ]
 
 
-def test_a_tenant_whose_receivers_resolve_slowly_does_not_delay_another_tenant(runtime, receiver, monkeypatch):
-    healthy = receiver()
-    port = healthy.url.split(":")[2].split("/")[0]
+def dispatcher_resolving_slowly(runtime, monkeypatch, *, seconds: float, name: str) -> Dispatcher:
+    """A dispatcher in this process, for which names starting with "slow" take ``seconds`` to resolve."""
     real = socket.getaddrinfo
 
     def resolver(host, *args, **kwargs):
         if host.startswith("slow"):
-            time.sleep(2)  # a name server that drops queries
+            time.sleep(seconds)  # a name server that drops queries
         return real("127.0.0.1", *args, **kwargs)
 
     monkeypatch.setattr(urls, "resolve", functools.partial(destinations.resolve, resolver=resolver))
-    settings = replace(runtime.settings, destinations=TEST_DESTINATIONS)
-    sender = Dispatcher(settings, runtime.db, runtime.cipher, name="fairness-test")
+    return Dispatcher(replace(runtime.settings, destinations=TEST_DESTINATIONS), runtime.db, runtime.cipher, name=name)
+
+
+def test_a_tenant_whose_receivers_resolve_slowly_does_not_delay_another_tenant(runtime, receiver, monkeypatch):
+    healthy = receiver()
+    port = healthy.url.split(":")[2].split("/")[0]
+    sender = dispatcher_resolving_slowly(runtime, monkeypatch, seconds=2, name="fairness-test")
     recorded: dict[str, tuple[float, Outcome]] = {}
     # What each delivery ended with, and when (the rows themselves are not the subject here).
     monkeypatch.setattr(
@@ -1006,16 +1010,7 @@ def test_look_ups_cut_off_by_the_time_limit_keep_their_tenants_threads_until_the
     # whose name server drops queries never has more than its share of the threads.
     monkeypatch.setattr(dispatcher_module, "DNS_THREADS", 4)
     monkeypatch.setattr(dispatcher_module, "DNS_PER_TENANT", 2)
-    real = socket.getaddrinfo
-
-    def resolver(host, *args, **kwargs):
-        if host.startswith("slow"):
-            time.sleep(3)  # a name server that drops queries
-        return real("127.0.0.1", *args, **kwargs)
-
-    monkeypatch.setattr(urls, "resolve", functools.partial(destinations.resolve, resolver=resolver))
-    settings = replace(runtime.settings, destinations=TEST_DESTINATIONS)
-    sender = Dispatcher(settings, runtime.db, runtime.cipher, name="dns-slots-test")
+    sender = dispatcher_resolving_slowly(runtime, monkeypatch, seconds=3, name="dns-slots-test")
 
     async def look_ups() -> float:
         for round_ in range(3):  # each delivery gives up after 0.3 s, and the tenant tries again
