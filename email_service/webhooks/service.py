@@ -72,25 +72,22 @@ def create(
         updated_at=now,
     )
     with db.tenant_session(principal) as session:
+        # The accounts it covers, with their last committed entry: what is committed now is their
+        # history, and every entry numbered after it is new to this endpoint, whenever its
+        # transaction began (entries are numbered as they commit). RLS shows only the caller's
+        # accounts, so another user's id reads as missing.
+        accounts = select(Account.id, Account.change_seq).where(Account.deleted_at.is_(None))
         if endpoint.account_id is not None:
-            # RLS shows only the caller's accounts: another user's id reads as missing.
-            live = session.scalar(
-                select(Account.id).where(Account.id == endpoint.account_id, Account.deleted_at.is_(None))
-            )
-            if live is None:
-                raise NotFoundError(f"Account with ID '{endpoint.account_id}' does not exist", code="ACCOUNT_NOT_FOUND")
+            accounts = accounts.where(Account.id == endpoint.account_id)
+        endpoint.start_seqs = {row.id: row.change_seq for row in session.execute(accounts)}
+        if endpoint.account_id is not None and endpoint.account_id not in endpoint.start_seqs:
+            raise NotFoundError(f"Account with ID '{endpoint.account_id}' does not exist", code="ACCOUNT_NOT_FOUND")
         count = session.scalar(select(func.count()).select_from(WebhookEndpoint)) or 0
         if count >= MAX_ENDPOINTS_PER_USER:
             raise ConflictError(
                 f"at most {MAX_ENDPOINTS_PER_USER} webhook endpoints per user; delete one first",
                 code="TOO_MANY_WEBHOOKS",
             )
-        # What is committed now is the account's history; every entry numbered after it is new to
-        # this endpoint, whenever its transaction began (entries are numbered as they commit).
-        accounts = select(Account.id, Account.change_seq).where(Account.deleted_at.is_(None))
-        if endpoint.account_id is not None:
-            accounts = accounts.where(Account.id == endpoint.account_id)
-        endpoint.start_seqs = {row.id: row.change_seq for row in session.execute(accounts)}
         session.add(endpoint)
     return Created(endpoint=endpoint, secret=secret)
 
