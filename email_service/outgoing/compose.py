@@ -121,7 +121,7 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
         account = session.scalar(select(Account).where(Account.id == body["accountId"], Account.deleted_at.is_(None)))
     if account is None:
         raise NotFoundError(f"Account with ID '{body['accountId']}' does not exist", code="ACCOUNT_NOT_FOUND")
-    _require_enabled(account)
+    _require_enabled(account.is_enabled)
     subject = _single_line(body["subject"], "subject")
     to = _addresses(body.get("to"), "to")
     cc = _addresses(body.get("cc"), "cc")
@@ -235,9 +235,9 @@ def _message_ids(value: str) -> list[str]:
     return re.findall(r"<[^<>\s]+>", value)
 
 
-def _require_enabled(account: Account) -> None:
+def _require_enabled(is_enabled: bool) -> None:
     # A disabled account talks to no server: nothing is sent or filed through it (as folders refuse).
-    if not account.is_enabled:
+    if not is_enabled:
         raise ConflictError(DISABLED_MESSAGE, code="ACCOUNT_DISABLED")
 
 
@@ -258,8 +258,7 @@ def retry_send(runtime: Runtime, principal: Principal, account_id: str, message_
         if row is None:
             raise NotFoundError(f"Message with ID '{message_id}' does not exist", code="MESSAGE_NOT_FOUND")
         message = row.Message
-        if not row.is_enabled:
-            raise ConflictError(DISABLED_MESSAGE, code="ACCOUNT_DISABLED")
+        _require_enabled(row.is_enabled)
         if message.delivery_status not in retryable:
             state = message.delivery_status or "received mail"
             raise ConflictError(
