@@ -27,7 +27,7 @@ from email_service.mailbox.result import ProgressCallback, SyncResult
 from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
 from email_service.models import Folder
 from email_service.observability import metrics
-from email_service.protocols.connect import MAX_FETCHED_MESSAGE
+from email_service.protocols.connect import MAX_FETCHED_MESSAGE, size_words
 from email_service.protocols.errors import ConnectionFailed, MailServerError
 from email_service.protocols.imap import ImapSession
 
@@ -77,10 +77,6 @@ def batches(uids: Sequence[int], sizes: dict[int, int]) -> Iterable[list[int]]:
         total += size
     if batch:
         yield batch
-
-
-def _size_words(size: int) -> str:
-    return f"{size // (1024 * 1024)} MB" if size >= 1024 * 1024 else f"{size // 1024} KB"
 
 
 class ImapSync:
@@ -226,7 +222,7 @@ class ImapSync:
         too_large = [uid for uid in uids if sizes.get(uid, 0) > MAX_FETCHED_MESSAGE]
         if too_large:
             self.result.errors.append(
-                f"{folder.display_name}: {len(too_large)} message(s) over {_size_words(MAX_FETCHED_MESSAGE)}"
+                f"{folder.display_name}: {len(too_large)} message(s) over {size_words(MAX_FETCHED_MESSAGE)}"
                 f" not downloaded (UID {', '.join(map(str, too_large[:5]))}{' ...' if len(too_large) > 5 else ''})"
             )
             skipped = set(too_large)

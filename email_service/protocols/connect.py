@@ -51,6 +51,11 @@ MAX_IMAP_LINE = 16 * 1024 * 1024
 MAX_FETCHED_MESSAGE = 160 * 1024 * 1024
 
 
+def size_words(size: int) -> str:
+    """A limit as a sync's errors name it ("160 MB", "19 KB")."""
+    return f"{size // (1024 * 1024)} MB" if size >= 1024 * 1024 else f"{size // 1024} KB"
+
+
 class _Imap(imaplib.IMAP4):
     def __init__(self, host: str, port: int, timeout: float, policy: DestinationPolicy) -> None:
         self._policy = policy

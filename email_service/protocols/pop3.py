@@ -5,7 +5,7 @@ from __future__ import annotations
 import poplib
 from typing import BinaryIO
 
-from email_service.protocols.connect import MAX_FETCHED_MESSAGE, MAX_IMAP_LINE, pop3_client
+from email_service.protocols.connect import MAX_FETCHED_MESSAGE, MAX_IMAP_LINE, pop3_client, size_words
 from email_service.protocols.errors import AuthenticationFailed, MailServerError, describe
 from email_service.protocols.session import MailSession
 from email_service.protocols.tls import client_context
@@ -89,8 +89,8 @@ class Pop3Session(MailSession):
             raise describe(exc, self.host, self.port) from None
         if raw is None:
             raise MessageTooLarge(
-                f"message {number} at {self.host}:{self.port} is over {MAX_POP3_MESSAGE // (1024 * 1024)} MB "
-                f"or has a line over {MAX_POP3_LINE // (1024 * 1024)} MB; it was not downloaded"
+                f"message {number} at {self.host}:{self.port} is over {size_words(MAX_POP3_MESSAGE)} "
+                f"or has a line over {size_words(MAX_POP3_LINE)}; it was not downloaded"
             )
         return raw
 
