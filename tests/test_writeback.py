@@ -167,6 +167,55 @@ def test_a_sync_before_the_write_back_does_not_undo_the_change(client, user, dov
     assert eventually(lambda: "\\Seen" in (server_flags(dovecot, mail_user, "INBOX") or set()), timeout=60)
 
 
+def give_up_write_backs(runtime, account_id) -> int:
+    """Fail the account's waiting write-backs as their last retry does when the server stays down."""
+    with runtime.db.maintenance_session() as session:
+        return session.execute(
+            text(
+                "UPDATE tasks SET status = 'failure', finished_at = now(), error = 'connection lost'"
+                " WHERE account_id = :account AND kind = 'writeback' AND status IN ('pending', 'retry')"
+            ),
+            {"account": account_id},
+        ).rowcount
+
+
+def test_a_change_whose_write_back_gave_up_reaches_the_server_after_the_next_sync(
+    client, user, dovecot, mail_user, message, runtime, monkeypatch
+):
+    # The row stays marked as waiting, so sync leaves its flags alone; nothing else ever wrote it.
+    account_id, message_id = message
+    with monkeypatch.context() as quiet:
+        quiet.setattr(tasks, "push", lambda *args, **kwargs: None)  # the worker never gets it in time
+        patch(client, user, account_id, message_id, {"isRead": True})
+    assert give_up_write_backs(runtime, account_id) == 1
+    assert "\\Seen" not in server_flags(dovecot, mail_user, "INBOX")
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    assert eventually(lambda: "\\Seen" in (server_flags(dovecot, mail_user, "INBOX") or set()))
+    assert client.get(f"/api/{account_id}/messages/{message_id}", headers=user.headers).json()["isRead"] is True
+
+
+def test_a_move_whose_write_back_gave_up_reaches_the_server_after_the_next_sync(
+    client, user, dovecot, mail_user, message, runtime, monkeypatch
+):
+    account_id, message_id = message
+    trash = folders_by_name(client, user, account_id)["Trash"]
+    with monkeypatch.context() as quiet:
+        quiet.setattr(tasks, "push", lambda *args, **kwargs: None)
+        moved = client.post(
+            f"/api/{account_id}/messages/{message_id}/move", json={"folderId": trash["id"]}, headers=user.headers
+        )
+        assert moved.status_code == 200, moved.text
+    assert give_up_write_backs(runtime, account_id) == 1
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    assert eventually(lambda: server_flags(dovecot, mail_user, "Trash") is not None)
+    assert server_flags(dovecot, mail_user, "INBOX") is None
+    # And the row follows it there: the next sync shows the message once, in Trash.
+    run_sync(client, user, account_id)
+    folders = folders_by_name(client, user, account_id)
+    assert [m["id"] for m in messages(client, user, account_id, folders["Trash"]["id"])["messages"]] == [message_id]
+    assert messages(client, user, account_id, folders["INBOX"]["id"])["messages"] == []
+
+
 def test_pop3_changes_stay_local(client, user, dovecot, mail_user, worker):
     dovecot.append(mail_user, "INBOX", to_bytes(plain_message(SUBJECT)))
     account_id = create_account(

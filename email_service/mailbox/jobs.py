@@ -7,11 +7,12 @@ from typing import Any
 
 from email_service.crypto import CredentialError
 from email_service.mailbox.imap_sync import ImapSync
+from email_service.mailbox.moves import resume_server_moves
 from email_service.mailbox.pop3_sync import Pop3Sync
 from email_service.mailbox.schedule import record_failure, record_success
 from email_service.mailbox.server_moves import write_moves
 from email_service.mailbox.store import MailStore
-from email_service.mailbox.writeback import FolderRenumbered, load_pending, write_back
+from email_service.mailbox.writeback import FolderRenumbered, load_pending, stranded, write_back
 from email_service.models import TaskKind
 from email_service.protocols.errors import MailServerError
 from email_service.protocols.servers import Protocol
@@ -47,8 +48,29 @@ def run_sync(context: TaskContext) -> dict[str, Any]:
     except MailServerError as exc:
         raise TaskFailed(str(exc), permanent=exc.permanent) from None
     record_success(runtime.db, principal, account_id, full=not folders)
+    if servers.incoming.protocol is Protocol.IMAP:
+        resume_stranded_writes(context)
     log.info("synced account %s: %s", account_id, result.as_dict())
     return result.as_dict()
+
+
+def resume_stranded_writes(context: TaskContext) -> None:
+    """Queue again what waits for the server after its write-back gave up, now the server answers.
+
+    The sync is done and stands whatever happens here; what is not queued now is the next one's.
+    """
+    runtime, principal, account_id = context.runtime, context.principal, context.account_id
+    assert account_id is not None
+    try:
+        left = stranded(runtime.db, principal, account_id)
+        for message_id in left:
+            tasks.enqueue(runtime, TaskKind.WRITEBACK, principal, account_id=account_id, message_id=message_id)
+        resume_server_moves(runtime, principal, account_id)
+    except Exception as exc:  # noqa: BLE001 - the next sync looks again
+        log.warning("account %s: stranded write-backs not queued again: %s", account_id, type(exc).__name__)
+        return
+    if left:
+        log.info("account %s: %d stranded write-backs queued again", account_id, len(left))
 
 
 def sync_failed(context: TaskContext, message: str, permanent: bool) -> None:

@@ -319,6 +319,16 @@ def enqueue_server_moves(runtime: Runtime, principal: Principal, account_id: str
         tasks.enqueue(runtime, TaskKind.WRITEBACK, principal, account_id=account_id)
 
 
+def resume_server_moves(runtime: Runtime, principal: Principal, account_id: str) -> None:
+    """Queue the account's moves again if any wait for the server: their task may have run out of tries."""
+    with runtime.db.tenant_session(principal) as session:
+        waiting = session.scalar(
+            select(MessageMove.id).where(MessageMove.account_id == account_id, MessageMove.uid.is_not(None)).limit(1)
+        )
+    if waiting is not None:
+        enqueue_server_moves(runtime, principal, account_id)
+
+
 def restore_row(session: Session, move: MessageMove) -> None:
     """The server could not move the message: its row goes back where the server has it."""
     if move.message_id is not None and move.uid is not None:

@@ -15,12 +15,12 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, exists, select, update
 
 from email_service.changes import entries as changes
 from email_service.changes.log import Entry, record
 from email_service.db import Database
-from email_service.models import Folder, Message
+from email_service.models import Folder, Message, Task, TaskKind, TaskStatus
 from email_service.protocols.errors import FolderReadOnly
 from email_service.protocols.imap import ImapSession, MailboxState
 from email_service.tenancy import Principal
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 SPAM_KEYWORD = "$Junk"
 MANAGED_SYSTEM_FLAGS = {"\\seen": "\\Seen", "\\flagged": "\\Flagged"}
 WRITTEN_FIELDS = frozenset({"is_read", "is_starred", "is_spam", "keywords"})
+# A sync that ends well hands at most this many stranded changes back to the workers; the
+# next sync takes the rest.
+STRANDED_LIMIT = 500
 
 
 class FolderRenumbered(Exception):
@@ -86,6 +89,35 @@ def load_pending(db: Database, principal: Principal, message_id: str) -> Pending
         spam_folder=next((f for f in folders if f.type == "spam"), None),
         inbox=next((f for f in folders if f.type == "inbox"), None),
     )
+
+
+def stranded(db: Database, principal: Principal, account_id: str, *, limit: int = STRANDED_LIMIT) -> list[str]:
+    """Messages whose change made here no waiting or running task will write: its task ran out of tries.
+
+    A write-back gives up after its retries (about 20 minutes of a server that is down), and
+    the row stays pending, so sync leaves its flags alone and nothing else would ever write it.
+    A message waiting for its move is left out: the move's end writes its flags.
+    """
+    carried = exists().where(
+        Task.account_id == account_id,
+        Task.kind == TaskKind.WRITEBACK,
+        Task.status.in_([TaskStatus.PENDING, TaskStatus.RETRY, TaskStatus.STARTED]),
+        Task.message_id == Message.id,
+    )
+    with db.tenant_session(principal) as session:
+        return list(
+            session.scalars(
+                select(Message.id)
+                .where(
+                    Message.account_id == account_id,
+                    Message.writeback_pending.is_(True),
+                    Message.uid.is_not(None),
+                    ~carried,
+                )
+                .order_by(Message.updated_at)
+                .limit(limit)
+            )
+        )
 
 
 def flag_changes(change: PendingChange, server_flags: tuple[str, ...]) -> tuple[list[str], list[str]]:
