@@ -249,7 +249,28 @@ def test_mail_without_a_usable_from_shows_the_unknown_sender_and_split_words_dec
     inbox = folders_by_name(client, user, account_id)["INBOX"]
     [listed] = messages(client, user, account_id, inbox["id"])["messages"]
     assert listed["from"] == "unknown@unknown.invalid"
+    assert listed["fromName"] is None  # "System" names no address: no name to put beside a guess
     assert listed["subject"] == "Привет мир"
+
+
+def test_the_senders_name_is_listed_decoded_on_one_line(client, user, dovecot, mail_user, worker):
+    dovecot.append(
+        mail_user,
+        "INBOX",
+        # "Jürgen Müller", encoded and folded over two lines as a mail program sends it.
+        b"From: =?utf-8?q?J=C3=BCrgen?=\r\n =?utf-8?q?_M=C3=BCller?= <jm@Example.ORG>\r\n"
+        b"To: Bob <bob@example.org>\r\nSubject: Hallo\r\nMessage-ID: <name-1@example.org>\r\n"
+        b"Date: Tue, 02 Jan 2024 10:30:00 +0000\r\n\r\nHallo Bob.\r\n",
+    )
+    dovecot.append(mail_user, "INBOX", b"From: bare@example.org\r\nSubject: No name\r\n\r\nHi.\r\n")
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    listed = {m["subject"]: m for m in messages(client, user, account_id, inbox["id"])["messages"]}
+    assert (listed["Hallo"]["from"], listed["Hallo"]["fromName"]) == ("jm@example.org", "Jürgen Müller")
+    assert (listed["No name"]["from"], listed["No name"]["fromName"]) == ("bare@example.org", None)
+    detail = client.get(f"/api/{account_id}/messages/{listed['Hallo']['id']}", headers=user.headers).json()
+    assert detail["fromName"] == "Jürgen Müller"
 
 
 def test_a_broken_folder_is_reported_and_does_not_stop_the_others(client, user, dovecot, mail_user, worker):

@@ -26,11 +26,13 @@ type Message struct {
 	AccountId string `json:"accountId"`
 	FolderId  string `json:"folderId"`
 	// Sender address; a message without a usable From shows unknown@unknown.invalid
-	From    string   `json:"from"`
-	To      []string `json:"to"`
-	Cc      []string `json:"cc,omitempty"`
-	Bcc     []string `json:"bcc,omitempty"`
-	Subject string   `json:"subject"`
+	From string `json:"from"`
+	// The sender's display name from the From header, decoded (RFC 2047) and without line breaks; null when the header names none. What a mail list shows in place of the address.
+	FromName NullableString `json:"fromName,omitempty"`
+	To       []string       `json:"to"`
+	Cc       []string       `json:"cc,omitempty"`
+	Bcc      []string       `json:"bcc,omitempty"`
+	Subject  string         `json:"subject"`
 	// First 200 chars of body for UI preview
 	Preview         *string `json:"preview,omitempty"`
 	IsRead          bool    `json:"isRead"`
@@ -168,6 +170,49 @@ func (o *Message) GetFromOk() (*string, bool) {
 // SetFrom sets field value
 func (o *Message) SetFrom(v string) {
 	o.From = v
+}
+
+// GetFromName returns the FromName field value if set, zero value otherwise (both if not set or set to explicit null).
+func (o *Message) GetFromName() string {
+	if o == nil || IsNil(o.FromName.Get()) {
+		var ret string
+		return ret
+	}
+	return *o.FromName.Get()
+}
+
+// GetFromNameOk returns a tuple with the FromName field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+// NOTE: If the value is an explicit nil, `nil, true` will be returned
+func (o *Message) GetFromNameOk() (*string, bool) {
+	if o == nil {
+		return nil, false
+	}
+	return o.FromName.Get(), o.FromName.IsSet()
+}
+
+// HasFromName returns a boolean if a field has been set.
+func (o *Message) HasFromName() bool {
+	if o != nil && o.FromName.IsSet() {
+		return true
+	}
+
+	return false
+}
+
+// SetFromName gets a reference to the given NullableString and assigns it to the FromName field.
+func (o *Message) SetFromName(v string) {
+	o.FromName.Set(&v)
+}
+
+// SetFromNameNil sets the value for FromName to be an explicit nil
+func (o *Message) SetFromNameNil() {
+	o.FromName.Set(nil)
+}
+
+// UnsetFromName ensures that no value is present for FromName, not even an explicit nil
+func (o *Message) UnsetFromName() {
+	o.FromName.Unset()
 }
 
 // GetTo returns the To field value
@@ -643,6 +688,9 @@ func (o Message) ToMap() (map[string]interface{}, error) {
 	toSerialize["accountId"] = o.AccountId
 	toSerialize["folderId"] = o.FolderId
 	toSerialize["from"] = o.From
+	if o.FromName.IsSet() {
+		toSerialize["fromName"] = o.FromName.Get()
+	}
 	toSerialize["to"] = o.To
 	if !IsNil(o.Cc) {
 		toSerialize["cc"] = o.Cc

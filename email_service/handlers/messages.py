@@ -29,6 +29,7 @@ def message_view(message: Message | service.ListItem | service.MessageRow) -> di
         "accountId": message.account_id,
         "folderId": message.folder_id,
         "from": message.from_address if "@" in message.from_address else UNKNOWN_SENDER,
+        "fromName": message.from_name or None,
         "to": _addresses(message.to_addresses),
         "cc": _addresses(message.cc_addresses),
         "bcc": _addresses(message.bcc_addresses),

@@ -37,6 +37,7 @@ LIST_COLUMNS = (
     Message.account_id,
     Message.folder_id,
     Message.from_address,
+    Message.from_name,
     Message.to_addresses,
     Message.cc_addresses,
     Message.bcc_addresses,

@@ -41,6 +41,7 @@ class TestListMessages200Response(unittest.TestCase):
                         account_id = '', 
                         folder_id = '', 
                         from = 'sender@example.com', 
+                        from_name = 'Jane Doe', 
                         to = ["recipient@example.com"], 
                         cc = [
                             ''

@@ -39,6 +39,7 @@ class TestMessageSummary(unittest.TestCase):
                 account_id = '',
                 folder_id = '',
                 var_from = 'sender@example.com',
+                from_name = 'Jane Doe',
                 to = [recipient@example.com],
                 cc = [
                     ''

@@ -32,6 +32,7 @@ class Message(BaseModel):
     account_id: StrictStr = Field(alias="accountId")
     folder_id: StrictStr = Field(alias="folderId")
     var_from: StrictStr = Field(description="Sender address; a message without a usable From shows unknown@unknown.invalid", alias="from", json_schema_extra={"examples": ["sender@example.com"]})
+    from_name: Optional[StrictStr] = Field(default=None, description="The sender's display name from the From header, decoded (RFC 2047) and without line breaks; null when the header names none. What a mail list shows in place of the address.", alias="fromName", json_schema_extra={"examples": ["Jane Doe"]})
     to: List[StrictStr] = Field(json_schema_extra={"examples": [["recipient@example.com"]]})
     cc: Optional[List[StrictStr]] = None
     bcc: Optional[List[StrictStr]] = None
@@ -47,7 +48,7 @@ class Message(BaseModel):
     updated_at: Optional[StrictInt] = Field(default=None, alias="updatedAt")
     labels: Optional[List[StrictStr]] = Field(default=None, description="Custom labels (IMAP keywords)")
     delivery_status: Optional[StrictStr] = Field(default=None, description="For mail written through this API: queued, sending (the data is going out and the reply is awaited), sent, failed, or ambiguous (the whole message went out and the server never answered: it may or may not have been accepted; only retrySend sends it again) for sendEmail, or draft (saveDraft); null for mail from the server", alias="deliveryStatus")
-    __properties: ClassVar[List[str]] = ["id", "accountId", "folderId", "from", "to", "cc", "bcc", "subject", "preview", "isRead", "isStarred", "isSpam", "isDeleted", "attachmentCount", "receivedAt", "createdAt", "updatedAt", "labels", "deliveryStatus"]
+    __properties: ClassVar[List[str]] = ["id", "accountId", "folderId", "from", "fromName", "to", "cc", "bcc", "subject", "preview", "isRead", "isStarred", "isSpam", "isDeleted", "attachmentCount", "receivedAt", "createdAt", "updatedAt", "labels", "deliveryStatus"]
 
     @field_validator('delivery_status')
     def delivery_status_validate_enum(cls, value):
@@ -98,6 +99,11 @@ class Message(BaseModel):
             exclude=excluded_fields,
             exclude_none=True,
         )
+        # set to None if from_name (nullable) is None
+        # and model_fields_set contains the field
+        if self.from_name is None and "from_name" in self.model_fields_set:
+            _dict['fromName'] = None
+
         # set to None if delivery_status (nullable) is None
         # and model_fields_set contains the field
         if self.delivery_status is None and "delivery_status" in self.model_fields_set:
@@ -119,6 +125,7 @@ class Message(BaseModel):
             "accountId": obj.get("accountId"),
             "folderId": obj.get("folderId"),
             "from": obj.get("from"),
+            "fromName": obj.get("fromName"),
             "to": obj.get("to"),
             "cc": obj.get("cc"),
             "bcc": obj.get("bcc"),

@@ -33,6 +33,7 @@ class MessageDetail(BaseModel):
     account_id: StrictStr = Field(alias="accountId")
     folder_id: StrictStr = Field(alias="folderId")
     var_from: StrictStr = Field(description="Sender address; a message without a usable From shows unknown@unknown.invalid", alias="from", json_schema_extra={"examples": ["sender@example.com"]})
+    from_name: Optional[StrictStr] = Field(default=None, description="The sender's display name from the From header, decoded (RFC 2047) and without line breaks; null when the header names none. What a mail list shows in place of the address.", alias="fromName", json_schema_extra={"examples": ["Jane Doe"]})
     to: List[StrictStr] = Field(json_schema_extra={"examples": [["recipient@example.com"]]})
     cc: Optional[List[StrictStr]] = None
     bcc: Optional[List[StrictStr]] = None
@@ -53,7 +54,7 @@ class MessageDetail(BaseModel):
     headers: Optional[Dict[str, StrictStr]] = Field(default=None, description="Raw email headers")
     attachments: Optional[List[Attachment]] = None
     conversation_id: Optional[StrictStr] = Field(default=None, description="Thread/conversation ID for grouping replies", alias="conversationId")
-    __properties: ClassVar[List[str]] = ["id", "accountId", "folderId", "from", "to", "cc", "bcc", "subject", "preview", "isRead", "isStarred", "isSpam", "isDeleted", "attachmentCount", "receivedAt", "createdAt", "updatedAt", "labels", "deliveryStatus", "body", "bodyHtml", "headers", "attachments", "conversationId"]
+    __properties: ClassVar[List[str]] = ["id", "accountId", "folderId", "from", "fromName", "to", "cc", "bcc", "subject", "preview", "isRead", "isStarred", "isSpam", "isDeleted", "attachmentCount", "receivedAt", "createdAt", "updatedAt", "labels", "deliveryStatus", "body", "bodyHtml", "headers", "attachments", "conversationId"]
 
     @field_validator('delivery_status')
     def delivery_status_validate_enum(cls, value):
@@ -110,6 +111,11 @@ class MessageDetail(BaseModel):
             for _item_attachments in self.attachments:
                 _items.append(_item_attachments.to_dict() if _item_attachments is not None else None)
             _dict['attachments'] = _items
+        # set to None if from_name (nullable) is None
+        # and model_fields_set contains the field
+        if self.from_name is None and "from_name" in self.model_fields_set:
+            _dict['fromName'] = None
+
         # set to None if delivery_status (nullable) is None
         # and model_fields_set contains the field
         if self.delivery_status is None and "delivery_status" in self.model_fields_set:
@@ -141,6 +147,7 @@ class MessageDetail(BaseModel):
             "accountId": obj.get("accountId"),
             "folderId": obj.get("folderId"),
             "from": obj.get("from"),
+            "fromName": obj.get("fromName"),
             "to": obj.get("to"),
             "cc": obj.get("cc"),
             "bcc": obj.get("bcc"),

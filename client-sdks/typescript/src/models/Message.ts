@@ -36,6 +36,10 @@ export interface Message {
      */
     from: string;
     /**
+     * The sender's display name from the From header, decoded (RFC 2047) and without line breaks; null when the header names none. What a mail list shows in place of the address.
+     */
+    fromName?: string | null;
+    /**
      * 
      */
     to: Array<string>;
@@ -141,6 +145,7 @@ export function MessageFromJSONTyped(json: any, ignoreDiscriminator: boolean): M
         'accountId': json['accountId'],
         'folderId': json['folderId'],
         'from': json['from'],
+        'fromName': json['fromName'] === undefined ? undefined : json['fromName'] === null ? null : json['fromName'],
         'to': json['to'],
         'cc': json['cc'] == null ? undefined : json['cc'],
         'bcc': json['bcc'] == null ? undefined : json['bcc'],
@@ -174,6 +179,7 @@ export function MessageToJSONTyped(value?: Message | null, ignoreDiscriminator: 
         'accountId': value['accountId'],
         'folderId': value['folderId'],
         'from': value['from'],
+        'fromName': value['fromName'],
         'to': value['to'],
         'cc': value['cc'],
         'bcc': value['bcc'],

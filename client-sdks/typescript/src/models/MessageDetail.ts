@@ -44,6 +44,10 @@ export interface MessageDetail {
      */
     from: string;
     /**
+     * The sender's display name from the From header, decoded (RFC 2047) and without line breaks; null when the header names none. What a mail list shows in place of the address.
+     */
+    fromName?: string | null;
+    /**
      * 
      */
     to: Array<string>;
@@ -169,6 +173,7 @@ export function MessageDetailFromJSONTyped(json: any, ignoreDiscriminator: boole
         'accountId': json['accountId'],
         'folderId': json['folderId'],
         'from': json['from'],
+        'fromName': json['fromName'] === undefined ? undefined : json['fromName'] === null ? null : json['fromName'],
         'to': json['to'],
         'cc': json['cc'] == null ? undefined : json['cc'],
         'bcc': json['bcc'] == null ? undefined : json['bcc'],
@@ -207,6 +212,7 @@ export function MessageDetailToJSONTyped(value?: MessageDetail | null, ignoreDis
         'accountId': value['accountId'],
         'folderId': value['folderId'],
         'from': value['from'],
+        'fromName': value['fromName'],
         'to': value['to'],
         'cc': value['cc'],
         'bcc': value['bcc'],

@@ -36,6 +36,10 @@ export interface MessageSummary {
      */
     from: string;
     /**
+     * The sender's display name from the From header, decoded (RFC 2047) and without line breaks; null when the header names none. What a mail list shows in place of the address.
+     */
+    fromName?: string | null;
+    /**
      * 
      */
     to: Array<string>;
@@ -146,6 +150,7 @@ export function MessageSummaryFromJSONTyped(json: any, ignoreDiscriminator: bool
         'accountId': json['accountId'],
         'folderId': json['folderId'],
         'from': json['from'],
+        'fromName': json['fromName'] === undefined ? undefined : json['fromName'] === null ? null : json['fromName'],
         'to': json['to'],
         'cc': json['cc'] == null ? undefined : json['cc'],
         'bcc': json['bcc'] == null ? undefined : json['bcc'],
@@ -180,6 +185,7 @@ export function MessageSummaryToJSONTyped(value?: MessageSummary | null, ignoreD
         'accountId': value['accountId'],
         'folderId': value['folderId'],
         'from': value['from'],
+        'fromName': value['fromName'],
         'to': value['to'],
         'cc': value['cc'],
         'bcc': value['bcc'],
