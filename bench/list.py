@@ -58,11 +58,12 @@ CHUNK = 100_000
 # time every two messages and 997 senders, so every sort has ties for the id to break.
 GENERATE = text("""
     INSERT INTO messages (id, tenant_id, user_id, account_id, folder_id, uid, message_id_header,
-                          conversation_id, subject, from_address, from_name, to_addresses, preview, body_text,
-                          headers, received_at, is_read, size, raw_object_key)
+                          conversation_id, subject, from_address, from_name, to_addresses, recipient_names,
+                          preview, body_text, headers, received_at, is_read, size, raw_object_key)
     SELECT :prefix || lpad(n::text, 8, '0'), :tenant, :user, :account, :folder, n,
            '<' || n || '@example.com>', 'c' || (n % 5000), 'Subject of message ' || n,
            'sender' || (n % 997) || '@example.com', 'Sender ' || (n % 997), ARRAY['me@example.com'],
+           '{"me@example.com": "Me"}',
            left(repeat('The preview of a message. ', 10), 200),
            repeat('The body of a message, long enough to be realistic. ', 20),
            jsonb_build_object('Subject', 'Subject of message ' || n, 'From', 'sender@example.com',
@@ -129,9 +130,9 @@ def baseline_app(database_url: str, app_role: str, tenant: str, user: str) -> St
 
     pool = ConnectionPool(libpq_url(database_url), min_size=4, max_size=10, kwargs={"row_factory": namedtuple_row})
     columns = (
-        "id, account_id, folder_id, from_address, from_name, to_addresses, cc_addresses, bcc_addresses, subject,"
-        " preview, is_read, is_starred, is_spam, is_deleted, keywords, delivery_status, attachment_count, received_at,"
-        " created_at, updated_at"
+        "id, account_id, folder_id, from_address, from_name, to_addresses, cc_addresses, bcc_addresses,"
+        " recipient_names, subject, preview, is_read, is_starred, is_spam, is_deleted, keywords, delivery_status,"
+        " attachment_count, received_at, created_at, updated_at"
     )
     sorts = {
         "receivedAt:asc": ("received_at", "ASC"),

@@ -273,6 +273,26 @@ def test_the_senders_name_is_listed_decoded_on_one_line(client, user, dovecot, m
     assert detail["fromName"] == "Jürgen Müller"
 
 
+def test_recipients_names_are_listed_by_address(client, user, dovecot, mail_user, worker):
+    dovecot.append(
+        mail_user,
+        "INBOX",
+        b'To: "Bob Example" <bob@example.org>, carol@example.org\r\n'
+        b"Cc: =?utf-8?q?Zo=C3=AB?= <zoe@Example.NET>, Bob Again <bob@example.org>\r\n"
+        b"From: alice@example.com\r\nSubject: Team\r\nDate: Tue, 02 Jan 2024 10:30:00 +0000\r\n\r\nHi.\r\n",
+    )
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    [listed] = messages(client, user, account_id, inbox["id"])["messages"]
+    assert listed["to"] == ["bob@example.org", "carol@example.org"]
+    assert listed["cc"] == ["zoe@example.net", "bob@example.org"]
+    # The first name an address is given counts; an address with none has no entry.
+    assert listed["recipientNames"] == {"bob@example.org": "Bob Example", "zoe@example.net": "Zoë"}
+    detail = client.get(f"/api/{account_id}/messages/{listed['id']}", headers=user.headers).json()
+    assert detail["recipientNames"] == listed["recipientNames"]
+
+
 def test_a_broken_folder_is_reported_and_does_not_stop_the_others(client, user, dovecot, mail_user, worker):
     dovecot.create_folder(mail_user, "Broken")
     dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Still synced")))

@@ -32,7 +32,9 @@ type Message struct {
 	To       []string       `json:"to"`
 	Cc       []string       `json:"cc,omitempty"`
 	Bcc      []string       `json:"bcc,omitempty"`
-	Subject  string         `json:"subject"`
+	// The display names the To, Cc and Bcc headers give recipients, by address (decoded, on one line); an address the headers name no one for is not in it. Empty for mail sent through the service and mail stored before names were kept.
+	RecipientNames *map[string]string `json:"recipientNames,omitempty"`
+	Subject        string             `json:"subject"`
 	// First 200 chars of body for UI preview
 	Preview         *string `json:"preview,omitempty"`
 	IsRead          bool    `json:"isRead"`
@@ -301,6 +303,38 @@ func (o *Message) HasBcc() bool {
 // SetBcc gets a reference to the given []string and assigns it to the Bcc field.
 func (o *Message) SetBcc(v []string) {
 	o.Bcc = v
+}
+
+// GetRecipientNames returns the RecipientNames field value if set, zero value otherwise.
+func (o *Message) GetRecipientNames() map[string]string {
+	if o == nil || IsNil(o.RecipientNames) {
+		var ret map[string]string
+		return ret
+	}
+	return *o.RecipientNames
+}
+
+// GetRecipientNamesOk returns a tuple with the RecipientNames field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *Message) GetRecipientNamesOk() (*map[string]string, bool) {
+	if o == nil || IsNil(o.RecipientNames) {
+		return nil, false
+	}
+	return o.RecipientNames, true
+}
+
+// HasRecipientNames returns a boolean if a field has been set.
+func (o *Message) HasRecipientNames() bool {
+	if o != nil && !IsNil(o.RecipientNames) {
+		return true
+	}
+
+	return false
+}
+
+// SetRecipientNames gets a reference to the given map[string]string and assigns it to the RecipientNames field.
+func (o *Message) SetRecipientNames(v map[string]string) {
+	o.RecipientNames = &v
 }
 
 // GetSubject returns the Subject field value
@@ -697,6 +731,9 @@ func (o Message) ToMap() (map[string]interface{}, error) {
 	}
 	if !IsNil(o.Bcc) {
 		toSerialize["bcc"] = o.Bcc
+	}
+	if !IsNil(o.RecipientNames) {
+		toSerialize["recipientNames"] = o.RecipientNames
 	}
 	toSerialize["subject"] = o.Subject
 	if !IsNil(o.Preview) {

@@ -33,6 +33,7 @@ def message_view(message: Message | service.ListItem | service.MessageRow) -> di
         "to": _addresses(message.to_addresses),
         "cc": _addresses(message.cc_addresses),
         "bcc": _addresses(message.bcc_addresses),
+        "recipientNames": message.recipient_names or {},
         "subject": message.subject,
         "preview": message.preview[:200],
         "isRead": message.is_read,

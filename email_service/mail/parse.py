@@ -92,6 +92,7 @@ class ParsedMessage:
     cc: list[str]
     bcc: list[str]
     reply_to: list[str]
+    recipient_names: dict[str, str]  # address -> display name, for those in to, cc and bcc with one
     date: datetime | None
     text_body: str
     html_body: str | None
@@ -393,6 +394,17 @@ def _first(parsed: dict[str, list], key: str, defects: list[str]) -> tuple[str, 
     return values[0]
 
 
+def _recipient_names(parsed: dict[str, list]) -> dict[str, str]:
+    """The first display name each recipient is given in To, Cc or Bcc."""
+    names: dict[str, str] = {}
+    for key in ("to", "cc", "bcc"):
+        for _text, header in parsed.get(key, ()):
+            for name, spec in addresses(header):
+                if name:
+                    names.setdefault(spec, name)
+    return names
+
+
 def _address_list(parsed: dict[str, list], key: str) -> list[str]:
     found: list[str] = []
     for _text, header in parsed.get(key, ()):
@@ -512,6 +524,7 @@ def _parse(raw: bytes) -> ParsedMessage:
         cc=_address_list(parsed, "cc"),
         bcc=_address_list(parsed, "bcc"),
         reply_to=_address_list(parsed, "reply-to"),
+        recipient_names=_recipient_names(parsed),
         date=date,
         text_body=text_body,
         html_body=html_body,
@@ -546,6 +559,7 @@ def parse_message(raw: bytes) -> ParsedMessage:
             cc=[],
             bcc=[],
             reply_to=[],
+            recipient_names={},
             date=None,
             text_body="",
             html_body=None,

@@ -418,6 +418,7 @@ class MailStore:
             "to_addresses": [_clean(a) for a in parsed.to],
             "cc_addresses": [_clean(a) for a in parsed.cc],
             "bcc_addresses": [_clean(a) for a in parsed.bcc],
+            "recipient_names": {_clean(k): _clean(v) for k, v in parsed.recipient_names.items()},
             "preview": _clean(parsed.preview),
             "body_text": _clean(parsed.text_body),
             "body_html": _clean(parsed.html_body) if parsed.html_body else None,
@@ -620,7 +621,8 @@ _ROW_COLUMNS = {
     "messages": (
         "id", "tenant_id", "user_id", "account_id", "folder_id", "uid", "pop3_uidl", "modseq",
         "message_id_header", "conversation_id", "subject", "from_address", "from_name", "to_addresses",
-        "cc_addresses", "bcc_addresses", "preview", "body_text", "body_html", "headers", "received_at",
+        "cc_addresses", "bcc_addresses", "recipient_names", "preview", "body_text", "body_html", "headers",
+        "received_at",
         "size", "attachment_count", "attachment_names", "raw_object_key",
         "is_read", "is_starred", "is_draft", "is_deleted", "is_spam", "keywords",
     ),

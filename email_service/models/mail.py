@@ -67,6 +67,8 @@ class Message(Base):
     to_addresses: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, default=list)
     cc_addresses: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, default=list)
     bcc_addresses: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, default=list)
+    # address -> display name, for the recipients in To, Cc and Bcc that the headers name
+    recipient_names: Mapped[dict[str, str]] = mapped_column(JSONB, nullable=False, default=dict)
     preview: Mapped[str] = mapped_column(Text, nullable=False, default="")
     body_text: Mapped[str] = mapped_column(Text, nullable=False, default="")
     body_html: Mapped[str | None] = mapped_column(Text)

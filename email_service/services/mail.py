@@ -41,6 +41,7 @@ LIST_COLUMNS = (
     Message.to_addresses,
     Message.cc_addresses,
     Message.bcc_addresses,
+    Message.recipient_names,
     Message.subject,
     Message.preview,
     Message.is_read,

@@ -240,6 +240,7 @@ def test_2_sync_progress_folders_paging_and_an_attachment_byte_identical(journey
     summary = first.messages[0]
     assert summary.subject == "Board pack" and summary.attachment_count >= 2 and not summary.is_read
     assert (summary.var_from, summary.from_name) == ("alice@example.com", "Alice Example")
+    assert summary.to == ["bob@example.org"] and summary.recipient_names == {"bob@example.org": "Bob Example"}
     journey.original = detail = messages.get_message(journey.imap_account, summary.id)
     report = next(a for a in detail.attachments if a.filename == REPORT[0])
     assert report.mime_type == REPORT[1] and report.size == len(REPORT[2])

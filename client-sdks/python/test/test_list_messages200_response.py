@@ -49,6 +49,7 @@ class TestListMessages200Response(unittest.TestCase):
                         bcc = [
                             ''
                             ], 
+                        recipient_names = {"recipient@example.com":"Robin Roe"}, 
                         subject = 'Project Update', 
                         preview = '', 
                         is_read = True, 

@@ -47,6 +47,7 @@ class TestMessage(unittest.TestCase):
                 bcc = [
                     ''
                     ],
+                recipient_names = {"recipient@example.com":"Robin Roe"},
                 subject = 'Project Update',
                 preview = '',
                 is_read = True,

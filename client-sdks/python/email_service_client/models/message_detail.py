@@ -37,6 +37,7 @@ class MessageDetail(BaseModel):
     to: List[StrictStr] = Field(json_schema_extra={"examples": [["recipient@example.com"]]})
     cc: Optional[List[StrictStr]] = None
     bcc: Optional[List[StrictStr]] = None
+    recipient_names: Optional[Dict[str, StrictStr]] = Field(default=None, description="The display names the To, Cc and Bcc headers give recipients, by address (decoded, on one line); an address the headers name no one for is not in it. Empty for mail sent through the service and mail stored before names were kept.", alias="recipientNames", json_schema_extra={"examples": [{"recipient@example.com": "Robin Roe"}]})
     subject: StrictStr = Field(json_schema_extra={"examples": ["Project Update"]})
     preview: Optional[Annotated[str, Field(strict=True, max_length=200)]] = Field(default=None, description="First 200 chars of body for UI preview")
     is_read: StrictBool = Field(alias="isRead")
@@ -54,7 +55,7 @@ class MessageDetail(BaseModel):
     headers: Optional[Dict[str, StrictStr]] = Field(default=None, description="Raw email headers")
     attachments: Optional[List[Attachment]] = None
     conversation_id: Optional[StrictStr] = Field(default=None, description="Thread/conversation ID for grouping replies", alias="conversationId")
-    __properties: ClassVar[List[str]] = ["id", "accountId", "folderId", "from", "fromName", "to", "cc", "bcc", "subject", "preview", "isRead", "isStarred", "isSpam", "isDeleted", "attachmentCount", "receivedAt", "createdAt", "updatedAt", "labels", "deliveryStatus", "body", "bodyHtml", "headers", "attachments", "conversationId"]
+    __properties: ClassVar[List[str]] = ["id", "accountId", "folderId", "from", "fromName", "to", "cc", "bcc", "recipientNames", "subject", "preview", "isRead", "isStarred", "isSpam", "isDeleted", "attachmentCount", "receivedAt", "createdAt", "updatedAt", "labels", "deliveryStatus", "body", "bodyHtml", "headers", "attachments", "conversationId"]
 
     @field_validator('delivery_status')
     def delivery_status_validate_enum(cls, value):
@@ -151,6 +152,7 @@ class MessageDetail(BaseModel):
             "to": obj.get("to"),
             "cc": obj.get("cc"),
             "bcc": obj.get("bcc"),
+            "recipientNames": obj.get("recipientNames"),
             "subject": obj.get("subject"),
             "preview": obj.get("preview"),
             "isRead": obj.get("isRead"),

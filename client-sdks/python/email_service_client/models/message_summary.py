@@ -36,6 +36,7 @@ class MessageSummary(BaseModel):
     to: List[StrictStr] = Field(json_schema_extra={"examples": [["recipient@example.com"]]})
     cc: Optional[List[StrictStr]] = None
     bcc: Optional[List[StrictStr]] = None
+    recipient_names: Optional[Dict[str, StrictStr]] = Field(default=None, description="The display names the To, Cc and Bcc headers give recipients, by address (decoded, on one line); an address the headers name no one for is not in it. Empty for mail sent through the service and mail stored before names were kept.", alias="recipientNames", json_schema_extra={"examples": [{"recipient@example.com": "Robin Roe"}]})
     subject: StrictStr = Field(json_schema_extra={"examples": ["Project Update"]})
     preview: Optional[Annotated[str, Field(strict=True, max_length=200)]] = Field(default=None, description="First 200 chars of body for UI preview")
     is_read: StrictBool = Field(alias="isRead")
@@ -49,7 +50,7 @@ class MessageSummary(BaseModel):
     labels: Optional[List[StrictStr]] = Field(default=None, description="Custom labels (IMAP keywords)")
     delivery_status: Optional[StrictStr] = Field(default=None, description="For mail written through this API: queued, sending (the data is going out and the reply is awaited), sent, failed, or ambiguous (the whole message went out and the server never answered: it may or may not have been accepted; only retrySend sends it again) for sendEmail, or draft (saveDraft); null for mail from the server", alias="deliveryStatus")
     conversation_id: StrictStr = Field(description="The conversation (thread) the message belongs to", alias="conversationId")
-    __properties: ClassVar[List[str]] = ["id", "accountId", "folderId", "from", "fromName", "to", "cc", "bcc", "subject", "preview", "isRead", "isStarred", "isSpam", "isDeleted", "attachmentCount", "receivedAt", "createdAt", "updatedAt", "labels", "deliveryStatus", "conversationId"]
+    __properties: ClassVar[List[str]] = ["id", "accountId", "folderId", "from", "fromName", "to", "cc", "bcc", "recipientNames", "subject", "preview", "isRead", "isStarred", "isSpam", "isDeleted", "attachmentCount", "receivedAt", "createdAt", "updatedAt", "labels", "deliveryStatus", "conversationId"]
 
     @field_validator('delivery_status')
     def delivery_status_validate_enum(cls, value):
@@ -130,6 +131,7 @@ class MessageSummary(BaseModel):
             "to": obj.get("to"),
             "cc": obj.get("cc"),
             "bcc": obj.get("bcc"),
+            "recipientNames": obj.get("recipientNames"),
             "subject": obj.get("subject"),
             "preview": obj.get("preview"),
             "isRead": obj.get("isRead"),

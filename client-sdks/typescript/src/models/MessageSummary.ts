@@ -52,6 +52,10 @@ export interface MessageSummary {
      */
     bcc?: Array<string>;
     /**
+     * The display names the To, Cc and Bcc headers give recipients, by address (decoded, on one line); an address the headers name no one for is not in it. Empty for mail sent through the service and mail stored before names were kept.
+     */
+    recipientNames?: { [key: string]: string; };
+    /**
      * 
      */
     subject: string;
@@ -154,6 +158,7 @@ export function MessageSummaryFromJSONTyped(json: any, ignoreDiscriminator: bool
         'to': json['to'],
         'cc': json['cc'] == null ? undefined : json['cc'],
         'bcc': json['bcc'] == null ? undefined : json['bcc'],
+        'recipientNames': json['recipientNames'] == null ? undefined : json['recipientNames'],
         'subject': json['subject'],
         'preview': json['preview'] == null ? undefined : json['preview'],
         'isRead': json['isRead'],
@@ -189,6 +194,7 @@ export function MessageSummaryToJSONTyped(value?: MessageSummary | null, ignoreD
         'to': value['to'],
         'cc': value['cc'],
         'bcc': value['bcc'],
+        'recipientNames': value['recipientNames'],
         'subject': value['subject'],
         'preview': value['preview'],
         'isRead': value['isRead'],
