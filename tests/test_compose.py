@@ -202,7 +202,6 @@ def test_a_reply_carries_threading_headers(client, user, mailbox, dovecot, mail_
         {"to": ["bob@example.org\r\nBcc: victim@example.com"]},
         {"cc": ["carol@example.org\nX-Injected: yes"]},
         {"replyTo": "a@example.com\r\nBcc: victim@example.com"},
-        {"subject": "=?utf-8?q?Hi=0D=0ABcc:_victim@example.com?="},  # encoded, decoded by the builder
     ],
 )
 def test_header_injection_is_refused_and_nothing_is_queued(client, user, mailbox, fields):
@@ -213,6 +212,23 @@ def test_header_injection_is_refused_and_nothing_is_queued(client, user, mailbox
     assert messages(client, user, account_id, sent)["pagination"]["total"] == before
     time.sleep(0.5)
     assert smtp.messages == []
+
+
+def test_a_subject_typed_as_encoded_words_arrives_as_typed(client, user, dovecot, mail_user, mailbox):
+    # Text that looks like an RFC 2047 encoded word is sent encoded itself: the recipient sees
+    # what was typed, not its decoding, and nothing in it can become a header.
+    account_id, smtp = mailbox
+    typed = ["=?utf-8?q?caf=C3=A9?=", "=?utf-8?q?Hi=0D=0ABcc:_victim@example.com?="]
+    for subject in typed:
+        response = send(client, user, account_id, subject=subject)
+        assert response.status_code == 202, response.text
+        assert wait_task(client, user, response.json()["taskId"])["status"] == "success"
+    received = smtp.wait_for(2)
+    assert all(r.rcpt_tos == ["bob@example.org"] for r in received)
+    arrived = [message_from_bytes(r.data, policy=policy.default) for r in received]
+    assert sorted(str(m["Subject"]) for m in arrived) == sorted(typed)
+    assert all(m["Bcc"] is None for m in arrived)
+    assert sorted(s for s, _ in server_subjects(dovecot, mail_user, "Sent")) == sorted(typed)
 
 
 def test_bad_sends_are_refused_before_queueing(client, user, mailbox, make_user, verifier):

@@ -360,10 +360,6 @@ INJECTIONS = [
     "x\rBcc: evil@example.com",
     "x\x00",
     "x\u2028y",
-    # The same, as RFC 2047 encoded words the header parser decodes.
-    "=?utf-8?q?hi=0D=0ABcc:_evil@example.com?=",
-    "=?utf-8?b?aGkNCkJjYzogZXZpbEBleGFtcGxlLmNvbQ==?=",
-    "Bank =?utf-8?q?=0AReply-To:_a@evil.example?=",
 ]
 
 
@@ -420,3 +416,36 @@ def test_invalid_message_id_and_naive_date_are_refused() -> None:
     with pytest.raises(ValueError, match="timezone"):
         build(date=datetime(2024, 1, 1))
     assert build(date=datetime(2024, 1, 1, tzinfo=UTC))["Date"] == "Mon, 01 Jan 2024 00:00:00 +0000"
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "=?utf-8?q?caf=C3=A9?=",
+        "Re: =?utf-8?b?aGk=?= there",
+        "Grüße =?iso-8859-1?q?x?= und so",
+        # Encoded line breaks are text like any other: nothing decodes them into a header.
+        "=?utf-8?q?hi=0D=0ABcc:_evil@example.com?=",
+        "=?utf-8?b?aGkNCkJjYzogZXZpbEBleGFtcGxlLmNvbQ==?=",
+        "Bank =?utf-8?q?=0AReply-To:_a@evil.example?=",
+    ],
+)
+def test_typed_encoded_word_text_reaches_the_recipient_as_typed(typed: str) -> None:
+    # RFC 2047 section 5: text that looks like an encoded word must itself be encoded, or the
+    # recipient's client decodes it and shows something the sender never wrote.
+    wire = wire_bytes(build(subject=typed, from_name=typed))
+    received = message_from_bytes(wire, policy=policy.default)
+    assert str(received["Subject"]) == typed
+    assert received["From"].addresses[0].display_name == typed
+    assert received["From"].addresses[0].addr_spec == "alice@example.com"
+    assert "Bcc" not in received and "Reply-To" not in received and b"\r\nBcc" not in wire
+    parsed = roundtrip(build(subject=typed, from_name=typed))
+    assert parsed.subject == typed and parsed.from_name == typed
+
+
+def test_a_long_subject_that_looks_encoded_is_folded_and_arrives_as_typed() -> None:
+    typed = "How to write =?utf-8?q?...?= in a header" + " and a long tail" * 6
+    wire = wire_bytes(build(subject=typed))
+    assert all(len(line) <= 78 for line in wire.split(b"\r\n"))
+    assert str(message_from_bytes(wire, policy=policy.default)["Subject"]) == typed
+    assert roundtrip(build(subject=typed)).subject == typed

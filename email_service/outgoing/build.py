@@ -13,7 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email import policy as email_policy
-from email.headerregistry import Address, HeaderRegistry, UnstructuredHeader
+from email.header import Header
+from email.headerregistry import (
+    Address,
+    HeaderRegistry,
+    UniqueAddressHeader,
+    UniqueUnstructuredHeader,
+    UnstructuredHeader,
+)
 from email.message import EmailMessage, MIMEPart
 from email.policy import EmailPolicy
 from typing import Any, BinaryIO
@@ -59,9 +66,58 @@ class _MessageIdListHeader(UnstructuredHeader):
         return f"{self.name}: {(policy.linesep + ' ').join(str(self).split())}{policy.linesep}"
 
 
+# RFC 2047 section 5: text that a reader could take for an encoded word ("=?charset?q?...?=")
+# must itself be encoded. The email package instead decodes such text when the header is set
+# and writes it out for the recipient's client to decode: a subject typed as
+# "=?utf-8?q?caf=C3=A9?=" would arrive as "café". Any "=?" is enough to encode the whole value.
+_ENCODED_WORD_START = "=?"
+
+
+def _encoded_words(text: str, policy: EmailPolicy, name: str | None = None) -> str:
+    """``text`` wholly as UTF-8 encoded words, folded to the policy's line length.
+
+    Without ``name`` the first word may take the whole first line: a display name of up to some
+    fifty characters then stays one encoded word, which matters because Python's own address
+    parser (unlike RFC 2047 and common mail clients) adds a space between adjacent words.
+    """
+    return Header(text, "utf-8", header_name=name).encode(linesep=policy.linesep, maxlinelen=policy.max_line_length)
+
+
+class _TypedTextHeader(UniqueUnstructuredHeader):
+    """Subject as the user typed it: never decoded, and encoded when it looks encoded."""
+
+    @classmethod
+    def parse(cls, value: str, kwds: dict[str, Any]) -> None:
+        super().parse(value, kwds)
+        kwds["decoded"] = value
+
+    def fold(self, *, policy: EmailPolicy) -> str:
+        if _ENCODED_WORD_START not in str(self):
+            return super().fold(policy=policy)
+        return f"{self.name}: {_encoded_words(str(self), policy, self.name)}{policy.linesep}"
+
+
+class _SenderHeader(UniqueAddressHeader):
+    """From with the account's name as written: encoded when it looks like an encoded word."""
+
+    def fold(self, *, policy: EmailPolicy) -> str:
+        names = [address.display_name for address in self.addresses]
+        if not any(_ENCODED_WORD_START in name for name in names):
+            return super().fold(policy=policy)
+        # The parse tree behind the stock folding already holds the name decoded; the addresses
+        # keep it as given.
+        written = [
+            f"{_encoded_words(a.display_name, policy)} <{a.addr_spec}>" if a.display_name else a.addr_spec
+            for a in self.addresses
+        ]
+        return f"{self.name}: {', '.join(written)}{policy.linesep}"
+
+
 _HEADERS = HeaderRegistry()
 _HEADERS.map_to_type("in-reply-to", _MessageIdListHeader)
 _HEADERS.map_to_type("references", _MessageIdListHeader)
+_HEADERS.map_to_type("subject", _TypedTextHeader)
+_HEADERS.map_to_type("from", _SenderHeader)
 # CRLF and 7bit: set_content picks quoted-printable/base64 for anything non-ASCII, and the
 # result can go to any SMTP server without 8BITMIME.
 POLICY = email_policy.SMTP.clone(cte_type="7bit", header_factory=_HEADERS)
@@ -92,9 +148,10 @@ def _single_line(value: str, what: str) -> str:
 def _written_safely(name: str, value: Any, what: str) -> None:
     """Refuse a header whose written form would hold a line break of its own.
 
-    ``_single_line`` sees the text as given; the header parser then decodes RFC 2047 encoded
+    ``_single_line`` sees the text as given; the stock header classes decode RFC 2047 encoded
     words in it ("=?utf-8?q?hi=0D=0ABcc:_x?="), and some Python versions write a decoded line
-    break out raw: a forged header.
+    break out raw: a forged header. Subject and From keep such text literal (see
+    ``_TypedTextHeader``); this checks the written form whatever the header class does.
     """
     message = EmailMessage(policy=POLICY)
     message[name] = value
