@@ -474,6 +474,26 @@ def test_a_send_whose_attached_file_is_gone_fails_in_words(client, runtime, user
     assert smtp.attempts == 0
 
 
+def test_forwarding_an_attachment_whose_file_is_gone_is_404_and_queues_nothing(client, runtime, user, mailbox):
+    # A clean-up (a rebuilt folder, a deleted message) may remove the bytes just after the row was
+    # read: the attachment is gone, as its download says, and no message is left half made.
+    account_id, smtp = mailbox
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    original = messages(client, user, account_id, inbox["id"])["messages"][0]
+    detail = client.get(f"/api/{account_id}/messages/{original['id']}", headers=user.headers).json()
+    forwarded = detail["attachments"][0]
+    with runtime.db.tenant_session(user.principal) as session:
+        key = session.scalar(text("SELECT object_key FROM attachments WHERE id = :id"), {"id": forwarded["id"]})
+    runtime.objects.delete(key)
+    sent = folders_by_name(client, user, account_id)["Sent"]["id"]
+    before = messages(client, user, account_id, sent)["pagination"]["total"]
+    response = send(client, user, account_id, attachmentIds=[forwarded["id"]])
+    assert_error_shape(response, 404, "ATTACHMENT_NOT_FOUND")
+    assert forwarded["id"] in response.json()["message"]
+    assert messages(client, user, account_id, sent)["pagination"]["total"] == before
+    assert smtp.attempts == 0
+
+
 @pytest.fixture
 def held_back(monkeypatch):
     """Tasks are written but not handed to the workers: the test runs the send job itself."""
