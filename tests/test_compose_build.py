@@ -399,6 +399,8 @@ def test_malformed_addresses_never_make_headers(field: str, address: str) -> Non
         ("a.pdf\r\nContent-Type: text/html", "a.pdf__Content-Type: text/html"),
         ("line\u2028separator\x85nel\x0bvt.txt", "line_separator_nel_vt.txt"),
         ("  ", "attachment"),
+        ("..", "attachment"),
+        (" . ", "attachment"),
     ],
 )
 def test_attachment_filenames_that_would_break_a_header_are_made_safe(name: str, sent_as: str) -> None:

@@ -88,3 +88,12 @@ def test_an_upload_needs_a_file_and_an_owned_account(client, user, account_id, m
     for stranger in (user.colleague(verifier), make_user()):
         assert_error_shape(upload(client, stranger, account_id, "x.pdf", b"%PDF"), 404)
     assert_error_shape(upload(client, user, "no-such-account", "x.pdf", b"%PDF"), 404)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/..", "C:\\Users\\x\\..", " .. ", "..."])
+def test_a_name_that_names_a_directory_becomes_attachment(client, user, account_id, name):
+    # "." and ".." are no file's name: a client that saves attachments by name would write
+    # into the directory above its own.
+    response = upload(client, user, account_id, name, b"x")
+    assert response.status_code == 201, response.text
+    assert response.json()["filename"] == "attachment"

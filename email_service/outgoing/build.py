@@ -267,9 +267,11 @@ def safe_filename(name: str) -> str:
     """A file name that can go into a header: what would break one becomes "_", never empty.
 
     Names come from uploads and from received mail, not from what the user typed into the
-    message, so they are made safe rather than refused.
+    message, so they are made safe rather than refused. Nor is a name only dots ("." or ".."):
+    that names a directory, and a client saving attachments by name would write above its own.
     """
-    return BIDI_CONTROLS.sub("", _FORBIDDEN.sub("_", name)).strip() or "attachment"
+    name = BIDI_CONTROLS.sub("", _FORBIDDEN.sub("_", name)).strip()
+    return name if name.strip(".") else "attachment"
 
 
 def _attachment_part(attachment: OutgoingAttachment) -> MIMEPart:
