@@ -548,3 +548,17 @@ def test_tokens_given_while_a_refresh_is_under_way_are_the_ones_kept(
     assert put.result(timeout=30).status_code == 200
     kept = rt.cipher.decrypt(stored(rt, account_id).oauth2_refresh_token_encrypted)
     assert kept == fresh.refresh_token
+
+
+def test_a_return_url_can_neither_break_the_redirect_nor_climb_out_of_the_allowed_path(api, user):
+    for bad in (
+        # A line break would end the callback's Location header (a 500 after the account was made).
+        RETURN_URL + "/\r\nSet-Cookie: session=evil",
+        RETURN_URL + "/\tdone",
+        # Dot segments the browser resolves: the allowed path's prefix would mean nothing.
+        RETURN_URL + "/../../admin",
+        RETURN_URL + "/%2e%2E/%2E%2e/admin",
+        RETURN_URL + "/..",
+    ):
+        assert_error_shape(begin(api, user, returnUrl=bad)[0], 400, "RETURN_URL_NOT_ALLOWED")
+    assert begin(api, user, returnUrl=RETURN_URL + "/done..again/ok?x=..")[0].status_code == 200

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 import requests
 from authlib.integrations.base_client import OAuthError
@@ -56,6 +57,13 @@ def return_url_allowed(url: str, allowed: tuple[str, ...]) -> bool:
     except ValueError:
         return False
     if target.username or target.password or "\\" in url:
+        return False
+    # urlsplit drops tabs and line breaks that the redirect would keep (a line break cannot be
+    # sent in the Location header at all), and a browser resolves "." and ".." segments, also
+    # percent-encoded, before it goes: either would let the checked URL differ from the one used.
+    if any(ch.isspace() or unicodedata.category(ch).startswith("C") for ch in url):
+        return False
+    if any(unquote(segment) in (".", "..") for segment in target.path.split("/")):
         return False
     for entry in allowed:
         base = urlsplit(entry)
