@@ -28,7 +28,7 @@ from authlib.oauth2.rfc6750 import BearerTokenGenerator
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
-from flask import Flask, request
+from flask import Flask, Response, request
 from mailservers import Dovecot, TlsFiles, running_dovecot
 from werkzeug.serving import WSGIRequestHandler, make_server
 
@@ -136,6 +136,9 @@ class OAuth2TestServer:
         # (HTTP status, OAuth2 error code) the token endpoint answers with instead, while set:
         # a provider throttling or briefly down.
         self.token_outage: tuple[int, str] | None = None
+        # (HTTP status, body, content type) the token endpoint answers with instead, while set: a
+        # provider, or a proxy in front of it, answering with something that is no token response.
+        self.token_reply: tuple[int, bytes, str] | None = None
         self.refreshes = 0  # refresh-token grants answered, successful or not
         self.introspections = 0
         self.resource_secret = secrets.token_urlsafe(16)
@@ -334,6 +337,9 @@ class OAuth2TestServer:
             if server_state.token_outage is not None:
                 status, error = server_state.token_outage
                 return {"error": error, "error_description": "try again later"}, status, {"Retry-After": "5"}
+            if server_state.token_reply is not None:
+                status, body, content_type = server_state.token_reply
+                return Response(body, status, content_type=content_type)
             return server.create_token_response()
 
         @app.post("/revoke")

@@ -562,3 +562,45 @@ def test_a_return_url_can_neither_break_the_redirect_nor_climb_out_of_the_allowe
     ):
         assert_error_shape(begin(api, user, returnUrl=bad)[0], 400, "RETURN_URL_NOT_ALLOWED")
     assert begin(api, user, returnUrl=RETURN_URL + "/done..again/ok?x=..")[0].status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (200, b'{"access_token": "a", "refresh_token": "r", "token_type": "Bearer", "expires_in": 1e400}'),
+        (200, b'{"access_token": "a", "refresh_token": "r", "token_type": "Bearer", "expires_in": [3600]}'),
+        (400, b'{"error": {"code": "invalid_grant"}}'),
+        (200, b"<html><body>Sign in to the corporate proxy</body></html>"),
+    ],
+)
+def test_a_token_endpoint_answering_garbage_fails_cleanly_and_the_grant_is_kept(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox, status, body
+):
+    started, fields = begin(api, user)
+    callback = consent(started.json()["authorizationUrl"], fields["emailAddress"])
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}))
+    oauth2_server.token_reply = (status, body, "text/html" if body.startswith(b"<") else "application/json")
+    try:
+        # The browser goes back to the caller's page, told the exchange failed.
+        finished = api.get(callback, follow_redirects=False)
+        assert finished.status_code == 303, finished.text
+        assert parse_qs(urlsplit(finished.headers["location"]).query)["status"] == ["failed"]
+        # A sync says the token endpoint is at fault, not the mail server, and tries again later.
+        failed, _ = run_sync(api, user, account_id)
+    finally:
+        oauth2_server.token_reply = None
+    assert failed["status"] == "failure" and f"the {PROVIDER} token endpoint" in failed["error"], failed
+    assert account(api, user, account_id)["oauth2"]["tokenState"] == "valid"
+    assert run_sync(api, user, account_id)[0]["status"] == "success"
+
+
+def test_a_token_lifetime_beyond_any_date_is_kept_within_bounds(api, rt, user, oauth2_server, oauth2_dovecot, mailbox):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}))
+    oauth2_server.expires_in = 10**15
+    try:
+        assert run_sync(api, user, account_id)[0]["status"] == "success"
+    finally:
+        oauth2_server.expires_in = 3600
+    assert account(api, user, account_id)["oauth2"]["accessTokenExpiresAt"] > time.time() * 1000

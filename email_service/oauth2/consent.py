@@ -27,6 +27,8 @@ from sqlalchemy import delete
 from email_service.errors import BadRequestError, ConflictError, ForbiddenError, NotFoundError
 from email_service.models import OAuth2State
 from email_service.oauth2.providers import OAuth2Provider
+from email_service.oauth2.tokens import ANSWER_UNREADABLE, lifetime
+from email_service.protocols.errors import reply_line
 from email_service.runtime import Runtime
 from email_service.services import accounts
 from email_service.tenancy import Principal
@@ -161,9 +163,11 @@ def finish(runtime: Runtime, state: str | None, code: str | None, error: str | N
             provider.token_url, code=code, code_verifier=runtime.cipher.decrypt(flow.code_verifier_encrypted)
         )
     except OAuthError as exc:
-        log.warning("consent flow for %s: the code exchange was refused (%s)", flow.provider, exc.error)
+        # The provider's own text, made one bounded printable line before it reaches the log.
+        refusal = reply_line(exc.error if isinstance(exc.error, str) else "error", 60)
+        log.warning("consent flow for %s: the code exchange was refused (%s)", flow.provider, refusal)
         return _back(flow, status="failed", reason="exchange_failed")
-    except (requests.RequestException, ValueError):
+    except (requests.RequestException, *ANSWER_UNREADABLE):
         return _back(flow, status="failed", reason="provider_unreachable")
     finally:
         client.close()
@@ -173,7 +177,7 @@ def finish(runtime: Runtime, state: str | None, code: str | None, error: str | N
         "provider": provider.name,
         "refreshToken": token["refresh_token"],
         "accessToken": token["access_token"],
-        "expiresAt": int((datetime.now(UTC).timestamp() + float(token.get("expires_in") or 3600)) * 1000),
+        "expiresAt": int((datetime.now(UTC).timestamp() + lifetime(token)) * 1000),
     }
     wanted = dict(flow.account)
     account_id = wanted.pop("accountId", None)

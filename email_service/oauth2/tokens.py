@@ -17,6 +17,7 @@ gives new tokens.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,6 +38,7 @@ from email_service.tenancy import Principal
 log = logging.getLogger(__name__)
 REFRESH_MARGIN = timedelta(seconds=60)
 DEFAULT_LIFETIME = 3600.0
+MAX_LIFETIME = 366 * 24 * 3600.0  # no provider issues access tokens for longer than a year
 # The token endpoint's error codes (RFC 6749 5.2) that refuse the grant or the client for good;
 # any other error (a throttled or busy provider) is worth trying again with the same grant.
 REFUSALS = frozenset(
@@ -49,6 +51,10 @@ REFUSALS = frozenset(
         "invalid_request",
     }
 )
+
+# What authlib raises on a token response it cannot read (it converts members such as
+# expires_in with int() before the caller sees them).
+ANSWER_UNREADABLE = (ValueError, TypeError, OverflowError)
 
 
 class TokenRefreshFailed(AuthenticationFailed):
@@ -66,6 +72,25 @@ class _Stored:
 
     def fresh(self, now: datetime) -> bool:
         return self.access_token is not None and self.expires_at is not None and self.expires_at - REFRESH_MARGIN > now
+
+
+def lifetime(token: Mapping[str, object]) -> float:
+    """Seconds the token endpoint says its access token lives, within what a date can hold.
+
+    RFC 6749 makes ``expires_in`` optional (an hour is assumed then); a value that is no number,
+    not finite or beyond ``MAX_LIFETIME`` is taken as the nearest sensible one instead of
+    failing the login after the provider has already rotated the refresh token.
+    """
+    raw = token.get("expires_in", DEFAULT_LIFETIME)
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        return DEFAULT_LIFETIME
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return DEFAULT_LIFETIME
+    if math.isnan(seconds):
+        return DEFAULT_LIFETIME
+    return min(max(seconds, 0.0), MAX_LIFETIME)
 
 
 def hold_refresh(session: Session, account_id: str) -> None:
@@ -172,11 +197,7 @@ class TokenSource:
             access = token.get("access_token")
             if not isinstance(access, str) or not access:
                 raise ConnectionFailed(f"the {provider.name} token endpoint answered without an access token")
-            try:
-                lifetime = float(token.get("expires_in", DEFAULT_LIFETIME))
-            except (TypeError, ValueError):
-                lifetime = DEFAULT_LIFETIME  # RFC 6749 makes expires_in optional
-            expires_at = datetime.now(UTC) + timedelta(seconds=lifetime)
+            expires_at = datetime.now(UTC) + timedelta(seconds=lifetime(token))
             rotated = token.get("refresh_token")
             self._store(access, expires_at, rotated if isinstance(rotated, str) and rotated else None)
             log.info("refreshed the OAuth2 token of account %s (%s)", self.account_id, provider.name)
@@ -187,8 +208,10 @@ class TokenSource:
         try:
             return dict(client.refresh_token(provider.token_url, refresh_token=refresh_token))
         except OAuthError as exc:
-            code = reply_line(exc.error or "error", 60)
-            if exc.error not in REFUSALS:
+            # The error member is the provider's JSON: anything, not always the string RFC 6749 asks for.
+            error = exc.error if isinstance(exc.error, str) else None
+            code = reply_line(error or "error", 60)
+            if error not in REFUSALS:
                 # Throttled (429, "temporarily_unavailable", "slow_down") or another passing
                 # trouble: the grant may be fine, so the account keeps it and tries again later.
                 raise ConnectionFailed(f"the {provider.name} token endpoint is not answering now ({code})") from None
@@ -196,9 +219,13 @@ class TokenSource:
             reason = f"{provider.name} refused to refresh the token ({code})"
             self._mark_failed(reason)
             raise TokenRefreshFailed(self._failed_message(reason)) from None
-        except (requests.RequestException, ValueError):
-            # Unreachable, a 5xx or an answer that is not JSON: temporary, tried again later.
+        except requests.RequestException:
+            # Unreachable or a 5xx: temporary, tried again later.
             raise ConnectionFailed(f"the {provider.name} token endpoint could not be reached") from None
+        except ANSWER_UNREADABLE:
+            # Not JSON (a proxy's HTML page), or a member authlib cannot read (an expires_in of
+            # 1e400 or a list): the grant may be fine, so it is tried again later.
+            raise ConnectionFailed(f"the {provider.name} token endpoint gave an answer that is not a token") from None
         finally:
             client.close()
 
