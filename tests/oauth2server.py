@@ -139,6 +139,9 @@ class OAuth2TestServer:
         # (HTTP status, body, content type) the token endpoint answers with instead, while set: a
         # provider, or a proxy in front of it, answering with something that is no token response.
         self.token_reply: tuple[int, bytes, str] | None = None
+        # While set, the token endpoint answers one byte of its body every this many seconds: a
+        # provider that answers slowly enough never to trip a read timeout.
+        self.token_trickle: float | None = None
         self.refreshes = 0  # refresh-token grants answered, successful or not
         self.introspections = 0
         self.resource_secret = secrets.token_urlsafe(16)
@@ -340,7 +343,17 @@ class OAuth2TestServer:
             if server_state.token_reply is not None:
                 status, body, content_type = server_state.token_reply
                 return Response(body, status, content_type=content_type)
-            return server.create_token_response()
+            answer = server.create_token_response()
+            if server_state.token_trickle is not None:
+                delay, body = server_state.token_trickle, answer.get_data()
+
+                def trickle() -> Iterator[bytes]:
+                    for byte in body:
+                        time.sleep(delay)
+                        yield bytes([byte])
+
+                return Response(trickle(), answer.status_code, content_type=answer.content_type)
+            return answer
 
         @app.post("/revoke")
         def revoke() -> Any:

@@ -28,6 +28,7 @@ from email_service.api.app import create_app
 from email_service.crypto import CredentialCipher
 from email_service.oauth2.providers import load_providers
 from email_service.oauth2.tokens import TokenRefreshFailed, TokenSource, hold_refresh
+from email_service.protocols.errors import ConnectionFailed
 from email_service.protocols.tls import client_context
 from email_service.runtime import Runtime
 from email_service.services.accounts import rotate_credentials
@@ -604,3 +605,26 @@ def test_a_token_lifetime_beyond_any_date_is_kept_within_bounds(api, rt, user, o
     finally:
         oauth2_server.expires_in = 3600
     assert account(api, user, account_id)["oauth2"]["accessTokenExpiresAt"] > time.time() * 1000
+
+
+def test_a_token_endpoint_answering_byte_by_byte_is_given_up_on_at_the_timeout(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox
+):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}))
+    providers = load_providers(oauth2_server.provider_env())
+    # Each byte well within the read timeout, the whole answer (about 150 bytes) a minute late.
+    oauth2_server.token_trickle = 0.4
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectionFailed, match="did not answer in time"):
+            TokenSource(rt.db, rt.cipher, user.principal, account_id, providers, timeout=2.0).access_token()
+        waited = time.monotonic() - started
+        # The account's token lock went with it: the next session is not kept waiting behind it.
+        with rt.db.tenant_session(user.principal) as session:
+            session.execute(text("SET LOCAL lock_timeout = '1s'"))
+            hold_refresh(session, account_id)
+    finally:
+        oauth2_server.token_trickle = None
+    assert waited < 6
+    assert account(api, user, account_id)["oauth2"]["tokenState"] == "valid"

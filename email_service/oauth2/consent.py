@@ -26,7 +26,7 @@ from sqlalchemy import delete
 
 from email_service.errors import BadRequestError, ConflictError, ForbiddenError, NotFoundError
 from email_service.models import OAuth2State
-from email_service.oauth2.providers import OAuth2Provider
+from email_service.oauth2.providers import OAuth2Provider, within
 from email_service.oauth2.tokens import ANSWER_UNREADABLE, lifetime
 from email_service.protocols.errors import reply_line
 from email_service.runtime import Runtime
@@ -159,15 +159,17 @@ def finish(runtime: Runtime, state: str | None, code: str | None, error: str | N
         runtime.settings.oauth2_timeout_seconds, redirect_uri=callback_url(runtime), code_challenge_method="S256"
     )
     try:
-        token = client.fetch_token(
-            provider.token_url, code=code, code_verifier=runtime.cipher.decrypt(flow.code_verifier_encrypted)
+        verifier = runtime.cipher.decrypt(flow.code_verifier_encrypted)
+        token = within(
+            runtime.settings.oauth2_timeout_seconds,
+            lambda: client.fetch_token(provider.token_url, code=code, code_verifier=verifier),
         )
     except OAuthError as exc:
         # The provider's own text, made one bounded printable line before it reaches the log.
         refusal = reply_line(exc.error if isinstance(exc.error, str) else "error", 60)
         log.warning("consent flow for %s: the code exchange was refused (%s)", flow.provider, refusal)
         return _back(flow, status="failed", reason="exchange_failed")
-    except (requests.RequestException, *ANSWER_UNREADABLE):
+    except (requests.RequestException, TimeoutError, *ANSWER_UNREADABLE):
         return _back(flow, status="failed", reason="provider_unreachable")
     finally:
         client.close()

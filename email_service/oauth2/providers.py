@@ -10,11 +10,15 @@ settings change, never a code change.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from authlib.integrations.requests_client import OAuth2Session
+
+T = TypeVar("T")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
@@ -56,6 +60,34 @@ class OAuth2Provider:
             default_timeout=timeout,
             **kwargs,
         )
+
+
+def within(timeout: float, exchange: Callable[[], T]) -> T:
+    """``exchange()`` (a request to a token endpoint), given ``timeout`` seconds in all.
+
+    requests' timeout bounds the connect and each read, not the answer: an endpoint (or a proxy)
+    sending a byte every few seconds keeps a caller for as long as it likes, and a refresh holds
+    the account's token lock meanwhile, so every sync, send and watcher of the account waits too.
+    The exchange runs on a thread of its own; past the deadline the caller gets ``TimeoutError``
+    and goes on, and the thread ends when the endpoint stops sending or a read times out.
+    """
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(exchange())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="oauth2-token-request", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError(f"no complete answer in {timeout:g} s")
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 def _builtin(name: str, env: Mapping[str, str], prefix: str) -> dict:

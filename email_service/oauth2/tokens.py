@@ -31,7 +31,7 @@ from email_service.config import Settings
 from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.models import Account, TokenState
-from email_service.oauth2.providers import OAuth2Provider
+from email_service.oauth2.providers import OAuth2Provider, within
 from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, reply_line
 from email_service.tenancy import Principal
 
@@ -206,7 +206,9 @@ class TokenSource:
     def _request(self, provider: OAuth2Provider, refresh_token: str) -> dict:
         client = provider.session(self.timeout)
         try:
-            return dict(client.refresh_token(provider.token_url, refresh_token=refresh_token))
+            return dict(
+                within(self.timeout, lambda: client.refresh_token(provider.token_url, refresh_token=refresh_token))
+            )
         except OAuthError as exc:
             # The error member is the provider's JSON: anything, not always the string RFC 6749 asks for.
             error = exc.error if isinstance(exc.error, str) else None
@@ -219,6 +221,9 @@ class TokenSource:
             reason = f"{provider.name} refused to refresh the token ({code})"
             self._mark_failed(reason)
             raise TokenRefreshFailed(self._failed_message(reason)) from None
+        except TimeoutError:
+            # Answering too slowly to finish (a byte at a time): tried again later, like a busy one.
+            raise ConnectionFailed(f"the {provider.name} token endpoint did not answer in time") from None
         except requests.RequestException:
             # Unreachable or a 5xx: temporary, tried again later.
             raise ConnectionFailed(f"the {provider.name} token endpoint could not be reached") from None
