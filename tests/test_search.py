@@ -79,6 +79,17 @@ def test_stemming_addresses_and_attachment_names_are_searchable(mailbox):
     assert search(mailbox, q="!!!")["messages"]  # no words: the filters alone, all mail
 
 
+def test_a_word_excluded_with_a_minus_excludes_mail_that_holds_it_only_in_the_body(mailbox):
+    # "numbers" is in the body of "Quarterly budget review" only (indexed stemmed), "budget" in
+    # its subject: the message holds the excluded word, so it is not a result.
+    assert subjects(mailbox, q="budget -numbers") == ["Old budget"]
+    assert subjects(mailbox, q='budget -"numbers are"') == ["Old budget"]
+    assert subjects(mailbox, q="budget -numbers", isRead="false") == ["Old budget"]
+    # Excluding a word no budget message holds leaves both; the word alone still finds it.
+    assert sorted(subjects(mailbox, q="budget -holiday")) == ["Old budget", "Quarterly budget review"]
+    assert subjects(mailbox, q="numbers") == ["Quarterly budget review"]
+
+
 def test_filters_narrow_and_combine(mailbox):
     assert subjects(mailbox, **{"from": "juergen"}) == ["Lunch on Friday"]
     assert subjects(mailbox, **{"from": "Jürgen Mül"}) == ["Lunch on Friday"]  # word prefixes of the name

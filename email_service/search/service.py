@@ -44,7 +44,6 @@ from sqlalchemy import (
     cast,
     func,
     literal,
-    literal_column,
     select,
     tuple_,
 )
@@ -58,7 +57,6 @@ from email_service.models import Folder, Message
 from email_service.services.mail import _require_account
 from email_service.tenancy import Principal
 
-_SIMPLE = literal_column("'simple'::regconfig", REGCONFIG)
 _LANGUAGE = func.email_search_language(type_=REGCONFIG)
 _WORD_FIELDS = ("text", "sender", "recipient", "subject")
 # Weights the migration gives each field.
@@ -116,10 +114,9 @@ def has_words(value: str | None) -> bool:
 
 
 def _words_query(text: str) -> ColumnElement:
-    # As written, or stemmed in the configured language: either finds the message.
-    return func.websearch_to_tsquery(_SIMPLE, text, type_=TSQUERY).op("||")(
-        func.websearch_to_tsquery(_LANGUAGE, text, type_=TSQUERY)
-    )
+    # Stemmed in the configured language, each word also as written (migration 0024): either
+    # form finds a message, and a word excluded with "-" excludes one that holds it in either.
+    return func.email_search_words(text, type_=TSQUERY)
 
 
 def _field_query(value: str, weight: str) -> ColumnElement:
