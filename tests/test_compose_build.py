@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -327,6 +328,16 @@ def test_references_are_bounded_keeping_root_and_latest() -> None:
     kept = str(msg["References"]).split()
     assert len(kept) == 30 and kept[0] == "<r0@example.org>" and kept[-1] == "<parent@example.org>"
     assert kept[-2] == "<r99@example.org>"
+
+
+def test_a_reply_to_thousands_of_references_is_built_in_linear_time() -> None:
+    refs = [f"<r{i}@example.org>" for i in range(50_000)]
+    start = time.perf_counter()
+    msg = build(in_reply_to=Original(message_id="<parent@example.org>", references=[*refs, "<r3@example.org>"]))
+    assert time.perf_counter() - start < 3
+    kept = str(msg["References"]).split()
+    assert len(kept) == 30 and kept[0] == "<r0@example.org>" and kept[-1] == "<parent@example.org>"
+    assert kept[-2] == "<r49999@example.org>"
 
 
 def test_malformed_original_ids_are_left_out() -> None:

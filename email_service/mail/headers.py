@@ -329,15 +329,17 @@ def message_ids(value: str) -> list[str]:
     Folding can leave whitespace inside the brackets and some clients omit the brackets
     altogether; both are normalised so ids compare equal across a thread.
     """
-    ids: list[str] = []
+    # A dict keeps the first of each id in order; a list searched for each id made a References
+    # header of thousands of ids (anyone can send one) take minutes to read.
+    ids: dict[str, None] = {}
     found = [_WHITESPACE.sub("", m) for m in _MSG_ID.findall(value)]
     if not found:
         found = [tok.strip("<>") for tok in re.split(r"[\s,]+", value) if "@" in tok]
     for token in found:
         token = clean_text(token).replace(" ", "")
-        if token and f"<{token}>" not in ids:
-            ids.append(f"<{token}>")
-    return ids
+        if token:
+            ids.setdefault(f"<{token}>", None)
+    return list(ids)
 
 
 def parse_date(value: str) -> datetime | None:

@@ -219,15 +219,18 @@ def _normalise_id(value: str | None) -> str | None:
 
 def _threading(original: Original) -> tuple[str | None, list[str]]:
     parent = _normalise_id(original.message_id)
-    references: list[str] = []
-    for ref in [*original.references, parent]:
+    # Each id once, in order of first appearance: a dict, since the original's References may
+    # hold thousands of ids and a list searched for each one took minutes.
+    unique: dict[str, None] = {}
+    for ref in original.references:
         ref = _normalise_id(ref)
-        if ref and ref not in references:
-            references.append(ref)
-    if parent and references[-1] != parent:
-        # The parent already appeared earlier in its own References (broken client); it must be last.
-        references.remove(parent)
-        references.append(parent)
+        if ref:
+            unique.setdefault(ref, None)
+    if parent:
+        # The parent is last even when it already appeared in its own References (broken client).
+        unique.pop(parent, None)
+        unique[parent] = None
+    references = list(unique)
     if len(references) > _MAX_REFERENCES:
         references = [references[0], *references[-(_MAX_REFERENCES - 1) :]]
     return parent, references
