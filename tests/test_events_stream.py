@@ -478,3 +478,28 @@ def test_an_event_id_this_service_never_issued_starts_from_now_with_a_resync(ser
             assert resync["data"] == expected
             commit(runtime, user, account_id, f"after-{len(bogus)}")
             assert stream.next()["data"]["id"] == f"after-{len(bogus)}"
+
+
+def test_a_position_ahead_of_the_log_is_told_to_resync(service, runtime, backing, user):
+    # The client saw entries 1-3; the database then lost the last two (a restore from backup, a
+    # failover to a replica that lagged). Its copy holds changes the service no longer has, so
+    # like the changes feed's CURSOR_UNKNOWN it is told to reload the account.
+    account, other = create_account(service, user), create_account(service, user)
+    with Stream(service, user.headers) as stream:
+        stream.ready()
+        commit(runtime, user, account, "kept", "lost-1", "lost-2")
+        seen = [stream.next() for _ in range(3)]
+    with psycopg.connect(libpq_url(backing.database_url), autocommit=True) as admin, admin.transaction():
+        admin.execute("DELETE FROM changes WHERE account_id = %s AND seq > 1", (account,))
+        admin.execute("UPDATE accounts SET change_seq = 1 WHERE id = %s", (account,))
+    with Stream(service, user.headers, last_id=seen[-1]["id"]) as resumed:
+        resumed.ready()
+        resync = resumed.next()
+        assert resync["event"] == "resync"
+        assert resync["data"] == {"accountId": account, "seq": 1, "reason": "unknown_position", "missed": 0}
+        resumed.assert_quiet(0.5)  # the other account is where the client left it
+        commit(runtime, user, account, "new")
+        new = resumed.next()
+        assert (new["data"]["id"], new["data"]["seq"]) == ("new", 2)
+        commit(runtime, user, other, "other")
+        assert resumed.next()["data"]["id"] == "other"

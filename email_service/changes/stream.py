@@ -320,6 +320,7 @@ class EventStream:
         max_catch_up: int,
         *,
         unknown_position: bool = False,
+        ahead: list[str] | None = None,
     ) -> None:
         self.hub = hub
         self.sub = sub
@@ -328,6 +329,8 @@ class EventStream:
         self.max_catch_up = max_catch_up
         # The client resumed from an id this service never issued: every account is resynced.
         self.unknown_position = unknown_position
+        # Accounts the client's id puts past the log's head: each is resynced.
+        self.ahead = ahead or []
         self._stopping = False
 
     @classmethod
@@ -363,14 +366,18 @@ class EventStream:
         except BaseException:
             hub.unsubscribe(sub)
             raise
+        ahead: list[str] = []
         if resume is None:
             position = {account: seq for account, (seq, _floor) in heads.items()}
         else:
             # An account the id does not name was created after it was issued: all of its
             # entries are new to the client. A position past the head was not issued for this
-            # log (another database, a forged id): it is clamped so new entries still arrive.
+            # log (the database lost entries the client saw, to a restore or a failover; or a
+            # forged id): the client's copy holds changes the log does not, so it is told to
+            # resync (as the changes feed answers CURSOR_UNKNOWN), and new entries still arrive.
+            ahead = sorted(account for account, (seq, _floor) in heads.items() if resume.get(account, 0) > seq)
             position = {account: min(resume.get(account, 0), seq) for account, (seq, _floor) in heads.items()}
-        return cls(hub, sub, position, heads, max_catch_up, unknown_position=unreadable)
+        return cls(hub, sub, position, heads, max_catch_up, unknown_position=unreadable, ahead=ahead)
 
     def close(self) -> None:
         self.hub.unsubscribe(self.sub)
@@ -392,9 +399,10 @@ class EventStream:
         """
         try:
             yield self._ready()
-            if self.unknown_position:
-                for account, (seq, _floor) in sorted(self._heads.items()):
-                    yield self._resync(account, seq, seq, "unknown_position")
+            resync = sorted(self._heads) if self.unknown_position else self.ahead
+            for account in resync:
+                seq = self._heads[account][0]
+                yield self._resync(account, seq, seq, "unknown_position")
             for account, (seq, floor) in sorted(self._heads.items()):
                 async for event in self._advance(account, seq, floor, catching_up=True):
                     yield event
