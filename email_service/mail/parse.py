@@ -394,22 +394,31 @@ def _first(parsed: dict[str, list], key: str, defects: list[str]) -> tuple[str, 
     return values[0]
 
 
-def _recipient_names(parsed: dict[str, list]) -> dict[str, str]:
-    """The first display name each recipient is given in To, Cc or Bcc."""
+def _recipients(parsed: dict[str, list]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """To, Cc and Bcc as addresses, and the first display name each address is given in them.
+
+    One pass over the headers: parsing addresses is most of the work for a long list.
+    """
+    lists: dict[str, dict[str, None]] = {}
     names: dict[str, str] = {}
     for key in ("to", "cc", "bcc"):
+        found = lists[key] = {}
         for _text, header in parsed.get(key, ()):
             for name, spec in addresses(header):
+                found.setdefault(spec, None)
                 if name:
                     names.setdefault(spec, name)
-    return names
+    return {key: list(found) for key, found in lists.items()}, names
 
 
 def _address_list(parsed: dict[str, list], key: str) -> list[str]:
-    found: list[str] = []
+    # Each address once, in order of first appearance; a dict, as a header of tens of thousands
+    # of addresses (anyone can send one) made a search of the list so far for each quadratic.
+    found: dict[str, None] = {}
     for _text, header in parsed.get(key, ()):
-        found.extend(spec for _name, spec in addresses(header) if spec not in found)
-    return found
+        for _name, spec in addresses(header):
+            found.setdefault(spec, None)
+    return list(found)
 
 
 def _sha1(text: str) -> str:
@@ -513,6 +522,7 @@ def _parse(raw: bytes) -> ParsedMessage:
         # Nothing identifies the thread: keep the message on its own rather than lumping all such mail together.
         thread_basis = "raw:" + hashlib.sha256(raw).hexdigest()
 
+    recipients, recipient_names = _recipients(parsed)
     return ParsedMessage(
         message_id=message_id,
         in_reply_to=reply_ids[0] if reply_ids else None,
@@ -520,11 +530,11 @@ def _parse(raw: bytes) -> ParsedMessage:
         subject=subject,
         from_address=from_address,
         from_name=from_name or None,
-        to=_address_list(parsed, "to"),
-        cc=_address_list(parsed, "cc"),
-        bcc=_address_list(parsed, "bcc"),
+        to=recipients["to"],
+        cc=recipients["cc"],
+        bcc=recipients["bcc"],
         reply_to=_address_list(parsed, "reply-to"),
-        recipient_names=_recipient_names(parsed),
+        recipient_names=recipient_names,
         date=date,
         text_body=text_body,
         html_body=html_body,
