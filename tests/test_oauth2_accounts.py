@@ -551,6 +551,36 @@ def test_tokens_given_while_a_refresh_is_under_way_are_the_ones_kept(
     assert kept == fresh.refresh_token
 
 
+def test_a_refusal_of_old_tokens_does_not_fail_the_new_ones_given_meanwhile(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox
+):
+    # A login refused with the refreshed token while the user signs in again (the usual answer
+    # to such a refusal): the refusal was marked after the new tokens and failed them too.
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, with_access_token(oauth2_dovecot, mailbox, grant))
+    source = TokenSource(rt.db, rt.cipher, user.principal, account_id)
+    fresh = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    given = {
+        "provider": PROVIDER,
+        "refreshToken": fresh.refresh_token,
+        "accessToken": fresh.access_token,
+        "expiresAt": int(time.time() * 1000) + 3_600_000,
+    }
+    response = api.put(f"/api/accounts/{account_id}", json={"oauth2": given}, headers=user.headers)
+    assert response.status_code == 200, response.text
+
+    outcome = source.server_refused_refreshed("imap.example.test:993", grant.access_token)
+    assert isinstance(outcome, ConnectionFailed) and not isinstance(outcome, TokenRefreshFailed)
+    assert account(api, user, account_id)["oauth2"]["tokenState"] == "valid"
+    assert source.access_token() == fresh.access_token
+    assert run_sync(api, user, account_id)[0]["status"] == "success"
+
+    # The token still the account's is marked, as before: nothing changes until new ones come.
+    outcome = source.server_refused_refreshed("imap.example.test:993", fresh.access_token)
+    assert isinstance(outcome, TokenRefreshFailed)
+    assert account(api, user, account_id)["oauth2"]["tokenState"] == "refresh_failed"
+
+
 def test_a_return_url_can_neither_break_the_redirect_nor_climb_out_of_the_allowed_path(api, user):
     for bad in (
         # A line break would end the callback's Location header (a 500 after the account was made).

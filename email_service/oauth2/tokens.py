@@ -32,7 +32,7 @@ from email_service.crypto import CredentialCipher
 from email_service.db import Database
 from email_service.models import Account, TokenState
 from email_service.oauth2.providers import OAuth2Provider, within
-from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, reply_line
+from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError, reply_line
 from email_service.tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -148,10 +148,20 @@ class TokenSource:
         """The server refused ``token``: a new one, refreshed unless another process refreshed it already."""
         return self._refresh(refused=token)
 
-    def server_refused_refreshed(self, where: str) -> TokenRefreshFailed:
-        """The server refused even a freshly refreshed token: mark the account, and the error to raise."""
+    def server_refused_refreshed(self, where: str, token: str) -> MailServerError:
+        """The server refused even the freshly refreshed ``token``: mark the account, and the error to raise.
+
+        Under the token lock, and only while ``token`` is still the account's: new tokens given
+        through the API or the consent flow meanwhile (the usual answer to such a refusal) are
+        the next login's to try, not marked failed along with the old ones.
+        """
         reason = f"{where} refused the refreshed OAuth2 token"
-        self._mark_failed(reason)
+        with self.db.tenant_session(self.principal) as session:
+            hold_refresh(session, self.account_id)
+            current = session.scalar(select(Account.oauth2_access_token_encrypted).where(Account.id == self.account_id))
+            if current is None or self.cipher.decrypt(current) != token:
+                return ConnectionFailed(f"the OAuth2 tokens changed while logging in to {where}; tried again later")
+            self._write_failed(session, reason)
         return TokenRefreshFailed(self._failed_message(reason))
 
     # ---- internals
@@ -247,15 +257,18 @@ class TokenSource:
             session.execute(update(Account).where(Account.id == self.account_id).values(**values))
 
     def _mark_failed(self, reason: str) -> None:
-        log.warning("OAuth2 token of account %s: %s", self.account_id, reason)
         with self.db.tenant_session(self.principal) as session:
-            session.execute(
-                update(Account)
-                .where(Account.id == self.account_id)
-                .values(
-                    oauth2_token_state=TokenState.REFRESH_FAILED.value,
-                    oauth2_token_error=reason,
-                    oauth2_access_token_encrypted=None,
-                    oauth2_expires_at=None,
-                )
+            self._write_failed(session, reason)
+
+    def _write_failed(self, session: Session, reason: str) -> None:
+        log.warning("OAuth2 token of account %s: %s", self.account_id, reason)
+        session.execute(
+            update(Account)
+            .where(Account.id == self.account_id)
+            .values(
+                oauth2_token_state=TokenState.REFRESH_FAILED.value,
+                oauth2_token_error=reason,
+                oauth2_access_token_encrypted=None,
+                oauth2_expires_at=None,
             )
+        )

@@ -55,9 +55,10 @@ class MailSession:
         token = self.token_source.access_token()
         if attempt(token):
             return
-        if attempt(self.token_source.refused(token)):
+        token = self.token_source.refused(token)
+        if attempt(token):
             return
-        raise self.token_source.server_refused_refreshed(f"{self.host}:{self.port}")
+        raise self.token_source.server_refused_refreshed(f"{self.host}:{self.port}", token)
 
     def _open(self) -> None:
         raise NotImplementedError

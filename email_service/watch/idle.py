@@ -163,7 +163,7 @@ class IdleConnection:
         token = await loop.run_in_executor(None, tokens.refused, token)
         if await self._authenticate(server, token):
             return
-        raise await loop.run_in_executor(None, tokens.server_refused_refreshed, self.where)
+        raise await loop.run_in_executor(None, tokens.server_refused_refreshed, self.where, token)
 
     async def _authenticate(self, server: MailServer, token: str) -> bool:
         protocol = self.client.protocol
