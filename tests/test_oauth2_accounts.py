@@ -476,6 +476,19 @@ def test_the_consent_flow_creates_an_account_that_syncs_and_its_state_works_once
     assert make_user().headers and account_id not in api.get("/api/accounts", headers=make_user().headers).text
 
 
+def test_the_outcome_goes_into_the_query_of_a_return_url_with_a_fragment(api, user, oauth2_server):
+    # A single-page app's route after "#": the outcome used to be appended to the fragment.
+    started, body = begin(api, user, returnUrl=RETURN_URL + "?tab=accounts#/mail/accounts")
+    assert started.status_code == 200, started.text
+    finished = api.get(consent(started.json()["authorizationUrl"], body["emailAddress"]), follow_redirects=False)
+    assert finished.status_code == 303, finished.text
+    target = urlsplit(finished.headers["location"])
+    assert f"{target.scheme}://{target.netloc}{target.path}" == RETURN_URL
+    assert target.fragment == "/mail/accounts"
+    outcome = parse_qs(target.query)
+    assert outcome["tab"] == ["accounts"] and outcome["status"] == ["connected"] and outcome["accountId"]
+
+
 def test_unknown_expired_and_declined_flows_create_nothing(api, rt, user, oauth2_server):
     assert_error_shape(
         api.get("/api/oauth2/callback?state=made-up&code=x", follow_redirects=False), 403, "OAUTH2_STATE_INVALID"

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import unquote, urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit, urlunsplit
 
 import requests
 from authlib.integrations.base_client import OAuthError
@@ -143,8 +143,11 @@ def _consume(runtime: Runtime, state: str | None) -> OAuth2State:
 
 
 def _back(flow: OAuth2State, **outcome: str) -> str:
-    separator = "&" if urlsplit(flow.return_url).query else "?"
-    return flow.return_url + separator + urlencode(outcome)
+    # Into the query, before any fragment: after a "#" the outcome would be part of the fragment,
+    # which a page reading its query (or a server) never sees.
+    target = urlsplit(flow.return_url)
+    query = "&".join(part for part in (target.query, urlencode(outcome)) if part)
+    return urlunsplit(target._replace(query=query))
 
 
 def finish(runtime: Runtime, state: str | None, code: str | None, error: str | None) -> str:
