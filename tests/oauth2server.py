@@ -142,6 +142,9 @@ class OAuth2TestServer:
         # While set, the token endpoint answers one byte of its body every this many seconds: a
         # provider that answers slowly enough never to trip a read timeout.
         self.token_trickle: float | None = None
+        # While set, the token endpoint answers 307 to this URL (a moved or hijacked endpoint).
+        self.token_redirect: str | None = None
+        self.collected: list[bytes] = []  # bodies posted to /collect, where a redirect may point
         self.refreshes = 0  # refresh-token grants answered, successful or not
         self.introspections = 0
         self.resource_secret = secrets.token_urlsafe(16)
@@ -343,6 +346,8 @@ class OAuth2TestServer:
             if server_state.token_reply is not None:
                 status, body, content_type = server_state.token_reply
                 return Response(body, status, content_type=content_type)
+            if server_state.token_redirect is not None:
+                return Response(b"", 307, headers={"Location": server_state.token_redirect})
             answer = server.create_token_response()
             if server_state.token_trickle is not None:
                 delay, body = server_state.token_trickle, answer.get_data()
@@ -354,6 +359,11 @@ class OAuth2TestServer:
 
                 return Response(trickle(), answer.status_code, content_type=answer.content_type)
             return answer
+
+        @app.post("/collect")
+        def collect() -> Any:
+            server_state.collected.append(request.get_data())
+            return {"access_token": "collected", "token_type": "Bearer", "expires_in": 3600}
 
         @app.post("/revoke")
         def revoke() -> Any:

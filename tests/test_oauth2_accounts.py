@@ -639,6 +639,28 @@ def test_a_token_endpoint_answering_garbage_fails_cleanly_and_the_grant_is_kept(
     assert run_sync(api, user, account_id)[0]["status"] == "success"
 
 
+def test_a_token_endpoint_redirecting_elsewhere_is_not_sent_the_secrets(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox
+):
+    # A 307 is followed with the same body: the client secret and the refresh token (or the
+    # code and its verifier) went wherever the endpoint sent them.
+    started, fields = begin(api, user)
+    callback = consent(started.json()["authorizationUrl"], fields["emailAddress"])
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}))
+    oauth2_server.token_redirect = f"{oauth2_server.url}/collect"
+    try:
+        finished = api.get(callback, follow_redirects=False)
+        assert parse_qs(urlsplit(finished.headers["location"]).query)["status"] == ["failed"]
+        failed, _ = run_sync(api, user, account_id)
+    finally:
+        oauth2_server.token_redirect = None
+    assert oauth2_server.collected == []
+    assert failed["status"] == "failure" and f"the {PROVIDER} token endpoint" in failed["error"], failed
+    assert account(api, user, account_id)["oauth2"]["tokenState"] == "valid"
+    assert run_sync(api, user, account_id)[0]["status"] == "success"
+
+
 def test_a_token_lifetime_beyond_any_date_is_kept_within_bounds(api, rt, user, oauth2_server, oauth2_dovecot, mailbox):
     grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
     account_id = create_account(api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}))

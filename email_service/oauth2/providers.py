@@ -51,7 +51,7 @@ class OAuth2Provider:
 
     def session(self, timeout: float, **kwargs: object) -> OAuth2Session:
         """An authlib client for this provider's token endpoint (the caller closes it)."""
-        return OAuth2Session(
+        client = OAuth2Session(
             client_id=self.client_id,
             client_secret=self.client_secret,
             scope=" ".join(self.scopes),
@@ -60,6 +60,11 @@ class OAuth2Provider:
             default_timeout=timeout,
             **kwargs,
         )
+        # A token request is never sent on: requests follows a 307 or 308 with the same body, and
+        # the body holds the client secret and the refresh token (or the code and its verifier).
+        # A redirect answers as an endpoint that cannot be reached does.
+        client.max_redirects = 0
+        return client
 
 
 def within(timeout: float, exchange: Callable[[], T]) -> T:
