@@ -187,6 +187,31 @@ def test_an_account_made_with_a_refresh_token_syncs_and_sends_with_tokens_it_fet
     assert methods and set(methods) == {"OAUTHBEARER"}
 
 
+def test_an_smtp_server_refusing_oauth2_logins_fails_the_send_and_leaves_the_account_syncing(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox, smtp_server
+):
+    # Microsoft 365 with SMTP AUTH turned off for the mailbox refuses every token (535 5.7.139)
+    # while IMAP takes them. The refusal marked the tokens failed, which stopped the sync too,
+    # and signing in again helped only until the next send.
+    smtp = smtp_server("starttls", introspect=lambda token: {"active": False})
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(
+        api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}, smtp)
+    )
+    sent = api.post(
+        "/api/compose/send",
+        json={"accountId": account_id, "to": ["bob@example.org"], "subject": "Not allowed", "body": "Hi"},
+        headers=user.headers,
+    )
+    assert sent.status_code == 202, sent.text
+    failed = wait_task(api, user, sent.json()["taskId"])
+    assert failed["status"] == "failure" and failed["attempts"] == 1, failed
+    assert "refused the account's OAuth2 login for sending" in failed["error"] and "535" in failed["error"]
+    assert smtp.messages == [] and smtp.oauth2_logins == []
+    assert account(api, user, account_id)["oauth2"]["tokenState"] == "valid"
+    assert run_sync(api, user, account_id)[0]["status"] == "success"
+
+
 def test_a_server_offering_only_xoauth2_gets_xoauth2_logins_to_sync_and_send(
     api, user, oauth2_server, xoauth2_dovecot, smtp_server
 ):

@@ -58,7 +58,15 @@ class MailSession:
         token = self.token_source.refused(token)
         if attempt(token):
             return
-        raise self.token_source.server_refused_refreshed(f"{self.host}:{self.port}", token)
+        raise self._refused_after_refresh(token)
+
+    def _refused_after_refresh(self, token: str) -> MailServerError:
+        """The error for a server that refused even the freshly refreshed ``token``.
+
+        For the mailbox's own server the account's OAuth2 login is gone: its tokens are marked.
+        """
+        assert self.token_source is not None
+        return self.token_source.server_refused_refreshed(f"{self.host}:{self.port}", token)
 
     def _open(self) -> None:
         raise NotImplementedError

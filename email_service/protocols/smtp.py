@@ -142,6 +142,7 @@ class SmtpSession(MailSession):
         )
         self.helo_name = helo_name
         self.data_timeout = data_timeout
+        self._token_refusal = ""  # the server's last refusal of a bearer token, scrubbed
 
     # ---- connection
 
@@ -199,8 +200,21 @@ class SmtpSession(MailSession):
                     f"{self._scrub(exc.smtp_code, exc.smtp_error)}",
                     exc.smtp_code,
                 ) from None
+            self._token_refusal = self._scrub(exc.smtp_code, exc.smtp_error).replace(token, "***")
             return False
         return True
+
+    def _refused_after_refresh(self, token: str) -> MailServerError:
+        # The provider has just refreshed the grant, so the tokens are sound: this server does
+        # not take OAuth2 logins for the mailbox (Microsoft 365 with SMTP AUTH turned off answers
+        # 535 5.7.139). The send fails with its reply; the account's tokens, and with them its
+        # sync, stay as they are, where marking them failed stopped the sync until a new sign-in
+        # that the next send would undo again.
+        return SmtpAuthenticationFailed(
+            f"{self.host} refused the account's OAuth2 login for sending, also with a newly refreshed "
+            f"token: {self._token_refusal}",
+            535,
+        )
 
     def _login(self, conn: smtplib.SMTP) -> None:
         try:
