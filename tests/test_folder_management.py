@@ -13,6 +13,7 @@ from syncing import create_account, folders_by_name, imap_account, messages, run
 from email_service.api.app import create_app
 from email_service.folders import service as folder_service
 from email_service.mail.folders import parse_list_response
+from email_service.mailbox import moves
 from email_service.queue.locks import AccountLock
 from email_service.runtime import Runtime
 
@@ -144,3 +145,59 @@ def test_folder_rows_change_while_the_account_is_held(client, user, dovecot, mai
     finally:
         runtime.close()
     assert held_while_written == [True, True, True]
+
+
+def test_deleting_a_folder_keeps_mail_moved_out_of_it_before_the_server_moved_it(
+    client, user, dovecot, mail_user, account, monkeypatch
+):
+    # A message moved out of a folder stays there on the server until the write-back runs (a
+    # busy queue): deleting the folder meanwhile must not take the message with it.
+    made = create(client, user, account, name="Alt")
+    assert made.status_code == 201, made.text
+    folder = made.json()
+    for subject in ("Keep me", "Goes with the folder"):
+        dovecot.append(mail_user, "Alt", to_bytes(plain_message(subject)))
+    run_sync(client, user, account)
+    ids = {m["subject"]: m["id"] for m in messages(client, user, account, folder["id"])["messages"]}
+    inbox = folders_by_name(client, user, account)["INBOX"]
+    monkeypatch.setattr(moves, "enqueue_server_moves", lambda *args: None)
+    moved = client.post(
+        f"/api/{account}/messages/{ids['Keep me']}/move", json={"folderId": inbox["id"]}, headers=user.headers
+    )
+    assert moved.status_code == 200, moved.text
+
+    gone = client.delete(f"/api/{account}/folders/{folder['id']}", headers=user.headers)
+    assert gone.status_code == 204, gone.text
+    assert "Alt" not in server_folders(dovecot, mail_user)
+    kept = client.get(f"/api/{account}/messages/{ids['Keep me']}", headers=user.headers)
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["folderId"] == inbox["id"]
+    assert_error_shape(client.get(f"/api/{account}/messages/{ids['Goes with the folder']}", headers=user.headers), 404)
+    assert server_count(dovecot, mail_user, "INBOX") == 1
+    status, _ = run_sync(client, user, account)
+    assert status["result"]["messagesAdded"] == 0 and status["result"]["messagesRemoved"] == 0
+    assert [m["id"] for m in messages(client, user, account, inbox["id"])["messages"]] == [ids["Keep me"]]
+
+
+def test_deleting_a_folder_deletes_mail_moved_into_it_before_the_server_moved_it(
+    client, user, dovecot, mail_user, account, monkeypatch
+):
+    # The user moved a message into the folder, then deleted the folder and its mail: the message
+    # must not come back in the folder it was moved from.
+    made = create(client, user, account, name="Weg")
+    assert made.status_code == 201, made.text
+    folder = made.json()
+    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Into the bin folder")))
+    run_sync(client, user, account)
+    inbox = folders_by_name(client, user, account)["INBOX"]
+    [message] = messages(client, user, account, inbox["id"])["messages"]
+    monkeypatch.setattr(moves, "enqueue_server_moves", lambda *args: None)
+    moved = client.post(
+        f"/api/{account}/messages/{message['id']}/move", json={"folderId": folder["id"]}, headers=user.headers
+    )
+    assert moved.status_code == 200, moved.text
+
+    assert client.delete(f"/api/{account}/folders/{folder['id']}", headers=user.headers).status_code == 204
+    run_sync(client, user, account)
+    assert messages(client, user, account, inbox["id"])["messages"] == []
+    assert server_count(dovecot, mail_user, "INBOX") == 0

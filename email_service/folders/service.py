@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cuid2 import Cuid
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from email_service.changes import entries as changes
@@ -32,14 +32,17 @@ from email_service.mail.folders import (
     parse_list_line,
 )
 from email_service.mail.utf7 import encode_mailbox_name
+from email_service.mailbox.server_moves import write_moves
 from email_service.mailbox.store import MailStore
-from email_service.models import Account, Folder
+from email_service.mailbox.writeback import FolderRenumbered
+from email_service.models import Account, Folder, MessageMove, TaskKind
 from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError
 from email_service.protocols.imap import ImapSession
 from email_service.protocols.servers import Protocol
+from email_service.queue import tasks
 from email_service.queue.locks import AccountLock
 from email_service.runtime import Runtime
-from email_service.services.servers import load_servers
+from email_service.services.servers import AccountServers, load_servers
 from email_service.tenancy import Principal
 
 new_id = Cuid().generate
@@ -52,8 +55,14 @@ class _Held:
     """An account held for a folder operation: its folders, and an IMAP session opened on first use,
     so that a request refused by its own checks never reaches the mail server."""
 
-    def __init__(self, account: Account, folders: dict[str, Folder], open_session: Callable[[], ImapSession]) -> None:
-        self.account, self.folders = account, folders
+    def __init__(
+        self,
+        account: Account,
+        folders: dict[str, Folder],
+        servers: AccountServers,
+        open_session: Callable[[], ImapSession],
+    ) -> None:
+        self.account, self.folders, self.servers = account, folders, servers
         self._open_session = open_session
         self._session: ImapSession | None = None
 
@@ -101,7 +110,9 @@ def _held(runtime: Runtime, principal: Principal, account_id: str, what: str) ->
             folders = {f.id: f for f in session.scalars(select(Folder).where(Folder.account_id == account_id))}
         try:
             with ExitStack() as stack:
-                yield _Held(account, folders, lambda: stack.enter_context(servers.incoming.imap(runtime.settings)))
+                yield _Held(
+                    account, folders, servers, lambda: stack.enter_context(servers.incoming.imap(runtime.settings))
+                )
         except MailServerError as exc:
             raise _refuse(what, exc) from None
     finally:
@@ -233,6 +244,34 @@ def update_folder(
     return moved
 
 
+def _settle_moves(runtime: Runtime, principal: Principal, account_id: str, held: _Held, folder: Folder) -> None:
+    """Make on the server the moves out of and into ``folder`` that wait for it, before it is deleted.
+
+    Until the write-back runs, a message moved out of the folder is still in it on the server,
+    and one moved into it is still in its old folder: deleting the folder first would destroy
+    the mail the user had moved to safety, and bring back in its old folder the mail the user
+    had put in the folder to delete. The account is held, as the write-back job would hold it.
+    """
+    with runtime.db.tenant_session(principal) as session:
+        waiting = session.scalar(
+            select(MessageMove.id)
+            .where(
+                MessageMove.account_id == account_id,
+                MessageMove.uid.is_not(None),
+                or_(MessageMove.source_folder_id == folder.id, MessageMove.target_folder_id == folder.id),
+            )
+            .limit(1)
+        )
+    if waiting is None:
+        return
+    try:
+        write_moves(runtime, principal, account_id, held.servers)
+    except FolderRenumbered as exc:
+        # Their stored UIDs name other mail now: as after the write-back job, a sync of those
+        # folders drops these moves and brings the folders in again.
+        tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account_id, params={"folders": exc.folders})
+
+
 def delete_folder(runtime: Runtime, principal: Principal, account_id: str, folder_id: str) -> None:
     """Delete a folder and its mail, on the server and here."""
     with _held(runtime, principal, account_id, "delete the folder") as held:
@@ -242,6 +281,7 @@ def delete_folder(runtime: Runtime, principal: Principal, account_id: str, folde
             folder.delimiter and any(f.name.startswith(folder.name + folder.delimiter) for f in held.folders.values())
         ):
             raise ConflictError("delete the folder's sub-folders first", code="FOLDER_HAS_CHILDREN")
+        _settle_moves(runtime, principal, account_id, held, folder)
         held.session.delete_folder(folder.name)
         # Still held (see create_folder).
         MailStore(runtime.db, runtime.objects, principal, account_id).clear_folder(folder)
