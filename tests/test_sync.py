@@ -886,3 +886,46 @@ def test_a_message_over_the_size_limit_is_said_and_not_downloaded(
         "Small after",
         "Small before",
     ]
+
+
+def test_a_folder_listed_twice_keeps_its_role_and_is_synced_once(client, runtime, user):
+    # Some servers list a folder more than once (and INBOX in another case besides): each is one
+    # folder, and the later listing did not take away the role the first one was given.
+    listing = [
+        b'(\\HasNoChildren) "/" INBOX',
+        b'(\\HasNoChildren \\Sent) "/" Sent',
+        b'(\\HasNoChildren) "/" Archive',
+        b'(\\HasNoChildren \\Sent) "/" Sent',
+        b'(\\HasNoChildren) "/" Inbox',
+        b'(\\HasNoChildren) "/" INBOX',
+    ]
+
+    def answer(tag: bytes, command: bytes) -> bytes:
+        untagged = b""
+        if command == b"CAPABILITY":
+            untagged = b"* CAPABILITY IMAP4rev1\r\n"
+        elif command == b"LIST":
+            untagged = b"".join(b"* LIST " + line + b"\r\n" for line in listing)
+        elif command == b"STATUS":
+            untagged = b"* STATUS INBOX (MESSAGES 0 UIDNEXT 1 UIDVALIDITY 1 UNSEEN 0)\r\n"
+        elif command == b"EXAMINE":
+            untagged = b"* 0 EXISTS\r\n* OK [UIDVALIDITY 1] ok\r\n* OK [UIDNEXT 1] ok\r\n"
+        elif command == b"UID":
+            untagged = b"* SEARCH\r\n"
+        elif command == b"LOGOUT":
+            untagged = b"* BYE\r\n"
+        return untagged + tag + b" OK done\r\n"
+
+    server = ScriptedImapServer(answer)
+    account_id = create_account(client, user, scripted_account(server.port, "Folders listed twice"))
+    store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
+    login = ("127.0.0.1", server.port, "none", "someone", "secret-password")
+    with ImapSession(*login, destinations=TEST_DESTINATIONS) as session:
+        result = ImapSync(store, session, lambda _progress: None).run()
+    server.close()
+    assert result.errors == [] and result.folders_synced == 3
+    assert {name: folder.type for name, folder in store.folders().items()} == {
+        "INBOX": "inbox",
+        "Sent": "sent",
+        "Archive": "custom",
+    }

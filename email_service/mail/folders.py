@@ -290,6 +290,23 @@ def parse_list_response(line: bytes | str | tuple[bytes | str, bytes | str]) -> 
     return ListEntry(attributes, delimiter, name)
 
 
+def listed_once(entries: Iterable[ListEntry]) -> list[ListEntry]:
+    """The entries with each mailbox once, as first listed.
+
+    Some servers list a folder twice (and INBOX, which is one name in any case by RFC 3501 5.1,
+    as "INBOX" and "Inbox"): a second listing is the same mailbox, not a folder of its own,
+    and must not take the role the first was given, nor have its mail stored twice.
+    """
+    seen: set[str] = set()
+    unique: list[ListEntry] = []
+    for entry in entries:
+        key = "INBOX" if entry.name.upper() == "INBOX" else entry.name
+        if key not in seen:
+            seen.add(key)
+            unique.append(entry)
+    return unique
+
+
 def parse_list_line(line: bytes | str | tuple[bytes | str, bytes | str]) -> ListEntry | None:
     """Like ``parse_list_response``, but None for a line that is not a LIST response (for loops
     over everything ``imaplib`` returned, which may include stray continuation pieces)."""

@@ -19,7 +19,15 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from email_service.mail.folders import INBOX, assign_roles, display_name, parent_name, parse_list_line, selectable
+from email_service.mail.folders import (
+    INBOX,
+    assign_roles,
+    display_name,
+    listed_once,
+    parent_name,
+    parse_list_line,
+    selectable,
+)
 from email_service.mail.parse import parse_message
 from email_service.mail.parse_pool import ParseJob, ParsePool
 from email_service.mailbox.heap import return_large_buffers
@@ -46,7 +54,7 @@ WRITER_THREADS = 2
 
 
 def remote_folders(lines: Iterable[bytes]) -> list[RemoteFolder]:
-    entries = [parsed for parsed in map(parse_list_line, lines) if parsed is not None]
+    entries = listed_once(parsed for parsed in map(parse_list_line, lines) if parsed is not None)
     return [
         RemoteFolder(
             name=entry.name,
