@@ -201,3 +201,18 @@ def test_deleting_a_folder_deletes_mail_moved_into_it_before_the_server_moved_it
     run_sync(client, user, account)
     assert messages(client, user, account, inbox["id"])["messages"] == []
     assert server_count(dovecot, mail_user, "INBOX") == 0
+
+
+def test_a_name_taken_on_the_server_since_the_last_sync_is_said_to_exist(client, user, dovecot, mail_user, account):
+    # Another client made these folders after the last sync: the server refuses the name, and
+    # the answer says why, as for a folder the service knows.
+    dovecot.create_folder(mail_user, "Extern")
+    dovecot.create_folder(mail_user, "Übrig")
+    made = create(client, user, account, name="Extern")
+    assert_error_shape(made, 409)
+    assert made.json()["code"] == "FOLDER_EXISTS"
+    mine = create(client, user, account, name="Meins").json()
+    renamed = client.patch(f"/api/{account}/folders/{mine['id']}", json={"name": "Übrig"}, headers=user.headers)
+    assert_error_shape(renamed, 409)
+    assert renamed.json()["code"] == "FOLDER_EXISTS"
+    assert {"Extern", "Übrig", "Meins"} <= server_folders(dovecot, mail_user)

@@ -10,6 +10,7 @@ the server had it would look like one folder deleted and another created).
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from email_service.mail.folders import (
     display_name,
     parse_list_line,
 )
-from email_service.mail.utf7 import encode_mailbox_name
+from email_service.mail.utf7 import decode_mailbox_name, encode_mailbox_name
 from email_service.mailbox.server_moves import write_moves
 from email_service.mailbox.store import MailStore
 from email_service.mailbox.writeback import FolderRenumbered
@@ -152,6 +153,29 @@ def _free(held: _Held, name: str) -> None:
         raise ConflictError("a folder of that name exists there already", code="FOLDER_EXISTS")
 
 
+def _taken(name: str) -> str:
+    # Compared as a user sees names: servers that fold case (or normalise Unicode) refuse a name
+    # that differs from an existing one only in that.
+    return unicodedata.normalize("NFC", decode_mailbox_name(name)).casefold()
+
+
+def _unless_taken(held: _Held, name: str, change: Callable[[], None], renamed: str | None = None) -> None:
+    """CREATE or RENAME (of ``renamed``) to ``name`` on the server (``change``); refused because the
+    server has a folder of that name already (another client made it since the last sync), 409
+    FOLDER_EXISTS."""
+    session = held.session  # logged in first: a refused login is not taken for a refused name
+    try:
+        change()
+    except (ConnectionFailed, AuthenticationFailed):
+        raise
+    except MailServerError:
+        wanted = _taken(name)
+        for entry in map(parse_list_line, session.list_folders()):
+            if entry is not None and entry.name != renamed and _taken(entry.name) == wanted:
+                raise ConflictError("a folder of that name exists there already", code="FOLDER_EXISTS") from None
+        raise
+
+
 def _protect(folder: Folder, action: str) -> None:
     if folder.type != CUSTOM:
         kind = "the inbox" if folder.type == INBOX else f"the {folder.type} folder"
@@ -175,7 +199,7 @@ def create_folder(runtime: Runtime, principal: Principal, account_id: str, body:
         leaf = _leaf(body["name"], delimiter)
         name = f"{parent.name}{delimiter}{leaf}" if parent is not None else leaf
         _free(held, name)
-        held.session.create_folder(name)
+        _unless_taken(held, name, lambda: held.session.create_folder(name))
         # The rows change while the account is still held: a sync in between would see the
         # server's new folders and write rows of its own.
         now = datetime.now(UTC)
@@ -219,7 +243,7 @@ def update_folder(
         if name == folder.name:
             return folder
         _free(held, name)
-        held.session.rename_folder(folder.name, name)
+        _unless_taken(held, name, lambda: held.session.rename_folder(folder.name, name), renamed=folder.name)
         old = folder.name
         # Still held (see create_folder): a sync would take the old name for a deleted folder.
         now = datetime.now(UTC)
