@@ -6,14 +6,16 @@ from dataclasses import replace
 
 import pytest
 from helpers import assert_error_shape
-from mailservers import imap_utf7_decode, quote_mailbox
+from mailservers import ScriptedImapServer, imap_utf7_decode, quote_mailbox
 from messages import plain_message, to_bytes
-from syncing import create_account, folders_by_name, imap_account, messages, run_sync
+from syncing import create_account, folders_by_name, imap_account, messages, run_sync, scripted_account
 
 from email_service.api.app import create_app
 from email_service.folders import service as folder_service
 from email_service.mail.folders import parse_list_response
 from email_service.mailbox import moves
+from email_service.mailbox.imap_sync import remote_folders
+from email_service.mailbox.store import MailStore
 from email_service.queue.locks import AccountLock
 from email_service.runtime import Runtime
 
@@ -216,3 +218,35 @@ def test_a_name_taken_on_the_server_since_the_last_sync_is_said_to_exist(client,
     assert_error_shape(renamed, 409)
     assert renamed.json()["code"] == "FOLDER_EXISTS"
     assert {"Extern", "Übrig", "Meins"} <= server_folders(dovecot, mail_user)
+
+
+def test_a_server_without_hierarchy_puts_no_folder_under_another(client, user, runtime):
+    # LIST gives the delimiter NIL: the server has no hierarchy. A "sub-folder" made there was a
+    # top-level folder called "Projekte/Neu", which the next sync showed as such.
+    def answer(tag: bytes, command: bytes) -> bytes:
+        untagged = b""
+        if command == b"CAPABILITY":
+            untagged = b"* CAPABILITY IMAP4rev1\r\n"
+        elif command == b"LIST":
+            untagged = b"".join(b"* LIST () NIL %s\r\n" % name for name in (b"INBOX", b"Projekte", b"Alt"))
+        elif command == b"LOGOUT":
+            untagged = b"* BYE\r\n"
+        return untagged + tag + b" OK done\r\n"
+
+    server = ScriptedImapServer(answer)
+    try:
+        account = create_account(client, user, scripted_account(server.port, "Flat folders"))
+        store = MailStore(runtime.db, runtime.objects, user.principal, account)
+        folders, _ = store.reconcile_folders(
+            remote_folders([b"(\\HasNoChildren) NIL " + name for name in (b"INBOX", b"Projekte", b"Alt")])
+        )
+        made = create(client, user, account, name="Neu", parentId=folders["Projekte"].id)
+        assert_error_shape(made, 400)
+        assert made.json()["code"] == "INVALID_FOLDER_PARENT"
+        path = f"/api/{account}/folders/{folders['Alt'].id}"
+        moved = client.patch(path, json={"parentId": folders["Projekte"].id}, headers=user.headers)
+        assert_error_shape(moved, 400)
+        assert moved.json()["code"] == "INVALID_FOLDER_PARENT"
+        assert not [line for line in server.lines if line.split()[1].upper() in (b"CREATE", b"RENAME")]
+    finally:
+        server.close()

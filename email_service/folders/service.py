@@ -141,6 +141,18 @@ def _delimiter(held: _Held, parent: Folder | None) -> str:
     return DEFAULT_DELIMITER
 
 
+def _parent(held: _Held, parent_id: str | None) -> Folder | None:
+    """The folder ``parent_id`` names, to put a folder under; None for the top level."""
+    if parent_id is None:
+        return None
+    parent = _folder(held, parent_id)
+    if parent.delimiter is None:
+        # LIST gave it the delimiter NIL: the server has no hierarchy, and a name with a "/" in
+        # it would be one more top-level folder, shown as such by the next sync.
+        raise BadRequestError("the mail server has no sub-folders", code="INVALID_FOLDER_PARENT")
+    return parent
+
+
 def _folder(held: _Held, folder_id: str | None) -> Folder:
     folder = held.folders.get(folder_id or "")
     if folder is None:
@@ -194,7 +206,7 @@ def _retype(session: Session, account_id: str, logged: list[Entry]) -> None:
 
 def create_folder(runtime: Runtime, principal: Principal, account_id: str, body: dict[str, Any]) -> Folder:
     with _held(runtime, principal, account_id, "create the folder") as held:
-        parent = _folder(held, body["parentId"]) if body.get("parentId") is not None else None
+        parent = _parent(held, body.get("parentId"))
         delimiter = _delimiter(held, parent)
         leaf = _leaf(body["name"], delimiter)
         name = f"{parent.name}{delimiter}{leaf}" if parent is not None else leaf
@@ -234,7 +246,7 @@ def update_folder(
         folder = _folder(held, folder_id)
         _protect(folder, "renamed")
         parent_id = body.get("parentId", folder.parent_id)
-        parent = _folder(held, parent_id) if parent_id is not None else None
+        parent = _parent(held, parent_id)
         delimiter = folder.delimiter or _delimiter(held, parent)
         if parent is not None and (parent.id == folder.id or parent.name.startswith(folder.name + delimiter)):
             raise BadRequestError("a folder cannot be moved into itself", code="INVALID_FOLDER_PARENT")
