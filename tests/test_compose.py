@@ -715,3 +715,26 @@ def test_a_disabled_account_sends_nothing_until_it_is_enabled_and_asked_again(
     assert jobs.run_send(run_as(send_runtime, user, again.json(), "second"))["delivered"] is True
     assert len(smtp.messages) == 1
     assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "sent"
+
+
+def test_attachments_go_out_and_are_listed_in_the_order_asked_for(client, user, mailbox):
+    # The recipient sees the files in the order the user chose them, forwarded ones included.
+    account_id, smtp = mailbox
+    uploads = [
+        client.post(
+            f"/api/{account_id}/attachments", files={"file": (f"file{n}.txt", f"n{n}".encode())}, headers=user.headers
+        ).json()
+        for n in range(6)
+    ]
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    original = messages(client, user, account_id, inbox["id"])["messages"][0]
+    forwarded = client.get(f"/api/{account_id}/messages/{original['id']}", headers=user.headers).json()
+    pdf = next(a for a in forwarded["attachments"] if a["mimeType"] == "application/pdf")
+    chosen = [uploads[4], uploads[1], pdf, uploads[5], uploads[0], uploads[3], uploads[2]]
+    response = send(client, user, account_id, attachmentIds=[a["id"] for a in chosen])
+    assert wait_task(client, user, response.json()["taskId"])["status"] == "success"
+    arrived = [a.filename for a in parse_message(smtp.wait_for(1)[0].data).attachments]
+    assert arrived == [a["filename"] for a in chosen]
+    shown = client.get(f"/api/{account_id}/messages/{response.json()['messageId']}", headers=user.headers).json()
+    assert [a["filename"] for a in shown["attachments"]] == arrived
+

@@ -130,4 +130,7 @@ class Attachment(Base):
     content_id: Mapped[str | None] = mapped_column(Text)
     is_inline: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     object_key: Mapped[str] = mapped_column(Text, nullable=False)
+    # Its place among the files of a message written through the API (the request's order);
+    # None for received mail and unattached uploads.
+    position: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())

@@ -208,8 +208,8 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
         )
         session.add(message)
         session.flush()
-        for attachment in chosen:
-            _attach(runtime, session, principal, account.id, message.id, attachment)
+        for position, attachment in enumerate(chosen):
+            _attach(runtime, session, principal, account.id, message.id, attachment, position)
         logged = [changes.folder_created(folder.id)] if folder_is_new else []
         # In the message's transaction: a message queued to send always has its task.
         enqueued = tasks.enqueue(
@@ -281,10 +281,18 @@ def retry_send(runtime: Runtime, principal: Principal, account_id: str, message_
 
 
 def _attach(
-    runtime: Runtime, session: Session, principal: Principal, account_id: str, message_id: str, source: Attachment
+    runtime: Runtime,
+    session: Session,
+    principal: Principal,
+    account_id: str,
+    message_id: str,
+    source: Attachment,
+    position: int,
 ) -> None:
+    # ``position``: its place in the request's list, the order the files go out and are shown in.
     if source.message_id is None:
         source.message_id = message_id  # an upload: the new message takes it
+        source.position = position
         return
     # An attachment of another message: the new message gets its own copy, so deleting either
     # message never takes the other's bytes.
@@ -312,5 +320,6 @@ def _attach(
             content_id=source.content_id,
             is_inline=source.is_inline,
             object_key=key,
+            position=position,
         )
     )

@@ -53,7 +53,14 @@ def load(
         if row is None:
             return None
         message, folder, account = row.Message, row.Folder, row.Account
-        attachments = list(session.scalars(select(Attachment).where(Attachment.message_id == message.id)))
+        # In the order the request listed them (ids are random, and rows come back in any order).
+        attachments = list(
+            session.scalars(
+                select(Attachment)
+                .where(Attachment.message_id == message.id)
+                .order_by(Attachment.position.nulls_last(), Attachment.id)
+            )
+        )
         smtp = servers_of(account, cipher, db).smtp
     headers = message.headers or {}
     original = None
