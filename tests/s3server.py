@@ -28,11 +28,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 import pytest
+import urllib3
+from minio import Minio
+
+from email_service.api.app import create_app
+from email_service.runtime import Runtime
+from email_service.storage.minio_store import MinioStore
 
 MINISTACK_REQUIREMENT = "ministack==1.5.33"
 # The server's root account; ministack verifies presigned URLs against this secret.
@@ -154,3 +160,28 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield S3Server(endpoint, ACCESS_KEY, SECRET_KEY, REGION, directory)
     finally:
         _stop(proc)
+
+
+def unreachable_store() -> MinioStore:
+    """A MinIO/S3 store whose server is down: its port refuses connections (one retry, to be quick)."""
+    client = Minio(
+        f"127.0.0.1:{_free_port()}",
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        secure=False,
+        region=REGION,
+        http_client=urllib3.PoolManager(retries=urllib3.Retry(total=1, backoff_factor=0)),
+    )
+    return MinioStore(client, "email-service-down")
+
+
+@pytest.fixture
+def storage_down_client(backing):
+    """A test client of an app whose object storage cannot be reached (rate limits off)."""
+    runtime = Runtime.build(replace(backing, rate_limits_enabled=False))
+    runtime.objects = unreachable_store()
+    try:
+        with create_app(runtime).test_client() as client:
+            yield client
+    finally:
+        runtime.close()

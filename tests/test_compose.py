@@ -738,3 +738,18 @@ def test_attachments_go_out_and_are_listed_in_the_order_asked_for(client, user, 
     shown = client.get(f"/api/{account_id}/messages/{response.json()['messageId']}", headers=user.headers).json()
     assert [a["filename"] for a in shown["attachments"]] == arrived
 
+
+def test_forwarding_an_attachment_while_object_storage_is_down_is_503_and_queues_nothing(
+    client, storage_down_client, user, mailbox
+):
+    account_id, smtp = mailbox
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    original = messages(client, user, account_id, inbox["id"])["messages"][0]
+    forwarded = client.get(f"/api/{account_id}/messages/{original['id']}", headers=user.headers).json()
+    sent = folders_by_name(client, user, account_id)["Sent"]["id"]
+    before = messages(client, user, account_id, sent)["pagination"]["total"]
+    response = send(storage_down_client, user, account_id, attachmentIds=[forwarded["attachments"][0]["id"]])
+    body = assert_error_shape(response, 503, "DEPENDENCY_UNAVAILABLE")
+    assert body["message"] == "object storage unreachable; try again later"
+    assert messages(client, user, account_id, sent)["pagination"]["total"] == before
+    assert smtp.attempts == 0

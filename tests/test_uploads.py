@@ -97,3 +97,24 @@ def test_a_name_that_names_a_directory_becomes_attachment(client, user, account_
     response = upload(client, user, account_id, name, b"x")
     assert response.status_code == 201, response.text
     assert response.json()["filename"] == "attachment"
+
+
+def test_an_upload_while_object_storage_is_down_is_503_and_stores_nothing(
+    storage_down_client, user, account_id, runtime
+):
+    # The caller can tell "try again later" from a fault of the service; no row without its bytes.
+    response = upload(storage_down_client, user, account_id, "later.pdf", b"%PDF-1.4 later")
+    body = assert_error_shape(response, 503, "DEPENDENCY_UNAVAILABLE")
+    assert body["message"] == "object storage unreachable; try again later"
+    assert "127.0.0.1" not in response.text
+    with runtime.db.tenant_session(user.principal) as session:
+        count = session.scalar(text("SELECT count(*) FROM attachments WHERE account_id = :a"), {"a": account_id})
+    assert count == 0
+
+
+def test_a_download_while_object_storage_is_down_is_503(client, storage_down_client, user, account_id):
+    attachment = upload(client, user, account_id, "kept.pdf", b"%PDF-1.4 kept").json()
+    response = storage_down_client.get(
+        f"/api/{account_id}/attachments/{attachment['id']}/download", headers=user.headers
+    )
+    assert_error_shape(response, 503, "DEPENDENCY_UNAVAILABLE")

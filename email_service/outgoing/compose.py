@@ -25,7 +25,7 @@ from email_service.models import Account, Attachment, DeliveryStatus, Folder, Me
 from email_service.outgoing.build import check_composition, check_html, new_message_id
 from email_service.queue import tasks
 from email_service.runtime import Runtime
-from email_service.storage import ObjectNotFound
+from email_service.storage import ObjectNotFound, unavailable_if_unreachable
 from email_service.storage.streams import ChunkStream
 from email_service.tenancy import Principal
 
@@ -298,15 +298,18 @@ def _attach(
     # message never takes the other's bytes.
     copy_id = new_id()
     key = f"{principal.tenant_id}/{account_id}/attachments/{copy_id}"
-    try:
-        reader = runtime.objects.open(source.object_key)
-    except ObjectNotFound:
-        # Its row was read just before a clean-up (a rebuilt folder, a deleted message) removed
-        # the bytes: gone, as its download says; raised inside the transaction, so no message
-        # is stored without it.
-        raise NotFoundError(f"Attachment with ID '{source.id}' does not exist", code="ATTACHMENT_NOT_FOUND") from None
-    with reader:
-        runtime.objects.put(key, ChunkStream(reader), source.size, source.mime_type)
+    # Raised inside the transaction, like the 404 below: no message is stored without its copy.
+    with unavailable_if_unreachable():
+        try:
+            reader = runtime.objects.open(source.object_key)
+        except ObjectNotFound:
+            # Its row was read just before a clean-up (a rebuilt folder, a deleted message) removed
+            # the bytes: gone, as its download says.
+            raise NotFoundError(
+                f"Attachment with ID '{source.id}' does not exist", code="ATTACHMENT_NOT_FOUND"
+            ) from None
+        with reader:
+            runtime.objects.put(key, ChunkStream(reader), source.size, source.mime_type)
     session.add(
         Attachment(
             id=copy_id,

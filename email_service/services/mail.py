@@ -15,7 +15,7 @@ from email_service.db import Database
 from email_service.errors import NotFoundError
 from email_service.models import Account, Attachment, Folder, Message
 from email_service.services import cursors
-from email_service.storage import ObjectNotFound, ObjectReader, ObjectStore
+from email_service.storage import ObjectNotFound, ObjectReader, ObjectStore, unavailable_if_unreachable
 from email_service.tenancy import Principal
 
 # sort -> (key column, descending). Every order ends with the id, so it is total and a cursor
@@ -261,7 +261,8 @@ def open_attachment(
     if attachment is None:
         raise missing
     try:
-        return attachment, objects.open(attachment.object_key)
+        with unavailable_if_unreachable():
+            return attachment, objects.open(attachment.object_key)
     except ObjectNotFound:
         # Its row was read just before a clean-up (a deleted account, a rebuilt folder) removed
         # the object: gone, as the row is a moment later.

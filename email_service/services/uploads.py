@@ -12,6 +12,7 @@ from email_service.errors import NotFoundError
 from email_service.models import Account, Attachment
 from email_service.outgoing.build import safe_filename
 from email_service.runtime import Runtime
+from email_service.storage import unavailable_if_unreachable
 from email_service.tenancy import Principal
 
 new_id = Cuid().generate
@@ -41,8 +42,10 @@ def store_upload(
         mime_type = "application/octet-stream"
     attachment_id = new_id()
     key = f"{principal.tenant_id}/{account_id}/uploads/{attachment_id}"
-    # Length unknown up front (a multipart part): the store streams it in chunks.
-    runtime.objects.put(key, stream, -1, mime_type)
+    with unavailable_if_unreachable():
+        # Length unknown up front (a multipart part): the store streams it in chunks.
+        runtime.objects.put(key, stream, -1, mime_type)
+        size = runtime.objects.size(key)
     attachment = Attachment(
         id=attachment_id,
         tenant_id=principal.tenant_id,
@@ -51,7 +54,7 @@ def store_upload(
         message_id=None,
         filename=clean_filename(filename),
         mime_type=mime_type,
-        size=runtime.objects.size(key),
+        size=size,
         content_id=None,
         is_inline=False,
         object_key=key,

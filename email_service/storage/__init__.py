@@ -6,11 +6,15 @@ Keys look like ``{tenant_id}/{account_id}/attachments/{id}``. Services code agai
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import urllib3
+
+from email_service.errors import DependencyUnavailableError
 
 if TYPE_CHECKING:
     from email_service.config import Settings
@@ -28,6 +32,22 @@ class ObjectNotFound(Exception):
 # What a store raises when it cannot be reached for now (the filesystem's OS errors, the S3
 # client's transport errors after its own retries): worth trying again later, unlike the rest.
 UNREACHABLE: tuple[type[Exception], ...] = (OSError, urllib3.exceptions.HTTPError)
+UNREACHABLE_MESSAGE = "object storage unreachable; try again later"
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def unavailable_if_unreachable() -> Iterator[None]:
+    """For a request: a store that cannot be reached is a 503 ``DependencyUnavailableError``.
+
+    The caller may simply try again later; a 500 would say the service itself is at fault. The
+    reason (a host, a port) goes to the log only.
+    """
+    try:
+        yield
+    except UNREACHABLE as exc:
+        log.warning("object storage unreachable: %s: %s", type(exc).__name__, exc)
+        raise DependencyUnavailableError(UNREACHABLE_MESSAGE) from None
 
 
 class ObjectReader:
