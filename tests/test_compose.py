@@ -753,3 +753,25 @@ def test_forwarding_an_attachment_while_object_storage_is_down_is_503_and_queues
     assert body["message"] == "object storage unreachable; try again later"
     assert messages(client, user, account_id, sent)["pagination"]["total"] == before
     assert smtp.attempts == 0
+
+
+def stored_attachment_files(runtime, user, account_id) -> set[str]:
+    """The keys of the account's attachment objects in the (filesystem) store."""
+    prefix = f"{user.principal.tenant_id}/{account_id}/attachments"
+    directory = runtime.objects.root / "data" / prefix
+    return {f"{prefix}/{path.name}" for path in directory.iterdir()} if directory.exists() else set()
+
+
+def test_a_compose_that_fails_after_copying_attachments_leaves_no_copies(client, runtime, user, mailbox):
+    # A copy made for a message that was never stored is nobody's: nothing would ever remove it.
+    account_id, smtp = mailbox
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    original = messages(client, user, account_id, inbox["id"])["messages"][0]
+    files = client.get(f"/api/{account_id}/messages/{original['id']}", headers=user.headers).json()["attachments"]
+    with runtime.db.tenant_session(user.principal) as session:
+        key = session.scalar(text("SELECT object_key FROM attachments WHERE id = :id"), {"id": files[-1]["id"]})
+    runtime.objects.delete(key)
+    before = stored_attachment_files(runtime, user, account_id)
+    response = send(client, user, account_id, attachmentIds=[f["id"] for f in files])
+    assert_error_shape(response, 404, "ATTACHMENT_NOT_FOUND")
+    assert stored_attachment_files(runtime, user, account_id) == before

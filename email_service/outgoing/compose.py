@@ -7,6 +7,8 @@ in its Drafts folder; a job then delivers it over SMTP and files the copy on the
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +23,7 @@ from email_service.changes.log import record
 from email_service.errors import BadRequestError, ConflictError, NotFoundError, ServiceError
 from email_service.mail.htmltext import html_to_text
 from email_service.mail.parse import conversation_of_new_thread
+from email_service.mailbox import moves
 from email_service.models import Account, Attachment, DeliveryStatus, Folder, Message, TaskKind
 from email_service.outgoing.build import check_composition, check_html, new_message_id
 from email_service.queue import tasks
@@ -151,7 +154,7 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
     # Stored as written: what goes out (and into Drafts) is what the user wrote. The API sanitises
     # this HTML when it shows it (handlers/messages.py), as received mail is sanitised when stored.
     text, html = (html_to_text(body["body"]), body["body"]) if body.get("isHtml") else (body["body"], None)
-    with runtime.db.tenant_session(principal) as session:
+    with _copies_removed_on_failure(runtime) as copied, runtime.db.tenant_session(principal) as session:
         if not draft and not account.smtp_hostname:
             raise ConflictError("the account has no SMTP server configured", code="SMTP_NOT_CONFIGURED")
         chosen = _attachments(session, account.id, body.get("attachmentIds") or [])
@@ -209,7 +212,7 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
         session.add(message)
         session.flush()
         for position, attachment in enumerate(chosen):
-            _attach(runtime, session, principal, account.id, message.id, attachment, position)
+            _attach(runtime, session, principal, account.id, message.id, attachment, position, copied)
         logged = [changes.folder_created(folder.id)] if folder_is_new else []
         # In the message's transaction: a message queued to send always has its task.
         enqueued = tasks.enqueue(
@@ -280,6 +283,22 @@ def retry_send(runtime: Runtime, principal: Principal, account_id: str, message_
     return Composed(message=message, task_id=enqueued.task_id)
 
 
+@contextmanager
+def _copies_removed_on_failure(runtime: Runtime) -> Iterator[list[str]]:
+    """Keys of attachment copies written for a message; removed if its transaction does not commit.
+
+    The copies are written before the rows that point at them commit: a compose that fails after
+    some (another attachment gone, storage or the database down, the commit refused) would leave
+    objects no row names, which nothing would ever remove.
+    """
+    copied: list[str] = []
+    try:
+        yield copied
+    except BaseException:
+        moves.delete_objects(runtime, copied)
+        raise
+
+
 def _attach(
     runtime: Runtime,
     session: Session,
@@ -288,8 +307,10 @@ def _attach(
     message_id: str,
     source: Attachment,
     position: int,
+    copied: list[str],
 ) -> None:
     # ``position``: its place in the request's list, the order the files go out and are shown in.
+    # ``copied`` gets the key of each copy made, before it is written, for removal on failure.
     if source.message_id is None:
         source.message_id = message_id  # an upload: the new message takes it
         source.position = position
@@ -298,6 +319,7 @@ def _attach(
     # message never takes the other's bytes.
     copy_id = new_id()
     key = f"{principal.tenant_id}/{account_id}/attachments/{copy_id}"
+    copied.append(key)
     # Raised inside the transaction, like the 404 below: no message is stored without its copy.
     with unavailable_if_unreachable():
         try:
