@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from dataclasses import replace
 from email import message_from_bytes, policy
@@ -775,3 +776,37 @@ def test_a_compose_that_fails_after_copying_attachments_leaves_no_copies(client,
     response = send(client, user, account_id, attachmentIds=[f["id"] for f in files])
     assert_error_shape(response, 404, "ATTACHMENT_NOT_FOUND")
     assert stored_attachment_files(runtime, user, account_id) == before
+
+
+def test_two_sends_of_a_never_synced_account_at_once_share_one_sent_folder(
+    client, runtime, user, dovecot, mail_user, smtp_server, held_back
+):
+    # Each send of an account never synced makes its Sent folder; when two do so at the same
+    # moment, the second must take the first's folder, not fail on its name.
+    smtp = smtp_server("starttls")
+    account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
+    answers = []
+    with runtime.db.tenant_session(user.principal) as first:
+        # The first send's folder, written but not yet committed.
+        first.execute(
+            text(
+                "INSERT INTO folders (id, tenant_id, user_id, account_id, name, display_name, type, attributes)"
+                " VALUES ('first-sent', :tenant, :user, :account, 'Sent', 'Sent', 'sent', ARRAY['\\Sent'])"
+            ),
+            {"tenant": user.principal.tenant_id, "user": user.principal.user_id, "account": account_id},
+        )
+        second = threading.Thread(target=lambda: answers.append(send(client, user, account_id, subject="Second")))
+        second.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the second send waits on the folder's name
+            with runtime.db.maintenance_session() as look:
+                waiting = look.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"))
+            if waiting:
+                break
+            time.sleep(0.05)
+    second.join(timeout=30)
+    assert answers and answers[0].status_code == 202, answers and answers[0].text
+    sent = [f for f in client.get(f"/api/{account_id}/folders", headers=user.headers).json()["folders"]]
+    assert [f["id"] for f in sent if f["type"] == "sent"] == ["first-sent"]
+    detail = sent_detail(client, user, account_id, answers[0].json()["messageId"])
+    assert detail["folderId"] == "first-sent"

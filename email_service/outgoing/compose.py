@@ -15,6 +15,7 @@ from typing import Any
 
 from cuid2 import Cuid
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from email_service.addresses import InvalidAddress, normalize
@@ -80,10 +81,14 @@ def _folder(
         .order_by(Folder.uidvalidity.is_(None), Folder.name, Folder.id)
         .limit(1)
     )
-    created = folder is None
-    if folder is None:
-        # Never synced yet: the folder is made here and on the server when the job files the copy.
-        folder = Folder(
+    if folder is not None:
+        return folder, False
+    # Never synced yet: the folder is made here and on the server when the job files the copy.
+    # Another send, draft or sync of the account may be making one of that name at this moment:
+    # its row is then waited for and taken, rather than failing on the unique name.
+    made = session.scalar(
+        insert(Folder)
+        .values(
             id=new_id(),
             tenant_id=principal.tenant_id,
             user_id=principal.user_id,
@@ -93,9 +98,12 @@ def _folder(
             type=folder_type,
             attributes=[f"\\{name}"],
         )
-        session.add(folder)
-        session.flush()
-    return folder, created
+        .on_conflict_do_nothing(index_elements=[Folder.account_id, Folder.name])
+        .returning(Folder.id)
+    )
+    # Inserted just now, or committed by the other writer (ON CONFLICT waited for it).
+    folder = session.scalars(select(Folder).where(Folder.account_id == account.id, Folder.name == name)).one()
+    return folder, made is not None
 
 
 def _attachments(session: Session, account_id: str, ids: list[str]) -> list[Attachment]:
