@@ -103,6 +103,7 @@ class AttachmentsApi:
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
+            '503': "ErrorResponse",
         }
         response_data = self.api_client.call_api(
             *_param,
@@ -180,6 +181,7 @@ class AttachmentsApi:
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
+            '503': "ErrorResponse",
         }
         response_data = self.api_client.call_api(
             *_param,
@@ -257,6 +259,7 @@ class AttachmentsApi:
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
+            '503': "ErrorResponse",
         }
         response_data = self.api_client.call_api(
             *_param,
@@ -402,6 +405,7 @@ class AttachmentsApi:
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
+            '503': "ErrorResponse",
         }
         response_data = self.api_client.call_api(
             *_param,
@@ -481,6 +485,7 @@ class AttachmentsApi:
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
+            '503': "ErrorResponse",
         }
         response_data = self.api_client.call_api(
             *_param,
@@ -560,6 +565,7 @@ class AttachmentsApi:
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
+            '503': "ErrorResponse",
         }
         response_data = self.api_client.call_api(
             *_param,

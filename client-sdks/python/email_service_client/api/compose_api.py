@@ -397,6 +397,7 @@ class ComposeApi:
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
+            '503': "ErrorResponse",
             '404': "ErrorResponse",
         }
         response_data = self.api_client.call_api(
@@ -473,6 +474,7 @@ class ComposeApi:
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
+            '503': "ErrorResponse",
             '404': "ErrorResponse",
         }
         response_data = self.api_client.call_api(
@@ -549,6 +551,7 @@ class ComposeApi:
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
+            '503': "ErrorResponse",
             '404': "ErrorResponse",
         }
         response_data = self.api_client.call_api(
@@ -700,6 +703,7 @@ class ComposeApi:
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
+            '503': "ErrorResponse",
         }
         response_data = self.api_client.call_api(
             *_param,
@@ -776,6 +780,7 @@ class ComposeApi:
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
+            '503': "ErrorResponse",
         }
         response_data = self.api_client.call_api(
             *_param,
@@ -852,6 +857,7 @@ class ComposeApi:
             '429': "ErrorResponse",
             '431': "ErrorResponse",
             '500': "ErrorResponse",
+            '503': "ErrorResponse",
         }
         response_data = self.api_client.call_api(
             *_param,
