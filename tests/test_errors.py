@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import anyio
@@ -108,6 +109,32 @@ def test_wrong_media_type_is_415(client, user):
         "/api/accounts", content=b"accountName=x", headers={**user.headers, "Content-Type": "text/plain"}
     )
     assert_error_shape(response, 415, "UNSUPPORTED_MEDIA_TYPE")
+
+
+def test_a_json_body_without_a_content_type_is_read_as_json(client, user):
+    # Many HTTP clients send a body given as a string with no Content-Type at all; the body is
+    # checked as the operation's JSON, so the handler must receive that JSON, not raw bytes.
+    body = account_body(accountName="No content type")
+    created = client.post("/api/accounts", content=json.dumps(body), headers=user.headers)
+    assert created.status_code == 201, created.text
+    account = created.json()
+    assert account["accountName"] == "No content type"
+    renamed = client.put(
+        f"/api/accounts/{account['id']}", content=json.dumps({"accountName": "Renamed"}), headers=user.headers
+    )
+    assert renamed.status_code == 200, renamed.text
+    assert renamed.json()["accountName"] == "Renamed"
+    invalid = client.post("/api/accounts", content=json.dumps({"accountName": "x"}), headers=user.headers)
+    assert "required" in assert_error_shape(invalid, 400, "VALIDATION_ERROR")["message"]
+    # A form cannot be read without a Content-Type that names its boundary.
+    upload = client.post(f"/api/{account['id']}/attachments", content=b"hello", headers=user.headers)
+    assert_error_shape(upload, 415, "UNSUPPORTED_MEDIA_TYPE")
+    no_boundary = client.post(
+        f"/api/{account['id']}/attachments",
+        content=b"hello",
+        headers={**user.headers, "Content-Type": "multipart/form-data"},
+    )
+    assert_error_shape(no_boundary, 400)
 
 
 @pytest.fixture

@@ -13,12 +13,14 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
-from connexion.exceptions import BadRequestProblem
+from connexion.exceptions import BadRequestProblem, UnsupportedMediaTypeProblem
 from connexion.json_schema import Draft4RequestValidator
 from connexion.utils import is_null, is_nullable
 from connexion.validators import JSONRequestBodyValidator, MultiPartFormDataValidator, ParameterValidator
 from jsonschema import Draft4Validator, ValidationError
 from jsonschema.validators import extend
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope
 
 from email_service.errors import BadRequestError
 
@@ -27,6 +29,7 @@ from email_service.errors import BadRequestError
 MAX_JSON_DEPTH = 32
 # Names a caller sent are quoted in messages only up to this length.
 MAX_QUOTED_NAME = 40
+JSON_CONTENT_TYPE = b"application/json"
 
 
 def _reject_read_only(validator: Any, read_only: bool, instance: Any, schema: dict) -> Any:
@@ -182,6 +185,16 @@ class SafeJSONRequestBodyValidator(JSONRequestBodyValidator):
     def _validator(self) -> Any:
         return RequestValidator(self._schema, format_checker=Draft4Validator.FORMAT_CHECKER)
 
+    async def wrap_receive(self, receive: Receive, *, scope: Scope) -> tuple[Receive, Scope]:
+        receive, scope = await super().wrap_receive(receive, scope=scope)
+        if "content-type" in Headers(scope=scope):
+            return receive, scope
+        # Without a Content-Type, Connexion takes the body for the operation's JSON and checks it
+        # as such, but the handler's side then reads it as raw bytes (a 500): it is named JSON
+        # here, so the handler gets the very document that was checked.
+        named = {**scope, "headers": [*scope["headers"], (b"content-type", JSON_CONTENT_TYPE)]}
+        return receive, named
+
     async def _parse(self, stream: Any, scope: Any) -> Any:
         raw = b"".join([chunk async for chunk in stream])
         try:
@@ -219,6 +232,13 @@ class SafeJSONRequestBodyValidator(JSONRequestBodyValidator):
 
 class SafeMultiPartFormDataValidator(MultiPartFormDataValidator):
     """Multipart forms (uploads), with the same messages as JSON bodies, and nothing logged at error level."""
+
+    async def wrap_receive(self, receive: Receive, *, scope: Scope) -> tuple[Receive, Scope]:
+        # Connexion takes a body without a Content-Type for the operation's form, but a form's
+        # parts cannot be found without the boundary that header names (the parser fails with a 500).
+        if "content-type" not in Headers(scope=scope):
+            raise UnsupportedMediaTypeProblem(detail="Request body needs a Content-Type of multipart/form-data")
+        return await super().wrap_receive(receive, scope=scope)
 
     def _validate(self, body: Any) -> dict | None:
         if not isinstance(body, dict):
