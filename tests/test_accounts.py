@@ -43,6 +43,18 @@ def test_defaults_apply_when_optional_fields_are_omitted(client, user):
     assert account["isSyncEnabled"] is True and account["syncInterval"] == 300
 
 
+def test_fields_the_create_schema_does_not_name_are_ignored(client, user):
+    # isEnabled is an update field only: on create nothing checks its type, so no value of it
+    # may reach the database (a string there was a 500); a new account is always enabled.
+    for value in ("nope", {}, [1], 5, None, False):
+        body = account_body(isEnabled=value, tenantId="someone else", lastSyncAt=5)
+        response = client.post("/api/accounts", json=body, headers=user.headers)
+        assert response.status_code == 201, (value, response.text)
+        account = response.json()
+        assert account["isEnabled"] is True and account["lastSyncAt"] is None
+        assert account["tenantId"] == str(user.principal.tenant_id)
+
+
 def test_list_paginates_and_reports_the_total(client, user):
     created = [create(client, user, accountName=f"Account {i}")["id"] for i in range(5)]
     page = client.get("/api/accounts?limit=2&offset=1", headers=user.headers).json()

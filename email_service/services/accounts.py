@@ -45,6 +45,9 @@ PLAIN_FIELDS = {
     "smtpEncryption": "smtp_encryption",
     "smtpUsername": "smtp_username",
 }
+# Fields only an update may set: the create schema does not name them, so on create nothing has
+# checked their values (a string for isEnabled reached the database); a new account is enabled.
+UPDATE_ONLY_FIELDS = frozenset({"isEnabled"})
 SECRET_FIELDS = {"password": "password_encrypted", "smtpPassword": "smtp_password_encrypted"}
 OAUTH2_SECRET_COLUMNS = ("oauth2_refresh_token_encrypted", "oauth2_access_token_encrypted")
 # Changing any of these ends an account's sync backoff: the next automatic sync is due at once.
@@ -73,10 +76,15 @@ def _now() -> datetime:
 
 
 def _apply(
-    account: Account, body: Mapping[str, Any], cipher: CredentialCipher, providers: Mapping[str, OAuth2Provider]
+    account: Account,
+    body: Mapping[str, Any],
+    cipher: CredentialCipher,
+    providers: Mapping[str, OAuth2Provider],
+    *,
+    creating: bool = False,
 ) -> None:
     for field, column in PLAIN_FIELDS.items():
-        if field in body:
+        if field in body and not (creating and field in UPDATE_ONLY_FIELDS):
             setattr(account, column, body[field])
     auth_type = AuthType(body.get("authType", account.auth_type or AuthType.PASSWORD))
     if auth_type is AuthType.OAUTH2:
@@ -172,7 +180,7 @@ def create_account(
         next_sync_at=_now(),
     )
     account.updated_at = account.created_at
-    _apply(account, body, cipher, providers or {})
+    _apply(account, body, cipher, providers or {}, creating=True)
     check_destinations(account, destinations or DestinationPolicy())
     try:
         with db.tenant_session(principal) as session:
