@@ -123,3 +123,30 @@ def test_a_password_changed_while_keys_rotate_is_kept(client, user, runtime, set
     finally:
         rotate_credentials(runtime.db, CredentialCipher((old_key, new_key)))
         rotated.close()
+
+
+def test_a_credential_no_key_decrypts_does_not_stop_rotation(client, make_user, runtime, settings_with, caplog):
+    good, broken = make_user(), make_user()
+    good_id = client.post("/api/accounts", json=account_body(password=PASSWORD), headers=good.headers).json()["id"]
+    broken_id = client.post("/api/accounts", json=account_body(), headers=broken.headers).json()["id"]
+    # Encrypted under a key the service no longer has (dropped before this account was rotated).
+    lost = CredentialCipher((Fernet.generate_key().decode(),)).encrypt("lost-password")
+    replace = text("UPDATE accounts SET password_encrypted = :v WHERE id = :id")
+    with runtime.db.tenant_session(broken.principal) as session:
+        session.execute(replace, {"v": lost, "id": broken_id})
+    old_key = runtime.settings.credential_keys[0]
+    new_key = Fernet.generate_key().decode()
+    rotated = Runtime.build(settings_with(credential_keys=(new_key, old_key)))
+    caplog.set_level(logging.WARNING)
+    try:
+        assert rotate_credentials(rotated.db, rotated.cipher) >= 1
+        # Everything else is rotated; the value no key reads is left as it was, and the log says which.
+        assert CredentialCipher((new_key,)).decrypt(stored(runtime, good, good_id).password_encrypted) == PASSWORD
+        assert bytes(stored(runtime, broken, broken_id).password_encrypted) == lost
+        assert broken_id in caplog.text and "password_encrypted" in caplog.text
+        assert "lost-password" not in caplog.text
+    finally:
+        with runtime.db.tenant_session(broken.principal) as session:
+            session.execute(replace, {"v": runtime.cipher.encrypt(PASSWORD), "id": broken_id})
+        rotate_credentials(runtime.db, CredentialCipher((old_key, new_key)))
+        rotated.close()

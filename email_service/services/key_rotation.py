@@ -9,12 +9,15 @@ accepts). Batches commit as they go; an interrupted run is simply run again.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from sqlalchemy import Table, select, update
 
-from email_service.crypto import CredentialCipher
+from email_service.crypto import CredentialCipher, CredentialError
 from email_service.db import Database
+
+log = logging.getLogger(__name__)
 
 
 def rotate_columns(
@@ -40,10 +43,23 @@ def rotate_columns(
                     old = row[name]
                     if old is None or not cipher.needs_rotation(old):
                         continue
+                    try:
+                        new = cipher.rotate(old)
+                    except CredentialError:
+                        # No configured key reads it (its key was dropped, or it is damaged):
+                        # re-encrypting cannot help it, and stopping here would leave every
+                        # later row under the old keys on every run. It is kept as it is and
+                        # named (never its value), so the operator can have it entered again.
+                        log.warning(
+                            "rotate-keys: %s.%s of %s %s decrypts with no key; left as it is",
+                            table.name,
+                            name,
+                            key,
+                            row[key],
+                        )
+                        continue
                     done = session.execute(
-                        update(table)
-                        .where(table.c[key] == row[key], table.c[name] == old)
-                        .values({name: cipher.rotate(old)})
+                        update(table).where(table.c[key] == row[key], table.c[name] == old).values({name: new})
                     )
                     changed += done.rowcount
         if len(rows) < batch_size:
