@@ -94,7 +94,7 @@ class Store:
     threads: set[str] = field(default_factory=set)
     calls: int = 0
 
-    def reconcile_folders(self, remote):
+    def reconcile_folders(self, remote, uidvalidities=None):
         return {"INBOX": Folder()}, 0
 
     def uids(self, folder) -> set[int]:
@@ -190,7 +190,7 @@ def test_first_batch_is_small_and_batches_are_bounded():
 
 def test_the_inbox_syncs_first_and_newest_mail_first(mail):
     class TwoFolders(Store):
-        def reconcile_folders(self, remote):
+        def reconcile_folders(self, remote, uidvalidities=None):
             archive = Folder(id="f0", name="Archive", display_name="Archive", type="archive")
             return {"Archive": archive, "INBOX": Folder()}, 0
 
@@ -218,7 +218,7 @@ def test_inbox_is_asked_for_in_any_case_and_other_folders_by_their_exact_name(ma
         def folders(self):
             return self.listed
 
-        def reconcile_folders(self, remote):
+        def reconcile_folders(self, remote, uidvalidities=None):
             return self.listed, 0
 
     server = Server(mail[:3])

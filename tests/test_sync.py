@@ -189,6 +189,44 @@ def test_uidvalidity_change_rebuilds_the_folder(client, user, dovecot, mail_user
     assert subjects == ["After the rebuild"]
 
 
+def test_a_folder_another_client_renamed_keeps_its_id_and_its_messages(client, user, dovecot, mail_user, synced):
+    # Another client renames "Projects" (and with it "Projects/2026") on the server. The server
+    # keeps the UIDVALIDITY across RENAME, so the rows follow: same ids, nothing downloaded again.
+    account_id, _, _ = synced
+    dovecot.append(mail_user, "Projects/2026", to_bytes(plain_message("Planned for 2026")))
+    run_sync(client, user, account_id)
+    before = folders_by_name(client, user, account_id)
+    projects, nested = before["Projects"], before["Projects/2026"]
+    ids = {m["subject"]: m["id"] for m in messages(client, user, account_id, projects["id"])["messages"]}
+    nested_ids = [m["id"] for m in messages(client, user, account_id, nested["id"])["messages"]]
+    cursor = client.get(f"/api/{account_id}/changes", headers=user.headers).json()["newCursor"]
+    with dovecot.imap(mail_user) as other:
+        assert other.rename("Projects", "Work")[0] == "OK"
+        other.select("Work/2026")
+        assert other.uid("STORE", "1", "+FLAGS", "(\\Flagged)")[0] == "OK"
+    dovecot.append(mail_user, "Work", to_bytes(plain_message("Filed after the rename")))
+    status, _ = run_sync(client, user, account_id)
+    assert status["status"] == "success", status
+    result = status["result"]
+    assert (result["messagesAdded"], result["messagesUpdated"], result["messagesRemoved"]) == (1, 1, 0), result
+    after = folders_by_name(client, user, account_id)
+    assert "Projects" not in after and "Projects/2026" not in after
+    work, work_nested = after["Work"], after["Work/2026"]
+    assert work["id"] == projects["id"] and work["displayName"] == "Work" and work["parentId"] is None
+    assert work_nested["id"] == nested["id"] and work_nested["parentId"] == work["id"]
+    assert work_nested["displayName"] == "2026" and work["messageCount"] == 4
+    listed = {m["subject"]: m["id"] for m in messages(client, user, account_id, work["id"])["messages"]}
+    assert {s: listed[s] for s in ids} == ids and "Filed after the rename" in listed
+    [planned] = messages(client, user, account_id, work_nested["id"])["messages"]
+    assert [planned["id"]] == nested_ids and planned["isStarred"] is True
+    # Readers of the changes feed see the folders updated, the new and the starred message, nothing destroyed.
+    step = client.get(f"/api/{account_id}/changes", params={"since": cursor}, headers=user.headers).json()
+    assert step["destroyed"] == [] and step["created"] == [listed["Filed after the rename"]]
+    assert step["updated"] == nested_ids
+    assert step["folders"]["created"] == step["folders"]["destroyed"] == []
+    assert sorted(step["folders"]["updated"]) == sorted([work["id"], work_nested["id"]])
+
+
 def test_sort_filter_and_pages(client, user, dovecot, mail_user, worker):
     base = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
     senders = ["carol@example.com", "alice@example.com", "eve@example.com", "bob@example.com", "dave@example.com"]

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import pytest
 from messages import attachments_message, plain_message, realistic_mix, to_bytes
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
 from email_service.mail.parse import parse_message
 from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
-from email_service.models import Attachment, Change, ChangeEntity, ChangeKind, Folder, Message
+from email_service.models import Attachment, Change, ChangeEntity, ChangeKind, Folder, Message, MessageMove
 from email_service.services.accounts import create_account
 from email_service.storage import ObjectNotFound
 from email_service.tenancy import Principal
@@ -257,6 +257,67 @@ def test_an_unchanged_folder_list_writes_no_folder_row(runtime):
     changed, _ = box.store.reconcile_folders([INBOX, renamed])
     assert changed["INBOX"].updated_at == before["INBOX"]
     assert changed["Archive"].updated_at > before["Archive"] and changed["Archive"].display_name == "Archiv"
+
+
+def test_a_folder_renamed_on_the_server_is_followed_only_where_its_uidvalidity_leaves_no_doubt(runtime):
+    box = mailbox(runtime)
+    store = box.store
+
+    def custom(name: str, *attributes: str) -> RemoteFolder:
+        return RemoteFolder(name, name, "custom", "/", None, attributes)
+
+    folders, _ = store.reconcile_folders([INBOX, *(custom(name) for name in "ABCDFJK")])
+    # C was never synced; K is still listed, and has the UIDVALIDITY of J that goes.
+    for name, uidvalidity in {"A": 7, "B": 7, "D": 9, "F": 11, "J": 13, "K": 13}.items():
+        store.save_folder_state(folders[name], uidvalidity=uidvalidity, uidnext=2, highestmodseq=None)
+    store.add_messages(folders["F"], incoming([to_bytes(plain_message("Kept"))]))
+    store.add_messages(folders["A"], incoming([to_bytes(plain_message("In A"))]))
+    with runtime.db.tenant_session(store.principal) as session:
+        message = session.scalar(select(Message).where(Message.folder_id == folders["F"].id))
+        # Moved to the inbox here, not yet on the server: the move names the folder by its id.
+        session.add(
+            MessageMove(
+                tenant_id=store.principal.tenant_id,
+                user_id=store.principal.user_id,
+                account_id=store.account_id,
+                message_id=message.id,
+                source_folder_id=folders["F"].id,
+                uid=message.uid,
+                target_folder_id=folders["INBOX"].id,
+            )
+        )
+        session.execute(update(Message).where(Message.id == message.id).values(folder_id=folders["INBOX"].id, uid=None))
+    asked: list[list[str]] = []
+
+    def uidvalidities(names):
+        asked.append(sorted(names))
+        return {"A2": 7, "C2": 5, "D2": 9, "E": 9, "F2": 11, "J2": 13}
+
+    listed = [INBOX, *(custom(name) for name in ("A2", "C2", "D2", "E", "F2", "J2", "K")), custom("G", "\\Noselect")]
+    after, removed = store.reconcile_folders(listed, uidvalidities=uidvalidities)
+    # A and B share a UIDVALIDITY, D2 and E do too, K has J's, and C was never synced: those
+    # went and came.
+    assert asked == [["A2", "C2", "D2", "E", "F2", "J2"]] and removed == 1
+    assert {after[name].id for name in ("A2", "C2", "D2", "E", "J2")}.isdisjoint(f.id for f in folders.values())
+    renamed = after["F2"]
+    assert renamed.id == folders["F"].id and renamed.display_name == "F2" and renamed.uidvalidity == 11
+    # The move waiting to leave the folder still knows where the message is on the server.
+    assert store.uids(renamed) == {1}
+    with runtime.db.tenant_session(store.principal) as session:
+        logged = session.execute(
+            select(Change.entity, Change.kind, Change.entity_id, Change.detail)
+            .where(Change.account_id == store.account_id, Change.entity_id == renamed.id)
+            .order_by(Change.seq)
+        ).all()
+        assert session.scalar(select(MessageMove.source_folder_id)) == renamed.id
+    assert [(e, k, d) for e, k, _i, d in logged][-1] == (
+        ChangeEntity.FOLDER,
+        ChangeKind.UPDATED,
+        {"fields": ["displayName", "name"]},
+    )
+    # With nothing gone from the list, no folder is asked about.
+    store.reconcile_folders([*listed, custom("H")], uidvalidities=uidvalidities)
+    assert len(asked) == 1
 
 
 def test_flags_from_the_server_never_undo_a_change_made_while_they_are_applied(runtime):

@@ -131,7 +131,9 @@ class ImapSync:
         self.progress(1)
         folders = {} if self.list_folders else self.store.folders()
         if not any(self._named(f) for f in folders.values()):
-            folders, removed = self.store.reconcile_folders(remote_folders(self.session.list_folders()))
+            folders, removed = self.store.reconcile_folders(
+                remote_folders(self.session.list_folders()), uidvalidities=self._uidvalidities
+            )
             self.result.messages_removed += removed
         # The Inbox first (a stable sort keeps the others in their order): it is what a user opens.
         chosen = sorted((f for f in folders.values() if selectable(f.attributes)), key=lambda f: f.type != INBOX)
@@ -153,6 +155,22 @@ class ImapSync:
         self.store.touch_folders(self._unchanged)
         self.progress(100)
         return self.result
+
+    def _uidvalidities(self, names: Sequence[str]) -> dict[str, int]:
+        """The UIDVALIDITY of new folders, to tell one renamed by another client (one STATUS each).
+
+        Asked only when folders went and others came since the last list. A folder the server
+        will not report on is simply not paired: it is then a new folder, as it always was.
+        """
+        found: dict[str, int] = {}
+        for name in names:
+            try:
+                found[name] = self.session.status(name).uidvalidity
+            except ConnectionFailed:
+                raise
+            except MailServerError as exc:
+                log.info("no UIDVALIDITY for new folder %s: %s", name, exc)
+        return found
 
     def _named(self, folder: Folder) -> bool:
         """Whether ``only_folders`` names this folder by its server name."""

@@ -13,7 +13,7 @@ import os
 import random
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from email_service.changes import entries as changelog
 from email_service.changes.log import Entry, record
 from email_service.db import Database, among
+from email_service.mail.folders import selectable
 from email_service.mail.parse import ParsedMessage, parse_message
 from email_service.models import Attachment, Folder, Message, MessageMove
 from email_service.storage import ObjectStore
@@ -140,16 +141,37 @@ class MailStore:
             rows = session.scalars(select(Folder).where(Folder.account_id == self.account_id))
             return {folder.name: folder for folder in rows}
 
-    def reconcile_folders(self, remote: Sequence[RemoteFolder]) -> tuple[dict[str, Folder], int]:
-        """Make the folder rows match the server's list; returns the folders and how many messages went."""
+    def reconcile_folders(
+        self,
+        remote: Sequence[RemoteFolder],
+        uidvalidities: Callable[[Sequence[str]], Mapping[str, int]] | None = None,
+    ) -> tuple[dict[str, Folder], int]:
+        """Make the folder rows match the server's list; returns the folders and how many messages went.
+
+        ``uidvalidities`` gives the UIDVALIDITY of folders the server lists (those it can tell);
+        with it, a folder gone from the list and one new in it that are the same folder renamed
+        by another client keep the row, its id and its messages (see ``renamed_folders``). It
+        is asked only when folders went and others came in the same list.
+        """
         now = datetime.now(UTC)
         removed_keys: list[str] = []
         removed_messages = 0
         logged: list[Entry] = []
         with self.db.tenant_session(self.principal) as session:
             existing = {f.name: f for f in session.scalars(select(Folder).where(Folder.account_id == self.account_id))}
-            before = {name: _folder_view(folder) for name, folder in existing.items()}
+            before = {folder.id: _folder_view(folder) for folder in existing.values()}
             wanted = {r.name: r for r in remote}
+            gone = {name: folder.uidvalidity for name, folder in existing.items() if name not in wanted}
+            appeared = [name for name, info in wanted.items() if name not in existing and selectable(info.attributes)]
+            if uidvalidities is not None and appeared and any(v is not None for v in gone.values()):
+                # Asked inside the transaction: a STATUS per new folder, only in a sync that saw
+                # folders come and go.
+                kept = [folder.uidvalidity for name, folder in existing.items() if name in wanted]
+                for old, new in renamed_folders(gone, uidvalidities(appeared), kept).items():
+                    # The row follows the folder: the loop below gives it the list's description.
+                    folder = existing.pop(old)
+                    folder.name = new
+                    existing[new] = folder
             for name, folder in existing.items():
                 if name not in wanted:
                     ids, keys = self._message_keys(session, folder.id)
@@ -189,9 +211,9 @@ class MailStore:
                 existing[name].parent_id = parent.id if parent is not None else None
             for name in wanted:
                 folder = existing[name]
-                if name not in before:
+                if folder.id not in before:
                     logged.append(changelog.folder_created(folder.id))
-                elif fields := changelog.changed_columns(before[name], _folder_view(folder)):
+                elif fields := changelog.changed_columns(before[folder.id], _folder_view(folder)):
                     logged.append(changelog.folder_updated(folder.id, fields))
             record(session, self.principal, self.account_id, logged)
             result = {name: existing[name] for name in wanted}
@@ -663,6 +685,35 @@ def _json_rows(rows: list[dict]) -> Json:
 def _folder_view(folder: Folder) -> dict[str, object]:
     # What the API shows of a folder: a change to any of these is a folder update in the log.
     return {"name": folder.name, "displayName": folder.display_name, "type": folder.type, "parentId": folder.parent_id}
+
+
+def renamed_folders(
+    gone: Mapping[str, int | None], appeared: Mapping[str, int], kept: Iterable[int | None] = ()
+) -> dict[str, str]:
+    """Which folders gone from the server's list are folders new in it under another name: {old: new}.
+
+    ``gone`` and ``kept`` hold the stored UIDVALIDITY of the folders no longer listed and of
+    those still listed, ``appeared`` the server's for the new ones. Servers keep a folder's
+    UIDVALIDITY across RENAME (Dovecot does, and the UIDs stay valid), so a stored folder and a
+    listed one with the same UIDVALIDITY are one folder renamed by another client. Only pairs
+    that leave no doubt count: exactly one gone and one new folder with that UIDVALIDITY, the
+    stored one having been synced, and no folder still listed having it too (a server that
+    gives every folder the same one, as some do, tells nothing by it). Anything else is a folder
+    deleted and another created, as before.
+    """
+    shared = set(kept)
+    old_by_validity: dict[int, list[str]] = {}
+    for name, uidvalidity in gone.items():
+        if uidvalidity is not None and uidvalidity not in shared:
+            old_by_validity.setdefault(uidvalidity, []).append(name)
+    new_by_validity: dict[int, list[str]] = {}
+    for name, uidvalidity in appeared.items():
+        new_by_validity.setdefault(uidvalidity, []).append(name)
+    return {
+        old[0]: new_by_validity[uidvalidity][0]
+        for uidvalidity, old in old_by_validity.items()
+        if len(old) == 1 and len(new_by_validity.get(uidvalidity, ())) == 1
+    }
 
 
 def folder_uses_uids(incoming: Sequence[IncomingMessage]) -> bool:
