@@ -311,6 +311,18 @@ def test_the_senders_name_is_listed_decoded_on_one_line(client, user, dovecot, m
     assert detail["fromName"] == "Jürgen Müller"
 
 
+def test_a_messages_files_are_listed_in_the_order_it_carries_them(client, user, dovecot, mail_user, worker):
+    # They were listed by their random ids, so the order changed from message to message.
+    files = [(f"{n}-part.txt", "text/plain", f"part {n}\r\n".encode()) for n in (6, 5, 4, 3, 2, 1)]
+    dovecot.append(mail_user, "INBOX", to_bytes(attachments_message("Six files", attachments=files)))
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    [listed] = messages(client, user, account_id, inbox["id"])["messages"]
+    detail = client.get(f"/api/{account_id}/messages/{listed['id']}", headers=user.headers).json()
+    assert [a["filename"] for a in detail["attachments"]] == ["logo.png", *(name for name, _, _ in files)]
+
+
 def test_recipients_names_are_listed_by_address(client, user, dovecot, mail_user, worker):
     dovecot.append(
         mail_user,

@@ -403,7 +403,7 @@ class MailStore:
         raw_key = self._key("messages", f"{message_id}.eml")
         objects = [(raw_key, item.raw, "message/rfc822")]
         attachments = []
-        for part in parsed.attachments:
+        for position, part in enumerate(parsed.attachments):
             attachment_id = new_id()
             key = self._key("attachments", attachment_id)
             objects.append((key, part.data, part.mime_type))
@@ -420,6 +420,8 @@ class MailStore:
                     "content_id": part.content_id,
                     "is_inline": part.is_inline,
                     "object_key": key,
+                    # Its place among the message's parts: the files are listed in the order sent.
+                    "position": position,
                 }
             )
         received = item.internaldate or parsed.date or datetime.now(UTC)
@@ -650,7 +652,7 @@ _ROW_COLUMNS = {
     ),
     "attachments": (
         "id", "tenant_id", "user_id", "account_id", "message_id", "filename", "mime_type", "size",
-        "content_id", "is_inline", "object_key",
+        "content_id", "is_inline", "object_key", "position",
     ),
 }  # fmt: skip
 

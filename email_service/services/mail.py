@@ -241,8 +241,9 @@ def get_message(db: Database, principal: Principal, account_id: str, message_id:
 
 
 _MESSAGE_OF_LIVE_ACCOUNT = _in_live_account("messages", DETAIL_COLUMNS, "messages.id = %(message)s")
-# Mail written through the API lists its files in the order it sent them; received mail (no
-# position, which sorts last) by id as before.
+# A message lists its files in the order it carries them (received mail) or sent them (mail
+# written through the API); mail stored before positions were kept has none, which sorts last,
+# by id as before.
 _ATTACHMENTS_OF_MESSAGE = (
     f"SELECT {_column_list(ATTACHMENT_COLUMNS)} FROM attachments WHERE message_id = %(message)s ORDER BY position, id"  # noqa: S608 - names from the model
 )
