@@ -54,6 +54,18 @@ def test_malformed_multipart_is_400(client, user):
     assert_error_shape(response, 400)
 
 
+def test_head_answers_as_get_does_without_a_body(client, user):
+    # With response validation on, the empty body of a HEAD failed the JSON schema: a 500.
+    created = client.post("/api/accounts", json=account_body(), headers=user.headers)
+    assert created.status_code == 201, created.text
+    for path in ("/health", "/api/accounts", f"/api/accounts/{created.json()['id']}"):
+        got, head = client.get(path, headers=user.headers), client.head(path, headers=user.headers)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"]
+    assert_error_shape(client.get("/api/accounts/nope", headers=user.headers), 404)
+    assert client.head("/api/accounts/nope", headers=user.headers).status_code == 404
+
+
 def test_unknown_route_is_404(client, user):
     assert_error_shape(client.get("/no/such/thing"), 404, "NOT_FOUND")
     assert_error_shape(client.get("/api/accounts/a/b/c", headers=user.headers), 404, "NOT_FOUND")

@@ -31,6 +31,7 @@ from email_service.api.scope import ScopeValuesMiddleware
 from email_service.api.security import SECURITY_MAP
 from email_service.api.uri_parsing import OnceURIParser
 from email_service.api.validation import (
+    HeadAwareJSONResponseBodyValidator,
     SafeJSONRequestBodyValidator,
     SafeMultiPartFormDataValidator,
     SafeParameterValidator,
@@ -190,6 +191,7 @@ def create_app(runtime: Runtime) -> FlaskApp:
                     "multipart/form-data": SafeMultiPartFormDataValidator,
                 }
             ),
+            "response": MediaTypeDict({**VALIDATOR_MAP["response"], "*/*json": HeadAwareJSONResponseBodyValidator}),
         },
         swagger_ui_options=SwaggerUIOptions(swagger_ui_path=DOCS_PATH),
         lifespan=hub_lifespan(hub),

@@ -16,11 +16,16 @@ from typing import Any
 from connexion.exceptions import BadRequestProblem, UnsupportedMediaTypeProblem
 from connexion.json_schema import Draft4RequestValidator
 from connexion.utils import is_null, is_nullable
-from connexion.validators import JSONRequestBodyValidator, MultiPartFormDataValidator, ParameterValidator
+from connexion.validators import (
+    JSONRequestBodyValidator,
+    JSONResponseBodyValidator,
+    MultiPartFormDataValidator,
+    ParameterValidator,
+)
 from jsonschema import Draft4Validator, ValidationError
 from jsonschema.validators import extend
 from starlette.datastructures import Headers
-from starlette.types import Receive, Scope
+from starlette.types import Receive, Scope, Send
 
 from email_service.errors import BadRequestError
 
@@ -252,3 +257,16 @@ class SafeMultiPartFormDataValidator(MultiPartFormDataValidator):
         except ValidationError as exc:
             raise BadRequestProblem(detail=describe(exc)) from None
         return None
+
+
+class HeadAwareJSONResponseBodyValidator(JSONResponseBodyValidator):
+    """Response validation (``EMAIL_SERVICE_VALIDATE_RESPONSES``) that leaves HEAD answers alone.
+
+    A HEAD answer is the GET answer without its body: checked against the schema, the empty body
+    failed it, and every HEAD answered 500 while validation was on.
+    """
+
+    def wrap_send(self, send: Send) -> Send:
+        if self._scope.get("method") == "HEAD":
+            return send
+        return super().wrap_send(send)
