@@ -619,6 +619,32 @@ def test_a_refusal_of_old_tokens_does_not_fail_the_new_ones_given_meanwhile(
     assert account(api, user, account_id)["oauth2"]["tokenState"] == "refresh_failed"
 
 
+def test_a_refresh_ending_after_a_switch_to_a_password_leaves_no_tokens_behind(
+    api, rt, user, oauth2_server, oauth2_dovecot, mailbox
+):
+    grant = oauth2_server.issue(oauth2_server.service, mailbox.name)
+    account_id = create_account(api, user, oauth2_body(oauth2_dovecot, mailbox, {"refreshToken": grant.refresh_token}))
+    source = TokenSource(rt.db, rt.cipher, user.principal, account_id, rt.settings.oauth2_providers, timeout=20.0)
+    oauth2_server.token_trickle = 0.005  # the refresh is still reading its answer when the switch comes
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            refreshing = pool.submit(source.access_token)
+            time.sleep(0.5)
+            switched = api.put(
+                f"/api/accounts/{account_id}",
+                json={"authType": "password", "password": mailbox.password},
+                headers=user.headers,
+            )
+            assert switched.status_code == 200, switched.text
+            refreshing.result(timeout=30)
+    finally:
+        oauth2_server.token_trickle = None
+    row = stored(rt, account_id)
+    assert row.auth_type == "password" and row.oauth2_token_state is None
+    assert row.oauth2_access_token_encrypted is None and row.oauth2_refresh_token_encrypted is None
+    assert run_sync(api, user, account_id)[0]["status"] == "success"
+
+
 def test_a_return_url_can_neither_break_the_redirect_nor_climb_out_of_the_allowed_path(api, user):
     for bad in (
         # A line break would end the callback's Location header (a 500 after the account was made).

@@ -24,13 +24,13 @@ from datetime import UTC, datetime, timedelta
 
 import requests
 from authlib.integrations.base_client import OAuthError
-from sqlalchemy import select, text, update
+from sqlalchemy import ColumnElement, and_, select, text, update
 from sqlalchemy.orm import Session
 
 from email_service.config import Settings
 from email_service.crypto import CredentialCipher
 from email_service.db import Database
-from email_service.models import Account, TokenState
+from email_service.models import Account, AuthType, TokenState
 from email_service.oauth2.providers import OAuth2Provider, within
 from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError, reply_line
 from email_service.tenancy import Principal
@@ -254,7 +254,13 @@ class TokenSource:
         if refresh_token is not None:
             values["oauth2_refresh_token_encrypted"] = self.cipher.encrypt(refresh_token)
         with self.db.tenant_session(self.principal) as session:
-            session.execute(update(Account).where(Account.id == self.account_id).values(**values))
+            session.execute(update(Account).where(self._still_oauth2()).values(**values))
+
+    def _still_oauth2(self) -> ColumnElement[bool]:
+        # A switch to a password while a refresh or a login was under way cleared the tokens (it
+        # does not wait for the token lock): what the refresh learnt is not written back onto a
+        # password account, where nothing would ever read or remove it.
+        return and_(Account.id == self.account_id, Account.auth_type == AuthType.OAUTH2.value)
 
     def _mark_failed(self, reason: str) -> None:
         with self.db.tenant_session(self.principal) as session:
@@ -264,7 +270,7 @@ class TokenSource:
         log.warning("OAuth2 token of account %s: %s", self.account_id, reason)
         session.execute(
             update(Account)
-            .where(Account.id == self.account_id)
+            .where(self._still_oauth2())
             .values(
                 oauth2_token_state=TokenState.REFRESH_FAILED.value,
                 oauth2_token_error=reason,
