@@ -7,8 +7,11 @@ be queued or running at once (``tenant_concurrency=1`` in the test settings).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
+from helpers import ServiceProcess, service_env
 from messages import plain_message, to_bytes
 from syncing import create_account, imap_account, smtp_account, wait_task
 
@@ -77,3 +80,45 @@ def test_a_hung_server_and_failing_accounts_of_one_tenant_leave_another_tenant_u
     for task_id in failing_tasks:
         status = wait_task(client, noisy, task_id, timeout=60)
         assert status["status"] == "failure" and status["error"].startswith("authentication failed")
+
+
+def test_requests_waiting_on_one_users_hung_servers_leave_the_api_to_everyone_else(
+    backing, tmp_path, make_user, dovecot, silent_server
+):
+    # Creating a folder talks to the account's server inside the request, and the API answers
+    # from ten threads: ten such requests to servers that never answer took every thread for
+    # the whole IMAP timeout, and every other tenant's requests waited behind them.
+    server = ServiceProcess(
+        service_env(backing, EMAIL_SERVICE_IMAP_TIMEOUT_SECONDS="15", EMAIL_SERVICE_RATE_LIMITS="false"),
+        tmp_path,
+        "--no-embedded-worker",
+    )
+    noisy, quiet = make_user(), make_user()
+    try:
+        server.wait_healthy()
+        with httpx.Client(base_url=server.url, timeout=60) as api:
+            hung = []
+            for _ in range(10):
+                body = imap_account(dovecot, dovecot.add_user(), hostname="127.0.0.1", port=silent_server.port)
+                body["encryption"] = "none"
+                created = api.post("/api/accounts", json=body, headers=noisy.headers)
+                assert created.status_code == 201, created.text
+                hung.append(created.json()["id"])
+            with ThreadPoolExecutor(len(hung)) as pool:
+                waiting = [
+                    pool.submit(api.post, f"/api/{account_id}/folders", json={"name": "Held"}, headers=noisy.headers)
+                    for account_id in hung
+                ]
+                time.sleep(2)  # every one of them has reached the API by now
+                began = time.monotonic()
+                listed = api.get("/api/accounts", headers=quiet.headers)
+                took = time.monotonic() - began
+                answers = [future.result() for future in waiting]
+        assert listed.status_code == 200 and listed.json()["accounts"] == []
+        assert took < 5, took  # not after the 15 s the hung requests wait
+        # The user's own requests: two wait on the servers and end in words; the rest are told at once.
+        codes = sorted((answer.status_code, answer.json()["code"]) for answer in answers)
+        assert codes[:8] == [(429, "TOO_MANY_SERVER_CALLS")] * 8, codes
+        assert [status for status, _ in codes[8:]] == [503, 503], codes
+    finally:
+        server.stop()

@@ -43,6 +43,7 @@ from email_service.protocols.servers import Protocol
 from email_service.queue import tasks
 from email_service.queue.locks import AccountLock
 from email_service.runtime import Runtime
+from email_service.services.server_calls import SLOTS
 from email_service.services.servers import AccountServers, load_servers
 from email_service.tenancy import Principal
 
@@ -100,24 +101,27 @@ def _held(runtime: Runtime, principal: Principal, account_id: str, what: str) ->
         ) from None
     if servers is None:
         raise ConflictError("the account is disabled", code="ACCOUNT_DISABLED")
-    lock = AccountLock(runtime.db, account_id)
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
-    while not lock.acquire():
-        if time.monotonic() > deadline:
-            raise ConflictError("the account is being synced; try again in a moment", code="ACCOUNT_BUSY")
-        time.sleep(0.2)
-    try:
-        with runtime.db.tenant_session(principal) as session:
-            folders = {f.id: f for f in session.scalars(select(Folder).where(Folder.account_id == account_id))}
+    # From here the request waits on the account's lock and its server: it holds one of the
+    # user's few slots (server_calls), so one user's slow servers cannot take every API thread.
+    with SLOTS.slot(principal):
+        lock = AccountLock(runtime.db, account_id)
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while not lock.acquire():
+            if time.monotonic() > deadline:
+                raise ConflictError("the account is being synced; try again in a moment", code="ACCOUNT_BUSY")
+            time.sleep(0.2)
         try:
-            with ExitStack() as stack:
-                yield _Held(
-                    account, folders, servers, lambda: stack.enter_context(servers.incoming.imap(runtime.settings))
-                )
-        except MailServerError as exc:
-            raise _refuse(what, exc) from None
-    finally:
-        lock.release()
+            with runtime.db.tenant_session(principal) as session:
+                folders = {f.id: f for f in session.scalars(select(Folder).where(Folder.account_id == account_id))}
+            try:
+                with ExitStack() as stack:
+                    yield _Held(
+                        account, folders, servers, lambda: stack.enter_context(servers.incoming.imap(runtime.settings))
+                    )
+            except MailServerError as exc:
+                raise _refuse(what, exc) from None
+        finally:
+            lock.release()
 
 
 def _leaf(name: Any, delimiter: str) -> str:

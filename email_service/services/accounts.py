@@ -23,6 +23,7 @@ from email_service.protocols.destinations import DestinationPolicy
 from email_service.queue import tasks
 from email_service.runtime import Runtime
 from email_service.services import key_rotation
+from email_service.services.server_calls import SLOTS
 from email_service.tenancy import Principal
 
 _new_id = Cuid().generate
@@ -134,11 +135,14 @@ def _apply_tokens(
     account.oauth2_token_error = None
 
 
-def check_destinations(account: Account, policy: DestinationPolicy, changed: Mapping[str, Any] | None = None) -> None:
+def check_destinations(
+    principal: Principal, account: Account, policy: DestinationPolicy, changed: Mapping[str, Any] | None = None
+) -> None:
     """Refuse an account whose IMAP/POP3 or SMTP server is on a network the service must not reach.
 
     The same policy is applied again before every connection (``protocols.connect``); refusing
-    here tells the user at once, instead of through a failed task later.
+    here tells the user at once, instead of through a failed task later. Looking up a host name
+    the user gave may wait on name servers the user chose: it holds one of the user's slots.
     """
     servers = (
         ("hostname", account.hostname, account.port, ("hostname", "port")),
@@ -148,7 +152,8 @@ def check_destinations(account: Account, policy: DestinationPolicy, changed: Map
         if not host or (changed is not None and not any(name in changed for name in fields)):
             continue
         try:
-            destination_policy.check(host, port, policy)
+            with SLOTS.slot(principal):
+                destination_policy.check(host, port, policy)
         except destination_policy.DestinationRefused:
             message = (
                 f"{field} {host}:{port} is not allowed: mail servers must be on public addresses "
@@ -181,7 +186,7 @@ def create_account(
     )
     account.updated_at = account.created_at
     _apply(account, body, cipher, providers or {}, creating=True)
-    check_destinations(account, destinations or DestinationPolicy())
+    check_destinations(principal, account, destinations or DestinationPolicy())
     try:
         with db.tenant_session(principal) as session:
             session.add(account)
@@ -254,7 +259,7 @@ def update_account(
         _apply(account, body, cipher, providers or {})
         # Only a changed host or port is checked: an operator's narrower allow-list must not
         # keep users from renaming an account (the connection is refused anyway).
-        check_destinations(account, destinations or DestinationPolicy(), changed=body)
+        check_destinations(principal, account, destinations or DestinationPolicy(), changed=body)
         account.updated_at = _now()
         if RETRY_NOW_FIELDS.intersection(body) or body.get("isEnabled") or body.get("isSyncEnabled"):
             # Someone changed what the failing sync depended on: try again now, not after the backoff.
