@@ -17,6 +17,7 @@ from email_service.errors import BadRequestError, ConflictError, NotFoundError
 from email_service.models import Account, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from email_service.protocols.destinations import DestinationPolicy, DestinationRefused
 from email_service.services import key_rotation
+from email_service.services.server_calls import SLOTS
 from email_service.tenancy import Principal
 from email_service.webhooks import signing, urls
 
@@ -45,7 +46,9 @@ def create(
 ) -> Created:
     url = body["url"]
     try:
-        urls.check(url, policy)
+        # The look-up of a host name the user chose waits on name servers the user may choose too.
+        with SLOTS.slot(principal):
+            urls.check(url, policy)
     except urls.WebhookUrlError as exc:
         raise BadRequestError(str(exc)) from None
     except DestinationRefused:
