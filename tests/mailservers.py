@@ -1117,9 +1117,13 @@ class CapabilityHidingProxy:
         with contextlib.suppress(OSError):
             while data := client.recv(65536):
                 self.sent.append(data)
+                self._client_sent(data)
                 server.sendall(data)
         with contextlib.suppress(OSError):
             server.shutdown(socket.SHUT_WR)
+
+    def _client_sent(self, data: bytes) -> None:
+        """What the client sent, before it goes on to the server."""
 
     def _to_client(self, server: socket.socket, client: socket.socket) -> None:
         with contextlib.suppress(OSError), server.makefile("rb") as lines:
@@ -1131,3 +1135,38 @@ class CapabilityHidingProxy:
 
     def close(self) -> None:
         self.listener.close()
+
+
+class AnswerLosingProxy(CapabilityHidingProxy):
+    """A plain-text proxy to an IMAP server that loses the server's answer to the first ``command``.
+
+    The command reaches the server and is carried out; where its tagged answer would come, the
+    proxy closes the connection, as a network failure or a timeout leaves a client not knowing.
+    Later connections pass everything.
+    """
+
+    def __init__(self, port: int, command: bytes) -> None:
+        super().__init__(port, hide=["X-NOTHING-HIDDEN"])
+        self.command = command.upper()
+        self.tag: bytes | None = None
+        self.lost = threading.Event()
+
+    def _client_sent(self, data: bytes) -> None:
+        if self.tag is None and not self.lost.is_set():
+            found = re.search(rb"(?m)^(\S+) " + re.escape(self.command) + rb" ", data.upper())
+            if found:
+                self.tag = found.group(1)
+
+    def _to_client(self, server: socket.socket, client: socket.socket) -> None:
+        with contextlib.suppress(OSError), server.makefile("rb") as lines:
+            while line := lines.readline():
+                if self.tag is not None and not self.lost.is_set() and line.upper().startswith(self.tag + b" "):
+                    self.lost.set()
+                    break
+                client.sendall(line)
+        for sock in (client, server):
+            # shutdown first: close alone leaves the socket open while the other thread reads it.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()

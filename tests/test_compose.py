@@ -10,10 +10,20 @@ from email import message_from_bytes, policy
 
 import pytest
 from helpers import assert_error_shape
-from mailservers import quote_mailbox
+from mailservers import AnswerLosingProxy, quote_mailbox
 from messages import attachments_message, plain_message, to_bytes
 from sqlalchemy import text
-from syncing import create_account, eventually, folders_by_name, messages, run_sync, smtp_account, tasks_of, wait_task
+from syncing import (
+    create_account,
+    eventually,
+    folders_by_name,
+    imap_account,
+    messages,
+    run_sync,
+    smtp_account,
+    tasks_of,
+    wait_task,
+)
 
 from email_service.api.app import create_app
 from email_service.mail.parse import parse_message
@@ -333,6 +343,49 @@ def test_a_draft_is_stored_and_filed_on_the_server_with_the_draft_flag(client, u
     run_sync(client, user, account_id)
     assert len(messages(client, user, account_id, drafts["id"])["messages"]) == 1
     assert smtp.messages == []
+
+
+def test_a_draft_whose_append_answer_was_lost_is_filed_once(
+    client, send_runtime, user, dovecot, mail_user, worker, monkeypatch
+):
+    # The server stored the draft, and the connection dropped before its answer: the retry
+    # filed it again, and the next sync showed the draft twice.
+    proxy = AnswerLosingProxy(dovecot.imap_port, b"APPEND")
+    body = imap_account(dovecot, mail_user, hostname="127.0.0.1", port=proxy.port, encryption="none")
+    account_id = create_account(client, user, body)
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    with monkeypatch.context() as held:
+        held.setattr(tasks, "push", lambda *args, **kwargs: None)  # the test runs the draft's job itself
+        saved = client.post(
+            "/api/compose/draft",
+            json={"accountId": account_id, "to": ["bob@example.org"], "subject": "Filed once", "body": "Hi"},
+            headers=user.headers,
+        )
+    assert saved.status_code == 201, saved.text
+    draft_id = saved.json()["draftId"]
+    with send_runtime.db.maintenance_session() as session:
+        task_id = session.scalar(text("SELECT id FROM tasks WHERE message_id = :id"), {"id": draft_id})
+    context = TaskContext(
+        runtime=send_runtime,
+        task_id=task_id,
+        kind=TaskKind.DRAFT,
+        principal=user.principal,
+        account_id=account_id,
+        message_id=draft_id,
+        params={},
+        attempt=1,
+        carrier_id="first",
+    )
+    with pytest.raises(TaskRetry):
+        jobs.run_draft(context)
+    assert proxy.lost.is_set()
+    assert [subject for subject, _ in server_subjects(dovecot, mail_user, "Drafts")] == ["Filed once"]
+    jobs.run_draft(replace(context, attempt=2, carrier_id="second"))
+    proxy.close()
+    assert [subject for subject, _ in server_subjects(dovecot, mail_user, "Drafts")] == ["Filed once"]
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    drafts = folders_by_name(client, user, account_id)["Drafts"]
+    assert [m["id"] for m in messages(client, user, account_id, drafts["id"])["messages"]] == [draft_id]
 
 
 def sent_detail(client, user, account_id, message_id) -> dict:

@@ -26,6 +26,7 @@ from email_service.tenancy import Principal
 @dataclass(frozen=True)
 class Outgoing:
     message_id: str
+    message_id_header: str  # the Message-ID it goes out with, which finds a copy already filed
     status: DeliveryStatus | None
     uid: int | None
     folder_name: str
@@ -93,6 +94,7 @@ def load(
     )
     return Outgoing(
         message_id=message.id,
+        message_id_header=message.message_id_header,
         status=DeliveryStatus(message.delivery_status) if message.delivery_status else None,
         uid=message.uid,
         folder_name=folder.name,

@@ -21,7 +21,8 @@ from email_service.folders.roles import adopt_server_folder, role_folder_on_serv
 from email_service.mailbox import moves
 from email_service.models import DeliveryStatus
 from email_service.outgoing import delivery
-from email_service.protocols.errors import MailServerError
+from email_service.protocols.errors import ConnectionFailed, MailServerError
+from email_service.protocols.imap import ImapSession
 from email_service.protocols.servers import Protocol
 from email_service.protocols.smtp import AmbiguousDeliveryError, DataWithheld, PermanentDeliveryError
 from email_service.queue.locks import AccountLock
@@ -146,6 +147,27 @@ def run_draft(context: TaskContext) -> dict[str, Any]:
     return {"draftCopy": _file_copy(context, message, ("\\Draft", "\\Seen"), raise_errors=True)}
 
 
+def _filed_before(
+    session: ImapSession, context: TaskContext, message: delivery.Outgoing, folder_name: str
+) -> tuple[int, int] | None:
+    """(UIDVALIDITY, UID) of the copy an earlier try of this task filed, when it did.
+
+    An APPEND whose answer never came (the connection dropped, the reply timed out) may have
+    stored the copy all the same: a try after it looks for the message's Message-ID first,
+    rather than file it twice. The first try has nothing to look for.
+    """
+    if context.attempt <= 1 or not message.message_id_header:
+        return None
+    try:
+        return session.find_message_id(folder_name, message.message_id_header)
+    except ConnectionFailed:
+        raise
+    except MailServerError as exc:
+        # A server that cannot search by header: filing again is all that is left.
+        log.info("message %s: no search for an earlier copy: %s", message.message_id, exc)
+        return None
+
+
 def _file_copy(
     context: TaskContext, message: delivery.Outgoing, flags: tuple[str, ...], *, raise_errors: bool = False
 ) -> str:
@@ -183,7 +205,9 @@ def _file_copy(
                     # Never synced: the server may have this role's folder under another name.
                     folder_name = role_folder_on_server(session, message.folder_type, folder_name)
                     adopt_server_folder(runtime.db, principal, message.folder_id, message.message_id, folder_name)
-                appended = session.append(folder_name, message.data, flags, message.date)
+                appended = _filed_before(session, context, message, folder_name)
+                if appended is None:
+                    appended = session.append(folder_name, message.data, flags, message.date)
         except MailServerError as exc:
             if raise_errors:
                 if exc.permanent:

@@ -384,6 +384,15 @@ class ImapSession(MailSession):
         found = re.search(rb"APPENDUID (\d+) (\d+)", response[0] or b"") if response else None
         return (int(found.group(1)), int(found.group(2))) if found else None
 
+    def find_message_id(self, name: str, message_id: str) -> tuple[int, int] | None:
+        """(UIDVALIDITY, UID) of the newest message in folder ``name`` whose Message-ID is
+        ``message_id``, as APPENDUID gives them; None when the folder has none."""
+        if not quotable(message_id):
+            return None
+        state = self.examine(name)
+        found = self.search_uids(f"HEADER Message-ID {quote(message_id)}")
+        return (state.uidvalidity, found[-1]) if found else None
+
     def search_uids(self, criteria: str = "ALL") -> list[int]:
         data = self._call("UID", "SEARCH", criteria)
         return sorted(int(uid) for uid in b" ".join(d for d in data if d).split())
