@@ -914,28 +914,39 @@ def test_a_fetch_the_server_answers_only_in_part_stores_the_rest_and_says_so(cli
     assert inbox.uidnext is None  # the next sync looks again, and asks for message 2 once more
 
 
-def test_a_message_over_the_size_limit_is_said_and_not_downloaded(
+LARGE_FILE = ("big.bin", "application/octet-stream", b"x" * 60_000)
+
+
+def test_a_message_over_the_size_limit_is_shown_by_its_headers_and_not_downloaded(
     client, runtime, user, dovecot, mail_user, monkeypatch
 ):
     # A message larger than a worker can hold would fail its folder's sync every time (and, out of
-    # memory, the other jobs of its worker): it is named in the errors and the rest arrives.
+    # memory, the other jobs of its worker): it is not downloaded, the rest arrives, and it is
+    # shown by its headers, where it used to be left out altogether.
     monkeypatch.setattr(imap_sync, "MAX_FETCHED_MESSAGE", 20_000)
     dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Small before")))
-    dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Huge", "x" * 50_000)))
+    huge = to_bytes(attachments_message("Huge", attachments=[LARGE_FILE]))
+    dovecot.append(mail_user, "INBOX", huge, flags=["\\Flagged"])
     dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Small after")))
     account_id = create_account(client, user, imap_account(dovecot, mail_user))
     store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
-    for _ in range(2):  # said again while it is there, and never fetched
-        with imap_session(dovecot, mail_user) as session:
-            result = ImapSync(store, session, lambda _progress: None, only_folders=["INBOX"]).run()
-        assert [e for e in result.errors if "not downloaded" in e] == [
-            "Inbox: 1 message(s) over 19 KB not downloaded (UID 2)"
-        ]
-    inbox = folders_by_name(client, user, account_id)["INBOX"]
-    assert sorted(m["subject"] for m in messages(client, user, account_id, inbox["id"])["messages"]) == [
-        "Small after",
-        "Small before",
+    with imap_session(dovecot, mail_user) as session:
+        result = ImapSync(store, session, lambda _progress: None, only_folders=["INBOX"]).run()
+    assert result.messages_added == 3
+    assert [e for e in result.errors if "not downloaded" in e] == [
+        "Inbox: 1 message(s) over 19 KB not downloaded, shown by their headers (UID 2)"
     ]
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    listed = {m["subject"]: m for m in messages(client, user, account_id, inbox["id"])["messages"]}
+    assert sorted(listed) == ["Huge", "Small after", "Small before"]
+    huge = client.get(f"/api/{account_id}/messages/{listed['Huge']['id']}", headers=user.headers).json()
+    assert (huge["from"], huge["fromName"], huge["isStarred"]) == ("alice@example.com", "Alice Example", True)
+    assert huge["attachments"] == [] and "only its headers are shown" in huge["body"]
+    assert "more than the 19 KB this service downloads" in huge["body"] and "eHh4eHh4" not in huge["body"]
+    # Stored by its UID: not new at the next sync, and not said again.
+    with imap_session(dovecot, mail_user) as session:
+        again = ImapSync(store, session, lambda _progress: None, only_folders=["INBOX"]).run()
+    assert again.messages_added == 0 and again.errors == []
 
 
 def test_a_folder_listed_twice_keeps_its_role_and_is_synced_once(client, runtime, user):

@@ -30,6 +30,7 @@ from email_service.mail.folders import (
 )
 from email_service.mail.parse import parse_message
 from email_service.mail.parse_pool import ParseJob, ParsePool
+from email_service.mail.too_large import stand_in
 from email_service.mailbox.heap import return_large_buffers
 from email_service.mailbox.result import ProgressCallback, SyncResult
 from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
@@ -244,13 +245,15 @@ class ImapSync:
         refusals: list[str] = []
         missed = 0
         sizes = self.session.sizes(uids)
-        # Too large to hold: said, not fetched; it stays "new", and is said again while it is there.
+        # Too large to hold: not downloaded, but shown by its headers (mail.too_large).
         too_large = [uid for uid in uids if sizes.get(uid, 0) > MAX_FETCHED_MESSAGE]
         if too_large:
             self.result.errors.append(
                 f"{folder.display_name}: {len(too_large)} message(s) over {size_words(MAX_FETCHED_MESSAGE)}"
-                f" not downloaded (UID {', '.join(map(str, too_large[:5]))}{' ...' if len(too_large) > 5 else ''})"
+                " not downloaded, shown by their headers"
+                f" (UID {', '.join(map(str, too_large[:5]))}{' ...' if len(too_large) > 5 else ''})"
             )
+            self._store_headers_alone(folder, too_large, sizes)
             skipped = set(too_large)
             uids = [uid for uid in uids if uid not in skipped]
             if not uids:
@@ -283,6 +286,29 @@ class ImapSync:
                 f"{folder.display_name}: {missed} new message(s) not given by the server this time ({refusals[0]})"
             )
         return bool(refusals)
+
+    def _store_headers_alone(self, folder: Folder, uids: list[int], sizes: dict[int, int]) -> None:
+        """Messages too large to download, stored by their header sections with a note as body.
+
+        Stored, their UIDs are known: they are not new at the next sync, and their flags, moves
+        and deletions work as any message's. Header sections are small; a batch of them at once.
+        """
+        limit = size_words(MAX_FETCHED_MESSAGE)
+        for batch in batches(uids, {uid: 64 * 1024 for uid in uids}):
+            incoming = [
+                IncomingMessage(
+                    raw=stand_in(m.raw, size_words(sizes[m.uid]), limit),
+                    uid=m.uid,
+                    flags=m.flags,
+                    internaldate=m.internaldate,
+                    modseq=m.modseq,
+                )
+                for m in self.session.fetch_messages(batch, headers_only=True)
+                if m.uid in sizes
+            ]
+            added, errors = self.store.add_messages(folder, incoming)
+            self.result.messages_added += len(added)
+            self.result.errors += errors
 
 
 class _BatchWriter:

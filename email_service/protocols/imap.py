@@ -411,15 +411,18 @@ class ImapSession(MailSession):
                 result[int(uid.group(1))] = int(size.group(1))
         return result
 
-    def fetch_messages(self, uids: Sequence[int], *, refusals: list[str] | None = None) -> Iterator[FetchedMessage]:
-        """Whole messages, without setting \\Seen (BODY.PEEK).
+    def fetch_messages(
+        self, uids: Sequence[int], *, refusals: list[str] | None = None, headers_only: bool = False
+    ) -> Iterator[FetchedMessage]:
+        """Whole messages (or their header sections alone), without setting \\Seen (BODY.PEEK).
 
         With ``refusals``, a server that answers NO after sending some of them (a message it
         cannot read, one expunged meanwhile) gives those, and its reason is added to the list.
         """
         if not uids:
             return
-        items = "(UID FLAGS INTERNALDATE BODY.PEEK[]" + (" MODSEQ)" if self.condstore else ")")
+        section = "BODY.PEEK[HEADER]" if headers_only else "BODY.PEEK[]"
+        items = f"(UID FLAGS INTERNALDATE {section}" + (" MODSEQ)" if self.condstore else ")")
         data = self._call("UID", "FETCH", uid_set(uids), items, refusals=refusals)
         for meta, raw in _fetch_records(data):
             uid = _UID.search(meta)
