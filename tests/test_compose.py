@@ -345,6 +345,33 @@ def test_a_draft_is_stored_and_filed_on_the_server_with_the_draft_flag(client, u
     assert smtp.messages == []
 
 
+def test_a_message_written_here_downloads_as_it_goes_out(client, user, mailbox):
+    account_id, smtp = mailbox
+    saved = client.post(
+        "/api/compose/draft",
+        json={
+            "accountId": account_id,
+            "to": ["bob@example.org"],
+            "bcc": ["hidden@example.org"],
+            "subject": "Draft to save",
+            "body": "Dear Bob,",
+        },
+        headers=user.headers,
+    )
+    assert saved.status_code == 201, saved.text
+    draft_id = saved.json()["draftId"]
+    raw = client.get(f"/api/{account_id}/messages/{draft_id}/raw", headers=user.headers)
+    assert raw.status_code == 200 and raw.headers["content-type"] == "message/rfc822", raw.text
+    written = message_from_bytes(raw.content, policy=policy.default)
+    shown = client.get(f"/api/{account_id}/messages/{draft_id}", headers=user.headers).json()
+    assert written["Subject"] == "Draft to save" and written["To"] == "bob@example.org"
+    assert written["Bcc"] is None and "hidden@example.org" not in raw.text
+    assert written.get_content().strip() == "Dear Bob," and shown["subject"] == written["Subject"]
+    # The same message each time: the Message-ID it has and will go out with.
+    again = client.get(f"/api/{account_id}/messages/{draft_id}/raw", headers=user.headers)
+    assert written["Message-ID"] and message_from_bytes(again.content)["Message-ID"] == written["Message-ID"]
+
+
 def test_a_draft_whose_append_answer_was_lost_is_filed_once(
     client, send_runtime, user, dovecot, mail_user, worker, monkeypatch
 ):

@@ -323,6 +323,24 @@ def test_a_messages_files_are_listed_in_the_order_it_carries_them(client, user, 
     assert [a["filename"] for a in detail["attachments"]] == ["logo.png", *(name for name, _, _ in files)]
 
 
+def test_a_message_downloads_as_the_server_gave_it(client, user, synced, dovecot, mail_user, make_user):
+    account_id, _, _ = synced
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    listed = {m["subject"]: m for m in messages(client, user, account_id, inbox["id"])["messages"]}
+    path = f"/api/{account_id}/messages/{listed['Photos and the contract']['id']}/raw"
+    raw = client.get(path, headers=user.headers)
+    assert raw.status_code == 200, raw.text
+    with dovecot.imap(mail_user) as other:
+        other.select("INBOX", readonly=True)
+        _, found = other.uid("SEARCH", "HEADER", "Subject", '"Photos and the contract"')
+        _, data = other.uid("FETCH", found[0].split()[0].decode(), "(BODY.PEEK[])")
+    assert raw.content == data[0][1]
+    assert raw.headers["content-type"] == "message/rfc822"
+    assert 'filename="Photos and the contract.eml"' in raw.headers["content-disposition"]
+    assert_error_shape(client.get(path, headers=make_user().headers), 404)
+    assert_error_shape(client.get(f"/api/{account_id}/messages/nope/raw", headers=user.headers), 404)
+
+
 def test_recipients_names_are_listed_by_address(client, user, dovecot, mail_user, worker):
     dovecot.append(
         mail_user,

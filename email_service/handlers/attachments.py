@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from flask import Response
 from werkzeug.datastructures import FileStorage
 
@@ -10,13 +8,8 @@ from email_service.handlers import principal, runtime
 from email_service.handlers.messages import attachment_view
 from email_service.services import mail as service
 from email_service.services import uploads
-from email_service.storage import ObjectReader
 from email_service.storage.disposition import content_disposition
-
-
-def _chunks(reader: ObjectReader) -> Iterator[bytes]:
-    with reader:
-        yield from reader
+from email_service.storage.streams import closing_chunks
 
 
 def download_attachment(account_id: str, attachment_id: str) -> Response:
@@ -24,7 +17,7 @@ def download_attachment(account_id: str, attachment_id: str) -> Response:
     attachment, reader = service.open_attachment(rt.db, rt.objects, principal(), account_id, attachment_id)
     # Streamed chunk by chunk: a large attachment is never held whole in memory.
     return Response(
-        _chunks(reader),
+        closing_chunks(reader),
         headers={
             "Content-Type": attachment.mime_type,
             "Content-Length": str(reader.size),

@@ -3,6 +3,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from flask import Response
+
 from email_service.errors import NotFoundError
 from email_service.handlers import principal, runtime
 from email_service.handlers.views import ms
@@ -12,6 +14,8 @@ from email_service.mailbox import moves
 from email_service.models import Attachment, Message
 from email_service.services import mail as service
 from email_service.storage import ObjectStore
+from email_service.storage.disposition import content_disposition
+from email_service.storage.streams import closing_chunks
 
 # The spec's Message.from is a required email; mail without a usable From still has to be listed.
 UNKNOWN_SENDER = "unknown@unknown.invalid"
@@ -123,6 +127,17 @@ def shown_html(message: service.MessageRow) -> str | None:
 def get_message(account_id: str, message_id: str) -> tuple[dict, int]:
     rt = runtime()
     return detail_view(service.get_message(rt.db, principal(), account_id, message_id), rt.objects), 200
+
+
+def get_raw_message(account_id: str, message_id: str) -> Response:
+    rt = runtime()
+    raw = service.open_raw(rt.db, rt.objects, principal(), account_id, message_id)
+    name = f"{' '.join(raw.subject.split())[:100] or 'message'}.eml"
+    headers = {"Content-Type": "message/rfc822", "Content-Disposition": content_disposition(name)}
+    if isinstance(raw.content, bytes):
+        return Response(raw.content, headers=headers)
+    # Streamed chunk by chunk, as attachments are: an original may be large.
+    return Response(closing_chunks(raw.content), headers={**headers, "Content-Length": str(raw.content.size)})
 
 
 def update_message(account_id: str, message_id: str, body: dict[str, Any]) -> tuple[dict, int]:

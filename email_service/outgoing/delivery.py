@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from email.message import EmailMessage
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -41,28 +42,33 @@ class Outgoing:
     account_enabled: bool
 
 
-def load(
-    db: Database, cipher: CredentialCipher, objects: ObjectStore, principal: Principal, message_id: str
-) -> Outgoing | None:
+def written(db: Database, objects: ObjectStore, principal: Principal, message_id: str) -> bytes | None:
+    """A message written through the service, as it goes out (no Bcc header); None when there is none."""
     with db.tenant_session(principal) as session:
-        row = session.execute(
-            select(Message, Folder, Account)
-            .join(Folder, Folder.id == Message.folder_id)
+        message = session.scalar(
+            select(Message)
             .join(Account, Account.id == Message.account_id)
             .where(Message.id == message_id, Account.deleted_at.is_(None))
-        ).one_or_none()
-        if row is None:
-            return None
-        message, folder, account = row.Message, row.Folder, row.Account
-        # In the order the request listed them (ids are random, and rows come back in any order).
-        attachments = list(
-            session.scalars(
-                select(Attachment)
-                .where(Attachment.message_id == message.id)
-                .order_by(Attachment.position.nulls_last(), Attachment.id)
-            )
         )
-        smtp = servers_of(account, cipher, db).smtp
+        if message is None:
+            return None
+        attachments = _attachments(session, message.id)
+    return wire_bytes(_build(message, attachments, objects))
+
+
+def _attachments(session: Session, message_id: str) -> list[Attachment]:
+    # In the order the request listed them (ids are random, and rows come back in any order).
+    return list(
+        session.scalars(
+            select(Attachment)
+            .where(Attachment.message_id == message_id)
+            .order_by(Attachment.position.nulls_last(), Attachment.id)
+        )
+    )
+
+
+def _build(message: Message, attachments: list[Attachment], objects: ObjectStore) -> EmailMessage:
+    """The message a row written through the service stands for, built as the send job builds it."""
     headers = message.headers or {}
     original = None
     if headers.get("In-Reply-To"):
@@ -70,7 +76,7 @@ def load(
             message_id=headers["In-Reply-To"],
             references=[r for r in headers.get("References", "").split() if r != headers["In-Reply-To"]],
         )
-    built = build_message(
+    return build_message(
         from_address=message.from_address,
         from_name=message.from_name,
         to=list(message.to_addresses),
@@ -92,6 +98,24 @@ def load(
         date=message.created_at,
         in_reply_to=original,
     )
+
+
+def load(
+    db: Database, cipher: CredentialCipher, objects: ObjectStore, principal: Principal, message_id: str
+) -> Outgoing | None:
+    with db.tenant_session(principal) as session:
+        row = session.execute(
+            select(Message, Folder, Account)
+            .join(Folder, Folder.id == Message.folder_id)
+            .join(Account, Account.id == Message.account_id)
+            .where(Message.id == message_id, Account.deleted_at.is_(None))
+        ).one_or_none()
+        if row is None:
+            return None
+        message, folder, account = row.Message, row.Folder, row.Account
+        attachments = _attachments(session, message.id)
+        smtp = servers_of(account, cipher, db).smtp
+    built = _build(message, attachments, objects)
     return Outgoing(
         message_id=message.id,
         message_id_header=message.message_id_header,

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from email_service.db import Database
 from email_service.errors import NotFoundError
 from email_service.models import Account, Attachment, Folder, Message
+from email_service.outgoing import delivery
 from email_service.services import cursors
 from email_service.storage import ObjectNotFound, ObjectReader, ObjectStore, unavailable_if_unreachable
 from email_service.tenancy import Principal
@@ -268,3 +269,35 @@ def open_attachment(
         # Its row was read just before a clean-up (a deleted account, a rebuilt folder) removed
         # the object: gone, as the row is a moment later.
         raise missing from None
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    subject: str
+    content: ObjectReader | bytes  # the stored original (the caller closes it), or built bytes
+
+
+def open_raw(db: Database, objects: ObjectStore, principal: Principal, account_id: str, message_id: str) -> RawMessage:
+    """The message in Internet Message Format: the original the server gave, as stored, or for
+    one written through the service (nothing stored), the message as it goes out."""
+    missing = NotFoundError(f"Message with ID '{message_id}' does not exist", code="MESSAGE_NOT_FOUND")
+    with db.tenant_session(principal) as session:
+        _require_account(session, account_id)
+        row = session.execute(
+            select(Message.subject, Message.raw_object_key).where(
+                Message.id == message_id, Message.account_id == account_id
+            )
+        ).one_or_none()
+    if row is None:
+        raise missing
+    try:
+        with unavailable_if_unreachable():
+            if row.raw_object_key is not None:
+                return RawMessage(row.subject, objects.open(row.raw_object_key))
+            built = delivery.written(db, objects, principal, message_id)
+    except ObjectNotFound:
+        # Removed by a clean-up (a rebuilt folder, a deleted message) since the row was read.
+        raise missing from None
+    if built is None:
+        raise missing
+    return RawMessage(row.subject, built)

@@ -1,9 +1,22 @@
-"""A file-like view of an object being read, for APIs that want ``read()`` rather than chunks."""
+"""Objects being read: a file-like view for APIs that want ``read()``, and chunks for responses."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+
+class _ClosingChunks(Protocol):
+    def __iter__(self) -> Iterator[bytes]: ...
+    def __enter__(self) -> object: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def closing_chunks(reader: _ClosingChunks) -> Iterator[bytes]:
+    """A reader's chunks for a streamed response; the reader is closed when the response ends."""
+    with reader:
+        yield from reader
 
 
 class ChunkStream(io.RawIOBase):

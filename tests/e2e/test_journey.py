@@ -242,6 +242,9 @@ def test_2_sync_progress_folders_paging_and_an_attachment_byte_identical(journey
     assert (summary.var_from, summary.from_name) == ("alice@example.com", "Alice Example")
     assert summary.to == ["bob@example.org"] and summary.recipient_names == {"bob@example.org": "Bob Example"}
     journey.original = detail = messages.get_message(journey.imap_account, summary.id)
+    as_sent = bytes(messages.get_raw_message(journey.imap_account, summary.id))
+    original = message_from_bytes(as_sent, policy=policy.default)
+    assert original["Subject"] == "Board pack" and original["Message-ID"] == "<board-pack@example.com>"
     report = next(a for a in detail.attachments if a.filename == REPORT[0])
     assert report.mime_type == REPORT[1] and report.size == len(REPORT[2])
 

@@ -66,6 +66,21 @@ func Test_emailserviceclient_MessagesAPIService(t *testing.T) {
 
 	})
 
+	t.Run("Test MessagesAPIService GetRawMessage", func(t *testing.T) {
+
+		t.Skip("skip test") // remove to run test
+
+		var accountId string
+		var messageId string
+
+		resp, httpRes, err := apiClient.MessagesAPI.GetRawMessage(context.Background(), accountId, messageId).Execute()
+
+		require.Nil(t, err)
+		require.NotNil(t, resp)
+		assert.Equal(t, 200, httpRes.StatusCode)
+
+	})
+
 	t.Run("Test MessagesAPIService ListMessages", func(t *testing.T) {
 
 		t.Skip("skip test") // remove to run test

@@ -47,6 +47,13 @@ class TestMessagesApi(unittest.TestCase):
         """
         pass
 
+    def test_get_raw_message(self) -> None:
+        """Test case for get_raw_message
+
+        Download a message as it is (.eml)
+        """
+        pass
+
     def test_list_messages(self) -> None:
         """Test case for list_messages
 

@@ -91,6 +91,17 @@ export interface GetMessageRequest {
     messageId: string;
 }
 
+export interface GetRawMessageRequest {
+    /**
+     * 
+     */
+    accountId: string;
+    /**
+     * 
+     */
+    messageId: string;
+}
+
 export interface ListMessagesRequest {
     /**
      * 
@@ -372,6 +383,73 @@ export class MessagesApi extends runtime.BaseAPI {
      */
     async getMessage(requestParameters: GetMessageRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<MessageDetail> {
         const response = await this.getMessageRaw(requestParameters, initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for getRawMessage without sending the request
+     */
+    async getRawMessageRequestOpts(requestParameters: GetRawMessageRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['accountId'] == null) {
+            throw new runtime.RequiredError(
+                'accountId',
+                'Required parameter "accountId" was null or undefined when calling getRawMessage().'
+            );
+        }
+
+        if (requestParameters['messageId'] == null) {
+            throw new runtime.RequiredError(
+                'messageId',
+                'Required parameter "messageId" was null or undefined when calling getRawMessage().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        if (this.configuration && this.configuration.apiKey) {
+            headerParameters["X-Auth-Token"] = await this.configuration.apiKey("X-Auth-Token"); // HeaderAuth authentication
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("BearerAuth", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/api/{accountId}/messages/{messageId}/raw`;
+        urlPath = urlPath.replace('{accountId}', encodeURIComponent(String(requestParameters['accountId'])));
+        urlPath = urlPath.replace('{messageId}', encodeURIComponent(String(requestParameters['messageId'])));
+
+        return {
+            path: urlPath,
+            method: 'GET',
+            headers: headerParameters,
+            query: queryParameters,
+        };
+    }
+
+    /**
+     * The whole message in Internet Message Format (RFC 5322), streamed as `message/rfc822` with a Content-Disposition naming a `.eml` file: what the server gave for received mail, and for mail written through the service the message as it goes out (no Bcc header). For \"view source\", saving a message, or forwarding it as an attachment. A message the sync stored by its headers alone (over the download limit) gives those headers and the note in its body. 
+     * Download a message as it is (.eml)
+     */
+    async getRawMessageRaw(requestParameters: GetRawMessageRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<runtime.HttpFile>> {
+        const requestOptions = await this.getRawMessageRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.BlobApiResponse(response);
+    }
+
+    /**
+     * The whole message in Internet Message Format (RFC 5322), streamed as `message/rfc822` with a Content-Disposition naming a `.eml` file: what the server gave for received mail, and for mail written through the service the message as it goes out (no Bcc header). For \"view source\", saving a message, or forwarding it as an attachment. A message the sync stored by its headers alone (over the download limit) gives those headers and the note in its body. 
+     * Download a message as it is (.eml)
+     */
+    async getRawMessage(requestParameters: GetRawMessageRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.HttpFile> {
+        const response = await this.getRawMessageRaw(requestParameters, initOverrides);
         return await response.value();
     }
 
