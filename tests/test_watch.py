@@ -12,6 +12,7 @@ import asyncio
 import secrets
 import signal
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import replace
@@ -380,3 +381,39 @@ def test_a_reported_change_does_not_wait_behind_catch_ups(client, user, dovecot,
     took = asyncio.run(scenario())
     assert took < 30
     assert "Reported at once" in inbox_subjects(client, user, watched.account_id)
+
+
+@pytest.mark.parametrize("how", ["kicked", "shut-down", "kicked-before-idle"])
+def test_an_idle_the_server_ends_with_bye_fails_the_watch_at_once(backing, dovecot, mail_user, how):
+    # Dovecot says "* BYE" and hangs up on an IDLE client it kicks or when it shuts down (as
+    # servers do at an autologout). The watch must notice then, not when the IDLE is due for
+    # renewal (up to 25 minutes later), deaf to new mail all along; and an IDLE started after a
+    # hang-up (one that came while a change was fetched) must not wait for ever for its "+".
+    settings = replace(backing, destinations=TEST_DESTINATIONS)
+    server = MailServer(Protocol.IMAP, dovecot.host, dovecot.imaps_port, "tls", mail_user.name, mail_user.password)
+
+    def hang_up() -> None:
+        if how.startswith("kicked"):
+            subprocess.run(["doveadm", "-c", str(dovecot.config_file), "kick", mail_user.name], check=True)
+        else:
+            dovecot.stop()
+
+    async def idle_until_cut_off() -> float:
+        connection = await IdleConnection.open(server, settings, client_context(dovecot.ca_file))
+        try:
+            if how == "kicked-before-idle":
+                await asyncio.to_thread(hang_up)
+                await asyncio.sleep(1)  # the hang-up has arrived
+            waiting = asyncio.create_task(connection.wait_for_change(renew=600))
+            if how != "kicked-before-idle":
+                await asyncio.sleep(1)  # in IDLE now
+                await asyncio.to_thread(hang_up)
+            cut_off = time.monotonic()
+            with pytest.raises(ConnectionFailed):
+                await asyncio.wait_for(waiting, 30)
+            return time.monotonic() - cut_off
+        finally:
+            await connection.close()
+
+    took = asyncio.run(idle_until_cut_off())  # a stopped Dovecot is started again after the test
+    assert took < 5, took

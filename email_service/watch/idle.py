@@ -36,6 +36,13 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):
         self.command_timeout = command_timeout
         # What the pending LOGIN or AUTHENTICATE sends after each server continuation, in turn.
         self.continuations: list[bytes] = []
+        # Set when the server hangs up. aioimaplib wakes no waiter then: an IDLE would wait for
+        # pushes that can no longer come, and a command for an answer, until their time limits.
+        self.lost = asyncio.Event()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+        super().connection_lost(exc)
 
     async def execute(self, command: Command, scrub: str | None = None) -> aioimaplib.Response:
         # aioimaplib sends some commands with no time limit (the CAPABILITY after the greeting and
@@ -208,27 +215,44 @@ class IdleConnection:
 
     async def _idle(self, stops: tuple[asyncio.Event, ...], renew: float) -> bool:
         client = self.client
-        idle = await client.idle_start(timeout=renew)
-        changed = False
+        lost = asyncio.ensure_future(client.protocol.lost.wait())
         stop_waits = {asyncio.ensure_future(stop.wait()) for stop in stops}
+        changed = False
         try:
+            # The server may have hung up while a change was being fetched: an IDLE sent then
+            # would wait for ever for its "+". A live server answers it within the IMAP timeout.
+            start = asyncio.ensure_future(client.idle_start(timeout=renew))
+            await asyncio.wait({start, lost}, timeout=client.timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not start.done():
+                start.cancel()
+                if lost.done():
+                    raise ConnectionFailed(f"{self.where} closed the connection")
+                raise ConnectionFailed(f"{self.where} did not start IDLE within {client.timeout:.0f} s")
+            idle = start.result()
             while client.has_pending_idle():
                 push = asyncio.ensure_future(client.wait_server_push(timeout=renew + 60))
-                done, _ = await asyncio.wait({push, *stop_waits}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({push, lost, *stop_waits}, return_when=asyncio.FIRST_COMPLETED)
                 if push not in done:
                     push.cancel()
+                    if lost in done:
+                        raise ConnectionFailed(f"{self.where} closed the connection during IDLE")
                     client.idle_done()
                     break
                 lines = push.result()
                 if lines == aioimaplib.STOP_WAIT_SERVER_PUSH:
                     client.idle_done()
                     break
+                if any(line.startswith(b"BYE") for line in lines):
+                    # A shutdown, an autologout, an administrator's kick: the server hangs up next.
+                    # Its words are not repeated (they are the server's, not ours).
+                    raise ConnectionFailed(f"{self.where} ended the session (BYE) during IDLE")
                 if any(marker in line for line in lines for marker in CHANGE_RESPONSES):
                     changed = True
                     client.idle_done()
                     break
             await asyncio.wait_for(idle, client.timeout)
         finally:
+            lost.cancel()
             for stop_wait in stop_waits:
                 stop_wait.cancel()
         return changed
@@ -238,6 +262,10 @@ class IdleConnection:
         transport = protocol.transport if protocol is not None else None
         # A LOGOUT would queue behind a pending IDLE: then just hang up, which servers expect too.
         polite = not self.client.has_pending_idle() and self.client.get_state() in ("AUTH", "SELECTED", "NONAUTH")
+        polite = polite and protocol is not None and not protocol.lost.is_set()
+        # An IDLE ended by a hang-up leaves its renewal timer set, holding the client until it fires.
+        if self.client._idle_waiter is not None:  # noqa: SLF001 - no public way to cancel it
+            self.client._idle_waiter.cancel()  # noqa: SLF001
         if transport is not None and polite:
             with suppress(Exception):  # the connection is being dropped either way
                 await asyncio.wait_for(self.client.logout(), 2)
