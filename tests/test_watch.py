@@ -36,6 +36,7 @@ from syncing import (
     watcher,
 )
 
+from email_service.db import Database
 from email_service.mailbox.imap_sync import remote_folders
 from email_service.mailbox.live import refresh_folder
 from email_service.mailbox.store import MailStore
@@ -417,3 +418,39 @@ def test_an_idle_the_server_ends_with_bye_fails_the_watch_at_once(backing, dovec
 
     took = asyncio.run(idle_until_cut_off())  # a stopped Dovecot is started again after the test
     assert took < 5, took
+
+
+def test_a_database_outage_longer_than_a_lease_does_not_let_the_leases_lapse(client, runtime, user, backing):
+    # The account list comes from the database, the leases from Redis. A database that is away
+    # for longer than a lease (a failover, a restart) must not cost the watcher its leases: other
+    # watchers would take its accounts while it still watches them, and when the database came
+    # back it would find every lease lost and start every watch over.
+    watcher_ = Watcher(replace(backing, watch_lease_seconds=LEASE_SECONDS))
+    account_id = create_account(client, user, scripted_account(1, "Watched through an outage"))
+    account = Watchable(account_id, user.principal, datetime.now(UTC), 3600)
+    leases = Leases(runtime.redis, "probe")
+
+    async def scenario() -> list[str | None]:
+        # A watch under way (a stand-in for its IDLE connection) and the lease it holds.
+        watch = asyncio.create_task(asyncio.sleep(3600))
+        watcher_.watching[account_id] = (account, watch)
+        assert watcher_.leases.claim([account_id], 1) == [account_id]
+        reachable = watcher_.runtime.db
+        watcher_.runtime.db = Database("postgresql://nobody@127.0.0.1:1/gone", backing.db_app_role)
+        holders = []
+        try:
+            # Rounds as the watcher runs them, one every third of a lease, over three leases.
+            for _ in range(9):
+                with pytest.raises(Exception, match="connection"):
+                    await watcher_.balance()
+                holders.append(leases.holder(account_id))
+                await asyncio.sleep(LEASE_SECONDS / 3)
+        finally:
+            watcher_.runtime.db.dispose()
+            watcher_.runtime.db = reachable
+            watcher_.watching.pop(account_id)
+            watch.cancel()
+            await watcher_.shutdown()
+        return holders
+
+    assert asyncio.run(scenario()) == [watcher_.name] * 9

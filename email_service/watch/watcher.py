@@ -119,10 +119,13 @@ class Watcher:
 
     async def balance(self) -> None:
         loop = asyncio.get_running_loop()
-        wanted = await loop.run_in_executor(self.leasing, watchable_accounts, self.runtime)
+        # Redis first: a database that is away (a failover, a restart) must not let the leases
+        # lapse while the watches go on, or other watchers would take the accounts meanwhile and
+        # every watch would start over when it came back.
         watchers = await loop.run_in_executor(self.leasing, self.leases.live_watchers)
-        share = Leases.fair_share(len(wanted), watchers)
         kept = await loop.run_in_executor(self.leasing, self.leases.renew, list(self.watching))
+        wanted = await loop.run_in_executor(self.leasing, watchable_accounts, self.runtime)
+        share = Leases.fair_share(len(wanted), watchers)
         ending = {
             account_id: account_id in kept
             for account_id, (watched, _) in self.watching.items()
