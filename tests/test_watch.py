@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 
 import psutil
 import pytest
+import redis
 from helpers import TEST_DESTINATIONS
 from mailservers import CapabilityHidingProxy, ScriptedImapServer
 from messages import plain_message, to_bytes
@@ -454,3 +455,36 @@ def test_a_database_outage_longer_than_a_lease_does_not_let_the_leases_lapse(cli
         return holders
 
     assert asyncio.run(scenario()) == [watcher_.name] * 9
+
+
+def test_a_watcher_cut_off_from_redis_stops_its_watches_when_their_leases_run_out(runtime, user, backing):
+    # A watcher that cannot reach Redis cannot renew its leases; once they run out another
+    # watcher takes the accounts. Watching them on regardless would watch each account twice.
+    watcher_ = Watcher(replace(backing, watch_lease_seconds=LEASE_SECONDS))
+    account_id = f"cut-off-{secrets.token_hex(4)}"
+    account = Watchable(account_id, user.principal, datetime.now(UTC), 3600)
+    other = Leases(runtime.redis, "another-watcher", ttl=LEASE_SECONDS)
+
+    async def scenario() -> tuple[list[str], bool]:
+        watch = asyncio.create_task(asyncio.sleep(3600))  # a stand-in for its IDLE connection
+        watcher_.watching[account_id] = (account, watch)
+        assert watcher_.leases.claim([account_id], 1) == [account_id]
+        assert watcher_.leases.renew([account_id]) == {account_id}
+        # The watcher's Redis client now reaches nothing (a network partition, Redis away).
+        client = watcher_.leases.redis
+        reachable, client.connection_pool = client.connection_pool, redis.ConnectionPool(host="127.0.0.1", port=1)
+        try:
+            for _ in range(3 * 3):  # rounds, one every third of a lease, over three leases
+                await watcher_.round()
+                other.claim([account_id], 1)  # another watcher takes what is free
+                await asyncio.sleep(LEASE_SECONDS / 3)
+            return list(watcher_.watching), watch.cancelled()
+        finally:
+            client.connection_pool.disconnect()
+            client.connection_pool = reachable
+            watch.cancel()
+            await watcher_.shutdown()
+            other.release([account_id])
+
+    still_watching, stopped = asyncio.run(scenario())
+    assert still_watching == [] and stopped

@@ -4,7 +4,8 @@ Every watcher registers itself with a heartbeat and takes a fair share of the ac
 (accounts / live watchers), each by a short lease (``SET NX EX``) that it renews while it
 watches. An account has at most one lease, so at most one watcher. A watcher that dies stops
 renewing; its leases run out and the others take its accounts. Losing Redis loses only leases,
-which are taken again as soon as it is back.
+which are taken again as soon as it is back; a watcher whose leases ran out unrenewed stops
+watching their accounts.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Leases:
         self.redis, self.watcher_id, self.ttl = redis, watcher_id, ttl
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        # When the last renewal that went through began: every lease held now was set after it,
+        # so none outlives it by more than ``ttl`` (a clock of this process: Redis's may differ).
+        self._renewed = time.monotonic()
 
     def live_watchers(self) -> int:
         """Register this watcher's heartbeat; returns how many watchers are alive (this one included)."""
@@ -58,12 +62,19 @@ class Leases:
 
     def renew(self, account_ids: Iterable[str]) -> set[str]:
         """Renew the leases still ours; returns their account ids (the rest were lost)."""
+        started = time.monotonic()
         keys = [KEY.format(account_id=a) for a in account_ids]
         if not keys:
+            self._renewed = started
             return set()
         kept = self._renew(keys=keys, args=[self.watcher_id, self.ttl])
+        self._renewed = started
         prefix = len(KEY.format(account_id=""))
         return {(k.decode() if isinstance(k, bytes) else k)[prefix:] for k in kept}
+
+    def lapsed(self) -> bool:
+        """Whether every lease this watcher holds has surely run out for want of renewal."""
+        return time.monotonic() - self._renewed >= self.ttl
 
     def claim(self, account_ids: Iterable[str], limit: int) -> list[str]:
         """Take free leases, up to ``limit`` of them; returns the accounts now ours."""

@@ -107,15 +107,25 @@ class Watcher:
         log.info("watcher %s started", self.name)
         try:
             while not self.stopping.is_set():
-                try:
-                    await self.balance()
-                except Exception:  # a database or Redis hiccup: keep the watches, try again next round
-                    log.exception("watcher round failed")
+                await self.round()
                 with_timeout = asyncio.ensure_future(self.stopping.wait())
                 await asyncio.wait({with_timeout}, timeout=max(1.0, self.settings.watch_lease_seconds / 3))
                 with_timeout.cancel()
         finally:
             await self.shutdown()
+
+    async def round(self) -> None:
+        """One round: ``balance``; a database or Redis hiccup keeps the watches, tried again next round."""
+        try:
+            await self.balance()
+        except Exception:
+            log.exception("watcher round failed")
+            if self.watching and self.leases.lapsed():
+                # Every lease has run out unrenewed (Redis away, or this watcher cut off from it):
+                # other watchers may take the accounts now, and each must be watched once. The
+                # leases are taken again, and the watches started again, when Redis answers.
+                log.warning("leases not renewed for %d s: stopping %d watches", self.leases.ttl, len(self.watching))
+                await self.stop_watching(dict.fromkeys(self.watching, False))
 
     async def balance(self) -> None:
         loop = asyncio.get_running_loop()
