@@ -47,6 +47,7 @@ from email_service.protocols.servers import MailServer, Protocol
 from email_service.protocols.tls import client_context
 from email_service.queue.locks import AccountLock
 from email_service.runtime import Runtime
+from email_service.watch import watcher as watcher_module
 from email_service.watch.idle import IdleConnection
 from email_service.watch.leases import Leases
 from email_service.watch.watcher import Watchable, Watcher, watchable_accounts
@@ -488,3 +489,38 @@ def test_a_watcher_cut_off_from_redis_stops_its_watches_when_their_leases_run_ou
 
     still_watching, stopped = asyncio.run(scenario())
     assert still_watching == [] and stopped
+
+
+def test_an_account_whose_server_has_no_idle_is_let_go_for_the_interval_sync(
+    client, runtime, user, backing, monkeypatch
+):
+    # Its watch ends at once (no IDLE: the scheduler's interval sync serves it), but the account
+    # stayed among the watched with its lease renewed, counted in this watcher's share, and the
+    # hour's pause before asking the server again never came into play.
+    def answer(tag: bytes, command: bytes) -> bytes:
+        if command == b"CAPABILITY":
+            return b"* CAPABILITY IMAP4rev1\r\n" + tag + b" OK done\r\n"
+        if command == b"LOGOUT":
+            return b"* BYE\r\n" + tag + b" OK done\r\n"
+        return tag + b" OK done\r\n"
+
+    server = ScriptedImapServer(answer)
+    account_id = create_account(client, user, scripted_account(server.port, "No IDLE", isSyncEnabled=True))
+    account = Watchable(account_id, user.principal, datetime.now(UTC), 3600)
+    watcher_ = Watcher(replace(backing, watch_lease_seconds=LEASE_SECONDS, destinations=TEST_DESTINATIONS))
+    monkeypatch.setattr(watcher_module, "watchable_accounts", lambda _runtime: {account_id: account})
+    leases = Leases(runtime.redis, "probe")
+
+    async def scenario() -> tuple[list[str], str | None]:
+        try:
+            await watcher_.balance()
+            assert account_id in watcher_.watching and leases.holder(account_id) == watcher_.name
+            await asyncio.wait_for(asyncio.shield(watcher_.watching[account_id][1]), 20)  # ends: no IDLE
+            for _ in range(2):
+                await watcher_.balance()
+            return list(watcher_.watching), leases.holder(account_id)
+        finally:
+            await watcher_.shutdown()
+
+    assert asyncio.run(scenario()) == ([], None)
+    server.close()

@@ -138,8 +138,13 @@ class Watcher:
         share = Leases.fair_share(len(wanted), watchers)
         ending = {
             account_id: account_id in kept
-            for account_id, (watched, _) in self.watching.items()
-            if account_id not in kept or wanted.get(account_id) is None or wanted[account_id].version != watched.version
+            for account_id, (watched, task) in self.watching.items()
+            if account_id not in kept
+            or wanted.get(account_id) is None
+            or wanted[account_id].version != watched.version
+            # A watch that ended by itself (a server without IDLE, paused; an account gone) gives
+            # its lease and its place in the share back, rather than hold both for nothing.
+            or task.done()
         }
         excess = len(self.watching) - len(ending) - share
         if excess > 0:
