@@ -524,3 +524,17 @@ def test_an_account_whose_server_has_no_idle_is_let_go_for_the_interval_sync(
 
     assert asyncio.run(scenario()) == ([], None)
     server.close()
+
+
+def test_a_watcher_whose_clock_runs_ahead_still_counts_the_others(runtime, monkeypatch):
+    # Heartbeats were scored by each watcher's own clock: one ahead by more than a lease took
+    # every other watcher for dead and claimed a share of the accounts as if it were alone.
+    first, second = (Leases(runtime.redis, f"clock-{secrets.token_hex(4)}", ttl=LEASE_SECONDS) for _ in range(2))
+    counted = first.live_watchers()
+    monkeypatch.setattr(time, "time", lambda real=time.time: real() + 10 * LEASE_SECONDS)
+    try:
+        assert second.live_watchers() == counted + 1
+        assert runtime.redis.zscore("email_service:watchers", first.watcher_id) is not None
+    finally:
+        monkeypatch.undo()
+        runtime.redis.zrem("email_service:watchers", first.watcher_id, second.watcher_id)

@@ -29,6 +29,16 @@ for i, key in ipairs(KEYS) do
 end
 return kept
 """
+# Register a heartbeat and count the live watchers, on Redis's clock: each watcher's own clock
+# may be off, and one ahead by more than a lease would count every other watcher as dead.
+_HEARTBEAT = """
+redis.replicate_commands()
+local t = redis.call('time')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('zadd', KEYS[1], now, ARGV[1])
+redis.call('zremrangebyscore', KEYS[1], 0, now - tonumber(ARGV[2]))
+return redis.call('zcard', KEYS[1])
+"""
 _RELEASE = """
 for i, key in ipairs(KEYS) do
   if redis.call('get', key) == ARGV[1] then redis.call('del', key) end
@@ -42,18 +52,14 @@ class Leases:
         self.redis, self.watcher_id, self.ttl = redis, watcher_id, ttl
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._heartbeat = redis.register_script(_HEARTBEAT)
         # When the last renewal that went through began: every lease held now was set after it,
         # so none outlives it by more than ``ttl`` (a clock of this process: Redis's may differ).
         self._renewed = time.monotonic()
 
     def live_watchers(self) -> int:
         """Register this watcher's heartbeat; returns how many watchers are alive (this one included)."""
-        now = time.time()
-        pipe = self.redis.pipeline()
-        pipe.zadd(WATCHERS, {self.watcher_id: now})
-        pipe.zremrangebyscore(WATCHERS, 0, now - self.ttl)
-        pipe.zcard(WATCHERS)
-        return max(1, int(pipe.execute()[-1]))
+        return max(1, int(self._heartbeat(keys=[WATCHERS], args=[self.watcher_id, self.ttl])))
 
     @staticmethod
     def fair_share(accounts: int, watchers: int) -> int:
