@@ -37,12 +37,17 @@ def _where(database_url: str) -> str:
     return f"{url.host or url.query.get('host', 'local socket')}:{url.port or 5432}/{url.database}"
 
 
+def _unreachable(settings: Settings, exc: OperationalError) -> StartupError:
+    """The one line an operator sees for a database a command cannot reach (no traceback)."""
+    first_line = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    return StartupError(f"cannot reach PostgreSQL at {_where(settings.database_url)}: {first_line}")
+
+
 def _migrate(settings: Settings) -> None:
     try:
         migrate.upgrade(settings.database_url, settings.db_app_role)
     except OperationalError as exc:
-        first_line = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-        raise StartupError(f"cannot reach PostgreSQL at {_where(settings.database_url)}: {first_line}") from None
+        raise _unreachable(settings, exc) from None
 
 
 def _worker_env(settings: Settings) -> dict[str, str]:
@@ -239,6 +244,9 @@ def cmd_rotate_keys(args: argparse.Namespace, settings: Settings) -> int:
         try:
             changed = rotate_credentials(runtime.db, runtime.cipher)
             changed += rotate_secrets(runtime.db, runtime.cipher)  # webhook signing secrets
+        except OperationalError as exc:
+            # Each batch commits on its own: what was re-encrypted stays so, and a rerun goes on.
+            raise _unreachable(resolved, exc) from None
         finally:
             runtime.close()
     print(f"re-encrypted {changed} credentials under the newest key")

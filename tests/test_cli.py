@@ -63,8 +63,9 @@ def test_bad_settings_stop_start_up_with_one_clear_line(tmp_path, change, mentio
         assert "not-a-key-at-all" not in result.stderr
 
 
-def test_unreachable_database_is_one_clear_line(tmp_path):
-    result = run(service_env(None, **GOOD, REDIS_URL="redis://127.0.0.1:1"), "migrate", cwd=tmp_path)
+@pytest.mark.parametrize("command", ["migrate", "rotate-keys"])
+def test_unreachable_database_is_one_clear_line(tmp_path, command):
+    result = run(service_env(None, **GOOD, REDIS_URL="redis://127.0.0.1:1"), command, cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("email-service: error: cannot reach PostgreSQL at 127.0.0.1:1/db")
