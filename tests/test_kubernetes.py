@@ -18,6 +18,8 @@ from cryptography.fernet import Fernet
 
 from email_service.cli import build_parser
 from email_service.config import load_settings
+from email_service.models import TaskKind
+from email_service.queue.policy import policy
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "kubernetes"
@@ -142,8 +144,29 @@ def test_the_environment_is_settings_the_code_reads_and_they_load() -> None:
     assert {line.split("=", 1)[0] for line in overlay.splitlines() if line} == set(SECRET)
 
 
-def _egress_ports(policy: dict) -> set[int]:
-    return {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", []) if p["protocol"] == "TCP"}
+def _egress_ports(network_policy: dict) -> set[int]:
+    return {
+        p["port"] for rule in network_policy["spec"]["egress"] for p in rule.get("ports", []) if p["protocol"] == "TCP"
+    }
+
+
+def _compose_seconds(duration: str) -> int:
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert parts and duration, duration
+    return sum(int(value or 0) * unit for value, unit in zip(parts.groups(), units.values(), strict=True))
+
+
+def test_a_stopping_worker_is_given_the_time_a_send_may_take() -> None:
+    # SIGTERM lets each worker process finish its job. A send cut off after its data went out
+    # is ambiguous for good (its user must decide whether to send it again), so a worker is
+    # killed no sooner than a send that has just begun may take; the scheduler's stop on top.
+    real = {**SECRET, "JWT_SECRET": "j" * 40, "CREDENTIAL_KEYS": Fernet.generate_key().decode()}
+    send_limit = policy(TaskKind.SEND, load_settings({**CONFIG, **real})).timeout
+    worker = WORKLOADS["email-service-worker"]["spec"]["template"]["spec"]
+    assert worker["terminationGracePeriodSeconds"] >= send_limit + 30
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    assert _compose_seconds(compose["worker"].get("stop_grace_period", "10s")) >= send_limit + 30
 
 
 def test_network_policies_let_only_workers_and_watchers_reach_mail_servers() -> None:
