@@ -18,6 +18,7 @@ from sqlalchemy import select, text
 from syncing import add_task, create_account, imap_account, run_sync, tasks_of, wait_task
 
 from email_service.models import Task, TaskKind, TaskStatus
+from email_service.queue import runner
 from email_service.queue.policy import PERMANENT_BACKOFF, TEMPORARY_BACKOFF, sync_backoff
 from email_service.queue.runner import reap
 from email_service.queue.scheduler import LEADER_KEY, Scheduler
@@ -170,6 +171,33 @@ def test_a_task_whose_carrier_redis_lost_is_pushed_again(client, runtime, user, 
     assert reap(runtime)["repushed"] >= 1
     done = wait_task(client, user, task_id)
     assert done["status"] == "success" and done["result"]["messagesAdded"] == 1
+
+
+def test_a_task_claimed_while_the_reaper_pushes_it_again_stays_with_the_run_that_claimed_it(
+    client, runtime, user, dovecot, mail_user, monkeypatch
+):
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    task_id = insert_task(runtime, user, account_id, status=TaskStatus.PENDING, attempts=0, carrier_id="slow")
+    claimed: list[runner.TaskContext | None] = []
+
+    def lost_by_redis_but_claiming(runtime_, carrier_id):
+        # Redis lost the carrier's job while a worker was already running it: the carrier claims
+        # its task between the reaper reading the waiting tasks and pushing this one again.
+        if carrier_id == "slow":
+            claimed.append(runner._claim(runtime, user.principal, task_id, carrier_id))
+        return False
+
+    monkeypatch.setattr(runner, "_carrier_alive", lost_by_redis_but_claiming)
+    reap(runtime)
+    monkeypatch.undo()
+    [context] = claimed
+    assert context is not None
+    # The run that claimed the task still holds it: its heartbeat and its outcome count, and
+    # the reaper does not later take it for lost and run it a second time.
+    assert [t.carrier_id for t in tasks_of(runtime, account_id)] == ["slow"]
+    assert runner._finish(context, TaskStatus.SUCCESS, result={"messagesAdded": 0})
+    done = client.get(f"/api/sync/task/{task_id}", headers=user.headers).json()
+    assert done["status"] == "success" and done["attempts"] == 1
 
 
 def test_a_task_that_keeps_losing_its_worker_is_given_up_and_the_account_says_so(

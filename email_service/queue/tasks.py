@@ -219,12 +219,14 @@ def push(
     rate limit holds the rest back), so one tenant's slow or failing work cannot take every worker.
     If Redis cannot take it now, the task keeps waiting in the database and the reaper pushes it later.
     With ``replacing``, only if that carrier is still the task's (a stray old carrier pushes nothing).
+    Only a task that waits gets a new carrier: one a carrier claimed meanwhile (the reaper read it
+    as waiting just before) stays with that run, whose heartbeat and outcome name its carrier.
     """
     from email_service.queue.runner import run_task  # the carrier's entry point; imported late (it imports jobs)
 
     carrier_id = f"{task_id}-{secrets.token_hex(4)}"
     with runtime.db.tenant_session(principal) as session:
-        query = update(Task).where(Task.id == task_id)
+        query = update(Task).where(Task.id == task_id, Task.status.in_([TaskStatus.PENDING, TaskStatus.RETRY]))
         if replacing is not None:
             query = query.where(Task.carrier_id == replacing)
         if not session.execute(query.values(carrier_id=carrier_id, updated_at=func.now())).rowcount:
