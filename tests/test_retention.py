@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import pytest
 from helpers import account_body, assert_error_shape
 from messages import attachments_message, to_bytes
 from sqlalchemy import text
-from syncing import create_account, folders_by_name, imap_account, messages, run_sync, tasks_of
+from syncing import add_task, create_account, folders_by_name, imap_account, messages, run_sync, tasks_of
 
-from email_service.models import TaskKind
+from email_service.models import TaskKind, TaskStatus
 from email_service.queue import tasks
+from email_service.queue.scheduler import LEADER_KEY, Scheduler
 from email_service.retention.cleanup import account_prefix
 from email_service.retention.uploads import remove_unused_uploads
 from email_service.storage import ObjectNotFound
@@ -79,6 +80,51 @@ def test_a_deleted_account_loses_its_links_at_once_and_its_files_and_rows_soon(
     for table in ("messages", "attachments", "folders"):
         assert count(runtime, table, account_id) == 0, table
     assert not any(object_exists(runtime, key) for key in keys)
+
+
+def test_a_deleted_account_whose_clean_up_ran_out_of_tries_is_cleaned_up_later(
+    client, runtime, user, dovecot, mail_user, worker
+):
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    upload = client.post(f"/api/{account_id}/attachments", files={"file": ("u.txt", b"mine")}, headers=user.headers)
+    assert upload.status_code == 201
+    with runtime.db.maintenance_session() as session:
+        key = session.execute(
+            text("SELECT object_key FROM attachments WHERE id = :id"), {"id": upload.json()["id"]}
+        ).scalar_one()
+        # Deleted hours ago, while object storage was down for longer than its clean-up kept
+        # trying: the account is hidden, and its clean-up task failed.
+        session.execute(
+            text("UPDATE accounts SET deleted_at = now() - interval '4 hours', is_sync_enabled = false WHERE id = :id"),
+            {"id": account_id},
+        )
+    add_task(
+        runtime,
+        user,
+        account_id,
+        kind=TaskKind.CLEANUP,
+        status=TaskStatus.FAILURE,
+        attempts=6,
+        error="object storage did not remove the account's files (ConnectionRefusedError)",
+        finished_at=datetime.now(UTC) - timedelta(hours=2),
+        carrier_id="done",
+    )
+    runtime.redis.delete(LEADER_KEY)
+    try:
+        Scheduler(runtime, "retention-test").run_once()
+    finally:
+        runtime.redis.delete(LEADER_KEY)
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with runtime.db.maintenance_session() as session:
+            left = session.execute(text("SELECT count(*) FROM accounts WHERE id = :id"), {"id": account_id}).scalar()
+        if not left:
+            break
+        time.sleep(0.2)
+    assert not left, "the deleted account's rows were kept after its clean-up failed"
+    assert count(runtime, "attachments", account_id) == 0
+    assert not object_exists(runtime, key)
 
 
 def test_uploads_no_message_took_are_removed_after_the_retention_time(client, runtime, user, dovecot, mail_user):

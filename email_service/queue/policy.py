@@ -65,10 +65,16 @@ def policy(kind: TaskKind, settings: Settings) -> TaskPolicy:
             retry_delays=tuple(base * 2**n for n in range(6)),
         )
     if kind is TaskKind.CLEANUP:
-        # Removing a deleted account: object storage may be down for a while; keep trying for hours.
+        # Removing a deleted account: object storage may be down for a while; keep trying for hours
+        # (and once these tries run out, the scheduler queues a new clean-up: CLEANUP_AGAIN_AFTER).
         return TaskPolicy(queue="default", timeout=30 * 60, retry_delays=(60, 300, 900, 3600, 3600), holds_account=True)
     # Write-back and filing a draft: a mail server that is down for a while still gets the change.
     return TaskPolicy(queue="default", timeout=5 * 60, retry_delays=(10, 30, 60, 300, 900), holds_account=True)
+
+
+# A deleted account whose clean-up task failed (its tries ran out, or its worker kept dying) gets
+# a new one this long after: a deleted account's mail and files are never kept for good.
+CLEANUP_AGAIN_AFTER = timedelta(hours=1)
 
 
 # Automatic sync after failures: temporary ones (server down, timeouts) from 1 minute doubling

@@ -20,6 +20,7 @@ from email_service.models import TaskKind
 from email_service.queue import tasks
 from email_service.queue.runner import reap
 from email_service.retention.changes import prune_changes
+from email_service.retention.cleanup import requeue_cleanups
 from email_service.retention.uploads import remove_unused_uploads
 from email_service.runtime import Runtime
 
@@ -57,7 +58,7 @@ class Scheduler:
         return False
 
     def run_once(self) -> dict[str, int]:
-        """One pass: enqueue due syncs, resume or fail tasks whose worker died. Only the leader acts."""
+        """One pass: enqueue due syncs, resume or fail tasks whose worker died, retention. Only the leader acts."""
         if not self._is_leader():
             return {}
         settings = self.runtime.settings
@@ -67,6 +68,7 @@ class Scheduler:
                 self.runtime, timedelta(hours=settings.upload_retention_hours)
             ),
             "changes pruned": lambda: prune_changes(self.runtime, timedelta(days=settings.change_retention_days)),
+            "clean-ups queued again": lambda: requeue_cleanups(self.runtime),
             "scheduled": self._schedule_due,
         }
         counts: dict[str, int] = {}

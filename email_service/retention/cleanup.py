@@ -11,12 +11,15 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 
 from email_service.models import Account, Attachment, Folder, Message, Task, TaskKind, TaskStatus
+from email_service.queue import tasks
+from email_service.queue.policy import CLEANUP_AGAIN_AFTER
 from email_service.queue.runner import TaskContext
 from email_service.queue.tasks import TaskRetry
 from email_service.runtime import Runtime
+from email_service.tenancy import Principal
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +69,32 @@ def _delete_rows(runtime: Runtime, account_id: str) -> dict[str, Any]:
         )
         session.execute(delete(Account).where(Account.id == account_id))
     return {"messagesRemoved": messages, "attachmentsRemoved": attachments, "foldersRemoved": folders}
+
+
+# Deleted accounts with no clean-up waiting or running, and none that ended recently.
+_UNCLEANED = text("""
+    SELECT a.id, a.tenant_id, a.user_id FROM accounts a
+    WHERE a.deleted_at IS NOT NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM tasks t WHERE t.account_id = a.id AND t.kind = 'cleanup'
+          AND (t.status IN ('pending', 'started', 'retry') OR t.finished_at > now() - :again_after)
+      )
+    ORDER BY a.deleted_at
+    LIMIT :limit
+""")
+
+
+def requeue_cleanups(runtime: Runtime, *, limit: int = 100) -> int:
+    """Queue a new clean-up for deleted accounts whose last one failed; returns how many.
+
+    A clean-up that ran out of tries (object storage down for longer than its retries last) or
+    whose worker kept dying leaves the account hidden with all its mail and files: nothing else
+    would ever remove them. The scheduler's leader calls this each pass.
+    """
+    with runtime.db.maintenance_session() as session:
+        rows = session.execute(_UNCLEANED, {"again_after": CLEANUP_AGAIN_AFTER, "limit": limit}).all()
+    for row in rows:
+        principal = Principal(uuid.UUID(str(row.tenant_id)), uuid.UUID(str(row.user_id)))
+        log.warning("deleted account %s still holds data; its clean-up is queued again", row.id)
+        tasks.enqueue(runtime, TaskKind.CLEANUP, principal, account_id=row.id)
+    return len(rows)
