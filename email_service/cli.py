@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cryptography.fernet import Fernet
 from sqlalchemy.engine import make_url
@@ -258,6 +258,26 @@ def cmd_keygen(args: argparse.Namespace, settings: Settings | None) -> int:
     return 0
 
 
+def _number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type for a whole number in ``low``..``high``: anything else is refused in one line.
+
+    Unchecked, a pool of -1 worker processes ended at once with status 0, and a port above
+    65535 was silently taken modulo 65536.
+    """
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if number < low or (high is not None and number > high):
+            wanted = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({wanted})")
+        return number
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="email-service",
@@ -271,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the API (and, on the embedded default, a worker and a webhook dispatcher)"
     )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=5000)
+    serve.add_argument("--port", type=_number(1, 65535), default=5000)
     serve.add_argument("--migrate", action="store_true", help="apply migrations first (always on the embedded default)")
     serve.add_argument(
         "--no-embedded-worker",
@@ -291,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     worker.add_argument(
         "--processes",
-        type=int,
+        type=_number(1),
         default=None,
         help="worker processes, each running one job at a time (default EMAIL_SERVICE_WORKER_PROCESSES, 4)",
     )

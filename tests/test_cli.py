@@ -72,6 +72,23 @@ def test_unreachable_database_is_one_clear_line(tmp_path, command):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "mentions"),
+    [
+        (("worker", "--processes", "-1"), "--processes"),
+        (("worker", "--processes", "0"), "--processes"),
+        (("serve", "--port", "70000"), "--port"),
+        (("serve", "--port", "-5"), "--port"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_before_anything_starts(tmp_path, args, mentions):
+    # Without a check, a pool of -1 processes exited at once with status 0 and port 70000 was
+    # taken modulo 65536.
+    result = run(service_env(None, **GOOD), *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert mentions in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
 def test_token_prints_a_jwt_the_service_accepts(backing):
     tenant, user = uuid.uuid4(), uuid.uuid4()
     result = run(service_env(backing), "token", "--tenant-id", str(tenant), "--user-id", str(user), "--ttl", "120")
