@@ -119,3 +119,24 @@ def test_rotate_keys_command_reencrypts_under_the_newest_key(backing, client, us
     assert CredentialCipher((new,)).decrypt(token) == "rotate-me-please"
     # Back under the suite's key for the tests that follow.
     assert run(service_env(backing, CREDENTIAL_KEYS=f"{old},{new}"), "rotate-keys").returncode == 0
+
+
+def test_worker_processes_that_keep_dying_are_replaced_after_a_growing_pause(tmp_path):
+    # With Redis away every worker process dies as it starts, and the pool started a new one each
+    # second for each: a tight loop of forks and tracebacks for as long as the outage lasted.
+    env = service_env(None, **GOOD, REDIS_URL="redis://127.0.0.1:1")
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "email_service", "worker", "--no-scheduler", "--processes", "2"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(12)
+    pool.terminate()
+    output, _ = pool.communicate(timeout=60)
+    deaths = output.count(" is dead")
+    # Two at once, two after 2 s, two after 8 s more: not two a second (about 24 in 12 s).
+    assert 2 <= deaths <= 10, output[-3000:]
+    assert "none is started for" in output

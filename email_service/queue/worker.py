@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from typing import Any
 
 from rq import Worker
@@ -69,6 +70,45 @@ class ServiceWorker(Worker):
         super().main_work_horse(job, queue)
 
 
+class ServicePool(WorkerPool):
+    """RQ's pool, replacing a process that keeps dying (Redis away, say) after a growing pause.
+
+    RQ starts a new process each second for every one that died: with Redis unreachable each
+    dies at once with a traceback, so the pool forked and logged in a tight loop (40 tracebacks
+    in 15 s from two processes) for as long as the outage lasted. A process that dies within
+    ``QUICK_DEATH_SECONDS`` of its start doubles the pause before the pool starts any other
+    (from 1 s up to ``MAX_RESPAWN_PAUSE``); one that lived longer ends the pauses.
+    """
+
+    QUICK_DEATH_SECONDS = 30.0
+    MAX_RESPAWN_PAUSE = 60.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._born: dict[str, float] = {}
+        self._pause = 0.0
+        self._respawn_at = 0.0
+
+    def start_worker(self, *args: Any, **kwargs: Any) -> None:
+        super().start_worker(*args, **kwargs)
+        for name in self.worker_dict.keys() - self._born.keys():
+            self._born[name] = time.monotonic()
+
+    def handle_dead_worker(self, worker_data: Any) -> None:
+        now = time.monotonic()
+        lived = now - self._born.pop(worker_data.name, now)
+        if lived < self.QUICK_DEATH_SECONDS:
+            self._pause = min(self.MAX_RESPAWN_PAUSE, max(1.0, self._pause * 2))
+            self._respawn_at = now + self._pause
+            log.warning("worker process died %.0f s after its start; none is started for %.0f s", lived, self._pause)
+        else:
+            self._pause = 0.0
+        super().handle_dead_worker(worker_data)
+
+    def check_workers(self, respawn: bool = True) -> None:
+        super().check_workers(respawn=respawn and time.monotonic() >= self._respawn_at)
+
+
 def run_worker(settings: Settings, *, burst: bool = False, schedule: bool = True, processes: int | None = None) -> None:
     """Work the service's queues until stopped (or, with ``burst``, until they are empty).
 
@@ -78,7 +118,7 @@ def run_worker(settings: Settings, *, burst: bool = False, schedule: bool = True
     context.use_settings(settings)
     # RQ blocks on BLPOP longer than a client timeout would allow; no socket timeout here.
     connection = redis_from_url(settings.redis_url, timeout=None)  # type: ignore[arg-type]
-    pool = WorkerPool(
+    pool = ServicePool(
         list(QUEUE_NAMES),
         connection=connection,
         num_workers=processes or settings.worker_processes,
