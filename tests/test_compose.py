@@ -206,6 +206,39 @@ def test_a_reply_carries_threading_headers(client, user, mailbox, dovecot, mail_
     assert arrived["References"].split() == ["<root@example.com>", "<q-1@example.com>"]
 
 
+def test_a_reply_keeps_the_references_it_goes_out_with_not_the_whole_thread(client, user, mailbox, dovecot, mail_user):
+    # Each reply stored every id of the original's References (anyone can send thousands, and a
+    # long thread grows them), though only 30 go out: megabytes a reply, and more with each.
+    account_id, smtp = mailbox
+    thread = [f"<t{i}@example.com>" for i in range(2000)]
+    dovecot.append(
+        mail_user, "INBOX", to_bytes(plain_message("Long thread", message_id="<last@example.com>", references=thread))
+    )
+    run_sync(client, user, account_id)
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    last = next(m for m in messages(client, user, account_id, inbox["id"])["messages"] if m["subject"] == "Long thread")
+    saved = client.post(
+        "/api/compose/draft",
+        json={
+            "accountId": account_id,
+            "to": ["bob@example.org"],
+            "subject": "Re: Long thread",
+            "body": "Yes",
+            "inReplyTo": last["id"],
+        },
+        headers=user.headers,
+    )
+    assert saved.status_code == 201, saved.text
+    stored = client.get(f"/api/{account_id}/messages/{saved.json()['draftId']}", headers=user.headers).json()
+    references = stored["headers"]["References"].split()
+    assert len(references) == 30 and references[0] == "<t0@example.com>" and references[-1] == "<last@example.com>"
+    assert references[-2] == "<t1999@example.com>" and stored["headers"]["In-Reply-To"] == "<last@example.com>"
+    raw = message_from_bytes(
+        client.get(f"/api/{account_id}/messages/{saved.json()['draftId']}/raw", headers=user.headers).content
+    )
+    assert raw["References"].split() == references
+
+
 @pytest.mark.parametrize(
     "fields",
     [

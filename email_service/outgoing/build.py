@@ -217,7 +217,9 @@ def _normalise_id(value: str | None) -> str | None:
     return value
 
 
-def _threading(original: Original) -> tuple[str | None, list[str]]:
+def reply_threading(original: Original) -> tuple[str | None, list[str]]:
+    """(In-Reply-To, References) of a reply to ``original``, as the reply is written: the
+    parent last, each id once, at most ``_MAX_REFERENCES`` (the root and the latest)."""
     parent = _normalise_id(original.message_id)
     # Each id once, in order of first appearance: a dict, since the original's References may
     # hold thousands of ids and a list searched for each one took minutes.
@@ -364,7 +366,7 @@ def build_message(
     msg["Date"] = date
     msg["Message-ID"] = message_id
     if in_reply_to is not None:
-        parent, references = _threading(in_reply_to)
+        parent, references = reply_threading(in_reply_to)
         if parent:
             msg["In-Reply-To"] = parent
         if references:

@@ -26,7 +26,7 @@ from email_service.mail.htmltext import html_to_text
 from email_service.mail.parse import conversation_of_new_thread
 from email_service.mailbox import moves
 from email_service.models import Account, Attachment, DeliveryStatus, Folder, Message, TaskKind
-from email_service.outgoing.build import check_composition, check_html, new_message_id
+from email_service.outgoing.build import Original, check_composition, check_html, new_message_id, reply_threading
 from email_service.queue import tasks
 from email_service.runtime import Runtime
 from email_service.storage import ObjectNotFound, unavailable_if_unreachable
@@ -182,9 +182,17 @@ def compose(runtime: Runtime, principal: Principal, body: dict[str, Any], *, dra
             # A reply joins the conversation of what it answers, whatever that conversation's root.
             conversation_id = original.conversation_id or original.id
             if original.message_id_header:
-                headers["In-Reply-To"] = original.message_id_header
-                references = _message_ids(_header(original.headers, "References"))
-                headers["References"] = " ".join([*references, original.message_id_header])
+                # Stored as they go out (the send job builds from these): a thread's References may
+                # hold thousands of ids, and each reply kept them all, megabytes a message.
+                parent, references = reply_threading(
+                    Original(
+                        message_id=original.message_id_header,
+                        references=_message_ids(_header(original.headers, "References")),
+                    )
+                )
+                if parent is not None:
+                    headers["In-Reply-To"] = parent
+                    headers["References"] = " ".join(references)
         if reply_to:
             headers["Reply-To"] = reply_to
         folder, folder_is_new = _folder(
