@@ -55,6 +55,22 @@ def wait_account(client, user, account_id, condition, timeout=60) -> dict:
     raise AssertionError(f"account never got there: {current}")
 
 
+def test_a_scheduler_never_leads_on_a_lease_another_took(runtime, scheduler, monkeypatch):
+    # The lease was read, then renewed: one that ran out and went to another scheduler in between
+    # was renewed for that one, and both led (scheduling, reaping and re-pushing at once).
+    runtime.redis.set(LEADER_KEY, scheduler.name, ex=30)
+    read = runtime.redis.get
+
+    def lease_passes_on(key):
+        value = read(key)
+        runtime.redis.set(LEADER_KEY, "another-scheduler", ex=30)  # taken right after this read
+        return value
+
+    monkeypatch.setattr(runtime.redis, "get", lease_passes_on)
+    leads = scheduler.run_once() != {}
+    assert not (leads and read(LEADER_KEY) != scheduler.name.encode())
+
+
 def test_backoff_grows_with_failures_and_stops_at_its_cap():
     temporary = [sync_backoff(n, permanent=False) for n in range(1, 10)]
     permanent = [sync_backoff(n, permanent=True) for n in range(1, 10)]

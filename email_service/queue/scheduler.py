@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 LEADER_KEY = "email_service:scheduler-leader"
 # Compare-and-delete: give the lease back only if it is still ours.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# Take the lease if it is free, or renew it if it is ours, in one step: a read and a renewal apart
+# could renew the lease of another scheduler that took it in between, and both would lead.
+_LEAD = (
+    "if redis.call('set', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end "
+    "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('expire', KEYS[1], ARGV[2]) return 1 end "
+    "return 0"
+)
 
 
 class Scheduler:
@@ -48,14 +55,8 @@ class Scheduler:
             self.runtime.redis.eval(_RELEASE, 1, LEADER_KEY, self.name)
 
     def _is_leader(self) -> bool:
-        redis = self.runtime.redis
         lease = max(5, int(self.interval * 3))
-        if redis.set(LEADER_KEY, self.name, nx=True, ex=lease):
-            return True
-        if redis.get(LEADER_KEY) == self.name.encode():
-            redis.expire(LEADER_KEY, lease)
-            return True
-        return False
+        return bool(self.runtime.redis.eval(_LEAD, 1, LEADER_KEY, self.name, lease))
 
     def run_once(self) -> dict[str, int]:
         """One pass: enqueue due syncs, resume or fail tasks whose worker died, retention. Only the leader acts."""
