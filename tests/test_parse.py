@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import time
@@ -394,6 +395,35 @@ def test_wrong_charset_label_falls_back():
 def test_latin1_label_decodes_windows_1252_characters():
     raw = b"From: a@example.com\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\n\x80 5\r\n"
     assert parse_message(raw).text_body == "€ 5"
+
+
+@pytest.mark.parametrize(
+    ("label", "text", "codec"),
+    [
+        ("windows-874", "สวัสดีครับ", "cp874"),  # Outlook's label for Thai
+        ("iso-8859-8-i", "שלום עולם", "iso8859_8"),  # Hebrew in logical order
+        ("x-mac-roman", "Café crème", "mac_roman"),
+        ("x-mac-cyrillic", "Привет", "mac_cyrillic"),
+        ("x-euc-jp", "日本語のメール", "euc_jp"),
+        ("windows-949", "안녕하세요", "cp949"),
+        ("windows-31j", "日本語のメール", "cp932"),
+        ("cseuckr", "안녕하세요", "cp949"),
+        ("x-cp1250", "Zażółć gęślą jaźń", "cp1250"),
+    ],
+)
+def test_charset_labels_mail_clients_use_that_python_does_not_know(label, text, codec):
+    data = text.encode(codec)
+    raw = (
+        f"From: a@example.com\r\nSubject: =?{label}?b?".encode()
+        + base64.b64encode(data)
+        + f"?=\r\nContent-Type: text/plain; charset={label}\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+    )
+    parsed = parse_message(raw)
+    assert parsed.text_body == text
+    assert parsed.subject == text
+    assert not any("charset" in d for d in parsed.defects)
 
 
 def test_eight_bit_headers():

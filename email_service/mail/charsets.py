@@ -32,6 +32,60 @@ _SUPERSETS = {
     "unicode-1-1-utf-8": "utf-8",
 }
 
+# Labels mail clients send that Python's codec registry does not know (taken from the WHATWG
+# Encoding Standard and what Outlook, Apple Mail and older Unix mailers write). Without them the
+# text was decoded by guesswork: Thai mail from Outlook ("windows-874") or Hebrew mail
+# ("iso-8859-8-i") came out as Latin mojibake.
+_ALIASES = {
+    "windows-874": "cp874",
+    "dos-874": "cp874",
+    "iso-8859-6-i": "iso8859-6",
+    "iso-8859-6-e": "iso8859-6",
+    "iso-8859-8-i": "iso8859-8",
+    "iso-8859-8-e": "iso8859-8",
+    "iso_8859-8-i": "iso8859-8",
+    "logical": "iso8859-8",
+    "visual": "iso8859-8",
+    "x-mac-roman": "mac-roman",
+    "mac": "mac-roman",
+    "x-mac-cyrillic": "mac-cyrillic",
+    "x-mac-ukrainian": "mac-cyrillic",
+    "x-mac-ce": "mac-latin2",
+    "x-mac-greek": "mac-greek",
+    "x-mac-turkish": "mac-turkish",
+    "x-mac-icelandic": "mac-iceland",
+    "x-euc-jp": "euc-jp",
+    "windows-31j": "cp932",
+    "csshiftjis": "cp932",
+    "windows-949": "cp949",
+    "x-windows-949": "cp949",
+    "ks_c_5601-1989": "cp949",
+    "ksc_5601": "cp949",
+    "iso-ir-149": "cp949",
+    "cseuckr": "cp949",
+    "windows-936": "gb18030",
+    "csgb2312": "gb18030",
+    "gb_2312-80": "gb18030",
+    "cn-gb": "gb18030",
+    "x-euc-cn": "gb18030",
+    "x-x-big5": "big5hkscs",
+    "cn-big5": "big5hkscs",
+    "koi": "koi8-r",
+    "cp-850": "cp850",
+    "cp-866": "cp866",
+    "x-unicode-2-0-utf-7": "utf-7",
+    "x-unicode-2-0-utf-8": "utf-8",
+    # Microsoft's "Unicode" is UTF-16; the codec reads a byte order mark and defaults to little-endian.
+    "unicode": "utf-16",
+    "csunicode": "utf-16",
+    "ucs-2": "utf-16",
+    "iso-10646-ucs-2": "utf-16",
+    "x-iso-10646-ucs-2-le": "utf-16-le",
+    "x-iso-10646-ucs-2-be": "utf-16-be",
+}
+# "x-cp1250" and the like: Windows code pages under a private prefix.
+_X_CODE_PAGE = re.compile(r"x-(cp|windows-)(\d{3,4})")
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Labels that name no charset at all: the bytes are whatever the sender's machine used.
@@ -47,6 +101,10 @@ def resolve(label: str | None) -> str | None:
     name = name.split("*", 1)[0]
     if name in _UNKNOWN:
         return None
+    name = _ALIASES.get(name, name)
+    code_page = _X_CODE_PAGE.fullmatch(name)
+    if code_page:
+        name = "cp" + code_page.group(2)
     name = _SUPERSETS.get(name, name)
     try:
         info = codecs.lookup(name)
