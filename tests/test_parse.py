@@ -638,6 +638,23 @@ def test_bad_transfer_encoding_and_content_type():
     assert_json_safe(parsed)
 
 
+@pytest.mark.parametrize("cte", ["base64 ", "BASE64\t", "base64 (attachment)", '"base64"'])
+def test_transfer_encoding_with_spaces_or_a_comment_is_still_decoded(cte):
+    # Some bulk mailers and gateways leave trailing white space; RFC 2045 allows comments.
+    raw = (
+        b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: "
+        + cte.replace("base64", "quoted-printable").replace("BASE64", "Quoted-Printable").encode()
+        + b"\r\n\r\ncaf=C3=A9 au=\r\n lait\r\n--B\r\nContent-Type: application/pdf; name=report.pdf\r\n"
+        b"Content-Transfer-Encoding: " + cte.encode() + b"\r\n\r\nJVBERi0xLjQK\r\n--B--\r\n"
+    )
+    parsed = parse_message(raw)
+    assert parsed.text_body == "café au lait"
+    [pdf] = parsed.attachments
+    assert pdf.data == b"%PDF-1.4\n"
+    assert pdf.size == 9
+
+
 def test_deep_nesting_is_bounded():
     depth = 200
     head = b"From: a@example.com\r\n"

@@ -9,6 +9,7 @@ in ``ParsedMessage.defects`` and the rest is returned best effort.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import mimetypes
@@ -65,6 +66,7 @@ _EXTENSIONS = {
 # A private instance: it knows only the built-in table, so names do not depend on /etc/mime.types.
 _MIME_TYPES = mimetypes.MimeTypes()
 _UNSAFE_FILENAME = re.compile(r'[\x00-\x1f\x7f<>:"|?*]')
+_CTE_COMMENT = re.compile(r"\([^()]*\)")
 _MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 
 T = TypeVar("T")
@@ -239,8 +241,31 @@ class _Walker:
             self.defects.extend(f"{ctype} part: {describe_defect(d)}" for d in getattr(part, "defects", ()))
 
     def payload(self, part: Message) -> bytes:
-        data = self.guard("body", lambda: part.get_payload(decode=True), b"")
+        source = self.guard("Content-Transfer-Encoding", lambda: _with_plain_cte(part), part)
+        data = self.guard("body", lambda: source.get_payload(decode=True), b"")
         return data if isinstance(data, bytes) else b""
+
+
+def _with_plain_cte(part: Message) -> Message:
+    """``part``, or a copy of it whose Content-Transfer-Encoding is the bare mechanism name.
+
+    ``Message.get_payload(decode=True)`` compares the whole header value with "base64" or
+    "quoted-printable", so a value with trailing white space, a comment (RFC 2045 allows one) or
+    quotes left the body undecoded: the text showed as base64 and an attachment was stored as
+    its base64 text. The copy shares the payload and the defect list; the tree is left as it came.
+    """
+    value = part.get("Content-Transfer-Encoding")
+    if value is None:
+        return part
+    seen = str(value).lower()
+    plain = _CTE_COMMENT.sub("", seen).strip().strip('"').strip()
+    if plain == seen:
+        return part
+    clone = copy.copy(part)
+    # __delitem__ gives the copy a header list of its own, so the original's is not touched.
+    del clone["Content-Transfer-Encoding"]
+    clone["Content-Transfer-Encoding"] = plain
+    return clone
 
 
 def _unflow(text: str, delsp: bool) -> str:
