@@ -392,6 +392,27 @@ def test_wrong_charset_label_falls_back():
     assert any("utf-8" in d for d in parsed.defects)
 
 
+def test_text_with_a_few_bad_bytes_keeps_its_charset():
+    # One stray byte, or a character cut at the end (a client that truncates by bytes), used to
+    # send the whole text to the Windows-1252 fallback: every accent and every CJK character
+    # came out as mojibake. Mail clients show the text with a replacement character instead.
+    german = "Grüße aus München – schön"
+    raw = b"From: a@example.com\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + german.encode() + b"\xff!\r\n"
+    assert parse_message(raw).text_body == german + "\ufffd!"
+    chinese = "你好，世界。这是一封测试邮件"
+    cut = chinese.encode("gb18030")[:-1]
+    raw = b"From: a@example.com\r\nContent-Type: text/plain; charset=gb2312\r\n\r\n" + cut
+    assert parse_message(raw).text_body == chinese[:-1] + "\ufffd"
+    word = base64.b64encode("Grüße aus München".encode() + "–".encode()[:2]).decode()
+    raw = f"From: a@example.com\r\nSubject: =?utf-8?b?{word}?=\r\n\r\nbody".encode()
+    assert parse_message(raw).subject == "Grüße aus München\ufffd"
+    raw = b"From: a@example.com\r\nSubject: " + "Grüße aus München".encode() + b"\xe2\x80\r\n\r\nbody"
+    assert parse_message(raw).subject == "Grüße aus München\ufffd"
+    # Text with no valid UTF-8 at all is still read as the Windows-1252 it almost always is.
+    raw = b"From: a@example.com\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nFu\xdf\x94 und caf\xe9"
+    assert parse_message(raw).text_body == "Fu\u00df\u201d und caf\u00e9"
+
+
 def test_latin1_label_decodes_windows_1252_characters():
     raw = b"From: a@example.com\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\n\x80 5\r\n"
     assert parse_message(raw).text_body == "€ 5"

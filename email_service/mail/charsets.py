@@ -133,19 +133,49 @@ def decode_bytes(data: bytes, label: str | None, defects: list[str] | None = Non
         except (UnicodeError, LookupError, ValueError, TypeError):
             if defects is not None:
                 defects.append(f"{prefix}bytes not valid in declared charset {label!r}")
-    for fallback in ("utf-8", "cp1252"):
-        if fallback == codec:
-            continue
+    if codec != "utf-8":
         try:
-            return data.decode(fallback)
+            return data.decode("utf-8")
         except UnicodeError:
-            continue
+            pass
+    damaged = _mostly_valid(data, codec or "utf-8")
+    if damaged is not None:
+        return damaged
+    if codec != "cp1252":
+        try:
+            return data.decode("cp1252")
+        except UnicodeError:
+            pass
     if codec is not None:
         try:
             return data.decode(codec, errors="replace")
         except (UnicodeError, LookupError, ValueError, TypeError):
             pass
     return data.decode("utf-8", errors="replace")
+
+
+def _mostly_valid(data: bytes, codec: str) -> str | None:
+    """``data`` in ``codec`` with U+FFFD for the few bytes that do not fit; None if many do not.
+
+    Text cut inside its last character (clients that truncate by bytes), or with a stray byte,
+    is still that charset: mail clients show it with a replacement character. Decoding it all as
+    Windows-1252 instead garbled every accent and every CJK character. When the bytes that fit
+    are not clearly most of the non-ASCII text, the charset is wrong and None is returned.
+    """
+    try:
+        # Only the end is incomplete (everything before it decodes): one bad character.
+        text, bad = codecs.getincrementaldecoder(codec)().decode(data, final=False) + "\ufffd", 1
+    except (UnicodeError, LookupError, ValueError, TypeError):
+        try:
+            text = data.decode(codec, errors="replace")
+        except (UnicodeError, LookupError, ValueError, TypeError):
+            return None
+        bad = text.count("\ufffd")
+    good = len(text) - len(text.encode("ascii", "ignore")) - bad
+    # Valid UTF-8 sequences almost never occur in text of another charset; valid characters of a
+    # legacy multi-byte charset (GB18030, Shift_JIS...) often do, so those need a clearer majority.
+    factor = 2 if codec == "utf-8" else 8
+    return text if good > 0 and good >= factor * bad else None
 
 
 def fix_surrogates(text: str) -> str:
@@ -157,6 +187,14 @@ def fix_surrogates(text: str) -> str:
     """
     if _SURROGATE.search(text) is None:
         return text
+    try:
+        # A value of ASCII and escaped bytes (a raw 8-bit header) is decoded as a whole, so one
+        # charset is chosen for all of it and a damaged character does not decide it alone.
+        raw = text.encode("ascii", "surrogateescape")
+    except UnicodeError:
+        raw = None
+    if raw is not None:
+        return decode_bytes(raw, None)
     out: list[str] = []
     run = bytearray()
 
