@@ -689,6 +689,23 @@ def test_deep_nesting_is_bounded():
     assert any("too deep" in d for d in parsed.defects)
 
 
+def test_nesting_past_the_recursion_limit_keeps_the_headers():
+    # Thousands of nested multiparts exhaust the parser's recursion: the message must still show
+    # who sent it and what it is about, not come out blank.
+    depth = 5000
+    raw = b"From: Alice <a@example.com>\r\nSubject: deep\r\nMessage-ID: <deep@x>\r\n"
+    raw += b"Content-Type: multipart/mixed; boundary=b0\r\n\r\n"
+    for i in range(1, depth):
+        raw += f"--b{i - 1}\r\nContent-Type: multipart/mixed; boundary=b{i}\r\n\r\n".encode()
+    raw += f"--b{depth - 1}\r\nContent-Type: text/plain\r\n\r\ndeep\r\n".encode()
+    started = time.perf_counter()
+    parsed = parse_message(raw)
+    assert time.perf_counter() - started < 5
+    assert (parsed.subject, parsed.from_address, parsed.message_id) == ("deep", "a@example.com", "<deep@x>")
+    assert parsed.text_body == ""
+    assert any("too deep" in d for d in parsed.defects)
+
+
 def test_never_raises_on_mutilated_messages():
     msg = build(Subject="Ünïcödé subject")
     msg.set_content("plain body é")

@@ -20,6 +20,7 @@ from datetime import datetime
 from email import policy as email_policy
 from email.generator import BytesGenerator
 from email.message import Message
+from email.parser import BytesParser
 from email.policy import EmailPolicy
 from typing import TypeVar
 
@@ -484,7 +485,14 @@ def _parse(raw: bytes) -> ParsedMessage:
     if not raw.strip():
         defects.append("empty message")
     policy = PARSE_POLICY
-    msg = parse_bytes(raw, policy)
+    try:
+        msg = parse_bytes(raw, policy)
+    except RecursionError:
+        # Nesting deeper than the parser's recursion allows (only hostile mail has it): keep the
+        # headers, so the message still shows its sender and subject, and skip the body.
+        msg = BytesParser(policy=policy).parsebytes(raw, headersonly=True)
+        msg.set_payload("")
+        defects.append("MIME structure too deep or too many parts; the body was skipped")
     headers, parsed = _headers(msg, policy, defects)
 
     subject_entry = _first(parsed, "subject", defects)
