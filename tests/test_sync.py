@@ -341,6 +341,47 @@ def test_a_message_downloads_as_the_server_gave_it(client, user, synced, dovecot
     assert_error_shape(client.get(f"/api/{account_id}/messages/nope/raw", headers=user.headers), 404)
 
 
+def test_html_and_svg_attachments_are_never_run_from_the_api_origin(client, user, dovecot, mail_user, worker):
+    # A sender's HTML or SVG file, downloaded from the API's own origin, must not be able to run
+    # script there: every route that serves it says nosniff and sandboxes it.
+    page = b"<html><body><script>alert(document.domain)</script></body></html>"
+    drawing = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(document.domain)</script></svg>'
+    dovecot.append(
+        mail_user,
+        "INBOX",
+        to_bytes(
+            attachments_message(
+                "Active files",
+                attachments=[("page.html", "text/html", page), ("drawing.svg", "image/svg+xml", drawing)],
+            )
+        ),
+    )
+    account_id = create_account(client, user, imap_account(dovecot, mail_user))
+    status, _ = run_sync(client, user, account_id)
+    assert status["status"] == "success", status
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    [listed] = messages(client, user, account_id, inbox["id"])["messages"]
+    detail = client.get(f"/api/{account_id}/messages/{listed['id']}", headers=user.headers).json()
+    by_name = {a["filename"]: a for a in detail["attachments"]}
+    for name, mime_type, data in (("page.html", "text/html", page), ("drawing.svg", "image/svg+xml", drawing)):
+        attachment = by_name[name]
+        link = urlsplit(attachment["downloadUrl"])
+        served = (
+            client.get(f"/api/{account_id}/attachments/{attachment['id']}/download", headers=user.headers),
+            client.get(f"{link.path}?{link.query}"),
+        )
+        for response in served:
+            assert response.status_code == 200 and response.content.strip() == data
+            assert response.headers["content-type"].startswith(mime_type)
+            assert response.headers["content-disposition"] == f'attachment; filename="{name}"'
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert response.headers["content-security-policy"] == "sandbox"
+    raw = client.get(f"/api/{account_id}/messages/{listed['id']}/raw", headers=user.headers)
+    assert raw.status_code == 200 and b"<script>" in raw.content
+    assert raw.headers["x-content-type-options"] == "nosniff"
+    assert raw.headers["content-security-policy"] == "sandbox"
+
+
 def test_recipients_names_are_listed_by_address(client, user, dovecot, mail_user, worker):
     dovecot.append(
         mail_user,

@@ -8,7 +8,7 @@ from email_service.handlers import principal, runtime
 from email_service.handlers.messages import attachment_view
 from email_service.services import mail as service
 from email_service.services import uploads
-from email_service.storage.disposition import content_disposition
+from email_service.storage.disposition import file_headers
 from email_service.storage.streams import closing_chunks
 
 
@@ -18,11 +18,8 @@ def download_attachment(account_id: str, attachment_id: str) -> Response:
     # Streamed chunk by chunk: a large attachment is never held whole in memory.
     return Response(
         closing_chunks(reader),
-        headers={
-            "Content-Type": attachment.mime_type,
-            "Content-Length": str(reader.size),
-            "Content-Disposition": content_disposition(attachment.filename),
-        },
+        # A sender's file on the API's origin: served as the presigned link serves it, never run.
+        headers={**file_headers(attachment.mime_type, attachment.filename), "Content-Length": str(reader.size)},
     )
 
 

@@ -14,7 +14,7 @@ from email_service.mailbox import moves
 from email_service.models import Attachment, Message
 from email_service.services import mail as service
 from email_service.storage import ObjectStore
-from email_service.storage.disposition import content_disposition
+from email_service.storage.disposition import file_headers
 from email_service.storage.streams import closing_chunks
 
 # The spec's Message.from is a required email; mail without a usable From still has to be listed.
@@ -133,7 +133,8 @@ def get_raw_message(account_id: str, message_id: str) -> Response:
     rt = runtime()
     raw = service.open_raw(rt.db, rt.objects, principal(), account_id, message_id)
     name = f"{' '.join(raw.subject.split())[:100] or 'message'}.eml"
-    headers = {"Content-Type": "message/rfc822", "Content-Disposition": content_disposition(name)}
+    # A sender's bytes on the API's origin, like an attachment: never sniffed into HTML or run.
+    headers = file_headers("message/rfc822", name)
     if isinstance(raw.content, bytes):
         return Response(raw.content, headers=headers)
     # Streamed chunk by chunk, as attachments are: an original may be large.

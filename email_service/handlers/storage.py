@@ -4,7 +4,7 @@ from flask import Response
 
 from email_service.handlers import runtime
 from email_service.services import stored_objects
-from email_service.storage.disposition import content_disposition
+from email_service.storage.disposition import file_headers
 
 
 def get_stored_object(
@@ -16,11 +16,9 @@ def get_stored_object(
     )
     reader = linked.reader
     # Streamed chunk by chunk: an attachment never sits whole in memory.
-    response = Response(iter(reader), status=200, content_type=linked.content_type, direct_passthrough=True)
-    response.headers["Content-Length"] = str(reader.size)
-    response.headers["Content-Disposition"] = content_disposition(linked.filename)
+    response = Response(iter(reader), status=200, direct_passthrough=True)
     # The bytes are users' content served from the API's origin: never let a browser run them.
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Content-Security-Policy"] = "sandbox"
+    response.headers.update(file_headers(linked.content_type, linked.filename))
+    response.headers["Content-Length"] = str(reader.size)
     response.call_on_close(reader.close)
     return response

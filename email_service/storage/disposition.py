@@ -1,4 +1,5 @@
-"""``Content-Disposition`` values (RFC 6266) that every browser reads the same way."""
+"""Headers for users' files served by the API: ``Content-Disposition`` values (RFC 6266) that every
+browser reads the same way, and the headers that keep a browser from running what it downloads."""
 
 from __future__ import annotations
 
@@ -25,6 +26,21 @@ def content_disposition(filename: str | None, *, inline: bool = False) -> str:
     if fallback != name:
         value += f"; filename*=UTF-8''{quote(name, safe=_ATTR_CHARS)}"
     return value
+
+
+# Every file the API serves is a user's or a sender's content (an HTML page, an SVG with a script)
+# on the API's own origin: a browser must never sniff it into something else, and a page that
+# embeds or opens it anyway gets an opaque origin with scripts, forms and plugins disabled.
+UNTRUSTED_CONTENT_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
+
+
+def file_headers(content_type: str, filename: str | None) -> dict[str, str]:
+    """Content-Type, an ``attachment`` Content-Disposition and ``UNTRUSTED_CONTENT_HEADERS``."""
+    return {
+        "Content-Type": content_type,
+        "Content-Disposition": content_disposition(filename),
+        **UNTRUSTED_CONTENT_HEADERS,
+    }
 
 
 def _ascii_fallback(name: str) -> str:
