@@ -763,6 +763,24 @@ def test_hostile_sizes_stay_fast_and_bounded():
     assert any("too many parts" in d for d in parsed.defects)
 
 
+def test_html_that_nests_through_ignored_end_tags_is_kept_as_text_in_time():
+    # HTML ignores an end tag whose element lies under a block element such as <div>: "</span>"
+    # here closes nothing, so each repetition nests one level deeper (80,000 in all), which the
+    # sanitiser takes seconds (quadratic) to build. It must count as too deep.
+    hostile = b"<span><div></span>" * 40000
+    started = time.monotonic()
+    parsed = parse_message(b"From: a@example.com\r\nContent-Type: text/html\r\n\r\n<p>top</p>" + hostile + b"end")
+    assert time.monotonic() - started < 2
+    assert parsed.html_body is None
+    assert parsed.text_body == "top\n\nend"
+    assert any("nested too deeply" in d for d in parsed.defects)
+    # Well-formed markup that closes what it opens is as shallow as it looks.
+    fine = parse_message(
+        b"From: a@example.com\r\nContent-Type: text/html\r\n\r\n" + b"<div><span>x</span></div>" * 40000
+    )
+    assert fine.html_body is not None and not any("nested too deeply" in d for d in fine.defects)
+
+
 # --- the fast paths give the standard library's results -------------------------------------------
 
 

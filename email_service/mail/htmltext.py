@@ -223,20 +223,41 @@ _FLAT = {
 _VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
 
+# The HTML standard's "special" elements (the ones html.parser reports by name). An end tag of
+# any other element (<span>, <b>, <font>...) closes nothing when a special element opened after
+# it is still open: in "<span><div></span>" the </span> is ignored and the <span> stays open.
+_SPECIAL = {
+    "address", "applet", "area", "article", "aside", "base", "basefont", "bgsound", "blockquote",
+    "body", "br", "button", "caption", "center", "col", "colgroup", "dd", "details", "dialog", "dir",
+    "div", "dl", "dt", "embed", "fieldset", "figcaption", "figure", "footer", "form", "frame",
+    "frameset", "h1", "h2", "h3", "h4", "h5", "h6", "head", "header", "hgroup", "hr", "html",
+    "iframe", "img", "input", "keygen", "li", "link", "listing", "main", "marquee", "menu", "meta",
+    "nav", "noembed", "noframes", "noscript", "object", "ol", "p", "param", "plaintext", "pre",
+    "script", "search", "section", "select", "source", "style", "summary", "table", "tbody", "td",
+    "template", "textarea", "tfoot", "th", "thead", "title", "tr", "track", "ul", "wbr", "xmp",
+}  # fmt: skip
+
+
 class _DepthMeter(HTMLParser):
     """Depth as an HTML5 tree builder would reach it: an end tag closes only an element that is
-    open (up to the innermost of that name); one that matches nothing is ignored, as there."""
+    open (up to the innermost of that name); one that matches nothing is ignored, as there, and
+    so is the end tag of a non-special element when a special one opened after it is open."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=False)
         self.open: list[str] = []
-        self.open_by_name: dict[str, int] = {}
+        # Where each name's open elements, and the special ones, sit in ``open`` (innermost last):
+        # an end tag is judged without walking the stack, so this stays linear on any markup.
+        self.open_at: dict[str, list[int]] = {}
+        self.special_at: list[int] = []
         self.deepest = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag not in _FLAT:
+            self.open_at.setdefault(tag, []).append(len(self.open))
+            if tag in _SPECIAL:
+                self.special_at.append(len(self.open))
             self.open.append(tag)
-            self.open_by_name[tag] = self.open_by_name.get(tag, 0) + 1
             self.deepest = max(self.deepest, len(self.open))
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -244,12 +265,17 @@ class _DepthMeter(HTMLParser):
             self.handle_starttag(tag, attrs)
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in _FLAT or not self.open_by_name.get(tag):
+        positions = self.open_at.get(tag)
+        if tag in _FLAT or not positions:
+            return
+        if tag not in _SPECIAL and self.special_at and self.special_at[-1] > positions[-1]:
             return
         # Each element is popped once, so this stays linear however the tags are arranged.
         while True:
             closed = self.open.pop()
-            self.open_by_name[closed] -= 1
+            self.open_at[closed].pop()
+            if self.special_at and self.special_at[-1] == len(self.open):
+                self.special_at.pop()
             if closed == tag:
                 return
 
