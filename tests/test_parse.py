@@ -770,7 +770,7 @@ def test_html_that_nests_through_ignored_end_tags_is_kept_as_text_in_time():
     hostile = b"<span><div></span>" * 40000
     started = time.monotonic()
     parsed = parse_message(b"From: a@example.com\r\nContent-Type: text/html\r\n\r\n<p>top</p>" + hostile + b"end")
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5  # about 0.5 s; the tree builder took 9.5 s
     assert parsed.html_body is None
     assert parsed.text_body == "top\n\nend"
     assert any("nested too deeply" in d for d in parsed.defects)
@@ -779,6 +779,11 @@ def test_html_that_nests_through_ignored_end_tags_is_kept_as_text_in_time():
         b"From: a@example.com\r\nContent-Type: text/html\r\n\r\n" + b"<div><span>x</span></div>" * 40000
     )
     assert fine.html_body is not None and not any("nested too deeply" in d for d in fine.defects)
+    # Nor is a formatting element closed around a block, as mail programs write it: a browser
+    # closes it there (the adoption agency), so it does not nest deeper with each repetition.
+    misnested = b"<font face=Arial><div>Line</font></div><a href='https://example.com'><div>x</a></div>" * 1500
+    shown = parse_message(b"From: a@example.com\r\nContent-Type: text/html\r\n\r\n" + misnested)
+    assert shown.html_body is not None and not any("nested too deeply" in d for d in shown.defects)
 
 
 # --- the fast paths give the standard library's results -------------------------------------------

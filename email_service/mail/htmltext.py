@@ -236,6 +236,9 @@ _SPECIAL = {
     "script", "search", "section", "select", "source", "style", "summary", "table", "tbody", "td",
     "template", "textarea", "tfoot", "th", "thead", "title", "tr", "track", "ul", "wbr", "xmp",
 }  # fmt: skip
+# The formatting elements, whose end tag a browser does not ignore there: its adoption agency
+# closes them around the block ("<font><div>x</font></div>", common in mail, stays shallow).
+_FORMATTING = {"a", "b", "big", "code", "em", "font", "i", "nobr", "s", "small", "strike", "strong", "tt", "u"}
 
 
 class _DepthMeter(HTMLParser):
@@ -250,6 +253,9 @@ class _DepthMeter(HTMLParser):
         # an end tag is judged without walking the stack, so this stays linear on any markup.
         self.open_at: dict[str, list[int]] = {}
         self.special_at: list[int] = []
+        # Formatting elements whose end tag came while a block opened after them was open: each is
+        # closed as soon as it is innermost again, as the adoption agency leaves the tree.
+        self.adopted: set[int] = set()
         self.deepest = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -269,15 +275,24 @@ class _DepthMeter(HTMLParser):
         if tag in _FLAT or not positions:
             return
         if tag not in _SPECIAL and self.special_at and self.special_at[-1] > positions[-1]:
+            if tag in _FORMATTING:
+                self.adopted.add(positions[-1])
             return
         # Each element is popped once, so this stays linear however the tags are arranged.
         while True:
-            closed = self.open.pop()
-            self.open_at[closed].pop()
-            if self.special_at and self.special_at[-1] == len(self.open):
-                self.special_at.pop()
+            closed = self._pop()
             if closed == tag:
-                return
+                break
+        while self.open and len(self.open) - 1 in self.adopted:
+            self._pop()
+
+    def _pop(self) -> str:
+        closed = self.open.pop()
+        self.open_at[closed].pop()
+        self.adopted.discard(len(self.open))
+        if self.special_at and self.special_at[-1] == len(self.open):
+            self.special_at.pop()
+        return closed
 
 
 # Beyond this depth the HTML5 tree builder behind nh3 turns quadratic (see nesting_depth): such
