@@ -294,7 +294,8 @@ class ImapSync:
         and deletions work as any message's. Header sections are small; a batch of them at once.
         """
         limit = size_words(MAX_FETCHED_MESSAGE)
-        for batch in batches(uids, {uid: 64 * 1024 for uid in uids}):
+        for start in range(0, len(uids), BATCH_MESSAGES):
+            batch = uids[start : start + BATCH_MESSAGES]
             incoming = [
                 IncomingMessage(
                     raw=stand_in(m.raw, size_words(sizes[m.uid]), limit),
