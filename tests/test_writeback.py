@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 
 import pytest
 from helpers import TEST_DESTINATIONS, assert_error_shape
@@ -21,12 +22,14 @@ from syncing import (
 )
 
 from email_service.mailbox.imap_sync import ImapSync, remote_folders
+from email_service.mailbox.live import refresh_folder
 from email_service.mailbox.server_moves import write_moves
 from email_service.mailbox.store import IncomingMessage, MailStore
 from email_service.mailbox.writeback import load_pending, write_back
 from email_service.protocols.imap import ImapSession
 from email_service.queue import tasks
 from email_service.queue.locks import AccountLock
+from email_service.runtime import Runtime
 from email_service.services.servers import load_servers
 
 SUBJECT = "Write me back"
@@ -192,6 +195,23 @@ def test_a_change_whose_write_back_gave_up_reaches_the_server_after_the_next_syn
     assert run_sync(client, user, account_id)[0]["status"] == "success"
     assert eventually(lambda: "\\Seen" in (server_flags(dovecot, mail_user, "INBOX") or set()))
     assert client.get(f"/api/{account_id}/messages/{message_id}", headers=user.headers).json()["isRead"] is True
+
+
+def test_a_watched_accounts_look_at_every_folder_also_resumes_a_write_back_that_gave_up(
+    client, user, dovecot, mail_user, message, runtime, backing, monkeypatch
+):
+    # A watched account's automatic sync is the watcher's look at every folder, not a sync job.
+    account_id, message_id = message
+    with monkeypatch.context() as quiet:
+        quiet.setattr(tasks, "push", lambda *args, **kwargs: None)
+        patch(client, user, account_id, message_id, {"isStarred": True})
+    assert give_up_write_backs(runtime, account_id) == 1
+    watcher_runtime = Runtime.build(replace(backing, ca_file=dovecot.ca_file))
+    try:
+        assert refresh_folder(watcher_runtime, user.principal, account_id, None) is not None
+    finally:
+        watcher_runtime.close()
+    assert eventually(lambda: "\\Flagged" in (server_flags(dovecot, mail_user, "INBOX") or set()))
 
 
 def test_a_move_whose_write_back_gave_up_reaches_the_server_after_the_next_sync(

@@ -19,7 +19,9 @@ from email_service.protocols.servers import Protocol
 from email_service.queue import tasks
 from email_service.queue.runner import TaskContext
 from email_service.queue.tasks import TaskFailed, TaskRetry
+from email_service.runtime import Runtime
 from email_service.services.servers import load_servers
+from email_service.tenancy import Principal
 
 log = logging.getLogger(__name__)
 UNDECRYPTABLE = "the stored password cannot be decrypted; set the account's password again"
@@ -49,18 +51,18 @@ def run_sync(context: TaskContext) -> dict[str, Any]:
         raise TaskFailed(str(exc), permanent=exc.permanent) from None
     record_success(runtime.db, principal, account_id, full=not folders)
     if servers.incoming.protocol is Protocol.IMAP:
-        resume_stranded_writes(context)
+        resume_stranded_writes(runtime, principal, account_id)
     log.info("synced account %s: %s", account_id, result.as_dict())
     return result.as_dict()
 
 
-def resume_stranded_writes(context: TaskContext) -> None:
+def resume_stranded_writes(runtime: Runtime, principal: Principal, account_id: str) -> None:
     """Queue again what waits for the server after its write-back gave up, now the server answers.
 
-    The sync is done and stands whatever happens here; what is not queued now is the next one's.
+    Called after a sync that reached the server: a sync job's, or a watcher's look at every
+    folder (a watched account's automatic sync). The sync stands whatever happens here; what is
+    not queued now is the next one's.
     """
-    runtime, principal, account_id = context.runtime, context.principal, context.account_id
-    assert account_id is not None
     try:
         left = stranded(runtime.db, principal, account_id)
         for message_id in left:

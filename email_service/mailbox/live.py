@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from email_service.crypto import CredentialError
 from email_service.mailbox.imap_sync import ImapSync
+from email_service.mailbox.jobs import resume_stranded_writes
 from email_service.mailbox.result import SyncResult
 from email_service.mailbox.schedule import record_success
 from email_service.mailbox.store import MailStore
@@ -55,6 +56,10 @@ def refresh_folder(
         lock.release()
     if result is not None and result.folders_left:
         _queue_sync(runtime, principal, account_id, result.folders_left)
+    if result is not None and folder is None:
+        # A watched account's automatic sync is this look, not a sync job: it resumes the
+        # write-backs that gave up as a job would.
+        resume_stranded_writes(runtime, principal, account_id)
     return result
 
 
