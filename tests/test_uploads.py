@@ -118,3 +118,20 @@ def test_a_download_while_object_storage_is_down_is_503(client, storage_down_cli
         f"/api/{account_id}/attachments/{attachment['id']}/download", headers=user.headers
     )
     assert_error_shape(response, 503, "DEPENDENCY_UNAVAILABLE")
+
+
+def test_a_download_nobody_reads_still_closes_its_stored_object(client, user, account_id, runtime, monkeypatch):
+    # The object was closed by the response's generator, which a HEAD (or a client gone before
+    # the first chunk) never starts: each such request left an object, on S3 a connection, open.
+    attachment = upload(client, user, account_id, "head.pdf", b"%PDF-1.4 looked at, not read").json()
+    opened = []
+    open_object = runtime.objects.open
+
+    def tracked(key):
+        opened.append(open_object(key))
+        return opened[-1]
+
+    monkeypatch.setattr(runtime.objects, "open", tracked)
+    head = client.head(f"/api/{account_id}/attachments/{attachment['id']}/download", headers=user.headers)
+    assert head.status_code == 200 and head.content == b""
+    assert len(opened) == 1 and opened[0]._closed

@@ -7,7 +7,7 @@ from flask import Response
 
 from email_service.errors import NotFoundError
 from email_service.handlers import principal, runtime
-from email_service.handlers.views import ms
+from email_service.handlers.views import ms, streamed
 from email_service.mail.htmltext import sanitize_html
 from email_service.mailbox import changes as message_changes
 from email_service.mailbox import moves
@@ -15,7 +15,6 @@ from email_service.models import Attachment, Message
 from email_service.services import mail as service
 from email_service.storage import ObjectStore
 from email_service.storage.disposition import file_headers
-from email_service.storage.streams import closing_chunks
 
 # The spec's Message.from is a required email; mail without a usable From still has to be listed.
 UNKNOWN_SENDER = "unknown@unknown.invalid"
@@ -137,8 +136,8 @@ def get_raw_message(account_id: str, message_id: str) -> Response:
     headers = file_headers("message/rfc822", name)
     if isinstance(raw.content, bytes):
         return Response(raw.content, headers=headers)
-    # Streamed chunk by chunk, as attachments are: an original may be large.
-    return Response(closing_chunks(raw.content), headers={**headers, "Content-Length": str(raw.content.size)})
+    # Streamed, as attachments are: an original may be large.
+    return streamed(raw.content, headers)
 
 
 def update_message(account_id: str, message_id: str, body: dict[str, Any]) -> tuple[dict, int]:

@@ -1,22 +1,9 @@
-"""Objects being read: a file-like view for APIs that want ``read()``, and chunks for responses."""
+"""A file-like view of an object being read, for APIs that want ``read()`` rather than chunks."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
-from typing import Protocol
-
-
-class _ClosingChunks(Protocol):
-    def __iter__(self) -> Iterator[bytes]: ...
-    def __enter__(self) -> object: ...
-    def __exit__(self, *exc: object) -> None: ...
-
-
-def closing_chunks(reader: _ClosingChunks) -> Iterator[bytes]:
-    """A reader's chunks for a streamed response; the reader is closed when the response ends."""
-    with reader:
-        yield from reader
+from collections.abc import Iterable
 
 
 class ChunkStream(io.RawIOBase):
