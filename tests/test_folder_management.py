@@ -8,6 +8,7 @@ import pytest
 from helpers import assert_error_shape
 from mailservers import ScriptedImapServer, imap_utf7_decode, quote_mailbox
 from messages import plain_message, to_bytes
+from sqlalchemy import text
 from syncing import create_account, folders_by_name, imap_account, messages, run_sync, scripted_account
 
 from email_service.api.app import create_app
@@ -179,6 +180,30 @@ def test_deleting_a_folder_keeps_mail_moved_out_of_it_before_the_server_moved_it
     status, _ = run_sync(client, user, account)
     assert status["result"]["messagesAdded"] == 0 and status["result"]["messagesRemoved"] == 0
     assert [m["id"] for m in messages(client, user, account, inbox["id"])["messages"]] == [ids["Keep me"]]
+
+
+def test_a_folder_rebuilt_on_the_server_is_not_deleted_before_its_moves_are_settled(
+    client, user, dovecot, mail_user, account, runtime, monkeypatch
+):
+    # Its stored UIDs name other mail now, so the moves out of it cannot be made: deleting it
+    # anyway destroyed the message the user had just moved out of it.
+    made = create(client, user, account, name="Rebuilt")
+    assert made.status_code == 201, made.text
+    folder = made.json()
+    dovecot.append(mail_user, "Rebuilt", to_bytes(plain_message("Moved to safety")))
+    run_sync(client, user, account)
+    [kept] = messages(client, user, account, folder["id"])["messages"]
+    inbox = folders_by_name(client, user, account)["INBOX"]
+    monkeypatch.setattr(moves, "enqueue_server_moves", lambda *args: None)
+    moved = client.post(
+        f"/api/{account}/messages/{kept['id']}/move", json={"folderId": inbox["id"]}, headers=user.headers
+    )
+    assert moved.status_code == 200, moved.text
+    with runtime.db.maintenance_session() as session:  # as after the server gave it a new UIDVALIDITY
+        session.execute(text("UPDATE folders SET uidvalidity = uidvalidity + 1 WHERE id = :id"), {"id": folder["id"]})
+    refused = client.delete(f"/api/{account}/folders/{folder['id']}", headers=user.headers)
+    assert_error_shape(refused, 409, "ACCOUNT_BUSY")
+    assert "Rebuilt" in server_folders(dovecot, mail_user) and server_count(dovecot, mail_user, "Rebuilt") == 1
 
 
 def test_deleting_a_folder_deletes_mail_moved_into_it_before_the_server_moved_it(

@@ -310,6 +310,13 @@ def _settle_moves(runtime: Runtime, principal: Principal, account_id: str, held:
         # Their stored UIDs name other mail now: as after the write-back job, a sync of those
         # folders drops these moves and brings the folders in again.
         tasks.enqueue(runtime, TaskKind.SYNC, principal, account_id=account_id, params={"folders": exc.folders})
+        if folder.name in exc.folders:
+            # Its moves out were not made, so the mail the user moved to safety is still in it:
+            # deleting it now would destroy that mail. After the sync, the moves are settled.
+            raise ConflictError(
+                "the folder was rebuilt on the server since the last sync; try again once it is synced",
+                code="ACCOUNT_BUSY",
+            ) from None
 
 
 def delete_folder(runtime: Runtime, principal: Principal, account_id: str, folder_id: str) -> None:
