@@ -170,6 +170,20 @@ def test_a_sync_before_the_write_back_does_not_undo_the_change(client, user, dov
     assert eventually(lambda: "\\Seen" in (server_flags(dovecot, mail_user, "INBOX") or set()), timeout=60)
 
 
+def test_a_change_pending_from_before_fields_were_kept_is_still_written_whole(
+    client, user, dovecot, mail_user, message, runtime, monkeypatch
+):
+    # A row pending with no fields listed (from before migration 0020) stands for every field.
+    # The next edit listed only its own, so the earlier change (here: the star) was never written.
+    account_id, message_id = message
+    with runtime.db.maintenance_session() as session:
+        session.execute(
+            text("UPDATE messages SET is_starred = true, writeback_pending = true WHERE id = :id"), {"id": message_id}
+        )
+    patch(client, user, account_id, message_id, {"isRead": True})
+    assert eventually(lambda: {"\\Seen", "\\Flagged"} <= (server_flags(dovecot, mail_user, "INBOX") or set()))
+
+
 def give_up_write_backs(runtime, account_id) -> int:
     """Fail the account's waiting write-backs as their last retry does when the server stays down."""
     with runtime.db.maintenance_session() as session:

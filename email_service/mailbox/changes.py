@@ -11,6 +11,7 @@ from email_service.changes import entries as changes
 from email_service.changes.log import record
 from email_service.errors import NotFoundError
 from email_service.mailbox.moves import waits_for_server_move
+from email_service.mailbox.writeback import WRITTEN_FIELDS
 from email_service.models import Account, Message, TaskKind
 from email_service.queue import tasks
 from email_service.runtime import Runtime
@@ -43,11 +44,14 @@ def update_message(
             moving = message.uid is None and waits_for_server_move(session, message.id)
             on_server = account.protocol == "imap" and (message.uid is not None or moving)
             message.updated_at = datetime.now(UTC)
+            # A row pending with no fields listed (from before they were kept) waits to be written
+            # whole: naming only this change's fields would drop the earlier one.
+            waiting = WRITTEN_FIELDS if message.writeback_pending and not message.writeback_fields else set()
             # Never cleared here: a change still waiting for the server keeps waiting.
             message.writeback_pending = message.writeback_pending or on_server
             if on_server:
                 # Only what changed here goes to the server: another client's flags stay.
-                message.writeback_fields = sorted(set(message.writeback_fields or ()) | set(columns))
+                message.writeback_fields = sorted(set(message.writeback_fields or ()) | waiting | set(columns))
             # The flush runs the UPDATE, and with it the trigger that keeps the folder's counts.
             session.flush()
             if on_server and not moving:
