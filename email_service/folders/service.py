@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cuid2 import Cuid
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from email_service.changes import entries as changes
@@ -33,10 +33,11 @@ from email_service.mail.folders import (
     parse_list_line,
 )
 from email_service.mail.utf7 import decode_mailbox_name, encode_mailbox_name
+from email_service.mailbox.moves import server_moves_wait
 from email_service.mailbox.server_moves import write_moves
 from email_service.mailbox.store import MailStore
 from email_service.mailbox.writeback import FolderRenumbered
-from email_service.models import Account, Folder, MessageMove, TaskKind
+from email_service.models import Account, Folder, TaskKind
 from email_service.protocols.errors import AuthenticationFailed, ConnectionFailed, MailServerError
 from email_service.protocols.imap import ImapSession
 from email_service.protocols.servers import Protocol
@@ -292,17 +293,7 @@ def _settle_moves(runtime: Runtime, principal: Principal, account_id: str, held:
     the mail the user had moved to safety, and bring back in its old folder the mail the user
     had put in the folder to delete. The account is held, as the write-back job would hold it.
     """
-    with runtime.db.tenant_session(principal) as session:
-        waiting = session.scalar(
-            select(MessageMove.id)
-            .where(
-                MessageMove.account_id == account_id,
-                MessageMove.uid.is_not(None),
-                or_(MessageMove.source_folder_id == folder.id, MessageMove.target_folder_id == folder.id),
-            )
-            .limit(1)
-        )
-    if waiting is None:
+    if not server_moves_wait(runtime, principal, account_id, folder.id):
         return
     try:
         write_moves(runtime, principal, account_id, held.servers)

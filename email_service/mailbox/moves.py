@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, load_only
 
 from email_service.changes import entries as changes
@@ -319,13 +319,18 @@ def enqueue_server_moves(runtime: Runtime, principal: Principal, account_id: str
         tasks.enqueue(runtime, TaskKind.WRITEBACK, principal, account_id=account_id)
 
 
+def server_moves_wait(runtime: Runtime, principal: Principal, account_id: str, folder_id: str | None = None) -> bool:
+    """Whether moves of the account's messages (into or out of ``folder_id``, if given) wait for the server."""
+    query = select(MessageMove.id).where(MessageMove.account_id == account_id, MessageMove.uid.is_not(None))
+    if folder_id is not None:
+        query = query.where(or_(MessageMove.source_folder_id == folder_id, MessageMove.target_folder_id == folder_id))
+    with runtime.db.tenant_session(principal) as session:
+        return session.scalar(query.limit(1)) is not None
+
+
 def resume_server_moves(runtime: Runtime, principal: Principal, account_id: str) -> None:
     """Queue the account's moves again if any wait for the server: their task may have run out of tries."""
-    with runtime.db.tenant_session(principal) as session:
-        waiting = session.scalar(
-            select(MessageMove.id).where(MessageMove.account_id == account_id, MessageMove.uid.is_not(None)).limit(1)
-        )
-    if waiting is not None:
+    if server_moves_wait(runtime, principal, account_id):
         enqueue_server_moves(runtime, principal, account_id)
 
 
