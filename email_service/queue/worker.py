@@ -77,7 +77,8 @@ class ServicePool(WorkerPool):
     dies at once with a traceback, so the pool forked and logged in a tight loop (40 tracebacks
     in 15 s from two processes) for as long as the outage lasted. A process that dies within
     ``QUICK_DEATH_SECONDS`` of its start doubles the pause before the pool starts any other
-    (from 1 s up to ``MAX_RESPAWN_PAUSE``); one that lived longer ends the pauses.
+    (from 1 s up to ``MAX_RESPAWN_PAUSE``), once for all that died in one round; one that lived
+    longer ends the pauses.
     """
 
     QUICK_DEATH_SECONDS = 30.0
@@ -88,6 +89,7 @@ class ServicePool(WorkerPool):
         self._born: dict[str, float] = {}
         self._pause = 0.0
         self._respawn_at = 0.0
+        self._quick_deaths = 0  # in the current round
 
     def start_worker(self, *args: Any, **kwargs: Any) -> None:
         super().start_worker(*args, **kwargs)
@@ -98,14 +100,22 @@ class ServicePool(WorkerPool):
         now = time.monotonic()
         lived = now - self._born.pop(worker_data.name, now)
         if lived < self.QUICK_DEATH_SECONDS:
-            self._pause = min(self.MAX_RESPAWN_PAUSE, max(1.0, self._pause * 2))
-            self._respawn_at = now + self._pause
-            log.warning("worker process died %.0f s after its start; none is started for %.0f s", lived, self._pause)
+            self._quick_deaths += 1
         else:
             self._pause = 0.0
         super().handle_dead_worker(worker_data)
 
     def check_workers(self, respawn: bool = True) -> None:
+        self._quick_deaths = 0
+        self.reap_workers()  # counts this round's quick deaths
+        if self._quick_deaths:
+            self._pause = min(self.MAX_RESPAWN_PAUSE, max(1.0, self._pause * 2))
+            self._respawn_at = time.monotonic() + self._pause
+            log.warning(
+                "%d worker process(es) died soon after starting; none is started for %.0f s",
+                self._quick_deaths,
+                self._pause,
+            )
         super().check_workers(respawn=respawn and time.monotonic() >= self._respawn_at)
 
 
