@@ -8,7 +8,7 @@ from sqlalchemy import text
 
 from email_service.db import Database
 from email_service.errors import ForbiddenError, NotFoundError
-from email_service.storage import ObjectNotFound, ObjectReader, ObjectStore
+from email_service.storage import ObjectNotFound, ObjectReader, ObjectStore, unavailable_if_unreachable
 from email_service.storage.filesystem import FilesystemStore
 from email_service.storage.links import LinkExpired, LinkInvalid
 
@@ -62,7 +62,8 @@ def open_linked_object(
         # The account was deleted: its links stop working at once, before its files are removed.
         raise NotFoundError("The linked object no longer exists")
     try:
-        reader = store.open(key)
+        with unavailable_if_unreachable():
+            reader = store.open(key)
     except ObjectNotFound:
         raise NotFoundError("The linked object no longer exists") from None
     return LinkedObject(reader, content_type or reader.content_type or DEFAULT_CONTENT_TYPE, filename or None)
