@@ -32,7 +32,7 @@ from email_service.outgoing import jobs
 from email_service.protocols.smtp import SmtpSession
 from email_service.queue import tasks
 from email_service.queue.runner import TaskContext, reap, run_failure_hook
-from email_service.queue.tasks import TaskFailed, TaskRetry
+from email_service.queue.tasks import TaskDeferred, TaskFailed, TaskRetry
 from email_service.runtime import Runtime
 
 
@@ -446,6 +446,80 @@ def test_a_draft_whose_append_answer_was_lost_is_filed_once(
     assert run_sync(client, user, account_id)[0]["status"] == "success"
     drafts = folders_by_name(client, user, account_id)["Drafts"]
     assert [m["id"] for m in messages(client, user, account_id, drafts["id"])["messages"]] == [draft_id]
+
+
+def proxied_smtp_account(dovecot, mail_user, smtp, proxy) -> dict:
+    """An account whose IMAP side goes through ``proxy`` (plain text) and which sends through ``smtp``."""
+    return smtp_account(dovecot, mail_user, smtp, hostname="127.0.0.1", port=proxy.port, encryption="none")
+
+
+def until_the_account_is_free(run, timeout: float = 30.0):
+    """``run()`` again while it waits for the account (the sync's worker lets go of it just after its end)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return run()
+        except TaskDeferred:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def sent_on_server(dovecot, mail_user, subject: str) -> int:
+    return sum(1 for found, _ in server_subjects(dovecot, mail_user, "Sent") if found == subject)
+
+
+def test_a_sent_copy_whose_append_answer_was_lost_is_filed_once_by_the_next_try(
+    client, user, dovecot, mail_user, smtp_server, worker
+):
+    # The Sent copy's APPEND reached the server and its answer was lost: the task ended with
+    # "not filed", and the copy the server had was never tied to the message.
+    smtp = smtp_server("starttls", unknown_recipients=["ghost@example.org"])
+    proxy = AnswerLosingProxy(dovecot.imap_port, b"APPEND")
+    account_id = create_account(client, user, proxied_smtp_account(dovecot, mail_user, smtp, proxy))
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    accepted = send(client, user, account_id, subject="Copied once", to=["bob@example.org", "ghost@example.org"])
+    status = wait_task(client, user, accepted.json()["taskId"], timeout=90)
+    proxy.close()
+    assert proxy.lost.is_set()
+    assert status["status"] == "success", status
+    # The try that filed the copy reports what the delivering try learnt; nothing went out twice.
+    assert status["result"] == {
+        "delivered": True,
+        "refusedRecipients": {"ghost@example.org": "550 5.1.1 No such user here"},
+        "sentCopy": "filed in Sent",
+    }
+    assert len(smtp.messages) == 1 and sent_on_server(dovecot, mail_user, "Copied once") == 1
+
+
+def test_a_sync_between_a_lost_append_answer_and_the_next_try_leaves_one_sent_copy(
+    client, send_runtime, user, dovecot, mail_user, smtp_server, worker, monkeypatch
+):
+    smtp = smtp_server("starttls")
+    proxy = AnswerLosingProxy(dovecot.imap_port, b"APPEND")
+    account_id = create_account(client, user, proxied_smtp_account(dovecot, mail_user, smtp, proxy))
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    with monkeypatch.context() as held:
+        held.setattr(tasks, "push", lambda *args, **kwargs: None)  # the test runs the send's tries itself
+        accepted = send(client, user, account_id, subject="Synced in between").json()
+    first = run_as(send_runtime, user, accepted, "first")
+    with pytest.raises(TaskRetry, match="delivered; the copy is not filed in Sent yet") as retry:
+        jobs.run_send(first)
+    assert retry.value.otherwise["delivered"] is True
+    assert retry.value.otherwise["sentCopy"].startswith("not filed on the server")
+    assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "sent"
+    # A sync before the next try takes the server's copy for a new message.
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    sent = folders_by_name(client, user, account_id)["Sent"]["id"]
+    assert len(messages(client, user, account_id, sent)["messages"]) == 2
+    second = replace(run_as(send_runtime, user, accepted, "second"), attempt=2, earlier_result=retry.value.otherwise)
+    assert until_the_account_is_free(lambda: jobs.run_send(second))["sentCopy"] == "filed in Sent"
+    proxy.close()
+    assert len(smtp.messages) == 1 and sent_on_server(dovecot, mail_user, "Synced in between") == 1
+    listed = messages(client, user, account_id, sent)
+    assert [m["id"] for m in listed["messages"]] == [accepted["messageId"]] and listed["pagination"]["total"] == 1
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    assert [m["id"] for m in messages(client, user, account_id, sent)["messages"]] == [accepted["messageId"]]
 
 
 def sent_detail(client, user, account_id, message_id) -> dict:

@@ -27,6 +27,7 @@ from email_service.changes.log import Entry, record
 from email_service.db import among
 from email_service.errors import ConflictError, NotFoundError
 from email_service.mail.folders import SPAM, TRASH, selectable
+from email_service.mailbox.store import MailStore
 from email_service.models import Account, Attachment, Folder, Message, MessageMove, Task, TaskKind, TaskStatus
 from email_service.queue import tasks
 from email_service.runtime import Runtime
@@ -170,6 +171,7 @@ def filed_on_server(
     no UID, so it simply moved) or deleted while the copy was stored, the copy follows it there:
     a ``MessageMove`` from where the server has it, for the account's next write-back.
     """
+    _forget_synced_copy(runtime, principal, message_id, folder_id, uid)
     with runtime.db.tenant_session(principal) as session:
         message = session.scalar(
             select(Message).options(load_only(*MOVED_COLUMNS)).where(Message.id == message_id).with_for_update()
@@ -199,6 +201,24 @@ def filed_on_server(
         )
     log.info("message %s moved while its copy was filed; the copy follows it on the server", message_id)
     enqueue_server_moves(runtime, principal, account_id)
+
+
+def _forget_synced_copy(runtime: Runtime, principal: Principal, message_id: str, folder_id: str, uid: int) -> None:
+    """Drop the row a sync made of the copy just filed for ``message_id``, if one ran first.
+
+    A task whose APPEND answer was lost finds the copy on its next try; a sync that ran in
+    between took that copy for a new message. It is this message's copy: the row written here
+    (whose id the client knows) keeps the UID, and the sync's row goes.
+    """
+    with runtime.db.tenant_session(principal) as session:
+        folder = session.get(Folder, folder_id)
+        synced = session.scalar(
+            select(Message.id).where(Message.folder_id == folder_id, Message.uid == uid, Message.id != message_id)
+        )
+    if folder is None or synced is None:
+        return
+    MailStore(runtime.db, runtime.objects, principal, folder.account_id).remove_uids(folder, [uid])
+    log.info("message %s: the copy a sync took for a new message is its own", message_id)
 
 
 def _target(folders: dict[str, Folder], folder_id: str | None, *, trash_optional: bool = False) -> Folder | None:

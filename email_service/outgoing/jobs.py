@@ -65,7 +65,11 @@ def run_send(context: TaskContext) -> dict[str, Any]:
     """Deliver a message written through the API over SMTP, then file the copy in Sent."""
     runtime, principal = context.runtime, context.principal
     message = _load(context)
-    result: dict[str, Any] = {"delivered": True, "refusedRecipients": {}}
+    # A try after delivery (only the Sent copy was left) reports what the delivering try learnt.
+    result: dict[str, Any] = {
+        "delivered": True,
+        "refusedRecipients": context.earlier_result.get("refusedRecipients", {}),
+    }
     if message.status is DeliveryStatus.SENDING:
         raise TaskFailed(LOST_WHILE_SENDING)  # the failure hook marks the message ambiguous
     if message.status in (DeliveryStatus.AMBIGUOUS, DeliveryStatus.FAILED):
@@ -120,7 +124,17 @@ def run_send(context: TaskContext) -> dict[str, Any]:
         delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.SENT)
         result["refusedRecipients"] = {addr: f"{code} {text}" for addr, (code, text) in outcome.refused.items()}
     context.progress(60)
-    result["sentCopy"] = _file_copy(context, message, ("\\Seen",))
+    try:
+        result["sentCopy"] = _file_copy(context, message, ("\\Seen",))
+    except MailServerError as exc:
+        # Delivered; only the copy waits for the IMAP server. The next try files it (or finds the
+        # one this try stored without hearing back) and sends nothing, as the message is sent.
+        # Once the tries run out the task still succeeds: the message went out.
+        log.warning("sent message %s not filed on the server yet: %s", message.message_id, exc)
+        raise TaskRetry(
+            f"delivered; the copy is not filed in {message.folder_name} yet: {exc}",
+            otherwise={**result, "sentCopy": f"not filed on the server: {exc}"},
+        ) from None
     context.progress(100)
     return result
 
@@ -144,7 +158,10 @@ def send_failed(context: TaskContext, message: str, permanent: bool) -> None:
 def run_draft(context: TaskContext) -> dict[str, Any]:
     """Put a draft saved through the API into the server's Drafts folder with \\Draft."""
     message = _load(context)
-    return {"draftCopy": _file_copy(context, message, ("\\Draft", "\\Seen"), raise_errors=True)}
+    try:
+        return {"draftCopy": _file_copy(context, message, ("\\Draft", "\\Seen"), raise_errors=True)}
+    except MailServerError as exc:
+        raise TaskRetry(str(exc)) from None
 
 
 def _filed_before(
@@ -171,7 +188,11 @@ def _filed_before(
 def _file_copy(
     context: TaskContext, message: delivery.Outgoing, flags: tuple[str, ...], *, raise_errors: bool = False
 ) -> str:
-    """APPEND the message to its folder on the IMAP server; returns what happened, in words."""
+    """APPEND the message to its folder on the IMAP server; returns what happened, in words.
+
+    A temporary failure of the server is raised (``MailServerError``) for the caller's task to
+    try again; a permanent one fails a draft's task, and is the answer for a sent message's copy.
+    """
     if message.uid is not None:
         return "already on the server"
     runtime, principal, account_id = context.runtime, context.principal, context.account_id
@@ -209,10 +230,10 @@ def _file_copy(
                 if appended is None:
                     appended = session.append(folder_name, message.data, flags, message.date)
         except MailServerError as exc:
+            if not exc.permanent:
+                raise  # the server may take it later: the caller's task tries again
             if raise_errors:
-                if exc.permanent:
-                    raise TaskFailed(str(exc), permanent=True) from None
-                raise TaskRetry(str(exc)) from None
+                raise TaskFailed(str(exc), permanent=True) from None
             log.warning("sent message %s not filed on the server: %s", message.message_id, exc)
             return f"not filed on the server: {exc}"
         if appended is not None:

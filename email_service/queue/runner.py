@@ -80,6 +80,8 @@ class TaskContext:
     attempt: int
     carrier_id: str
     holds_account: bool = False  # the runner holds the account's lock for the whole run
+    # What an earlier try recorded of its work when it asked to be tried again (``TaskRetry.otherwise``).
+    earlier_result: dict[str, Any] = field(default_factory=dict)
     started_at: datetime | None = None  # when this run of the task began (None: not known)
     _progress: int = 0
     _reported_at: float = field(default=0.0)
@@ -181,10 +183,12 @@ def _run(context: TaskContext, rules: TaskPolicy) -> None:
         _defer(context, deferred)
     except TaskRetry as retry:
         delay = rules.retry_delay(context.attempt)
-        if delay is None:
+        if delay is None and retry.otherwise is not None:
+            _finish(context, TaskStatus.SUCCESS, result=retry.otherwise)
+        elif delay is None:
             _fail(context, retry.message, permanent=False)
         else:
-            _retry(context, retry.message, delay)
+            _retry(context, retry.message, delay, retry.otherwise)
     except TaskFailed as failed:
         _fail(context, failed.message, permanent=failed.permanent)
     except JobTimeoutException:
@@ -226,6 +230,7 @@ def _claim(runtime: Runtime, principal: Principal, task_id: str, carrier_id: str
         attempt=task.attempts,
         carrier_id=carrier_id,
         started_at=task.started_at,
+        earlier_result=dict(task.result or {}),
         _progress=task.progress,
     )
 
@@ -278,10 +283,12 @@ def run_failure_hook(runtime: Runtime, kind: TaskKind, context: TaskContext, mes
         log.exception("failure hook of %s task %s failed", kind, getattr(context, "task_id", "?"))
 
 
-def _retry(context: TaskContext, message: str, delay: int) -> None:
+def _retry(context: TaskContext, message: str, delay: int, result: dict[str, Any] | None = None) -> None:
     run_after = datetime.now(UTC) + timedelta(seconds=delay)
     metrics.job_ended(context.kind, "retry", context.started)
-    if _update(context, status=TaskStatus.RETRY, error=message, run_after=run_after):
+    # The work done so far is kept for the next try (shown only once the task succeeds).
+    kept = {} if result is None else {"result": result}
+    if _update(context, status=TaskStatus.RETRY, error=message, run_after=run_after, **kept):
         log.info("task %s: try %d failed (%s); next in %d s", context.task_id, context.attempt, message, delay)
         push(context.runtime, context.task_id, context.principal, context.kind, delay=delay)
 

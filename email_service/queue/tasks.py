@@ -47,11 +47,17 @@ class TaskFailed(Exception):
 
 
 class TaskRetry(Exception):
-    """A failure worth trying again: the kind's policy says when, or fails the task when no try is left."""
+    """A failure worth trying again: the kind's policy says when, or fails the task when no try is left.
 
-    def __init__(self, message: str) -> None:
+    ``otherwise``: the result the task succeeds with when no try is left, for work whose main
+    part is done and only a courtesy after it failed (a delivered message whose Sent copy could
+    not be filed is not a failed send).
+    """
+
+    def __init__(self, message: str, *, otherwise: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.otherwise = otherwise
 
 
 class TaskDeferred(Exception):
