@@ -1052,11 +1052,15 @@ class ScriptedPop3Server:
 
     ``messages`` are sent for RETR exactly as given, between the "+OK" and the final ".", so a
     test chooses line lengths, line ends and dot-stuffing. Any USER and PASS are accepted; UIDL
-    lists ``uidl-1``, ``uidl-2``, ...; other commands get -ERR. ``commands`` records what came.
+    lists ``uidl-1``, ``uidl-2``, ...; LIST each message's length, or ``listed_sizes`` for a server
+    whose LIST is wrong; TOP n 0 a message's lines up to its first empty one when ``top`` (TOP is
+    optional); other commands get -ERR. ``commands`` records what came.
     """
 
-    def __init__(self, messages: list[bytes]) -> None:
+    def __init__(self, messages: list[bytes], *, listed_sizes: list[int] | None = None, top: bool = False) -> None:
         self.messages = messages
+        self.listed_sizes = [len(m) for m in messages] if listed_sizes is None else listed_sizes
+        self.top = top
         self.commands: list[bytes] = []
         self.listener = socket.create_server((LOOPBACK, 0))
         self.port = self.listener.getsockname()[1]
@@ -1068,8 +1072,21 @@ class ScriptedPop3Server:
         if verb == b"UIDL":
             listing = b"".join(b"%d uidl-%d\r\n" % (n, n) for n in range(1, len(self.messages) + 1))
             return b"+OK\r\n" + listing + b".\r\n"
+        if verb == b"LIST":
+            listing = b"".join(b"%d %d\r\n" % (n, size) for n, size in enumerate(self.listed_sizes, 1))
+            return b"+OK\r\n" + listing + b".\r\n"
         if verb == b"RETR" and argument.isdigit() and 1 <= int(argument) <= len(self.messages):
             return b"+OK message follows\r\n" + self.messages[int(argument) - 1] + b".\r\n"
+        number, _, lines = argument.partition(b" ")
+        if (
+            verb == b"TOP"
+            and self.top
+            and lines == b"0"
+            and number.isdigit()
+            and 1 <= int(number) <= len(self.messages)
+        ):
+            head = re.split(rb"(?<=\n)\r?\n", self.messages[int(number) - 1], maxsplit=1)[0]
+            return b"+OK top of message follows\r\n" + head + b"\r\n.\r\n"
         return b"-ERR not here\r\n"
 
     def _serve(self) -> None:
@@ -1088,7 +1105,7 @@ class ScriptedPop3Server:
 
 
 class CapabilityHidingProxy:
-    """A plain-text TCP proxy to an IMAP server that hides some of its capabilities.
+    """A plain-text TCP proxy to an IMAP (or POP3) server that hides some of its capabilities.
 
     For servers unlike Dovecot, which always offers AUTH=PLAIN beside LOGIN (its LOGIN is PLAIN
     inside). Every connection goes to ``port`` on 127.0.0.1; what the client sends passes

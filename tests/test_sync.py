@@ -542,17 +542,105 @@ def test_pop3_message_over_the_limits_is_reported_and_the_others_arrive(client, 
         result = Pop3Sync(store, session, lambda _progress: None).run()
     server.close()
     assert result.messages_added == 2
-    assert [error.split(" is over ")[0] for error in result.errors] == [
-        f"message 1 at 127.0.0.1:{server.port}",
-        f"message 3 at 127.0.0.1:{server.port}",
+    # This server has no TOP (it is optional): the message LIST says is too large cannot be shown
+    # by its headers, and is said and skipped without being downloaded.
+    assert result.errors == [
+        f"message 1 at 127.0.0.1:{server.port} is over 9 KB or has a line over 0 KB; it was not downloaded",
+        "message 3 is 17 KB, over 9 KB; it was not downloaded and its headers could not be fetched:"
+        f" 127.0.0.1:{server.port} refused the request: -ERR not here",
     ]
-    assert all(error.endswith("it was not downloaded") for error in result.errors)
+    assert b"RETR 3" not in server.commands and b"TOP 3 0" in server.commands
     assert b"RETR 4" in server.commands and server.commands[-1] == b"QUIT"
     inbox = store.folders()["INBOX"]
     stored = {m["subject"]: m for m in messages(client, user, account_id, inbox.id)["messages"]}
     assert set(stored) == {"Fits", "Bare line ends"}
     detail = client.get(f"/api/{account_id}/messages/{stored['Fits']['id']}", headers=user.headers).json()
     assert "\n.starts with a dot" in detail["body"]
+
+
+def _pop3_sync(store, dovecot, mail_user) -> tuple:
+    """One POP3 sync of ``mail_user``'s mailbox through a proxy; the result and what the client sent."""
+    proxy = CapabilityHidingProxy(dovecot.pop3_port, hide=["X-NOTHING-HIDDEN"])
+    login = (dovecot.ip, proxy.port, "none", mail_user.name, mail_user.password)
+    with Pop3Session(*login, destinations=TEST_DESTINATIONS) as session:
+        result = Pop3Sync(store, session, lambda _progress: None).run()
+    proxy.close()
+    return result, b"".join(proxy.sent)
+
+
+@pytest.fixture
+def pop3_huge(client, runtime, user, dovecot, mail_user, monkeypatch):
+    """A POP3 mailbox with a message over a small download limit between two that fit, synced once."""
+    monkeypatch.setattr(pop3, "MAX_POP3_MESSAGE", 20_000)
+    small = [to_bytes(plain_message("Small before")), to_bytes(attachments_message("Small after"))]
+    dovecot.append(mail_user, "INBOX", small[0])
+    dovecot.append(mail_user, "INBOX", to_bytes(attachments_message("Huge", attachments=[LARGE_FILE])))
+    dovecot.append(mail_user, "INBOX", small[1])
+    account_id = create_account(
+        client, user, imap_account(dovecot, mail_user, protocol="pop3", port=dovecot.pop3s_port)
+    )
+    store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
+    result, sent = _pop3_sync(store, dovecot, mail_user)
+    inbox = folders_by_name(client, user, account_id)["INBOX"]
+    listed = {m["subject"]: m for m in messages(client, user, account_id, inbox["id"])["messages"]}
+    return account_id, store, result, sent, listed, small
+
+
+def test_pop3_message_over_the_size_limit_is_shown_by_its_headers_and_not_downloaded_again(
+    client, user, dovecot, mail_user, pop3_huge
+):
+    # It used to be downloaded whole at every sync, thrown away, and never shown.
+    account_id, store, result, sent, listed, _ = pop3_huge
+    assert result.messages_added == 3
+    assert result.errors == ["Inbox: 1 message(s) over 19 KB not downloaded, shown by their headers (message 2)"]
+    assert b"RETR 2" not in sent and b"TOP 2 0" in sent and sent.count(b"LIST") == 1
+    assert sorted(listed) == ["Huge", "Small after", "Small before"]
+    huge = client.get(f"/api/{account_id}/messages/{listed['Huge']['id']}", headers=user.headers).json()
+    assert (huge["from"], huge["fromName"]) == ("alice@example.com", "Alice Example")
+    assert huge["attachments"] == [] and "only its headers are shown" in huge["body"]
+    assert "more than the 19 KB this service downloads" in huge["body"] and "eHh4eHh4" not in huge["body"]
+    # Known by its UIDL: the next sync neither downloads it nor says it again.
+    again, sent = _pop3_sync(store, dovecot, mail_user)
+    assert again.messages_added == 0 and again.errors == []
+    assert b"RETR" not in sent and b"TOP" not in sent
+
+
+def test_pop3_messages_beside_one_over_the_size_limit_arrive_whole(client, user, pop3_huge):
+    # Fetched whole, in the same session as the header section of the one between them.
+    account_id, _, _, sent, listed, small = pop3_huge
+    fetches = [line for line in sent.split(b"\r\n") if line.startswith((b"RETR", b"TOP"))]
+    assert fetches == [b"RETR 1", b"TOP 2 0", b"RETR 3"]
+    for subject, original in zip(["Small before", "Small after"], small, strict=True):
+        raw = client.get(f"/api/{account_id}/messages/{listed[subject]['id']}/raw", headers=user.headers)
+        assert raw.status_code == 200 and raw.content == original
+    detail = client.get(f"/api/{account_id}/messages/{listed['Small after']['id']}", headers=user.headers).json()
+    assert {a["filename"] for a in detail["attachments"]} == {ATTACHMENT_NAME, "notes.txt", "logo.png"}
+
+
+def test_pop3_message_larger_than_its_listed_size_is_shown_by_its_headers(client, runtime, user, monkeypatch):
+    # A server whose LIST says less than a message is: RETR's own limit still holds, and the
+    # message, read once to its end, is then stored by its headers instead of read at every sync.
+    monkeypatch.setattr(pop3, "MAX_POP3_MESSAGE", 10_000)
+    listed_small = [to_bytes(plain_message("Fits")), long_line_message("Too large", ("y" * 900 + "\r\n") * 20)]
+    server = ScriptedPop3Server(listed_small, listed_sizes=[len(listed_small[0]), 900], top=True)
+    account_id = create_account(client, user, scripted_account(server.port, "Scripted POP3", protocol="pop3"))
+    store = MailStore(runtime.db, runtime.objects, user.principal, account_id)
+    login = ("127.0.0.1", server.port, "none", "someone", "secret-password")
+    with Pop3Session(*login, destinations=TEST_DESTINATIONS) as session:
+        result = Pop3Sync(store, session, lambda _progress: None).run()
+    server.close()
+    assert result.messages_added == 2
+    assert result.errors == ["Inbox: 1 message(s) over 9 KB not downloaded, shown by their headers (message 2)"]
+    assert b"RETR 2" in server.commands and b"TOP 2 0" in server.commands
+    inbox = store.folders()["INBOX"]
+    stored = {m["subject"]: m for m in messages(client, user, account_id, inbox.id)["messages"]}
+    detail = client.get(f"/api/{account_id}/messages/{stored['Too large']['id']}", headers=user.headers).json()
+    assert "This message is 17 KB, more than the 9 KB" in detail["body"] and "yyyy" not in detail["body"]
+    again = ScriptedPop3Server(listed_small, listed_sizes=[len(listed_small[0]), 900], top=True)
+    with Pop3Session("127.0.0.1", again.port, *login[2:], destinations=TEST_DESTINATIONS) as session:
+        assert Pop3Sync(store, session, lambda _progress: None).run().messages_added == 0
+    again.close()
+    assert not any(command.startswith((b"RETR", b"TOP")) for command in again.commands)
 
 
 LOGINS = {

@@ -27,3 +27,12 @@ def stand_in(headers: bytes, size_words: str, limit_words: str) -> bytes:
         charset="utf-8",
     )
     return message.as_bytes(policy=email_policy.compat32.clone(linesep="\r\n"))
+
+
+def shown_by_headers(folder: str, label: str, numbers: list[int], limit_words: str) -> str:
+    """A sync's error naming the messages stored by their headers ("Inbox: 1 message(s) over 160 MB ... (UID 7)")."""
+    listed = ", ".join(map(str, numbers[:5])) + (" ..." if len(numbers) > 5 else "")
+    return (
+        f"{folder}: {len(numbers)} message(s) over {limit_words} not downloaded, shown by their headers"
+        f" ({label} {listed})"
+    )

@@ -30,7 +30,7 @@ from email_service.mail.folders import (
 )
 from email_service.mail.parse import parse_message
 from email_service.mail.parse_pool import ParseJob, ParsePool
-from email_service.mail.too_large import stand_in
+from email_service.mail.too_large import shown_by_headers, stand_in
 from email_service.mailbox.heap import return_large_buffers
 from email_service.mailbox.result import ProgressCallback, SyncResult
 from email_service.mailbox.store import IncomingMessage, MailStore, RemoteFolder
@@ -249,9 +249,7 @@ class ImapSync:
         too_large = [uid for uid in uids if sizes.get(uid, 0) > MAX_FETCHED_MESSAGE]
         if too_large:
             self.result.errors.append(
-                f"{folder.display_name}: {len(too_large)} message(s) over {size_words(MAX_FETCHED_MESSAGE)}"
-                " not downloaded, shown by their headers"
-                f" (UID {', '.join(map(str, too_large[:5]))}{' ...' if len(too_large) > 5 else ''})"
+                shown_by_headers(folder.display_name, "UID", too_large, size_words(MAX_FETCHED_MESSAGE))
             )
             self._store_headers_alone(folder, too_large, sizes)
             skipped = set(too_large)

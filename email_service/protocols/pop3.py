@@ -1,4 +1,7 @@
-"""POP3 client used by sync: UIDL to tell what is new, RETR to download, never DELE."""
+"""POP3 client used by sync: UIDL to tell what is new, RETR to download, never DELE.
+
+LIST gives every message's size in one command, TOP n 0 the header section of one too large to download.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,14 @@ MAX_POP3_MESSAGE = MAX_FETCHED_MESSAGE
 
 
 class MessageTooLarge(MailServerError):
-    """One message is over the limits above; it was read to its end, so the session goes on."""
+    """One message is over the limits above; it was read to its end, so the session goes on.
+
+    ``size`` is how large it was as read, all of it: a server's LIST may give another.
+    """
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
 
 
 class Pop3Session(MailSession):
@@ -61,6 +71,20 @@ class Pop3Session(MailSession):
             result[uidl.strip()] = int(number)
         return result
 
+    def sizes(self) -> dict[int, int]:
+        """Message number -> size in octets for every message, as the server's LIST says (one command)."""
+        try:
+            _, lines, _ = self.conn.list()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
+            raise describe(exc, self.host, self.port) from None
+        result = {}
+        for line in lines:
+            fields = line.split()
+            # A line that is not two numbers leaves that size unknown: RETR's own guard still holds.
+            if len(fields) >= 2 and fields[0].isdigit() and fields[1].isdigit():
+                result[int(fields[0])] = int(fields[1])
+        return result
+
     def delete(self, number: int) -> None:
         """Mark a message for deletion; the server deletes it when the session ends with QUIT."""
         try:
@@ -78,31 +102,45 @@ class Pop3Session(MailSession):
 
     def retrieve(self, number: int) -> bytes:
         """The whole message ``number`` with CRLF line ends; ``MessageTooLarge`` when over the limits."""
+        return self._read_message(f"RETR {number}", number)
+
+    def headers(self, number: int) -> bytes:
+        """The header section of message ``number`` (TOP n 0), read within the same limits as RETR.
+
+        TOP is optional (RFC 1939 7): a server without it answers -ERR, a ``MailServerError``
+        that leaves the session usable.
+        """
+        return self._read_message(f"TOP {number} 0", number)
+
+    def _read_message(self, command: str, number: int) -> bytes:
         conn = self.conn
         try:
-            # poplib's retr() reads the message through its 2,048-byte line limit; only the
-            # command and its status line (short by definition) go through poplib here.
-            conn._putcmd(f"RETR {number}")  # noqa: SLF001 - poplib has no public way to send a command alone
+            # poplib's retr() and top() read the message through its 2,048-byte line limit; only
+            # the command and its status line (short by definition) go through poplib here.
+            conn._putcmd(command)  # noqa: SLF001 - poplib has no public way to send a command alone
             conn._getresp()  # noqa: SLF001 - raises error_proto for -ERR
-            raw = _read_multiline(conn.file)
+            raw, size = _read_multiline(conn.file)
         except Exception as exc:  # noqa: BLE001 - every failure becomes one readable error
             raise describe(exc, self.host, self.port) from None
         if raw is None:
             raise MessageTooLarge(
                 f"message {number} at {self.host}:{self.port} is over {size_words(MAX_POP3_MESSAGE)} "
-                f"or has a line over {size_words(MAX_POP3_LINE)}; it was not downloaded"
+                f"or has a line over {size_words(MAX_POP3_LINE)}; it was not downloaded",
+                size,
             )
         return raw
 
 
-def _read_multiline(file: BinaryIO) -> bytes | None:
-    """A multi-line POP3 response up to its terminating ".", dots un-stuffed and lines ended with CRLF.
+def _read_multiline(file: BinaryIO) -> tuple[bytes | None, int]:
+    """A multi-line POP3 response up to its terminating ".", dots un-stuffed and lines ended with CRLF,
+    and its size (what it is or would have been so, counted also when over the limits).
 
     None when a line or the whole is over the limits: the rest is still read (and dropped), so the
     next command's answer is not mistaken for part of this one and memory stays bounded.
     """
     data = bytearray()
     fits = True
+    size = 0
     while True:
         line = file.readline(MAX_POP3_LINE + 1)
         if not line.endswith(b"\n"):
@@ -111,17 +149,20 @@ def _read_multiline(file: BinaryIO) -> bytes | None:
             fits = False
             data = bytearray()
             while line and not line.endswith(b"\n"):  # the rest of the over-long line
+                size += len(line)
                 line = file.readline(MAX_POP3_LINE + 1)
             if not line:
                 raise ConnectionAbortedError("connection closed")
+            size += len(line)
             continue
         # Servers end lines with CRLF, some with a bare LF; the stored message has CRLF throughout.
         line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
         if line == b".":
-            return bytes(data) if fits else None
+            return (bytes(data) if fits else None), size
         if line.startswith(b"."):
             line = line[1:]  # RFC 1939 3: a line starting with "." was sent with one more
-        if fits and len(data) + len(line) + 2 > MAX_POP3_MESSAGE:
+        size += len(line) + 2
+        if fits and size > MAX_POP3_MESSAGE:
             fits = False
             data = bytearray()
         if fits:
