@@ -25,8 +25,8 @@ import pytest
 from cryptography.fernet import Fernet
 from helpers import TEST_DESTINATIONS, ServiceProcess, account_body, assert_error_shape, service_env
 from mailservers import make_tls_files
-from sqlalchemy import text, update
-from standardwebhooks import Webhook
+from sqlalchemy import func, text, update
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from email_service.api.app import _path_patterns, _routing_order, load_spec
 from email_service.changes.log import Entry, record
@@ -288,6 +288,31 @@ def webhook_state(client, user, webhook_id: str) -> dict:
     response = client.get(f"/api/webhooks/{webhook_id}", headers=user.headers)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def rotate_secret(client, user, webhook_id: str, body: dict | None = None) -> dict:
+    response = client.post(f"/api/webhooks/{webhook_id}/rotate-secret", json=body, headers=user.headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def rejected(secret: str, request: dict) -> bool:
+    """Whether a receiver holding ``secret`` refuses the request's signature."""
+    try:
+        verified(secret, request)
+    except WebhookVerificationError as exc:
+        assert "signature" in str(exc).lower(), exc  # refused for its signature, not its age or headers
+        return True
+    return False
+
+
+def stored_secrets(runtime, webhook_id: str, cipher: CredentialCipher | None = None) -> tuple[str, str | None]:
+    """The endpoint's current and previous secrets as stored, decrypted."""
+    cipher = cipher or runtime.cipher
+    with runtime.db.maintenance_session() as session:
+        endpoint = session.get(WebhookEndpoint, webhook_id)
+        previous = endpoint.previous_secret_encrypted
+        return cipher.decrypt(endpoint.secret_encrypted), None if previous is None else cipher.decrypt(previous)
 
 
 # ---------------------------------------------------------------------------------------- tests
@@ -789,14 +814,135 @@ def test_finished_deliveries_are_pruned_after_a_week(sync_client, user, runtime,
 
 def test_key_rotation_reencrypts_webhook_secrets(sync_client, user, runtime):
     created = new_webhook(sync_client, user, "https://hooks.example.com/rotate")
+    rotating = new_webhook(sync_client, user, "https://hooks.example.com/rotating")
+    rotated = rotate_secret(sync_client, user, rotating["id"], {"graceSeconds": 3600})
     old_key = runtime.settings.credential_keys[0]
     new_key = Fernet.generate_key().decode()
-    assert rotate_secrets(runtime.db, CredentialCipher((new_key, old_key))) >= 1
-    with runtime.db.maintenance_session() as session:
-        token = session.get(WebhookEndpoint, created["id"]).secret_encrypted
-    assert CredentialCipher((new_key,)).decrypt(token) == created["secret"]
+    assert rotate_secrets(runtime.db, CredentialCipher((new_key, old_key))) >= 3
+    only_new_key = CredentialCipher((new_key,))
+    assert stored_secrets(runtime, created["id"], only_new_key) == (created["secret"], None)
+    # The secret still in its grace period too: with only the new key, deliveries keep both signatures.
+    assert stored_secrets(runtime, rotating["id"], only_new_key) == (rotated["secret"], rotating["secret"])
     # The suite's key back in front for the tests that follow.
     rotate_secrets(runtime.db, CredentialCipher((old_key, new_key)))
+
+
+def test_a_rotated_secret_signs_beside_the_new_one_until_its_grace_period_ends(
+    sync_client, user, runtime, dispatcher, receiver
+):
+    hook = receiver()
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url, eventTypes=["message.created"])
+    commit(runtime, user, account, ("message", "created"))
+    hook.wait_for(1, timeout=CATCH_UP_SECONDS + 5)
+    old = created["secret"]
+
+    asked = time.time()
+    rotated = rotate_secret(sync_client, user, created["id"], {"graceSeconds": 3600})
+    new = rotated["secret"]
+    assert new.startswith("whsec_") and new != old
+    Webhook(new)  # a secret every Standard Webhooks library reads
+    # The same endpoint: its id, settings and history stay.
+    for field in ("id", "url", "eventTypes", "status", "createdAt"):
+        assert rotated[field] == created[field], field
+    assert abs(rotated["previousSecretExpiresAt"] - (asked + 3600) * 1000) < 5000
+    fetched = sync_client.get(f"/api/webhooks/{created['id']}", headers=user.headers)
+    assert fetched.json()["previousSecretExpiresAt"] == rotated["previousSecretExpiresAt"]
+    assert "secret" not in fetched.json() and new not in fetched.text and old not in fetched.text
+
+    # During the grace period each delivery carries both signatures: receivers holding either verify.
+    commit(runtime, user, account, ("message", "created"))
+    during = hook.wait_for(2)[-1]
+    assert re.fullmatch(r"v1,\S+ v1,\S+", during["headers"]["webhook-signature"])
+    assert verified(old, during)["type"] == "message.created"
+    assert verified(new, during)["type"] == "message.created"
+    assert rejected(signing.new_secret(), during)
+
+    # The grace period over (as if an hour had passed): the new secret alone signs.
+    with runtime.db.maintenance_session() as session:
+        session.execute(
+            update(WebhookEndpoint)
+            .where(WebhookEndpoint.id == created["id"])
+            .values(previous_secret_expires_at=func.now() - timedelta(seconds=1))
+        )
+    assert webhook_state(sync_client, user, created["id"])["previousSecretExpiresAt"] is None
+    commit(runtime, user, account, ("message", "created"))
+    after = hook.wait_for(3)[-1]
+    assert re.fullmatch(r"v1,\S+", after["headers"]["webhook-signature"])
+    assert verified(new, after)["type"] == "message.created"
+    assert rejected(old, after)
+
+    # A leaked secret: graceSeconds 0 stops it at once, for the very next delivery.
+    leaked = rotate_secret(sync_client, user, created["id"], {"graceSeconds": 0})
+    assert leaked["previousSecretExpiresAt"] is None and leaked["secret"] not in (old, new)
+    commit(runtime, user, account, ("message", "created"))
+    last = hook.wait_for(4)[-1]
+    assert verified(leaked["secret"], last)["type"] == "message.created"
+    assert rejected(new, last) and rejected(old, last)
+
+    settled(runtime, created["id"])
+    history = sync_client.get(f"/api/webhooks/{created['id']}/deliveries", headers=user.headers).json()
+    assert [a["statusCode"] for a in history["deliveries"]] == [204] * 4
+
+
+def test_a_delivery_waiting_at_a_rotation_is_signed_with_the_secrets_current_when_sent(
+    sync_client, user, runtime, dispatcher, receiver
+):
+    switched: list[str] = []  # the secret the receiver holds once it has switched over
+
+    def answer(request: dict) -> int:
+        # A receiver that takes only the new secret once it has it; until then it is down.
+        return 204 if switched and not rejected(switched[0], request) else 503
+
+    hook = receiver(answer=answer)
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url)
+    commit(runtime, user, account, ("message", "created"))
+    [first] = hook.wait_for(1)
+    assert verified(created["secret"], first)
+
+    rotated = rotate_secret(sync_client, user, created["id"], {"graceSeconds": 0})
+    switched.append(rotated["secret"])
+    settled(runtime, created["id"])
+    retried = hook.requests[-1]
+    assert retried["headers"]["webhook-id"] == first["headers"]["webhook-id"]
+    assert verified(rotated["secret"], retried) == verified(created["secret"], first)
+    assert rejected(created["secret"], retried)
+    history = sync_client.get(f"/api/webhooks/{created['id']}/deliveries", headers=user.headers).json()
+    assert history["deliveries"][0]["statusCode"] == 204
+    assert {a["deliveryId"] for a in history["deliveries"]} == {first["headers"]["webhook-id"]}
+    assert webhook_state(sync_client, user, created["id"])["status"] == "enabled"
+
+
+def test_rotating_a_secret_takes_a_grace_period_in_range_and_only_the_owners_endpoint(
+    sync_client, user, verifier, make_user, runtime
+):
+    created = new_webhook(sync_client, user, "https://hooks.example.com/rotate-me")
+    path = f"/api/webhooks/{created['id']}/rotate-secret"
+    for body in (
+        {"graceSeconds": -1},
+        {"graceSeconds": 604801},
+        {"graceSeconds": "60"},
+        {"graceSeconds": 1.5},
+        {"graceSeconds": None},
+        {"grace": 60},
+        [60],
+    ):
+        assert_error_shape(sync_client.post(path, json=body, headers=user.headers), 400)
+    for who in (user.colleague(verifier), make_user()):
+        assert_error_shape(sync_client.post(path, headers=who.headers), 404, "WEBHOOK_NOT_FOUND")
+    missing = "/api/webhooks/wh_" + "A" * 24 + "/rotate-secret"
+    assert_error_shape(sync_client.post(missing, headers=user.headers), 404, "WEBHOOK_NOT_FOUND")
+    assert_error_shape(sync_client.post(path, headers={}), 401)
+    assert stored_secrets(runtime, created["id"]) == (created["secret"], None)  # none of those rotated it
+
+    asked = time.time()
+    answer = sync_client.post(path, headers=user.headers)  # no body: a day's grace
+    assert answer.status_code == 200, answer.text
+    assert abs(answer.json()["previousSecretExpiresAt"] - (asked + 86400) * 1000) < 5000
+    assert stored_secrets(runtime, created["id"]) == (answer.json()["secret"], created["secret"])
+    week = rotate_secret(sync_client, user, created["id"], {"graceSeconds": 604800})
+    assert abs(week["previousSecretExpiresAt"] - (asked + 604800) * 1000) < 5000
 
 
 def test_https_goes_to_the_checked_address_and_verifies_the_name(sync_client, user, runtime, dispatcher, receiver):

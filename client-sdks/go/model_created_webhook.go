@@ -34,7 +34,9 @@ type CreatedWebhook struct {
 	DisabledAt     NullableInt64  `json:"disabledAt,omitempty"`
 	CreatedAt      int64          `json:"createdAt"`
 	UpdatedAt      int64          `json:"updatedAt"`
-	// The signing secret (`whsec_` and base64), shown in this answer only. Verify each delivery's `webhook-signature` with it (any Standard Webhooks library does).
+	// After rotateWebhookSecret: when the previous secret stops signing deliveries (ms since the epoch). Null when no previous secret signs any more.
+	PreviousSecretExpiresAt NullableInt64 `json:"previousSecretExpiresAt,omitempty"`
+	// The signing secret (`whsec_` and base64), shown in this answer only (of createWebhook or rotateWebhookSecret). Verify each delivery's `webhook-signature` with it (any Standard Webhooks library does).
 	Secret string `json:"secret"`
 }
 
@@ -388,6 +390,49 @@ func (o *CreatedWebhook) SetUpdatedAt(v int64) {
 	o.UpdatedAt = v
 }
 
+// GetPreviousSecretExpiresAt returns the PreviousSecretExpiresAt field value if set, zero value otherwise (both if not set or set to explicit null).
+func (o *CreatedWebhook) GetPreviousSecretExpiresAt() int64 {
+	if o == nil || IsNil(o.PreviousSecretExpiresAt.Get()) {
+		var ret int64
+		return ret
+	}
+	return *o.PreviousSecretExpiresAt.Get()
+}
+
+// GetPreviousSecretExpiresAtOk returns a tuple with the PreviousSecretExpiresAt field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+// NOTE: If the value is an explicit nil, `nil, true` will be returned
+func (o *CreatedWebhook) GetPreviousSecretExpiresAtOk() (*int64, bool) {
+	if o == nil {
+		return nil, false
+	}
+	return o.PreviousSecretExpiresAt.Get(), o.PreviousSecretExpiresAt.IsSet()
+}
+
+// HasPreviousSecretExpiresAt returns a boolean if a field has been set.
+func (o *CreatedWebhook) HasPreviousSecretExpiresAt() bool {
+	if o != nil && o.PreviousSecretExpiresAt.IsSet() {
+		return true
+	}
+
+	return false
+}
+
+// SetPreviousSecretExpiresAt gets a reference to the given NullableInt64 and assigns it to the PreviousSecretExpiresAt field.
+func (o *CreatedWebhook) SetPreviousSecretExpiresAt(v int64) {
+	o.PreviousSecretExpiresAt.Set(&v)
+}
+
+// SetPreviousSecretExpiresAtNil sets the value for PreviousSecretExpiresAt to be an explicit nil
+func (o *CreatedWebhook) SetPreviousSecretExpiresAtNil() {
+	o.PreviousSecretExpiresAt.Set(nil)
+}
+
+// UnsetPreviousSecretExpiresAt ensures that no value is present for PreviousSecretExpiresAt, not even an explicit nil
+func (o *CreatedWebhook) UnsetPreviousSecretExpiresAt() {
+	o.PreviousSecretExpiresAt.Unset()
+}
+
 // GetSecret returns the Secret field value
 func (o *CreatedWebhook) GetSecret() string {
 	if o == nil {
@@ -442,6 +487,9 @@ func (o CreatedWebhook) ToMap() (map[string]interface{}, error) {
 	}
 	toSerialize["createdAt"] = o.CreatedAt
 	toSerialize["updatedAt"] = o.UpdatedAt
+	if o.PreviousSecretExpiresAt.IsSet() {
+		toSerialize["previousSecretExpiresAt"] = o.PreviousSecretExpiresAt.Get()
+	}
 	toSerialize["secret"] = o.Secret
 	return toSerialize, nil
 }

@@ -34,6 +34,8 @@ type WebhookEndpoint struct {
 	DisabledAt     NullableInt64  `json:"disabledAt,omitempty"`
 	CreatedAt      int64          `json:"createdAt"`
 	UpdatedAt      int64          `json:"updatedAt"`
+	// After rotateWebhookSecret: when the previous secret stops signing deliveries (ms since the epoch). Null when no previous secret signs any more.
+	PreviousSecretExpiresAt NullableInt64 `json:"previousSecretExpiresAt,omitempty"`
 }
 
 type _WebhookEndpoint WebhookEndpoint
@@ -385,6 +387,49 @@ func (o *WebhookEndpoint) SetUpdatedAt(v int64) {
 	o.UpdatedAt = v
 }
 
+// GetPreviousSecretExpiresAt returns the PreviousSecretExpiresAt field value if set, zero value otherwise (both if not set or set to explicit null).
+func (o *WebhookEndpoint) GetPreviousSecretExpiresAt() int64 {
+	if o == nil || IsNil(o.PreviousSecretExpiresAt.Get()) {
+		var ret int64
+		return ret
+	}
+	return *o.PreviousSecretExpiresAt.Get()
+}
+
+// GetPreviousSecretExpiresAtOk returns a tuple with the PreviousSecretExpiresAt field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+// NOTE: If the value is an explicit nil, `nil, true` will be returned
+func (o *WebhookEndpoint) GetPreviousSecretExpiresAtOk() (*int64, bool) {
+	if o == nil {
+		return nil, false
+	}
+	return o.PreviousSecretExpiresAt.Get(), o.PreviousSecretExpiresAt.IsSet()
+}
+
+// HasPreviousSecretExpiresAt returns a boolean if a field has been set.
+func (o *WebhookEndpoint) HasPreviousSecretExpiresAt() bool {
+	if o != nil && o.PreviousSecretExpiresAt.IsSet() {
+		return true
+	}
+
+	return false
+}
+
+// SetPreviousSecretExpiresAt gets a reference to the given NullableInt64 and assigns it to the PreviousSecretExpiresAt field.
+func (o *WebhookEndpoint) SetPreviousSecretExpiresAt(v int64) {
+	o.PreviousSecretExpiresAt.Set(&v)
+}
+
+// SetPreviousSecretExpiresAtNil sets the value for PreviousSecretExpiresAt to be an explicit nil
+func (o *WebhookEndpoint) SetPreviousSecretExpiresAtNil() {
+	o.PreviousSecretExpiresAt.Set(nil)
+}
+
+// UnsetPreviousSecretExpiresAt ensures that no value is present for PreviousSecretExpiresAt, not even an explicit nil
+func (o *WebhookEndpoint) UnsetPreviousSecretExpiresAt() {
+	o.PreviousSecretExpiresAt.Unset()
+}
+
 func (o WebhookEndpoint) MarshalJSON() ([]byte, error) {
 	toSerialize, err := o.ToMap()
 	if err != nil {
@@ -415,6 +460,9 @@ func (o WebhookEndpoint) ToMap() (map[string]interface{}, error) {
 	}
 	toSerialize["createdAt"] = o.CreatedAt
 	toSerialize["updatedAt"] = o.UpdatedAt
+	if o.PreviousSecretExpiresAt.IsSet() {
+		toSerialize["previousSecretExpiresAt"] = o.PreviousSecretExpiresAt.Get()
+	}
 	return toSerialize, nil
 }
 

@@ -9,7 +9,7 @@ from email_service.webhooks import service
 
 
 def endpoint_view(endpoint: WebhookEndpoint) -> dict[str, Any]:
-    """The API form of an endpoint; its secret is only ever in the create answer."""
+    """The API form of an endpoint; its secret is only ever in the create and rotate answers."""
     return {
         "id": endpoint.id,
         "url": endpoint.url,
@@ -21,6 +21,7 @@ def endpoint_view(endpoint: WebhookEndpoint) -> dict[str, Any]:
         "disabledAt": ms(endpoint.disabled_at),
         "createdAt": ms(endpoint.created_at),
         "updatedAt": ms(endpoint.updated_at),
+        "previousSecretExpiresAt": ms(service.previous_secret_expiry(endpoint)),
     }
 
 
@@ -60,6 +61,13 @@ def delete_webhook(webhook_id: str) -> tuple[None, int]:
 
 def enable_webhook(webhook_id: str) -> tuple[dict, int]:
     return endpoint_view(service.enable(runtime().db, principal(), webhook_id)), 200
+
+
+def rotate_webhook_secret(webhook_id: str, body: dict[str, Any] | None = None) -> tuple[dict, int]:
+    grace = (body or {}).get("graceSeconds", service.DEFAULT_GRACE_SECONDS)
+    rt = runtime()
+    rotated = service.rotate(rt.db, rt.cipher, principal(), webhook_id, grace)
+    return {**endpoint_view(rotated.endpoint), "secret": rotated.secret}, 200
 
 
 def list_webhook_deliveries(webhook_id: str, limit: int = 20) -> tuple[dict, int]:

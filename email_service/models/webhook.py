@@ -28,6 +28,10 @@ class WebhookEndpoint(Base):
     # entries after it (accounts made later: all). None for endpoints older than this record.
     start_seqs: Mapped[dict[str, int] | None] = mapped_column(JSONB)
     secret_encrypted: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    # The secret a rotation replaced: deliveries are signed with it too until it expires, so a
+    # receiver still holding it keeps verifying while it switches over. Both None otherwise.
+    previous_secret_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     status: Mapped[str] = mapped_column(Text, nullable=False, default="enabled")
     disabled_reason: Mapped[str | None] = mapped_column(Text)
     disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -100,7 +100,9 @@ UPDATE webhook_deliveries d
 SET claimed_by = :me, claimed_until = now() + make_interval(secs => :lease)
 FROM webhook_endpoints e
 WHERE d.id IN (SELECT id FROM locked) AND e.id = d.endpoint_id
-RETURNING d.id, d.endpoint_id, d.tenant_id, d.event_type, d.payload, e.url, e.secret_encrypted
+RETURNING d.id, d.endpoint_id, d.tenant_id, d.event_type, d.payload, e.url, e.secret_encrypted,
+    -- A rotated-out secret signs too until it expires; read at the claim, just before sending.
+    CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret_encrypted END AS previous_secret_encrypted
 """)
 _RELEASE = text(
     "UPDATE webhook_deliveries SET claimed_by = NULL, claimed_until = NULL"
@@ -137,6 +139,7 @@ class Claimed:
     payload: dict[str, Any]
     url: str
     secret_encrypted: bytes
+    previous_secret_encrypted: bytes | None = None  # only while it has not expired
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,9 @@ class Dispatcher:
             # Resolved and checked now, at every delivery: DNS may answer differently than at create.
             addresses = await self._look_up(delivery.tenant_id, target)
             secret = self.cipher.decrypt(delivery.secret_encrypted)
+            previous = None
+            if delivery.previous_secret_encrypted is not None:
+                previous = self.cipher.decrypt(delivery.previous_secret_encrypted)
         except DestinationRefused as exc:
             return done(None, str(exc))
         except (socket.gaierror, UnicodeError):
@@ -341,7 +347,7 @@ class Dispatcher:
             return done(None, "the endpoint's secret does not decrypt with any configured key")
         body = json.dumps(delivery.payload, separators=(",", ":"), ensure_ascii=False)
         headers = {
-            **signing.headers(secret, delivery.id, datetime.now(UTC), body),
+            **signing.headers(secret, delivery.id, datetime.now(UTC), body, previous),
             "content-type": "application/json",
             "user-agent": USER_AGENT,
             "host": target.host_header,
@@ -430,6 +436,9 @@ class Dispatcher:
                 payload=row.payload,
                 url=row.url,
                 secret_encrypted=bytes(row.secret_encrypted),
+                previous_secret_encrypted=(
+                    None if row.previous_secret_encrypted is None else bytes(row.previous_secret_encrypted)
+                ),
             )
             for row in rows
         ]

@@ -1,4 +1,4 @@
-"""A user's webhook endpoints through the API: create (the secret shown once), list, get, delete, enable."""
+"""A user's webhook endpoints through the API: create and rotate (the secret shown once), list, get, delete, enable."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import secrets
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -25,12 +25,13 @@ from email_service.webhooks import signing, urls
 # /api/webhooks/{webhookId} can never be mistaken for /api/{accountId}/folders and the like.
 ID_ALPHABET = string.ascii_letters + string.digits
 MAX_ENDPOINTS_PER_USER = 50
+DEFAULT_GRACE_SECONDS = 86400  # the spec's default: a day for receivers to take the new secret
 
 
 @dataclass(frozen=True)
 class Created:
     endpoint: WebhookEndpoint
-    secret: str  # returned once, in the create answer; only its encryption is stored
+    secret: str  # returned once, in the create or rotate answer; only its encryption is stored
 
 
 def new_id(prefix: str) -> str:
@@ -100,8 +101,8 @@ def list_endpoints(db: Database, principal: Principal) -> list[WebhookEndpoint]:
         return list(session.scalars(select(WebhookEndpoint).order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)))
 
 
-def _owned(session: Any, webhook_id: str) -> WebhookEndpoint:
-    endpoint = session.get(WebhookEndpoint, webhook_id)
+def _owned(session: Any, webhook_id: str, *, lock: bool = False) -> WebhookEndpoint:
+    endpoint = session.get(WebhookEndpoint, webhook_id, with_for_update=lock or None)
     if endpoint is None:
         raise NotFoundError(f"Webhook with ID '{webhook_id}' does not exist", code="WEBHOOK_NOT_FOUND")
     return endpoint
@@ -138,6 +139,36 @@ def enable(db: Database, principal: Principal, webhook_id: str) -> WebhookEndpoi
         return endpoint
 
 
+def rotate(
+    db: Database, cipher: CredentialCipher, principal: Principal, webhook_id: str, grace_seconds: int
+) -> Created:
+    """A new secret; the one it replaces keeps signing for ``grace_seconds`` (0: stops at once).
+
+    Only one previous secret is kept: a rotation within another's grace period ends the older
+    secret at once, since the receiver was given the one being replaced now.
+    """
+    secret = signing.new_secret()
+    now = _now()
+    with db.tenant_session(principal) as session:
+        # Locked: two rotations at once take turns, so the later one replaces (and, given a
+        # grace period, keeps signing with) the secret the earlier one answered with.
+        endpoint = _owned(session, webhook_id, lock=True)
+        if grace_seconds > 0:
+            endpoint.previous_secret_encrypted = endpoint.secret_encrypted
+            endpoint.previous_secret_expires_at = now + timedelta(seconds=grace_seconds)
+        else:
+            endpoint.previous_secret_encrypted = endpoint.previous_secret_expires_at = None
+        endpoint.secret_encrypted = cipher.encrypt(secret)
+        endpoint.updated_at = now
+    return Created(endpoint=endpoint, secret=secret)
+
+
+def previous_secret_expiry(endpoint: WebhookEndpoint) -> datetime | None:
+    """When the rotated-out secret stops signing; None when none signs any more (the dispatcher's rule too)."""
+    until = endpoint.previous_secret_expires_at
+    return until if until is not None and until > _now() else None
+
+
 def attempts(db: Database, principal: Principal, webhook_id: str, limit: int) -> list[WebhookAttempt]:
     with db.tenant_session(principal) as session:
         _owned(session, webhook_id)
@@ -153,4 +184,6 @@ def attempts(db: Database, principal: Principal, webhook_id: str, limit: int) ->
 
 def rotate_secrets(db: Database, cipher: CredentialCipher) -> int:
     """Re-encrypt every endpoint's secret under the newest key (``rotate-keys``); returns how many changed."""
-    return key_rotation.rotate_columns(db, cipher, WebhookEndpoint.__table__, ["secret_encrypted"])
+    return key_rotation.rotate_columns(
+        db, cipher, WebhookEndpoint.__table__, ["secret_encrypted", "previous_secret_encrypted"]
+    )

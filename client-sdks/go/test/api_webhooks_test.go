@@ -101,4 +101,18 @@ func Test_emailserviceclient_WebhooksAPIService(t *testing.T) {
 
 	})
 
+	t.Run("Test WebhooksAPIService RotateWebhookSecret", func(t *testing.T) {
+
+		t.Skip("skip test") // remove to run test
+
+		var webhookId string
+
+		resp, httpRes, err := apiClient.WebhooksAPI.RotateWebhookSecret(context.Background(), webhookId).Execute()
+
+		require.Nil(t, err)
+		require.NotNil(t, resp)
+		assert.Equal(t, 200, httpRes.StatusCode)
+
+	})
+
 }

@@ -74,6 +74,7 @@ __all__ = [
     "OAuth2Status",
     "Pagination",
     "RetrySend202Response",
+    "RotateWebhookSecretRequest",
     "SaveDraft201Response",
     "SearchResponse",
     "SendEmail202Response",
@@ -153,6 +154,7 @@ from email_service_client.models.o_auth2_grant import OAuth2Grant as OAuth2Grant
 from email_service_client.models.o_auth2_status import OAuth2Status as OAuth2Status
 from email_service_client.models.pagination import Pagination as Pagination
 from email_service_client.models.retry_send202_response import RetrySend202Response as RetrySend202Response
+from email_service_client.models.rotate_webhook_secret_request import RotateWebhookSecretRequest as RotateWebhookSecretRequest
 from email_service_client.models.save_draft201_response import SaveDraft201Response as SaveDraft201Response
 from email_service_client.models.search_response import SearchResponse as SearchResponse
 from email_service_client.models.send_email202_response import SendEmail202Response as SendEmail202Response

@@ -47,6 +47,7 @@ class TestCreatedWebhook(unittest.TestCase):
                 disabled_at = 56,
                 created_at = 56,
                 updated_at = 56,
+                previous_secret_expires_at = 56,
                 secret = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw'
             )
         else:

@@ -46,7 +46,8 @@ class TestWebhookEndpoint(unittest.TestCase):
                 disabled_reason = '',
                 disabled_at = 56,
                 created_at = 56,
-                updated_at = 56
+                updated_at = 56,
+                previous_secret_expires_at = 56
             )
         else:
             return WebhookEndpoint(

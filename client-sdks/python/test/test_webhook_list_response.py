@@ -48,7 +48,8 @@ class TestWebhookListResponse(unittest.TestCase):
                         disabled_reason = '', 
                         disabled_at = 56, 
                         created_at = 56, 
-                        updated_at = 56, )
+                        updated_at = 56, 
+                        previous_secret_expires_at = 56, )
                     ]
             )
         else:
@@ -66,7 +67,8 @@ class TestWebhookListResponse(unittest.TestCase):
                         disabled_reason = '', 
                         disabled_at = 56, 
                         created_at = 56, 
-                        updated_at = 56, )
+                        updated_at = 56, 
+                        previous_secret_expires_at = 56, )
                     ],
         )
         """

@@ -68,6 +68,13 @@ class TestWebhooksApi(unittest.TestCase):
         """
         pass
 
+    def test_rotate_webhook_secret(self) -> None:
+        """Test case for rotate_webhook_secret
+
+        Rotate a webhook endpoint's signing secret
+        """
+        pass
+
 
 if __name__ == '__main__':
     unittest.main()

@@ -20,6 +20,7 @@ from typing import Optional
 from typing_extensions import Annotated
 from email_service_client.models.create_webhook_request import CreateWebhookRequest
 from email_service_client.models.created_webhook import CreatedWebhook
+from email_service_client.models.rotate_webhook_secret_request import RotateWebhookSecretRequest
 from email_service_client.models.webhook_delivery_list_response import WebhookDeliveryListResponse
 from email_service_client.models.webhook_endpoint import WebhookEndpoint
 from email_service_client.models.webhook_list_response import WebhookListResponse
@@ -1728,6 +1729,320 @@ class WebhooksApi:
         return self.api_client.param_serialize(
             method='GET',
             resource_path='/api/webhooks',
+            path_params=_path_params,
+            query_params=_query_params,
+            header_params=_header_params,
+            body=_body_params,
+            post_params=_form_params,
+            files=_files,
+            auth_settings=_auth_settings,
+            collection_formats=_collection_formats,
+            _host=_host,
+            _request_auth=_request_auth
+        )
+
+
+
+
+    @validate_call
+    def rotate_webhook_secret(
+        self,
+        webhook_id: Annotated[str, Field(strict=True, description="Webhook endpoint id: `wh_` and letters or digits. No literal path segment of the API has this shape, so these paths never match an account's (`/api/{accountId}/folders` and the like). ")],
+        rotate_webhook_secret_request: Optional[RotateWebhookSecretRequest] = None,
+        _request_timeout: Union[
+            None,
+            Annotated[StrictFloat, Field(gt=0)],
+            Tuple[
+                Annotated[StrictFloat, Field(gt=0)],
+                Annotated[StrictFloat, Field(gt=0)]
+            ]
+        ] = None,
+        _request_auth: Optional[Dict[StrictStr, Any]] = None,
+        _content_type: Optional[StrictStr] = None,
+        _headers: Optional[Dict[StrictStr, Any]] = None,
+        _host_index: Annotated[StrictInt, Field(ge=0, le=0)] = 0,
+    ) -> CreatedWebhook:
+        """Rotate a webhook endpoint's signing secret
+
+        Gives the endpoint a new signing `secret` (`whsec_...`), shown in this answer only; the endpoint keeps its id, its waiting deliveries and its attempts. For `graceSeconds` (default a day) the previous secret keeps signing too: each delivery's `webhook-signature` then carries two signatures, `v1,<new> v1,<previous>`, as Standard Webhooks provides for rotation, so a receiver verifies with either secret while it switches over. `previousSecretExpiresAt` says when the previous secret stops; with `graceSeconds` 0 it stops at once (a leaked secret) and the field is null. Deliveries are signed when they are sent, so those already waiting carry whatever secrets are current then. Only one previous secret is kept: rotating again ends the older one at once. 
+
+        :param webhook_id: Webhook endpoint id: `wh_` and letters or digits. No literal path segment of the API has this shape, so these paths never match an account's (`/api/{accountId}/folders` and the like).  (required)
+        :type webhook_id: str
+        :param rotate_webhook_secret_request:
+        :type rotate_webhook_secret_request: RotateWebhookSecretRequest
+        :param _request_timeout: timeout setting for this request. If one
+                                 number provided, it will be total request
+                                 timeout. It can also be a pair (tuple) of
+                                 (connection, read) timeouts.
+        :type _request_timeout: int, tuple(int, int), optional
+        :param _request_auth: set to override the auth_settings for an a single
+                              request; this effectively ignores the
+                              authentication in the spec for a single request.
+        :type _request_auth: dict, optional
+        :param _content_type: force content-type for the request.
+        :type _content_type: str, Optional
+        :param _headers: set to override the headers for a single
+                         request; this effectively ignores the headers
+                         in the spec for a single request.
+        :type _headers: dict, optional
+        :param _host_index: set to override the host_index for a single
+                            request; this effectively ignores the host_index
+                            in the spec for a single request.
+        :type _host_index: int, optional
+        :return: Returns the result object.
+        """ # noqa: E501
+
+        _param = self._rotate_webhook_secret_serialize(
+            webhook_id=webhook_id,
+            rotate_webhook_secret_request=rotate_webhook_secret_request,
+            _request_auth=_request_auth,
+            _content_type=_content_type,
+            _headers=_headers,
+            _host_index=_host_index
+        )
+
+        _response_types_map: Dict[str, Optional[str]] = {
+            '200': "CreatedWebhook",
+            '400': "ErrorResponse",
+            '401': "ErrorResponse",
+            '404': "ErrorResponse",
+            '413': "ErrorResponse",
+            '415': "ErrorResponse",
+            '429': "ErrorResponse",
+            '431': "ErrorResponse",
+            '500': "ErrorResponse",
+        }
+        response_data = self.api_client.call_api(
+            *_param,
+            _request_timeout=_request_timeout
+        )
+        response_data.read()
+        return self.api_client.response_deserialize(
+            response_data=response_data,
+            response_types_map=_response_types_map,
+        ).data
+
+
+    @validate_call
+    def rotate_webhook_secret_with_http_info(
+        self,
+        webhook_id: Annotated[str, Field(strict=True, description="Webhook endpoint id: `wh_` and letters or digits. No literal path segment of the API has this shape, so these paths never match an account's (`/api/{accountId}/folders` and the like). ")],
+        rotate_webhook_secret_request: Optional[RotateWebhookSecretRequest] = None,
+        _request_timeout: Union[
+            None,
+            Annotated[StrictFloat, Field(gt=0)],
+            Tuple[
+                Annotated[StrictFloat, Field(gt=0)],
+                Annotated[StrictFloat, Field(gt=0)]
+            ]
+        ] = None,
+        _request_auth: Optional[Dict[StrictStr, Any]] = None,
+        _content_type: Optional[StrictStr] = None,
+        _headers: Optional[Dict[StrictStr, Any]] = None,
+        _host_index: Annotated[StrictInt, Field(ge=0, le=0)] = 0,
+    ) -> ApiResponse[CreatedWebhook]:
+        """Rotate a webhook endpoint's signing secret
+
+        Gives the endpoint a new signing `secret` (`whsec_...`), shown in this answer only; the endpoint keeps its id, its waiting deliveries and its attempts. For `graceSeconds` (default a day) the previous secret keeps signing too: each delivery's `webhook-signature` then carries two signatures, `v1,<new> v1,<previous>`, as Standard Webhooks provides for rotation, so a receiver verifies with either secret while it switches over. `previousSecretExpiresAt` says when the previous secret stops; with `graceSeconds` 0 it stops at once (a leaked secret) and the field is null. Deliveries are signed when they are sent, so those already waiting carry whatever secrets are current then. Only one previous secret is kept: rotating again ends the older one at once. 
+
+        :param webhook_id: Webhook endpoint id: `wh_` and letters or digits. No literal path segment of the API has this shape, so these paths never match an account's (`/api/{accountId}/folders` and the like).  (required)
+        :type webhook_id: str
+        :param rotate_webhook_secret_request:
+        :type rotate_webhook_secret_request: RotateWebhookSecretRequest
+        :param _request_timeout: timeout setting for this request. If one
+                                 number provided, it will be total request
+                                 timeout. It can also be a pair (tuple) of
+                                 (connection, read) timeouts.
+        :type _request_timeout: int, tuple(int, int), optional
+        :param _request_auth: set to override the auth_settings for an a single
+                              request; this effectively ignores the
+                              authentication in the spec for a single request.
+        :type _request_auth: dict, optional
+        :param _content_type: force content-type for the request.
+        :type _content_type: str, Optional
+        :param _headers: set to override the headers for a single
+                         request; this effectively ignores the headers
+                         in the spec for a single request.
+        :type _headers: dict, optional
+        :param _host_index: set to override the host_index for a single
+                            request; this effectively ignores the host_index
+                            in the spec for a single request.
+        :type _host_index: int, optional
+        :return: Returns the result object.
+        """ # noqa: E501
+
+        _param = self._rotate_webhook_secret_serialize(
+            webhook_id=webhook_id,
+            rotate_webhook_secret_request=rotate_webhook_secret_request,
+            _request_auth=_request_auth,
+            _content_type=_content_type,
+            _headers=_headers,
+            _host_index=_host_index
+        )
+
+        _response_types_map: Dict[str, Optional[str]] = {
+            '200': "CreatedWebhook",
+            '400': "ErrorResponse",
+            '401': "ErrorResponse",
+            '404': "ErrorResponse",
+            '413': "ErrorResponse",
+            '415': "ErrorResponse",
+            '429': "ErrorResponse",
+            '431': "ErrorResponse",
+            '500': "ErrorResponse",
+        }
+        response_data = self.api_client.call_api(
+            *_param,
+            _request_timeout=_request_timeout
+        )
+        response_data.read()
+        return self.api_client.response_deserialize(
+            response_data=response_data,
+            response_types_map=_response_types_map,
+        )
+
+
+    @validate_call
+    def rotate_webhook_secret_without_preload_content(
+        self,
+        webhook_id: Annotated[str, Field(strict=True, description="Webhook endpoint id: `wh_` and letters or digits. No literal path segment of the API has this shape, so these paths never match an account's (`/api/{accountId}/folders` and the like). ")],
+        rotate_webhook_secret_request: Optional[RotateWebhookSecretRequest] = None,
+        _request_timeout: Union[
+            None,
+            Annotated[StrictFloat, Field(gt=0)],
+            Tuple[
+                Annotated[StrictFloat, Field(gt=0)],
+                Annotated[StrictFloat, Field(gt=0)]
+            ]
+        ] = None,
+        _request_auth: Optional[Dict[StrictStr, Any]] = None,
+        _content_type: Optional[StrictStr] = None,
+        _headers: Optional[Dict[StrictStr, Any]] = None,
+        _host_index: Annotated[StrictInt, Field(ge=0, le=0)] = 0,
+    ) -> RESTResponseType:
+        """Rotate a webhook endpoint's signing secret
+
+        Gives the endpoint a new signing `secret` (`whsec_...`), shown in this answer only; the endpoint keeps its id, its waiting deliveries and its attempts. For `graceSeconds` (default a day) the previous secret keeps signing too: each delivery's `webhook-signature` then carries two signatures, `v1,<new> v1,<previous>`, as Standard Webhooks provides for rotation, so a receiver verifies with either secret while it switches over. `previousSecretExpiresAt` says when the previous secret stops; with `graceSeconds` 0 it stops at once (a leaked secret) and the field is null. Deliveries are signed when they are sent, so those already waiting carry whatever secrets are current then. Only one previous secret is kept: rotating again ends the older one at once. 
+
+        :param webhook_id: Webhook endpoint id: `wh_` and letters or digits. No literal path segment of the API has this shape, so these paths never match an account's (`/api/{accountId}/folders` and the like).  (required)
+        :type webhook_id: str
+        :param rotate_webhook_secret_request:
+        :type rotate_webhook_secret_request: RotateWebhookSecretRequest
+        :param _request_timeout: timeout setting for this request. If one
+                                 number provided, it will be total request
+                                 timeout. It can also be a pair (tuple) of
+                                 (connection, read) timeouts.
+        :type _request_timeout: int, tuple(int, int), optional
+        :param _request_auth: set to override the auth_settings for an a single
+                              request; this effectively ignores the
+                              authentication in the spec for a single request.
+        :type _request_auth: dict, optional
+        :param _content_type: force content-type for the request.
+        :type _content_type: str, Optional
+        :param _headers: set to override the headers for a single
+                         request; this effectively ignores the headers
+                         in the spec for a single request.
+        :type _headers: dict, optional
+        :param _host_index: set to override the host_index for a single
+                            request; this effectively ignores the host_index
+                            in the spec for a single request.
+        :type _host_index: int, optional
+        :return: Returns the result object.
+        """ # noqa: E501
+
+        _param = self._rotate_webhook_secret_serialize(
+            webhook_id=webhook_id,
+            rotate_webhook_secret_request=rotate_webhook_secret_request,
+            _request_auth=_request_auth,
+            _content_type=_content_type,
+            _headers=_headers,
+            _host_index=_host_index
+        )
+
+        _response_types_map: Dict[str, Optional[str]] = {
+            '200': "CreatedWebhook",
+            '400': "ErrorResponse",
+            '401': "ErrorResponse",
+            '404': "ErrorResponse",
+            '413': "ErrorResponse",
+            '415': "ErrorResponse",
+            '429': "ErrorResponse",
+            '431': "ErrorResponse",
+            '500': "ErrorResponse",
+        }
+        response_data = self.api_client.call_api(
+            *_param,
+            _request_timeout=_request_timeout
+        )
+        return response_data.response
+
+
+    def _rotate_webhook_secret_serialize(
+        self,
+        webhook_id,
+        rotate_webhook_secret_request,
+        _request_auth,
+        _content_type,
+        _headers,
+        _host_index,
+    ) -> RequestSerialized:
+
+        _host = None
+
+        _collection_formats: Dict[str, str] = {
+        }
+
+        _path_params: Dict[str, str] = {}
+        _query_params: List[Tuple[str, str]] = []
+        _header_params: Dict[str, Optional[str]] = _headers or {}
+        _form_params: List[Tuple[str, str]] = []
+        _files: Dict[
+            str, Union[str, bytes, List[str], List[bytes], List[Tuple[str, bytes]]]
+        ] = {}
+        _body_params: Optional[bytes] = None
+
+        # process the path parameters
+        if webhook_id is not None:
+            _path_params['webhookId'] = webhook_id
+        # process the query parameters
+        # process the header parameters
+        # process the form parameters
+        # process the body parameter
+        if rotate_webhook_secret_request is not None:
+            _body_params = rotate_webhook_secret_request
+
+
+        # set the HTTP header `Accept`
+        if 'Accept' not in _header_params:
+            _header_params['Accept'] = self.api_client.select_header_accept(
+                [
+                    'application/json'
+                ]
+            )
+
+        # set the HTTP header `Content-Type`
+        if _content_type:
+            _header_params['Content-Type'] = _content_type
+        else:
+            _default_content_type = (
+                self.api_client.select_header_content_type(
+                    [
+                        'application/json'
+                    ]
+                )
+            )
+            if _default_content_type is not None:
+                _header_params['Content-Type'] = _default_content_type
+
+        # authentication setting
+        _auth_settings: List[str] = [
+            'HeaderAuth', 
+            'BearerAuth'
+        ]
+
+        return self.api_client.param_serialize(
+            method='POST',
+            resource_path='/api/webhooks/{webhookId}/rotate-secret',
             path_params=_path_params,
             query_params=_query_params,
             header_params=_header_params,

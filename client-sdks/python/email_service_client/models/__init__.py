@@ -46,6 +46,7 @@ from email_service_client.models.o_auth2_grant import OAuth2Grant
 from email_service_client.models.o_auth2_status import OAuth2Status
 from email_service_client.models.pagination import Pagination
 from email_service_client.models.retry_send202_response import RetrySend202Response
+from email_service_client.models.rotate_webhook_secret_request import RotateWebhookSecretRequest
 from email_service_client.models.save_draft201_response import SaveDraft201Response
 from email_service_client.models.search_response import SearchResponse
 from email_service_client.models.send_email202_response import SendEmail202Response

@@ -39,8 +39,9 @@ class CreatedWebhook(BaseModel):
     disabled_at: Optional[StrictInt] = Field(default=None, alias="disabledAt")
     created_at: StrictInt = Field(alias="createdAt")
     updated_at: StrictInt = Field(alias="updatedAt")
-    secret: StrictStr = Field(description="The signing secret (`whsec_` and base64), shown in this answer only. Verify each delivery's `webhook-signature` with it (any Standard Webhooks library does). ", json_schema_extra={"examples": ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]})
-    __properties: ClassVar[List[str]] = ["id", "url", "description", "eventTypes", "accountId", "status", "disabledReason", "disabledAt", "createdAt", "updatedAt", "secret"]
+    previous_secret_expires_at: Optional[StrictInt] = Field(default=None, description="After rotateWebhookSecret: when the previous secret stops signing deliveries (ms since the epoch). Null when no previous secret signs any more. ", alias="previousSecretExpiresAt")
+    secret: StrictStr = Field(description="The signing secret (`whsec_` and base64), shown in this answer only (of createWebhook or rotateWebhookSecret). Verify each delivery's `webhook-signature` with it (any Standard Webhooks library does). ", json_schema_extra={"examples": ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]})
+    __properties: ClassVar[List[str]] = ["id", "url", "description", "eventTypes", "accountId", "status", "disabledReason", "disabledAt", "createdAt", "updatedAt", "previousSecretExpiresAt", "secret"]
 
     @field_validator('id', mode="before")
     def id_validate_regular_expression(cls, value):
@@ -120,6 +121,11 @@ class CreatedWebhook(BaseModel):
         if self.disabled_at is None and "disabled_at" in self.model_fields_set:
             _dict['disabledAt'] = None
 
+        # set to None if previous_secret_expires_at (nullable) is None
+        # and model_fields_set contains the field
+        if self.previous_secret_expires_at is None and "previous_secret_expires_at" in self.model_fields_set:
+            _dict['previousSecretExpiresAt'] = None
+
         return _dict
 
     @classmethod
@@ -142,6 +148,7 @@ class CreatedWebhook(BaseModel):
             "disabledAt": obj.get("disabledAt"),
             "createdAt": obj.get("createdAt"),
             "updatedAt": obj.get("updatedAt"),
+            "previousSecretExpiresAt": obj.get("previousSecretExpiresAt"),
             "secret": obj.get("secret")
         })
         return _obj

@@ -39,7 +39,8 @@ class WebhookEndpoint(BaseModel):
     disabled_at: Optional[StrictInt] = Field(default=None, alias="disabledAt")
     created_at: StrictInt = Field(alias="createdAt")
     updated_at: StrictInt = Field(alias="updatedAt")
-    __properties: ClassVar[List[str]] = ["id", "url", "description", "eventTypes", "accountId", "status", "disabledReason", "disabledAt", "createdAt", "updatedAt"]
+    previous_secret_expires_at: Optional[StrictInt] = Field(default=None, description="After rotateWebhookSecret: when the previous secret stops signing deliveries (ms since the epoch). Null when no previous secret signs any more. ", alias="previousSecretExpiresAt")
+    __properties: ClassVar[List[str]] = ["id", "url", "description", "eventTypes", "accountId", "status", "disabledReason", "disabledAt", "createdAt", "updatedAt", "previousSecretExpiresAt"]
 
     @field_validator('id', mode="before")
     def id_validate_regular_expression(cls, value):
@@ -119,6 +120,11 @@ class WebhookEndpoint(BaseModel):
         if self.disabled_at is None and "disabled_at" in self.model_fields_set:
             _dict['disabledAt'] = None
 
+        # set to None if previous_secret_expires_at (nullable) is None
+        # and model_fields_set contains the field
+        if self.previous_secret_expires_at is None and "previous_secret_expires_at" in self.model_fields_set:
+            _dict['previousSecretExpiresAt'] = None
+
         return _dict
 
     @classmethod
@@ -140,7 +146,8 @@ class WebhookEndpoint(BaseModel):
             "disabledReason": obj.get("disabledReason"),
             "disabledAt": obj.get("disabledAt"),
             "createdAt": obj.get("createdAt"),
-            "updatedAt": obj.get("updatedAt")
+            "updatedAt": obj.get("updatedAt"),
+            "previousSecretExpiresAt": obj.get("previousSecretExpiresAt")
         })
         return _obj
 

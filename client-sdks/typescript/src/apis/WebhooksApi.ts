@@ -29,6 +29,11 @@ import {
     ErrorResponseToJSON,
 } from '../models/ErrorResponse.js';
 import {
+    type RotateWebhookSecretRequest,
+    RotateWebhookSecretRequestFromJSON,
+    RotateWebhookSecretRequestToJSON,
+} from '../models/RotateWebhookSecretRequest.js';
+import {
     type WebhookDeliveryListResponse,
     WebhookDeliveryListResponseFromJSON,
     WebhookDeliveryListResponseToJSON,
@@ -89,6 +94,19 @@ export interface ListWebhookDeliveriesRequest {
      * 
      */
     limit?: number;
+}
+
+export interface RotateWebhookSecretOperationRequest {
+    /**
+     * Webhook endpoint id: `wh_` and letters or digits. No literal path segment of the API has
+     * this shape, so these paths never match an account's (`/api/{accountId}/folders` and the like).
+     * 
+     */
+    webhookId: string;
+    /**
+     * 
+     */
+    rotateWebhookSecretRequest?: RotateWebhookSecretRequest;
 }
 
 /**
@@ -444,6 +462,68 @@ export class WebhooksApi extends runtime.BaseAPI {
      */
     async listWebhooks(initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<WebhookListResponse> {
         const response = await this.listWebhooksRaw(initOverrides);
+        return await response.value();
+    }
+
+    /**
+     * Creates request options for rotateWebhookSecret without sending the request
+     */
+    async rotateWebhookSecretRequestOpts(requestParameters: RotateWebhookSecretOperationRequest): Promise<runtime.RequestOpts> {
+        if (requestParameters['webhookId'] == null) {
+            throw new runtime.RequiredError(
+                'webhookId',
+                'Required parameter "webhookId" was null or undefined when calling rotateWebhookSecret().'
+            );
+        }
+
+        const queryParameters: any = {};
+
+        const headerParameters: runtime.HTTPHeaders = {};
+
+        headerParameters['Content-Type'] = 'application/json';
+
+        if (this.configuration && this.configuration.apiKey) {
+            headerParameters["X-Auth-Token"] = await this.configuration.apiKey("X-Auth-Token"); // HeaderAuth authentication
+        }
+
+        if (this.configuration && this.configuration.accessToken) {
+            const token = this.configuration.accessToken;
+            const tokenString = await token("BearerAuth", []);
+
+            if (tokenString) {
+                headerParameters["Authorization"] = `Bearer ${tokenString}`;
+            }
+        }
+
+        let urlPath = `/api/webhooks/{webhookId}/rotate-secret`;
+        urlPath = urlPath.replace('{webhookId}', encodeURIComponent(String(requestParameters['webhookId'])));
+
+        return {
+            path: urlPath,
+            method: 'POST',
+            headers: headerParameters,
+            query: queryParameters,
+            body: RotateWebhookSecretRequestToJSON(requestParameters['rotateWebhookSecretRequest']),
+        };
+    }
+
+    /**
+     * Gives the endpoint a new signing `secret` (`whsec_...`), shown in this answer only; the endpoint keeps its id, its waiting deliveries and its attempts. For `graceSeconds` (default a day) the previous secret keeps signing too: each delivery\'s `webhook-signature` then carries two signatures, `v1,<new> v1,<previous>`, as Standard Webhooks provides for rotation, so a receiver verifies with either secret while it switches over. `previousSecretExpiresAt` says when the previous secret stops; with `graceSeconds` 0 it stops at once (a leaked secret) and the field is null. Deliveries are signed when they are sent, so those already waiting carry whatever secrets are current then. Only one previous secret is kept: rotating again ends the older one at once. 
+     * Rotate a webhook endpoint\'s signing secret
+     */
+    async rotateWebhookSecretRaw(requestParameters: RotateWebhookSecretOperationRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<runtime.ApiResponse<CreatedWebhook>> {
+        const requestOptions = await this.rotateWebhookSecretRequestOpts(requestParameters);
+        const response = await this.request(requestOptions, initOverrides);
+
+        return new runtime.JSONApiResponse(response, (jsonValue) => CreatedWebhookFromJSON(jsonValue));
+    }
+
+    /**
+     * Gives the endpoint a new signing `secret` (`whsec_...`), shown in this answer only; the endpoint keeps its id, its waiting deliveries and its attempts. For `graceSeconds` (default a day) the previous secret keeps signing too: each delivery\'s `webhook-signature` then carries two signatures, `v1,<new> v1,<previous>`, as Standard Webhooks provides for rotation, so a receiver verifies with either secret while it switches over. `previousSecretExpiresAt` says when the previous secret stops; with `graceSeconds` 0 it stops at once (a leaked secret) and the field is null. Deliveries are signed when they are sent, so those already waiting carry whatever secrets are current then. Only one previous secret is kept: rotating again ends the older one at once. 
+     * Rotate a webhook endpoint\'s signing secret
+     */
+    async rotateWebhookSecret(requestParameters: RotateWebhookSecretOperationRequest, initOverrides?: RequestInit | runtime.InitOverrideFunction): Promise<CreatedWebhook> {
+        const response = await this.rotateWebhookSecretRaw(requestParameters, initOverrides);
         return await response.value();
     }
 

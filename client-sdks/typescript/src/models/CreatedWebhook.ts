@@ -68,8 +68,15 @@ export interface CreatedWebhook {
      */
     updatedAt: number;
     /**
-     * The signing secret (`whsec_` and base64), shown in this answer only. Verify each
-     * delivery's `webhook-signature` with it (any Standard Webhooks library does).
+     * After rotateWebhookSecret: when the previous secret stops signing deliveries (ms since
+     * the epoch). Null when no previous secret signs any more.
+     * 
+     */
+    previousSecretExpiresAt?: number | null;
+    /**
+     * The signing secret (`whsec_` and base64), shown in this answer only (of
+     * createWebhook or rotateWebhookSecret). Verify each delivery's
+     * `webhook-signature` with it (any Standard Webhooks library does).
      * 
      */
     secret: string;
@@ -119,6 +126,7 @@ export function CreatedWebhookFromJSONTyped(json: any, ignoreDiscriminator: bool
         'disabledAt': json['disabledAt'] === undefined ? undefined : json['disabledAt'] === null ? null : json['disabledAt'],
         'createdAt': json['createdAt'],
         'updatedAt': json['updatedAt'],
+        'previousSecretExpiresAt': json['previousSecretExpiresAt'] === undefined ? undefined : json['previousSecretExpiresAt'] === null ? null : json['previousSecretExpiresAt'],
         'secret': json['secret'],
     };
 }
@@ -144,6 +152,7 @@ export function CreatedWebhookToJSONTyped(value?: CreatedWebhook | null, ignoreD
         'disabledAt': value['disabledAt'],
         'createdAt': value['createdAt'],
         'updatedAt': value['updatedAt'],
+        'previousSecretExpiresAt': value['previousSecretExpiresAt'],
         'secret': value['secret'],
     };
 }

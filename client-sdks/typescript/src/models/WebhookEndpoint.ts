@@ -67,6 +67,12 @@ export interface WebhookEndpoint {
      * 
      */
     updatedAt: number;
+    /**
+     * After rotateWebhookSecret: when the previous secret stops signing deliveries (ms since
+     * the epoch). Null when no previous secret signs any more.
+     * 
+     */
+    previousSecretExpiresAt?: number | null;
 }
 
 
@@ -112,6 +118,7 @@ export function WebhookEndpointFromJSONTyped(json: any, ignoreDiscriminator: boo
         'disabledAt': json['disabledAt'] === undefined ? undefined : json['disabledAt'] === null ? null : json['disabledAt'],
         'createdAt': json['createdAt'],
         'updatedAt': json['updatedAt'],
+        'previousSecretExpiresAt': json['previousSecretExpiresAt'] === undefined ? undefined : json['previousSecretExpiresAt'] === null ? null : json['previousSecretExpiresAt'],
     };
 }
 
@@ -136,6 +143,7 @@ export function WebhookEndpointToJSONTyped(value?: WebhookEndpoint | null, ignor
         'disabledAt': value['disabledAt'],
         'createdAt': value['createdAt'],
         'updatedAt': value['updatedAt'],
+        'previousSecretExpiresAt': value['previousSecretExpiresAt'],
     };
 }
 

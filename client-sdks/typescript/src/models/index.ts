@@ -33,6 +33,7 @@ export * from './OAuth2Grant.js';
 export * from './OAuth2Status.js';
 export * from './Pagination.js';
 export * from './RetrySend202Response.js';
+export * from './RotateWebhookSecretRequest.js';
 export * from './SaveDraft201Response.js';
 export * from './SearchResponse.js';
 export * from './SendEmail202Response.js';
