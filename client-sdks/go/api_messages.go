@@ -469,10 +469,17 @@ func (a *MessagesAPIService) DeleteMessagesExecute(r ApiDeleteMessagesRequest) (
 }
 
 type ApiGetMessageRequest struct {
-	ctx        context.Context
-	ApiService *MessagesAPIService
-	accountId  string
-	messageId  string
+	ctx           context.Context
+	ApiService    *MessagesAPIService
+	accountId     string
+	messageId     string
+	remoteContent *string
+}
+
+// Whether &#x60;bodyHtml&#x60; may load anything from the network when shown. &#x60;block&#x60; removes every such URL (image &#x60;src&#x60;, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its &#x60;alt&#x60;, &#x60;width&#x60; and &#x60;height&#x60;. Images the message carries itself (&#x60;cid:&#x60;) and links (&#x60;&lt;a href&gt;&#x60;, followed only on a click) stay. &#x60;hasRemoteContent&#x60; says whether there was anything to hold back, so a client can offer to show it (and ask again with &#x60;allow&#x60;).
+func (r ApiGetMessageRequest) RemoteContent(remoteContent string) ApiGetMessageRequest {
+	r.remoteContent = &remoteContent
+	return r
 }
 
 func (r ApiGetMessageRequest) Execute() (*MessageDetail, *http.Response, error) {
@@ -522,6 +529,13 @@ func (a *MessagesAPIService) GetMessageExecute(r ApiGetMessageRequest) (*Message
 	localVarQueryParams := url.Values{}
 	localVarFormParams := url.Values{}
 
+	if r.remoteContent != nil {
+		parameterAddToHeaderOrQuery(localVarQueryParams, "remoteContent", r.remoteContent, "form", "")
+	} else {
+		var defaultValue string = "allow"
+		parameterAddToHeaderOrQuery(localVarQueryParams, "remoteContent", defaultValue, "form", "")
+		r.remoteContent = &defaultValue
+	}
 	// to determine the Content-Type header
 	localVarHTTPContentTypes := []string{}
 

@@ -51,8 +51,10 @@ type MessageDetail struct {
 	DeliveryStatus NullableString `json:"deliveryStatus,omitempty"`
 	// Full email body (plain text or HTML)
 	Body *string `json:"body,omitempty"`
-	// HTML version of body
+	// HTML version of body, sanitised (see getMessage's `remoteContent`)
 	BodyHtml NullableString `json:"bodyHtml,omitempty"`
+	// Whether `bodyHtml`, as shown with `remoteContent=allow`, loads anything from the network (such as a remote image) when shown; the same whichever `remoteContent` was asked for, so a client that blocked it knows to offer \"show images\". False when there is no HTML body.
+	HasRemoteContent *bool `json:"hasRemoteContent,omitempty"`
 	// Raw email headers
 	Headers     *map[string]string `json:"headers,omitempty"`
 	Attachments []Attachment       `json:"attachments,omitempty"`
@@ -792,6 +794,38 @@ func (o *MessageDetail) UnsetBodyHtml() {
 	o.BodyHtml.Unset()
 }
 
+// GetHasRemoteContent returns the HasRemoteContent field value if set, zero value otherwise.
+func (o *MessageDetail) GetHasRemoteContent() bool {
+	if o == nil || IsNil(o.HasRemoteContent) {
+		var ret bool
+		return ret
+	}
+	return *o.HasRemoteContent
+}
+
+// GetHasRemoteContentOk returns a tuple with the HasRemoteContent field value if set, nil otherwise
+// and a boolean to check if the value has been set.
+func (o *MessageDetail) GetHasRemoteContentOk() (*bool, bool) {
+	if o == nil || IsNil(o.HasRemoteContent) {
+		return nil, false
+	}
+	return o.HasRemoteContent, true
+}
+
+// HasHasRemoteContent returns a boolean if a field has been set.
+func (o *MessageDetail) HasHasRemoteContent() bool {
+	if o != nil && !IsNil(o.HasRemoteContent) {
+		return true
+	}
+
+	return false
+}
+
+// SetHasRemoteContent gets a reference to the given bool and assigns it to the HasRemoteContent field.
+func (o *MessageDetail) SetHasRemoteContent(v bool) {
+	o.HasRemoteContent = &v
+}
+
 // GetHeaders returns the Headers field value if set, zero value otherwise.
 func (o *MessageDetail) GetHeaders() map[string]string {
 	if o == nil || IsNil(o.Headers) {
@@ -961,6 +995,9 @@ func (o MessageDetail) ToMap() (map[string]interface{}, error) {
 	}
 	if o.BodyHtml.IsSet() {
 		toSerialize["bodyHtml"] = o.BodyHtml.Get()
+	}
+	if !IsNil(o.HasRemoteContent) {
+		toSerialize["hasRemoteContent"] = o.HasRemoteContent
 	}
 	if !IsNil(o.Headers) {
 		toSerialize["headers"] = o.Headers

@@ -8,7 +8,7 @@ from flask import Response
 from email_service.errors import NotFoundError
 from email_service.handlers import principal, runtime
 from email_service.handlers.views import ms, streamed
-from email_service.mail.htmltext import sanitize_html
+from email_service.mail.htmltext import RemoteContent, hold_back_remote, sanitize_html
 from email_service.mailbox import changes as message_changes
 from email_service.mailbox import moves
 from email_service.models import Attachment, Message
@@ -100,12 +100,17 @@ def list_messages(
     }, 200
 
 
-def detail_view(detail: service.MessageDetail, objects: ObjectStore) -> dict[str, Any]:
+def detail_view(
+    detail: service.MessageDetail, objects: ObjectStore, remote_content: RemoteContent = RemoteContent.ALLOW
+) -> dict[str, Any]:
     message = detail.message
+    html = shown_html(message)
+    shown = hold_back_remote(html, remote_content) if html else None
     return {
         **message_view(message),
         "body": message.body_text,
-        "bodyHtml": shown_html(message),
+        "bodyHtml": shown.html if shown else html,
+        "hasRemoteContent": shown.has_remote_content if shown else False,
         "headers": message.headers,
         "attachments": [attachment_view(a, objects) for a in detail.attachments],
         "conversationId": message.conversation_id,
@@ -123,9 +128,10 @@ def shown_html(message: service.MessageRow) -> str | None:
     return sanitize_html(message.body_html).strip()
 
 
-def get_message(account_id: str, message_id: str) -> tuple[dict, int]:
+def get_message(account_id: str, message_id: str, remote_content: str = RemoteContent.ALLOW) -> tuple[dict, int]:
     rt = runtime()
-    return detail_view(service.get_message(rt.db, principal(), account_id, message_id), rt.objects), 200
+    detail = service.get_message(rt.db, principal(), account_id, message_id)
+    return detail_view(detail, rt.objects, RemoteContent(remote_content)), 200
 
 
 def get_raw_message(account_id: str, message_id: str) -> Response:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from enum import StrEnum
 from html.parser import HTMLParser
+from typing import NamedTuple
 from urllib.parse import unquote
 
 import nh3
@@ -90,16 +93,20 @@ def _filter_attribute(tag: str, attribute: str, value: str) -> str | None:
     return value
 
 
-_DISPLAY_CLEANER = nh3.Cleaner(
-    tags=_TAGS,
-    clean_content_tags=_CONTENT_TAGS,
-    attributes=_ATTRIBUTES,
-    attribute_filter=_filter_attribute,
-    url_schemes=_URL_SCHEMES,
-    url_relative="deny",
-    filter_style_properties=_STYLE_PROPERTIES,
-    link_rel="noopener noreferrer",
-)
+def _display_cleaner(attribute_filter: Callable[[str, str, str], str | None]) -> nh3.Cleaner:
+    return nh3.Cleaner(
+        tags=_TAGS,
+        clean_content_tags=_CONTENT_TAGS,
+        attributes=_ATTRIBUTES,
+        attribute_filter=attribute_filter,
+        url_schemes=_URL_SCHEMES,
+        url_relative="deny",
+        filter_style_properties=_STYLE_PROPERTIES,
+        link_rel="noopener noreferrer",
+    )
+
+
+_DISPLAY_CLEANER = _display_cleaner(_filter_attribute)
 # For text extraction only structure matters; nh3 (html5ever) first turns tag soup into a
 # well-formed tree so the text pass below never gets stuck inside an unclosed element.
 _TEXT_CLEANER = nh3.Cleaner(tags=_TAGS, clean_content_tags=_CONTENT_TAGS, attributes={}, url_schemes=set())
@@ -108,6 +115,63 @@ _TEXT_CLEANER = nh3.Cleaner(tags=_TAGS, clean_content_tags=_CONTENT_TAGS, attrib
 def sanitize_html(html: str) -> str:
     """HTML safe to show: no scripts, event handlers, active URLs or page-wide CSS."""
     return _DISPLAY_CLEANER.clean(html)
+
+
+class RemoteContent(StrEnum):
+    """Whether shown HTML may load anything from the network (getMessage's ``remoteContent``)."""
+
+    ALLOW = "allow"
+    BLOCK = "block"
+
+
+# Attributes whose URL a browser fetches as soon as it renders the element. Of these the allow-list
+# above lets through only <img src> (no srcset, no background attribute; url() never survives a
+# style attribute); the others are named so that widening _ATTRIBUTES cannot let a tracker through
+# unnoticed. Links (<a href>, <area href>) and citations (cite) load only when followed.
+_LOADING_ATTRIBUTES = {"src", "srcset", "background", "poster", "data", "lowsrc", "dynsrc", "xlink:href"}
+_LINK_TAGS = {"a", "area"}
+# What parts of the message itself (RFC 2392) or inline data look like: nothing to fetch.
+_LOCAL_SCHEMES = ("cid:", "data:")
+# A browser ignores leading and trailing spaces and C0 controls around a URL.
+_URL_PADDING = "".join(map(chr, range(0x21)))
+
+
+def _loads_remote(tag: str, attribute: str, value: str) -> bool:
+    if attribute not in _LOADING_ATTRIBUTES and not (attribute == "href" and tag not in _LINK_TAGS):
+        return False
+    # srcset lists URLs separated by commas; one piece that is not plainly local counts (a data:
+    # URL with a comma in it is cut in two and so counts too: blocking errs on the safe side).
+    urls = value.split(",") if attribute == "srcset" else [value]
+    return any(not url.strip(_URL_PADDING).lower().startswith(_LOCAL_SCHEMES) for url in urls)
+
+
+class ShownHtml(NamedTuple):
+    html: str
+    has_remote_content: bool  # with RemoteContent.ALLOW it would load something from the network
+
+
+def hold_back_remote(html: str, mode: RemoteContent) -> ShownHtml:
+    """``html`` (``sanitize_html`` output) as shown in ``mode``: with ``BLOCK`` every URL it would
+    fetch when rendered is removed; ``cid:`` images and links stay, and a blocked <img> keeps its
+    alt, width and height. ``has_remote_content`` reports such URLs in either mode.
+
+    Blocking runs the sanitiser's own cleaner again, only stricter, so its output can hold nothing
+    the sanitiser would remove; with ``ALLOW`` the HTML comes back as it was.
+    """
+    found = False
+
+    def keep(tag: str, attribute: str, value: str) -> str | None:
+        nonlocal found
+        kept = _filter_attribute(tag, attribute, value)
+        if kept is None or not _loads_remote(tag, attribute, kept):
+            return kept
+        found = True
+        return None if mode == RemoteContent.BLOCK else kept
+
+    # A cleaner per call: the filter records what it found for this HTML alone (building one takes
+    # about 0.06 ms), and concurrent requests in other threads never share it.
+    blocked = _display_cleaner(keep).clean(html)
+    return ShownHtml(blocked if mode == RemoteContent.BLOCK else html, found)
 
 
 _BLOCK = {

@@ -23,7 +23,7 @@ import pytest
 from email_service_client.exceptions import ApiException
 from httpx_sse import connect_sse
 from mailservers import SmtpServer, _Behaviour, quote_mailbox
-from messages import attachments_message, plain_message, to_bytes
+from messages import attachments_message, html_message, plain_message, to_bytes
 from oauth2server import PROVIDER, RETURN_URL, SERVICE_CALLBACK
 from standardwebhooks import Webhook
 
@@ -31,6 +31,10 @@ INBOX_FILLER = 1200  # enough that the first sync takes several progress reports
 CRASH_MAILBOX = 3000  # enough that a sync is still running when its worker is killed
 REPORT = ("Report Q3 – final.pdf", "application/pdf", b"%PDF-1.4\n" + bytes(range(256)) * 64 + b"\n%%EOF\n")
 UPLOAD = ("minutes.csv", "text/csv", b"item,owner\r\nbudget,alice\r\nhiring,bob\r\n")
+TRACKING_PIXEL = "https://track.example/open.gif?id=journey"
+NEWSLETTER = (
+    f'<p>This week\'s <a href="https://shop.example/news">news</a></p><img src="{TRACKING_PIXEL}" width="1" height="1">'
+)
 
 
 @dataclass
@@ -72,7 +76,8 @@ def imap_user(dovecot):
         user, "INBOX", (to_bytes(plain_message(f"Filler {i:04d}", f"Body {i}\n")) for i in range(INBOX_FILLER))
     )
     dovecot.create_folder(user, "Archive")
-    dovecot.append_many(user, "Archive", (to_bytes(plain_message(f"Archived {i}")) for i in range(3)))
+    dovecot.append_many(user, "Archive", (to_bytes(plain_message(f"Archived {i}")) for i in range(2)))
+    dovecot.append(user, "Archive", to_bytes(html_message("Weekly newsletter", NEWSLETTER)))
     return user
 
 
@@ -247,6 +252,16 @@ def test_2_sync_progress_folders_paging_and_an_attachment_byte_identical(journey
     assert original["Subject"] == "Board pack" and original["Message-ID"] == "<board-pack@example.com>"
     report = next(a for a in detail.attachments if a.filename == REPORT[0])
     assert report.mime_type == REPORT[1] and report.size == len(REPORT[2])
+
+    # A newsletter's tracking pixel is held back when the reader asks, and the answer says there
+    # was something to hold back (the reader can then choose to show it).
+    archived = _all_messages(api, journey.imap_account, folders["Archive"].id)
+    newsletter = next(m for m in archived if m.subject == "Weekly newsletter")
+    shown = messages.get_message(journey.imap_account, newsletter.id)
+    assert TRACKING_PIXEL in shown.body_html and shown.has_remote_content is True
+    held_back = messages.get_message(journey.imap_account, newsletter.id, remote_content="block")
+    assert TRACKING_PIXEL not in held_back.body_html and held_back.has_remote_content is True
+    assert 'href="https://shop.example/news"' in held_back.body_html
 
     by_link = httpx.get(report.download_url, timeout=30)
     assert by_link.status_code == 200

@@ -64,6 +64,7 @@ class TestMessageDetail(unittest.TestCase):
                 delivery_status = 'queued',
                 body = '',
                 body_html = '',
+                has_remote_content = True,
                 headers = {
                     'key' : ''
                     },

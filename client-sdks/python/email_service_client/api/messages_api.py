@@ -681,6 +681,7 @@ class MessagesApi:
         self,
         account_id: StrictStr,
         message_id: StrictStr,
+        remote_content: Annotated[Optional[StrictStr], Field(description="Whether `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). ")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -702,6 +703,8 @@ class MessagesApi:
         :type account_id: str
         :param message_id: (required)
         :type message_id: str
+        :param remote_content: Whether `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). 
+        :type remote_content: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -727,6 +730,7 @@ class MessagesApi:
         _param = self._get_message_serialize(
             account_id=account_id,
             message_id=message_id,
+            remote_content=remote_content,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -758,6 +762,7 @@ class MessagesApi:
         self,
         account_id: StrictStr,
         message_id: StrictStr,
+        remote_content: Annotated[Optional[StrictStr], Field(description="Whether `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). ")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -779,6 +784,8 @@ class MessagesApi:
         :type account_id: str
         :param message_id: (required)
         :type message_id: str
+        :param remote_content: Whether `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). 
+        :type remote_content: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -804,6 +811,7 @@ class MessagesApi:
         _param = self._get_message_serialize(
             account_id=account_id,
             message_id=message_id,
+            remote_content=remote_content,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -835,6 +843,7 @@ class MessagesApi:
         self,
         account_id: StrictStr,
         message_id: StrictStr,
+        remote_content: Annotated[Optional[StrictStr], Field(description="Whether `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). ")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -856,6 +865,8 @@ class MessagesApi:
         :type account_id: str
         :param message_id: (required)
         :type message_id: str
+        :param remote_content: Whether `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). 
+        :type remote_content: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -881,6 +892,7 @@ class MessagesApi:
         _param = self._get_message_serialize(
             account_id=account_id,
             message_id=message_id,
+            remote_content=remote_content,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -907,6 +919,7 @@ class MessagesApi:
         self,
         account_id,
         message_id,
+        remote_content,
         _request_auth,
         _content_type,
         _headers,
@@ -933,6 +946,10 @@ class MessagesApi:
         if message_id is not None:
             _path_params['messageId'] = message_id
         # process the query parameters
+        if remote_content is not None:
+            
+            _query_params.append(('remoteContent', remote_content))
+            
         # process the header parameters
         # process the form parameters
         # process the body parameter

@@ -51,11 +51,12 @@ class MessageDetail(BaseModel):
     labels: Optional[List[StrictStr]] = Field(default=None, description="Custom labels (IMAP keywords)")
     delivery_status: Optional[StrictStr] = Field(default=None, description="For mail written through this API: queued, sending (the data is going out and the reply is awaited), sent, failed, or ambiguous (the whole message went out and the server never answered: it may or may not have been accepted; only retrySend sends it again) for sendEmail, or draft (saveDraft); null for mail from the server", alias="deliveryStatus")
     body: Optional[StrictStr] = Field(default=None, description="Full email body (plain text or HTML)")
-    body_html: Optional[StrictStr] = Field(default=None, description="HTML version of body", alias="bodyHtml")
+    body_html: Optional[StrictStr] = Field(default=None, description="HTML version of body, sanitised (see getMessage's `remoteContent`)", alias="bodyHtml")
+    has_remote_content: Optional[StrictBool] = Field(default=None, description="Whether `bodyHtml`, as shown with `remoteContent=allow`, loads anything from the network (such as a remote image) when shown; the same whichever `remoteContent` was asked for, so a client that blocked it knows to offer \"show images\". False when there is no HTML body. ", alias="hasRemoteContent")
     headers: Optional[Dict[str, StrictStr]] = Field(default=None, description="Raw email headers")
     attachments: Optional[List[Attachment]] = None
     conversation_id: Optional[StrictStr] = Field(default=None, description="Thread/conversation ID for grouping replies", alias="conversationId")
-    __properties: ClassVar[List[str]] = ["id", "accountId", "folderId", "from", "fromName", "to", "cc", "bcc", "recipientNames", "subject", "preview", "isRead", "isStarred", "isSpam", "isDeleted", "attachmentCount", "receivedAt", "createdAt", "updatedAt", "labels", "deliveryStatus", "body", "bodyHtml", "headers", "attachments", "conversationId"]
+    __properties: ClassVar[List[str]] = ["id", "accountId", "folderId", "from", "fromName", "to", "cc", "bcc", "recipientNames", "subject", "preview", "isRead", "isStarred", "isSpam", "isDeleted", "attachmentCount", "receivedAt", "createdAt", "updatedAt", "labels", "deliveryStatus", "body", "bodyHtml", "hasRemoteContent", "headers", "attachments", "conversationId"]
 
     @field_validator('delivery_status')
     def delivery_status_validate_enum(cls, value):
@@ -167,6 +168,7 @@ class MessageDetail(BaseModel):
             "deliveryStatus": obj.get("deliveryStatus"),
             "body": obj.get("body"),
             "bodyHtml": obj.get("bodyHtml"),
+            "hasRemoteContent": obj.get("hasRemoteContent"),
             "headers": obj.get("headers"),
             "attachments": [Attachment.from_dict(_item) for _item in obj["attachments"]] if obj.get("attachments") is not None else None,
             "conversationId": obj.get("conversationId")

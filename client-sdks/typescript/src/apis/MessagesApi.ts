@@ -89,6 +89,17 @@ export interface GetMessageRequest {
      * 
      */
     messageId: string;
+    /**
+     * Whether `bodyHtml` may load anything from the network when shown. `block` removes every
+     * such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a
+     * message tells no sender (tracking pixels, read receipts by image) that, when or where it
+     * was read; a blocked image keeps its `alt`, `width` and `height`. Images the message
+     * carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay.
+     * `hasRemoteContent` says whether there was anything to hold back, so a client can offer
+     * to show it (and ask again with `allow`).
+     * 
+     */
+    remoteContent?: GetMessageRemoteContentEnum;
 }
 
 export interface GetRawMessageRequest {
@@ -338,6 +349,10 @@ export class MessagesApi extends runtime.BaseAPI {
         }
 
         const queryParameters: any = {};
+
+        if (requestParameters['remoteContent'] != null) {
+            queryParameters['remoteContent'] = requestParameters['remoteContent'];
+        }
 
         const headerParameters: runtime.HTTPHeaders = {};
 
@@ -765,6 +780,14 @@ export class MessagesApi extends runtime.BaseAPI {
 
 }
 
+/**
+ * @export
+ */
+export const GetMessageRemoteContentEnum = {
+    Allow: 'allow',
+    Block: 'block',
+} as const;
+export type GetMessageRemoteContentEnum = typeof GetMessageRemoteContentEnum[keyof typeof GetMessageRemoteContentEnum];
 /**
  * @export
  */

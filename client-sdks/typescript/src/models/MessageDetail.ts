@@ -116,9 +116,17 @@ export interface MessageDetail {
      */
     body?: string;
     /**
-     * HTML version of body
+     * HTML version of body, sanitised (see getMessage's `remoteContent`)
      */
     bodyHtml?: string | null;
+    /**
+     * Whether `bodyHtml`, as shown with `remoteContent=allow`, loads anything from the
+     * network (such as a remote image) when shown; the same whichever `remoteContent` was
+     * asked for, so a client that blocked it knows to offer "show images". False when there
+     * is no HTML body.
+     * 
+     */
+    hasRemoteContent?: boolean;
     /**
      * Raw email headers
      */
@@ -196,6 +204,7 @@ export function MessageDetailFromJSONTyped(json: any, ignoreDiscriminator: boole
         'deliveryStatus': json['deliveryStatus'] === undefined ? undefined : json['deliveryStatus'] === null ? null : json['deliveryStatus'],
         'body': json['body'] == null ? undefined : json['body'],
         'bodyHtml': json['bodyHtml'] === undefined ? undefined : json['bodyHtml'] === null ? null : json['bodyHtml'],
+        'hasRemoteContent': json['hasRemoteContent'] == null ? undefined : json['hasRemoteContent'],
         'headers': json['headers'] == null ? undefined : json['headers'],
         'attachments': json['attachments'] == null ? undefined : ((json['attachments'] as Array<any>).map(AttachmentFromJSON)),
         'conversationId': json['conversationId'] === undefined ? undefined : json['conversationId'] === null ? null : json['conversationId'],
@@ -236,6 +245,7 @@ export function MessageDetailToJSONTyped(value?: MessageDetail | null, ignoreDis
         'deliveryStatus': value['deliveryStatus'],
         'body': value['body'],
         'bodyHtml': value['bodyHtml'],
+        'hasRemoteContent': value['hasRemoteContent'],
         'headers': value['headers'],
         'attachments': value['attachments'] == null ? undefined : ((value['attachments'] as Array<any>).map(AttachmentToJSON)),
         'conversationId': value['conversationId'],
