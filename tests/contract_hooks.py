@@ -29,6 +29,18 @@ OAUTH2_ENV = {
     "EMAIL_SERVICE_OAUTH2_RETURN_URLS": OAUTH2_RETURN_URL,
 }
 ACCOUNT_PATHS = ("/api/accounts", "/api/accounts/{accountId}")
+# The operations the API answers by talking to the account's mail server itself (folders). In
+# the CLI run, which follows created accounts into them, a generated account names a server that
+# does not exist, and the contract's answer when the mail server cannot be reached is 503, not a
+# failure of the service: for these alone the check that no answer is a server error takes 503
+# too (any other 5xx still fails).
+CLI_CONFIG = """
+[[operations]]
+include-operation-id = ["createFolder", "updateFolder", "deleteFolder"]
+
+[operations.checks.not_a_server_error]
+expected-statuses = ["2xx", "3xx", "4xx", "503"]
+"""
 
 
 def patterns(raw_schema: dict[str, Any]) -> tuple[re.Pattern[str], re.Pattern[str]]:
