@@ -31,6 +31,7 @@ from email_service.models import TaskKind, TaskStatus
 from email_service.outgoing import jobs
 from email_service.protocols.smtp import SmtpSession
 from email_service.queue import tasks
+from email_service.queue.locks import AccountLock
 from email_service.queue.runner import TaskContext, reap, run_failure_hook
 from email_service.queue.tasks import TaskDeferred, TaskFailed, TaskRetry
 from email_service.runtime import Runtime
@@ -520,6 +521,104 @@ def test_a_sync_between_a_lost_append_answer_and_the_next_try_leaves_one_sent_co
     assert [m["id"] for m in listed["messages"]] == [accepted["messageId"]] and listed["pagination"]["total"] == 1
     assert run_sync(client, user, account_id)[0]["status"] == "success"
     assert [m["id"] for m in messages(client, user, account_id, sent)["messages"]] == [accepted["messageId"]]
+
+
+def lose_the_first_sent_copy_answer(
+    client, send_runtime, user, dovecot, mail_user, smtp, monkeypatch, subject, *also_to
+):
+    """An account whose first APPEND answer is lost, and the first try of a send to it: delivered,
+    its copy on the server but not tied to the message. Returns (proxy, account, accepted, the
+    try's TaskRetry)."""
+    proxy = AnswerLosingProxy(dovecot.imap_port, b"APPEND")
+    account_id = create_account(client, user, proxied_smtp_account(dovecot, mail_user, smtp, proxy))
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    with monkeypatch.context() as held:
+        held.setattr(tasks, "push", lambda *args, **kwargs: None)  # the test runs the send's tries itself
+        accepted = send(client, user, account_id, subject=subject, to=["bob@example.org", *also_to]).json()
+    with pytest.raises(TaskRetry) as retry:
+        jobs.run_send(run_as(send_runtime, user, accepted, "first"))
+    assert len(smtp.messages) == 1 and proxy.lost.is_set()
+    return proxy, account_id, accepted, retry.value
+
+
+def test_a_delivered_message_deleted_before_its_copy_is_filed_still_ends_its_task_delivered(
+    client, send_runtime, user, dovecot, mail_user, smtp_server, worker, monkeypatch
+):
+    smtp = smtp_server("starttls", unknown_recipients=["ghost@example.org"])
+    proxy, account_id, accepted, retry = lose_the_first_sent_copy_answer(
+        client, send_runtime, user, dovecot, mail_user, smtp, monkeypatch, "Deleted before filing", "ghost@example.org"
+    )
+    proxy.close()
+    gone = client.delete(
+        f"/api/{account_id}/messages/{accepted['messageId']}", params={"permanent": "true"}, headers=user.headers
+    )
+    assert gone.status_code in (200, 204), gone.text
+    second = replace(run_as(send_runtime, user, accepted, "second"), attempt=2, earlier_result=retry.otherwise)
+    # The message went out: the try that could not file its copy does not fail the send.
+    result = until_the_account_is_free(lambda: jobs.run_send(second))
+    assert result["delivered"] is True and result["refusedRecipients"] == {
+        "ghost@example.org": "550 5.1.1 No such user here"
+    }
+    assert result["sentCopy"] == "not filed on the server: the message or its account no longer exists"
+    assert len(smtp.messages) == 1
+
+
+def test_a_copy_the_user_deleted_after_a_sync_took_it_does_not_take_the_sent_message_with_it(
+    client, send_runtime, user, dovecot, mail_user, smtp_server, worker, monkeypatch
+):
+    smtp = smtp_server("starttls")
+    proxy, account_id, accepted, retry = lose_the_first_sent_copy_answer(
+        client, send_runtime, user, dovecot, mail_user, smtp, monkeypatch, "Deleted duplicate"
+    )
+    # A sync takes the server's copy for a new message, and the user deletes that one for good
+    # before the write-back tells the server (held back here).
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    sent = folders_by_name(client, user, account_id)["Sent"]["id"]
+    [duplicate] = [
+        m["id"] for m in messages(client, user, account_id, sent)["messages"] if m["id"] != accepted["messageId"]
+    ]
+    with monkeypatch.context() as held:
+        held.setattr(tasks, "push", lambda *args, **kwargs: None)
+        gone = client.delete(
+            f"/api/{account_id}/messages/{duplicate}", params={"permanent": "true"}, headers=user.headers
+        )
+    assert gone.status_code in (200, 204), gone.text
+    second = replace(run_as(send_runtime, user, accepted, "second"), attempt=2, earlier_result=retry.otherwise)
+    until_the_account_is_free(lambda: jobs.run_send(second))
+    # The deletion reaches the server, and the message written here stays: the UID deleted was
+    # never given to it.
+    for task in tasks_of(send_runtime, account_id):
+        if task.kind == TaskKind.WRITEBACK and task.status.active:
+            tasks.push(send_runtime, task.id, user.principal, task.kind)
+    assert eventually(lambda: sent_on_server(dovecot, mail_user, "Deleted duplicate") == 0, 30)
+    final = run_sync(client, user, account_id)[0]
+    proxy.close()
+    assert final["status"] == "success", final
+    kept = client.get(f"/api/{account_id}/messages/{accepted['messageId']}", headers=user.headers)
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["deliveryStatus"] == "sent" and kept.json()["folderId"] == sent
+
+
+def test_refused_recipients_are_reported_when_the_copy_waited_for_a_running_sync(
+    client, runtime, user, dovecot, mail_user, smtp_server, worker
+):
+    smtp = smtp_server("starttls", unknown_recipients=["ghost@example.org"])
+    account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
+    assert run_sync(client, user, account_id)[0]["status"] == "success"
+    lock = AccountLock(runtime.db, account_id)
+    assert lock.acquire()  # as a running sync holds it: delivery goes ahead, the copy waits
+    try:
+        accepted = send(client, user, account_id, subject="Waited", to=["bob@example.org", "ghost@example.org"])
+        assert eventually(lambda: len(smtp.messages) == 1, 60)
+    finally:
+        lock.release()
+    status = wait_task(client, user, accepted.json()["taskId"], timeout=90)
+    assert status["status"] == "success", status
+    assert status["result"] == {
+        "delivered": True,
+        "refusedRecipients": {"ghost@example.org": "550 5.1.1 No such user here"},
+        "sentCopy": "filed in Sent",
+    }
 
 
 def sent_detail(client, user, account_id, message_id) -> dict:

@@ -163,15 +163,18 @@ def _apply(
 
 
 def filed_on_server(
-    runtime: Runtime, principal: Principal, message_id: str, folder_id: str, uid: int, size: int
+    runtime: Runtime, principal: Principal, message_id: str, folder_id: str, filed: tuple[int, int], size: int
 ) -> None:
-    """A copy of a message written here was stored on the server in ``folder_id`` under ``uid``.
+    """A copy of a message written here was stored on the server in ``folder_id`` as ``filed``
+    (its UIDVALIDITY and UID).
 
     The row takes the UID, so the next sync sees one copy, not two. If the row was moved (it had
     no UID, so it simply moved) or deleted while the copy was stored, the copy follows it there:
     a ``MessageMove`` from where the server has it, for the account's next write-back.
     """
-    _forget_synced_copy(runtime, principal, message_id, folder_id, uid)
+    if not _own_copy(runtime, principal, message_id, folder_id, filed):
+        return
+    uid = filed[1]
     with runtime.db.tenant_session(principal) as session:
         message = session.scalar(
             select(Message).options(load_only(*MOVED_COLUMNS)).where(Message.id == message_id).with_for_update()
@@ -203,22 +206,36 @@ def filed_on_server(
     enqueue_server_moves(runtime, principal, account_id)
 
 
-def _forget_synced_copy(runtime: Runtime, principal: Principal, message_id: str, folder_id: str, uid: int) -> None:
-    """Drop the row a sync made of the copy just filed for ``message_id``, if one ran first.
+def _own_copy(runtime: Runtime, principal: Principal, message_id: str, folder_id: str, filed: tuple[int, int]) -> bool:
+    """Whether the row written here may take the UID of the copy just filed for it.
 
     A task whose APPEND answer was lost finds the copy on its next try; a sync that ran in
     between took that copy for a new message. It is this message's copy: the row written here
-    (whose id the client knows) keeps the UID, and the sync's row goes.
+    (whose id the client knows) keeps the UID, and the sync's row goes. Unless a change made
+    since moves or deletes that row (the server's copy goes with it, as asked), or the folder's
+    UIDVALIDITY is not the one the UID belongs to (the next sync renumbers the folder anyway):
+    then the row stays as it is, here only, and nothing the user did is undone.
     """
+    uidvalidity, uid = filed
     with runtime.db.tenant_session(principal) as session:
         folder = session.get(Folder, folder_id)
+        if folder is None:
+            return True  # gone: filed_on_server settles it
+        if folder.uidvalidity is not None and folder.uidvalidity != uidvalidity:
+            return False
+        leaving = session.scalar(
+            select(MessageMove.id).where(MessageMove.source_folder_id == folder_id, MessageMove.uid == uid).limit(1)
+        )
+        if leaving is not None:
+            log.info("message %s: the copy a sync took for a new message is moved as asked; kept here", message_id)
+            return False
         synced = session.scalar(
             select(Message.id).where(Message.folder_id == folder_id, Message.uid == uid, Message.id != message_id)
         )
-    if folder is None or synced is None:
-        return
-    MailStore(runtime.db, runtime.objects, principal, folder.account_id).remove_uids(folder, [uid])
-    log.info("message %s: the copy a sync took for a new message is its own", message_id)
+    if synced is not None:
+        MailStore(runtime.db, runtime.objects, principal, folder.account_id).remove_uids(folder, [uid])
+        log.info("message %s: the copy a sync took for a new message is its own", message_id)
+    return True
 
 
 def _target(folders: dict[str, Folder], folder_id: str | None, *, trash_optional: bool = False) -> Folder | None:

@@ -64,12 +64,10 @@ def _load(context: TaskContext) -> delivery.Outgoing:
 def run_send(context: TaskContext) -> dict[str, Any]:
     """Deliver a message written through the API over SMTP, then file the copy in Sent."""
     runtime, principal = context.runtime, context.principal
+    if context.earlier_result.get("delivered"):
+        return _after_delivery(context)
     message = _load(context)
-    # A try after delivery (only the Sent copy was left) reports what the delivering try learnt.
-    result: dict[str, Any] = {
-        "delivered": True,
-        "refusedRecipients": context.earlier_result.get("refusedRecipients", {}),
-    }
+    result: dict[str, Any] = {"delivered": True, "refusedRecipients": {}}
     if message.status is DeliveryStatus.SENDING:
         raise TaskFailed(LOST_WHILE_SENDING)  # the failure hook marks the message ambiguous
     if message.status in (DeliveryStatus.AMBIGUOUS, DeliveryStatus.FAILED):
@@ -123,20 +121,45 @@ def run_send(context: TaskContext) -> dict[str, Any]:
             raise TaskRetry(str(exc)) from None
         delivery.set_status(runtime.db, principal, message.message_id, DeliveryStatus.SENT)
         result["refusedRecipients"] = {addr: f"{code} {text}" for addr, (code, text) in outcome.refused.items()}
+        # Kept with the task at once: a later try (filing the copy after a wait for the account,
+        # a retry, a resumption after this worker died) reports what this one learnt.
+        context.keep(result)
     context.progress(60)
+    result["sentCopy"] = _file_sent_copy(context, message, result)
+    context.progress(100)
+    return result
+
+
+def _after_delivery(context: TaskContext) -> dict[str, Any]:
+    """A try after an earlier one delivered the message: only its copy for Sent is left.
+
+    However that ends, the send succeeded: a message deleted meanwhile, a database that cannot
+    be read on the last try, a password that no longer decrypts leave the copy unfiled, said in
+    the result, and never turn a delivered message's task into a failure.
+    """
+    delivered = {key: value for key, value in context.earlier_result.items() if key != "sentCopy"}
     try:
-        result["sentCopy"] = _file_copy(context, message, ("\\Seen",))
+        message = _load(context)
+        return {**delivered, "sentCopy": _file_sent_copy(context, message, delivered)}
+    except TaskFailed as exc:
+        return {**delivered, "sentCopy": f"not filed on the server: {exc.message}"}
+    except TaskRetry as exc:
+        unfiled = {**delivered, "sentCopy": f"not filed on the server: {exc.message}"}
+        raise TaskRetry(exc.message, otherwise=exc.otherwise or unfiled) from None
+
+
+def _file_sent_copy(context: TaskContext, message: delivery.Outgoing, delivered: dict[str, Any]) -> str:
+    """File the delivered message's copy in Sent; a server that cannot take it now gets it from the next try."""
+    try:
+        return _file_copy(context, message, ("\\Seen",))
     except MailServerError as exc:
-        # Delivered; only the copy waits for the IMAP server. The next try files it (or finds the
-        # one this try stored without hearing back) and sends nothing, as the message is sent.
-        # Once the tries run out the task still succeeds: the message went out.
+        # The next try files it (or finds the one this try stored without hearing back) and
+        # sends nothing, as the message is sent. Once the tries run out the task still succeeds.
         log.warning("sent message %s not filed on the server yet: %s", message.message_id, exc)
         raise TaskRetry(
             f"delivered; the copy is not filed in {message.folder_name} yet: {exc}",
-            otherwise={**result, "sentCopy": f"not filed on the server: {exc}"},
+            otherwise={**delivered, "sentCopy": f"not filed on the server: {exc}"},
         ) from None
-    context.progress(100)
-    return result
 
 
 def send_failed(context: TaskContext, message: str, permanent: bool) -> None:
@@ -239,7 +262,7 @@ def _file_copy(
         if appended is not None:
             # The row takes the server's UID, so the next sync sees one copy, not two.
             moves.filed_on_server(
-                runtime, principal, message.message_id, message.folder_id, appended[1], len(message.data)
+                runtime, principal, message.message_id, message.folder_id, appended, len(message.data)
             )
     finally:
         if lock is not None:

@@ -100,6 +100,23 @@ class TaskContext:
         ).first()
         return held is not None
 
+    def keep(self, result: dict[str, Any]) -> None:
+        """Record what this try achieved, for a later try of the task (``earlier_result``).
+
+        Shown only once the task succeeds. A record that cannot be written is logged: the work is
+        done either way, and a later try only reports less of it.
+        """
+        self.earlier_result = dict(result)
+        try:
+            with self.runtime.db.maintenance_session() as session:
+                session.execute(
+                    update(Task)
+                    .where(Task.id == self.task_id, Task.carrier_id == self.carrier_id)
+                    .values(result=self.earlier_result, updated_at=datetime.now(UTC))
+                )
+        except SQLAlchemyError as exc:
+            log.warning("task %s: what it did so far not recorded: %s", self.task_id, type(exc).__name__)
+
     def progress(self, percent: int) -> None:
         """Record progress (0-100); written at most twice a second and never backwards."""
         percent = max(0, min(100, int(percent)))
