@@ -27,7 +27,7 @@ NEWSLETTER_HTML = f"""\
 @pytest.fixture
 def inbox(sync_client, user, dovecot, mail_user, worker):
     """A synced IMAP inbox: a newsletter with remote images and an inline (cid) logo, a message
-    whose only image is inline, and a plain-text message."""
+    whose only image is inline, and a plain-text message; and an empty folder "Newsletters"."""
     newsletter = html_message("Spring sale", NEWSLETTER_HTML)
     newsletter.get_payload()[1].add_related(
         PNG_1X1, "image", "png", cid="<logo@example.com>", filename="logo.png", disposition="inline"
@@ -35,6 +35,7 @@ def inbox(sync_client, user, dovecot, mail_user, worker):
     dovecot.append(mail_user, "INBOX", to_bytes(newsletter))
     dovecot.append(mail_user, "INBOX", to_bytes(attachments_message("Only our own logo")))
     dovecot.append(mail_user, "INBOX", to_bytes(plain_message("Just text")))
+    dovecot.create_folder(mail_user, "Newsletters")
     account_id = create_account(sync_client, user, imap_account(dovecot, mail_user))
     assert run_sync(sync_client, user, account_id)[0]["status"] == "success"
     folder = folders_by_name(sync_client, user, account_id)["INBOX"]
@@ -154,3 +155,82 @@ def test_only_the_two_modes_are_accepted(sync_client, user, inbox):
         response = sync_client.get(url, params={"remoteContent": value}, headers=user.headers)
         body = assert_error_shape(response, 400, "VALIDATION_ERROR")
         assert body["message"] == "query parameter remoteContent must be one of allow, block"
+
+
+def change(client, user, account_id: str, message_id: str, body: dict, **query) -> dict:
+    response = client.patch(f"/api/{account_id}/messages/{message_id}", params=query, json=body, headers=user.headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def move(client, user, account_id: str, message_id: str, folder_id: str, **query) -> dict:
+    response = client.post(
+        f"/api/{account_id}/messages/{message_id}/move",
+        params=query,
+        json={"folderId": folder_id},
+        headers=user.headers,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def assert_held_back(shown: dict) -> None:
+    """The newsletter as shown with remote content blocked: nothing in it reaches the network."""
+    html = shown["bodyHtml"]
+    for remote in ("https://cdn.example", "https://track.example", "url("):
+        assert remote not in html, remote
+    assert images(html) == BLOCKED_IMAGES
+    assert 'href="https://shop.example/sale"' in html
+    assert shown["hasRemoteContent"] is True
+
+
+def test_marking_read_answers_with_remote_images_held_back_when_asked(sync_client, user, inbox):
+    # A client that opened the newsletter with remote content blocked shows the answer to
+    # "mark as read" in its place: the tracking pixel must not load then either.
+    account_id, listed = inbox
+    newsletter = listed["Spring sale"]
+    blocked = change(sync_client, user, account_id, newsletter, {"isRead": True}, remoteContent="block")
+    assert blocked["isRead"] is True
+    assert_held_back(blocked)
+    assert read(sync_client, user, account_id, newsletter, remoteContent="block")["bodyHtml"] == blocked["bodyHtml"]
+
+    # Without the parameter, or with allow, the answer loads them as before.
+    unread = change(sync_client, user, account_id, newsletter, {"isRead": False})
+    starred = change(sync_client, user, account_id, newsletter, {"isStarred": True}, remoteContent="allow")
+    assert unread["isRead"] is False and starred["isStarred"] is True
+    for shown in (unread, starred):
+        assert [image.get("src") for image in images(shown["bodyHtml"])] == [BANNER, "cid:logo@example.com", PIXEL]
+        assert shown["hasRemoteContent"] is True
+
+
+def test_a_move_answers_with_remote_images_held_back_when_asked(sync_client, user, inbox):
+    account_id, listed = inbox
+    folders = folders_by_name(sync_client, user, account_id)
+    newsletter = listed["Spring sale"]
+    moved = move(sync_client, user, account_id, newsletter, folders["Newsletters"]["id"], remoteContent="block")
+    assert moved["folderId"] == folders["Newsletters"]["id"]
+    assert_held_back(moved)
+
+    back = move(sync_client, user, account_id, newsletter, folders["INBOX"]["id"])
+    assert back["folderId"] == folders["INBOX"]["id"]
+    assert [image.get("src") for image in images(back["bodyHtml"])] == [BANNER, "cid:logo@example.com", PIXEL]
+
+
+def test_a_change_or_move_with_an_unknown_mode_is_refused_and_changes_nothing(sync_client, user, inbox):
+    account_id, listed = inbox
+    folders = folders_by_name(sync_client, user, account_id)
+    url = f"/api/{account_id}/messages/{listed['Spring sale']}"
+    for value in ("BLOCK", "none", "", "true"):
+        for response in (
+            sync_client.patch(url, params={"remoteContent": value}, json={"isRead": True}, headers=user.headers),
+            sync_client.post(
+                f"{url}/move",
+                params={"remoteContent": value},
+                json={"folderId": folders["Newsletters"]["id"]},
+                headers=user.headers,
+            ),
+        ):
+            body = assert_error_shape(response, 400, "VALIDATION_ERROR")
+            assert body["message"] == "query parameter remoteContent must be one of allow, block"
+    unchanged = read(sync_client, user, account_id, listed["Spring sale"])
+    assert unchanged["isRead"] is False and unchanged["folderId"] == folders["INBOX"]["id"]

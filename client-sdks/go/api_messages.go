@@ -476,7 +476,7 @@ type ApiGetMessageRequest struct {
 	remoteContent *string
 }
 
-// Whether &#x60;bodyHtml&#x60; may load anything from the network when shown. &#x60;block&#x60; removes every such URL (image &#x60;src&#x60;, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its &#x60;alt&#x60;, &#x60;width&#x60; and &#x60;height&#x60;. Images the message carries itself (&#x60;cid:&#x60;) and links (&#x60;&lt;a href&gt;&#x60;, followed only on a click) stay. &#x60;hasRemoteContent&#x60; says whether there was anything to hold back, so a client can offer to show it (and ask again with &#x60;allow&#x60;).
+// Whether the answer&#39;s &#x60;bodyHtml&#x60; may load anything from the network when shown. &#x60;block&#x60; removes every such URL (image &#x60;src&#x60;, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its &#x60;alt&#x60;, &#x60;width&#x60; and &#x60;height&#x60;. Images the message carries itself (&#x60;cid:&#x60;) and links (&#x60;&lt;a href&gt;&#x60;, followed only on a click) stay. &#x60;hasRemoteContent&#x60; says whether there was anything to hold back, so a client can offer to show it (and ask again with &#x60;allow&#x60;). Every operation that answers with a message&#39;s &#x60;bodyHtml&#x60; takes it: a client that opened a message with &#x60;block&#x60; passes it again when it changes or moves the message and shows the answer.
 func (r ApiGetMessageRequest) RemoteContent(remoteContent string) ApiGetMessageRequest {
 	r.remoteContent = &remoteContent
 	return r
@@ -1139,10 +1139,17 @@ type ApiMoveMessageRequest struct {
 	accountId          string
 	messageId          string
 	moveMessageRequest *MoveMessageRequest
+	remoteContent      *string
 }
 
 func (r ApiMoveMessageRequest) MoveMessageRequest(moveMessageRequest MoveMessageRequest) ApiMoveMessageRequest {
 	r.moveMessageRequest = &moveMessageRequest
+	return r
+}
+
+// Whether the answer&#39;s &#x60;bodyHtml&#x60; may load anything from the network when shown. &#x60;block&#x60; removes every such URL (image &#x60;src&#x60;, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its &#x60;alt&#x60;, &#x60;width&#x60; and &#x60;height&#x60;. Images the message carries itself (&#x60;cid:&#x60;) and links (&#x60;&lt;a href&gt;&#x60;, followed only on a click) stay. &#x60;hasRemoteContent&#x60; says whether there was anything to hold back, so a client can offer to show it (and ask again with &#x60;allow&#x60;). Every operation that answers with a message&#39;s &#x60;bodyHtml&#x60; takes it: a client that opened a message with &#x60;block&#x60; passes it again when it changes or moves the message and shows the answer.
+func (r ApiMoveMessageRequest) RemoteContent(remoteContent string) ApiMoveMessageRequest {
+	r.remoteContent = &remoteContent
 	return r
 }
 
@@ -1199,6 +1206,13 @@ func (a *MessagesAPIService) MoveMessageExecute(r ApiMoveMessageRequest) (*Messa
 		return localVarReturnValue, nil, reportError("moveMessageRequest is required and must be specified")
 	}
 
+	if r.remoteContent != nil {
+		parameterAddToHeaderOrQuery(localVarQueryParams, "remoteContent", r.remoteContent, "form", "")
+	} else {
+		var defaultValue string = "allow"
+		parameterAddToHeaderOrQuery(localVarQueryParams, "remoteContent", defaultValue, "form", "")
+		r.remoteContent = &defaultValue
+	}
 	// to determine the Content-Type header
 	localVarHTTPContentTypes := []string{"application/json"}
 
@@ -1601,10 +1615,17 @@ type ApiUpdateMessageRequest struct {
 	accountId            string
 	messageId            string
 	updateMessageRequest *UpdateMessageRequest
+	remoteContent        *string
 }
 
 func (r ApiUpdateMessageRequest) UpdateMessageRequest(updateMessageRequest UpdateMessageRequest) ApiUpdateMessageRequest {
 	r.updateMessageRequest = &updateMessageRequest
+	return r
+}
+
+// Whether the answer&#39;s &#x60;bodyHtml&#x60; may load anything from the network when shown. &#x60;block&#x60; removes every such URL (image &#x60;src&#x60;, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its &#x60;alt&#x60;, &#x60;width&#x60; and &#x60;height&#x60;. Images the message carries itself (&#x60;cid:&#x60;) and links (&#x60;&lt;a href&gt;&#x60;, followed only on a click) stay. &#x60;hasRemoteContent&#x60; says whether there was anything to hold back, so a client can offer to show it (and ask again with &#x60;allow&#x60;). Every operation that answers with a message&#39;s &#x60;bodyHtml&#x60; takes it: a client that opened a message with &#x60;block&#x60; passes it again when it changes or moves the message and shows the answer.
+func (r ApiUpdateMessageRequest) RemoteContent(remoteContent string) ApiUpdateMessageRequest {
+	r.remoteContent = &remoteContent
 	return r
 }
 
@@ -1662,6 +1683,13 @@ func (a *MessagesAPIService) UpdateMessageExecute(r ApiUpdateMessageRequest) (*M
 		return localVarReturnValue, nil, reportError("updateMessageRequest is required and must be specified")
 	}
 
+	if r.remoteContent != nil {
+		parameterAddToHeaderOrQuery(localVarQueryParams, "remoteContent", r.remoteContent, "form", "")
+	} else {
+		var defaultValue string = "allow"
+		parameterAddToHeaderOrQuery(localVarQueryParams, "remoteContent", defaultValue, "form", "")
+		r.remoteContent = &defaultValue
+	}
 	// to determine the Content-Type header
 	localVarHTTPContentTypes := []string{"application/json"}
 

@@ -51,7 +51,7 @@ type MessageDetail struct {
 	DeliveryStatus NullableString `json:"deliveryStatus,omitempty"`
 	// Full email body (plain text or HTML)
 	Body *string `json:"body,omitempty"`
-	// HTML version of body, sanitised (see getMessage's `remoteContent`)
+	// HTML version of body, sanitised (see the `remoteContent` query parameter)
 	BodyHtml NullableString `json:"bodyHtml,omitempty"`
 	// Whether `bodyHtml`, as shown with `remoteContent=allow`, loads anything from the network (such as a remote image) when shown; the same whichever `remoteContent` was asked for, so a client that blocked it knows to offer \"show images\". False when there is no HTML body.
 	HasRemoteContent *bool `json:"hasRemoteContent,omitempty"`

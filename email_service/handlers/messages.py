@@ -146,10 +146,13 @@ def get_raw_message(account_id: str, message_id: str) -> Response:
     return streamed(raw.content, headers)
 
 
-def update_message(account_id: str, message_id: str, body: dict[str, Any]) -> tuple[dict, int]:
+def update_message(
+    account_id: str, message_id: str, body: dict[str, Any], remote_content: str = RemoteContent.ALLOW
+) -> tuple[dict, int]:
     rt = runtime()
     detail = message_changes.update_message(rt, principal(), account_id, message_id, body)
-    return detail_view(detail, rt.objects), 200
+    # The client shows this answer in place of the message it opened: hold back what it held back.
+    return detail_view(detail, rt.objects, RemoteContent(remote_content)), 200
 
 
 def _result(outcome: moves.Outcome, folder_id: str | None) -> dict[str, Any]:
@@ -166,10 +169,13 @@ def _one(outcome: moves.Outcome, message_id: str) -> None:
         raise NotFoundError(f"Message with ID '{message_id}' does not exist", code="MESSAGE_NOT_FOUND")
 
 
-def move_message(account_id: str, message_id: str, body: dict[str, Any]) -> tuple[dict, int]:
+def move_message(
+    account_id: str, message_id: str, body: dict[str, Any], remote_content: str = RemoteContent.ALLOW
+) -> tuple[dict, int]:
     rt = runtime()
     _one(moves.move_messages(rt, principal(), account_id, [message_id], body["folderId"]), message_id)
-    return detail_view(service.get_message(rt.db, principal(), account_id, message_id), rt.objects), 200
+    detail = service.get_message(rt.db, principal(), account_id, message_id)
+    return detail_view(detail, rt.objects, RemoteContent(remote_content)), 200
 
 
 def delete_message(account_id: str, message_id: str, permanent: bool = False) -> tuple[dict, int]:

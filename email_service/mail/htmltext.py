@@ -118,7 +118,7 @@ def sanitize_html(html: str) -> str:
 
 
 class RemoteContent(StrEnum):
-    """Whether shown HTML may load anything from the network (getMessage's ``remoteContent``)."""
+    """Whether shown HTML may load anything from the network (the API's ``remoteContent``)."""
 
     ALLOW = "allow"
     BLOCK = "block"

@@ -100,7 +100,7 @@ FOLDER_COLUMNS = (
 )
 FolderRow = _row_type("FolderRow", FOLDER_COLUMNS)
 
-# What getMessage shows (handlers.messages.detail_view): a list item's columns and the content.
+# What a message's detail shows (handlers.messages.detail_view): a list item's columns and the content.
 DETAIL_COLUMNS = (*LIST_COLUMNS, Message.body_text, Message.body_html, Message.headers, Message.conversation_id)
 MessageRow = _row_type("MessageRow", DETAIL_COLUMNS)
 ATTACHMENT_COLUMNS = (

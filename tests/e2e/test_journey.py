@@ -262,6 +262,11 @@ def test_2_sync_progress_folders_paging_and_an_attachment_byte_identical(journey
     held_back = messages.get_message(journey.imap_account, newsletter.id, remote_content="block")
     assert TRACKING_PIXEL not in held_back.body_html and held_back.has_remote_content is True
     assert 'href="https://shop.example/news"' in held_back.body_html
+    # Marking it read answers with the message the reader is looking at: held back too.
+    marked = messages.update_message(
+        journey.imap_account, newsletter.id, sdk.UpdateMessageRequest(is_read=True), remote_content="block"
+    )
+    assert marked.is_read and TRACKING_PIXEL not in marked.body_html and marked.has_remote_content is True
 
     by_link = httpx.get(report.download_url, timeout=30)
     assert by_link.status_code == 200

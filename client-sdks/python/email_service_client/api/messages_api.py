@@ -681,7 +681,7 @@ class MessagesApi:
         self,
         account_id: StrictStr,
         message_id: StrictStr,
-        remote_content: Annotated[Optional[StrictStr], Field(description="Whether `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). ")] = None,
+        remote_content: Annotated[Optional[StrictStr], Field(description="Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. ")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -703,7 +703,7 @@ class MessagesApi:
         :type account_id: str
         :param message_id: (required)
         :type message_id: str
-        :param remote_content: Whether `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). 
+        :param remote_content: Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. 
         :type remote_content: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -762,7 +762,7 @@ class MessagesApi:
         self,
         account_id: StrictStr,
         message_id: StrictStr,
-        remote_content: Annotated[Optional[StrictStr], Field(description="Whether `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). ")] = None,
+        remote_content: Annotated[Optional[StrictStr], Field(description="Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. ")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -784,7 +784,7 @@ class MessagesApi:
         :type account_id: str
         :param message_id: (required)
         :type message_id: str
-        :param remote_content: Whether `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). 
+        :param remote_content: Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. 
         :type remote_content: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -843,7 +843,7 @@ class MessagesApi:
         self,
         account_id: StrictStr,
         message_id: StrictStr,
-        remote_content: Annotated[Optional[StrictStr], Field(description="Whether `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). ")] = None,
+        remote_content: Annotated[Optional[StrictStr], Field(description="Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. ")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -865,7 +865,7 @@ class MessagesApi:
         :type account_id: str
         :param message_id: (required)
         :type message_id: str
-        :param remote_content: Whether `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). 
+        :param remote_content: Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. 
         :type remote_content: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
@@ -1676,6 +1676,7 @@ class MessagesApi:
         account_id: StrictStr,
         message_id: StrictStr,
         move_message_request: MoveMessageRequest,
+        remote_content: Annotated[Optional[StrictStr], Field(description="Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. ")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -1699,6 +1700,8 @@ class MessagesApi:
         :type message_id: str
         :param move_message_request: (required)
         :type move_message_request: MoveMessageRequest
+        :param remote_content: Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. 
+        :type remote_content: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -1725,6 +1728,7 @@ class MessagesApi:
             account_id=account_id,
             message_id=message_id,
             move_message_request=move_message_request,
+            remote_content=remote_content,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -1760,6 +1764,7 @@ class MessagesApi:
         account_id: StrictStr,
         message_id: StrictStr,
         move_message_request: MoveMessageRequest,
+        remote_content: Annotated[Optional[StrictStr], Field(description="Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. ")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -1783,6 +1788,8 @@ class MessagesApi:
         :type message_id: str
         :param move_message_request: (required)
         :type move_message_request: MoveMessageRequest
+        :param remote_content: Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. 
+        :type remote_content: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -1809,6 +1816,7 @@ class MessagesApi:
             account_id=account_id,
             message_id=message_id,
             move_message_request=move_message_request,
+            remote_content=remote_content,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -1844,6 +1852,7 @@ class MessagesApi:
         account_id: StrictStr,
         message_id: StrictStr,
         move_message_request: MoveMessageRequest,
+        remote_content: Annotated[Optional[StrictStr], Field(description="Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. ")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -1867,6 +1876,8 @@ class MessagesApi:
         :type message_id: str
         :param move_message_request: (required)
         :type move_message_request: MoveMessageRequest
+        :param remote_content: Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. 
+        :type remote_content: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -1893,6 +1904,7 @@ class MessagesApi:
             account_id=account_id,
             message_id=message_id,
             move_message_request=move_message_request,
+            remote_content=remote_content,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -1923,6 +1935,7 @@ class MessagesApi:
         account_id,
         message_id,
         move_message_request,
+        remote_content,
         _request_auth,
         _content_type,
         _headers,
@@ -1949,6 +1962,10 @@ class MessagesApi:
         if message_id is not None:
             _path_params['messageId'] = message_id
         # process the query parameters
+        if remote_content is not None:
+            
+            _query_params.append(('remoteContent', remote_content))
+            
         # process the header parameters
         # process the form parameters
         # process the body parameter
@@ -2325,6 +2342,7 @@ class MessagesApi:
         account_id: StrictStr,
         message_id: StrictStr,
         update_message_request: UpdateMessageRequest,
+        remote_content: Annotated[Optional[StrictStr], Field(description="Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. ")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -2348,6 +2366,8 @@ class MessagesApi:
         :type message_id: str
         :param update_message_request: (required)
         :type update_message_request: UpdateMessageRequest
+        :param remote_content: Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. 
+        :type remote_content: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -2374,6 +2394,7 @@ class MessagesApi:
             account_id=account_id,
             message_id=message_id,
             update_message_request=update_message_request,
+            remote_content=remote_content,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -2408,6 +2429,7 @@ class MessagesApi:
         account_id: StrictStr,
         message_id: StrictStr,
         update_message_request: UpdateMessageRequest,
+        remote_content: Annotated[Optional[StrictStr], Field(description="Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. ")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -2431,6 +2453,8 @@ class MessagesApi:
         :type message_id: str
         :param update_message_request: (required)
         :type update_message_request: UpdateMessageRequest
+        :param remote_content: Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. 
+        :type remote_content: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -2457,6 +2481,7 @@ class MessagesApi:
             account_id=account_id,
             message_id=message_id,
             update_message_request=update_message_request,
+            remote_content=remote_content,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -2491,6 +2516,7 @@ class MessagesApi:
         account_id: StrictStr,
         message_id: StrictStr,
         update_message_request: UpdateMessageRequest,
+        remote_content: Annotated[Optional[StrictStr], Field(description="Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. ")] = None,
         _request_timeout: Union[
             None,
             Annotated[StrictFloat, Field(gt=0)],
@@ -2514,6 +2540,8 @@ class MessagesApi:
         :type message_id: str
         :param update_message_request: (required)
         :type update_message_request: UpdateMessageRequest
+        :param remote_content: Whether the answer's `bodyHtml` may load anything from the network when shown. `block` removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so showing a message tells no sender (tracking pixels, read receipts by image) that, when or where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay. `hasRemoteContent` says whether there was anything to hold back, so a client can offer to show it (and ask again with `allow`). Every operation that answers with a message's `bodyHtml` takes it: a client that opened a message with `block` passes it again when it changes or moves the message and shows the answer. 
+        :type remote_content: str
         :param _request_timeout: timeout setting for this request. If one
                                  number provided, it will be total request
                                  timeout. It can also be a pair (tuple) of
@@ -2540,6 +2568,7 @@ class MessagesApi:
             account_id=account_id,
             message_id=message_id,
             update_message_request=update_message_request,
+            remote_content=remote_content,
             _request_auth=_request_auth,
             _content_type=_content_type,
             _headers=_headers,
@@ -2569,6 +2598,7 @@ class MessagesApi:
         account_id,
         message_id,
         update_message_request,
+        remote_content,
         _request_auth,
         _content_type,
         _headers,
@@ -2595,6 +2625,10 @@ class MessagesApi:
         if message_id is not None:
             _path_params['messageId'] = message_id
         # process the query parameters
+        if remote_content is not None:
+            
+            _query_params.append(('remoteContent', remote_content))
+            
         # process the header parameters
         # process the form parameters
         # process the body parameter

@@ -51,7 +51,7 @@ class MessageDetail(BaseModel):
     labels: Optional[List[StrictStr]] = Field(default=None, description="Custom labels (IMAP keywords)")
     delivery_status: Optional[StrictStr] = Field(default=None, description="For mail written through this API: queued, sending (the data is going out and the reply is awaited), sent, failed, or ambiguous (the whole message went out and the server never answered: it may or may not have been accepted; only retrySend sends it again) for sendEmail, or draft (saveDraft); null for mail from the server", alias="deliveryStatus")
     body: Optional[StrictStr] = Field(default=None, description="Full email body (plain text or HTML)")
-    body_html: Optional[StrictStr] = Field(default=None, description="HTML version of body, sanitised (see getMessage's `remoteContent`)", alias="bodyHtml")
+    body_html: Optional[StrictStr] = Field(default=None, description="HTML version of body, sanitised (see the `remoteContent` query parameter)", alias="bodyHtml")
     has_remote_content: Optional[StrictBool] = Field(default=None, description="Whether `bodyHtml`, as shown with `remoteContent=allow`, loads anything from the network (such as a remote image) when shown; the same whichever `remoteContent` was asked for, so a client that blocked it knows to offer \"show images\". False when there is no HTML body. ", alias="hasRemoteContent")
     headers: Optional[Dict[str, StrictStr]] = Field(default=None, description="Raw email headers")
     attachments: Optional[List[Attachment]] = None

@@ -90,13 +90,15 @@ export interface GetMessageRequest {
      */
     messageId: string;
     /**
-     * Whether `bodyHtml` may load anything from the network when shown. `block` removes every
-     * such URL (image `src`, and anything else the sanitised HTML could fetch), so opening a
-     * message tells no sender (tracking pixels, read receipts by image) that, when or where it
-     * was read; a blocked image keeps its `alt`, `width` and `height`. Images the message
-     * carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay.
-     * `hasRemoteContent` says whether there was anything to hold back, so a client can offer
-     * to show it (and ask again with `allow`).
+     * Whether the answer's `bodyHtml` may load anything from the network when shown. `block`
+     * removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so
+     * showing a message tells no sender (tracking pixels, read receipts by image) that, when or
+     * where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the
+     * message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay.
+     * `hasRemoteContent` says whether there was anything to hold back, so a client can offer to
+     * show it (and ask again with `allow`). Every operation that answers with a message's
+     * `bodyHtml` takes it: a client that opened a message with `block` passes it again when it
+     * changes or moves the message and shows the answer.
      * 
      */
     remoteContent?: GetMessageRemoteContentEnum;
@@ -157,6 +159,19 @@ export interface MoveMessageOperationRequest {
      * 
      */
     moveMessageRequest: MoveMessageRequest;
+    /**
+     * Whether the answer's `bodyHtml` may load anything from the network when shown. `block`
+     * removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so
+     * showing a message tells no sender (tracking pixels, read receipts by image) that, when or
+     * where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the
+     * message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay.
+     * `hasRemoteContent` says whether there was anything to hold back, so a client can offer to
+     * show it (and ask again with `allow`). Every operation that answers with a message's
+     * `bodyHtml` takes it: a client that opened a message with `block` passes it again when it
+     * changes or moves the message and shows the answer.
+     * 
+     */
+    remoteContent?: MoveMessageOperationRemoteContentEnum;
 }
 
 export interface MoveMessagesRequest {
@@ -183,6 +198,19 @@ export interface UpdateMessageOperationRequest {
      * 
      */
     updateMessageRequest: UpdateMessageRequest;
+    /**
+     * Whether the answer's `bodyHtml` may load anything from the network when shown. `block`
+     * removes every such URL (image `src`, and anything else the sanitised HTML could fetch), so
+     * showing a message tells no sender (tracking pixels, read receipts by image) that, when or
+     * where it was read; a blocked image keeps its `alt`, `width` and `height`. Images the
+     * message carries itself (`cid:`) and links (`<a href>`, followed only on a click) stay.
+     * `hasRemoteContent` says whether there was anything to hold back, so a client can offer to
+     * show it (and ask again with `allow`). Every operation that answers with a message's
+     * `bodyHtml` takes it: a client that opened a message with `block` passes it again when it
+     * changes or moves the message and shows the answer.
+     * 
+     */
+    remoteContent?: UpdateMessageOperationRemoteContentEnum;
 }
 
 /**
@@ -582,6 +610,10 @@ export class MessagesApi extends runtime.BaseAPI {
 
         const queryParameters: any = {};
 
+        if (requestParameters['remoteContent'] != null) {
+            queryParameters['remoteContent'] = requestParameters['remoteContent'];
+        }
+
         const headerParameters: runtime.HTTPHeaders = {};
 
         headerParameters['Content-Type'] = 'application/json';
@@ -728,6 +760,10 @@ export class MessagesApi extends runtime.BaseAPI {
 
         const queryParameters: any = {};
 
+        if (requestParameters['remoteContent'] != null) {
+            queryParameters['remoteContent'] = requestParameters['remoteContent'];
+        }
+
         const headerParameters: runtime.HTTPHeaders = {};
 
         headerParameters['Content-Type'] = 'application/json';
@@ -807,3 +843,19 @@ export const ListMessagesFilterEnum = {
     Unread: 'unread',
 } as const;
 export type ListMessagesFilterEnum = typeof ListMessagesFilterEnum[keyof typeof ListMessagesFilterEnum];
+/**
+ * @export
+ */
+export const MoveMessageOperationRemoteContentEnum = {
+    Allow: 'allow',
+    Block: 'block',
+} as const;
+export type MoveMessageOperationRemoteContentEnum = typeof MoveMessageOperationRemoteContentEnum[keyof typeof MoveMessageOperationRemoteContentEnum];
+/**
+ * @export
+ */
+export const UpdateMessageOperationRemoteContentEnum = {
+    Allow: 'allow',
+    Block: 'block',
+} as const;
+export type UpdateMessageOperationRemoteContentEnum = typeof UpdateMessageOperationRemoteContentEnum[keyof typeof UpdateMessageOperationRemoteContentEnum];

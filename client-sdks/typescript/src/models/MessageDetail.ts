@@ -116,7 +116,7 @@ export interface MessageDetail {
      */
     body?: string;
     /**
-     * HTML version of body, sanitised (see getMessage's `remoteContent`)
+     * HTML version of body, sanitised (see the `remoteContent` query parameter)
      */
     bodyHtml?: string | null;
     /**
