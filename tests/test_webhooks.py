@@ -885,6 +885,28 @@ def test_a_rotated_secret_signs_beside_the_new_one_until_its_grace_period_ends(
     assert [a["statusCode"] for a in history["deliveries"]] == [204] * 4
 
 
+def test_a_previous_secret_that_no_longer_decrypts_only_loses_its_signature(
+    sync_client, user, runtime, dispatcher, receiver
+):
+    # Its key retired from the keyring: the delivery failed where the current secret would do.
+    hook = receiver()
+    account = new_account(sync_client, user)
+    created = new_webhook(sync_client, user, hook.url, eventTypes=["message.created"])
+    new = rotate_secret(sync_client, user, created["id"], {"graceSeconds": 3600})["secret"]
+    with runtime.db.maintenance_session() as session:
+        session.execute(
+            update(WebhookEndpoint)
+            .where(WebhookEndpoint.id == created["id"])
+            .values(previous_secret_encrypted=b"sealed under a key no longer configured")
+        )
+    commit(runtime, user, account, ("message", "created"))
+    [delivered] = hook.wait_for(1, timeout=CATCH_UP_SECONDS + 5)
+    assert re.fullmatch(r"v1,\S+", delivered["headers"]["webhook-signature"])
+    assert verified(new, delivered)["type"] == "message.created"
+    settled(runtime, created["id"])
+    assert webhook_state(sync_client, user, created["id"])["status"] == "enabled"
+
+
 def test_a_delivery_waiting_at_a_rotation_is_signed_with_the_secrets_current_when_sent(
     sync_client, user, runtime, dispatcher, receiver
 ):

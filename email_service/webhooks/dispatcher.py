@@ -323,6 +323,23 @@ class Dispatcher:
         finally:
             self._deliveries_due.set()  # room for another of this endpoint or tenant
 
+    def _previous_secret(self, delivery: Claimed) -> str | None:
+        """The rotated-out secret still in its grace period, if any and if it still decrypts.
+
+        One that does not (its key was retired from the keyring) only loses its signature: the
+        delivery still goes out signed with the current secret, which receivers were given.
+        """
+        if delivery.previous_secret_encrypted is None:
+            return None
+        try:
+            return self.cipher.decrypt(delivery.previous_secret_encrypted)
+        except CredentialError:
+            log.warning(
+                "endpoint %s: its previous secret does not decrypt; signed with the current one alone",
+                delivery.endpoint_id,
+            )
+            return None
+
     async def _send(self, delivery: Claimed) -> Outcome:
         started = time.monotonic()
 
@@ -334,9 +351,7 @@ class Dispatcher:
             # Resolved and checked now, at every delivery: DNS may answer differently than at create.
             addresses = await self._look_up(delivery.tenant_id, target)
             secret = self.cipher.decrypt(delivery.secret_encrypted)
-            previous = None
-            if delivery.previous_secret_encrypted is not None:
-                previous = self.cipher.decrypt(delivery.previous_secret_encrypted)
+            previous = self._previous_secret(delivery)
         except DestinationRefused as exc:
             return done(None, str(exc))
         except (socket.gaierror, UnicodeError):
