@@ -872,6 +872,17 @@ def test_a_rotated_secret_signs_beside_the_new_one_until_its_grace_period_ends(
     assert verified(new, after)["type"] == "message.created"
     assert rejected(old, after)
 
+    # Over, it is not kept either: the dispatcher's next catch-up drops it from the database.
+    def previous_kept() -> bool:
+        with runtime.db.maintenance_session() as session:
+            endpoint = session.get(WebhookEndpoint, created["id"])
+            return endpoint.previous_secret_encrypted is not None or endpoint.previous_secret_expires_at is not None
+
+    deadline = time.monotonic() + CATCH_UP_SECONDS * 3
+    while previous_kept() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not previous_kept()
+
     # A leaked secret: graceSeconds 0 stops it at once, for the very next delivery.
     leaked = rotate_secret(sync_client, user, created["id"], {"graceSeconds": 0})
     assert leaked["previousSecretExpiresAt"] is None and leaked["secret"] not in (old, new)

@@ -43,7 +43,7 @@ from email_service.observability import metrics
 from email_service.protocols.destinations import DestinationRefused
 from email_service.protocols.tls import client_context
 from email_service.queue.policy import WEBHOOK_ENDPOINT_BACKOFF, webhook_retry_delay
-from email_service.webhooks import signing, urls
+from email_service.webhooks import service, signing, urls
 from email_service.webhooks.fanout import accounts_behind, fan_out, prune
 
 log = logging.getLogger(__name__)
@@ -264,6 +264,7 @@ class Dispatcher:
                     behind = await asyncio.to_thread(accounts_behind, self.db)
                     turn = list(dict.fromkeys([*turn, *behind]))
                     await asyncio.to_thread(prune, self.db)
+                    await asyncio.to_thread(service.forget_expired_secrets, self.db)
                     next_catch_up = loop.time() + self.settings.webhook_catchup_seconds
                 for account_id in turn:
                     created, more = await asyncio.to_thread(fan_out, self.db, account_id)

@@ -169,6 +169,21 @@ def previous_secret_expiry(endpoint: WebhookEndpoint) -> datetime | None:
     return until if until is not None and until > _now() else None
 
 
+def forget_expired_secrets(db: Database) -> int:
+    """Drop every rotated-out secret whose grace period is over; returns how many.
+
+    Expired, it signs nothing (the dispatcher reads it only while it lasts), but it is still a
+    secret a receiver once held: kept, it would sit in the database and in its backups for good.
+    """
+    with db.maintenance_session() as session:
+        result = session.execute(
+            update(WebhookEndpoint)
+            .where(WebhookEndpoint.previous_secret_expires_at <= func.now())
+            .values(previous_secret_encrypted=None, previous_secret_expires_at=None)
+        )
+        return result.rowcount or 0
+
+
 def attempts(db: Database, principal: Principal, webhook_id: str, limit: int) -> list[WebhookAttempt]:
     with db.tenant_session(principal) as session:
         _owned(session, webhook_id)
