@@ -19,6 +19,7 @@ from syncing import add_task, create_account, imap_account, run_sync, tasks_of, 
 
 from email_service.models import Task, TaskKind, TaskStatus
 from email_service.queue import runner
+from email_service.queue import scheduler as scheduler_module
 from email_service.queue.policy import PERMANENT_BACKOFF, TEMPORARY_BACKOFF, sync_backoff
 from email_service.queue.runner import reap
 from email_service.queue.scheduler import LEADER_KEY, Scheduler
@@ -69,6 +70,24 @@ def test_a_scheduler_never_leads_on_a_lease_another_took(runtime, scheduler, mon
     monkeypatch.setattr(runtime.redis, "get", lease_passes_on)
     leads = scheduler.run_once() != {}
     assert not (leads and read(LEADER_KEY) != scheduler.name.encode())
+
+
+def test_a_scheduler_whose_lease_passed_on_during_a_round_stops_there(runtime, scheduler, monkeypatch):
+    # A round longer than the lease: another scheduler took it over, and this one's later steps
+    # (scheduling, clean-ups) ran beside the new leader's.
+    ran = []
+
+    def slow_step(*args, **kwargs):
+        ran.append("uploads")
+        runtime.redis.set(LEADER_KEY, "another-scheduler", ex=30)  # the lease ran out meanwhile
+        return 0
+
+    monkeypatch.setattr(scheduler_module, "remove_unused_uploads", slow_step)
+    monkeypatch.setattr(scheduler_module, "due_for_sync", lambda *args, **kwargs: ran.append("scheduled") or [])
+    monkeypatch.setattr(scheduler_module, "requeue_cleanups", lambda *args, **kwargs: ran.append("clean-ups") or 0)
+    scheduler.run_once()
+    assert ran == ["uploads"]
+    assert runtime.redis.get(LEADER_KEY) == b"another-scheduler"
 
 
 def test_backoff_grows_with_failures_and_stops_at_its_cap():

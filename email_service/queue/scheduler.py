@@ -73,7 +73,13 @@ class Scheduler:
             "scheduled": self._schedule_due,
         }
         counts: dict[str, int] = {}
-        for name, step in steps.items():
+        for index, (name, step) in enumerate(steps.items()):
+            # A pass may outlast the lease (a slow database, thousands of due accounts): renewed
+            # before each step, or the pass ends, so a scheduler that took the lease over
+            # meanwhile is never joined by this one's late steps.
+            if index and not self._is_leader():
+                log.info("scheduler: lease lost during the round; %s and after left to the new leader", name)
+                break
             # Each step on its own: object storage being down must not stop syncs being scheduled
             # or dead workers' tasks being resumed.
             try:
