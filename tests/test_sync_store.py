@@ -288,9 +288,21 @@ def test_a_folder_renamed_on_the_server_is_followed_only_where_its_uidvalidity_l
         )
         session.execute(update(Message).where(Message.id == message.id).values(folder_id=folders["INBOX"].id, uid=None))
     asked: list[list[str]] = []
+    held_open: list[int] = []
 
     def uidvalidities(names):
         asked.append(sorted(names))
+        # The server is asked with no transaction of the store open: a slow STATUS held one (and
+        # its row locks and snapshot) for as long as the server took.
+        with runtime.db.maintenance_session() as session:
+            held_open.append(
+                session.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                        " AND state LIKE 'idle in transaction%' AND query ILIKE '%FROM folders%'"
+                    )
+                )
+            )
         return {"A2": 7, "C2": 5, "D2": 9, "E": 9, "F2": 11, "J2": 13}
 
     listed = [INBOX, *(custom(name) for name in ("A2", "C2", "D2", "E", "F2", "J2", "K")), custom("G", "\\Noselect")]
@@ -298,6 +310,7 @@ def test_a_folder_renamed_on_the_server_is_followed_only_where_its_uidvalidity_l
     # A and B share a UIDVALIDITY, D2 and E do too, K has J's, and C was never synced: those
     # went and came.
     assert asked == [["A2", "C2", "D2", "E", "F2", "J2"]] and removed == 1
+    assert held_open == [0]
     assert {after[name].id for name in ("A2", "C2", "D2", "E", "J2")}.isdisjoint(f.id for f in folders.values())
     renamed = after["F2"]
     assert renamed.id == folders["F"].id and renamed.display_name == "F2" and renamed.uidvalidity == 11

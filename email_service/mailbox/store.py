@@ -157,17 +157,19 @@ class MailStore:
         removed_keys: list[str] = []
         removed_messages = 0
         logged: list[Entry] = []
+        wanted = {r.name: r for r in remote}
+        # Asked before the transaction below, never inside it: a STATUS per new folder is a round
+        # trip to a server that may be slow, and only a sync that saw folders come and go asks.
+        # The account's lock keeps the folder rows as read here until that transaction.
+        validities = self._new_folders_uidvalidities(wanted, uidvalidities) if uidvalidities is not None else {}
         with self.db.tenant_session(self.principal) as session:
             existing = {f.name: f for f in session.scalars(select(Folder).where(Folder.account_id == self.account_id))}
             before = {folder.id: _folder_view(folder) for folder in existing.values()}
-            wanted = {r.name: r for r in remote}
             gone = {name: folder.uidvalidity for name, folder in existing.items() if name not in wanted}
-            appeared = [name for name, info in wanted.items() if name not in existing and selectable(info.attributes)]
-            if uidvalidities is not None and appeared and any(v is not None for v in gone.values()):
-                # Asked inside the transaction: a STATUS per new folder, only in a sync that saw
-                # folders come and go.
+            appeared = {name: validities[name] for name in wanted if name not in existing and name in validities}
+            if appeared:
                 kept = [folder.uidvalidity for name, folder in existing.items() if name in wanted]
-                for old, new in renamed_folders(gone, uidvalidities(appeared), kept).items():
+                for old, new in renamed_folders(gone, appeared, kept).items():
                     # The row follows the folder: the loop below gives it the list's description.
                     folder = existing.pop(old)
                     folder.name = new
@@ -219,6 +221,21 @@ class MailStore:
             result = {name: existing[name] for name in wanted}
         self._delete_objects(removed_keys)
         return result, removed_messages
+
+    def _new_folders_uidvalidities(
+        self, wanted: Mapping[str, RemoteFolder], uidvalidities: Callable[[Sequence[str]], Mapping[str, int]]
+    ) -> Mapping[str, int]:
+        """The server's UIDVALIDITY of each listed folder new here, when some stored folder went
+        (the only case a rename can explain); empty otherwise, and nothing is asked."""
+        with self.db.tenant_session(self.principal) as session:
+            stored = dict(
+                session.execute(
+                    select(Folder.name, Folder.uidvalidity).where(Folder.account_id == self.account_id)
+                ).all()
+            )
+        appeared = [name for name, info in wanted.items() if name not in stored and selectable(info.attributes)]
+        gone_synced = any(v is not None for name, v in stored.items() if name not in wanted)
+        return uidvalidities(appeared) if appeared and gone_synced else {}
 
     def save_folder_state(
         self,
