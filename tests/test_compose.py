@@ -621,6 +621,32 @@ def test_refused_recipients_are_reported_when_the_copy_waited_for_a_running_sync
     }
 
 
+def test_a_pop3_accounts_sent_mail_and_drafts_outlive_its_syncs(client, user, dovecot, mail_user, smtp_server, worker):
+    # The server has INBOX alone: each POP3 sync deleted the Sent and Drafts folders made here,
+    # with every message in them.
+    smtp = smtp_server("starttls")
+    body = smtp_account(dovecot, mail_user, smtp, protocol="pop3", port=dovecot.pop3s_port)
+    account_id = create_account(client, user, body)
+    accepted = send(client, user, account_id, subject="Sent from POP3").json()
+    assert wait_task(client, user, accepted["taskId"], timeout=60)["status"] == "success"
+    draft = client.post(
+        "/api/compose/draft",
+        json={"accountId": account_id, "to": ["bob@example.org"], "subject": "Draft on POP3", "body": "Later"},
+        headers=user.headers,
+    )
+    assert draft.status_code == 201, draft.text
+    for _ in range(2):
+        assert run_sync(client, user, account_id)[0]["status"] == "success"
+    folders = folders_by_name(client, user, account_id)
+    assert {"INBOX", "Sent", "Drafts"} <= set(folders)
+    assert [m["id"] for m in messages(client, user, account_id, folders["Sent"]["id"])["messages"]] == [
+        accepted["messageId"]
+    ]
+    assert [m["id"] for m in messages(client, user, account_id, folders["Drafts"]["id"])["messages"]] == [
+        draft.json()["draftId"]
+    ]
+
+
 def sent_detail(client, user, account_id, message_id) -> dict:
     return client.get(f"/api/{account_id}/messages/{message_id}", headers=user.headers).json()
 

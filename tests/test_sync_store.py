@@ -7,6 +7,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pytest
 from messages import attachments_message, plain_message, realistic_mix, to_bytes
@@ -243,6 +244,50 @@ def test_ids_are_cuids_and_a_forked_process_draws_its_own_randomness():
     os.waitpid(pid, 0)
     assert os.read(read, 64) != generator.randbytes(64)
     assert 0 <= generator.random() < 1 and 0 <= generator.getrandbits(70) < 2**70
+
+
+def test_a_folder_made_here_for_mail_still_to_file_outlives_a_list_without_it(runtime):
+    # A send or draft before an account's first sync makes its Sent or Drafts folder here; a
+    # sync before the job filed the copy found no such folder on the server and deleted it with
+    # the message (a queued send was lost; a delivered one vanished).
+    box = mailbox(runtime)
+    store = box.store
+    with runtime.db.tenant_session(store.principal) as session:
+        account_id = store.account_id
+        made = {}
+        for name in ("Sent", "Spare"):
+            folder = Folder(
+                id=uuid.uuid4().hex,
+                tenant_id=store.principal.tenant_id,
+                user_id=store.principal.user_id,
+                account_id=account_id,
+                name=name,
+                display_name=name,
+                type="sent" if name == "Sent" else "custom",
+            )
+            session.add(folder)
+            made[name] = folder.id
+        session.flush()
+        written = Message(
+            id=uuid.uuid4().hex,
+            tenant_id=store.principal.tenant_id,
+            user_id=store.principal.user_id,
+            account_id=account_id,
+            folder_id=made["Sent"],
+            subject="Written here",
+            received_at=datetime.now(UTC),
+            delivery_status="queued",
+        )
+        session.add(written)
+    listed, removed = store.reconcile_folders([INBOX])
+    # Kept, though not the server's to sync (only the listed folders are synced).
+    assert set(listed) == {"INBOX"} and removed == 0
+    assert {name: f.id for name, f in store.folders().items() if name != "INBOX"} == {"Sent": made["Sent"]}
+    # Filed (it has its UID now, and the server's folder is the one to list): nothing keeps it.
+    with runtime.db.tenant_session(store.principal) as session:
+        session.execute(update(Message).where(Message.id == written.id).values(uid=1))
+    _, removed = store.reconcile_folders([INBOX])
+    assert set(store.folders()) == {"INBOX"} and removed == 1
 
 
 def test_an_unchanged_folder_list_writes_no_folder_row(runtime):

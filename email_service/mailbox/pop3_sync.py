@@ -30,7 +30,8 @@ class Pop3Sync:
 
     def run(self) -> SyncResult:
         self.progress(1)
-        folders, _ = self.store.reconcile_folders([INBOX])
+        # The server has INBOX alone; Sent, Drafts and any other folder are the user's own.
+        folders, _ = self.store.reconcile_folders([INBOX], keep_unlisted=True)
         inbox = folders[INBOX.name]
         on_server = self.session.uidls()
         known = self.store.uidls(inbox)

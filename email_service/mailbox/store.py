@@ -145,6 +145,8 @@ class MailStore:
         self,
         remote: Sequence[RemoteFolder],
         uidvalidities: Callable[[Sequence[str]], Mapping[str, int]] | None = None,
+        *,
+        keep_unlisted: bool = False,
     ) -> tuple[dict[str, Folder], int]:
         """Make the folder rows match the server's list; returns the folders and how many messages went.
 
@@ -152,6 +154,12 @@ class MailStore:
         with it, a folder gone from the list and one new in it that are the same folder renamed
         by another client keep the row, its id and its messages (see ``renamed_folders``). It
         is asked only when folders went and others came in the same list.
+
+        A folder the list does not name goes, with its messages, unless it was never on the
+        server: ``keep_unlisted`` (POP3, whose one server folder is INBOX: every other folder is
+        the user's own, made here), or a folder made here for an account never synced that holds
+        mail written here still to be filed (the send or draft job files it, and takes the
+        server's folder of that role).
         """
         now = datetime.now(UTC)
         removed_keys: list[str] = []
@@ -160,7 +168,8 @@ class MailStore:
         wanted = {r.name: r for r in remote}
         # Asked before the transaction below, never inside it: a STATUS per new folder is a round
         # trip to a server that may be slow, and only a sync that saw folders come and go asks.
-        # The account's lock keeps the folder rows as read here until that transaction.
+        # The transaction reads the rows again: a folder made or removed in between (a compose
+        # makes its Sent folder without the account's lock) only goes unpaired.
         validities = self._new_folders_uidvalidities(wanted, uidvalidities) if uidvalidities is not None else {}
         with self.db.tenant_session(self.principal) as session:
             existing = {f.name: f for f in session.scalars(select(Folder).where(Folder.account_id == self.account_id))}
@@ -174,8 +183,10 @@ class MailStore:
                     folder = existing.pop(old)
                     folder.name = new
                     existing[new] = folder
+            unlisted = [folder for name, folder in existing.items() if name not in wanted]
+            kept_here = {f.id for f in unlisted} if keep_unlisted else _holding_mail_to_file(session, unlisted)
             for name, folder in existing.items():
-                if name not in wanted:
+                if name not in wanted and folder.id not in kept_here:
                     ids, keys = self._message_keys(session, folder.id)
                     removed_keys += keys
                     removed_messages += len(ids)
@@ -704,6 +715,20 @@ def _json_rows(rows: list[dict]) -> Json:
 def _folder_view(folder: Folder) -> dict[str, object]:
     # What the API shows of a folder: a change to any of these is a folder update in the log.
     return {"name": folder.name, "displayName": folder.display_name, "type": folder.type, "parentId": folder.parent_id}
+
+
+def _holding_mail_to_file(session: Session, folders: Sequence[Folder]) -> set[str]:
+    """Which of ``folders``, never synced, hold mail written here that no server has yet."""
+    made_here = [folder.id for folder in folders if folder.uidvalidity is None]
+    if not made_here:
+        return set()
+    return set(
+        session.scalars(
+            select(Message.folder_id)
+            .where(among(Message.folder_id, made_here), Message.uid.is_(None), Message.delivery_status.is_not(None))
+            .distinct()
+        )
+    )
 
 
 def renamed_folders(
