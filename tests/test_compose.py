@@ -621,6 +621,34 @@ def test_refused_recipients_are_reported_when_the_copy_waited_for_a_running_sync
     }
 
 
+def test_a_copy_that_cannot_be_filed_for_a_reason_of_its_own_leaves_the_send_delivered(
+    client, send_runtime, user, dovecot, mail_user, smtp_server, worker, monkeypatch
+):
+    # The password stopped decrypting (its key was retired) between delivery and filing: the
+    # message went out, and the task failed "the stored password cannot be decrypted".
+    smtp = smtp_server("starttls")
+    account_id = create_account(client, user, smtp_account(dovecot, mail_user, smtp))
+    with monkeypatch.context() as held:
+        held.setattr(tasks, "push", lambda *args, **kwargs: None)  # the test runs the send's job itself
+        accepted = send(client, user, account_id, subject="Filed or not").json()
+    deliver = SmtpSession.send
+
+    def deliver_then_retire_the_key(session, *args, **kwargs):
+        outcome = deliver(session, *args, **kwargs)
+        with send_runtime.db.maintenance_session() as db:
+            db.execute(
+                text("UPDATE accounts SET password_encrypted = :sealed WHERE id = :id"),
+                {"sealed": b"sealed under a retired key", "id": account_id},
+            )
+        return outcome
+
+    monkeypatch.setattr(SmtpSession, "send", deliver_then_retire_the_key)
+    result = jobs.run_send(run_as(send_runtime, user, accepted, "only"))
+    assert result["delivered"] is True and len(smtp.messages) == 1
+    assert result["sentCopy"].startswith("not filed on the server: the stored password cannot be decrypted")
+    assert sent_detail(client, user, account_id, accepted["messageId"])["deliveryStatus"] == "sent"
+
+
 def test_a_pop3_accounts_sent_mail_and_drafts_outlive_its_syncs(client, user, dovecot, mail_user, smtp_server, worker):
     # The server has INBOX alone: each POP3 sync deleted the Sent and Drafts folders made here,
     # with every message in them.

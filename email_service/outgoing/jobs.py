@@ -149,17 +149,32 @@ def _after_delivery(context: TaskContext) -> dict[str, Any]:
 
 
 def _file_sent_copy(context: TaskContext, message: delivery.Outgoing, delivered: dict[str, Any]) -> str:
-    """File the delivered message's copy in Sent; a server that cannot take it now gets it from the next try."""
+    """File the delivered message's copy in Sent; a server that cannot take it now gets it from the next try.
+
+    Nothing that stops the filing fails the task: the message went out.
+    """
     try:
         return _file_copy(context, message, ("\\Seen",))
-    except MailServerError as exc:
+    except (MailServerError, OperationalError, *UNREACHABLE) as exc:
         # The next try files it (or finds the one this try stored without hearing back) and
         # sends nothing, as the message is sent. Once the tries run out the task still succeeds.
-        log.warning("sent message %s not filed on the server yet: %s", message.message_id, exc)
+        why = (
+            str(exc)
+            if isinstance(exc, MailServerError)
+            else f"the database or object storage could not be reached ({type(exc).__name__})"
+        )
+        log.warning("sent message %s not filed on the server yet: %s", message.message_id, why)
         raise TaskRetry(
-            f"delivered; the copy is not filed in {message.folder_name} yet: {exc}",
-            otherwise={**delivered, "sentCopy": f"not filed on the server: {exc}"},
+            f"delivered; the copy is not filed in {message.folder_name} yet: {why}",
+            otherwise={**delivered, "sentCopy": f"not filed on the server: {why}"},
         ) from None
+    except TaskFailed as exc:  # a password that no longer decrypts, an account disabled since
+        return f"not filed on the server: {exc.message}"
+    except TaskDeferred:
+        raise  # waits for the account's running sync, without counting a try
+    except Exception:
+        log.exception("sent message %s: filing its copy failed unexpectedly", message.message_id)
+        return f"not filed on the server: an internal error stopped it (reference {context.task_id})"
 
 
 def send_failed(context: TaskContext, message: str, permanent: bool) -> None:
