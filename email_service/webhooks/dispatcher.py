@@ -264,7 +264,7 @@ class Dispatcher:
                     behind = await asyncio.to_thread(accounts_behind, self.db)
                     turn = list(dict.fromkeys([*turn, *behind]))
                     await asyncio.to_thread(prune, self.db)
-                    await asyncio.to_thread(service.forget_expired_secrets, self.db)
+                    await self._forget_expired_secrets()
                     next_catch_up = loop.time() + self.settings.webhook_catchup_seconds
                 for account_id in turn:
                     created, more = await asyncio.to_thread(fan_out, self.db, account_id)
@@ -278,6 +278,13 @@ class Dispatcher:
                 self._accounts.update(turn)
                 unfinished = []
                 await asyncio.sleep(1.0)
+
+    async def _forget_expired_secrets(self) -> None:
+        # Housekeeping: failing (a lock wait, a timeout) must not hold up the fan-out beside it.
+        try:
+            await asyncio.to_thread(service.forget_expired_secrets, self.db)
+        except SQLAlchemyError as exc:
+            log.warning("dropping expired webhook secrets failed: %s", type(exc).__name__)
 
     async def _claim_loop(self) -> None:
         while True:
