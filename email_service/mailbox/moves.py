@@ -219,22 +219,13 @@ def _own_copy(runtime: Runtime, principal: Principal, message_id: str, folder_id
     uidvalidity, uid = filed
     with runtime.db.tenant_session(principal) as session:
         folder = session.get(Folder, folder_id)
-        if folder is None:
-            return True  # gone: filed_on_server settles it
-        if folder.uidvalidity is not None and folder.uidvalidity != uidvalidity:
-            return False
-        leaving = session.scalar(
-            select(MessageMove.id).where(MessageMove.source_folder_id == folder_id, MessageMove.uid == uid).limit(1)
-        )
-        if leaving is not None:
-            log.info("message %s: the copy a sync took for a new message is moved as asked; kept here", message_id)
-            return False
-        synced = session.scalar(
-            select(Message.id).where(Message.folder_id == folder_id, Message.uid == uid, Message.id != message_id)
-        )
-    if synced is not None:
-        MailStore(runtime.db, runtime.objects, principal, folder.account_id).remove_uids(folder, [uid])
-        log.info("message %s: the copy a sync took for a new message is its own", message_id)
+    if folder is None:
+        return True  # gone: filed_on_server settles it
+    if folder.uidvalidity is not None and folder.uidvalidity != uidvalidity:
+        return False
+    if not MailStore(runtime.db, runtime.objects, principal, folder.account_id).give_way(folder, uid, message_id):
+        log.info("message %s: the copy a sync took for a new message is moved as asked; kept here", message_id)
+        return False
     return True
 
 

@@ -552,6 +552,31 @@ class MailStore:
         self._delete_objects(keys)
         return len(ids)
 
+    def give_way(self, folder: Folder, uid: int, written_here: str) -> bool:
+        """Remove the row a sync made of the copy ``uid`` filed for ``written_here``; False, with
+        nothing removed, when a change made since moves or deletes that copy.
+
+        Checked and removed in one transaction with the row locked: a move of it through the API
+        locks it first too, so it is either seen here (and left to go where it was sent) or finds
+        the row gone.
+        """
+        with self.db.tenant_session(self.principal) as session:
+            ids, keys = self._message_keys(session, folder.id, [uid], lock=True)
+            leaving = session.scalar(
+                select(MessageMove.id).where(MessageMove.source_folder_id == folder.id, MessageMove.uid == uid).limit(1)
+            )
+            if leaving is not None:
+                return False
+            ids = [message_id for message_id in ids if message_id != written_here]
+            if ids:
+                session.execute(delete(Message).where(among(Message.id, ids)))
+                record(
+                    session, self.principal, self.account_id, [changelog.message_destroyed(i, folder.id) for i in ids]
+                )
+        if ids:
+            self._delete_objects(keys)
+        return True
+
     def clear_folder(self, folder: Folder) -> int:
         """Forget every message of a folder (its UIDVALIDITY changed: the old UIDs mean nothing now)."""
         with self.db.tenant_session(self.principal) as session:
