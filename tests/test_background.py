@@ -17,12 +17,14 @@ from messages import plain_message, to_bytes
 from sqlalchemy import select, text
 from syncing import add_task, create_account, imap_account, run_sync, tasks_of, wait_task
 
+from email_service.mailbox.schedule import DueAccount
 from email_service.models import Task, TaskKind, TaskStatus
-from email_service.queue import runner
+from email_service.queue import runner, tasks
 from email_service.queue import scheduler as scheduler_module
 from email_service.queue.policy import PERMANENT_BACKOFF, TEMPORARY_BACKOFF, sync_backoff
 from email_service.queue.runner import reap
 from email_service.queue.scheduler import LEADER_KEY, Scheduler
+from email_service.tenancy import Principal
 
 MINUTE_MS = 60_000
 
@@ -88,6 +90,24 @@ def test_a_scheduler_whose_lease_passed_on_during_a_round_stops_there(runtime, s
     scheduler.run_once()
     assert ran == ["uploads"]
     assert runtime.redis.get(LEADER_KEY) == b"another-scheduler"
+
+
+def test_a_scheduler_that_loses_its_lease_while_scheduling_stops_there(runtime, scheduler, monkeypatch):
+    due = [DueAccount(f"due-{n}", Principal(uuid.uuid4(), uuid.uuid4())) for n in range(250)]
+    enqueued = []
+
+    def enqueue(runtime_, kind, principal, *, account_id):
+        enqueued.append(account_id)
+        if len(enqueued) == 150:
+            runtime.redis.set(LEADER_KEY, "another-scheduler", ex=30)  # the lease ran out meanwhile
+        return tasks.Enqueued(task_id=account_id, status=TaskStatus.PENDING, created=True)
+
+    monkeypatch.setattr(scheduler_module, "due_for_sync", lambda *args, **kwargs: due)
+    monkeypatch.setattr(scheduler_module.tasks, "enqueue", enqueue)
+    runtime.redis.set(LEADER_KEY, scheduler.name, ex=30)
+    # Renewed every 100 accounts: the 200th finds it gone, and the last 50 are left to the new leader.
+    assert scheduler._schedule_due() == 200
+    assert enqueued == [account.id for account in due[:200]]
 
 
 def test_backoff_grows_with_failures_and_stops_at_its_cap():

@@ -26,6 +26,7 @@ from email_service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 LEADER_KEY = "email_service:scheduler-leader"
+LEASE_CHECK_EVERY = 100  # accounts scheduled between renewals of the lease within the step
 # Compare-and-delete: give the lease back only if it is still ours.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 # Take the lease if it is free, or renew it if it is ours, in one step: a read and a renewal apart
@@ -92,7 +93,11 @@ class Scheduler:
 
     def _schedule_due(self) -> int:
         scheduled = 0
-        for account in due_for_sync(self.runtime.db):
+        for index, account in enumerate(due_for_sync(self.runtime.db)):
+            # Hundreds of due accounts take a while: the lease is renewed on the way, as between steps.
+            if index and index % LEASE_CHECK_EVERY == 0 and not self._is_leader():
+                log.info("scheduler: lease lost while scheduling; the rest is left to the new leader")
+                break
             enqueued = tasks.enqueue(self.runtime, TaskKind.SYNC, account.principal, account_id=account.id)
             scheduled += enqueued.created
         return scheduled
