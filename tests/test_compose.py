@@ -513,7 +513,7 @@ def test_a_sync_between_a_lost_append_answer_and_the_next_try_leaves_one_sent_co
     assert run_sync(client, user, account_id)[0]["status"] == "success"
     sent = folders_by_name(client, user, account_id)["Sent"]["id"]
     assert len(messages(client, user, account_id, sent)["messages"]) == 2
-    second = replace(run_as(send_runtime, user, accepted, "second"), attempt=2, earlier_result=retry.value.otherwise)
+    second = replace(run_as(send_runtime, user, accepted, "second"), attempt=2)
     assert until_the_account_is_free(lambda: jobs.run_send(second))["sentCopy"] == "filed in Sent"
     proxy.close()
     assert len(smtp.messages) == 1 and sent_on_server(dovecot, mail_user, "Synced in between") == 1
@@ -527,25 +527,24 @@ def lose_the_first_sent_copy_answer(
     client, send_runtime, user, dovecot, mail_user, smtp, monkeypatch, subject, *also_to
 ):
     """An account whose first APPEND answer is lost, and the first try of a send to it: delivered,
-    its copy on the server but not tied to the message. Returns (proxy, account, accepted, the
-    try's TaskRetry)."""
+    its copy on the server but not tied to the message. Returns (proxy, account, accepted)."""
     proxy = AnswerLosingProxy(dovecot.imap_port, b"APPEND")
     account_id = create_account(client, user, proxied_smtp_account(dovecot, mail_user, smtp, proxy))
     assert run_sync(client, user, account_id)[0]["status"] == "success"
     with monkeypatch.context() as held:
         held.setattr(tasks, "push", lambda *args, **kwargs: None)  # the test runs the send's tries itself
         accepted = send(client, user, account_id, subject=subject, to=["bob@example.org", *also_to]).json()
-    with pytest.raises(TaskRetry) as retry:
+    with pytest.raises(TaskRetry):
         jobs.run_send(run_as(send_runtime, user, accepted, "first"))
     assert len(smtp.messages) == 1 and proxy.lost.is_set()
-    return proxy, account_id, accepted, retry.value
+    return proxy, account_id, accepted
 
 
 def test_a_delivered_message_deleted_before_its_copy_is_filed_still_ends_its_task_delivered(
     client, send_runtime, user, dovecot, mail_user, smtp_server, worker, monkeypatch
 ):
     smtp = smtp_server("starttls", unknown_recipients=["ghost@example.org"])
-    proxy, account_id, accepted, retry = lose_the_first_sent_copy_answer(
+    proxy, account_id, accepted = lose_the_first_sent_copy_answer(
         client, send_runtime, user, dovecot, mail_user, smtp, monkeypatch, "Deleted before filing", "ghost@example.org"
     )
     proxy.close()
@@ -553,7 +552,7 @@ def test_a_delivered_message_deleted_before_its_copy_is_filed_still_ends_its_tas
         f"/api/{account_id}/messages/{accepted['messageId']}", params={"permanent": "true"}, headers=user.headers
     )
     assert gone.status_code in (200, 204), gone.text
-    second = replace(run_as(send_runtime, user, accepted, "second"), attempt=2, earlier_result=retry.otherwise)
+    second = replace(run_as(send_runtime, user, accepted, "second"), attempt=2)
     # The message went out: the try that could not file its copy does not fail the send.
     result = until_the_account_is_free(lambda: jobs.run_send(second))
     assert result["delivered"] is True and result["refusedRecipients"] == {
@@ -567,7 +566,7 @@ def test_a_copy_the_user_deleted_after_a_sync_took_it_does_not_take_the_sent_mes
     client, send_runtime, user, dovecot, mail_user, smtp_server, worker, monkeypatch
 ):
     smtp = smtp_server("starttls")
-    proxy, account_id, accepted, retry = lose_the_first_sent_copy_answer(
+    proxy, account_id, accepted = lose_the_first_sent_copy_answer(
         client, send_runtime, user, dovecot, mail_user, smtp, monkeypatch, "Deleted duplicate"
     )
     # A sync takes the server's copy for a new message, and the user deletes that one for good
@@ -583,7 +582,7 @@ def test_a_copy_the_user_deleted_after_a_sync_took_it_does_not_take_the_sent_mes
             f"/api/{account_id}/messages/{duplicate}", params={"permanent": "true"}, headers=user.headers
         )
     assert gone.status_code in (200, 204), gone.text
-    second = replace(run_as(send_runtime, user, accepted, "second"), attempt=2, earlier_result=retry.otherwise)
+    second = replace(run_as(send_runtime, user, accepted, "second"), attempt=2)
     until_the_account_is_free(lambda: jobs.run_send(second))
     # The deletion reaches the server, and the message written here stays: the UID deleted was
     # never given to it.
@@ -859,17 +858,20 @@ def run_as(runtime, user, accepted, carrier) -> TaskContext:
             ),
             {"id": accepted["taskId"], "carrier": carrier},
         )
-        account_id = session.scalar(text("SELECT account_id FROM tasks WHERE id = :id"), {"id": accepted["taskId"]})
+        task = session.execute(
+            text("SELECT account_id, result FROM tasks WHERE id = :id"), {"id": accepted["taskId"]}
+        ).one()
     return TaskContext(
         runtime=runtime,
         task_id=accepted["taskId"],
         kind=TaskKind.SEND,
         principal=user.principal,
-        account_id=account_id,
+        account_id=task.account_id,
         message_id=accepted["messageId"],
         params={},
         attempt=1,
         carrier_id=carrier,
+        earlier_result=dict(task.result or {}),  # what an earlier try kept, as the runner reads it
     )
 
 

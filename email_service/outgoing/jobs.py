@@ -137,7 +137,7 @@ def _after_delivery(context: TaskContext) -> dict[str, Any]:
     be read on the last try, a password that no longer decrypts leave the copy unfiled, said in
     the result, and never turn a delivered message's task into a failure.
     """
-    delivered = {key: value for key, value in context.earlier_result.items() if key != "sentCopy"}
+    delivered = context.earlier_result
     try:
         message = _load(context)
         return {**delivered, "sentCopy": _file_sent_copy(context, message, delivered)}

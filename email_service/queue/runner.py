@@ -80,7 +80,7 @@ class TaskContext:
     attempt: int
     carrier_id: str
     holds_account: bool = False  # the runner holds the account's lock for the whole run
-    # What an earlier try recorded of its work when it asked to be tried again (``TaskRetry.otherwise``).
+    # What an earlier try of this task recorded of its work (``keep``).
     earlier_result: dict[str, Any] = field(default_factory=dict)
     started_at: datetime | None = None  # when this run of the task began (None: not known)
     _progress: int = 0
@@ -205,7 +205,7 @@ def _run(context: TaskContext, rules: TaskPolicy) -> None:
         elif delay is None:
             _fail(context, retry.message, permanent=False)
         else:
-            _retry(context, retry.message, delay, retry.otherwise)
+            _retry(context, retry.message, delay)
     except TaskFailed as failed:
         _fail(context, failed.message, permanent=failed.permanent)
     except JobTimeoutException:
@@ -300,12 +300,10 @@ def run_failure_hook(runtime: Runtime, kind: TaskKind, context: TaskContext, mes
         log.exception("failure hook of %s task %s failed", kind, getattr(context, "task_id", "?"))
 
 
-def _retry(context: TaskContext, message: str, delay: int, result: dict[str, Any] | None = None) -> None:
+def _retry(context: TaskContext, message: str, delay: int) -> None:
     run_after = datetime.now(UTC) + timedelta(seconds=delay)
     metrics.job_ended(context.kind, "retry", context.started)
-    # The work done so far is kept for the next try (shown only once the task succeeds).
-    kept = {} if result is None else {"result": result}
-    if _update(context, status=TaskStatus.RETRY, error=message, run_after=run_after, **kept):
+    if _update(context, status=TaskStatus.RETRY, error=message, run_after=run_after):
         log.info("task %s: try %d failed (%s); next in %d s", context.task_id, context.attempt, message, delay)
         push(context.runtime, context.task_id, context.principal, context.kind, delay=delay)
 
